@@ -1,0 +1,3 @@
+from ksm.cli import main
+
+raise SystemExit(main())

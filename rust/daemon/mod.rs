@@ -1,0 +1,702 @@
+//! The engine: one per process. It owns the algorithm's state behind one lock,
+//! the `ksmd` scanner thread and the userfaultfd fault thread, the knobs, and
+//! the fork handlers.
+//!
+//! Threads (DESIGN.md §4):
+//! * the **fault thread** reads the userfaultfd. It never takes the state lock
+//!   and never the GIL: a writer blocked on a page under merge is only ever
+//!   waiting for the merger, which wakes it.
+//! * the **scanner thread** (`ksmd`) runs batches of `pages_to_scan` pages
+//!   under the state lock and sleeps `sleep_millisecs` between them.
+//! * **callers** (Python threads) take the state lock per batch, with the GIL
+//!   released by the PyO3 layer.
+//!
+//! Fork (DESIGN.md §3): `prepare` takes the state lock (so the scanner is
+//! between batches and no page is write-protected) and the window lock;
+//! `parent` releases them and records the fork in the frame table; `child`
+//! rebuilds the engine: new pool, no userfaultfd (the child's copies of
+//! registered ranges are unregistered by the kernel), records forgotten and
+//! counters reset as the kernel resets a forked mm's, threads restarted lazily.
+
+#![forbid(unsafe_code)]
+
+pub mod knobs;
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::merge::{Os, Windows};
+use crate::pool::Pool;
+use crate::region::{maps, Region};
+use crate::scan::Core;
+use crate::stats::Snapshot;
+use crate::sys::mman::Mapping;
+use crate::sys::uffd::{self, Msg, Uffd};
+use crate::sys::{self, fork};
+
+pub use knobs::Knobs;
+
+pub const MADV_MERGEABLE: i32 = 12;
+pub const MADV_UNMERGEABLE: i32 = 13;
+
+/// Frames the pool can hold: 2^24 × 4 KiB = 64 GiB of address space, reserved
+/// sparsely (memory is used only by frames that hold bytes).
+const FRAME_CAPACITY: u32 = 1 << 24;
+
+/// Pages per batch of a synchronous `scan()` (the lock is released between batches).
+const SYNC_BATCH: u64 = 4096;
+
+/// The userfaultfd features we need (WP_UNPOPULATED: see `sys::uffd`).
+const REQUIRED_FEATURES: u64 = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+
+static WINDOWS: Windows = Windows::new();
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+/// Whether merging can work here, and if not why.
+#[derive(Clone, Debug)]
+pub enum Availability {
+    Available { mode: uffd::Mode, features: u64 },
+    Unavailable(String),
+}
+
+struct State {
+    core: Core<Os>,
+    knobs: Knobs,
+    avail: Availability,
+    /// The pid that started the threads (a forked child has none).
+    threads_pid: i32,
+    fault_stop: Arc<AtomicBool>,
+    last_quiet_check: Option<Instant>,
+}
+
+/// The per-process engine.
+pub struct Engine {
+    state: Mutex<State>,
+    /// Wakes the scanner (knob changes, new advice).
+    wake: Condvar,
+    /// Signalled at the end of every full scan.
+    scanned: Condvar,
+}
+
+thread_local! {
+    /// Locks held across `fork()` by the forking thread (prepare → parent/child).
+    static FORK_GUARDS: RefCell<Option<(MutexGuard<'static, State>, MutexGuard<'static, Vec<(usize, usize)>>)>> = const { RefCell::new(None) };
+}
+
+fn probe_availability() -> Availability {
+    if let Some(v) =
+        std::env::var_os("KSM_DISABLE_USERFAULTFD").filter(|v| !v.is_empty() && v != "0")
+    {
+        return Availability::Unavailable(format!(
+            "merging is disabled by the environment variable KSM_DISABLE_USERFAULTFD={}; unset it to enable merging",
+            v.to_string_lossy()
+        ));
+    }
+    match Uffd::probe() {
+        Err(e) => Availability::Unavailable(format!(
+            "userfaultfd cannot be opened ({e}); give this user read-write access to /dev/userfaultfd \
+             (for example `setfacl -m u:$USER:rw /dev/userfaultfd`), or allow it with \
+             `sysctl vm.unprivileged_userfaultfd=1`, or run with CAP_SYS_PTRACE"
+        )),
+        Ok((features, _)) if features & REQUIRED_FEATURES != REQUIRED_FEATURES => Availability::Unavailable(format!(
+            "this kernel's userfaultfd lacks write-protect features ksm needs \
+             (UFFD_FEATURE_PAGEFAULT_FLAG_WP and UFFD_FEATURE_WP_UNPOPULATED, Linux 6.4 or later; offered features {features:#x})"
+        )),
+        Ok((features, mode)) => Availability::Available { mode, features },
+    }
+}
+
+fn new_core(uffd: Option<Arc<Uffd>>) -> std::io::Result<Core<Os>> {
+    let pool = Pool::new(FRAME_CAPACITY, sys::page_size())?;
+    Ok(Core::new(Os::new(uffd, pool, &WINDOWS)?, FRAME_CAPACITY))
+}
+
+impl Engine {
+    /// The process's engine, created on first use.
+    pub fn get() -> Result<&'static Engine> {
+        if let Some(e) = ENGINE.get() {
+            e.after_fork_check();
+            return Ok(e);
+        }
+        let core = new_core(None).map_err(|e| Error::os("creating the frame pool", 0, 0, e))?;
+        let engine = Engine {
+            state: Mutex::new(State {
+                core,
+                knobs: Knobs::default(),
+                avail: probe_availability(),
+                threads_pid: 0,
+                fault_stop: Arc::new(AtomicBool::new(false)),
+                last_quiet_check: None,
+            }),
+            wake: Condvar::new(),
+            scanned: Condvar::new(),
+        };
+        let _ = ENGINE.set(engine);
+        fork::register(fork::Handlers {
+            prepare: fork_prepare,
+            parent: fork_parent,
+            child: fork_child,
+        })
+        .map_err(|e| Error::os("pthread_atfork", 0, 0, e))?;
+        Ok(ENGINE.get().expect("set above"))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counters possibly off, never memory
+        // unsafe; keep serving rather than poisoning every later call.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Restart threads in a forked child (they do not survive fork).
+    fn after_fork_check(&'static self) {
+        let mut st = self.lock();
+        if st.knobs.run == 1 && st.threads_pid != sys::getpid() {
+            self.start_threads(&mut st);
+        }
+    }
+
+    /// Called by Python's `os.register_at_fork(after_in_child=...)`.
+    pub fn after_fork_child(&'static self) {
+        self.after_fork_check();
+    }
+
+    pub fn availability(&self) -> Availability {
+        self.lock().avail.clone()
+    }
+
+    fn start_threads(&'static self, st: &mut State) {
+        st.threads_pid = sys::getpid();
+        let spawned = std::thread::Builder::new()
+            .name("ksmd".into())
+            .spawn(move || self.scanner_loop());
+        if spawned.is_err() {
+            st.threads_pid = 0;
+        }
+    }
+
+    /// Open the userfaultfd and start its reader, once per process.
+    fn ensure_uffd(st: &mut State) -> Result<Arc<Uffd>> {
+        if let Some(u) = &st.core.mem.uffd {
+            return Ok(u.clone());
+        }
+        if let Availability::Unavailable(why) = &st.avail {
+            return Err(Error::errno(
+                libc::EINVAL,
+                format!("merging is not available in this process: {why}"),
+            ));
+        }
+        let u = Arc::new(
+            Uffd::open(REQUIRED_FEATURES).map_err(|e| Error::os("opening userfaultfd", 0, 0, e))?,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        st.fault_stop = stop.clone();
+        let reader = u.clone();
+        std::thread::Builder::new()
+            .name("ksm-faults".into())
+            .spawn(move || fault_loop(&reader, &stop))
+            .map_err(|e| Error::os("spawning the fault thread", 0, 0, e))?;
+        st.core.mem.uffd = Some(u.clone());
+        Ok(u)
+    }
+
+    // ---- owned memory -------------------------------------------------------
+
+    /// Allocate `len` bytes (rounded up to pages) of ksm-owned memory.
+    pub fn alloc(&'static self, len: usize) -> Result<(usize, usize)> {
+        let page = sys::page_size();
+        if len == 0 {
+            return Err(Error::Value(
+                "cannot create a ksm.mmap of length 0; the length must be at least 1 byte".into(),
+            ));
+        }
+        let len = len
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| Error::Value(format!("length {len} is too large")))?;
+        let m = Mapping::anonymous(len).map_err(|e| Error::os("mmap", 0, len, e))?;
+        let addr = m.addr();
+        let mut st = self.lock();
+        st.core.mem.adopt(m);
+        st.core.add_region(Region::new(
+            addr,
+            len / page,
+            true,
+            libc::PROT_READ | libc::PROT_WRITE,
+        ));
+        if st.knobs.merge_any {
+            drop(st);
+            self.madvise(addr, len, MADV_MERGEABLE)?;
+        }
+        Ok((addr, len))
+    }
+
+    /// Unmap ksm-owned memory starting at `addr` (its frames are released).
+    pub fn free(&self, addr: usize) {
+        let mut st = self.lock();
+        st.core.remove_region(addr);
+        drop(st.core.mem.disown(addr));
+    }
+
+    // ---- madvise ------------------------------------------------------------
+
+    /// `madvise(addr, len, MADV_MERGEABLE | MADV_UNMERGEABLE)` with the kernel's errors.
+    pub fn madvise(&'static self, addr: usize, len: usize, advice: i32) -> Result<()> {
+        let page = sys::page_size();
+        if advice != MADV_MERGEABLE && advice != MADV_UNMERGEABLE {
+            return Err(Error::errno(
+                libc::EINVAL,
+                format!("unknown advice {advice}: ksm accepts MADV_MERGEABLE ({MADV_MERGEABLE}) and MADV_UNMERGEABLE ({MADV_UNMERGEABLE})"),
+            ));
+        }
+        if addr % page != 0 {
+            return Err(Error::errno(
+                libc::EINVAL,
+                format!("address {addr:#x} is not aligned to the page size ({page})"),
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let end = len
+            .checked_next_multiple_of(page)
+            .and_then(|l| addr.checked_add(l))
+            .ok_or_else(|| {
+                Error::errno(
+                    libc::EINVAL,
+                    format!("range {addr:#x}+{len:#x} overflows the address space"),
+                )
+            })?;
+        let mut st = self.lock();
+        if advice == MADV_MERGEABLE {
+            Self::ensure_uffd(&mut st)?;
+        }
+        let (pieces, gap) = Self::cover(&st, addr, end)?;
+        for (s, e, kind) in pieces {
+            match (advice, kind) {
+                (MADV_MERGEABLE, Piece::Tracked) => Self::advise_tracked(&mut st, s, e)?,
+                (MADV_MERGEABLE, Piece::Foreign(prot)) => {
+                    Self::advise_foreign(&mut st, s, e, prot)?
+                }
+                (MADV_UNMERGEABLE, Piece::Tracked) => Self::unadvise(&mut st, s, e)?,
+                // Never-advised memory, and memory ksm never merges (MAP_SHARED,
+                // file-backed, special): accepted, nothing to do, as the kernel does.
+                _ => {}
+            }
+        }
+        if advice == MADV_MERGEABLE {
+            self.wake.notify_all();
+        }
+        if gap {
+            return Err(Error::errno(
+                libc::ENOMEM,
+                format!(
+                    "part of {addr:#x}..{end:#x} is not mapped (the mapped parts were advised)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Split `[addr, end)` into pieces tracked already, foreign anonymous memory
+    /// (with its protection), and memory that is never merged; and whether a gap exists.
+    fn cover(st: &State, addr: usize, end: usize) -> Result<(Vec<(usize, usize, Piece)>, bool)> {
+        let page = sys::page_size();
+        // Fast path: entirely inside tracked regions (ksm.mmap memory).
+        let mut pos = addr;
+        while pos < end {
+            match st.core.region_at(pos) {
+                Some(r) => pos = r.end(page),
+                None => break,
+            }
+        }
+        if pos >= end {
+            return Ok((vec![(addr, end, Piece::Tracked)], false));
+        }
+        let vmas = maps::read_self()
+            .map_err(|e| Error::os("reading /proc/self/maps", addr, end - addr, e))?;
+        let (covered, gap) = maps::cover(&vmas, addr, end);
+        let mut out = Vec::new();
+        for v in covered {
+            // Within a VMA, split at tracked-region boundaries.
+            let mut p = v.start;
+            while p < v.end {
+                if let Some(r) = st.core.region_at(p) {
+                    let e = r.end(page).min(v.end);
+                    out.push((p, e, Piece::Tracked));
+                    p = e;
+                } else {
+                    let next = st
+                        .core
+                        .regions()
+                        .map(|r| r.start)
+                        .filter(|&s| s > p)
+                        .min()
+                        .unwrap_or(v.end)
+                        .min(v.end);
+                    let kind = if v.eligible() {
+                        Piece::Foreign(v.prot)
+                    } else {
+                        Piece::Never
+                    };
+                    out.push((p, next, kind));
+                    p = next;
+                }
+            }
+        }
+        Ok((out, gap))
+    }
+
+    fn advise_tracked(st: &mut State, s: usize, e: usize) -> Result<()> {
+        let page = sys::page_size();
+        let starts: Vec<usize> = st
+            .core
+            .regions()
+            .filter(|r| r.start < e && r.end(page) > s && !r.registered)
+            .map(|r| r.start)
+            .collect();
+        let u = Self::ensure_uffd(st)?;
+        for start in starts {
+            let len = st.core.region_at(start).expect("listed").len(page);
+            u.register_wp(start, len)
+                .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
+            st.core
+                .regions_mut()
+                .find(|r| r.start == start)
+                .expect("listed")
+                .registered = true;
+        }
+        st.core.advise(s, e);
+        Ok(())
+    }
+
+    fn advise_foreign(st: &mut State, s: usize, e: usize, prot: i32) -> Result<()> {
+        let page = sys::page_size();
+        let u = Self::ensure_uffd(st)?;
+        // A range userfaultfd refuses (e.g. a special mapping) is accepted and never merged.
+        if u.register_wp(s, e - s).is_err() {
+            return Ok(());
+        }
+        let mut r = Region::new(s, (e - s) / page, false, prot);
+        r.registered = true;
+        st.core.add_region(r);
+        st.core.advise(s, e);
+        Ok(())
+    }
+
+    fn unadvise(st: &mut State, s: usize, e: usize) -> Result<()> {
+        let page = sys::page_size();
+        st.core.unadvise(s, e).map_err(|err| {
+            Error::errno(
+                libc::EAGAIN,
+                format!("could not give merged pages in {s:#x}..{e:#x} private copies ({err}); nothing was lost, the range stays mergeable: retry when memory is available"),
+            )
+        })?;
+        // Foreign regions with no advice left are forgotten (and unregistered).
+        let idle: Vec<(usize, usize)> = st
+            .core
+            .regions()
+            .filter(|r| !r.owned && r.start < e && r.end(page) > s && !r.any_advised())
+            .map(|r| (r.start, r.len(page)))
+            .collect();
+        for (start, len) in idle {
+            st.core.remove_region(start);
+            if let Some(u) = &st.core.mem.uffd {
+                let _ = u.unregister(start, len);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- scanning -----------------------------------------------------------
+
+    /// Run `n` full scans now in the caller's thread (finishing a scan in progress first).
+    pub fn scan(&'static self, n: u64) -> Result<()> {
+        let mut st = self.lock();
+        let mut finishing = !st.core.at_scan_start();
+        let mut remaining = n;
+        while remaining > 0 || finishing {
+            if st.core.at_scan_start() {
+                self.begin_full_scan(&mut st);
+            }
+            if st.core.scan_batch(SYNC_BATCH) {
+                self.end_full_scan(&mut st);
+                if finishing {
+                    finishing = false;
+                } else {
+                    remaining -= 1;
+                }
+            }
+            // Let stats() and the application's calls in between batches.
+            drop(st);
+            st = self.lock();
+        }
+        Ok(())
+    }
+
+    fn begin_full_scan(&self, st: &mut State) {
+        // Foreign regions: remap with the protection the application has now.
+        if st.core.regions().any(|r| !r.owned) {
+            if let Ok(vmas) = maps::read_self() {
+                for r in st.core.regions_mut().filter(|r| !r.owned) {
+                    if let Some(v) = vmas.iter().find(|v| v.start <= r.start && r.start < v.end) {
+                        r.prot = v.prot;
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_full_scan(&self, st: &mut State) {
+        // Frames held back since a fork: free them once no other process maps the pool.
+        let due = st
+            .last_quiet_check
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if st.core.frames().needs_quiet_check() && st.core.frames().deferred() > 0 && due {
+            st.last_quiet_check = Some(Instant::now());
+            let inode = st.core.mem.pool.inode();
+            if !maps::others_map(inode, crate::pool::POOL_PATH_PREFIX, sys::getpid()) {
+                st.core.pool_quiet();
+            }
+        }
+        self.scanned.notify_all();
+    }
+
+    fn scanner_loop(&'static self) {
+        let me = sys::getpid();
+        let mut st = self.lock();
+        loop {
+            if st.threads_pid != me {
+                return;
+            }
+            let sleep = if st.knobs.run == 1 {
+                if st.core.at_scan_start() {
+                    self.begin_full_scan(&mut st);
+                }
+                let budget = u64::from(st.knobs.pages_to_scan);
+                if st.core.scan_batch(budget) {
+                    self.end_full_scan(&mut st);
+                }
+                Some(Duration::from_millis(u64::from(st.knobs.sleep_millisecs)))
+            } else {
+                None
+            };
+            st = match sleep {
+                Some(d) if d.is_zero() => {
+                    drop(st);
+                    std::thread::yield_now();
+                    self.lock()
+                }
+                Some(d) => {
+                    self.wake
+                        .wait_timeout(st, d)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => self.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+            };
+        }
+    }
+
+    /// True once a full scan completes with nothing left to merge; waits up to
+    /// `timeout` while ksmd runs. With ksmd stopped it answers at once.
+    pub fn wait_settled(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.lock();
+        loop {
+            if st.core.settled() {
+                return true;
+            }
+            if st.knobs.run != 1 {
+                return false;
+            }
+            st = match deadline {
+                None => self.scanned.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return false;
+                    }
+                    self.scanned
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    // ---- knobs and statistics -----------------------------------------------
+
+    pub fn knobs(&self) -> Knobs {
+        self.lock().knobs
+    }
+
+    /// Set a knob by its sysfs name; invalid values change nothing.
+    pub fn set_knob(&'static self, name: &str, value: i64) -> Result<()> {
+        let mut st = self.lock();
+        let mut k = st.knobs;
+        k.set(name, value)?;
+        if name == "max_page_sharing"
+            && k.max_page_sharing != st.knobs.max_page_sharing
+            && st.core.counters().pages_shared > 0
+        {
+            return Err(Error::errno(
+                libc::EBUSY,
+                format!("max_page_sharing can change only while no page is shared (pages_shared = {}); set run = 2 first", st.core.counters().pages_shared),
+            ));
+        }
+        if name == "run" && value == 2 && st.knobs.run != 2 {
+            if let Err(e) = st.core.unmerge_all() {
+                // The kernel sets run = 0 when unmerging fails.
+                st.knobs.run = 0;
+                return Err(Error::errno(libc::EAGAIN, format!("run = 2 could not unmerge every page ({e}); run is now 0, nothing was lost")));
+            }
+        }
+        st.knobs = k;
+        st.core.max_page_sharing = k.max_page_sharing;
+        if k.run == 1 && st.threads_pid != sys::getpid() {
+            self.start_threads(&mut st);
+        }
+        drop(st);
+        self.wake.notify_all();
+        self.scanned.notify_all();
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.lock();
+        let c = st.core.counters();
+        let page = sys::page_size() as u64;
+        let metadata_bytes = st.core.metadata_bytes();
+        let vmas_added = st.core.vmas_added();
+        let (mut tracked, mut advised) = (0u64, 0u64);
+        for r in st.core.regions() {
+            tracked += r.pages.len() as u64;
+            advised += r.pages.iter().filter(|p| p.advised()).count() as u64;
+        }
+        Snapshot {
+            pages_shared: c.pages_shared,
+            pages_sharing: c.pages_sharing,
+            pages_unshared: c.pages_unshared,
+            pages_volatile: c.pages_volatile(),
+            full_scans: c.full_scans,
+            pages_scanned: c.pages_scanned,
+            general_profit: Snapshot::profit(c.pages_sharing, page, metadata_bytes, vmas_added),
+            rmap_items: c.rmap_items,
+            frames: u64::from(st.core.frames().live()),
+            deferred_frames: st.core.frames().deferred() as u64,
+            pool_bytes: st.core.mem.pool.allocated_bytes(),
+            merges: c.merges,
+            merge_failures: c.merge_failures,
+            cows: c.cows,
+            vmas_added,
+            metadata_bytes,
+            tracked_pages: tracked,
+            advised_pages: advised,
+            settled: st.core.settled(),
+        }
+    }
+
+    /// `page_state()` of the page at `addr`: merged, unmerged, volatile, unshared.
+    pub fn page_state(&self, addr: usize) -> &'static str {
+        let mut st = self.lock();
+        let pres = st.core.mem.presence(addr);
+        st.core.page_state(addr, pres).unwrap_or("unmerged")
+    }
+
+    /// Whether the page at `addr` (tracked) is advised.
+    pub fn is_advised(&self, addr: usize) -> bool {
+        let st = self.lock();
+        st.core
+            .region_at(addr)
+            .is_some_and(|r| r.pages[(addr - r.start) / sys::page_size()].advised())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Piece {
+    Tracked,
+    Foreign(i32),
+    Never,
+}
+
+/// The fault thread: wake writers that faulted outside an open merge window.
+fn fault_loop(u: &Uffd, stop: &AtomicBool) {
+    let page = sys::page_size();
+    let mut msgs = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if u.read_msgs(Duration::from_millis(200), &mut msgs).is_err() {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        for m in &msgs {
+            if let Msg::PageFault { addr, .. } = *m {
+                let a = addr as usize & !(page - 1);
+                // Inside a window the merger wakes the writer when it closes it;
+                // unprotecting here would let the write land on a page about to be replaced.
+                if !WINDOWS.contains(a) {
+                    let _ = u.wake(a, page);
+                }
+            }
+        }
+    }
+}
+
+// ---- fork handlers -------------------------------------------------------------
+
+fn fork_prepare() {
+    let Some(e) = ENGINE.get() else { return };
+    let st = e.lock();
+    let w = WINDOWS.lock();
+    FORK_GUARDS.with(|g| *g.borrow_mut() = Some((st, w)));
+}
+
+fn fork_parent() {
+    if let Some((mut st, w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) {
+        // Every live frame may now be mapped by the child: never punch it while the child lives.
+        st.core.frames_mut().on_fork();
+        drop(w);
+        drop(st);
+    }
+}
+
+fn fork_child() {
+    let Some((mut st, mut w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) else {
+        return;
+    };
+    w.clear();
+    drop(w);
+    // Threads do not survive fork; the kernel unregistered our ranges in the child's
+    // copy (no UFFD_FEATURE_EVENT_FORK). Start over with a new pool: the child must
+    // never punch a frame of the parent's pool, which the parent's pages may map.
+    st.threads_pid = 0;
+    st.fault_stop.store(true, Ordering::Relaxed);
+    match new_core(None) {
+        Ok(mut core) => {
+            let owned = st.core.mem.take_owned();
+            for m in owned.into_values() {
+                core.mem.adopt(m);
+            }
+            let regions: Vec<Region> = st.core.take_regions();
+            for mut r in regions {
+                r.registered = false;
+                for p in &mut r.pages {
+                    *p = crate::region::PageRec {
+                        flags: p.flags,
+                        ..Default::default()
+                    };
+                }
+                core.add_region(r);
+            }
+            core.max_page_sharing = st.knobs.max_page_sharing;
+            let old = std::mem::replace(&mut st.core, core);
+            drop(old);
+        }
+        Err(e) => {
+            st.avail =
+                Availability::Unavailable(format!("could not rebuild the engine after fork: {e}"));
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! ksm: Kernel Samepage Merging rebuilt in userspace.
+//!
+//! A process advises memory with [`Engine::madvise`](daemon::Engine::madvise);
+//! the `ksmd` thread (or [`scan`](daemon::Engine::scan)) finds pages with the
+//! same bytes and maps them onto one frame of a memfd, privately, so that the
+//! kernel's own copy-on-write gives a writer its copy back. Userfaultfd
+//! write-protection closes the window between compare and remap. See
+//! DESIGN.md for the mechanism, KERNEL-KSM.md for the contract.
+//!
+//! Layers (only `sys` calls libc; only `py` uses PyO3):
+//! `sys` → `pool`, `region` → `scan` (the algorithm, pure over [`scan::Mem`])
+//! → `merge` (the real `Mem`) → `daemon` (engine, threads, fork) → `py`.
+
+pub mod daemon;
+pub mod error;
+pub mod merge;
+pub mod pool;
+#[cfg(feature = "python")]
+mod py;
+pub mod region;
+pub mod scan;
+pub mod stats;
+pub mod sys;
+
+pub use daemon::Engine;
+pub use error::{Error, Result};

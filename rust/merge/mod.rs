@@ -1,0 +1,244 @@
+//! The real [`Mem`]: userfaultfd write-protection, the memfd pool, pagemap,
+//! and the remapping syscalls, in the order DESIGN.md §1 proved race-free:
+//!
+//! 1. `UFFDIO_WRITEPROTECT` the page (a writer now blocks in the fault thread);
+//! 2. compare the page with the frame byte for byte (done by `scan::Core`);
+//! 3. equal: `mmap(MAP_PRIVATE|MAP_FIXED)` the frame over it, register the new
+//!    VMA with the userfaultfd, then `UFFDIO_WAKE`; a blocked writer retries on
+//!    the new mapping and the kernel gives it a private copy;
+//!    not equal: unprotect, which also wakes.
+//!
+//! Why the fault thread ignores faults inside an open window: it must never
+//! unprotect a page under merge (the write would land on the page about to be
+//! replaced and be lost). The merger wakes such writers itself when it closes
+//! the window; for any other fault the fault thread just wakes the writer.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::Arc;
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::pool::{FrameId, Pool};
+use crate::scan::{Mem, Presence};
+use crate::sys::mman::{self, Mapping};
+use crate::sys::pagemap::{Pagemap, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::sys::procmem;
+use crate::sys::uffd::{Uffd, Window};
+
+/// Ranges currently inside a merge window, shared with the fault thread.
+#[derive(Debug)]
+pub struct Windows {
+    open: Mutex<Vec<(usize, usize)>>,
+}
+
+impl Windows {
+    /// Whether `addr` lies in an open window (the fault thread's question).
+    pub fn contains(&self, addr: usize) -> bool {
+        self.lock().iter().any(|&(s, e)| s <= addr && addr < e)
+    }
+    fn add(&self, s: usize, len: usize) {
+        self.lock().push((s, s + len));
+    }
+    fn remove(&self, s: usize) {
+        let mut v = self.lock();
+        if let Some(i) = v.iter().position(|&(x, _)| x == s) {
+            v.swap_remove(i);
+        }
+    }
+    /// The lock (also taken by the fork handlers, so that no child inherits it held).
+    /// Poisoning is ignored: the list stays valid whatever panicked.
+    pub fn lock(&self) -> MutexGuard<'_, Vec<(usize, usize)>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub const fn new() -> Self {
+        Windows {
+            open: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// The operating-system side of the algorithm.
+#[derive(Debug)]
+pub struct Os {
+    pub uffd: Option<Arc<Uffd>>,
+    pub pool: Pool,
+    pub windows: &'static Windows,
+    pagemap: Pagemap,
+    page: usize,
+    /// Memory allocated by `ksm.mmap`, by start address.
+    owned: BTreeMap<usize, Mapping>,
+    open: HashMap<usize, Window>,
+    pm: Vec<u64>,
+}
+
+impl Os {
+    pub fn new(uffd: Option<Arc<Uffd>>, pool: Pool, windows: &'static Windows) -> io::Result<Self> {
+        Ok(Os {
+            uffd,
+            pool,
+            windows,
+            pagemap: Pagemap::open()?,
+            page: crate::sys::page_size(),
+            owned: BTreeMap::new(),
+            open: HashMap::new(),
+            pm: Vec::new(),
+        })
+    }
+
+    /// Take ownership of a `ksm.mmap` allocation.
+    pub fn adopt(&mut self, m: Mapping) {
+        self.owned.insert(m.addr(), m);
+    }
+
+    /// Give back the mapping starting at `addr` (dropping it unmaps).
+    pub fn disown(&mut self, addr: usize) -> Option<Mapping> {
+        self.owned.remove(&addr)
+    }
+
+    fn owned_at(&self, addr: usize) -> Option<&Mapping> {
+        self.owned
+            .range(..=addr)
+            .next_back()
+            .map(|(_, m)| m)
+            .filter(|m| addr < m.addr() + m.len())
+    }
+
+    fn uffd(&self) -> io::Result<&Uffd> {
+        self.uffd
+            .as_deref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    /// Hand over every `ksm.mmap` allocation (to the engine of a forked child).
+    pub fn take_owned(&mut self) -> BTreeMap<usize, Mapping> {
+        std::mem::take(&mut self.owned)
+    }
+
+    /// Read pagemap for one page (for `page_state`).
+    pub fn presence(&mut self, addr: usize) -> Presence {
+        let mut p = [Presence::Absent];
+        let _ = self.probe(addr, &mut p);
+        p[0]
+    }
+}
+
+impl Mem for Os {
+    fn page_size(&self) -> usize {
+        self.page
+    }
+
+    fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+        self.pm.resize(out.len(), 0);
+        self.pagemap.read(addr, &mut self.pm)?;
+        for (o, &e) in out.iter_mut().zip(&self.pm) {
+            *o = if e & PM_PRESENT != 0 {
+                if e & PM_FILE != 0 {
+                    Presence::File
+                } else {
+                    Presence::Anon
+                }
+            } else if e & PM_SWAP != 0 {
+                // A swapped page is a private anonymous page (a frame is never swapped
+                // out from under a private mapping without its PTE saying file).
+                Presence::Anon
+            } else {
+                Presence::Absent
+            };
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()> {
+        match self.owned_at(addr) {
+            Some(m) if owned => {
+                m.copy_out(addr - m.addr(), buf);
+                Ok(())
+            }
+            _ => procmem::read_foreign(addr, buf),
+        }
+    }
+
+    fn frame(&self, f: FrameId) -> &[u8] {
+        self.pool.frame(f)
+    }
+
+    fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()> {
+        self.pool.write(f, data)
+    }
+
+    fn punch(&mut self, f: FrameId) -> io::Result<()> {
+        self.pool.punch(f)
+    }
+
+    fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        // Publish the window before protecting, so that a fault raised the moment
+        // protection lands is already recognised as ours.
+        self.windows.add(addr, len);
+        match self.uffd().and_then(|u| u.open_window(addr, len)) {
+            Ok(w) => {
+                self.open.insert(addr, w);
+                Ok(())
+            }
+            Err(e) => {
+                self.windows.remove(addr);
+                Err(e)
+            }
+        }
+    }
+
+    fn release(&mut self, addr: usize, len: usize, unprotect: bool) {
+        // Forget the window first: a fault read after this point is woken by the
+        // fault thread, one read before it by the wake below; either is enough.
+        self.windows.remove(addr);
+        let w = self.open.remove(&addr);
+        let Ok(u) = self.uffd() else { return };
+        match w {
+            Some(w) => {
+                let _ = u.close_window(w, unprotect);
+            }
+            None => {
+                let _ = u.wake(addr, len);
+            }
+        }
+    }
+
+    fn map_frame(&mut self, addr: usize, prot: i32, f: FrameId) -> io::Result<()> {
+        let w = self
+            .open
+            .get(&addr)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        mman::map_file_fixed(w, prot, self.pool.fd(), self.pool.offset(f))?;
+        // The new VMA is not registered; later merges and unmerges of this page need it.
+        self.uffd()?.register_wp(addr, self.page)
+    }
+
+    fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
+        // Allocate the private copy first: ENOMEM here changes nothing.
+        let scratch = Mapping::anonymous(len)?;
+        self.protect(addr, len)?;
+        let result = (|| {
+            let mut buf = vec![0u8; self.page];
+            for off in (0..len).step_by(self.page) {
+                self.read(addr + off, owned, &mut buf)?;
+                scratch_write(&scratch, off, &buf);
+            }
+            if prot != libc::PROT_READ | libc::PROT_WRITE {
+                mman::protect_owned(&scratch, prot)?;
+            }
+            let w = self.open.get(&addr).expect("window opened above");
+            mman::move_over(scratch, w)?;
+            self.uffd()?.register_wp(addr, len)
+        })();
+        self.release(addr, len, result.is_err());
+        result
+    }
+}
+
+/// Write into a scratch mapping we own and nobody else sees yet.
+fn scratch_write(m: &Mapping, off: usize, data: &[u8]) {
+    m.copy_in(off, data);
+}

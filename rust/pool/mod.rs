@@ -1,0 +1,258 @@
+//! Frames: the shared copies of merged pages.
+//!
+//! [`FrameTable`] is the pure bookkeeping (allocation, reference counts, the
+//! fork rule); [`Pool`] is the memfd that holds the bytes, read through a
+//! `MAP_SHARED` view and written with `pwrite`.
+//!
+//! The fork rule (DESIGN.md §3): after `fork()` a child may map a frame with
+//! no PTE present, and would read zeros if the parent punched it. So a frame
+//! born before the latest fork is not punched when its last mapper in this
+//! process lets go; it waits in `deferred` until no other process maps the
+//! pool (checked from /proc/*/maps by the engine), and only then is freed.
+
+use std::ffi::CStr;
+use std::io;
+
+use crate::sys::memfd::Memfd;
+use crate::sys::mman::Mapping;
+
+pub type FrameId = u32;
+
+/// Name of the pool memfd; merged pages show as `/memfd:ksm-frames (deleted)` in maps.
+pub const POOL_NAME: &CStr = c"ksm-frames";
+pub const POOL_PATH_PREFIX: &str = "/memfd:ksm-frames";
+
+/// Frame bookkeeping, no syscalls (fuzzed and unit-tested).
+#[derive(Debug, Default, Clone)]
+pub struct FrameTable {
+    refs: Vec<u32>,
+    hash: Vec<u64>,
+    born: Vec<u32>,
+    free: Vec<FrameId>,
+    deferred: Vec<FrameId>,
+    capacity: u32,
+    /// Incremented in the parent at every fork.
+    fork_epoch: u32,
+    /// The fork epoch at which we last saw no other process mapping the pool.
+    quiet_epoch: u32,
+    live: u32,
+}
+
+/// What to do with a frame whose last reference went away.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Still referenced.
+    Kept,
+    /// Punch it now.
+    Free(FrameId),
+    /// A child may map it: keep its bytes until the pool is quiet.
+    Deferred,
+}
+
+impl FrameTable {
+    pub fn new(capacity: u32) -> Self {
+        FrameTable {
+            capacity,
+            ..Default::default()
+        }
+    }
+
+    /// A fresh frame with one reference... zero references: the caller adds them.
+    pub fn alloc(&mut self, hash: u64) -> Option<FrameId> {
+        let f = match self.free.pop() {
+            Some(f) => f,
+            None => {
+                let f = u32::try_from(self.refs.len())
+                    .ok()
+                    .filter(|&f| f < self.capacity)?;
+                self.refs.push(0);
+                self.hash.push(0);
+                self.born.push(0);
+                f
+            }
+        };
+        let i = f as usize;
+        self.refs[i] = 0;
+        self.hash[i] = hash;
+        self.born[i] = self.fork_epoch;
+        self.live += 1;
+        Some(f)
+    }
+
+    pub fn refs(&self, f: FrameId) -> u32 {
+        self.refs[f as usize]
+    }
+
+    pub fn hash(&self, f: FrameId) -> u64 {
+        self.hash[f as usize]
+    }
+
+    pub fn incref(&mut self, f: FrameId) -> u32 {
+        let r = &mut self.refs[f as usize];
+        *r += 1;
+        *r
+    }
+
+    /// Drop one reference; on the last one, say whether the frame can be punched.
+    pub fn decref(&mut self, f: FrameId) -> Release {
+        let r = &mut self.refs[f as usize];
+        assert!(*r > 0, "frame {f} released more often than referenced");
+        *r -= 1;
+        if *r > 0 {
+            return Release::Kept;
+        }
+        if self.born[f as usize] < self.fork_epoch && self.quiet_epoch < self.fork_epoch {
+            self.deferred.push(f);
+            Release::Deferred
+        } else {
+            self.recycle(f);
+            Release::Free(f)
+        }
+    }
+
+    /// Abandon a frame allocated by `alloc` that never got a reference.
+    pub fn discard(&mut self, f: FrameId) {
+        assert_eq!(self.refs[f as usize], 0);
+        self.recycle(f);
+    }
+
+    fn recycle(&mut self, f: FrameId) {
+        self.live -= 1;
+        self.free.push(f);
+    }
+
+    /// Record a fork (parent side): every live frame may now be mapped by a child.
+    pub fn on_fork(&mut self) {
+        self.fork_epoch += 1;
+    }
+
+    /// Whether a fork happened that we have not yet seen the end of.
+    pub fn needs_quiet_check(&self) -> bool {
+        self.quiet_epoch < self.fork_epoch
+    }
+
+    /// No other process maps the pool any more: hand back the deferred frames to punch.
+    pub fn quiet(&mut self) -> Vec<FrameId> {
+        self.quiet_epoch = self.fork_epoch;
+        let d = std::mem::take(&mut self.deferred);
+        for &f in &d {
+            self.recycle(f);
+        }
+        d
+    }
+
+    /// Frames holding bytes (referenced or deferred).
+    pub fn live(&self) -> u32 {
+        self.live
+    }
+
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// Bytes of bookkeeping.
+    pub fn metadata_bytes(&self) -> usize {
+        self.refs.capacity() * 4
+            + self.hash.capacity() * 8
+            + self.born.capacity() * 4
+            + (self.free.capacity() + self.deferred.capacity()) * 4
+    }
+}
+
+/// The memfd holding frame bytes, and a shared view to read them.
+#[derive(Debug)]
+pub struct Pool {
+    memfd: Memfd,
+    view: Mapping,
+    page: usize,
+}
+
+impl Pool {
+    /// A sparse pool of `capacity` frames (virtual only until frames are written).
+    pub fn new(capacity: u32, page: usize) -> io::Result<Self> {
+        let bytes = capacity as usize * page;
+        let memfd = Memfd::create(POOL_NAME, bytes as u64)?;
+        let view = Mapping::shared_view(memfd.raw(), bytes)?;
+        Ok(Pool { memfd, view, page })
+    }
+
+    pub fn frame(&self, f: FrameId) -> &[u8] {
+        self.view.bytes(f as usize * self.page, self.page)
+    }
+
+    pub fn write(&self, f: FrameId, data: &[u8]) -> io::Result<()> {
+        self.memfd.write_at(f as u64 * self.page as u64, data)
+    }
+
+    pub fn punch(&self, f: FrameId) -> io::Result<()> {
+        self.memfd
+            .punch_hole(f as u64 * self.page as u64, self.page as u64)
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.memfd.raw()
+    }
+
+    pub fn offset(&self, f: FrameId) -> u64 {
+        f as u64 * self.page as u64
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.memfd.allocated_bytes().unwrap_or(0)
+    }
+
+    pub fn inode(&self) -> u64 {
+        self.memfd.inode().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_ref_release_recycles() {
+        let mut t = FrameTable::new(2);
+        let a = t.alloc(7).unwrap();
+        let b = t.alloc(8).unwrap();
+        assert!(t.alloc(9).is_none(), "capacity respected");
+        t.incref(a);
+        t.incref(a);
+        assert_eq!(t.decref(a), Release::Kept);
+        assert_eq!(t.decref(a), Release::Free(a));
+        assert_eq!(t.alloc(1), Some(a));
+        t.discard(b);
+        assert_eq!(t.live(), 1);
+    }
+
+    #[test]
+    fn frames_born_before_fork_wait_for_quiet() {
+        let mut t = FrameTable::new(8);
+        let old = t.alloc(1).unwrap();
+        t.incref(old);
+        t.on_fork();
+        let new = t.alloc(2).unwrap();
+        t.incref(new);
+        assert_eq!(t.decref(old), Release::Deferred, "a child may still map it");
+        assert_eq!(
+            t.decref(new),
+            Release::Free(new),
+            "born after the fork: no child maps it"
+        );
+        assert_eq!(t.quiet(), vec![old]);
+        let again = t.alloc(3).unwrap();
+        t.incref(again);
+        assert_eq!(t.decref(again), Release::Free(again));
+    }
+
+    #[test]
+    fn pool_writes_reads_and_punches() {
+        let p = Pool::new(16, crate::sys::page_size()).unwrap();
+        let page = vec![0xAB; crate::sys::page_size()];
+        p.write(3, &page).unwrap();
+        assert_eq!(p.frame(3), &page[..]);
+        assert!(p.allocated_bytes() >= page.len() as u64);
+        p.punch(3).unwrap();
+        assert_eq!(p.allocated_bytes(), 0);
+    }
+}

@@ -1,0 +1,390 @@
+//! The Python module `ksm._ksm`: thin wrappers, GIL release, error mapping.
+//! The only code that uses PyO3.
+
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyAttributeError, PyBufferError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use pyo3::{ffi, PyErr};
+
+use crate::daemon::{knobs, Availability, Engine, MADV_MERGEABLE, MADV_UNMERGEABLE};
+use crate::error::Error;
+use crate::sys;
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            // OSError(errno, strerror) so that `exc.errno` is set and Python picks the
+            // subclass (PyO3's io::Error conversion would drop the errno).
+            Error::Os { .. } | Error::Errno { .. } => {
+                let errno = e.raw_errno().unwrap_or(libc::EIO);
+                PyOSError::new_err((errno, e.to_string()))
+            }
+            Error::Value(m) | Error::Closed(m) => PyValueError::new_err(m),
+            Error::Attribute(m) => PyAttributeError::new_err(m),
+            Error::Busy(m) => PyBufferError::new_err(m),
+        }
+    }
+}
+
+fn engine() -> PyResult<&'static Engine> {
+    Ok(Engine::get()?)
+}
+
+/// Memory owned by ksm (see `ksm.mmap` in `_ksm.pyi`).
+#[pyclass(module = "ksm._ksm", name = "Mmap", subclass)]
+pub struct Mmap {
+    addr: usize,
+    len: usize,
+    closed: AtomicBool,
+    exports: AtomicUsize,
+}
+
+impl Mmap {
+    fn check_open(&self) -> PyResult<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PyValueError::new_err("mmap closed or invalid"));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Mmap {
+    #[new]
+    #[pyo3(signature = (*args))]
+    fn new(py: Python<'_>, args: Vec<i64>) -> PyResult<Self> {
+        let length = match args.as_slice() {
+            [n] => *n,
+            [-1, n] => *n,
+            [fd, _] => {
+                return Err(PyValueError::new_err(format!(
+                    "ksm.mmap is anonymous memory: fileno must be -1, got {fd}"
+                )))
+            }
+            _ => {
+                return Err(PyValueError::new_err(
+                    "ksm.mmap takes (length) or (-1, length)",
+                ))
+            }
+        };
+        let length = usize::try_from(length)
+            .map_err(|_| PyValueError::new_err(format!("length must be positive, got {length}")))?;
+        let e = engine()?;
+        let (addr, len) = py.allow_threads(|| e.alloc(length))?;
+        Ok(Mmap {
+            addr,
+            len,
+            closed: AtomicBool::new(false),
+            exports: AtomicUsize::new(0),
+        })
+    }
+
+    #[getter]
+    fn address(&self) -> PyResult<usize> {
+        self.check_open()?;
+        Ok(self.addr)
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn __len__(&self) -> PyResult<usize> {
+        self.check_open()?;
+        Ok(self.len)
+    }
+
+    /// `madvise(option, start=0, length=len-start)`, like `mmap.mmap.madvise`.
+    #[pyo3(signature = (option, start = 0, length = None))]
+    fn madvise(
+        &self,
+        py: Python<'_>,
+        option: i32,
+        start: usize,
+        length: Option<usize>,
+    ) -> PyResult<()> {
+        self.check_open()?;
+        if start > self.len {
+            return Err(PyValueError::new_err(format!(
+                "madvise start {start} out of range (length {})",
+                self.len
+            )));
+        }
+        let length = length.unwrap_or(self.len - start).min(self.len - start);
+        let page = sys::page_size();
+        if start % page != 0 {
+            return Err(PyOSError::new_err((
+                libc::EINVAL,
+                format!("madvise start {start} is not a multiple of the page size {page}"),
+            )));
+        }
+        let addr = self.addr + start;
+        let e = engine()?;
+        py.allow_threads(|| e.madvise(addr, length, option))?;
+        Ok(())
+    }
+
+    /// State of the page holding byte `offset`.
+    fn page_state(&self, offset: usize) -> PyResult<&'static str> {
+        self.check_open()?;
+        if offset >= self.len {
+            return Err(PyValueError::new_err(format!(
+                "offset {offset} out of range (length {})",
+                self.len
+            )));
+        }
+        let page = sys::page_size();
+        Ok(engine()?.page_state(self.addr + offset / page * page))
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if self.exports.load(Ordering::Acquire) > 0 {
+            return Err(PyBufferError::new_err(
+                "cannot close exported pointers exist",
+            ));
+        }
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let (e, addr) = (engine()?, self.addr);
+        py.allow_threads(|| e.free(addr));
+        Ok(())
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let this = slf.borrow();
+        this.check_open()
+            .map_err(|_| PyBufferError::new_err("mmap closed or invalid"))?;
+        this.exports.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: `view` is the pointer CPython passed to this slot; `slf` is the exporter;
+        // the range stays mapped while `exports > 0` because `close()` refuses then and
+        // `Drop` only runs once every export (each holding a reference to `slf`) is gone.
+        let r = unsafe {
+            sys::pybuf::fill(
+                slf.py(),
+                view,
+                slf.as_ptr(),
+                this.addr,
+                this.len,
+                false,
+                flags,
+            )
+        };
+        if r.is_err() {
+            this.exports.fetch_sub(1, Ordering::AcqRel);
+        }
+        r
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.exports.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn __repr__(&self) -> String {
+        if self.closed() {
+            "<ksm.mmap closed>".into()
+        } else {
+            format!("<ksm.mmap address={:#x} length={}>", self.addr, self.len)
+        }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            if let Some(e) = ENGINE_READY.get() {
+                e.free(self.addr);
+            }
+        }
+    }
+}
+
+static ENGINE_READY: std::sync::OnceLock<&'static Engine> = std::sync::OnceLock::new();
+
+/// `ksm.ksmd`: the knobs and statistics of /sys/kernel/mm/ksm/.
+#[pyclass(module = "ksm._ksm", name = "Ksmd")]
+pub struct Ksmd;
+
+/// The statistics `ksm.ksmd` exposes (read-only), with the kernel's names.
+const STATS: &[&str] = &[
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "full_scans",
+    "pages_scanned",
+    "general_profit",
+];
+
+#[pymethods]
+impl Ksmd {
+    fn __getattr__(&self, name: &str) -> PyResult<i64> {
+        let e = engine()?;
+        if let Some(v) = e.knobs().get(name) {
+            return Ok(v);
+        }
+        if STATS.contains(&name) {
+            return Ok(e
+                .snapshot()
+                .fields()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .expect("known statistic")
+                .1);
+        }
+        Err(PyAttributeError::new_err(format!(
+            "ksmd has no knob or statistic {name:?}; knobs: {}; statistics: {}",
+            knobs::NAMES.join(", "),
+            STATS.join(", ")
+        )))
+    }
+
+    fn __setattr__(&self, py: Python<'_>, name: &str, value: Bound<'_, PyAny>) -> PyResult<()> {
+        if STATS.contains(&name) {
+            return Err(PyAttributeError::new_err(format!(
+                "{name} is a read-only statistic"
+            )));
+        }
+        if value.is_instance_of::<pyo3::types::PyBool>()
+            || !value.is_instance_of::<pyo3::types::PyInt>()
+        {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "{name} takes an int, got {}",
+                value.get_type().name()?
+            )));
+        }
+        let v: i64 = value
+            .extract()
+            .map_err(|_| PyValueError::new_err(format!("{name}: value {value} is out of range")))?;
+        let e = engine()?;
+        let name = name.to_owned();
+        py.allow_threads(|| e.set_knob(&name, v))?;
+        Ok(())
+    }
+
+    fn __dir__(&self) -> Vec<&'static str> {
+        knobs::NAMES.iter().chain(STATS).copied().collect()
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let k = engine()?.knobs();
+        Ok(format!(
+            "<ksm.ksmd {}>",
+            knobs::NAMES
+                .iter()
+                .map(|n| format!("{n}={}", k.get(n).unwrap_or(0)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ))
+    }
+}
+
+#[pyfunction]
+fn madvise(py: Python<'_>, address: usize, length: usize, advice: i32) -> PyResult<()> {
+    let e = engine()?;
+    py.allow_threads(|| e.madvise(address, length, advice))?;
+    Ok(())
+}
+
+#[pyfunction]
+#[pyo3(signature = (full_scans = 1))]
+fn scan(py: Python<'_>, full_scans: i64) -> PyResult<()> {
+    let n = u64::try_from(full_scans).map_err(|_| {
+        PyValueError::new_err(format!("full_scans must be 0 or more, got {full_scans}"))
+    })?;
+    let e = engine()?;
+    py.allow_threads(|| e.scan(n))?;
+    Ok(())
+}
+
+#[pyfunction]
+#[pyo3(signature = (timeout = None))]
+fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+    let t = match timeout {
+        Some(t) if !(t >= 0.0 && t.is_finite()) => {
+            return Err(PyValueError::new_err(format!(
+                "timeout must be a finite number of seconds ≥ 0, got {t}"
+            )))
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    let e = engine()?;
+    Ok(py.allow_threads(|| e.wait_settled(t)))
+}
+
+#[pyfunction]
+fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let s = engine()?.snapshot();
+    let d = PyDict::new(py);
+    for (k, v) in s.fields() {
+        if k == "settled" {
+            d.set_item(k, v != 0)?;
+        } else {
+            d.set_item(k, v)?;
+        }
+    }
+    Ok(d)
+}
+
+#[pyfunction]
+fn available() -> PyResult<bool> {
+    Ok(matches!(
+        engine()?.availability(),
+        Availability::Available { .. }
+    ))
+}
+
+#[pyfunction]
+fn unavailable_reason() -> PyResult<Option<String>> {
+    Ok(match engine()?.availability() {
+        Availability::Available { .. } => None,
+        Availability::Unavailable(why) => Some(why),
+    })
+}
+
+/// `(mode, features)` of the userfaultfd, or None (for `ksm info`).
+#[pyfunction]
+fn _uffd_info() -> PyResult<Option<(&'static str, u64)>> {
+    Ok(match engine()?.availability() {
+        Availability::Available { mode, features } => Some((mode.name(), features)),
+        Availability::Unavailable(_) => None,
+    })
+}
+
+#[pyfunction]
+fn _after_fork_child() -> PyResult<()> {
+    engine()?.after_fork_child();
+    Ok(())
+}
+
+#[pymodule]
+fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let e = engine()?;
+    let _ = ENGINE_READY.set(e);
+    m.add("PAGE_SIZE", sys::page_size())?;
+    m.add("MADV_MERGEABLE", MADV_MERGEABLE)?;
+    m.add("MADV_UNMERGEABLE", MADV_UNMERGEABLE)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Mmap>()?;
+    m.add_class::<Ksmd>()?;
+    m.add("ksmd", Ksmd)?;
+    m.add_function(wrap_pyfunction!(madvise, m)?)?;
+    m.add_function(wrap_pyfunction!(scan, m)?)?;
+    m.add_function(wrap_pyfunction!(wait_settled, m)?)?;
+    m.add_function(wrap_pyfunction!(stats, m)?)?;
+    m.add_function(wrap_pyfunction!(available, m)?)?;
+    m.add_function(wrap_pyfunction!(unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(_uffd_info, m)?)?;
+    m.add_function(wrap_pyfunction!(_after_fork_child, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Registered ranges and their per-page records.
+//!
+//! A [`Region`] is a contiguous, page-aligned range that ksm tracks: memory
+//! allocated by `ksm.mmap` (owned) or an anonymous private range the
+//! application advised (foreign). Each page has a 16-byte [`PageRec`] (the
+//! kernel's rmap_item is 64 bytes). Invariant: a page whose record is
+//! `Stable` maps frame `frame` (or has been copied away by a write, which
+//! the next visit detects through pagemap).
+
+#![forbid(unsafe_code)]
+
+pub mod maps;
+
+/// What ksm knows about one page (the kernel's rmap_item, compacted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageRec {
+    /// Checksum at the previous visit (volatility check).
+    pub checksum: u32,
+    /// The frame this page maps while `Stable`.
+    pub frame: u32,
+    /// Full-scan sequence number at which the page entered the unstable index.
+    pub seq: u32,
+    pub state: State,
+    /// `ADVISED` and future flags.
+    pub flags: u8,
+    /// Smart-scan age and remaining skips (the kernel's fields, used by issue-3 smart_scan).
+    pub age: u8,
+    pub skips: u8,
+}
+
+pub const ADVISED: u8 = 1;
+
+/// The page's place in the algorithm (kernel: no rmap_item / in no tree /
+/// unstable tree / stable tree).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Never looked at (or forgotten): the kernel has no rmap_item for it.
+    #[default]
+    Untracked,
+    /// Looked at, in no index: its checksum changed or a merge failed.
+    Volatile,
+    /// In the unstable index of scan `seq` (counted in `pages_unshared` until revisited).
+    Unstable,
+    /// Maps frame `frame` (counted in `pages_shared`/`pages_sharing`).
+    Stable,
+}
+
+impl PageRec {
+    pub fn advised(&self) -> bool {
+        self.flags & ADVISED != 0
+    }
+}
+
+/// A tracked range.
+#[derive(Debug)]
+pub struct Region {
+    pub start: usize,
+    pub pages: Vec<PageRec>,
+    /// Allocated by ksm (read directly) or by the application (read fault-safely).
+    pub owned: bool,
+    /// Protection to use when remapping (`PROT_*`), refreshed from /proc/self/maps
+    /// for foreign regions.
+    pub prot: i32,
+    /// Registered with the userfaultfd in write-protect mode.
+    pub registered: bool,
+}
+
+impl Region {
+    pub fn new(start: usize, npages: usize, owned: bool, prot: i32) -> Self {
+        Region {
+            start,
+            pages: vec![PageRec::default(); npages],
+            owned,
+            prot,
+            registered: false,
+        }
+    }
+
+    pub fn len(&self, page: usize) -> usize {
+        self.pages.len() * page
+    }
+
+    pub fn end(&self, page: usize) -> usize {
+        self.start + self.len(page)
+    }
+
+    pub fn any_advised(&self) -> bool {
+        self.pages.iter().any(PageRec::advised)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_record_is_16_bytes() {
+        assert_eq!(std::mem::size_of::<PageRec>(), 16);
+    }
+}

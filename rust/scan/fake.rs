@@ -1,0 +1,194 @@
+//! An in-memory [`Mem`] for unit tests, fuzzing and Miri: pages, frames and
+//! write-protection simulated with plain collections, with the same
+//! copy-on-write semantics as the kernel (a write to a page that maps a frame
+//! gives it a private copy; the frame never changes).
+
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+
+use super::{Mem, Presence};
+use crate::pool::FrameId;
+
+/// What backs one virtual page.
+#[derive(Clone, Debug)]
+enum Backing {
+    Anon(Vec<u8>),
+    /// Maps a frame; `faulted` says whether a read brought the PTE in.
+    Frame {
+        f: FrameId,
+        faulted: bool,
+    },
+}
+
+/// Simulated address space.
+#[derive(Debug)]
+pub struct FakeMem {
+    page: usize,
+    pages: HashMap<usize, Backing>,
+    frames: HashMap<FrameId, Vec<u8>>,
+    protected: HashSet<usize>,
+    zero: Vec<u8>,
+    /// Fail `map_frame` (simulates ENOMEM from `vm.max_map_count`).
+    pub fail_map: bool,
+    /// Fail `unmerge_run` (simulates ENOMEM for the private copies).
+    pub fail_unmerge: bool,
+    pub punched: u64,
+}
+
+impl FakeMem {
+    pub fn new(page: usize) -> Self {
+        FakeMem {
+            page,
+            pages: HashMap::new(),
+            frames: HashMap::new(),
+            protected: HashSet::new(),
+            zero: vec![0; page],
+            fail_map: false,
+            fail_unmerge: false,
+            punched: 0,
+        }
+    }
+
+    /// Application write of `data` at `addr` (within one page); COWs a merged page.
+    pub fn write(&mut self, addr: usize, data: &[u8]) {
+        let base = addr - addr % self.page;
+        assert!(
+            !self.protected.contains(&base),
+            "the fake runs writes between operations only"
+        );
+        let off = addr - base;
+        let cur = self.read_page(base);
+        let mut v = cur;
+        v[off..off + data.len()].copy_from_slice(data);
+        self.pages.insert(base, Backing::Anon(v));
+    }
+
+    /// Application view of a page.
+    pub fn read_page(&self, base: usize) -> Vec<u8> {
+        match self.pages.get(&base) {
+            None => self.zero.clone(),
+            Some(Backing::Anon(v)) => v.clone(),
+            Some(Backing::Frame { f, .. }) => self.frames[f].clone(),
+        }
+    }
+
+    /// Application read (faults a merged page in).
+    pub fn touch(&mut self, base: usize) {
+        if let Some(Backing::Frame { faulted, .. }) = self.pages.get_mut(&base) {
+            *faulted = true;
+        }
+    }
+
+    /// `MADV_DONTNEED`-free drop of a page (e.g. the region being unmapped).
+    pub fn unmap(&mut self, base: usize) {
+        self.pages.remove(&base);
+    }
+
+    /// Frames still holding bytes.
+    pub fn frames_held(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn maps_frame(&self, base: usize) -> bool {
+        matches!(self.pages.get(&base), Some(Backing::Frame { .. }))
+    }
+}
+
+impl Mem for FakeMem {
+    fn page_size(&self) -> usize {
+        self.page
+    }
+
+    fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = match self.pages.get(&(addr + i * self.page)) {
+                None => Presence::Absent,
+                Some(Backing::Anon(_)) => Presence::Anon,
+                Some(Backing::Frame { faulted: true, .. }) => Presence::File,
+                Some(Backing::Frame { faulted: false, .. }) => Presence::Absent,
+            };
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, addr: usize, _owned: bool, buf: &mut [u8]) -> io::Result<()> {
+        self.touch(addr);
+        buf.copy_from_slice(&self.read_page(addr));
+        Ok(())
+    }
+
+    fn frame(&self, f: FrameId) -> &[u8] {
+        &self.frames[&f]
+    }
+
+    fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()> {
+        assert!(
+            !self
+                .pages
+                .values()
+                .any(|b| matches!(b, Backing::Frame { f: x, .. } if *x == f)),
+            "frame {f} rewritten while mapped"
+        );
+        self.frames.insert(f, data.to_vec());
+        Ok(())
+    }
+
+    fn punch(&mut self, f: FrameId) -> io::Result<()> {
+        assert!(
+            !self
+                .pages
+                .values()
+                .any(|b| matches!(b, Backing::Frame { f: x, .. } if *x == f)),
+            "frame {f} punched while mapped"
+        );
+        self.frames.remove(&f);
+        self.punched += 1;
+        Ok(())
+    }
+
+    fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        for a in (addr..addr + len).step_by(self.page) {
+            self.protected.insert(a);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, addr: usize, len: usize, _unprotect: bool) {
+        for a in (addr..addr + len).step_by(self.page) {
+            self.protected.remove(&a);
+        }
+    }
+
+    fn map_frame(&mut self, addr: usize, _prot: i32, f: FrameId) -> io::Result<()> {
+        assert!(
+            self.protected.contains(&addr),
+            "remap outside the merge window"
+        );
+        assert_eq!(
+            self.read_page(addr),
+            self.frames[&f],
+            "remap would change contents"
+        );
+        if self.fail_map {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        self.pages
+            .insert(addr, Backing::Frame { f, faulted: false });
+        Ok(())
+    }
+
+    fn unmerge_run(&mut self, addr: usize, len: usize, _prot: i32, _owned: bool) -> io::Result<()> {
+        if self.fail_unmerge {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        for a in (addr..addr + len).step_by(self.page) {
+            if self.pages.contains_key(&a) {
+                let v = self.read_page(a);
+                self.pages.insert(a, Backing::Anon(v));
+            }
+        }
+        Ok(())
+    }
+}

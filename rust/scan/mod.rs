@@ -1,0 +1,793 @@
+//! The merging algorithm of mm/ksm.c, over memory reached through [`Mem`].
+//!
+//! [`Core`] owns the regions and their page records, the frame table, the
+//! stable index (content → frames) and the unstable index (content →
+//! candidate pages, emptied at the start of every full scan), and the
+//! statistics with the kernel's definitions (KERNEL-KSM.md §4, §5). It calls
+//! no syscall itself: the engine plugs in the real [`Mem`] (userfaultfd,
+//! memfd, mmap), tests and fuzzers plug in [`fake::FakeMem`].
+//!
+//! Invariants kept by every method (checked by `check_invariants` in tests
+//! and fuzzing):
+//! * `pages_shared` = frames with ≥ 1 reference; `pages_sharing` = Σ(refs − 1);
+//!   `pages_unshared` = records in state `Unstable`; `rmap_items` = records not
+//!   `Untracked`; so `pages_volatile` = rmap_items − shared − sharing − unshared ≥ 0.
+//! * A frame's reference count equals the number of `Stable` records naming it.
+//! * A page is only remapped after it was write-protected and compared equal
+//!   to the frame byte for byte (never on a hash alone).
+
+#![forbid(unsafe_code)]
+
+pub mod fake;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::pool::{FrameId, FrameTable, Release};
+use crate::region::{PageRec, Region, State, ADVISED};
+
+/// What pagemap says about a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    /// No PTE (never touched, or a merged page not yet read again).
+    Absent,
+    /// Present, anonymous (a private page: unmerged, or a merged page copied by a write).
+    Anon,
+    /// Present, file-backed (a merged page mapping its frame).
+    File,
+}
+
+/// The memory operations the algorithm needs. The real implementation is
+/// `merge::Os`; every method that changes a mapping is only called inside the
+/// protect … release window for that page.
+pub trait Mem {
+    fn page_size(&self) -> usize;
+    /// Presence of `out.len()` pages from `addr`.
+    fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()>;
+    /// Copy one page (fault-safely unless `owned`).
+    fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()>;
+    fn frame(&self, f: FrameId) -> &[u8];
+    fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()>;
+    fn punch(&mut self, f: FrameId) -> io::Result<()>;
+    /// Start the merge window: write-protect (writers block until `release`).
+    fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
+    /// End the merge window: unprotect (if `unprotect`) and always wake waiters.
+    fn release(&mut self, addr: usize, len: usize, unprotect: bool);
+    /// Map frame `f` privately over the (protected) page at `addr`.
+    fn map_frame(&mut self, addr: usize, prot: i32, f: FrameId) -> io::Result<()>;
+    /// Give `[addr, addr+len)` private anonymous pages with the same bytes
+    /// (write-protect, copy, move over, wake). Nothing changes on error.
+    fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()>;
+}
+
+/// Counters with the kernel's names (plus ours), one consistent snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub pages_shared: u64,
+    pub pages_sharing: u64,
+    pub pages_unshared: u64,
+    pub rmap_items: u64,
+    pub full_scans: u64,
+    pub pages_scanned: u64,
+    /// Merges done (pages remapped onto a frame).
+    pub merges: u64,
+    /// Merges given up after write-protection (content changed, or a syscall failed).
+    pub merge_failures: u64,
+    /// Merged pages found copied away by a write.
+    pub cows: u64,
+}
+
+impl Counters {
+    pub fn pages_volatile(&self) -> u64 {
+        self.rmap_items
+            .saturating_sub(self.pages_shared + self.pages_sharing + self.pages_unshared)
+    }
+}
+
+/// Result of looking a content up in the stable index.
+enum StableHit {
+    Room(FrameId),
+    Full,
+    Miss,
+}
+
+/// The algorithm's state.
+pub struct Core<M: Mem> {
+    pub mem: M,
+    page: usize,
+    regions: BTreeMap<usize, Region>,
+    frames: FrameTable,
+    stable: HashMap<u64, Vec<FrameId>>,
+    unstable: HashMap<u64, Vec<usize>>,
+    /// Next address to visit; `None` = at the start of a full scan.
+    cursor: Option<usize>,
+    seq: u32,
+    counters: Counters,
+    /// Merges, unmerges and checksum changes in the current full scan.
+    changes: u64,
+    /// Whether the last completed full scan changed nothing.
+    settled: bool,
+    pub max_page_sharing: u32,
+    buf: Vec<u8>,
+    buf2: Vec<u8>,
+}
+
+/// A page's identity in the scan: its address and its region's properties.
+#[derive(Clone, Copy)]
+struct Target {
+    addr: usize,
+    owned: bool,
+    prot: i32,
+}
+
+impl<M: Mem> Core<M> {
+    pub fn new(mem: M, frame_capacity: u32) -> Self {
+        let page = mem.page_size();
+        Core {
+            mem,
+            page,
+            regions: BTreeMap::new(),
+            frames: FrameTable::new(frame_capacity),
+            stable: HashMap::new(),
+            unstable: HashMap::new(),
+            cursor: None,
+            seq: 0,
+            counters: Counters::default(),
+            changes: 0,
+            settled: false,
+            max_page_sharing: 256,
+            buf: vec![0; page],
+            buf2: vec![0; page],
+        }
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn frames(&self) -> &FrameTable {
+        &self.frames
+    }
+
+    pub fn frames_mut(&mut self) -> &mut FrameTable {
+        &mut self.frames
+    }
+
+    pub fn settled(&self) -> bool {
+        self.settled
+    }
+
+    pub fn at_scan_start(&self) -> bool {
+        self.cursor.is_none()
+    }
+
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions.values()
+    }
+
+    pub fn regions_mut(&mut self) -> impl Iterator<Item = &mut Region> {
+        self.regions.values_mut()
+    }
+
+    /// The region containing `addr`.
+    pub fn region_at(&self, addr: usize) -> Option<&Region> {
+        let page = self.page;
+        self.regions
+            .range(..=addr)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| addr < r.end(page))
+    }
+
+    fn region_at_mut(&mut self, addr: usize) -> Option<&mut Region> {
+        let page = self.page;
+        self.regions
+            .range_mut(..=addr)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| addr < r.end(page))
+    }
+
+    fn rec(&self, addr: usize) -> Option<PageRec> {
+        let r = self.region_at(addr)?;
+        Some(r.pages[(addr - r.start) / self.page])
+    }
+
+    fn rec_mut(&mut self, addr: usize) -> &mut PageRec {
+        let page = self.page;
+        let r = self.region_at_mut(addr).expect("record of a tracked page");
+        &mut r.pages[(addr - r.start) / page]
+    }
+
+    /// Start tracking `[start, start+npages)`. The range must not overlap a tracked one.
+    pub fn add_region(&mut self, region: Region) {
+        let end = region.end(self.page);
+        assert!(
+            self.regions.range(region.start..end).next().is_none()
+                && self.region_at(region.start).is_none(),
+            "overlapping regions"
+        );
+        self.settled = false;
+        self.regions.insert(region.start, region);
+    }
+
+    /// Stop tracking the region starting at `start` (its memory is about to be
+    /// unmapped): every frame reference it held is dropped.
+    pub fn remove_region(&mut self, start: usize) -> Option<Region> {
+        let n = self.regions.get(&start)?.pages.len();
+        for i in 0..n {
+            self.forget(start + i * self.page);
+        }
+        if self
+            .cursor
+            .is_some_and(|c| c >= start && c < start + n * self.page)
+        {
+            self.cursor = Some(start + n * self.page);
+        }
+        self.regions.remove(&start)
+    }
+
+    /// Take every region out (a forked child rebuilds its engine from them).
+    pub fn take_regions(&mut self) -> Vec<Region> {
+        std::mem::take(&mut self.regions).into_values().collect()
+    }
+
+    /// Mark `[start, end)` of tracked regions mergeable. Returns the pages newly advised.
+    pub fn advise(&mut self, start: usize, end: usize) -> usize {
+        let page = self.page;
+        let mut n = 0;
+        for r in self.regions.values_mut() {
+            let (s, e) = (start.max(r.start), end.min(r.end(page)));
+            for p in r
+                .pages
+                .iter_mut()
+                .take(e.saturating_sub(r.start) / page)
+                .skip(s.saturating_sub(r.start) / page)
+            {
+                if !p.advised() {
+                    p.flags |= ADVISED;
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            self.settled = false;
+        }
+        n
+    }
+
+    /// Give every merged page in `[start, end)` a private copy and clear the advice.
+    /// On failure (EAGAIN-class) the advice stays; pages already unmerged stay private
+    /// (indistinguishable to the application), nothing is lost.
+    pub fn unadvise(&mut self, start: usize, end: usize) -> io::Result<()> {
+        self.unmerge_range(start, end)?;
+        let page = self.page;
+        let addrs: Vec<usize> = self
+            .pages_in(start, end)
+            .filter(|&(_, rec)| rec.advised())
+            .map(|(a, _)| a)
+            .collect();
+        for a in addrs {
+            self.forget(a);
+            self.rec_mut(a).flags &= !ADVISED;
+        }
+        let _ = page;
+        Ok(())
+    }
+
+    /// Unmerge every merged page of `[start, end)`, keeping the advice (`run = 2` does this everywhere).
+    pub fn unmerge_range(&mut self, start: usize, end: usize) -> io::Result<()> {
+        let page = self.page;
+        let mut runs: Vec<(usize, usize, i32, bool)> = Vec::new();
+        for (addr, rec) in self.pages_in(start, end) {
+            if rec.state != State::Stable {
+                continue;
+            }
+            let r = self.region_at(addr).expect("tracked");
+            match runs.last_mut() {
+                Some(last)
+                    if last.0 + last.1 == addr
+                        && self.region_at(last.0).map(|x| x.start) == Some(r.start) =>
+                {
+                    last.1 += page
+                }
+                _ => runs.push((addr, page, r.prot, r.owned)),
+            }
+        }
+        for (addr, len, prot, owned) in runs {
+            self.mem.unmerge_run(addr, len, prot, owned)?;
+            for a in (addr..addr + len).step_by(page) {
+                self.forget(a);
+            }
+            self.settled = false;
+        }
+        Ok(())
+    }
+
+    /// `run = 2`: unmerge everything, forget every record, reset `full_scans`.
+    pub fn unmerge_all(&mut self) -> io::Result<()> {
+        let bounds: Vec<(usize, usize)> = self
+            .regions
+            .values()
+            .map(|r| (r.start, r.end(self.page)))
+            .collect();
+        for (s, e) in bounds {
+            self.unmerge_range(s, e)?;
+            for a in (s..e).step_by(self.page) {
+                self.forget(a);
+            }
+        }
+        self.unstable.clear();
+        self.cursor = None;
+        self.seq = 0;
+        self.counters.full_scans = 0;
+        self.settled = false;
+        Ok(())
+    }
+
+    /// Every (address, record) of tracked pages in `[start, end)`.
+    fn pages_in(&self, start: usize, end: usize) -> impl Iterator<Item = (usize, PageRec)> + '_ {
+        let page = self.page;
+        let first = self
+            .regions
+            .range(..=start)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(start);
+        self.regions.range(first..end).flat_map(move |(_, r)| {
+            let s = start.max(r.start);
+            let e = end.min(r.end(page));
+            (s..e.max(s))
+                .step_by(page)
+                .map(move |a| (a, r.pages[(a - r.start) / page]))
+        })
+    }
+
+    /// Drop the record of `addr` back to `Untracked`, releasing what it held.
+    fn forget(&mut self, addr: usize) {
+        let rec = *self.rec_mut(addr);
+        match rec.state {
+            State::Untracked => return,
+            State::Unstable => self.counters.pages_unshared -= 1,
+            State::Stable => self.drop_frame_ref(rec.frame),
+            State::Volatile => {}
+        }
+        self.counters.rmap_items -= 1;
+        let r = self.rec_mut(addr);
+        let flags = r.flags;
+        *r = PageRec {
+            flags,
+            ..PageRec::default()
+        };
+    }
+
+    fn add_frame_ref(&mut self, f: FrameId) {
+        if self.frames.incref(f) == 1 {
+            self.counters.pages_shared += 1;
+        } else {
+            self.counters.pages_sharing += 1;
+        }
+    }
+
+    fn drop_frame_ref(&mut self, f: FrameId) {
+        let release = self.frames.decref(f);
+        if self.frames.refs(f) == 0 {
+            self.counters.pages_shared -= 1;
+            let h = self.frames.hash(f);
+            if let Some(v) = self.stable.get_mut(&h) {
+                v.retain(|&x| x != f);
+                if v.is_empty() {
+                    self.stable.remove(&h);
+                }
+            }
+        } else {
+            self.counters.pages_sharing -= 1;
+        }
+        if let Release::Free(f) = release {
+            // A failed punch leaks the frame's bytes but never corrupts data.
+            let _ = self.mem.punch(f);
+        }
+    }
+
+    /// Punch the frames held back since a fork, now that no other process maps the pool.
+    pub fn pool_quiet(&mut self) {
+        for f in self.frames.quiet() {
+            let _ = self.mem.punch(f);
+        }
+    }
+
+    /// Visit up to `budget` pages (the kernel's batch). Returns `true` when a full
+    /// scan completed during this call (a batch never runs past the end of a scan).
+    pub fn scan_batch(&mut self, budget: u64) -> bool {
+        let page = self.page;
+        if self.cursor.is_none() {
+            self.unstable.clear();
+            self.cursor = Some(0);
+        }
+        let mut scanned = 0u64;
+        let mut pres = vec![Presence::Absent; 512];
+        while scanned < budget {
+            let cur = self.cursor.expect("set above");
+            // The next region at or after the cursor.
+            let next = self
+                .regions
+                .range(..=cur)
+                .next_back()
+                .filter(|(_, r)| cur < r.end(page))
+                .or_else(|| self.regions.range(cur..).next())
+                .map(|(_, r)| (r.start, r.end(page)));
+            let Some((rstart, rend)) = next else {
+                self.end_full_scan();
+                return true;
+            };
+            let from = cur.max(rstart);
+            let n = ((rend - from) / page).min(pres.len());
+            if self.mem.probe(from, &mut pres[..n]).is_err() {
+                pres[..n].fill(Presence::Absent);
+            }
+            let mut i = 0;
+            while i < n && scanned < budget {
+                let addr = from + i * page;
+                i += 1;
+                if let Some(rec) = self.rec(addr) {
+                    if rec.advised() && self.visit(addr, pres[i - 1]) {
+                        scanned += 1;
+                    }
+                }
+            }
+            self.cursor = Some(from + i * page);
+        }
+        false
+    }
+
+    /// Run until `n` full scans have completed (finishing a scan in progress first).
+    pub fn scan_full(&mut self, n: u64) {
+        if !self.at_scan_start() {
+            while !self.scan_batch(u64::MAX) {}
+        }
+        for _ in 0..n {
+            while !self.scan_batch(u64::MAX) {}
+        }
+    }
+
+    fn end_full_scan(&mut self) {
+        self.cursor = None;
+        self.seq = self.seq.wrapping_add(1);
+        self.counters.full_scans += 1;
+        self.settled = self.changes == 0;
+        self.changes = 0;
+    }
+
+    /// `cmp_and_merge_page`: returns whether the page counted as scanned.
+    fn visit(&mut self, addr: usize, pres: Presence) -> bool {
+        let rec = self.rec(addr).expect("tracked");
+        let (owned, prot) = {
+            let r = self.region_at(addr).expect("tracked");
+            (r.owned, r.prot)
+        };
+        let t = Target { addr, owned, prot };
+        match pres {
+            // Still maps its frame (PTE present and file-backed, or not faulted in yet):
+            // already a KSM page hung on its node, nothing to do.
+            Presence::Absent | Presence::File if rec.state == State::Stable => {
+                self.counters.pages_scanned += 1;
+                return true;
+            }
+            // Not present: the kernel frees rmap_items of pages it passes over.
+            Presence::Absent | Presence::File => {
+                if rec.state != State::Untracked {
+                    self.forget(addr);
+                }
+                return false;
+            }
+            Presence::Anon => {}
+        }
+        self.counters.pages_scanned += 1;
+        match rec.state {
+            State::Stable => {
+                // Copied away by a write: leave the stable tree, the checksum starts over.
+                self.counters.cows += 1;
+                self.changes += 1;
+                self.drop_frame_ref(rec.frame);
+                let r = self.rec_mut(addr);
+                r.state = State::Volatile;
+                r.checksum = 0;
+            }
+            State::Untracked => {
+                self.counters.rmap_items += 1;
+                self.rec_mut(addr).state = State::Volatile;
+            }
+            State::Unstable => {
+                self.counters.pages_unshared -= 1;
+                self.rec_mut(addr).state = State::Volatile;
+            }
+            State::Volatile => {}
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        self.visit_content(t, &mut buf);
+        self.buf = buf;
+        true
+    }
+
+    fn visit_content(&mut self, t: Target, buf: &mut [u8]) -> bool {
+        if self.mem.read(t.addr, t.owned, buf).is_err() {
+            self.forget(t.addr);
+            return false;
+        }
+        let hash = xxh3_64(buf);
+        let checksum = (hash ^ (hash >> 32)) as u32;
+        let rec = self.rec_mut(t.addr);
+        if rec.checksum != checksum {
+            rec.checksum = checksum;
+            self.changes += 1;
+            return false;
+        }
+        match self.stable_search(hash, buf) {
+            StableHit::Room(f) => return self.merge_with_frame(t, f),
+            StableHit::Full | StableHit::Miss => {}
+        }
+        if let Some(other) = self.unstable_search(hash, t.addr, buf) {
+            if self.merge_pair(t, other, hash) {
+                return true;
+            }
+        }
+        let seq = self.seq;
+        let r = self.rec_mut(t.addr);
+        if r.state == State::Volatile {
+            r.state = State::Unstable;
+            r.seq = seq;
+            self.counters.pages_unshared += 1;
+            self.unstable.entry(hash).or_default().push(t.addr);
+        }
+        false
+    }
+
+    /// Frames holding exactly `buf`: one with room (the fullest), or whether all are full.
+    fn stable_search(&self, hash: u64, buf: &[u8]) -> StableHit {
+        let Some(frames) = self.stable.get(&hash) else {
+            return StableHit::Miss;
+        };
+        let mut best: Option<FrameId> = None;
+        let mut any = false;
+        for &f in frames {
+            if self.mem.frame(f) != buf {
+                continue;
+            }
+            any = true;
+            let refs = self.frames.refs(f);
+            if refs < self.max_page_sharing && best.is_none_or(|b| self.frames.refs(b) < refs) {
+                best = Some(f);
+            }
+        }
+        match (best, any) {
+            (Some(f), _) => StableHit::Room(f),
+            (None, true) => StableHit::Full,
+            (None, false) => StableHit::Miss,
+        }
+    }
+
+    /// A page of this full scan's unstable index with the same bytes as `buf`.
+    fn unstable_search(&mut self, hash: u64, addr: usize, buf: &[u8]) -> Option<usize> {
+        let cands = self.unstable.get(&hash)?.clone();
+        let mut other = std::mem::take(&mut self.buf2);
+        let mut found = None;
+        for c in cands {
+            if c == addr {
+                continue;
+            }
+            let Some(rec) = self.rec(c) else { continue };
+            if rec.state != State::Unstable || rec.seq != self.seq || !rec.advised() {
+                continue;
+            }
+            let owned = self.region_at(c).is_some_and(|r| r.owned);
+            if self.mem.read(c, owned, &mut other).is_ok() && other[..] == buf[..] {
+                found = Some(c);
+                break;
+            }
+        }
+        self.buf2 = other;
+        found
+    }
+
+    /// Write-protect `t`, compare it with frame `f` again, remap, wake.
+    fn merge_with_frame(&mut self, t: Target, f: FrameId) -> bool {
+        let page = self.page;
+        if self.mem.protect(t.addr, page).is_err() {
+            self.mem.release(t.addr, page, true);
+            self.counters.merge_failures += 1;
+            return false;
+        }
+        let mut cur = std::mem::take(&mut self.buf2);
+        let same =
+            self.mem.read(t.addr, t.owned, &mut cur).is_ok() && self.mem.frame(f) == &cur[..];
+        self.buf2 = cur;
+        if !same || self.mem.map_frame(t.addr, t.prot, f).is_err() {
+            self.mem.release(t.addr, page, true);
+            self.counters.merge_failures += 1;
+            return false;
+        }
+        self.mem.release(t.addr, page, false);
+        self.add_frame_ref(f);
+        let r = self.rec_mut(t.addr);
+        r.state = State::Stable;
+        r.frame = f;
+        self.counters.merges += 1;
+        self.changes += 1;
+        true
+    }
+
+    /// `try_to_merge_two_pages`: both pages protected, compared, copied into a new frame, remapped.
+    fn merge_pair(&mut self, t: Target, other: usize, hash: u64) -> bool {
+        let page = self.page;
+        let o = {
+            let r = self.region_at(other).expect("tracked");
+            Target {
+                addr: other,
+                owned: r.owned,
+                prot: r.prot,
+            }
+        };
+        let Some(f) = self.frames.alloc(hash) else {
+            return false;
+        };
+        let fail = |core: &mut Self, which: &[usize]| {
+            for &a in which {
+                core.mem.release(a, page, true);
+            }
+            // The frame may hold bytes already: give its memory back.
+            let _ = core.mem.punch(f);
+            core.frames.discard(f);
+            core.counters.merge_failures += 1;
+            false
+        };
+        if self.mem.protect(t.addr, page).is_err() {
+            return fail(self, &[t.addr]);
+        }
+        if self.mem.protect(o.addr, page).is_err() {
+            return fail(self, &[t.addr, o.addr]);
+        }
+        // Read both again now that neither can change.
+        let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
+        let same = self.mem.read(t.addr, t.owned, &mut a).is_ok()
+            && self.mem.read(o.addr, o.owned, &mut b).is_ok()
+            && a == b;
+        let written = same && self.mem.write_frame(f, &a).is_ok();
+        if !written || self.mem.map_frame(t.addr, t.prot, f).is_err() {
+            return fail(self, &[t.addr, o.addr]);
+        }
+        let other_ok = self.mem.map_frame(o.addr, o.prot, f).is_ok();
+        self.mem.release(t.addr, page, false);
+        self.mem.release(o.addr, page, !other_ok);
+        self.stable.entry(hash).or_default().push(f);
+        self.add_frame_ref(f);
+        {
+            let r = self.rec_mut(t.addr);
+            r.state = State::Stable;
+            r.frame = f;
+        }
+        self.counters.merges += 1;
+        self.changes += 1;
+        if other_ok {
+            self.add_frame_ref(f);
+            self.counters.pages_unshared -= 1;
+            let r = self.rec_mut(o.addr);
+            r.state = State::Stable;
+            r.frame = f;
+            self.counters.merges += 1;
+        } else {
+            self.counters.merge_failures += 1;
+        }
+        true
+    }
+
+    /// What `page_state()` reports for a tracked page, given its presence now.
+    pub fn page_state(&self, addr: usize, pres: Presence) -> Option<&'static str> {
+        let rec = self.rec(addr)?;
+        Some(match rec.state {
+            State::Stable if pres != Presence::Anon => "merged",
+            State::Stable => "unmerged",
+            State::Volatile => "volatile",
+            State::Unstable => "unshared",
+            State::Untracked => "unmerged",
+        })
+    }
+
+    /// VMAs that merging added: per region, runs of merged pages on consecutive
+    /// frames are one VMA each, and each gap between them another.
+    pub fn vmas_added(&self) -> u64 {
+        let mut total = 0u64;
+        for r in self.regions.values() {
+            let mut pieces = 0u64;
+            let mut prev: Option<(bool, u32)> = None;
+            for p in &r.pages {
+                let cur = (p.state == State::Stable, p.frame);
+                let same_piece = match prev {
+                    None => false,
+                    Some((false, _)) => !cur.0,
+                    Some((true, f)) => cur.0 && cur.1 == f.wrapping_add(1),
+                };
+                if !same_piece {
+                    pieces += 1;
+                }
+                prev = Some(cur);
+            }
+            total += pieces.saturating_sub(1);
+        }
+        total
+    }
+
+    /// Bytes of our own bookkeeping (records, frame table, indexes).
+    pub fn metadata_bytes(&self) -> u64 {
+        let recs: usize = self
+            .regions
+            .values()
+            .map(|r| r.pages.capacity() * std::mem::size_of::<PageRec>())
+            .sum();
+        let idx = |n: usize, per: usize| n * per;
+        (recs
+            + self.frames.metadata_bytes()
+            + idx(self.stable.capacity(), 8 + 24 + 1)
+            + self
+                .stable
+                .values()
+                .map(|v| v.capacity() * 4)
+                .sum::<usize>()
+            + idx(self.unstable.capacity(), 8 + 24 + 1)
+            + self
+                .unstable
+                .values()
+                .map(|v| v.capacity() * 8)
+                .sum::<usize>()) as u64
+    }
+
+    /// Panics if the counters disagree with the records (tests and fuzzing).
+    pub fn check_invariants(&self) {
+        let mut c = Counters::default();
+        let mut refs: HashMap<FrameId, u32> = HashMap::new();
+        for r in self.regions.values() {
+            for p in &r.pages {
+                match p.state {
+                    State::Untracked => continue,
+                    State::Unstable => c.pages_unshared += 1,
+                    State::Stable => *refs.entry(p.frame).or_default() += 1,
+                    State::Volatile => {}
+                }
+                c.rmap_items += 1;
+            }
+        }
+        for (&f, &n) in &refs {
+            assert_eq!(self.frames.refs(f), n, "frame {f} refcount");
+            c.pages_shared += 1;
+            c.pages_sharing += u64::from(n - 1);
+        }
+        let k = self.counters;
+        assert_eq!(
+            (
+                k.pages_shared,
+                k.pages_sharing,
+                k.pages_unshared,
+                k.rmap_items
+            ),
+            (
+                c.pages_shared,
+                c.pages_sharing,
+                c.pages_unshared,
+                c.rmap_items
+            )
+        );
+        assert_eq!(
+            self.frames.live() as usize,
+            refs.len() + self.frames.deferred(),
+            "live frames"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,233 @@
+use super::fake::FakeMem;
+use super::*;
+
+const PG: usize = 4096;
+const BASE: usize = 0x10_0000;
+
+fn core_with(npages: usize) -> Core<FakeMem> {
+    let mut c = Core::new(FakeMem::new(PG), 1 << 20);
+    c.add_region(Region::new(
+        BASE,
+        npages,
+        true,
+        libc::PROT_READ | libc::PROT_WRITE,
+    ));
+    c
+}
+
+fn fill(c: &mut Core<FakeMem>, i: usize, byte: u8) {
+    c.mem.write(BASE + i * PG, &vec![byte; PG]);
+}
+
+/// The selftest formula for N identical pages with max_page_sharing m.
+fn expected(n: u64, m: u64) -> (u64, u64) {
+    if n % m <= 1 {
+        (n / m, n / m * (m - 1))
+    } else {
+        let shared = n / m + 1;
+        (shared, n - shared)
+    }
+}
+
+#[test]
+fn identical_pages_follow_the_kernel_formula() {
+    for n in [2usize, 10, 257, 1000] {
+        let mut c = core_with(n);
+        for i in 0..n {
+            fill(&mut c, i, 0x5a);
+        }
+        c.advise(BASE, BASE + n * PG);
+        c.scan_full(2);
+        let k = c.counters();
+        assert_eq!(
+            (k.pages_shared, k.pages_sharing),
+            expected(n as u64, 256),
+            "n = {n}"
+        );
+        c.check_invariants();
+        for i in 0..n {
+            assert_eq!(c.mem.read_page(BASE + i * PG), vec![0x5a; PG]);
+        }
+    }
+}
+
+#[test]
+fn a_page_merges_on_its_second_visit_not_its_first() {
+    let mut c = core_with(2);
+    fill(&mut c, 0, 1);
+    fill(&mut c, 1, 1);
+    c.advise(BASE, BASE + 2 * PG);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_shared, 0);
+    assert_eq!(c.counters().pages_volatile(), 2);
+    c.scan_full(1);
+    assert_eq!(
+        (c.counters().pages_shared, c.counters().pages_sharing),
+        (1, 1)
+    );
+}
+
+#[test]
+fn written_merged_pages_unmerge_and_free_the_frame() {
+    let mut c = core_with(2);
+    fill(&mut c, 0, 7);
+    fill(&mut c, 1, 7);
+    c.advise(BASE, BASE + 2 * PG);
+    c.scan_full(2);
+    assert_eq!(c.mem.frames_held(), 1);
+    c.mem.write(BASE, &[1]);
+    c.mem.write(BASE + PG, &[2]);
+    c.scan_full(1);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (0, 0));
+    assert_eq!(c.mem.frames_held(), 0, "frame punched");
+    c.check_invariants();
+}
+
+#[test]
+fn unique_pages_never_merge_and_stay_unshared() {
+    let mut c = core_with(8);
+    for i in 0..8 {
+        fill(&mut c, i, i as u8 + 1);
+    }
+    c.advise(BASE, BASE + 8 * PG);
+    c.scan_full(4);
+    let k = c.counters();
+    assert_eq!(
+        (k.pages_shared, k.pages_sharing, k.pages_unshared),
+        (0, 0, 8)
+    );
+    assert!(c.settled());
+}
+
+#[test]
+fn untouched_pages_are_not_tracked() {
+    let mut c = core_with(16);
+    fill(&mut c, 3, 9);
+    c.advise(BASE, BASE + 16 * PG);
+    c.scan_full(2);
+    assert_eq!(c.counters().rmap_items, 1);
+}
+
+#[test]
+fn unadvise_unmerges_and_clears_advice() {
+    let mut c = core_with(4);
+    for i in 0..4 {
+        fill(&mut c, i, 3);
+    }
+    c.advise(BASE, BASE + 4 * PG);
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_sharing, 3);
+    c.unadvise(BASE, BASE + 4 * PG).unwrap();
+    for i in 0..4 {
+        assert!(!c.mem.maps_frame(BASE + i * PG));
+    }
+    assert_eq!(
+        c.counters(),
+        Counters {
+            full_scans: 2,
+            pages_scanned: c.counters().pages_scanned,
+            merges: 4,
+            ..Counters::default()
+        }
+    );
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_shared, 0, "no longer advised");
+    c.check_invariants();
+}
+
+#[test]
+fn failed_unmerge_keeps_advice_and_data() {
+    let mut c = core_with(2);
+    fill(&mut c, 0, 3);
+    fill(&mut c, 1, 3);
+    c.advise(BASE, BASE + 2 * PG);
+    c.scan_full(2);
+    c.mem.fail_unmerge = true;
+    assert!(c.unadvise(BASE, BASE + 2 * PG).is_err());
+    assert_eq!(c.counters().pages_sharing, 1);
+    assert!(c.region_at(BASE).unwrap().pages.iter().all(|p| p.advised()));
+    c.check_invariants();
+}
+
+#[test]
+fn failed_remap_leaves_pages_intact() {
+    let mut c = core_with(2);
+    fill(&mut c, 0, 3);
+    fill(&mut c, 1, 3);
+    c.advise(BASE, BASE + 2 * PG);
+    c.mem.fail_map = true;
+    c.scan_full(3);
+    assert_eq!(c.counters().pages_shared, 0);
+    assert!(c.counters().merge_failures > 0);
+    assert_eq!(c.mem.frames_held(), 0);
+    c.check_invariants();
+}
+
+#[test]
+fn run_2_resets_full_scans_and_unmerges() {
+    let mut c = core_with(3);
+    for i in 0..3 {
+        fill(&mut c, i, 4);
+    }
+    c.advise(BASE, BASE + 3 * PG);
+    c.scan_full(2);
+    c.unmerge_all().unwrap();
+    let k = c.counters();
+    assert_eq!(
+        (k.full_scans, k.pages_shared, k.pages_sharing, k.rmap_items),
+        (0, 0, 0, 0)
+    );
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_sharing, 2, "still advised: merges again");
+}
+
+#[test]
+fn frames_of_a_forked_pool_are_deferred_until_quiet() {
+    let mut c = core_with(2);
+    fill(&mut c, 0, 5);
+    fill(&mut c, 1, 5);
+    c.advise(BASE, BASE + 2 * PG);
+    c.scan_full(2);
+    c.frames_mut().on_fork();
+    c.mem.write(BASE, &[0]);
+    c.mem.write(BASE + PG, &[1]);
+    c.scan_full(1);
+    assert_eq!(c.mem.frames_held(), 1, "a child may map it");
+    c.pool_quiet();
+    assert_eq!(c.mem.frames_held(), 0);
+    c.check_invariants();
+}
+
+#[test]
+fn removing_a_region_releases_its_frames() {
+    let mut c = core_with(2);
+    c.add_region(Region::new(BASE + 64 * PG, 1, true, libc::PROT_READ));
+    fill(&mut c, 0, 5);
+    fill(&mut c, 1, 5);
+    c.mem.write(BASE + 64 * PG, &vec![5; PG]);
+    c.advise(BASE, BASE + 65 * PG);
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_sharing, 2);
+    for i in 0..2 {
+        c.mem.unmap(BASE + i * PG);
+    }
+    c.remove_region(BASE);
+    assert_eq!(
+        (c.counters().pages_shared, c.counters().pages_sharing),
+        (1, 0)
+    );
+    c.check_invariants();
+}
+
+#[test]
+fn vma_estimate_counts_pieces() {
+    let mut c = core_with(4);
+    for i in 0..4 {
+        fill(&mut c, i, if i == 1 || i == 2 { 8 } else { i as u8 + 20 });
+    }
+    c.advise(BASE, BASE + 4 * PG);
+    c.scan_full(2);
+    // anon | frame f | frame f | anon: four pieces, three added.
+    assert_eq!(c.vmas_added(), 3);
+}

@@ -1,0 +1,97 @@
+//! Statistics with the kernel's sysfs names (KERNEL-KSM.md §4), plus ours.
+
+#![forbid(unsafe_code)]
+
+/// Kernel memory per VMA that merging adds: `vm_area_struct` plus maple-tree
+/// nodes, measured at ~205 bytes per VMA on this machine kind (DESIGN.md §1).
+pub const VMA_BYTES: u64 = 210;
+
+/// One consistent snapshot (taken under the engine's state lock).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub pages_shared: u64,
+    pub pages_sharing: u64,
+    pub pages_unshared: u64,
+    pub pages_volatile: u64,
+    pub full_scans: u64,
+    pub pages_scanned: u64,
+    pub general_profit: i64,
+    // Ours.
+    pub rmap_items: u64,
+    pub frames: u64,
+    pub deferred_frames: u64,
+    pub pool_bytes: u64,
+    pub merges: u64,
+    pub merge_failures: u64,
+    pub cows: u64,
+    pub vmas_added: u64,
+    pub metadata_bytes: u64,
+    pub tracked_pages: u64,
+    pub advised_pages: u64,
+    pub settled: bool,
+}
+
+impl Snapshot {
+    /// `(name, value)` pairs in a stable order: the kernel's first, then ours.
+    pub fn fields(&self) -> Vec<(&'static str, i64)> {
+        let u = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        vec![
+            ("pages_shared", u(self.pages_shared)),
+            ("pages_sharing", u(self.pages_sharing)),
+            ("pages_unshared", u(self.pages_unshared)),
+            ("pages_volatile", u(self.pages_volatile)),
+            ("full_scans", u(self.full_scans)),
+            ("pages_scanned", u(self.pages_scanned)),
+            ("general_profit", self.general_profit),
+            ("rmap_items", u(self.rmap_items)),
+            ("frames", u(self.frames)),
+            ("deferred_frames", u(self.deferred_frames)),
+            ("pool_bytes", u(self.pool_bytes)),
+            ("merges", u(self.merges)),
+            ("merge_failures", u(self.merge_failures)),
+            ("cows", u(self.cows)),
+            ("vmas_added", u(self.vmas_added)),
+            ("metadata_bytes", u(self.metadata_bytes)),
+            ("tracked_pages", u(self.tracked_pages)),
+            ("advised_pages", u(self.advised_pages)),
+            ("settled", i64::from(self.settled)),
+        ]
+    }
+
+    /// The kernel's `general_profit`, charging our real costs: bytes saved by
+    /// sharing, minus our bookkeeping and the kernel memory of the VMAs we added.
+    pub fn profit(pages_sharing: u64, page: u64, metadata_bytes: u64, vmas_added: u64) -> i64 {
+        let saved = i128::from(pages_sharing) * i128::from(page);
+        let cost = i128::from(metadata_bytes) + i128::from(vmas_added) * i128::from(VMA_BYTES);
+        i64::try_from(saved - cost).unwrap_or(i64::MIN)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profit_is_savings_minus_costs() {
+        assert_eq!(Snapshot::profit(10, 4096, 1000, 2), 40960 - 1000 - 420);
+        assert!(Snapshot::profit(0, 4096, 64, 0) < 0);
+    }
+
+    #[test]
+    fn fields_start_with_the_kernel_names() {
+        let f = Snapshot::default().fields();
+        let names: Vec<_> = f.iter().map(|(n, _)| *n).take(7).collect();
+        assert_eq!(
+            names,
+            [
+                "pages_shared",
+                "pages_sharing",
+                "pages_unshared",
+                "pages_volatile",
+                "full_scans",
+                "pages_scanned",
+                "general_profit"
+            ]
+        );
+    }
+}

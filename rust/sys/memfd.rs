@@ -1,0 +1,92 @@
+//! memfd: the anonymous file that holds the frames (shared copies of pages).
+//!
+//! See memfd_create(2), ftruncate(2), fallocate(2). The memfd is sized once,
+//! sparsely (no memory is used until a frame is written), and frames are
+//! returned to the system by punching holes.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::cvt;
+
+/// An owned memfd.
+#[derive(Debug)]
+pub struct Memfd {
+    fd: OwnedFd,
+}
+
+impl Memfd {
+    /// `memfd_create(name, MFD_CLOEXEC)` then `ftruncate(size)`.
+    pub fn create(name: &CStr, size: u64) -> io::Result<Self> {
+        // SAFETY: `name` is a valid NUL-terminated string; flags are constants.
+        let raw = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+        // SAFETY: memfd_create just returned this fd and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let len =
+            libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: plain syscall on an fd we own.
+        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+        Ok(Memfd { fd })
+    }
+
+    /// Release the memory of `[offset, offset+len)` (`FALLOC_FL_PUNCH_HOLE`).
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (off, len) = (to_off(offset)?, to_off(len)?);
+        // SAFETY: plain syscall on an fd we own; the kernel checks the range.
+        cvt(unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Write `buf` at `offset` (`pwrite`, looping on short writes).
+    pub fn write_at(&self, mut offset: u64, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let off = to_off(offset)?;
+            let n = super::retry_eintr(|| {
+                // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes.
+                cvt(unsafe {
+                    libc::pwrite(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off)
+                })
+            })?;
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            buf = &buf[n as usize..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Blocks in use (`st_blocks` of `fstat`, 512-byte units).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        // SAFETY: zeroed `stat` is a valid value of this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is valid for writes for the duration of the call.
+        cvt(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
+        Ok(st.st_blocks as u64 * 512)
+    }
+
+    /// The inode number (to find other processes that still map this file).
+    pub fn inode(&self) -> io::Result<u64> {
+        // SAFETY: as in `allocated_bytes`.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is valid for writes for the duration of the call.
+        cvt(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
+        Ok(st.st_ino)
+    }
+
+    pub fn raw(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}

@@ -1,0 +1,215 @@
+//! Memory mappings: mmap(2), munmap(2), madvise(2), mprotect(2), mremap(2).
+//!
+//! [`Mapping`] owns a range and unmaps it on drop. The functions that replace
+//! memory in place (`MAP_FIXED`, `mremap` to a fixed address, `MADV_DONTNEED`)
+//! are `unsafe fn`s whose callers (only `merge/`) prove that the range is one
+//! ksm manages and that its contents are preserved.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr;
+
+use super::cvt;
+use super::uffd::Window;
+
+/// A mapping this process created and unmaps on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Mapping {
+    /// Anonymous private read-write memory, with `MADV_NOHUGEPAGE` (huge pages
+    /// would be split by page-sized write-protection and could not be rebuilt).
+    pub fn anonymous(len: usize) -> io::Result<Self> {
+        let m = map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?;
+        // SAFETY: the range was just mapped by us; NOHUGEPAGE does not change contents.
+        cvt(unsafe { libc::madvise(m.addr as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) })?;
+        Ok(m)
+    }
+
+    /// A read-write `MAP_SHARED` view of `fd` (the frame pool), reserved
+    /// sparsely: `MAP_NORESERVE`, no memory until a page is written.
+    pub fn shared_view(fd: RawFd, len: usize) -> io::Result<Self> {
+        map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            fd,
+            0,
+        )
+    }
+
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes of `[offset, offset+len)` of this mapping.
+    ///
+    /// Only for mappings whose contents no other thread writes (the pool view:
+    /// frames are written by `pwrite` before anyone can map them).
+    pub fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(
+            offset.checked_add(len).is_some_and(|e| e <= self.len),
+            "range outside mapping"
+        );
+        // SAFETY: the range lies inside a live mapping owned by `self` (checked above),
+        // which stays mapped for the lifetime of the returned borrow; per this method's
+        // contract nothing writes those bytes while they are borrowed.
+        unsafe { std::slice::from_raw_parts((self.addr + offset) as *const u8, len) }
+    }
+
+    /// Copy `buf.len()` bytes at `offset` out of this mapping.
+    ///
+    /// Application threads may write the mapping concurrently (it is exported to
+    /// Python as a buffer): the copy can then be torn, which callers allow for by
+    /// comparing again under write-protection before acting on it.
+    pub fn copy_out(&self, offset: usize, buf: &mut [u8]) {
+        assert!(
+            offset.checked_add(buf.len()).is_some_and(|e| e <= self.len),
+            "range outside mapping"
+        );
+        // SAFETY: the source lies inside this live mapping (checked above), which stays
+        // mapped while `self` is borrowed; `buf` is a distinct Rust buffer. Concurrent
+        // writers only make the copied bytes stale, never invalid (plain bytes).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (self.addr + offset) as *const u8,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+    }
+}
+
+impl Mapping {
+    /// Copy `data` into this mapping at `offset`.
+    ///
+    /// Only for private scratch mappings nobody else can see yet (the unmerge copy).
+    pub fn copy_in(&self, offset: usize, data: &[u8]) {
+        assert!(
+            offset
+                .checked_add(data.len())
+                .is_some_and(|e| e <= self.len),
+            "range outside mapping"
+        );
+        // SAFETY: the destination lies inside this live read-write mapping (checked above;
+        // `anonymous` maps PROT_READ|PROT_WRITE) and no Rust reference into it exists.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.addr + offset) as *mut u8,
+                data.len(),
+            )
+        };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `self` owns exactly this range; nothing borrows it past `self`.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+fn map(len: usize, prot: i32, flags: i32, fd: RawFd, off: i64) -> io::Result<Mapping> {
+    if len == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: no MAP_FIXED: the kernel picks a fresh range, so no existing memory changes.
+    let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, flags, fd, off) };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Mapping {
+        addr: p as usize,
+        len,
+    })
+}
+
+/// Map `len` bytes of `fd` at `offset` privately (`MAP_PRIVATE|MAP_FIXED`) over
+/// the write-protected window `w`: the merge step. A later write gets a private
+/// copy from the kernel (copy-on-write); the frame never changes.
+///
+/// Safe to call because `w` proves the range is registered with our
+/// userfaultfd and write-protected (no write can land during the swap) and ksm
+/// holds no Rust reference into advised memory; that the bytes are equal is the
+/// merge protocol's duty (it compares under the same window).
+pub fn map_file_fixed(w: &Window, prot: i32, fd: RawFd, offset: u64) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: MAP_FIXED replaces exactly the window's range, which is protected and
+    // referenced by no Rust borrow (see above); the kernel validates fd and offset.
+    let p = unsafe {
+        libc::mmap(
+            w.addr() as *mut libc::c_void,
+            w.len(),
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            fd,
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    debug_assert_eq!(p as usize, w.addr());
+    Ok(())
+}
+
+/// Move `scratch` over the write-protected window `w` (`mremap MAYMOVE|FIXED`):
+/// the unmerge step. `scratch` (a private copy of the window's bytes) is consumed.
+pub fn move_over(scratch: Mapping, w: &Window) -> io::Result<()> {
+    if scratch.len != w.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the source is a mapping we own and give up here (forgotten only on
+    // success); the target is the protected window, referenced by no Rust borrow.
+    let p = unsafe {
+        libc::mremap(
+            scratch.addr as *mut libc::c_void,
+            scratch.len,
+            scratch.len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            w.addr() as *mut libc::c_void,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(scratch);
+    Ok(())
+}
+
+/// `mprotect` of a range the caller owns.
+pub fn protect_owned(m: &Mapping, prot: i32) -> io::Result<()> {
+    // SAFETY: the range is owned by `m`; changing protection does not change contents.
+    cvt(unsafe { libc::mprotect(m.addr as *mut libc::c_void, m.len, prot) })?;
+    Ok(())
+}
+
+/// Set `MADV_NOHUGEPAGE`/`MADV_HUGEPAGE`-class advice that never changes contents.
+pub fn advise_hint(addr: usize, len: usize, advice: i32) -> io::Result<()> {
+    assert!(matches!(
+        advice,
+        libc::MADV_NOHUGEPAGE | libc::MADV_HUGEPAGE
+    ));
+    // SAFETY: these advice values only change huge-page policy, never memory contents.
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) })?;
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! The only code that calls libc: syscalls, ioctls and raw memory access.
+//!
+//! Everything above this module speaks in safe types ([`Uffd`](uffd::Uffd),
+//! [`Memfd`](memfd::Memfd), [`Mapping`](mman::Mapping), [`Pagemap`](pagemap::Pagemap)).
+//! Each wrapper turns a C return value into `io::Result` at the call (see
+//! [`cvt`]) so the errno is never lost; EINTR is retried in one place
+//! ([`retry_eintr`]) and EAGAIN of userfaultfd ioctls in [`uffd`].
+
+pub mod fork;
+pub mod memfd;
+pub mod mman;
+pub mod pagemap;
+pub mod procmem;
+#[cfg(feature = "python")]
+pub mod pybuf;
+pub mod uffd;
+
+use std::io;
+use std::sync::OnceLock;
+
+/// Turn a libc return value (`-1` means failure, errno set) into a `Result`.
+pub(crate) fn cvt<T: IsMinusOne>(ret: T) -> io::Result<T> {
+    if ret.is_minus_one() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Call `f` until it does not fail with EINTR.
+pub(crate) fn retry_eintr<T, F: FnMut() -> io::Result<T>>(mut f: F) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+pub(crate) trait IsMinusOne {
+    fn is_minus_one(&self) -> bool;
+}
+macro_rules! impl_minus_one {
+    ($($t:ty)*) => {$(impl IsMinusOne for $t { fn is_minus_one(&self) -> bool { *self == -1 } })*};
+}
+impl_minus_one!(i32 i64 isize);
+
+/// The system page size (`sysconf(_SC_PAGESIZE)`), read once.
+pub fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(v).ok().filter(|&p| p > 0).unwrap_or(4096)
+    })
+}
+
+/// The calling thread's id, for messages and for telling fault sources apart.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The process id (changes in a forked child, which is how the child notices it).
+pub fn getpid() -> i32 {
+    // SAFETY: getpid has no preconditions and cannot fail.
+    unsafe { libc::getpid() }
+}
+
+/// CPU time consumed by the calling thread, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
