@@ -81,7 +81,7 @@ def _array(shape: Any, dtype: Any, mergeable: bool, zero: bool) -> Any:
     # Fresh anonymous memory reads as zeros, so `empty` and `zeros` are the same
     # allocation; the array keeps `buf` alive through its base.
     del zero
-    return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+    return np.frombuffer(memoryview(buf), dtype=dt, count=count).reshape(shape)
 
 
 def empty(shape: Any, dtype: Any = float, mergeable: bool = True) -> Any:

@@ -81,9 +81,17 @@ pub struct Engine {
     scanned: Condvar,
 }
 
+/// The locks `prepare` takes: the engine state and the open merge windows.
+type ForkGuards = (
+    MutexGuard<'static, State>,
+    MutexGuard<'static, Vec<(usize, usize)>>,
+);
+/// `[start, end)` pieces of a madvise range and what they are.
+type Pieces = Vec<(usize, usize, Piece)>;
+
 thread_local! {
     /// Locks held across `fork()` by the forking thread (prepare → parent/child).
-    static FORK_GUARDS: RefCell<Option<(MutexGuard<'static, State>, MutexGuard<'static, Vec<(usize, usize)>>)>> = const { RefCell::new(None) };
+    static FORK_GUARDS: RefCell<Option<ForkGuards>> = const { RefCell::new(None) };
 }
 
 fn probe_availability() -> Availability {
@@ -301,7 +309,7 @@ impl Engine {
 
     /// Split `[addr, end)` into pieces tracked already, foreign anonymous memory
     /// (with its protection), and memory that is never merged; and whether a gap exists.
-    fn cover(st: &State, addr: usize, end: usize) -> Result<(Vec<(usize, usize, Piece)>, bool)> {
+    fn cover(st: &State, addr: usize, end: usize) -> Result<(Pieces, bool)> {
         let page = sys::page_size();
         // Fast path: entirely inside tracked regions (ksm.mmap memory).
         let mut pos = addr;

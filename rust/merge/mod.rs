@@ -29,7 +29,7 @@ use crate::sys::procmem;
 use crate::sys::uffd::{Uffd, Window};
 
 /// Ranges currently inside a merge window, shared with the fault thread.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Windows {
     open: Mutex<Vec<(usize, usize)>>,
 }

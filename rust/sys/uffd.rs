@@ -186,23 +186,20 @@ impl Uffd {
     /// user-mode only on EPERM).
     fn open_raw() -> io::Result<(OwnedFd, Mode)> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        match OpenOptions::new()
+        // ENOENT (old kernel, no node) or EACCES (node not accessible to us): try the syscall.
+        if let Ok(dev) = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open("/dev/userfaultfd")
         {
-            Ok(dev) => {
-                // SAFETY: ioctl on a device fd we own; the argument is an int by value.
-                let r = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
-                if let Ok(raw) = cvt(r) {
-                    // SAFETY: the ioctl returned a new fd that nothing else owns.
-                    return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Mode::Device));
-                }
-                // Fall through to the syscall: the node exists but refused (e.g. EPERM).
+            // SAFETY: ioctl on a device fd we own; the argument is an int by value.
+            let r = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+            if let Ok(raw) = cvt(r) {
+                // SAFETY: the ioctl returned a new fd that nothing else owns.
+                return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Mode::Device));
             }
-            // ENOENT (old kernel, no node) or EACCES (node not accessible to us): try the syscall.
-            Err(_) => {}
+            // Fall through to the syscall: the node exists but refused (e.g. EPERM).
         }
         // SAFETY: the userfaultfd syscall takes one int of flags and returns a new fd.
         let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -214,13 +211,9 @@ impl Uffd {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 // SAFETY: as above.
                 let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | USER_MODE_ONLY) };
+                let raw = cvt(r)? as i32;
                 // SAFETY: the syscall returned a new fd that nothing else owns.
-                cvt(r).map(|raw| {
-                    (
-                        unsafe { OwnedFd::from_raw_fd(raw as i32) },
-                        Mode::UserModeOnly,
-                    )
-                })
+                Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Mode::UserModeOnly))
             }
             Err(e) => Err(e),
         }
@@ -270,20 +263,13 @@ impl Uffd {
             mode: REGISTER_MODE_WP,
             ioctls: 0,
         };
-        // SAFETY: `arg` is a valid `struct uffdio_register`; registering changes no contents.
-        retry_eintr(|| {
-            cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut arg) })
-        })?;
+        ioctl(&self.fd, &mut arg)?;
         Ok(())
     }
 
     /// `UFFDIO_UNREGISTER` (wakes any waiter in the range).
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut arg = range(start, len);
-        // SAFETY: `arg` is a valid `struct uffdio_range`; unregistering changes no contents.
-        retry_eintr(|| {
-            cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut arg) })
-        })?;
+        ioctl_range(&self.fd, UFFDIO_UNREGISTER, range(start, len))?;
         Ok(())
     }
 
@@ -298,13 +284,9 @@ impl Uffd {
             mode: if on { WRITEPROTECT_MODE_WP } else { 0 },
         };
         loop {
-            // SAFETY: `arg` is a valid `struct uffdio_writeprotect`; protection changes no contents.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut arg) };
-            match cvt(r) {
+            match ioctl(&self.fd, &mut arg) {
                 Ok(_) => return Ok(()),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
-                    std::thread::yield_now()
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
                 Err(e) => return Err(e),
             }
         }
@@ -335,11 +317,7 @@ impl Uffd {
     /// `UFFDIO_WAKE`: wake threads blocked on faults in the range. Works even
     /// after the VMA they faulted on was replaced.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut arg = range(start, len);
-        // SAFETY: `arg` is a valid `struct uffdio_range`; waking changes no contents.
-        retry_eintr(|| {
-            cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut arg) })
-        })?;
+        ioctl_range(&self.fd, UFFDIO_WAKE, range(start, len))?;
         Ok(())
     }
 
@@ -394,6 +372,40 @@ impl Window {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// The `struct`s passed to our ioctls, tied to their request numbers.
+///
+/// # Safety
+/// `REQUEST` must be an ioctl whose argument is a pointer to `Self`.
+unsafe trait IoctlArg {
+    const REQUEST: u64;
+}
+// SAFETY: each request number below is defined by the UAPI for exactly this struct.
+unsafe impl IoctlArg for RegisterArg {
+    const REQUEST: u64 = UFFDIO_REGISTER;
+}
+// SAFETY: as above (`struct uffdio_writeprotect`).
+unsafe impl IoctlArg for WriteProtectArg {
+    const REQUEST: u64 = UFFDIO_WRITEPROTECT;
+}
+
+/// `ioctl(fd, T::REQUEST, arg)` on a userfaultfd, EINTR retried.
+fn ioctl<T: IoctlArg>(fd: &OwnedFd, arg: &mut T) -> io::Result<i32> {
+    retry_eintr(|| {
+        // SAFETY: `T::REQUEST` takes a pointer to `T` (the trait's contract) and `arg` is
+        // valid for reads and writes; these ioctls never change memory contents.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), T::REQUEST as _, arg as *mut T) })
+    })
+}
+
+/// `ioctl` with a `struct uffdio_range` (UNREGISTER, WAKE).
+fn ioctl_range(fd: &OwnedFd, request: u64, mut arg: Range) -> io::Result<i32> {
+    debug_assert!(request == UFFDIO_UNREGISTER || request == UFFDIO_WAKE);
+    retry_eintr(|| {
+        // SAFETY: both requests take a pointer to `struct uffdio_range`, which `arg` is.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), request as _, &mut arg as *mut Range) })
+    })
 }
 
 fn range(start: usize, len: usize) -> Range {

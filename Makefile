@@ -1,0 +1,67 @@
+# ksm: developer tasks. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q 'maturin>=1.7,<2' -e '.[dev]' --no-build-isolation 2>/dev/null || \
+	  $(PY) -m pip install -q 'maturin>=1.7,<2' 'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6.100' 'numpy>=1.24' 'ruff>=0.6' 'mypy>=1.10' 'typing-extensions>=4.6'
+	touch $(STAMP)
+
+.PHONY: venv
+venv: $(STAMP) ## Create the virtualenv with the development tools
+
+.PHONY: dev
+dev: venv ## Build the extension in release mode into the virtualenv
+	$(VENV)/bin/maturin develop --release -q
+
+.PHONY: install
+install: venv ## Build a wheel and install it into the virtualenv
+	$(VENV)/bin/maturin build --release -q -o target/wheels
+	$(PY) -m pip install -q --force-reinstall --no-deps target/wheels/ksm-*.whl
+
+.PHONY: demo
+demo: dev ## Run the main job: `ksm demo` on the Python standard library's files
+	$(VENV)/bin/ksm demo
+
+.PHONY: fmt
+fmt: venv ## Format Rust and Python code
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+
+.PHONY: lint
+lint: dev ## Lint: rustfmt, clippy (both feature sets), ruff, mypy --strict, stubtest
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --no-default-features --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy --strict python
+	$(VENV)/bin/python -m mypy.stubtest ksm._ksm --allowlist stubtest-allowlist.txt
+
+.PHONY: test
+test: lint ## Everything CI runs: lint, Rust tests, pytest (hypothesis profile: KSM_HYPOTHESIS_PROFILE)
+	cargo test --no-default-features
+	$(VENV)/bin/python -m pytest tests -q
+
+.PHONY: fuzz
+fuzz: ## Run every fuzz target for FUZZ_SECONDS (default 30) each
+	bash fuzz/run.sh $${FUZZ_SECONDS:-30}
+
+.PHONY: bench
+bench: dev ## Side-by-side benchmarks against kernel KSM
+	$(VENV)/bin/ksm bench
+
+.PHONY: clean
+clean: ## Remove build outputs and the virtualenv
+	cargo clean
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
