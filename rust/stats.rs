@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub tracked_pages: u64,
     pub advised_pages: u64,
     pub settled: bool,
+    pub vma_budget_skips: u64,
+    pub vmas_used: u64,
 }
 
 impl Snapshot {
@@ -54,6 +56,8 @@ impl Snapshot {
             ("metadata_bytes", u(self.metadata_bytes)),
             ("tracked_pages", u(self.tracked_pages)),
             ("advised_pages", u(self.advised_pages)),
+            ("vma_budget_skips", u(self.vma_budget_skips)),
+            ("vmas_used", u(self.vmas_used)),
             ("settled", i64::from(self.settled)),
         ]
     }

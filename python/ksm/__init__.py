@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-class mmap(_ksm.Mmap):  # noqa: N801 - named like the stdlib class it mirrors
+class mmap(_ksm.Mmap):
     """Anonymous private memory owned by ksm: the safe, fast path for merging.
 
     ``ksm.mmap(length)`` or ``ksm.mmap(-1, length)``. Supports ``len``,

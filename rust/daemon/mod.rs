@@ -444,6 +444,7 @@ impl Engine {
     }
 
     fn begin_full_scan(&self, st: &mut State) {
+        st.core.refresh_vma_allowance();
         // Foreign regions: remap with the protection the application has now.
         if st.core.regions().any(|r| !r.owned) {
             if let Ok(vmas) = maps::read_self() {
@@ -604,6 +605,8 @@ impl Engine {
             tracked_pages: tracked,
             advised_pages: advised,
             settled: st.core.settled(),
+            vma_budget_skips: c.vma_budget_skips,
+            vmas_used: st.core.mem.vmas_used,
         }
     }
 

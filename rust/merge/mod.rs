@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::pool::{FrameId, Pool};
+use crate::region::maps;
 use crate::scan::{Mem, Presence};
 use crate::sys::mman::{self, Mapping};
 use crate::sys::pagemap::{Pagemap, PM_FILE, PM_PRESENT, PM_SWAP};
@@ -73,6 +74,8 @@ pub struct Os {
     owned: BTreeMap<usize, Mapping>,
     open: HashMap<usize, Window>,
     pm: Vec<u64>,
+    /// VMAs of the process when last counted.
+    pub vmas_used: u64,
 }
 
 impl Os {
@@ -86,6 +89,7 @@ impl Os {
             owned: BTreeMap::new(),
             open: HashMap::new(),
             pm: Vec::new(),
+            vmas_used: 0,
         })
     }
 
@@ -172,6 +176,16 @@ impl Mem for Os {
 
     fn punch(&mut self, f: FrameId) -> io::Result<()> {
         self.pool.punch(f)
+    }
+
+    fn vma_allowance(&mut self) -> u64 {
+        // The VMA budget (DESIGN.md §2): merging may use at most half of
+        // vm.max_map_count, counting what the process already has, so that the
+        // application's own mmap/munmap/malloc never start failing because of us.
+        let limit = maps::max_map_count().unwrap_or(65530);
+        let used = maps::count_self().unwrap_or(limit);
+        self.vmas_used = used;
+        (limit / 2).saturating_sub(used)
     }
 
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {

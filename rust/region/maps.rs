@@ -78,6 +78,20 @@ pub fn read_self() -> std::io::Result<Vec<Vma>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/maps")?))
 }
 
+/// Number of VMAs of this process (lines of /proc/self/maps).
+pub fn count_self() -> std::io::Result<u64> {
+    let text = std::fs::read("/proc/self/maps")?;
+    Ok(text.iter().filter(|&&b| b == b'\n').count() as u64)
+}
+
+/// `vm.max_map_count`.
+pub fn max_map_count() -> std::io::Result<u64> {
+    let t = std::fs::read_to_string("/proc/sys/vm/max_map_count")?;
+    t.trim()
+        .parse()
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 /// The pieces of `[start, end)` covered by `vmas` (sorted), clipped, and whether a gap exists.
 pub fn cover(vmas: &[Vma], start: usize, end: usize) -> (Vec<Vma>, bool) {
     let mut out = Vec::new();

@@ -35,6 +35,8 @@ pub struct FakeMem {
     /// Fail `unmerge_run` (simulates ENOMEM for the private copies).
     pub fail_unmerge: bool,
     pub punched: u64,
+    /// What `vma_allowance` answers (the real count of a process).
+    pub vma_allowance: u64,
 }
 
 impl FakeMem {
@@ -48,6 +50,7 @@ impl FakeMem {
             fail_map: false,
             fail_unmerge: false,
             punched: 0,
+            vma_allowance: u64::MAX,
         }
     }
 
@@ -146,6 +149,10 @@ impl Mem for FakeMem {
         self.frames.remove(&f);
         self.punched += 1;
         Ok(())
+    }
+
+    fn vma_allowance(&mut self) -> u64 {
+        self.vma_allowance
     }
 
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {

@@ -51,6 +51,9 @@ pub trait Mem {
     fn frame(&self, f: FrameId) -> &[u8];
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()>;
     fn punch(&mut self, f: FrameId) -> io::Result<()>;
+    /// VMAs merging may still add before the budget (half of `vm.max_map_count`
+    /// minus what the process uses now); `u64::MAX` when there is no limit.
+    fn vma_allowance(&mut self) -> u64;
     /// Start the merge window: write-protect (writers block until `release`).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
     /// End the merge window: unprotect (if `unprotect`) and always wake waiters.
@@ -77,6 +80,8 @@ pub struct Counters {
     pub merge_failures: u64,
     /// Merged pages found copied away by a write.
     pub cows: u64,
+    /// Merges not attempted because they could have passed the VMA budget.
+    pub vma_budget_skips: u64,
 }
 
 impl Counters {
@@ -110,6 +115,11 @@ pub struct Core<M: Mem> {
     /// Whether the last completed full scan changed nothing.
     settled: bool,
     pub max_page_sharing: u32,
+    /// VMAs merging may still add before the budget is reached (the engine sets it
+    /// from `vm.max_map_count` at every full scan). Each merged page is charged 2,
+    /// the most one remap can add, so the budget is never passed.
+    pub vma_allowance: u64,
+    charges_since_count: u64,
     buf: Vec<u8>,
     buf2: Vec<u8>,
 }
@@ -138,6 +148,8 @@ impl<M: Mem> Core<M> {
             changes: 0,
             settled: false,
             max_page_sharing: 256,
+            vma_allowance: u64::MAX,
+            charges_since_count: 0,
             buf: vec![0; page],
             buf2: vec![0; page],
         }
@@ -446,6 +458,12 @@ impl<M: Mem> Core<M> {
         false
     }
 
+    /// Read the VMA budget afresh (the engine calls this at every full scan).
+    pub fn refresh_vma_allowance(&mut self) {
+        self.vma_allowance = self.mem.vma_allowance();
+        self.charges_since_count = 0;
+    }
+
     /// Run until `n` full scans have completed (finishing a scan in progress first).
     pub fn scan_full(&mut self, n: u64) {
         if !self.at_scan_start() {
@@ -595,9 +613,33 @@ impl<M: Mem> Core<M> {
         found
     }
 
+    /// Charge the VMA budget for `pages` remaps; false (and counted) if it would pass it.
+    ///
+    /// The charge (2 per page, the most a remap can add) is an upper bound: runs of
+    /// pages on consecutive frames coalesce into one VMA. So when the allowance runs
+    /// out, the real count is read again, at most once per 256 charges, so that a
+    /// process really at its budget does not recount for every page.
+    fn charge_vmas(&mut self, pages: u64) -> bool {
+        let need = 2 * pages;
+        if self.vma_allowance < need && self.charges_since_count >= 256 {
+            self.vma_allowance = self.mem.vma_allowance();
+            self.charges_since_count = 0;
+        }
+        if self.vma_allowance < need {
+            self.counters.vma_budget_skips += 1;
+            return false;
+        }
+        self.charges_since_count += 1;
+        self.vma_allowance -= need;
+        true
+    }
+
     /// Write-protect `t`, compare it with frame `f` again, remap, wake.
     fn merge_with_frame(&mut self, t: Target, f: FrameId) -> bool {
         let page = self.page;
+        if !self.charge_vmas(1) {
+            return false;
+        }
         if self.mem.protect(t.addr, page).is_err() {
             self.mem.release(t.addr, page, true);
             self.counters.merge_failures += 1;
@@ -633,6 +675,9 @@ impl<M: Mem> Core<M> {
                 prot: r.prot,
             }
         };
+        if !self.charge_vmas(2) {
+            return false;
+        }
         let Some(f) = self.frames.alloc(hash) else {
             return false;
         };
@@ -722,11 +767,13 @@ impl<M: Mem> Core<M> {
         total
     }
 
-    /// Bytes of our own bookkeeping (records, frame table, indexes).
+    /// Bytes of our own bookkeeping (records of regions with advised pages, frame
+    /// table, indexes). Memory never advised costs nothing, as in the kernel.
     pub fn metadata_bytes(&self) -> u64 {
         let recs: usize = self
             .regions
             .values()
+            .filter(|r| r.any_advised())
             .map(|r| r.pages.capacity() * std::mem::size_of::<PageRec>())
             .sum();
         let idx = |n: usize, per: usize| n * per;

@@ -231,3 +231,22 @@ fn vma_estimate_counts_pieces() {
     // anon | frame f | frame f | anon: four pieces, three added.
     assert_eq!(c.vmas_added(), 3);
 }
+
+#[test]
+fn merges_stop_at_the_vma_budget() {
+    let mut c = core_with(10);
+    for i in 0..10 {
+        fill(&mut c, i, 6);
+    }
+    c.advise(BASE, BASE + 10 * PG);
+    c.vma_allowance = 2 * 5;
+    c.mem.vma_allowance = 0;
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!(k.pages_shared + k.pages_sharing, 5, "budget of 5 remaps");
+    assert!(k.vma_budget_skips > 0);
+    for i in 0..10 {
+        assert_eq!(c.mem.read_page(BASE + i * PG), vec![6; PG]);
+    }
+    c.check_invariants();
+}
