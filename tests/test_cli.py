@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ksm
 import pytest
+
+import ksm
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -617,6 +617,16 @@ impl Engine {
         st.core.page_state(addr, pres).unwrap_or("unmerged")
     }
 
+    /// The bytes of every referenced frame (diagnostics and tests).
+    pub fn frame_contents(&self) -> Vec<Vec<u8>> {
+        let st = self.lock();
+        st.core
+            .frames()
+            .referenced()
+            .map(|f| crate::scan::Mem::frame(&st.core.mem, f).to_vec())
+            .collect()
+    }
+
     /// Whether the page at `addr` (tracked) is advised.
     pub fn is_advised(&self, addr: usize) -> bool {
         let st = self.lock();
@@ -711,3 +721,6 @@ fn fork_child() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

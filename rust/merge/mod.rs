@@ -25,7 +25,10 @@ use crate::pool::{FrameId, Pool};
 use crate::region::maps;
 use crate::scan::{Mem, Presence};
 use crate::sys::mman::{self, Mapping};
-use crate::sys::pagemap::{Pagemap, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::sys::pagemap::{
+    PageRegion, Pagemap, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PM_FILE, PM_PRESENT,
+    PM_SWAP,
+};
 use crate::sys::procmem;
 use crate::sys::uffd::{Uffd, Window};
 
@@ -74,6 +77,9 @@ pub struct Os {
     owned: BTreeMap<usize, Mapping>,
     open: HashMap<usize, Window>,
     pm: Vec<u64>,
+    regions: Vec<PageRegion>,
+    /// Whether PAGEMAP_SCAN works here (it tells the zero page apart).
+    pagemap_scan: bool,
     /// VMAs of the process when last counted.
     pub vmas_used: u64,
 }
@@ -89,6 +95,8 @@ impl Os {
             owned: BTreeMap::new(),
             open: HashMap::new(),
             pm: Vec::new(),
+            regions: Vec::new(),
+            pagemap_scan: true,
             vmas_used: 0,
         })
     }
@@ -136,6 +144,37 @@ impl Mem for Os {
     }
 
     fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+        let end = addr + out.len() * self.page;
+        if self.pagemap_scan {
+            match self.pagemap.scan(addr, end, &mut self.regions) {
+                Ok(walk_end) if walk_end == end => {
+                    out.fill(Presence::Absent);
+                    for r in &self.regions {
+                        // The shared zero page (read, never written) holds no memory and is
+                        // not an anonymous page: the kernel's ksmd skips it too.
+                        let p = if r.categories & PAGE_IS_PFNZERO != 0 {
+                            Presence::Absent
+                        } else if r.categories & PAGE_IS_FILE != 0
+                            && r.categories & PAGE_IS_PRESENT != 0
+                        {
+                            Presence::File
+                        } else {
+                            Presence::Anon
+                        };
+                        let (s, e) = (
+                            (r.start as usize - addr) / self.page,
+                            (r.end as usize - addr) / self.page,
+                        );
+                        out[s..e].fill(p);
+                    }
+                    return Ok(());
+                }
+                // Stopped early (cannot happen with one slot per page) or not supported
+                // (ENOTTY before Linux 6.7): use plain pagemap from now on.
+                Ok(_) => {}
+                Err(_) => self.pagemap_scan = false,
+            }
+        }
         self.pm.resize(out.len(), 0);
         self.pagemap.read(addr, &mut self.pm)?;
         for (o, &e) in out.iter_mut().zip(&self.pm) {
@@ -146,8 +185,7 @@ impl Mem for Os {
                     Presence::Anon
                 }
             } else if e & PM_SWAP != 0 {
-                // A swapped page is a private anonymous page (a frame is never swapped
-                // out from under a private mapping without its PTE saying file).
+                // A swapped page is a private anonymous page.
                 Presence::Anon
             } else {
                 Presence::Absent

@@ -146,6 +146,11 @@ impl FrameTable {
         self.live
     }
 
+    /// Frames with at least one reference.
+    pub fn referenced(&self) -> impl Iterator<Item = FrameId> + '_ {
+        (0..self.refs.len() as u32).filter(|&f| self.refs[f as usize] > 0)
+    }
+
     pub fn deferred(&self) -> usize {
         self.deferred.len()
     }

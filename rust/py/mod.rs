@@ -162,8 +162,7 @@ impl Mmap {
         flags: c_int,
     ) -> PyResult<()> {
         let this = slf.borrow();
-        this.check_open()
-            .map_err(|_| PyBufferError::new_err("mmap closed or invalid"))?;
+        this.check_open()?;
         this.exports.fetch_add(1, Ordering::AcqRel);
         // SAFETY: `view` is the pointer CPython passed to this slot; `slf` is the exporter;
         // the range stays mapped while `exports > 0` because `close()` refuses then and

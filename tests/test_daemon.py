@@ -1,0 +1,193 @@
+"""``ksm.ksmd``: the knobs of /sys/kernel/mm/ksm/ and the background scanner."""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+from conftest import KNOB_DEFAULTS, PAGE, fill, page_pattern
+
+import ksm
+
+STATISTICS = (
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "full_scans",
+    "pages_scanned",
+    "general_profit",
+)
+
+U32 = 2**32 - 1
+# knob: (lowest accepted, highest accepted)
+RANGES = {
+    "run": (0, 2),
+    "pages_to_scan": (0, U32),
+    "sleep_millisecs": (0, U32),
+    "max_page_sharing": (2, 2**31 - 1),
+}
+
+
+def test_available_here() -> None:
+    assert ksm.available() is True
+    assert ksm.unavailable_reason() is None
+
+
+@pytest.mark.parametrize("name", sorted(KNOB_DEFAULTS))
+def test_knob_defaults(name: str) -> None:
+    value = getattr(ksm.ksmd, name)
+    assert type(value) is int
+    assert value == KNOB_DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(RANGES))
+def test_knob_bounds_are_accepted(name: str) -> None:
+    lo, hi = RANGES[name]
+    if name == "run":
+        hi = 0  # run = 1 and run = 2 are exercised below
+    for value in (lo, hi):
+        setattr(ksm.ksmd, name, value)
+        assert getattr(ksm.ksmd, name) == value
+
+
+@pytest.mark.parametrize("name", sorted(RANGES))
+def test_invalid_knob_values_are_refused_and_change_nothing(name: str) -> None:
+    lo, hi = RANGES[name]
+    before = getattr(ksm.ksmd, name)
+    for bad in (lo - 1, hi + 1, -(2**63), 2**64):
+        with pytest.raises(ValueError) as info:
+            setattr(ksm.ksmd, name, bad)
+        assert name in str(info.value)
+        if abs(bad) < 2**63:
+            # The message names the accepted range.
+            assert str(lo) in str(info.value) and str(hi) in str(info.value)
+        assert getattr(ksm.ksmd, name) == before
+    for bad_type in ("1", 1.0, None, True):
+        with pytest.raises((TypeError, ValueError)):
+            setattr(ksm.ksmd, name, bad_type)
+        assert getattr(ksm.ksmd, name) == before
+
+
+def test_max_page_sharing_is_busy_while_pages_are_shared() -> None:
+    # The kernel refuses to change max_page_sharing while KSM pages exist (EBUSY).
+    with ksm.mmap(4 * PAGE) as m:
+        m[:] = page_pattern(1) * 4
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(2)
+        assert ksm.ksmd.pages_shared >= 1
+        with pytest.raises(OSError) as info:
+            ksm.ksmd.max_page_sharing = 128
+        assert info.value.errno == errno.EBUSY
+        assert ksm.ksmd.max_page_sharing == 256
+        ksm.ksmd.max_page_sharing = 256  # the same value is fine
+    ksm.ksmd.max_page_sharing = 128
+    assert ksm.ksmd.max_page_sharing == 128
+
+
+def test_unknown_attribute_is_attribute_error() -> None:
+    with pytest.raises(AttributeError):
+        _ = ksm.ksmd.no_such_knob
+    with pytest.raises(AttributeError):
+        ksm.ksmd.no_such_knob = 1
+    with pytest.raises(AttributeError):
+        _ = ksm.ksmd.no_such_knob
+    assert not hasattr(ksm.ksmd, "pages_to_scan_typo")
+
+
+@pytest.mark.parametrize("name", STATISTICS)
+def test_statistics_are_read_only(name: str) -> None:
+    value = getattr(ksm.ksmd, name)
+    assert type(value) is int
+    assert value == ksm.stats()[name]
+    with pytest.raises(AttributeError):
+        setattr(ksm.ksmd, name, 0)
+    assert getattr(ksm.ksmd, name) == ksm.stats()[name]
+
+
+def test_stats_snapshot_has_the_kernel_names() -> None:
+    s = ksm.stats()
+    for name in (*STATISTICS, "rmap_items", "frames", "merges", "cows", "tracked_pages", "advised_pages"):
+        assert name in s, name
+        assert isinstance(s[name], int)
+    assert isinstance(s["settled"], bool)
+
+
+def test_dir_lists_knobs_and_statistics() -> None:
+    names = dir(ksm.ksmd)
+    for name in (*KNOB_DEFAULTS, *STATISTICS):
+        assert name in names
+
+
+def test_ksmd_merges_in_the_background_and_stops() -> None:
+    a, b = page_pattern(1), page_pattern(2)
+    with ksm.mmap(64 * PAGE) as m:
+        fill(m, [a] * 32 + [b] * 32)
+        m.madvise(ksm.MADV_MERGEABLE)
+        scans = ksm.ksmd.full_scans
+        ksm.ksmd.run = 1
+        assert ksm.ksmd.run == 1
+        assert ksm.wait_settled(timeout=30)
+        assert ksm.ksmd.full_scans >= scans + 3  # record, merge, a quiet one
+        assert {m.page_state(i * PAGE) for i in range(64)} == {"merged"}
+        assert ksm.stats()["settled"] is True
+        ksm.ksmd.run = 0
+        assert ksm.ksmd.run == 0
+        # Stopped: no more scanning, merges are kept.
+        stopped_at = ksm.ksmd.full_scans
+        fill(m, [b] * 32)
+        time.sleep(0.2)  # ten sleep_millisecs periods: a running ksmd would scan several times
+        assert ksm.ksmd.full_scans == stopped_at
+        assert {m.page_state(i * PAGE) for i in range(32, 64)} == {"merged"}
+        assert m[:] == b * 64
+        # With ksmd stopped, wait_settled answers at once.
+        t0 = time.monotonic()
+        ksm.wait_settled(timeout=10)
+        assert time.monotonic() - t0 < 5
+
+
+def test_ksmd_obeys_pages_to_scan() -> None:
+    with ksm.mmap(64 * PAGE) as m:
+        m[:] = page_pattern(3) * 64
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.ksmd.pages_to_scan = 1
+        ksm.ksmd.sleep_millisecs = 0
+        ksm.ksmd.run = 1
+        assert ksm.wait_settled(timeout=30)
+        ksm.ksmd.run = 0
+        assert {m.page_state(i * PAGE) for i in range(64)} == {"merged"}
+
+
+def test_wait_settled_validates_timeout() -> None:
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            ksm.wait_settled(timeout=bad)
+
+
+def test_run_2_unmerges_everything_and_resets_full_scans() -> None:
+    a = page_pattern(4)
+    with ksm.mmap(16 * PAGE) as m, ksm.mmap(4 * PAGE) as other:
+        m[:] = a * 16
+        other[:] = a * 4
+        m.madvise(ksm.MADV_MERGEABLE)
+        other.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(3)
+        assert ksm.ksmd.full_scans >= 3
+        assert ksm.ksmd.pages_sharing >= 19
+        ksm.ksmd.run = 2
+        assert ksm.ksmd.run == 2
+        s = ksm.stats()
+        assert (s["pages_shared"], s["pages_sharing"], s["pages_unshared"]) == (0, 0, 0)
+        assert s["full_scans"] == 0 and ksm.ksmd.full_scans == 0
+        assert s["rmap_items"] == 0
+        assert {m.page_state(i * PAGE) for i in range(16)} == {"unmerged"}
+        assert {other.page_state(i * PAGE) for i in range(4)} == {"unmerged"}
+        assert m[:] == a * 16 and other[:] == a * 4
+        # The advice stays: merging again works once ksmd (or scan) runs.
+        assert s["advised_pages"] >= 20
+        ksm.ksmd.run = 0
+        ksm.scan(2)
+        assert ksm.ksmd.full_scans == 2
+        assert {m.page_state(i * PAGE) for i in range(16)} == {"merged"}
+        assert m[:] == a * 16

@@ -1,0 +1,88 @@
+"""Merging really gives memory back: frames, pool bytes and PSS.
+
+Measured in a fresh interpreter, so that the absolute numbers (frames, pool
+bytes) are not disturbed by frames other tests left deferred (after a fork)
+and PSS is not disturbed by pytest's own allocations.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import PAGE, run_python
+
+N = 4096  # 16 MiB of identical pages
+MAX_SHARING = 256
+FRAMES = N // MAX_SHARING  # kernel formula: N % m == 0 → N/m KSM pages
+
+
+def scenario() -> None:
+    """Runs in the subprocess: merge, measure, unmerge, measure; prints JSON."""
+    from conftest import page_pattern, pss_bytes
+
+    import ksm
+
+    pattern = page_pattern(12345)
+    out: dict[str, object] = {}
+    m = ksm.mmap(N * PAGE)
+    for i in range(N):
+        m[i * PAGE : (i + 1) * PAGE] = pattern
+
+    def all_pages_intact() -> bool:
+        # Reading every page also maps it (a merged page is mapped on first touch).
+        with memoryview(m) as view:
+            return all(view[i * PAGE : (i + 1) * PAGE] == pattern for i in range(N))
+
+    out["intact_before"] = all_pages_intact()
+    out["pss_before"] = pss_bytes()
+    m.madvise(ksm.MADV_MERGEABLE)
+    ksm.scan(2)
+    out["intact_merged"] = all_pages_intact()
+    out["pss_merged"] = pss_bytes()
+    out["merged"] = ksm.stats()
+    out["merged_states"] = sorted({m.page_state(i * PAGE) for i in range(N)})
+    m.madvise(ksm.MADV_UNMERGEABLE)
+    out["unmerged_now"] = ksm.stats()
+    out["intact_unmerged"] = all_pages_intact()
+    out["pss_unmerged"] = pss_bytes()
+    out["unmerged_states"] = sorted({m.page_state(i * PAGE) for i in range(N)})
+    ksm.scan(1)
+    out["unmerged_scanned"] = ksm.stats()
+    m.close()
+    out["closed"] = ksm.stats()
+    print(json.dumps(out))
+
+
+def test_merging_gives_memory_back() -> None:
+    out = json.loads(run_python("import test_memory\ntest_memory.scenario()"))
+    merged = out["merged"]
+    saved = (N - FRAMES) * PAGE
+
+    assert out["intact_before"] and out["intact_merged"] and out["intact_unmerged"]
+    assert out["merged_states"] == ["merged"]
+    assert merged["pages_shared"] == FRAMES
+    assert merged["pages_sharing"] == N - FRAMES
+    assert merged["frames"] == FRAMES
+    assert merged["pool_bytes"] == FRAMES * PAGE
+    assert merged["general_profit"] > 0.9 * saved
+
+    drop = out["pss_before"] - out["pss_merged"]
+    assert 0.75 * saved <= drop <= 1.15 * saved, f"PSS dropped by {drop} bytes, merged {saved}"
+
+    # MADV_UNMERGEABLE gives every page a private copy at once and frees the frames.
+    now = out["unmerged_now"]
+    assert out["unmerged_states"] == ["unmerged"]
+    assert (now["frames"], now["pool_bytes"]) == (0, 0)
+    assert (now["pages_shared"], now["pages_sharing"]) == (0, 0)
+    assert now["advised_pages"] == 0
+    grow = out["pss_unmerged"] - out["pss_merged"]
+    assert 0.75 * saved <= grow <= 1.15 * saved, f"PSS grew by {grow} bytes, unmerged {saved}"
+
+    assert out["unmerged_scanned"]["frames"] == 0
+    closed = out["closed"]
+    assert (closed["frames"], closed["pool_bytes"], closed["rmap_items"], closed["tracked_pages"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
