@@ -9,11 +9,10 @@ STAMP := $(VENV)/.deps-stamp
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q 'maturin>=1.7,<2' -e '.[dev]' --no-build-isolation 2>/dev/null || \
-	  $(PY) -m pip install -q 'maturin>=1.7,<2' 'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6.100' 'numpy>=1.24' 'ruff>=0.6' 'mypy>=1.10' 'typing-extensions>=4.6'
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $(STAMP)
 
 .PHONY: venv
