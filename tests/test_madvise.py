@@ -430,3 +430,43 @@ def test_page_states() -> None:
         m.madvise(UNMERGE)
         assert {m.page_state(i * PAGE) for i in range(4)} == {"unmerged"}
         assert m[1 : 4 * PAGE] == (a + a + b + a)[1:]
+
+
+def test_unmerge_out_of_memory_is_eagain_and_loses_nothing() -> None:
+    # MADV_UNMERGEABLE needs a private copy of every merged page. When memory runs out
+    # (here: an address-space limit) it fails with EAGAIN, the pages stay merged and
+    # advised, every byte still reads back, and a retry with memory available works.
+    out = run_python(
+        """
+        import errno, resource
+        import ksm
+        PAGE = ksm.PAGE_SIZE
+        n = 8192                      # 32 MiB of identical pages
+        m = ksm.mmap(n * PAGE)
+        m[:] = b"\\x5a" * (n * PAGE)
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(2)
+        assert ksm.stats()["pages_sharing"] == n - n // 256
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize:")) * 1024
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 4 * 2**20, hard))  # far less than 32 MiB
+        try:
+            m.madvise(ksm.MADV_UNMERGEABLE)
+        except OSError as e:
+            assert e.errno == errno.EAGAIN, e
+            print("EAGAIN", e)
+        else:
+            raise AssertionError("unmerge succeeded without memory")
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        assert m.page_state(0) == "merged"
+        assert ksm.stats()["pages_sharing"] == n - n // 256
+        assert m[:] == b"\\x5a" * (n * PAGE)
+        m.madvise(ksm.MADV_UNMERGEABLE)
+        assert m.page_state(0) == "unmerged" and ksm.stats()["frames"] == 0
+        assert m[:] == b"\\x5a" * (n * PAGE)
+        print("ok")
+        """
+    )
+    assert "EAGAIN" in out and out.rstrip().endswith("ok")

@@ -70,6 +70,7 @@ struct State {
     threads_pid: i32,
     fault_stop: Arc<AtomicBool>,
     last_quiet_check: Option<Instant>,
+    scans_since_quiet_check: u32,
 }
 
 /// The per-process engine.
@@ -138,6 +139,7 @@ impl Engine {
                 threads_pid: 0,
                 fault_stop: Arc::new(AtomicBool::new(false)),
                 last_quiet_check: None,
+                scans_since_quiet_check: 0,
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
@@ -459,11 +461,16 @@ impl Engine {
 
     fn end_full_scan(&self, st: &mut State) {
         // Frames held back since a fork: free them once no other process maps the pool.
-        let due = st
-            .last_quiet_check
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        // Reading every process's maps costs milliseconds, so at most once a second or
+        // every 8 full scans (which makes it deterministic for `scan()` callers).
+        st.scans_since_quiet_check += 1;
+        let due = st.scans_since_quiet_check >= 8
+            || st
+                .last_quiet_check
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
         if st.core.frames().needs_quiet_check() && st.core.frames().deferred() > 0 && due {
             st.last_quiet_check = Some(Instant::now());
+            st.scans_since_quiet_check = 0;
             let inode = st.core.mem.pool.inode();
             if !maps::others_map(inode, crate::pool::POOL_PATH_PREFIX, sys::getpid()) {
                 st.core.pool_quiet();
