@@ -40,6 +40,7 @@ fmt: venv ## Format Rust and Python code
 .PHONY: lint
 lint: dev ## Lint: rustfmt, clippy (both feature sets), ruff, mypy --strict, stubtest
 	cargo fmt --check
+	cargo fmt --check --manifest-path fuzz/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --no-default-features --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
@@ -50,6 +51,7 @@ lint: dev ## Lint: rustfmt, clippy (both feature sets), ruff, mypy --strict, stu
 .PHONY: test
 test: lint ## Everything CI runs: lint, Rust tests, pytest (hypothesis profile: KSM_HYPOTHESIS_PROFILE)
 	cargo test --no-default-features
+	cd fuzz && cargo test --release -q   # the fuzz targets' logic on pseudo-random inputs
 	$(VENV)/bin/python -m pytest tests -q
 
 .PHONY: fuzz
