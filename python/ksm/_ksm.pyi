@@ -183,8 +183,11 @@ def stats() -> dict[str, int]:
     bytes), ``deferred_frames`` (kept for a forked child), ``pool_bytes``
     (memory of the frame pool), ``merges``, ``merge_failures``, ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),
-    ``metadata_bytes`` (our bookkeeping), ``tracked_pages``, ``advised_pages``,
-    ``settled`` (bool: the last full scan changed nothing).
+    ``vmas_used`` (VMAs of the process when last counted), ``vma_budget_skips``
+    (merges not attempted because they could pass the VMA budget, half of
+    ``vm.max_map_count``), ``metadata_bytes`` (our bookkeeping of advised
+    memory), ``tracked_pages``, ``advised_pages``, ``settled`` (bool: the last
+    full scan changed nothing).
     ``general_profit`` = pages_sharing * PAGE_SIZE - metadata_bytes - vmas_added * 210.
     """
 
