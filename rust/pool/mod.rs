@@ -10,6 +10,7 @@
 //! process lets go; it waits in `deferred` until no other process maps the
 //! pool (checked from /proc/*/maps by the engine), and only then is freed.
 
+use std::collections::BTreeSet;
 use std::ffi::CStr;
 use std::io;
 
@@ -28,7 +29,9 @@ pub struct FrameTable {
     refs: Vec<u32>,
     hash: Vec<u64>,
     born: Vec<u32>,
-    free: Vec<FrameId>,
+    free: BTreeSet<FrameId>,
+    /// The frame handed out last (allocation continues after it).
+    last: Option<FrameId>,
     deferred: Vec<FrameId>,
     capacity: u32,
     /// Incremented in the parent at every fork.
@@ -57,20 +60,35 @@ impl FrameTable {
         }
     }
 
-    /// A fresh frame with one reference... zero references: the caller adds them.
+    /// A fresh frame with no reference yet (the caller adds them).
+    ///
+    /// Frames are handed out in ascending order from the last one: pages merged one
+    /// after another then map consecutive file offsets, and the kernel coalesces
+    /// their VMAs (one VMA for a copied run instead of one per page).
     pub fn alloc(&mut self, hash: u64) -> Option<FrameId> {
-        let f = match self.free.pop() {
+        let want = self.last.map_or(0, |l| l.wrapping_add(1));
+        // The next free frame after the last one, else the lowest free one (free frames
+        // tend to form runs, so allocation stays consecutive), else a new one at the end.
+        let reuse = self
+            .free
+            .range(want..)
+            .next()
+            .or_else(|| self.free.iter().next())
+            .copied();
+        let f = match reuse {
             Some(f) => f,
-            None => {
-                let f = u32::try_from(self.refs.len())
-                    .ok()
-                    .filter(|&f| f < self.capacity)?;
-                self.refs.push(0);
-                self.hash.push(0);
-                self.born.push(0);
-                f
-            }
+            None => u32::try_from(self.refs.len())
+                .ok()
+                .filter(|&f| f < self.capacity)?,
         };
+        if f as usize == self.refs.len() {
+            self.refs.push(0);
+            self.hash.push(0);
+            self.born.push(0);
+        } else {
+            self.free.remove(&f);
+        }
+        self.last = Some(f);
         let i = f as usize;
         self.refs[i] = 0;
         self.hash[i] = hash;
@@ -118,7 +136,7 @@ impl FrameTable {
 
     fn recycle(&mut self, f: FrameId) {
         self.live -= 1;
-        self.free.push(f);
+        self.free.insert(f);
     }
 
     /// Record a fork (parent side): every live frame may now be mapped by a child.
@@ -160,7 +178,8 @@ impl FrameTable {
         self.refs.capacity() * 4
             + self.hash.capacity() * 8
             + self.born.capacity() * 4
-            + (self.free.capacity() + self.deferred.capacity()) * 4
+            + self.free.len() * 16
+            + self.deferred.capacity() * 4
     }
 }
 
@@ -228,6 +247,22 @@ mod tests {
         assert_eq!(t.alloc(1), Some(a));
         t.discard(b);
         assert_eq!(t.live(), 1);
+    }
+
+    #[test]
+    fn allocation_continues_in_ascending_order() {
+        let mut t = FrameTable::new(16);
+        let fs: Vec<_> = (0..6).map(|i| t.alloc(i).unwrap()).collect();
+        for &f in &fs {
+            t.incref(f);
+        }
+        for &f in &fs[1..5] {
+            assert_eq!(t.decref(f), Release::Free(f));
+        }
+        // Free: 1..=4; last handed out: 5. Nothing free after 5: wrap to 1, go on in
+        // order, and extend at the end only when nothing is free.
+        let next: Vec<_> = (0..5).map(|i| t.alloc(i).unwrap()).collect();
+        assert_eq!(next, vec![1, 2, 3, 4, 6]);
     }
 
     #[test]
