@@ -27,6 +27,16 @@ def page(view: memoryview, i: int) -> bytes:
     return bytes(view[i * PAGE : (i + 1) * PAGE])
 
 
+def maps_file_page(address: int) -> bool:
+    """Whether the page at ``address`` maps a file page (a frame), from pagemap bit 61."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(address // PAGE * 8)
+        entry = int.from_bytes(f.read(8), "little")
+    present, file = entry >> 63 & 1, entry >> 61 & 1
+    assert present, "read the page first"
+    return bool(file)
+
+
 def merged_mapping() -> ksm.mmap:
     m = ksm.mmap(NPAGES * PAGE)
     fill(m, LAYOUT)
@@ -157,6 +167,9 @@ def test_child_starts_from_zero_and_merges_its_own_memory() -> None:
         m.madvise(ksm.MADV_UNMERGEABLE)
         with memoryview(m) as view:
             report["unmerged_ok"] = [page(view, i) for i in range(NPAGES)] == [A] * 4 + [B] * 4 + [A] * 4
+        # Every page, the inherited merged ones (0-7) included, is a private anonymous
+        # page now: present and not file-backed in pagemap.
+        report["maps_a_frame"] = [maps_file_page(m.address + i * PAGE) for i in range(NPAGES)]
         return report
 
     try:
@@ -170,6 +183,7 @@ def test_child_starts_from_zero_and_merges_its_own_memory() -> None:
         assert report["inherited_states"] == ["merged"] * 4
         assert report["inherited_ok"]
         assert report["unmerged_ok"]
+        assert report["maps_a_frame"] == [False] * NPAGES
         # Nothing the child did shows in the parent.
         after = ksm.stats()
         assert delta(

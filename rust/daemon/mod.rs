@@ -358,7 +358,9 @@ impl Engine {
         Ok((out, gap))
     }
 
-    fn advise_tracked(st: &mut State, s: usize, e: usize) -> Result<()> {
+    /// Register every tracked region overlapping `[s, e)` with the userfaultfd
+    /// (merging and unmerging both need write-protection).
+    fn ensure_registered(st: &mut State, s: usize, e: usize) -> Result<()> {
         let page = sys::page_size();
         let starts: Vec<usize> = st
             .core
@@ -366,6 +368,9 @@ impl Engine {
             .filter(|r| r.start < e && r.end(page) > s && !r.registered)
             .map(|r| r.start)
             .collect();
+        if starts.is_empty() {
+            return Ok(());
+        }
         let u = Self::ensure_uffd(st)?;
         for start in starts {
             let len = st.core.region_at(start).expect("listed").len(page);
@@ -377,6 +382,11 @@ impl Engine {
                 .expect("listed")
                 .registered = true;
         }
+        Ok(())
+    }
+
+    fn advise_tracked(st: &mut State, s: usize, e: usize) -> Result<()> {
+        Self::ensure_registered(st, s, e)?;
         st.core.advise(s, e);
         Ok(())
     }
@@ -397,6 +407,11 @@ impl Engine {
 
     fn unadvise(st: &mut State, s: usize, e: usize) -> Result<()> {
         let page = sys::page_size();
+        // A forked child's regions are unregistered until it merges; its inherited
+        // merged pages still need the write-protected unmerge.
+        if st.core.has_merged_pages(s, e) {
+            Self::ensure_registered(st, s, e)?;
+        }
         st.core.unadvise(s, e).map_err(|err| {
             Error::errno(
                 libc::EAGAIN,
@@ -564,6 +579,9 @@ impl Engine {
             ));
         }
         if name == "run" && value == 2 && st.knobs.run != 2 {
+            if st.core.has_merged_pages(0, usize::MAX) {
+                Self::ensure_registered(&mut st, 0, usize::MAX)?;
+            }
             if let Err(e) = st.core.unmerge_all() {
                 // The kernel sets run = 0 when unmerging fails.
                 st.knobs.run = 0;
@@ -711,8 +729,16 @@ fn fork_child() {
             for mut r in regions {
                 r.registered = false;
                 for p in &mut r.pages {
+                    // Counters start from zero in the child, as the kernel's do; pages
+                    // that map the parent's frames stay known, for MADV_UNMERGEABLE.
+                    let state = if p.state == crate::region::State::Stable {
+                        crate::region::State::Inherited
+                    } else {
+                        crate::region::State::Untracked
+                    };
                     *p = crate::region::PageRec {
                         flags: p.flags,
+                        state,
                         ..Default::default()
                     };
                 }

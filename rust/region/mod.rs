@@ -44,6 +44,10 @@ pub enum State {
     Unstable,
     /// Maps frame `frame` (counted in `pages_shared`/`pages_sharing`).
     Stable,
+    /// In a forked child: maps a frame of the parent's pool (inherited at fork).
+    /// Not an rmap_item (the kernel resets a child's counters too), but still a
+    /// merged page that `MADV_UNMERGEABLE` must give a private copy.
+    Inherited,
 }
 
 impl PageRec {

@@ -298,7 +298,7 @@ impl<M: Mem> Core<M> {
         let page = self.page;
         let mut runs: Vec<(usize, usize, i32, bool)> = Vec::new();
         for (addr, rec) in self.pages_in(start, end) {
-            if rec.state != State::Stable {
+            if !matches!(rec.state, State::Stable | State::Inherited) {
                 continue;
             }
             let r = self.region_at(addr).expect("tracked");
@@ -320,6 +320,12 @@ impl<M: Mem> Core<M> {
             self.settled = false;
         }
         Ok(())
+    }
+
+    /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the parent's).
+    pub fn has_merged_pages(&self, start: usize, end: usize) -> bool {
+        self.pages_in(start, end)
+            .any(|(_, r)| matches!(r.state, State::Stable | State::Inherited))
     }
 
     /// `run = 2`: unmerge everything, forget every record, reset `full_scans`.
@@ -366,6 +372,11 @@ impl<M: Mem> Core<M> {
         let rec = *self.rec_mut(addr);
         match rec.state {
             State::Untracked => return,
+            State::Inherited => {
+                let r = self.rec_mut(addr);
+                r.state = State::Untracked;
+                return;
+            }
             State::Unstable => self.counters.pages_unshared -= 1,
             State::Stable => self.drop_frame_ref(rec.frame),
             State::Volatile => {}
@@ -497,6 +508,8 @@ impl<M: Mem> Core<M> {
                 self.counters.pages_scanned += 1;
                 return true;
             }
+            // Still maps the parent's frame: nothing to do in this process.
+            Presence::Absent | Presence::File if rec.state == State::Inherited => return false,
             // Not present: the kernel frees rmap_items of pages it passes over.
             Presence::Absent | Presence::File => {
                 if rec.state != State::Untracked {
@@ -517,7 +530,7 @@ impl<M: Mem> Core<M> {
                 r.state = State::Volatile;
                 r.checksum = 0;
             }
-            State::Untracked => {
+            State::Untracked | State::Inherited => {
                 self.counters.rmap_items += 1;
                 self.rec_mut(addr).state = State::Volatile;
             }
@@ -735,11 +748,10 @@ impl<M: Mem> Core<M> {
     pub fn page_state(&self, addr: usize, pres: Presence) -> Option<&'static str> {
         let rec = self.rec(addr)?;
         Some(match rec.state {
-            State::Stable if pres != Presence::Anon => "merged",
-            State::Stable => "unmerged",
+            State::Stable | State::Inherited if pres != Presence::Anon => "merged",
             State::Volatile => "volatile",
             State::Unstable => "unshared",
-            State::Untracked => "unmerged",
+            State::Stable | State::Inherited | State::Untracked => "unmerged",
         })
     }
 
@@ -800,7 +812,7 @@ impl<M: Mem> Core<M> {
         for r in self.regions.values() {
             for p in &r.pages {
                 match p.state {
-                    State::Untracked => continue,
+                    State::Untracked | State::Inherited => continue,
                     State::Unstable => c.pages_unshared += 1,
                     State::Stable => *refs.entry(p.frame).or_default() += 1,
                     State::Volatile => {}
