@@ -470,3 +470,34 @@ def test_unmerge_out_of_memory_is_eagain_and_loses_nothing() -> None:
         """
     )
     assert "EAGAIN" in out and out.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize("owned", [True, False], ids=["ksm.mmap", "foreign"])
+def test_dontneed_after_copy_on_write_reads_zeros_not_another_pages_bytes(owned: bool) -> None:
+    # A merged page copied away by a write must not keep mapping its frame's offset:
+    # once the frame is freed and reused for other content, MADV_DONTNEED on the
+    # page would expose that other content.
+    m = ksm.mmap(2 * PAGE) if owned else None
+    a = m.address if m is not None else raw_mmap(2 * PAGE)
+    b = raw_mmap(2 * PAGE)
+    try:
+        ctypes.memmove(a, page_pattern(41) * 2, 2 * PAGE)
+        ksm.madvise(a, 2 * PAGE, MERGE)
+        ksm.scan(2)
+        ctypes.memmove(a, b"x" * PAGE + b"y" * PAGE, 2 * PAGE)  # both copy-on-write
+        ksm.scan(1)
+        assert ksm.stats()["frames"] == 0
+        ctypes.memmove(b, b"SECRET!!" * (2 * PAGE // 8), 2 * PAGE)
+        ksm.madvise(b, 2 * PAGE, MERGE)
+        ksm.scan(2)
+        assert ksm.stats()["frames"] == 1  # the freed frame, reused
+        assert libc.madvise(a, 2 * PAGE, MADV_DONTNEED) == 0
+        assert ctypes.string_at(a, 2 * PAGE) == bytes(2 * PAGE)
+    finally:
+        ksm.madvise(a, 2 * PAGE, UNMERGE)
+        ksm.madvise(b, 2 * PAGE, UNMERGE)
+        raw_munmap(b, 2 * PAGE)
+        if m is not None:
+            m.close()
+        else:
+            raw_munmap(a, 2 * PAGE)

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::merge::{Os, Windows};
-use crate::pool::Pool;
 use crate::region::{maps, Region};
 use crate::scan::Core;
 use crate::stats::Snapshot;
@@ -118,9 +117,8 @@ fn probe_availability() -> Availability {
     }
 }
 
-fn new_core(uffd: Option<Arc<Uffd>>) -> std::io::Result<Core<Os>> {
-    let pool = Pool::new(FRAME_CAPACITY, sys::page_size())?;
-    Ok(Core::new(Os::new(uffd, pool, &WINDOWS)?, FRAME_CAPACITY))
+fn new_core() -> Core<Os> {
+    Core::new(Os::new(None, FRAME_CAPACITY, &WINDOWS), FRAME_CAPACITY)
 }
 
 impl Engine {
@@ -130,7 +128,7 @@ impl Engine {
             e.after_fork_check();
             return Ok(e);
         }
-        let core = new_core(None).map_err(|e| Error::os("creating the frame pool", 0, 0, e))?;
+        let core = new_core();
         let engine = Engine {
             state: Mutex::new(State {
                 core,
@@ -486,7 +484,7 @@ impl Engine {
         if st.core.frames().needs_quiet_check() && st.core.frames().deferred() > 0 && due {
             st.last_quiet_check = Some(Instant::now());
             st.scans_since_quiet_check = 0;
-            let inode = st.core.mem.pool.inode();
+            let inode = st.core.mem.pool.as_ref().map_or(0, |p| p.inode());
             if !maps::others_map(inode, crate::pool::POOL_PATH_PREFIX, sys::getpid()) {
                 st.core.pool_quiet();
             }
@@ -621,7 +619,7 @@ impl Engine {
             rmap_items: c.rmap_items,
             frames: u64::from(st.core.frames().live()),
             deferred_frames: st.core.frames().deferred() as u64,
-            pool_bytes: st.core.mem.pool.allocated_bytes(),
+            pool_bytes: st.core.mem.pool.as_ref().map_or(0, |p| p.allocated_bytes()),
             merges: c.merges,
             merge_failures: c.merge_failures,
             cows: c.cows,
@@ -678,13 +676,22 @@ fn fault_loop(u: &Uffd, stop: &AtomicBool) {
             continue;
         }
         for m in &msgs {
-            if let Msg::PageFault { addr, .. } = *m {
+            if let Msg::PageFault { addr, flags, .. } = *m {
                 let a = addr as usize & !(page - 1);
-                // Inside a window the merger wakes the writer when it closes it;
-                // unprotecting here would let the write land on a page about to be replaced.
-                if !WINDOWS.contains(a) {
+                // Checked and acted on under the window lock: `protect` publishes a
+                // window under the same lock before protecting, so a page under merge
+                // is never unprotected here (the write would land on a page about to
+                // be replaced); the merger wakes its writers when it closes the window.
+                let open = WINDOWS.lock();
+                if open.iter().any(|&(s, e)| s <= a && a < e) {
+                    continue;
+                }
+                // Outside every window the protection is stale (a path that could not
+                // release it): drop it, which also wakes the writer.
+                if flags & uffd::PAGEFAULT_FLAG_WP == 0 || u.writeprotect(a, page, false).is_err() {
                     let _ = u.wake(a, page);
                 }
+                drop(open);
             }
         }
     }
@@ -719,40 +726,32 @@ fn fork_child() {
     // never punch a frame of the parent's pool, which the parent's pages may map.
     st.threads_pid = 0;
     st.fault_stop.store(true, Ordering::Relaxed);
-    match new_core(None) {
-        Ok(mut core) => {
-            let owned = st.core.mem.take_owned();
-            for m in owned.into_values() {
-                core.mem.adopt(m);
-            }
-            let regions: Vec<Region> = st.core.take_regions();
-            for mut r in regions {
-                r.registered = false;
-                for p in &mut r.pages {
-                    // Counters start from zero in the child, as the kernel's do; pages
-                    // that map the parent's frames stay known, for MADV_UNMERGEABLE.
-                    let state = if p.state == crate::region::State::Stable {
-                        crate::region::State::Inherited
-                    } else {
-                        crate::region::State::Untracked
-                    };
-                    *p = crate::region::PageRec {
-                        flags: p.flags,
-                        state,
-                        ..Default::default()
-                    };
-                }
-                core.add_region(r);
-            }
-            core.max_page_sharing = st.knobs.max_page_sharing;
-            let old = std::mem::replace(&mut st.core, core);
-            drop(old);
-        }
-        Err(e) => {
-            st.avail =
-                Availability::Unavailable(format!("could not rebuild the engine after fork: {e}"));
-        }
+    // Nothing here can fail: the new engine allocates nothing big (its pool comes
+    // with its first frame), so the child can never be left with the parent's pool.
+    let mut core = new_core();
+    for m in st.core.mem.take_owned().into_values() {
+        core.mem.adopt(m);
     }
+    for mut r in st.core.take_regions() {
+        r.registered = false;
+        for p in &mut r.pages {
+            // Counters start from zero in the child, as the kernel's do; pages that map
+            // the parent's frames stay known, for MADV_UNMERGEABLE.
+            let state = if p.state == crate::region::State::Stable {
+                crate::region::State::Inherited
+            } else {
+                crate::region::State::Untracked
+            };
+            *p = crate::region::PageRec {
+                flags: p.flags,
+                state,
+                ..Default::default()
+            };
+        }
+        core.add_region(r);
+    }
+    core.max_page_sharing = st.knobs.max_page_sharing;
+    drop(std::mem::replace(&mut st.core, core));
 }
 
 #[cfg(test)]

@@ -69,9 +69,12 @@ impl Windows {
 #[derive(Debug)]
 pub struct Os {
     pub uffd: Option<Arc<Uffd>>,
-    pub pool: Pool,
+    /// The frame pool, created with the first frame.
+    pub pool: Option<Pool>,
+    frame_capacity: u32,
     pub windows: &'static Windows,
-    pagemap: Pagemap,
+    /// `/proc/self/pagemap` (None if it could not be opened: nothing is scanned).
+    pagemap: Option<Pagemap>,
     page: usize,
     /// Memory allocated by `ksm.mmap`, by start address.
     owned: BTreeMap<usize, Mapping>,
@@ -85,12 +88,15 @@ pub struct Os {
 }
 
 impl Os {
-    pub fn new(uffd: Option<Arc<Uffd>>, pool: Pool, windows: &'static Windows) -> io::Result<Self> {
-        Ok(Os {
+    /// Cannot fail: it allocates nothing big (the pool comes with the first frame), so
+    /// that a forked child can always rebuild its engine.
+    pub fn new(uffd: Option<Arc<Uffd>>, frame_capacity: u32, windows: &'static Windows) -> Self {
+        Os {
             uffd,
-            pool,
+            pool: None,
+            frame_capacity,
             windows,
-            pagemap: Pagemap::open()?,
+            pagemap: Pagemap::open().ok(),
             page: crate::sys::page_size(),
             owned: BTreeMap::new(),
             open: HashMap::new(),
@@ -98,7 +104,7 @@ impl Os {
             regions: Vec::new(),
             pagemap_scan: true,
             vmas_used: 0,
-        })
+        }
     }
 
     /// Take ownership of a `ksm.mmap` allocation.
@@ -145,8 +151,12 @@ impl Mem for Os {
 
     fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
         let end = addr + out.len() * self.page;
+        let pagemap = self
+            .pagemap
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         if self.pagemap_scan {
-            match self.pagemap.scan(addr, end, &mut self.regions) {
+            match pagemap.scan(addr, end, &mut self.regions) {
                 Ok(walk_end) if walk_end == end => {
                     out.fill(Presence::Absent);
                     for r in &self.regions {
@@ -176,7 +186,7 @@ impl Mem for Os {
             }
         }
         self.pm.resize(out.len(), 0);
-        self.pagemap.read(addr, &mut self.pm)?;
+        pagemap.read(addr, &mut self.pm)?;
         for (o, &e) in out.iter_mut().zip(&self.pm) {
             *o = if e & PM_PRESENT != 0 {
                 if e & PM_FILE != 0 {
@@ -205,15 +215,26 @@ impl Mem for Os {
     }
 
     fn frame(&self, f: FrameId) -> &[u8] {
-        self.pool.frame(f)
+        self.pool
+            .as_ref()
+            .expect("a frame exists only once the pool does")
+            .frame(f)
     }
 
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()> {
-        self.pool.write(f, data)
+        // The pool is created with the first frame: a process (or forked child) that
+        // never merges reserves no address space for it.
+        if self.pool.is_none() {
+            self.pool = Some(Pool::new(self.frame_capacity, self.page)?);
+        }
+        self.pool.as_ref().expect("created above").write(f, data)
     }
 
     fn punch(&mut self, f: FrameId) -> io::Result<()> {
-        self.pool.punch(f)
+        match &self.pool {
+            Some(p) => p.punch(f),
+            None => Ok(()),
+        }
     }
 
     fn vma_allowance(&mut self) -> u64 {
@@ -230,12 +251,34 @@ impl Mem for Os {
         // Publish the window before protecting, so that a fault raised the moment
         // protection lands is already recognised as ours.
         self.windows.add(addr, len);
-        match self.uffd().and_then(|u| u.open_window(addr, len)) {
+        let u = match self.uffd() {
+            Ok(u) => u,
+            Err(e) => {
+                self.windows.remove(addr);
+                return Err(e);
+            }
+        };
+        let mut r = u.open_window(addr, len);
+        if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+            // Part of the range is not registered (a VMA whose registration failed
+            // after a remap, or a forked child's memory): register, then try again.
+            r = u
+                .register_wp(addr, len)
+                .and_then(|()| u.open_window(addr, len));
+        }
+        match r {
             Ok(w) => {
                 self.open.insert(addr, w);
                 Ok(())
             }
             Err(e) => {
+                // WRITEPROTECT stops at the first VMA it cannot protect, after protecting
+                // those before it: unprotect page by page (which also wakes), so that no
+                // page stays protected with nobody to release it.
+                for a in (addr..addr + len).step_by(self.page) {
+                    let _ = u.writeprotect(a, self.page, false);
+                    let _ = u.wake(a, self.page);
+                }
                 self.windows.remove(addr);
                 Err(e)
             }
@@ -263,9 +306,15 @@ impl Mem for Os {
             .open
             .get(&addr)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        mman::map_file_fixed(w, prot, self.pool.fd(), self.pool.offset(f))?;
-        // The new VMA is not registered; later merges and unmerges of this page need it.
-        self.uffd()?.register_wp(addr, self.page)
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f))?;
+        // The page maps the frame now, whatever follows. The new VMA is not registered;
+        // later merges and unmerges need it, and `protect` registers it if this fails.
+        let _ = self.uffd()?.register_wp(addr, self.page);
+        Ok(())
     }
 
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
@@ -283,7 +332,9 @@ impl Mem for Os {
             }
             let w = self.open.get(&addr).expect("window opened above");
             mman::move_over(scratch, w)?;
-            self.uffd()?.register_wp(addr, len)
+            // The private copies are in place; `protect` registers later if this fails.
+            let _ = self.uffd()?.register_wp(addr, len);
+            Ok(())
         })();
         self.release(addr, len, result.is_err());
         result

@@ -523,6 +523,13 @@ impl<M: Mem> Core<M> {
         match rec.state {
             State::Stable => {
                 // Copied away by a write: leave the stable tree, the checksum starts over.
+                // The private copy sits in a VMA that still maps the frame's offset
+                // (MADV_DONTNEED would bring the frame back), so first give the page an
+                // anonymous mapping of its own: only then can the frame be freed and
+                // reused without this page ever seeing another page's bytes.
+                if self.mem.unmerge_run(addr, self.page, prot, owned).is_err() {
+                    return true; // retried at the next visit; nothing is lost meanwhile
+                }
                 self.counters.cows += 1;
                 self.changes += 1;
                 self.drop_frame_ref(rec.frame);
