@@ -163,10 +163,15 @@ libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def raw_mmap(length: int, prot: int = stdlib_mmap.PROT_READ | stdlib_mmap.PROT_WRITE) -> int:
-    """Anonymous private memory from libc (not owned by ksm); returns its address."""
-    flags = stdlib_mmap.MAP_PRIVATE | stdlib_mmap.MAP_ANONYMOUS
-    addr = libc.mmap(None, length, prot, flags, -1, 0)
+def raw_mmap(
+    length: int, prot: int = stdlib_mmap.PROT_READ | stdlib_mmap.PROT_WRITE, fixed: int | None = None
+) -> int:
+    """Anonymous private memory from libc (not owned by ksm); returns its address.
+
+    With ``fixed``, map at that address, replacing what is there (MAP_FIXED).
+    """
+    flags = stdlib_mmap.MAP_PRIVATE | stdlib_mmap.MAP_ANONYMOUS | (0x10 if fixed is not None else 0)
+    addr = libc.mmap(fixed, length, prot, flags, -1, 0)
     if addr in (None, MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

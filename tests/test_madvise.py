@@ -273,14 +273,11 @@ def test_dontneed_on_a_merged_page_reads_zeros(owned: bool) -> None:
             raw_munmap(base, 4 * PAGE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (README): UFFD_EVENT_UNMAP is not handled yet (issue 'Kernel parity', item 4)",
-)
 def test_unmapped_foreign_memory_is_forgotten() -> None:
     # The application unmaps advised memory without MADV_UNMERGEABLE (free() does).
     # The kernel frees the rmap_items of a range that is gone on the next scan, so the
-    # KSM page loses its sharers; the frame must not stay allocated forever.
+    # KSM page loses its sharers; the frame must not stay allocated forever. (ksm
+    # notices at the start of the next full scan, from /proc/self/maps.)
     # In a fresh interpreter: stale pages_shared here would block max_page_sharing for
     # every later test.
     code = """
@@ -501,3 +498,64 @@ def test_dontneed_after_copy_on_write_reads_zeros_not_another_pages_bytes(owned:
             m.close()
         else:
             raw_munmap(a, 2 * PAGE)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation (README): UFFD_EVENT_REMAP is not handled yet (issue 'Kernel parity', item 4)",
+)
+def test_mremap_of_a_merged_page_keeps_its_bytes() -> None:
+    # The application moves a merged page (one VMA, so mremap works) and maps new
+    # memory at the old address. The frame the moved page maps must not be freed
+    # when ksm forgets the old address.
+    a, b, dst = raw_mmap(PAGE), raw_mmap(PAGE), raw_mmap(PAGE)
+    try:
+        pattern = page_pattern(55)
+        ctypes.memmove(a, pattern, PAGE)
+        ctypes.memmove(b, pattern, PAGE)
+        ksm.madvise(a, PAGE, MERGE)
+        ksm.madvise(b, PAGE, MERGE)
+        ksm.scan(2)
+        assert ksm.stats()["pages_sharing"] == 1
+        libc.mremap.restype = ctypes.c_void_p
+        libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        assert libc.mremap(b, PAGE, PAGE, 3, dst) == dst  # MREMAP_MAYMOVE | MREMAP_FIXED
+        assert raw_mmap(PAGE, fixed=b) == b
+        ctypes.memmove(b, b"n" * PAGE, PAGE)  # new memory where b was
+        ctypes.memmove(a, b"z" * PAGE, PAGE)  # a copies away: the frame's last known user
+        ksm.scan(3)
+        assert ctypes.string_at(dst, PAGE) == pattern
+    finally:
+        for x in (a, b, dst):
+            ksm.madvise(x, PAGE, UNMERGE)
+            raw_munmap(x, PAGE)
+
+
+def test_merged_pages_keep_their_own_protection() -> None:
+    # The application makes one page of an advised range read-only: merging must remap
+    # each page with its own protection (a crash here means a writable page came back
+    # read-only, the other way round read-only memory would become writable).
+    out = run_python(
+        """
+        import ctypes
+        import ksm
+        from conftest import PAGE, libc, page_pattern, raw_mmap, raw_mprotect
+        base = raw_mmap(4 * PAGE)
+        ctypes.memmove(base, page_pattern(9) * 4, 4 * PAGE)
+        ksm.madvise(base, 4 * PAGE, ksm.MADV_MERGEABLE)
+        raw_mprotect(base, PAGE, 1)  # PROT_READ
+        ksm.scan(2)
+        assert ksm.stats()["pages_sharing"] == 3, ksm.stats()
+        perms = {}
+        for line in open("/proc/self/maps"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            for i in range(4):
+                if lo <= base + i * PAGE < hi:
+                    perms[i] = line.split()[1]
+        print(perms)
+        assert perms[0].startswith("r--") and all(perms[i].startswith("rw-") for i in (1, 2, 3))
+        ctypes.memmove(base + 2 * PAGE, b"w", 1)
+        print("ok")
+        """
+    )
+    assert out.rstrip().endswith("ok")

@@ -226,6 +226,21 @@ impl Engine {
         let m = Mapping::anonymous(len).map_err(|e| Error::os("mmap", 0, len, e))?;
         let addr = m.addr();
         let mut st = self.lock();
+        // The kernel gave us this range, so anything we still track there is memory
+        // the application unmapped without telling us: forget it first.
+        let stale: Vec<usize> = st
+            .core
+            .regions()
+            .filter(|r| r.start < addr + len && r.end(page) > addr)
+            .map(|r| r.start)
+            .collect();
+        for start in stale {
+            let n = st.core.region_at(start).map_or(0, |r| r.pages.len());
+            for i in 0..n {
+                st.core.forget_vanished(start + i * page);
+            }
+            st.core.remove_region(start);
+        }
         st.core.mem.adopt(m);
         st.core.add_region(Region::new(
             addr,
@@ -460,15 +475,70 @@ impl Engine {
 
     fn begin_full_scan(&self, st: &mut State) {
         st.core.refresh_vma_allowance();
-        // Foreign regions: remap with the protection the application has now.
-        if st.core.regions().any(|r| !r.owned) {
-            if let Ok(vmas) = maps::read_self() {
-                for r in st.core.regions_mut().filter(|r| !r.owned) {
-                    if let Some(v) = vmas.iter().find(|v| v.start <= r.start && r.start < v.end) {
-                        r.prot = v.prot;
-                    }
+        if st.core.regions().all(|r| r.owned) && st.core.frames().suspects() == 0 {
+            return;
+        }
+        let Ok(vmas) = maps::read_self() else { return };
+        Self::follow_foreign_memory(st, &vmas);
+        if st.core.frames().suspects() > 0 {
+            let page = sys::page_size() as u64;
+            let inode = st.core.mem.pool.as_ref().map_or(0, |p| p.inode());
+            let pool: Vec<(u64, u64)> = vmas
+                .iter()
+                // Private mappings of the pool are merged pages (the shared one is our view).
+                .filter(|v| {
+                    !v.shared
+                        && v.inode == inode
+                        && v.path.starts_with(crate::pool::POOL_PATH_PREFIX)
+                })
+                .map(|v| {
+                    (
+                        v.offset / page,
+                        v.offset / page + ((v.end - v.start) as u64) / page,
+                    )
+                })
+                .collect();
+            st.core.free_unmapped_suspects(|f| {
+                pool.iter()
+                    .any(|&(s, e)| s <= u64::from(f) && u64::from(f) < e)
+            });
+        }
+    }
+
+    /// Memory ksm does not own, as the application has it now (read once per full
+    /// scan from /proc/self/maps): each page's protection, to remap it with; pages
+    /// whose mapping is gone or is no longer anonymous private memory are forgotten
+    /// with their advice, as the kernel's advice dies with its VMA.
+    fn follow_foreign_memory(st: &mut State, vmas: &[maps::Vma]) {
+        let page = sys::page_size();
+        let mut vanished = Vec::new();
+        for r in st.core.regions_mut().filter(|r| !r.owned) {
+            let mut i = 0;
+            let mut v = vmas.partition_point(|v| v.end <= r.start);
+            while i < r.pages.len() {
+                let addr = r.start + i * page;
+                while v < vmas.len() && vmas[v].end <= addr {
+                    v += 1;
                 }
+                match vmas.get(v).filter(|x| x.start <= addr && x.eligible()) {
+                    Some(x) => r.pages[i].set_prot(x.prot),
+                    None if r.pages[i].advised() => vanished.push(addr),
+                    None => {}
+                }
+                i += 1;
             }
+        }
+        for addr in vanished {
+            st.core.forget_vanished(addr);
+        }
+        let idle: Vec<usize> = st
+            .core
+            .regions()
+            .filter(|r| !r.owned && !r.any_advised())
+            .map(|r| r.start)
+            .collect();
+        for start in idle {
+            st.core.remove_region(start);
         }
     }
 

@@ -33,6 +33,8 @@ pub struct FrameTable {
     /// The frame handed out last (allocation continues after it).
     last: Option<FrameId>,
     deferred: Vec<FrameId>,
+    /// Unreferenced frames that a vanished mapping may still map (see `decref_suspect`).
+    suspects: Vec<FrameId>,
     capacity: u32,
     /// Incremented in the parent at every fork.
     fork_epoch: u32,
@@ -126,6 +128,43 @@ impl FrameTable {
             self.recycle(f);
             Release::Free(f)
         }
+    }
+
+    /// Drop one reference held by a page whose memory vanished behind our back (the
+    /// application unmapped or moved it): the mapping may live on elsewhere (`mremap`),
+    /// so on the last reference the frame becomes a suspect, kept with its bytes until
+    /// [`FrameTable::clear_suspects`] finds no mapping of it. Returns whether it did.
+    pub fn decref_suspect(&mut self, f: FrameId) -> bool {
+        let r = &mut self.refs[f as usize];
+        assert!(*r > 0, "frame {f} released more often than referenced");
+        *r -= 1;
+        if *r == 0 {
+            self.suspects.push(f);
+        }
+        *r == 0
+    }
+
+    /// Hand back the suspects that `mapped` says nothing maps, to punch.
+    pub fn clear_suspects(&mut self, mapped: impl Fn(FrameId) -> bool) -> Vec<FrameId> {
+        let (keep, unmapped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.suspects)
+            .into_iter()
+            .partition(|&f| mapped(f));
+        self.suspects = keep;
+        let mut free = Vec::new();
+        for f in unmapped {
+            // The fork rule still holds: a child may map it.
+            if self.born[f as usize] < self.fork_epoch && self.quiet_epoch < self.fork_epoch {
+                self.deferred.push(f);
+            } else {
+                self.recycle(f);
+                free.push(f);
+            }
+        }
+        free
+    }
+
+    pub fn suspects(&self) -> usize {
+        self.suspects.len()
     }
 
     /// Abandon a frame allocated by `alloc` that never got a reference.

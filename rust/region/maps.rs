@@ -13,6 +13,8 @@ pub struct Vma {
     pub end: usize,
     pub prot: i32,
     pub shared: bool,
+    /// File offset of `start` (for our pool: frame number × page size).
+    pub offset: u64,
     pub inode: u64,
     pub path: String,
 }
@@ -35,7 +37,7 @@ pub fn parse_line(line: &str) -> Option<Vma> {
     let mut it = line.splitn(6, ' ');
     let range = it.next()?;
     let perms = it.next()?.as_bytes();
-    let _offset = it.next()?;
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
     let _dev = it.next()?;
     let rest = it.next()?;
     let (inode, path) = match it.next() {
@@ -63,6 +65,7 @@ pub fn parse_line(line: &str) -> Option<Vma> {
         end,
         prot,
         shared: perms[3] == b's',
+        offset,
         inode: inode.trim().parse().ok()?,
         path: path.trim_end().to_string(),
     })

@@ -50,9 +50,23 @@ pub enum State {
     Inherited,
 }
 
+/// Bits of `flags` holding the page's protection (`PROT_READ|PROT_WRITE|PROT_EXEC`,
+/// shifted by one) for memory ksm does not own, where it can differ page by page.
+const PROT_SHIFT: u8 = 1;
+const PROT_BITS: u8 = 0b111 << PROT_SHIFT;
+
 impl PageRec {
     pub fn advised(&self) -> bool {
         self.flags & ADVISED != 0
+    }
+
+    pub fn prot(&self) -> i32 {
+        i32::from((self.flags & PROT_BITS) >> PROT_SHIFT)
+    }
+
+    pub fn set_prot(&mut self, prot: i32) {
+        let bits = (prot & 0b111) as u8;
+        self.flags = (self.flags & !PROT_BITS) | (bits << PROT_SHIFT);
     }
 }
 
@@ -63,8 +77,8 @@ pub struct Region {
     pub pages: Vec<PageRec>,
     /// Allocated by ksm (read directly) or by the application (read fault-safely).
     pub owned: bool,
-    /// Protection to use when remapping (`PROT_*`), refreshed from /proc/self/maps
-    /// for foreign regions.
+    /// Protection to use when remapping (`PROT_*`) for owned memory; foreign pages
+    /// keep theirs in their record, refreshed from /proc/self/maps every full scan.
     pub prot: i32,
     /// Registered with the userfaultfd in write-protect mode.
     pub registered: bool,
@@ -72,9 +86,11 @@ pub struct Region {
 
 impl Region {
     pub fn new(start: usize, npages: usize, owned: bool, prot: i32) -> Self {
+        let mut rec = PageRec::default();
+        rec.set_prot(prot);
         Region {
             start,
-            pages: vec![PageRec::default(); npages],
+            pages: vec![rec; npages],
             owned,
             prot,
             registered: false,
@@ -87,6 +103,15 @@ impl Region {
 
     pub fn end(&self, page: usize) -> usize {
         self.start + self.len(page)
+    }
+
+    /// The protection to remap page `i` with.
+    pub fn prot_of(&self, i: usize) -> i32 {
+        if self.owned {
+            self.prot
+        } else {
+            self.pages[i].prot()
+        }
     }
 
     pub fn any_advised(&self) -> bool {

@@ -302,14 +302,16 @@ impl<M: Mem> Core<M> {
                 continue;
             }
             let r = self.region_at(addr).expect("tracked");
+            let prot = r.prot_of((addr - r.start) / page);
             match runs.last_mut() {
                 Some(last)
                     if last.0 + last.1 == addr
+                        && last.2 == prot
                         && self.region_at(last.0).map(|x| x.start) == Some(r.start) =>
                 {
                     last.1 += page
                 }
-                _ => runs.push((addr, page, r.prot, r.owned)),
+                _ => runs.push((addr, page, prot, r.owned)),
             }
         }
         for (addr, len, prot, owned) in runs {
@@ -400,6 +402,15 @@ impl<M: Mem> Core<M> {
 
     fn drop_frame_ref(&mut self, f: FrameId) {
         let release = self.frames.decref(f);
+        self.frame_ref_dropped(f);
+        if let Release::Free(f) = release {
+            // A failed punch leaks the frame's bytes but never corrupts data.
+            let _ = self.mem.punch(f);
+        }
+    }
+
+    /// Counters and stable index after a frame lost a reference.
+    fn frame_ref_dropped(&mut self, f: FrameId) {
         if self.frames.refs(f) == 0 {
             self.counters.pages_shared -= 1;
             let h = self.frames.hash(f);
@@ -412,8 +423,33 @@ impl<M: Mem> Core<M> {
         } else {
             self.counters.pages_sharing -= 1;
         }
-        if let Release::Free(f) = release {
-            // A failed punch leaks the frame's bytes but never corrupts data.
+    }
+
+    /// The memory of `addr` vanished (the application unmapped it, or mapped something
+    /// else there): forget the page and its advice, as the kernel forgets a VMA's. A
+    /// frame it held is not freed blindly, since an `mremap` may have moved the mapping
+    /// elsewhere: it waits as a suspect until `free_unmapped_suspects`.
+    pub fn forget_vanished(&mut self, addr: usize) {
+        let rec = *self.rec_mut(addr);
+        if rec.state == State::Stable {
+            self.frames.decref_suspect(rec.frame);
+            self.frame_ref_dropped(rec.frame);
+            self.counters.rmap_items -= 1;
+            self.rec_mut(addr).state = State::Untracked;
+        } else {
+            self.forget(addr);
+        }
+        let r = self.rec_mut(addr);
+        *r = PageRec {
+            flags: r.flags & !ADVISED,
+            ..PageRec::default()
+        };
+        self.settled = false;
+    }
+
+    /// Punch the suspect frames that `mapped` says no mapping of this process holds.
+    pub fn free_unmapped_suspects(&mut self, mapped: impl Fn(FrameId) -> bool) {
+        for f in self.frames.clear_suspects(mapped) {
             let _ = self.mem.punch(f);
         }
     }
@@ -498,7 +534,7 @@ impl<M: Mem> Core<M> {
         let rec = self.rec(addr).expect("tracked");
         let (owned, prot) = {
             let r = self.region_at(addr).expect("tracked");
-            (r.owned, r.prot)
+            (r.owned, r.prot_of((addr - r.start) / self.page))
         };
         let t = Target { addr, owned, prot };
         match pres {
@@ -692,7 +728,7 @@ impl<M: Mem> Core<M> {
             Target {
                 addr: other,
                 owned: r.owned,
-                prot: r.prot,
+                prot: r.prot_of((other - r.start) / page),
             }
         };
         if !self.charge_vmas(2) {
@@ -849,7 +885,7 @@ impl<M: Mem> Core<M> {
         );
         assert_eq!(
             self.frames.live() as usize,
-            refs.len() + self.frames.deferred(),
+            refs.len() + self.frames.deferred() + self.frames.suspects(),
             "live frames"
         );
     }
