@@ -518,7 +518,8 @@ def test_mremap_of_a_merged_page_keeps_its_bytes() -> None:
         ksm.scan(2)
         assert ksm.stats()["pages_sharing"] == 1
         libc.mremap.restype = ctypes.c_void_p
-        libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        size = ctypes.c_size_t
+        libc.mremap.argtypes = [ctypes.c_void_p, size, size, ctypes.c_int, ctypes.c_void_p]
         assert libc.mremap(b, PAGE, PAGE, 3, dst) == dst  # MREMAP_MAYMOVE | MREMAP_FIXED
         assert raw_mmap(PAGE, fixed=b) == b
         ctypes.memmove(b, b"n" * PAGE, PAGE)  # new memory where b was
