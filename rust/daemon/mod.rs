@@ -23,7 +23,7 @@
 pub mod knobs;
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,6 @@ pub enum Availability {
 struct State {
     core: Core<Os>,
     knobs: Knobs,
-    avail: Availability,
     /// The pid that started the threads (a forked child has none).
     threads_pid: i32,
     fault_stop: Arc<AtomicBool>,
@@ -75,6 +74,11 @@ struct State {
 /// The per-process engine.
 pub struct Engine {
     state: Mutex<State>,
+    /// Callers waiting for `state` (the scanning loops let them in between batches:
+    /// the mutex is not fair, and a scanner that re-locks at once would starve them).
+    waiting: AtomicUsize,
+    /// The process the threads were last checked for (a forked child differs).
+    pid: AtomicI32,
     /// Wakes the scanner (knob changes, new advice).
     wake: Condvar,
     /// Signalled at the end of every full scan.
@@ -92,6 +96,12 @@ type Pieces = Vec<(usize, usize, Piece)>;
 thread_local! {
     /// Locks held across `fork()` by the forking thread (prepare → parent/child).
     static FORK_GUARDS: RefCell<Option<ForkGuards>> = const { RefCell::new(None) };
+}
+
+/// Whether merging can work in this process: probed once (it cannot change).
+fn availability() -> &'static Availability {
+    static AVAIL: OnceLock<Availability> = OnceLock::new();
+    AVAIL.get_or_init(probe_availability)
 }
 
 fn probe_availability() -> Availability {
@@ -133,7 +143,6 @@ impl Engine {
             state: Mutex::new(State {
                 core,
                 knobs: Knobs::default(),
-                avail: probe_availability(),
                 threads_pid: 0,
                 fault_stop: Arc::new(AtomicBool::new(false)),
                 last_quiet_check: None,
@@ -141,6 +150,8 @@ impl Engine {
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
+            waiting: AtomicUsize::new(0),
+            pid: AtomicI32::new(sys::getpid()),
         };
         let _ = ENGINE.set(engine);
         fork::register(fork::Handlers {
@@ -153,13 +164,38 @@ impl Engine {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let st = self.lock_raw();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        st
+    }
+
+    fn lock_raw(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves counters possibly off, never memory
         // unsafe; keep serving rather than poisoning every later call.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Restart threads in a forked child (they do not survive fork).
+    /// Between two batches of a scanning loop: release the lock, let every waiting
+    /// caller have it first (bounded), then take it again.
+    fn pass_lock<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        drop(st);
+        for _ in 0..10_000 {
+            if self.waiting.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        self.lock_raw()
+    }
+
+    /// Restart threads in a forked child (they do not survive fork). Lock-free unless
+    /// the process changed.
     fn after_fork_check(&'static self) {
+        let me = sys::getpid();
+        if self.pid.swap(me, Ordering::AcqRel) == me {
+            return;
+        }
         let mut st = self.lock();
         if st.knobs.run == 1 && st.threads_pid != sys::getpid() {
             self.start_threads(&mut st);
@@ -172,7 +208,7 @@ impl Engine {
     }
 
     pub fn availability(&self) -> Availability {
-        self.lock().avail.clone()
+        availability().clone()
     }
 
     fn start_threads(&'static self, st: &mut State) {
@@ -190,7 +226,7 @@ impl Engine {
         if let Some(u) = &st.core.mem.uffd {
             return Ok(u.clone());
         }
-        if let Availability::Unavailable(why) = &st.avail {
+        if let Availability::Unavailable(why) = availability() {
             return Err(Error::errno(
                 libc::EINVAL,
                 format!("merging is not available in this process: {why}"),
@@ -467,8 +503,7 @@ impl Engine {
                 }
             }
             // Let stats() and the application's calls in between batches.
-            drop(st);
-            st = self.lock();
+            st = self.pass_lock(st);
         }
         Ok(())
     }
@@ -582,11 +617,7 @@ impl Engine {
                 None
             };
             st = match sleep {
-                Some(d) if d.is_zero() => {
-                    drop(st);
-                    std::thread::yield_now();
-                    self.lock()
-                }
+                Some(d) if d.is_zero() => self.pass_lock(st),
                 Some(d) => {
                     self.wake
                         .wait_timeout(st, d)

@@ -130,7 +130,7 @@ impl Mmap {
     }
 
     /// State of the page holding byte `offset`.
-    fn page_state(&self, offset: usize) -> PyResult<&'static str> {
+    fn page_state(&self, py: Python<'_>, offset: usize) -> PyResult<&'static str> {
         self.check_open()?;
         if offset >= self.len {
             return Err(PyValueError::new_err(format!(
@@ -138,8 +138,9 @@ impl Mmap {
                 self.len
             )));
         }
-        let page = sys::page_size();
-        Ok(engine()?.page_state(self.addr + offset / page * page))
+        let (e, page) = (engine()?, sys::page_size());
+        let addr = self.addr + offset / page * page;
+        Ok(py.allow_threads(|| e.page_state(addr)))
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
@@ -201,7 +202,9 @@ impl Drop for Mmap {
     fn drop(&mut self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
             if let Some(e) = ENGINE_READY.get() {
-                e.free(self.addr);
+                // Dropped with the GIL held: release it while waiting for the engine.
+                let addr = self.addr;
+                Python::with_gil(|py| py.allow_threads(|| e.free(addr)));
             }
         }
     }
@@ -226,14 +229,14 @@ const STATS: &[&str] = &[
 
 #[pymethods]
 impl Ksmd {
-    fn __getattr__(&self, name: &str) -> PyResult<i64> {
+    fn __getattr__(&self, py: Python<'_>, name: &str) -> PyResult<i64> {
         let e = engine()?;
-        if let Some(v) = e.knobs().get(name) {
+        if let Some(v) = py.allow_threads(|| e.knobs()).get(name) {
             return Ok(v);
         }
         if STATS.contains(&name) {
-            return Ok(e
-                .snapshot()
+            return Ok(py
+                .allow_threads(|| e.snapshot())
                 .fields()
                 .into_iter()
                 .find(|(n, _)| *n == name)
@@ -323,7 +326,8 @@ fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
 
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let s = engine()?.snapshot();
+    let e = engine()?;
+    let s = py.allow_threads(|| e.snapshot());
     let d = PyDict::new(py);
     for (k, v) in s.fields() {
         if k == "settled" {
