@@ -560,3 +560,23 @@ def test_merged_pages_keep_their_own_protection() -> None:
         """
     )
     assert out.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize("advice", [18, 10, 16], ids=["WIPEONFORK", "DONTFORK", "DONTDUMP"])
+def test_memory_with_fork_or_dump_advice_is_never_merged(advice: int) -> None:
+    # Remapping a page would drop these flags (a forked child would read a secret the
+    # application asked to wipe, or it would end up in a core dump): never merged.
+    base = raw_mmap(2 * PAGE)
+    try:
+        ctypes.memmove(base, b"SECRET!!" * (2 * PAGE // 8), 2 * PAGE)
+        assert libc.madvise(base, 2 * PAGE, advice) == 0
+        before = ksm.stats()
+        ksm.madvise(base, 2 * PAGE, MERGE)
+        ksm.scan(2)
+        assert delta(before, ksm.stats(), "pages_shared", "pages_sharing") == {
+            "pages_shared": 0,
+            "pages_sharing": 0,
+        }
+    finally:
+        ksm.madvise(base, 2 * PAGE, UNMERGE)
+        raw_munmap(base, 2 * PAGE)

@@ -443,9 +443,23 @@ impl Engine {
     fn advise_foreign(st: &mut State, s: usize, e: usize, prot: i32) -> Result<()> {
         let page = sys::page_size();
         let u = Self::ensure_uffd(st)?;
-        // A range userfaultfd refuses (e.g. a special mapping) is accepted and never merged.
-        if u.register_wp(s, e - s).is_err() {
+        if maps::vm_flags(s).is_ok_and(|f| {
+            f.iter()
+                .any(|x| maps::NEVER_MERGE_FLAGS.contains(&x.as_str()))
+        }) {
             return Ok(());
+        }
+        match u.register_wp(s, e - s) {
+            Ok(()) => {}
+            // The kernel turns an allocation failure inside madvise into EAGAIN.
+            Err(err) if err.raw_os_error() == Some(libc::ENOMEM) => {
+                return Err(Error::errno(
+                    libc::EAGAIN,
+                    format!("registering {s:#x}..{e:#x}: {err}"),
+                ));
+            }
+            // A range userfaultfd refuses (e.g. a special mapping) is accepted, never merged.
+            Err(_) => return Ok(()),
         }
         let mut r = Region::new(s, (e - s) / page, false, prot);
         r.registered = true;
@@ -464,7 +478,10 @@ impl Engine {
         st.core.unadvise(s, e).map_err(|err| {
             Error::errno(
                 libc::EAGAIN,
-                format!("could not give merged pages in {s:#x}..{e:#x} private copies ({err}); nothing was lost, the range stays mergeable: retry when memory is available"),
+                format!(
+                    "could not give merged pages in {s:#x}..{e:#x} private copies ({err}); nothing was lost and the range stays mergeable{}",
+                    if err.raw_os_error() == Some(libc::ENOMEM) { ": retry when memory is available" } else { "" }
+                ),
             )
         })?;
         // Foreign regions with no advice left are forgotten (and unregistered).
@@ -604,7 +621,12 @@ impl Engine {
             if st.threads_pid != me {
                 return;
             }
-            let sleep = if st.knobs.run == 1 {
+            let sleep = if st.knobs.run == 1 && !st.core.any_advised() {
+                // Nothing registered: no scans, no full_scans (the kernel's ksmd idles).
+                Some(Duration::from_millis(
+                    u64::from(st.knobs.sleep_millisecs).max(20),
+                ))
+            } else if st.knobs.run == 1 {
                 if st.core.at_scan_start() {
                     self.begin_full_scan(&mut st);
                 }
@@ -635,7 +657,8 @@ impl Engine {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.lock();
         loop {
-            if st.core.settled() {
+            // Nothing advised: nothing to merge, settled by definition.
+            if st.core.settled() || !st.core.any_advised() {
                 return true;
             }
             if st.knobs.run != 1 {

@@ -81,6 +81,28 @@ pub fn read_self() -> std::io::Result<Vec<Vma>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/maps")?))
 }
 
+/// The `VmFlags:` of the VMA containing `addr`, from /proc/self/smaps (two-letter codes).
+pub fn vm_flags(addr: usize) -> std::io::Result<Vec<String>> {
+    let text = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut inside = false;
+    for line in text.lines() {
+        if let Some(v) = parse_line(line) {
+            inside = v.start <= addr && addr < v.end;
+        } else if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Ok(flags.split_whitespace().map(str::to_owned).collect());
+            }
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// VMA flags under which merging would break what the application asked for:
+/// `wf` (MADV_WIPEONFORK: a child must read zeros), `dc` (MADV_DONTFORK), `dd`
+/// (MADV_DONTDUMP) and `lo` (mlock: the kernel copies on lock, nothing is saved).
+/// A remap would drop the first three, so such memory is accepted and never merged.
+pub const NEVER_MERGE_FLAGS: &[&str] = &["wf", "dc", "dd", "lo"];
+
 /// Number of VMAs of this process (lines of /proc/self/maps).
 pub fn count_self() -> std::io::Result<u64> {
     let text = std::fs::read("/proc/self/maps")?;

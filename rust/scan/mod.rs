@@ -324,6 +324,12 @@ impl<M: Mem> Core<M> {
         Ok(())
     }
 
+    /// Whether any page is advised (ksmd has nothing to do otherwise, as the kernel's
+    /// has no registered mm).
+    pub fn any_advised(&self) -> bool {
+        self.regions.values().any(Region::any_advised)
+    }
+
     /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the parent's).
     pub fn has_merged_pages(&self, start: usize, end: usize) -> bool {
         self.pages_in(start, end)
@@ -603,8 +609,10 @@ impl<M: Mem> Core<M> {
             return false;
         }
         match self.stable_search(hash, buf) {
-            StableHit::Room(f) => return self.merge_with_frame(t, f),
-            StableHit::Full | StableHit::Miss => {}
+            // A failed merge (content changed under protection, or the VMA budget)
+            // falls through to the unstable index, as the kernel's does.
+            StableHit::Room(f) if self.merge_with_frame(t, f) => return true,
+            StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
         }
         if let Some(other) = self.unstable_search(hash, t.addr, buf) {
             if self.merge_pair(t, other, hash) {
