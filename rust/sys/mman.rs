@@ -1,9 +1,14 @@
 //! Memory mappings: mmap(2), munmap(2), madvise(2), mprotect(2), mremap(2).
 //!
-//! [`Mapping`] owns a range and unmaps it on drop. The functions that replace
-//! memory in place (`MAP_FIXED`, `mremap` to a fixed address, `MADV_DONTNEED`)
-//! are `unsafe fn`s whose callers (only `merge/`) prove that the range is one
-//! ksm manages and that its contents are preserved.
+//! [`Mapping`] owns a range and unmaps it on drop. The two functions that
+//! replace memory in place (`MAP_FIXED`, `mremap` to a fixed address) are
+//! crate-private and take a userfaultfd [`Window`]: proof that the range is
+//! write-protected by our context, so no write can land during the swap. The
+//! Window does not prove that the range is memory ksm tracks; that is the duty
+//! of their one caller, `merge::Os`, which only opens windows on tracked pages
+//! (memory the application advised, and ksm's own). ksm holds no Rust
+//! reference into such memory (it copies out of it), so replacing it with the
+//! same bytes cannot invalidate a borrow.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -63,7 +68,7 @@ impl Mapping {
     ///
     /// Only for mappings whose contents no other thread writes (the pool view:
     /// frames are written by `pwrite` before anyone can map them).
-    pub fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         assert!(
             offset.checked_add(len).is_some_and(|e| e <= self.len),
             "range outside mapping"
@@ -150,7 +155,7 @@ fn map(len: usize, prot: i32, flags: i32, fd: RawFd, off: i64) -> io::Result<Map
 /// userfaultfd and write-protected (no write can land during the swap) and ksm
 /// holds no Rust reference into advised memory; that the bytes are equal is the
 /// merge protocol's duty (it compares under the same window).
-pub fn map_file_fixed(w: &Window, prot: i32, fd: RawFd, offset: u64) -> io::Result<()> {
+pub(crate) fn map_file_fixed(w: &Window, prot: i32, fd: RawFd, offset: u64) -> io::Result<()> {
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: MAP_FIXED replaces exactly the window's range, which is protected and
@@ -174,7 +179,7 @@ pub fn map_file_fixed(w: &Window, prot: i32, fd: RawFd, offset: u64) -> io::Resu
 
 /// Move `scratch` over the write-protected window `w` (`mremap MAYMOVE|FIXED`):
 /// the unmerge step. `scratch` (a private copy of the window's bytes) is consumed.
-pub fn move_over(scratch: Mapping, w: &Window) -> io::Result<()> {
+pub(crate) fn move_over(scratch: Mapping, w: &Window) -> io::Result<()> {
     if scratch.len != w.len() {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }

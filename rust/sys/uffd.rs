@@ -294,7 +294,7 @@ impl Uffd {
 
     /// Open a merge window: write-protect `[start, start+len)`. Writers block in
     /// the fault thread until [`Uffd::close_window`].
-    pub fn open_window(&self, start: usize, len: usize) -> io::Result<Window> {
+    pub(crate) fn open_window(&self, start: usize, len: usize) -> io::Result<Window> {
         self.writeprotect(start, len, true)?;
         Ok(Window { addr: start, len })
     }
