@@ -11,7 +11,10 @@
 //! Why the fault thread ignores faults inside an open window: it must never
 //! unprotect a page under merge (the write would land on the page about to be
 //! replaced and be lost). The merger wakes such writers itself when it closes
-//! the window; for any other fault the fault thread just wakes the writer.
+//! the window. A write-protect fault outside every window is stale protection
+//! (a path that could not release it): the fault thread removes it, which also
+//! wakes the writer. The window list is checked and acted on under one lock,
+//! which `protect` also takes to publish a window before protecting.
 
 #![forbid(unsafe_code)]
 
@@ -39,10 +42,6 @@ pub struct Windows {
 }
 
 impl Windows {
-    /// Whether `addr` lies in an open window (the fault thread's question).
-    pub fn contains(&self, addr: usize) -> bool {
-        self.lock().iter().any(|&(s, e)| s <= addr && addr < e)
-    }
     fn add(&self, s: usize, len: usize) {
         self.lock().push((s, s + len));
     }
@@ -325,7 +324,7 @@ impl Mem for Os {
             let mut buf = vec![0u8; self.page];
             for off in (0..len).step_by(self.page) {
                 self.read(addr + off, owned, &mut buf)?;
-                scratch_write(&scratch, off, &buf);
+                scratch.copy_in(off, &buf);
             }
             if prot != libc::PROT_READ | libc::PROT_WRITE {
                 mman::protect_owned(&scratch, prot)?;
@@ -339,9 +338,4 @@ impl Mem for Os {
         self.release(addr, len, result.is_err());
         result
     }
-}
-
-/// Write into a scratch mapping we own and nobody else sees yet.
-fn scratch_write(m: &Mapping, off: usize, data: &[u8]) {
-    m.copy_in(off, data);
 }

@@ -279,7 +279,6 @@ impl<M: Mem> Core<M> {
     /// (indistinguishable to the application), nothing is lost.
     pub fn unadvise(&mut self, start: usize, end: usize) -> io::Result<()> {
         self.unmerge_range(start, end)?;
-        let page = self.page;
         let addrs: Vec<usize> = self
             .pages_in(start, end)
             .filter(|&(_, rec)| rec.advised())
@@ -289,7 +288,6 @@ impl<M: Mem> Core<M> {
             self.forget(a);
             self.rec_mut(a).flags &= !ADVISED;
         }
-        let _ = page;
         Ok(())
     }
 
