@@ -180,7 +180,8 @@ def stats() -> dict[str, int]:
     The kernel's (``pages_shared``, ``pages_sharing``, ``pages_unshared``,
     ``pages_volatile``, ``full_scans``, ``pages_scanned``, ``general_profit``)
     and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
-    bytes), ``deferred_frames`` (kept for a forked child), ``pool_bytes``
+    bytes), ``deferred_frames`` (kept for a forked child), ``suspect_frames`` (kept
+    until no mapping holds them, after the application unmapped merged memory), ``pool_bytes``
     (memory of the frame pool), ``merges``, ``merge_failures``, ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),
     ``vmas_used`` (VMAs of the process when last counted), ``vma_budget_skips``

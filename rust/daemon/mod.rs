@@ -294,8 +294,9 @@ impl Engine {
     /// Unmap ksm-owned memory starting at `addr` (its frames are released).
     pub fn free(&self, addr: usize) {
         let mut st = self.lock();
-        st.core.remove_region(addr);
+        // Unmap first, then release the frames: no moment where a page maps a punched frame.
         drop(st.core.mem.disown(addr));
+        st.core.remove_region(addr);
     }
 
     // ---- madvise ------------------------------------------------------------
@@ -743,6 +744,7 @@ impl Engine {
             rmap_items: c.rmap_items,
             frames: u64::from(st.core.frames().live()),
             deferred_frames: st.core.frames().deferred() as u64,
+            suspect_frames: st.core.frames().suspects() as u64,
             pool_bytes: st.core.mem.pool.as_ref().map_or(0, |p| p.allocated_bytes()),
             merges: c.merges,
             merge_failures: c.merge_failures,
