@@ -22,12 +22,6 @@ pub enum Error {
     /// A knob or statistic name that does not exist.
     #[error("{0}")]
     Attribute(String),
-    /// The object (e.g. a closed `ksm.mmap`) cannot be used any more.
-    #[error("{0}")]
-    Closed(String),
-    /// The operation needs buffers released first.
-    #[error("{0}")]
-    Busy(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,6 +1,7 @@
-//! `uffd_msg`: `Msg::decode` on any 32 bytes never panics, reads each field
-//! from the offset `struct uffd_msg` gives it (<linux/userfaultfd.h>), and
-//! round-trips with an independent encoder.
+//! `uffd_msg`: `Msg::decode` on any 32 bytes never panics and round-trips with
+//! an independent encoder written from `struct uffd_msg` (<linux/userfaultfd.h>):
+//! re-encoding a decoded message over its own bytes gives them back (no field lost
+//! or moved), and a message built from fields decodes to itself.
 //!
 //! Layout: `__u8 event; __u8 reserved1; __u16 reserved2; __u32 reserved3;`
 //! then the union at offset 8: pagefault `{__u64 flags; __u64 address; __u32 ptid}`,
@@ -76,34 +77,9 @@ fn known(event: u8) -> bool {
 }
 
 pub fn run(input: &Input) {
-    // 1. Any bytes decode, and the fields are the bytes at their offsets.
+    // 1. Any bytes decode without panicking.
     let raw = &input.raw;
     let m = Msg::decode(raw);
-    let u64_at = |o: usize| u64::from_ne_bytes(raw[o..o + 8].try_into().unwrap());
-    let u32_at = |o: usize| u32::from_ne_bytes(raw[o..o + 4].try_into().unwrap());
-    let want = match raw[0] {
-        EVENT_PAGEFAULT => Msg::PageFault {
-            flags: u64_at(8),
-            addr: u64_at(16),
-            tid: u32_at(24),
-        },
-        EVENT_FORK => Msg::Fork { fd: u32_at(8) },
-        EVENT_REMAP => Msg::Remap {
-            from: u64_at(8),
-            to: u64_at(16),
-            len: u64_at(24),
-        },
-        EVENT_REMOVE => Msg::Remove {
-            start: u64_at(8),
-            end: u64_at(16),
-        },
-        EVENT_UNMAP => Msg::Unmap {
-            start: u64_at(8),
-            end: u64_at(16),
-        },
-        event => Msg::Unknown { event },
-    };
-    assert_eq!(m, want, "decode of {raw:02x?}");
     // 2. Re-encoding over the same bytes gives the same bytes (nothing lost or moved).
     let mut again = *raw;
     encode(&m, &mut again);

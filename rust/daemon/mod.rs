@@ -271,11 +271,7 @@ impl Engine {
             .map(|r| r.start)
             .collect();
         for start in stale {
-            let n = st.core.region_at(start).map_or(0, |r| r.pages.len());
-            for i in 0..n {
-                st.core.forget_vanished(start + i * page);
-            }
-            st.core.remove_region(start);
+            st.core.remove_vanished_region(start);
         }
         st.core.mem.adopt(m);
         st.core.add_region(Region::new(
@@ -527,11 +523,15 @@ impl Engine {
     }
 
     fn begin_full_scan(&self, st: &mut State) {
-        st.core.refresh_vma_allowance();
-        if st.core.regions().all(|r| r.owned) && st.core.frames().suspects() == 0 {
+        // /proc/self/maps is parsed only when foreign memory or suspect frames need it;
+        // its line count then also gives the VMA budget (else a cheap count does).
+        let needs_maps = st.core.regions().any(|r| !r.owned) || st.core.frames().suspects() > 0;
+        let Some(vmas) = needs_maps.then(maps::read_self).and_then(Result::ok) else {
+            st.core.refresh_vma_allowance();
             return;
-        }
-        let Ok(vmas) = maps::read_self() else { return };
+        };
+        let allowance = st.core.mem.vma_allowance_for(vmas.len() as u64);
+        st.core.set_vma_allowance(allowance);
         Self::follow_foreign_memory(st, &vmas);
         if st.core.frames().suspects() > 0 {
             let page = sys::page_size() as u64;
@@ -566,19 +566,17 @@ impl Engine {
         let page = sys::page_size();
         let mut vanished = Vec::new();
         for r in st.core.regions_mut().filter(|r| !r.owned) {
-            let mut i = 0;
             let mut v = vmas.partition_point(|v| v.end <= r.start);
-            while i < r.pages.len() {
+            for (i, rec) in r.pages.iter_mut().enumerate() {
                 let addr = r.start + i * page;
                 while v < vmas.len() && vmas[v].end <= addr {
                     v += 1;
                 }
                 match vmas.get(v).filter(|x| x.start <= addr && x.eligible()) {
-                    Some(x) => r.pages[i].set_prot(x.prot),
-                    None if r.pages[i].advised() => vanished.push(addr),
+                    Some(x) => rec.set_prot(x.prot),
+                    None if rec.advised() => vanished.push(addr),
                     None => {}
                 }
-                i += 1;
             }
         }
         for addr in vanished {
@@ -728,11 +726,7 @@ impl Engine {
         let page = sys::page_size() as u64;
         let metadata_bytes = st.core.metadata_bytes();
         let vmas_added = st.core.vmas_added();
-        let (mut tracked, mut advised) = (0u64, 0u64);
-        for r in st.core.regions() {
-            tracked += r.pages.len() as u64;
-            advised += r.pages.iter().filter(|p| p.advised()).count() as u64;
-        }
+        let tracked: u64 = st.core.regions().map(|r| r.pages.len() as u64).sum();
         Snapshot {
             pages_shared: c.pages_shared,
             pages_sharing: c.pages_sharing,
@@ -752,7 +746,7 @@ impl Engine {
             vmas_added,
             metadata_bytes,
             tracked_pages: tracked,
-            advised_pages: advised,
+            advised_pages: st.core.advised_pages(),
             settled: st.core.settled(),
             vma_budget_skips: c.vma_budget_skips,
             vmas_used: st.core.mem.vmas_used,
@@ -774,14 +768,6 @@ impl Engine {
             .referenced()
             .map(|f| crate::scan::Mem::frame(&st.core.mem, f).to_vec())
             .collect()
-    }
-
-    /// Whether the page at `addr` (tracked) is advised.
-    pub fn is_advised(&self, addr: usize) -> bool {
-        let st = self.lock();
-        st.core
-            .region_at(addr)
-            .is_some_and(|r| r.pages[(addr - r.start) / sys::page_size()].advised())
     }
 }
 

@@ -135,6 +135,15 @@ impl Os {
         std::mem::take(&mut self.owned)
     }
 
+    /// The VMA budget (DESIGN.md §2) for a process with `used` VMAs: merging may use
+    /// at most half of vm.max_map_count, counting what the process already has, so
+    /// that the application's own mmap/munmap/malloc never start failing because of us.
+    pub fn vma_allowance_for(&mut self, used: u64) -> u64 {
+        let limit = maps::max_map_count().unwrap_or(65530);
+        self.vmas_used = used.min(limit);
+        (limit / 2).saturating_sub(used)
+    }
+
     /// Read pagemap for one page (for `page_state`).
     pub fn presence(&mut self, addr: usize) -> Presence {
         let mut p = [Presence::Absent];
@@ -237,13 +246,8 @@ impl Mem for Os {
     }
 
     fn vma_allowance(&mut self) -> u64 {
-        // The VMA budget (DESIGN.md §2): merging may use at most half of
-        // vm.max_map_count, counting what the process already has, so that the
-        // application's own mmap/munmap/malloc never start failing because of us.
-        let limit = maps::max_map_count().unwrap_or(65530);
-        let used = maps::count_self().unwrap_or(limit);
-        self.vmas_used = used;
-        (limit / 2).saturating_sub(used)
+        let used = maps::count_self().unwrap_or(u64::MAX);
+        self.vma_allowance_for(used)
     }
 
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
@@ -312,7 +316,9 @@ impl Mem for Os {
         mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f))?;
         // The page maps the frame now, whatever follows. The new VMA is not registered;
         // later merges and unmerges need it, and `protect` registers it if this fails.
-        let _ = self.uffd()?.register_wp(addr, self.page);
+        if let Ok(u) = self.uffd() {
+            let _ = u.register_wp(addr, self.page);
+        }
         Ok(())
     }
 
@@ -332,7 +338,9 @@ impl Mem for Os {
             let w = self.open.get(&addr).expect("window opened above");
             mman::move_over(scratch, w)?;
             // The private copies are in place; `protect` registers later if this fails.
-            let _ = self.uffd()?.register_wp(addr, len);
+            if let Ok(u) = self.uffd() {
+                let _ = u.register_wp(addr, len);
+            }
             Ok(())
         })();
         self.release(addr, len, result.is_err());

@@ -23,9 +23,8 @@ impl From<Error> for PyErr {
                 let errno = e.raw_errno().unwrap_or(libc::EIO);
                 PyOSError::new_err((errno, e.to_string()))
             }
-            Error::Value(m) | Error::Closed(m) => PyValueError::new_err(m),
+            Error::Value(m) => PyValueError::new_err(m),
             Error::Attribute(m) => PyAttributeError::new_err(m),
-            Error::Busy(m) => PyBufferError::new_err(m),
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct Core<M: Mem> {
     changes: u64,
     /// Whether the last completed full scan changed nothing.
     settled: bool,
+    /// Pages with the ADVISED flag (kept, so that ksmd can tell "nothing to do" cheaply).
+    advised: u64,
     pub max_page_sharing: u32,
     /// VMAs merging may still add before the budget is reached (the engine sets it
     /// from `vm.max_map_count` at every full scan). Each merged page is charged 2,
@@ -147,6 +149,7 @@ impl<M: Mem> Core<M> {
             counters: Counters::default(),
             changes: 0,
             settled: false,
+            advised: 0,
             max_page_sharing: 256,
             vma_allowance: u64::MAX,
             charges_since_count: 0,
@@ -226,13 +229,16 @@ impl<M: Mem> Core<M> {
             "overlapping regions"
         );
         self.settled = false;
+        self.advised += region.pages.iter().filter(|p| p.advised()).count() as u64;
         self.regions.insert(region.start, region);
     }
 
     /// Stop tracking the region starting at `start` (its memory is about to be
     /// unmapped): every frame reference it held is dropped.
     pub fn remove_region(&mut self, start: usize) -> Option<Region> {
-        let n = self.regions.get(&start)?.pages.len();
+        let r = self.regions.get(&start)?;
+        let n = r.pages.len();
+        self.advised -= r.pages.iter().filter(|p| p.advised()).count() as u64;
         for i in 0..n {
             self.forget(start + i * self.page);
         }
@@ -247,6 +253,7 @@ impl<M: Mem> Core<M> {
 
     /// Take every region out (a forked child rebuilds its engine from them).
     pub fn take_regions(&mut self) -> Vec<Region> {
+        self.advised = 0;
         std::mem::take(&mut self.regions).into_values().collect()
     }
 
@@ -271,6 +278,7 @@ impl<M: Mem> Core<M> {
         if n > 0 {
             self.settled = false;
         }
+        self.advised += n as u64;
         n
     }
 
@@ -284,6 +292,7 @@ impl<M: Mem> Core<M> {
             .filter(|&(_, rec)| rec.advised())
             .map(|(a, _)| a)
             .collect();
+        self.advised -= addrs.len() as u64;
         for a in addrs {
             self.forget(a);
             self.rec_mut(a).flags &= !ADVISED;
@@ -325,7 +334,12 @@ impl<M: Mem> Core<M> {
     /// Whether any page is advised (ksmd has nothing to do otherwise, as the kernel's
     /// has no registered mm).
     pub fn any_advised(&self) -> bool {
-        self.regions.values().any(Region::any_advised)
+        self.advised > 0
+    }
+
+    /// Pages advised mergeable.
+    pub fn advised_pages(&self) -> u64 {
+        self.advised
     }
 
     /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the parent's).
@@ -375,6 +389,12 @@ impl<M: Mem> Core<M> {
 
     /// Drop the record of `addr` back to `Untracked`, releasing what it held.
     fn forget(&mut self, addr: usize) {
+        self.forget_as(addr, false);
+    }
+
+    /// `forget`; `vanished`: the page's memory disappeared behind our back, so a frame
+    /// it held becomes a suspect instead of being freed (see `forget_vanished`).
+    fn forget_as(&mut self, addr: usize, vanished: bool) {
         let rec = *self.rec_mut(addr);
         match rec.state {
             State::Untracked => return,
@@ -384,6 +404,10 @@ impl<M: Mem> Core<M> {
                 return;
             }
             State::Unstable => self.counters.pages_unshared -= 1,
+            State::Stable if vanished => {
+                self.frames.decref_suspect(rec.frame);
+                self.frame_ref_dropped(rec.frame);
+            }
             State::Stable => self.drop_frame_ref(rec.frame),
             State::Volatile => {}
         }
@@ -434,21 +458,21 @@ impl<M: Mem> Core<M> {
     /// frame it held is not freed blindly, since an `mremap` may have moved the mapping
     /// elsewhere: it waits as a suspect until `free_unmapped_suspects`.
     pub fn forget_vanished(&mut self, addr: usize) {
-        let rec = *self.rec_mut(addr);
-        if rec.state == State::Stable {
-            self.frames.decref_suspect(rec.frame);
-            self.frame_ref_dropped(rec.frame);
-            self.counters.rmap_items -= 1;
-            self.rec_mut(addr).state = State::Untracked;
-        } else {
-            self.forget(addr);
-        }
+        self.forget_as(addr, true);
         let r = self.rec_mut(addr);
-        *r = PageRec {
-            flags: r.flags & !ADVISED,
-            ..PageRec::default()
-        };
+        let was_advised = r.advised();
+        r.flags &= !ADVISED;
+        self.advised -= u64::from(was_advised);
         self.settled = false;
+    }
+
+    /// Forget a whole region whose memory vanished (see `forget_vanished`).
+    pub fn remove_vanished_region(&mut self, start: usize) {
+        let n = self.regions.get(&start).map_or(0, |r| r.pages.len());
+        for i in 0..n {
+            self.forget_vanished(start + i * self.page);
+        }
+        self.remove_region(start);
     }
 
     /// Punch the suspect frames that `mapped` says no mapping of this process holds.
@@ -511,7 +535,13 @@ impl<M: Mem> Core<M> {
 
     /// Read the VMA budget afresh (the engine calls this at every full scan).
     pub fn refresh_vma_allowance(&mut self) {
-        self.vma_allowance = self.mem.vma_allowance();
+        let n = self.mem.vma_allowance();
+        self.set_vma_allowance(n);
+    }
+
+    /// Set the VMA budget from a count the caller already has.
+    pub fn set_vma_allowance(&mut self, n: u64) {
+        self.vma_allowance = n;
         self.charges_since_count = 0;
     }
 
@@ -684,8 +714,7 @@ impl<M: Mem> Core<M> {
     fn charge_vmas(&mut self, pages: u64) -> bool {
         let need = 2 * pages;
         if self.vma_allowance < need && self.charges_since_count >= 256 {
-            self.vma_allowance = self.mem.vma_allowance();
-            self.charges_since_count = 0;
+            self.refresh_vma_allowance();
         }
         if self.vma_allowance < need {
             self.counters.vma_budget_skips += 1;
@@ -858,6 +887,12 @@ impl<M: Mem> Core<M> {
     pub fn check_invariants(&self) {
         let mut c = Counters::default();
         let mut refs: HashMap<FrameId, u32> = HashMap::new();
+        let advised: usize = self
+            .regions
+            .values()
+            .map(|r| r.pages.iter().filter(|p| p.advised()).count())
+            .sum();
+        assert_eq!(advised as u64, self.advised, "advised pages");
         for r in self.regions.values() {
             for p in &r.pages {
                 match p.state {

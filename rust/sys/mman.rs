@@ -207,14 +207,3 @@ pub fn protect_owned(m: &Mapping, prot: i32) -> io::Result<()> {
     cvt(unsafe { libc::mprotect(m.addr as *mut libc::c_void, m.len, prot) })?;
     Ok(())
 }
-
-/// Set `MADV_NOHUGEPAGE`/`MADV_HUGEPAGE`-class advice that never changes contents.
-pub fn advise_hint(addr: usize, len: usize, advice: i32) -> io::Result<()> {
-    assert!(matches!(
-        advice,
-        libc::MADV_NOHUGEPAGE | libc::MADV_HUGEPAGE
-    ));
-    // SAFETY: these advice values only change huge-page policy, never memory contents.
-    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) })?;
-    Ok(())
-}
