@@ -15,6 +15,10 @@ pub struct Snapshot {
     pub pages_volatile: u64,
     pub full_scans: u64,
     pub pages_scanned: u64,
+    pub pages_skipped: u64,
+    pub stable_node_chains: u64,
+    pub stable_node_dups: u64,
+    pub ksm_zero_pages: u64,
     pub general_profit: i64,
     // Ours.
     pub rmap_items: u64,
@@ -45,6 +49,10 @@ impl Snapshot {
             ("pages_volatile", u(self.pages_volatile)),
             ("full_scans", u(self.full_scans)),
             ("pages_scanned", u(self.pages_scanned)),
+            ("pages_skipped", u(self.pages_skipped)),
+            ("stable_node_chains", u(self.stable_node_chains)),
+            ("stable_node_dups", u(self.stable_node_dups)),
+            ("ksm_zero_pages", u(self.ksm_zero_pages)),
             ("general_profit", self.general_profit),
             ("rmap_items", u(self.rmap_items)),
             ("frames", u(self.frames)),
@@ -64,10 +72,11 @@ impl Snapshot {
         ]
     }
 
-    /// The kernel's `general_profit`, charging our real costs: bytes saved by
-    /// sharing, minus our bookkeeping and the kernel memory of the VMAs we added.
-    pub fn profit(pages_sharing: u64, page: u64, metadata_bytes: u64, vmas_added: u64) -> i64 {
-        let saved = i128::from(pages_sharing) * i128::from(page);
+    /// The kernel's `general_profit` (and `ksm_process_profit`), charging our real
+    /// costs: bytes of the `pages` saved, minus our bookkeeping and the kernel memory
+    /// of the VMAs we added (the kernel charges 64 bytes per rmap_item instead).
+    pub fn profit(pages: u64, page: u64, metadata_bytes: u64, vmas_added: u64) -> i64 {
+        let saved = i128::from(pages) * i128::from(page);
         let cost = i128::from(metadata_bytes) + i128::from(vmas_added) * i128::from(VMA_BYTES);
         i64::try_from(saved - cost).unwrap_or(i64::MIN)
     }
@@ -86,7 +95,7 @@ mod tests {
     #[test]
     fn fields_start_with_the_kernel_names() {
         let f = Snapshot::default().fields();
-        let names: Vec<_> = f.iter().map(|(n, _)| *n).take(7).collect();
+        let names: Vec<_> = f.iter().map(|(n, _)| *n).take(11).collect();
         assert_eq!(
             names,
             [
@@ -96,8 +105,25 @@ mod tests {
                 "pages_volatile",
                 "full_scans",
                 "pages_scanned",
+                "pages_skipped",
+                "stable_node_chains",
+                "stable_node_dups",
+                "ksm_zero_pages",
                 "general_profit"
             ]
         );
     }
+}
+
+/// `/proc/self/ksm_stat` (KERNEL-KSM.md §4.3).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KsmStat {
+    pub ksm_rmap_items: u64,
+    pub ksm_zero_pages: u64,
+    /// Pages of this process that map a shared frame (first sharers included).
+    pub ksm_merging_pages: u64,
+    pub ksm_process_profit: i64,
+    pub ksm_merge_any: bool,
+    /// Whether any page is advised mergeable.
+    pub ksm_mergeable: bool,
 }

@@ -49,7 +49,22 @@ settings.load_profile(os.environ.get("KSM_HYPOTHESIS_PROFILE", "fast"))
 
 # ---- state around every test -----------------------------------------------------
 
-KNOB_DEFAULTS = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20, "max_page_sharing": 256}
+# advisor_mode first: pages_to_scan cannot be set while the advisor is on.
+KNOB_DEFAULTS: dict[str, int | str] = {
+    "advisor_mode": "none",
+    "run": 0,
+    "pages_to_scan": 100,
+    "sleep_millisecs": 20,
+    "max_page_sharing": 256,
+    "use_zero_pages": 0,
+    "merge_across_nodes": 1,
+    "stable_node_chains_prune_millisecs": 2000,
+    "smart_scan": 1,
+    "advisor_max_cpu": 70,
+    "advisor_min_pages_to_scan": 500,
+    "advisor_max_pages_to_scan": 30000,
+    "advisor_target_scan_time": 200,
+}
 
 
 class _TrackedMmap(ksm.mmap):
@@ -83,6 +98,7 @@ def ksm_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         except BufferError:
             leaked.append(m)
     _TrackedMmap.live = []
+    ksm.set_memory_merge(False)
     for name, value in KNOB_DEFAULTS.items():
         if getattr(ksm.ksmd, name) != value:
             setattr(ksm.ksmd, name, value)

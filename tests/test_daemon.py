@@ -17,6 +17,10 @@ STATISTICS = (
     "pages_volatile",
     "full_scans",
     "pages_scanned",
+    "pages_skipped",
+    "stable_node_chains",
+    "stable_node_dups",
+    "ksm_zero_pages",
     "general_profit",
 )
 
@@ -27,7 +31,21 @@ RANGES = {
     "pages_to_scan": (0, U32),
     "sleep_millisecs": (0, U32),
     "max_page_sharing": (2, 2**31 - 1),
+    "use_zero_pages": (0, 1),
+    "merge_across_nodes": (0, 1),
+    "stable_node_chains_prune_millisecs": (0, U32),
+    "smart_scan": (0, 1),
+    "advisor_max_cpu": (0, U32),
+    "advisor_min_pages_to_scan": (0, U32),
+    "advisor_max_pages_to_scan": (0, U32),
+    "advisor_target_scan_time": (1, U32),
 }
+BOOLEAN_KNOBS = {"use_zero_pages", "merge_across_nodes", "smart_scan"}
+
+
+def test_every_knob_is_in_the_tables() -> None:
+    knobs = set(dir(ksm.ksmd)) - set(STATISTICS)
+    assert knobs == set(KNOB_DEFAULTS) == set(RANGES) | {"advisor_mode"}
 
 
 def test_available_here() -> None:
@@ -38,7 +56,7 @@ def test_available_here() -> None:
 @pytest.mark.parametrize("name", sorted(KNOB_DEFAULTS))
 def test_knob_defaults(name: str) -> None:
     value = getattr(ksm.ksmd, name)
-    assert type(value) is int
+    assert type(value) is type(KNOB_DEFAULTS[name])
     assert value == KNOB_DEFAULTS[name]
 
 
@@ -64,10 +82,70 @@ def test_invalid_knob_values_are_refused_and_change_nothing(name: str) -> None:
             # The message names the accepted range.
             assert str(lo) in str(info.value) and str(hi) in str(info.value)
         assert getattr(ksm.ksmd, name) == before
-    for bad_type in ("1", 1.0, None, True):
-        with pytest.raises((TypeError, ValueError)):
+    for bad_type in ("1", 1.0, None, b"1", *(() if name in BOOLEAN_KNOBS else (True,))):
+        with pytest.raises(TypeError) as type_info:
             setattr(ksm.ksmd, name, bad_type)
+        assert name in str(type_info.value)
         assert getattr(ksm.ksmd, name) == before
+
+
+@pytest.mark.parametrize("name", sorted(BOOLEAN_KNOBS))
+def test_boolean_knobs_take_bools(name: str) -> None:
+    for value in (False, True):
+        setattr(ksm.ksmd, name, value)
+        assert getattr(ksm.ksmd, name) == int(value)
+
+
+def test_advisor_mode_values_and_side_effects() -> None:
+    assert ksm.ksmd.advisor_mode == "none"
+    for bad in ("None", "scan_time", "", 1, None):
+        with pytest.raises((ValueError, TypeError)) as info:
+            ksm.ksmd.advisor_mode = bad  # type: ignore[assignment]
+        assert "advisor_mode" in str(info.value)
+        assert ksm.ksmd.advisor_mode == "none"
+    ksm.ksmd.pages_to_scan = 1234
+    ksm.ksmd.advisor_min_pages_to_scan = 900
+    # As the kernel: switching to scan-time sets pages_to_scan to the minimum, and
+    # pages_to_scan cannot be written while the advisor owns it.
+    ksm.ksmd.advisor_mode = "scan-time"
+    assert ksm.ksmd.advisor_mode == "scan-time"
+    assert ksm.ksmd.pages_to_scan == 900
+    with pytest.raises(ValueError, match="advisor"):
+        ksm.ksmd.pages_to_scan = 5
+    assert ksm.ksmd.pages_to_scan == 900
+    ksm.ksmd.advisor_mode = "scan-time"  # the current mode: nothing changes
+    assert ksm.ksmd.pages_to_scan == 900
+    # Switching back resets pages_to_scan to 100 (the user's 1234 is lost, as in the kernel).
+    ksm.ksmd.advisor_mode = "none"
+    assert ksm.ksmd.pages_to_scan == 100
+
+
+def test_the_advisor_sets_pages_to_scan_after_each_full_scan() -> None:
+    with ksm.mmap(256 * PAGE) as m:
+        fill(m, [page_pattern(i) for i in range(256)])
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.ksmd.advisor_target_scan_time = 1
+        ksm.ksmd.advisor_mode = "scan-time"
+        assert ksm.ksmd.pages_to_scan == 500
+        ksm.scan(1)
+        # 256 pages scanned in far less than the 1 s target: the advisor slows down
+        # (the kernel's 10 % CPU floor would pin it at advisor_max_pages_to_scan).
+        after = ksm.ksmd.pages_to_scan
+        assert 1 <= after < 500
+        assert after < ksm.ksmd.advisor_max_pages_to_scan
+
+
+def test_merge_across_nodes_is_busy_while_pages_are_shared() -> None:
+    with ksm.mmap(4 * PAGE) as m:
+        m[:] = page_pattern(1) * 4
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(2)
+        with pytest.raises(OSError) as info:
+            ksm.ksmd.merge_across_nodes = 0
+        assert info.value.errno == errno.EBUSY
+        ksm.ksmd.merge_across_nodes = 1  # the current value is fine
+    ksm.ksmd.merge_across_nodes = 0
+    assert ksm.ksmd.merge_across_nodes == 0
 
 
 def test_max_page_sharing_is_busy_while_pages_are_shared() -> None:

@@ -89,8 +89,11 @@ class KsmMachine(RuleBasedStateMachine):
     def settle(self) -> None:
         # Two full scans with no write in between: every advised page is stable now,
         # so each one whose content another advised page has too must be merged
-        # (max_page_sharing is far away).
+        # (max_page_sharing is far away). Smart scan would skip pages that were
+        # unique for a while (as the kernel's does) for up to 8 more scans: off here.
+        ksm.ksmd.smart_scan = 0
         ksm.scan(2)
+        ksm.ksmd.smart_scan = 1
         content = [bytes(self.model[p * PAGE : (p + 1) * PAGE]) for p in range(NPAGES)]
         advised = [p for p in range(NPAGES) if self.advised[p]]
         for p in advised:

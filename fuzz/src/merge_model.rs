@@ -95,6 +95,10 @@ pub enum Op {
     VmaBudget { n: Option<u8> },
     /// `refresh_vma_allowance()` (the engine does it at every full scan).
     RefreshVma,
+    /// `use_zero_pages = on`.
+    ZeroPages { on: bool },
+    /// `smart_scan = on`.
+    SmartScan { on: bool },
 }
 
 /// Parsed as the setup, then operations until the bytes run out (derived
@@ -190,6 +194,9 @@ impl Mem for ChildMem {
     }
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
         self.fake.unmerge_run(addr, len, prot, owned)
+    }
+    fn zap(&mut self, addr: usize) -> io::Result<()> {
+        self.fake.zap(addr)
     }
 }
 
@@ -449,7 +456,11 @@ impl Harness {
                 let fail_map = self.core.mem.fake.fail_map;
                 self.core.mem.fake.fail_map = false;
                 let skips = self.core.counters().vma_budget_skips;
+                // Smart scan may skip a page for up to 8 visits: completeness after 3
+                // full scans holds without it.
+                let smart = std::mem::replace(&mut self.core.smart_scan, false);
                 self.core.scan_full(3);
+                self.core.smart_scan = smart;
                 self.core.mem.fake.fail_map = fail_map;
                 if self.core.counters().vma_budget_skips == skips {
                     self.check_complete();
@@ -504,6 +515,8 @@ impl Harness {
                 self.core.refresh_vma_allowance();
             }
             Op::RefreshVma => self.core.refresh_vma_allowance(),
+            Op::ZeroPages { on } => self.core.use_zero_pages = on,
+            Op::SmartScan { on } => self.core.smart_scan = on,
         }
     }
 
@@ -548,6 +561,14 @@ impl Harness {
                     assert!(advised, "unadvised page {a:#x} maps frame {f}");
                     *mapped_count.entry(f).or_default() += 1;
                 }
+                if state == State::Zero {
+                    // Still the zero page, or written since (the next visit sees it present).
+                    assert!(
+                        !fake.maps_frame(a)
+                            && (r.data[pi].iter().all(|&b| b == 0) || fake.is_anon(a)),
+                        "page {a:#x} recorded as the zero page but is not"
+                    );
+                }
                 if state == State::Stable {
                     assert!(
                         fake.maps_frame(a) || r.cowed[pi],
@@ -591,7 +612,14 @@ impl Harness {
         for (ri, r) in self.regions.iter().enumerate().filter(|(_, r)| r.present) {
             for pi in 0..r.npages {
                 let a = self.addr(ri, pi);
-                if !r.advised[pi] || !r.written[pi] || self.core.mem.fake.maps_frame(a) {
+                if !r.advised[pi]
+                    || !r.written[pi]
+                    || self.core.mem.fake.maps_frame(a)
+                    || self.rec_state(a).0 == State::Zero
+                    // Dropped to the zero page (and its record since forgotten by an
+                    // unmerge): holds no memory, nothing to merge.
+                    || !self.core.mem.fake.is_anon(a)
+                {
                     continue;
                 }
                 if let Some(other) = unmerged.insert(&r.data[pi][..], a) {

@@ -21,9 +21,12 @@ __all__ = [
     "_after_fork_child",
     "_uffd_info",
     "available",
+    "get_memory_merge",
+    "ksm_stat",
     "ksmd",
     "madvise",
     "scan",
+    "set_memory_merge",
     "stats",
     "unavailable_reason",
     "wait_settled",
@@ -94,24 +97,53 @@ class Mmap(Buffer):
 class Ksmd:
     """The daemon: knobs and statistics of ``/sys/kernel/mm/ksm/``, per process.
 
-    Knobs (read-write, the kernel's names, defaults and ranges):
-    ``run`` (0 stop and keep merges, 1 run, 2 stop and unmerge everything,
-    which also resets ``full_scans``), ``pages_to_scan`` (100; 0..2**32-1),
-    ``sleep_millisecs`` (20; 0..2**32-1), ``max_page_sharing`` (256;
-    2..2**31-1, changeable only while ``pages_shared`` is 0: OSError EBUSY).
+    Knobs (read-write; the kernel's names, defaults and ranges):
+
+    - ``run`` (0): 0 stop and keep merges, 1 run, 2 stop and unmerge everything
+      (which also resets ``full_scans``).
+    - ``pages_to_scan`` (100; 0..2**32-1): pages per batch. Refused (ValueError)
+      while ``advisor_mode`` is ``"scan-time"``, which sets it.
+    - ``sleep_millisecs`` (20; 0..2**32-1): pause between batches.
+    - ``max_page_sharing`` (256; 2..2**31-1): most pages per frame; a content with
+      more users gets more frames (``stable_node_chains``/``stable_node_dups``).
+      Changeable only while ``pages_shared`` is 0 (OSError EBUSY).
+    - ``use_zero_pages`` (0; 0/1 or bool): all-zero pages are dropped to the
+      kernel's zero page instead of merged, counted in ``ksm_zero_pages``.
+    - ``merge_across_nodes`` (1; 0/1): accepted as the kernel's; with one NUMA
+      node it changes nothing. Changeable only while ``pages_shared`` is 0 (EBUSY).
+    - ``stable_node_chains_prune_millisecs`` (2000; 0..2**32-1): accepted; ksm
+      frees a frame as soon as its last user leaves, so there is nothing to prune.
+    - ``smart_scan`` (1; 0/1): skip pages that keep failing to merge (``pages_skipped``).
+    - ``advisor_mode`` (``"none"``; or ``"scan-time"``): let the advisor set
+      ``pages_to_scan`` so that a full scan takes ``advisor_target_scan_time``
+      seconds (1..2**32-1, default 200) within ``advisor_max_cpu`` percent of a
+      CPU (70; 0..2**32-1), capped at ``advisor_max_pages_to_scan`` (30000);
+      switching it on sets ``pages_to_scan`` to ``advisor_min_pages_to_scan``
+      (500), switching it off to 100, as the kernel does.
 
     Statistics (read-only, the kernel's definitions): ``pages_shared``,
     ``pages_sharing``, ``pages_unshared``, ``pages_volatile``, ``full_scans``,
-    ``pages_scanned``, ``general_profit``.
+    ``pages_scanned``, ``pages_skipped``, ``stable_node_chains``,
+    ``stable_node_dups``, ``ksm_zero_pages``, ``general_profit``.
 
     An unknown name raises AttributeError; a value out of range raises
-    ValueError naming the range, and nothing changes.
+    ValueError naming the range, a value of the wrong type TypeError, and
+    nothing changes.
     """
 
     run: int
     pages_to_scan: int
     sleep_millisecs: int
     max_page_sharing: int
+    use_zero_pages: int
+    merge_across_nodes: int
+    stable_node_chains_prune_millisecs: int
+    smart_scan: int
+    advisor_mode: str
+    advisor_max_cpu: int
+    advisor_min_pages_to_scan: int
+    advisor_max_pages_to_scan: int
+    advisor_target_scan_time: int
     @property
     def pages_shared(self) -> int: ...
     @property
@@ -125,9 +157,17 @@ class Ksmd:
     @property
     def pages_scanned(self) -> int: ...
     @property
+    def pages_skipped(self) -> int: ...
+    @property
+    def stable_node_chains(self) -> int: ...
+    @property
+    def stable_node_dups(self) -> int: ...
+    @property
+    def ksm_zero_pages(self) -> int: ...
+    @property
     def general_profit(self) -> int: ...
-    def __getattr__(self, name: str) -> int: ...
-    def __setattr__(self, name: str, value: int, /) -> None: ...
+    def __getattr__(self, name: str) -> int | str: ...
+    def __setattr__(self, name: str, value: int | str, /) -> None: ...
 
 ksmd: Ksmd
 """The process's daemon."""
@@ -178,8 +218,9 @@ def stats() -> dict[str, int]:
     """Every statistic in one consistent snapshot.
 
     The kernel's (``pages_shared``, ``pages_sharing``, ``pages_unshared``,
-    ``pages_volatile``, ``full_scans``, ``pages_scanned``, ``general_profit``)
-    and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
+    ``pages_volatile``, ``full_scans``, ``pages_scanned``, ``pages_skipped``,
+    ``stable_node_chains``, ``stable_node_dups``, ``ksm_zero_pages``,
+    ``general_profit``) and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
     bytes), ``deferred_frames`` (kept for a forked child), ``suspect_frames`` (kept
     until no mapping holds them, after the application unmapped merged memory), ``pool_bytes``
     (memory of the frame pool), ``merges``, ``merge_failures``, ``cows``
@@ -189,8 +230,38 @@ def stats() -> dict[str, int]:
     ``vm.max_map_count``), ``metadata_bytes`` (our bookkeeping of advised
     memory), ``tracked_pages``, ``advised_pages``, ``settled`` (bool: the last
     full scan changed nothing).
-    ``general_profit`` = pages_sharing * PAGE_SIZE - metadata_bytes - vmas_added * 210.
+    ``general_profit`` = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes
+    - vmas_added * 210. ``pages_shared + pages_sharing + pages_unshared +
+    pages_volatile == rmap_items`` in every snapshot.
     """
+
+def ksm_stat() -> dict[str, int | bool]:
+    """This process's ``/proc/self/ksm_stat``, one consistent snapshot.
+
+    Keys: ``ksm_rmap_items`` (pages with a record), ``ksm_zero_pages`` (pages
+    dropped to the zero page by ``use_zero_pages``), ``ksm_merging_pages``
+    (pages mapping a shared frame, first sharers included), ``ksm_process_profit``
+    ((merging + zero pages) * PAGE_SIZE minus our bookkeeping and added VMAs),
+    ``ksm_merge_any`` (bool, :func:`get_memory_merge`), ``ksm_mergeable``
+    (bool: some page is advised).
+    """
+
+def set_memory_merge(enable: bool) -> None:
+    """Like ``prctl(PR_SET_MEMORY_MERGE, enable)`` for the memory ksm owns.
+
+    True: every ``ksm.mmap`` region, existing and future, is mergeable.
+    False: every region (advised ones of any kind too) is unmerged and loses its
+    advice. Setting the current state does nothing.
+
+    Raises:
+        TypeError: ``enable`` is not a bool or int.
+        OSError: EINVAL when merging is unavailable here; EAGAIN when merged
+            pages could not get private copies (merge-any then stays on,
+            nothing is lost).
+    """
+
+def get_memory_merge() -> bool:
+    """Like ``prctl(PR_GET_MEMORY_MERGE)``: whether merge-any is on."""
 
 def available() -> bool:
     """Whether merging can work in this process (userfaultfd with write-protect)."""

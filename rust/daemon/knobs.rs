@@ -1,10 +1,31 @@
 //! The daemon's knobs, with the kernel's names, defaults and accepted ranges
 //! (KERNEL-KSM.md §3). A value outside the range is refused with a message
 //! naming the range, and nothing changes.
+//!
+//! Departures from sysfs, all on the refusing side: values arrive as Python
+//! ints (booleans for the on/off knobs), not strings, so `kstrtobool`'s "y"/"on"
+//! spellings are not taken; the `advisor_*` knobs the kernel stores in 32 bits
+//! after accepting 64 (silently truncating) refuse what does not fit.
 
 #![forbid(unsafe_code)]
 
 use crate::error::{Error, Result};
+
+/// `advisor_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdvisorMode {
+    None,
+    ScanTime,
+}
+
+impl AdvisorMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AdvisorMode::None => "none",
+            AdvisorMode::ScanTime => "scan-time",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Knobs {
@@ -12,7 +33,16 @@ pub struct Knobs {
     pub pages_to_scan: u32,
     pub sleep_millisecs: u32,
     pub max_page_sharing: u32,
-    /// `prctl(PR_SET_MEMORY_MERGE)` state (issue: merge-any).
+    pub use_zero_pages: bool,
+    pub merge_across_nodes: bool,
+    pub stable_node_chains_prune_millisecs: u32,
+    pub smart_scan: bool,
+    pub advisor_mode: AdvisorMode,
+    pub advisor_max_cpu: u32,
+    pub advisor_min_pages_to_scan: u32,
+    pub advisor_max_pages_to_scan: u32,
+    pub advisor_target_scan_time: u32,
+    /// `prctl(PR_SET_MEMORY_MERGE)` state (`ksm.set_memory_merge`); not a sysfs knob.
     pub merge_any: bool,
 }
 
@@ -23,10 +53,65 @@ impl Default for Knobs {
             pages_to_scan: 100,
             sleep_millisecs: 20,
             max_page_sharing: 256,
+            use_zero_pages: false,
+            merge_across_nodes: true,
+            stable_node_chains_prune_millisecs: 2000,
+            smart_scan: true,
+            advisor_mode: AdvisorMode::None,
+            advisor_max_cpu: 70,
+            advisor_min_pages_to_scan: 500,
+            advisor_max_pages_to_scan: 30000,
+            advisor_target_scan_time: 200,
             merge_any: false,
         }
     }
 }
+
+/// A knob's value: every knob is an integer except `advisor_mode`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    Int(i64),
+    Str(String),
+}
+
+/// What a knob accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An integer in `lo..=hi`.
+    Int { lo: i64, hi: i64 },
+    /// 0 or 1 (Python `bool` too).
+    Bool,
+    /// `"none"` or `"scan-time"`.
+    Mode,
+}
+
+const U32: i64 = u32::MAX as i64;
+
+/// Every knob in sysfs order, with what it accepts.
+pub const KNOBS: &[(&str, Kind)] = &[
+    ("run", Kind::Int { lo: 0, hi: 2 }),
+    ("pages_to_scan", Kind::Int { lo: 0, hi: U32 }),
+    ("sleep_millisecs", Kind::Int { lo: 0, hi: U32 }),
+    (
+        "max_page_sharing",
+        Kind::Int {
+            lo: 2,
+            hi: i32::MAX as i64,
+        },
+    ),
+    ("use_zero_pages", Kind::Bool),
+    ("merge_across_nodes", Kind::Bool),
+    (
+        "stable_node_chains_prune_millisecs",
+        Kind::Int { lo: 0, hi: U32 },
+    ),
+    ("smart_scan", Kind::Bool),
+    ("advisor_mode", Kind::Mode),
+    ("advisor_max_cpu", Kind::Int { lo: 0, hi: U32 }),
+    ("advisor_min_pages_to_scan", Kind::Int { lo: 0, hi: U32 }),
+    ("advisor_max_pages_to_scan", Kind::Int { lo: 0, hi: U32 }),
+    ("advisor_target_scan_time", Kind::Int { lo: 1, hi: U32 }),
+];
 
 /// Knob names in sysfs order.
 pub const NAMES: &[&str] = &[
@@ -34,60 +119,107 @@ pub const NAMES: &[&str] = &[
     "pages_to_scan",
     "sleep_millisecs",
     "max_page_sharing",
+    "use_zero_pages",
+    "merge_across_nodes",
+    "stable_node_chains_prune_millisecs",
+    "smart_scan",
+    "advisor_mode",
+    "advisor_max_cpu",
+    "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
+    "advisor_target_scan_time",
 ];
 
-fn range(name: &str, v: i64, lo: i64, hi: i64, what: &str) -> Result<u32> {
-    if v < lo || v > hi {
-        return Err(Error::Value(format!("{name} must be {what}, got {v}")));
+/// What `name` accepts, or an AttributeError naming the knobs.
+pub fn kind(name: &str) -> Result<Kind> {
+    KNOBS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, k)| k)
+        .ok_or_else(|| {
+            Error::Attribute(format!(
+                "ksmd has no knob {name:?}; knobs are {}",
+                NAMES.join(", ")
+            ))
+        })
+}
+
+/// The accepted values of a knob, in words (for error messages and docs).
+pub fn accepted(name: &str) -> String {
+    match kind(name) {
+        Ok(Kind::Int { lo, hi }) if name == "run" => {
+            format!("{lo} (stop), 1 (run) or {hi} (stop and unmerge everything)")
+        }
+        Ok(Kind::Int { lo, hi }) => format!("an integer from {lo} to {hi}"),
+        Ok(Kind::Bool) => "0 or 1 (or a bool)".into(),
+        Ok(Kind::Mode) => "\"none\" or \"scan-time\"".into(),
+        Err(_) => "nothing".into(),
     }
-    Ok(v as u32)
 }
 
 impl Knobs {
-    /// Validate and set one knob.
-    pub fn set(&mut self, name: &str, v: i64) -> Result<()> {
-        const U32: i64 = u32::MAX as i64;
-        match name {
-            "run" => {
-                self.run = range(
-                    name,
-                    v,
-                    0,
-                    2,
-                    "0 (stop), 1 (run) or 2 (stop and unmerge everything)",
-                )?
+    /// Validate and set one knob. Side effects between knobs (the advisor resetting
+    /// `pages_to_scan`, refusals while pages are shared) are the engine's.
+    pub fn set(&mut self, name: &str, v: &Value) -> Result<()> {
+        let bad =
+            |shown: String| Error::Value(format!("{name} must be {}, got {shown}", accepted(name)));
+        match (kind(name)?, v) {
+            (Kind::Int { lo, hi }, Value::Int(x)) if (lo..=hi).contains(x) => {
+                let x = *x as u32; // in range: lo ≥ 0 and hi ≤ u32::MAX
+                match name {
+                    "run" => self.run = x,
+                    "pages_to_scan" => self.pages_to_scan = x,
+                    "sleep_millisecs" => self.sleep_millisecs = x,
+                    "max_page_sharing" => self.max_page_sharing = x,
+                    "stable_node_chains_prune_millisecs" => {
+                        self.stable_node_chains_prune_millisecs = x
+                    }
+                    "advisor_max_cpu" => self.advisor_max_cpu = x,
+                    "advisor_min_pages_to_scan" => self.advisor_min_pages_to_scan = x,
+                    "advisor_max_pages_to_scan" => self.advisor_max_pages_to_scan = x,
+                    "advisor_target_scan_time" => self.advisor_target_scan_time = x,
+                    _ => unreachable!("every Int knob is listed"),
+                }
             }
-            "pages_to_scan" => {
-                self.pages_to_scan = range(name, v, 0, U32, "an integer from 0 to 4294967295")?
+            (Kind::Bool, Value::Int(x @ (0 | 1))) => {
+                let b = *x == 1;
+                match name {
+                    "use_zero_pages" => self.use_zero_pages = b,
+                    "merge_across_nodes" => self.merge_across_nodes = b,
+                    "smart_scan" => self.smart_scan = b,
+                    _ => unreachable!("every Bool knob is listed"),
+                }
             }
-            "sleep_millisecs" => {
-                self.sleep_millisecs = range(name, v, 0, U32, "an integer from 0 to 4294967295")?
+            (Kind::Mode, Value::Str(s)) => {
+                self.advisor_mode = match s.strip_suffix('\n').unwrap_or(s) {
+                    "none" => AdvisorMode::None,
+                    "scan-time" => AdvisorMode::ScanTime,
+                    _ => return Err(bad(format!("{s:?}"))),
+                }
             }
-            "max_page_sharing" => {
-                self.max_page_sharing = range(
-                    name,
-                    v,
-                    2,
-                    i32::MAX as i64,
-                    "an integer from 2 to 2147483647",
-                )?
-            }
-            _ => {
-                return Err(Error::Attribute(format!(
-                    "ksmd has no knob {name:?}; knobs are {}",
-                    NAMES.join(", ")
-                )))
-            }
+            (_, Value::Int(x)) => return Err(bad(x.to_string())),
+            (_, Value::Str(s)) => return Err(bad(format!("{s:?}"))),
         }
         Ok(())
     }
 
-    pub fn get(&self, name: &str) -> Option<i64> {
+    pub fn get(&self, name: &str) -> Option<Value> {
+        let i = |v: u32| Value::Int(v.into());
+        let b = |v: bool| Value::Int(v.into());
         Some(match name {
-            "run" => self.run.into(),
-            "pages_to_scan" => self.pages_to_scan.into(),
-            "sleep_millisecs" => self.sleep_millisecs.into(),
-            "max_page_sharing" => self.max_page_sharing.into(),
+            "run" => i(self.run),
+            "pages_to_scan" => i(self.pages_to_scan),
+            "sleep_millisecs" => i(self.sleep_millisecs),
+            "max_page_sharing" => i(self.max_page_sharing),
+            "use_zero_pages" => b(self.use_zero_pages),
+            "merge_across_nodes" => b(self.merge_across_nodes),
+            "stable_node_chains_prune_millisecs" => i(self.stable_node_chains_prune_millisecs),
+            "smart_scan" => b(self.smart_scan),
+            "advisor_mode" => Value::Str(self.advisor_mode.name().into()),
+            "advisor_max_cpu" => i(self.advisor_max_cpu),
+            "advisor_min_pages_to_scan" => i(self.advisor_min_pages_to_scan),
+            "advisor_max_pages_to_scan" => i(self.advisor_max_pages_to_scan),
+            "advisor_target_scan_time" => i(self.advisor_target_scan_time),
             _ => return None,
         })
     }
@@ -98,28 +230,67 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_knob_is_listed_once_with_a_getter() {
+        assert_eq!(KNOBS.len(), NAMES.len());
+        for (&(n, _), &m) in KNOBS.iter().zip(NAMES) {
+            assert_eq!(n, m);
+            assert!(Knobs::default().get(n).is_some(), "{n}");
+        }
+    }
+
+    #[test]
     fn defaults_and_boundaries() {
-        let table: &[(&str, i64, i64, i64)] = &[
-            ("run", 0, 0, 2),
-            ("pages_to_scan", 100, 0, u32::MAX as i64),
-            ("sleep_millisecs", 20, 0, u32::MAX as i64),
-            ("max_page_sharing", 256, 2, i32::MAX as i64),
+        let defaults: &[(&str, i64)] = &[
+            ("run", 0),
+            ("pages_to_scan", 100),
+            ("sleep_millisecs", 20),
+            ("max_page_sharing", 256),
+            ("use_zero_pages", 0),
+            ("merge_across_nodes", 1),
+            ("stable_node_chains_prune_millisecs", 2000),
+            ("smart_scan", 1),
+            ("advisor_max_cpu", 70),
+            ("advisor_min_pages_to_scan", 500),
+            ("advisor_max_pages_to_scan", 30000),
+            ("advisor_target_scan_time", 200),
         ];
-        for &(name, default, lo, hi) in table {
+        for &(name, default) in defaults {
             let mut k = Knobs::default();
-            assert_eq!(k.get(name), Some(default));
+            assert_eq!(k.get(name), Some(Value::Int(default)), "{name}");
+            let (lo, hi) = match kind(name).unwrap() {
+                Kind::Int { lo, hi } => (lo, hi),
+                Kind::Bool => (0, 1),
+                Kind::Mode => unreachable!(),
+            };
             for ok in [lo, hi] {
-                k.set(name, ok).unwrap();
-                assert_eq!(k.get(name), Some(ok));
+                k.set(name, &Value::Int(ok)).unwrap();
+                assert_eq!(k.get(name), Some(Value::Int(ok)));
             }
             for bad in [lo - 1, hi + 1] {
                 let before = k;
-                assert!(matches!(k.set(name, bad), Err(Error::Value(m)) if m.contains(name)));
+                let err = k.set(name, &Value::Int(bad));
+                assert!(
+                    matches!(&err, Err(Error::Value(m)) if m.contains(name) && m.contains(&accepted(name))),
+                    "{name}={bad}: {err:?}"
+                );
                 assert_eq!(k, before, "unchanged after a refused value");
             }
+            let before = k;
+            assert!(k.set(name, &Value::Str("1".into())).is_err());
+            assert_eq!(k, before);
+        }
+        let mut k = Knobs::default();
+        assert_eq!(k.get("advisor_mode"), Some(Value::Str("none".into())));
+        k.set("advisor_mode", &Value::Str("scan-time\n".into()))
+            .unwrap();
+        assert_eq!(k.advisor_mode, AdvisorMode::ScanTime);
+        for bad in [Value::Str("scan_time".into()), Value::Int(1)] {
+            let before = k;
+            assert!(matches!(k.set("advisor_mode", &bad), Err(Error::Value(_))));
+            assert_eq!(k, before);
         }
         assert!(matches!(
-            Knobs::default().set("nope", 1),
+            Knobs::default().set("nope", &Value::Int(1)),
             Err(Error::Attribute(_))
         ));
     }

@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod advisor;
 pub mod knobs;
 
 use std::cell::RefCell;
@@ -31,12 +32,14 @@ use crate::error::{Error, Result};
 use crate::merge::{Os, Windows};
 use crate::region::{maps, Region};
 use crate::scan::Core;
-use crate::stats::Snapshot;
+use crate::stats::{KsmStat, Snapshot};
 use crate::sys::mman::Mapping;
 use crate::sys::uffd::{self, Msg, Uffd};
 use crate::sys::{self, fork};
 
+use advisor::Advisor;
 pub use knobs::Knobs;
+use knobs::{AdvisorMode, Value};
 
 pub const MADV_MERGEABLE: i32 = 12;
 pub const MADV_UNMERGEABLE: i32 = 13;
@@ -69,6 +72,11 @@ struct State {
     fault_stop: Arc<AtomicBool>,
     last_quiet_check: Option<Instant>,
     scans_since_quiet_check: u32,
+    /// The scan-time advisor's memory, the start of the current full scan, and the
+    /// scanner CPU time (any thread's) since the advisor's last step.
+    advisor: Advisor,
+    scan_started: Instant,
+    scan_cpu_ns: u64,
 }
 
 /// The per-process engine.
@@ -128,7 +136,16 @@ fn probe_availability() -> Availability {
 }
 
 fn new_core() -> Core<Os> {
-    Core::new(Os::new(None, FRAME_CAPACITY, &WINDOWS), FRAME_CAPACITY)
+    let mut core = Core::new(Os::new(None, FRAME_CAPACITY, &WINDOWS), FRAME_CAPACITY);
+    apply_knobs(&mut core, &Knobs::default());
+    core
+}
+
+/// The knobs the algorithm itself reads.
+fn apply_knobs(core: &mut Core<Os>, k: &Knobs) {
+    core.max_page_sharing = k.max_page_sharing;
+    core.smart_scan = k.smart_scan;
+    core.use_zero_pages = k.use_zero_pages;
 }
 
 impl Engine {
@@ -147,6 +164,9 @@ impl Engine {
                 fault_stop: Arc::new(AtomicBool::new(false)),
                 last_quiet_check: None,
                 scans_since_quiet_check: 0,
+                advisor: Advisor::default(),
+                scan_started: Instant::now(),
+                scan_cpu_ns: 0,
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
@@ -508,7 +528,7 @@ impl Engine {
             if st.core.at_scan_start() {
                 self.begin_full_scan(&mut st);
             }
-            if st.core.scan_batch(SYNC_BATCH) {
+            if Self::batch(&mut st, SYNC_BATCH) {
                 self.end_full_scan(&mut st);
                 if finishing {
                     finishing = false;
@@ -522,7 +542,16 @@ impl Engine {
         Ok(())
     }
 
+    /// One batch of `budget` pages, its CPU time charged to the scanner (for the advisor).
+    fn batch(st: &mut State, budget: u64) -> bool {
+        let t0 = sys::thread_cpu_ns();
+        let done = st.core.scan_batch(budget);
+        st.scan_cpu_ns += sys::thread_cpu_ns().saturating_sub(t0);
+        done
+    }
+
     fn begin_full_scan(&self, st: &mut State) {
+        st.scan_started = Instant::now();
         // /proc/self/maps is parsed only when foreign memory or suspect frames need it;
         // its line count then also gives the VMA budget (else a cheap count does).
         let needs_maps = st.core.regions().any(|r| !r.owned) || st.core.frames().suspects() > 0;
@@ -594,6 +623,21 @@ impl Engine {
     }
 
     fn end_full_scan(&self, st: &mut State) {
+        if st.knobs.advisor_mode == AdvisorMode::ScanTime {
+            let k = st.knobs;
+            let scan_ms = st.scan_started.elapsed().as_millis() as u64;
+            let cpu_ms = std::mem::take(&mut st.scan_cpu_ns) / 1_000_000;
+            st.knobs.pages_to_scan = st.advisor.step(
+                k.pages_to_scan,
+                scan_ms,
+                cpu_ms,
+                advisor::Limits {
+                    target_scan_time_s: k.advisor_target_scan_time,
+                    max_cpu: k.advisor_max_cpu,
+                    max_pages_to_scan: k.advisor_max_pages_to_scan,
+                },
+            );
+        }
         // Frames held back since a fork: free them once no other process maps the pool.
         // Reading every process's maps costs milliseconds, so at most once a second or
         // every 8 full scans (which makes it deterministic for `scan()` callers).
@@ -630,7 +674,7 @@ impl Engine {
                     self.begin_full_scan(&mut st);
                 }
                 let budget = u64::from(st.knobs.pages_to_scan);
-                if st.core.scan_batch(budget) {
+                if Self::batch(&mut st, budget) {
                     self.end_full_scan(&mut st);
                 }
                 Some(Duration::from_millis(u64::from(st.knobs.sleep_millisecs)))
@@ -686,20 +730,40 @@ impl Engine {
     }
 
     /// Set a knob by its sysfs name; invalid values change nothing.
-    pub fn set_knob(&'static self, name: &str, value: i64) -> Result<()> {
+    pub fn set_knob(&'static self, name: &str, value: &Value) -> Result<()> {
         let mut st = self.lock();
-        let mut k = st.knobs;
+        let old = st.knobs;
+        let mut k = old;
         k.set(name, value)?;
-        if name == "max_page_sharing"
-            && k.max_page_sharing != st.knobs.max_page_sharing
-            && st.core.counters().pages_shared > 0
-        {
-            return Err(Error::errno(
-                libc::EBUSY,
-                format!("max_page_sharing can change only while no page is shared (pages_shared = {}); set run = 2 first", st.core.counters().pages_shared),
+        let shared = st.core.counters().pages_shared;
+        if name == "pages_to_scan" && old.advisor_mode == AdvisorMode::ScanTime {
+            return Err(Error::Value(
+                "pages_to_scan is set by the advisor while advisor_mode is \"scan-time\"; set advisor_mode = \"none\" first".into(),
             ));
         }
-        if name == "run" && value == 2 && st.knobs.run != 2 {
+        let busy = match name {
+            "max_page_sharing" => k.max_page_sharing != old.max_page_sharing,
+            "merge_across_nodes" => k.merge_across_nodes != old.merge_across_nodes,
+            _ => false,
+        };
+        if busy && shared > 0 {
+            return Err(Error::errno(
+                libc::EBUSY,
+                format!("{name} can change only while no page is shared (pages_shared = {shared}); set run = 2 first"),
+            ));
+        }
+        if name == "advisor_mode" && k.advisor_mode != old.advisor_mode {
+            // As the kernel does: switching the mode resets pages_to_scan.
+            k.pages_to_scan = match k.advisor_mode {
+                AdvisorMode::ScanTime => {
+                    st.advisor = Advisor::default();
+                    st.scan_cpu_ns = 0;
+                    k.advisor_min_pages_to_scan
+                }
+                AdvisorMode::None => Knobs::default().pages_to_scan,
+            };
+        }
+        if name == "run" && k.run == 2 && old.run != 2 {
             if st.core.has_merged_pages(0, usize::MAX) {
                 Self::ensure_registered(&mut st, 0, usize::MAX)?;
             }
@@ -710,7 +774,7 @@ impl Engine {
             }
         }
         st.knobs = k;
-        st.core.max_page_sharing = k.max_page_sharing;
+        apply_knobs(&mut st.core, &k);
         if k.run == 1 && st.threads_pid != sys::getpid() {
             self.start_threads(&mut st);
         }
@@ -727,6 +791,7 @@ impl Engine {
         let metadata_bytes = st.core.metadata_bytes();
         let vmas_added = st.core.vmas_added();
         let tracked: u64 = st.core.regions().map(|r| r.pages.len() as u64).sum();
+        let (stable_node_chains, stable_node_dups) = st.core.stable_chains();
         Snapshot {
             pages_shared: c.pages_shared,
             pages_sharing: c.pages_sharing,
@@ -734,7 +799,16 @@ impl Engine {
             pages_volatile: c.pages_volatile(),
             full_scans: c.full_scans,
             pages_scanned: c.pages_scanned,
-            general_profit: Snapshot::profit(c.pages_sharing, page, metadata_bytes, vmas_added),
+            pages_skipped: c.pages_skipped,
+            stable_node_chains,
+            stable_node_dups,
+            ksm_zero_pages: c.ksm_zero_pages,
+            general_profit: Snapshot::profit(
+                c.pages_sharing + c.ksm_zero_pages,
+                page,
+                metadata_bytes,
+                vmas_added,
+            ),
             rmap_items: c.rmap_items,
             frames: u64::from(st.core.frames().live()),
             deferred_frames: st.core.frames().deferred() as u64,
@@ -751,6 +825,66 @@ impl Engine {
             vma_budget_skips: c.vma_budget_skips,
             vmas_used: st.core.mem.vmas_used,
         }
+    }
+
+    /// `/proc/self/ksm_stat`: this process's view (ksm is per process, so the
+    /// merging pages are `pages_shared + pages_sharing`).
+    pub fn ksm_stat(&self) -> KsmStat {
+        let st = self.lock();
+        let c = st.core.counters();
+        let merging = c.pages_shared + c.pages_sharing;
+        KsmStat {
+            ksm_rmap_items: c.rmap_items,
+            ksm_zero_pages: c.ksm_zero_pages,
+            ksm_merging_pages: merging,
+            ksm_process_profit: Snapshot::profit(
+                merging + c.ksm_zero_pages,
+                sys::page_size() as u64,
+                st.core.metadata_bytes(),
+                st.core.vmas_added(),
+            ),
+            ksm_merge_any: st.knobs.merge_any,
+            ksm_mergeable: st.core.any_advised(),
+        }
+    }
+
+    /// `prctl(PR_GET_MEMORY_MERGE)`.
+    pub fn get_memory_merge(&self) -> bool {
+        self.lock().knobs.merge_any
+    }
+
+    /// `prctl(PR_SET_MEMORY_MERGE, on)` for the memory ksm owns (KERNEL-KSM.md §2.2):
+    /// on, every `ksm.mmap` region, existing and future, is advised mergeable; off,
+    /// every region (foreign ones too) is unmerged and loses its advice. Setting the
+    /// current state does nothing; if unmerging fails, merge-any stays on.
+    pub fn set_memory_merge(&'static self, on: bool) -> Result<()> {
+        let page = sys::page_size();
+        let mut st = self.lock();
+        if on == st.knobs.merge_any {
+            return Ok(());
+        }
+        let bounds = |st: &State, owned_only: bool| -> Vec<(usize, usize)> {
+            st.core
+                .regions()
+                .filter(|r| r.owned || !owned_only)
+                .map(|r| (r.start, r.end(page)))
+                .collect()
+        };
+        if on {
+            Self::ensure_uffd(&mut st)?;
+            for (s, e) in bounds(&st, true) {
+                Self::advise_tracked(&mut st, s, e)?;
+            }
+            st.knobs.merge_any = true;
+            drop(st);
+            self.wake.notify_all();
+        } else {
+            for (s, e) in bounds(&st, false) {
+                Self::unadvise(&mut st, s, e)?;
+            }
+            st.knobs.merge_any = false;
+        }
+        Ok(())
     }
 
     /// `page_state()` of the page at `addr`: merged, unmerged, volatile, unshared.
@@ -849,10 +983,11 @@ fn fork_child() {
         for p in &mut r.pages {
             // Counters start from zero in the child, as the kernel's do; pages that map
             // the parent's frames stay known, for MADV_UNMERGEABLE.
-            let state = if p.state == crate::region::State::Stable {
-                crate::region::State::Inherited
-            } else {
-                crate::region::State::Untracked
+            // The zero pages stay counted, as the kernel adds the child's inherited ones.
+            let state = match p.state {
+                crate::region::State::Stable => crate::region::State::Inherited,
+                crate::region::State::Zero => crate::region::State::Zero,
+                _ => crate::region::State::Untracked,
             };
             *p = crate::region::PageRec {
                 flags: p.flags,
@@ -862,7 +997,7 @@ fn fork_child() {
         }
         core.add_region(r);
     }
-    core.max_page_sharing = st.knobs.max_page_sharing;
+    apply_knobs(&mut core, &st.knobs);
     drop(std::mem::replace(&mut st.core, core));
 }
 

@@ -322,6 +322,14 @@ impl Mem for Os {
         Ok(())
     }
 
+    fn zap(&mut self, addr: usize) -> io::Result<()> {
+        let w = self
+            .open
+            .get(&addr)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        mman::discard(w)
+    }
+
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
         // Allocate the private copy first: ENOMEM here changes nothing.
         let scratch = Mapping::anonymous(len)?;

@@ -223,24 +223,36 @@ const STATS: &[&str] = &[
     "pages_volatile",
     "full_scans",
     "pages_scanned",
+    "pages_skipped",
+    "stable_node_chains",
+    "stable_node_dups",
+    "ksm_zero_pages",
     "general_profit",
 ];
 
+fn knob_to_py(py: Python<'_>, v: knobs::Value) -> PyResult<PyObject> {
+    Ok(match v {
+        knobs::Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        knobs::Value::Str(s) => s.into_pyobject(py)?.into_any().unbind(),
+    })
+}
+
 #[pymethods]
 impl Ksmd {
-    fn __getattr__(&self, py: Python<'_>, name: &str) -> PyResult<i64> {
+    fn __getattr__(&self, py: Python<'_>, name: &str) -> PyResult<PyObject> {
         let e = engine()?;
         if let Some(v) = py.allow_threads(|| e.knobs()).get(name) {
-            return Ok(v);
+            return knob_to_py(py, v);
         }
         if STATS.contains(&name) {
-            return Ok(py
+            let v = py
                 .allow_threads(|| e.snapshot())
                 .fields()
                 .into_iter()
                 .find(|(n, _)| *n == name)
                 .expect("known statistic")
-                .1);
+                .1;
+            return Ok(v.into_pyobject(py)?.into_any().unbind());
         }
         Err(PyAttributeError::new_err(format!(
             "ksmd has no knob or statistic {name:?}; knobs: {}; statistics: {}",
@@ -255,20 +267,32 @@ impl Ksmd {
                 "{name} is a read-only statistic"
             )));
         }
-        if value.is_instance_of::<pyo3::types::PyBool>()
-            || !value.is_instance_of::<pyo3::types::PyInt>()
-        {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-                "{name} takes an int, got {}",
+        let kind = knobs::kind(name)?;
+        let type_error = || -> PyResult<PyErr> {
+            Ok(pyo3::exceptions::PyTypeError::new_err(format!(
+                "{name} takes {}, got a value of type {}",
+                knobs::accepted(name),
                 value.get_type().name()?
-            )));
-        }
-        let v: i64 = value
-            .extract()
-            .map_err(|_| PyValueError::new_err(format!("{name}: value {value} is out of range")))?;
+            )))
+        };
+        let is_bool = value.is_instance_of::<pyo3::types::PyBool>();
+        let v = match kind {
+            knobs::Kind::Mode => match value.extract::<String>() {
+                Ok(s) => knobs::Value::Str(s),
+                Err(_) => return Err(type_error()?),
+            },
+            knobs::Kind::Int { .. } if is_bool => return Err(type_error()?),
+            _ if !value.is_instance_of::<pyo3::types::PyInt>() => return Err(type_error()?),
+            _ => knobs::Value::Int(value.extract().map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name} must be {}, got {value}",
+                    knobs::accepted(name)
+                ))
+            })?),
+        };
         let e = engine()?;
         let name = name.to_owned();
-        py.allow_threads(|| e.set_knob(&name, v))?;
+        py.allow_threads(|| e.set_knob(&name, &v))?;
         Ok(())
     }
 
@@ -282,11 +306,48 @@ impl Ksmd {
             "<ksm.ksmd {}>",
             knobs::NAMES
                 .iter()
-                .map(|n| format!("{n}={}", k.get(n).unwrap_or(0)))
+                .filter_map(|n| k.get(n).map(|v| match v {
+                    knobs::Value::Int(i) => format!("{n}={i}"),
+                    knobs::Value::Str(s) => format!("{n}={s:?}"),
+                }))
                 .collect::<Vec<_>>()
                 .join(" ")
         ))
     }
+}
+
+#[pyfunction]
+fn ksm_stat(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let e = engine()?;
+    let s = py.allow_threads(|| e.ksm_stat());
+    let d = PyDict::new(py);
+    d.set_item("ksm_rmap_items", s.ksm_rmap_items)?;
+    d.set_item("ksm_zero_pages", s.ksm_zero_pages)?;
+    d.set_item("ksm_merging_pages", s.ksm_merging_pages)?;
+    d.set_item("ksm_process_profit", s.ksm_process_profit)?;
+    d.set_item("ksm_merge_any", s.ksm_merge_any)?;
+    d.set_item("ksm_mergeable", s.ksm_mergeable)?;
+    Ok(d)
+}
+
+#[pyfunction]
+fn set_memory_merge(py: Python<'_>, enable: Bound<'_, PyAny>) -> PyResult<()> {
+    if !enable.is_instance_of::<pyo3::types::PyInt>() {
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "set_memory_merge takes a bool (or an int: nonzero enables, as prctl's), got a value of type {}",
+            enable.get_type().name()?
+        )));
+    }
+    let on = enable.is_truthy()?;
+    let e = engine()?;
+    py.allow_threads(|| e.set_memory_merge(on))?;
+    Ok(())
+}
+
+#[pyfunction]
+fn get_memory_merge(py: Python<'_>) -> PyResult<bool> {
+    let e = engine()?;
+    Ok(py.allow_threads(|| e.get_memory_merge()))
 }
 
 #[pyfunction]
@@ -384,6 +445,9 @@ fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan, m)?)?;
     m.add_function(wrap_pyfunction!(wait_settled, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
+    m.add_function(wrap_pyfunction!(ksm_stat, m)?)?;
+    m.add_function(wrap_pyfunction!(set_memory_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(get_memory_merge, m)?)?;
     m.add_function(wrap_pyfunction!(available, m)?)?;
     m.add_function(wrap_pyfunction!(unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(_uffd_info, m)?)?;

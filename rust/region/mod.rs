@@ -23,7 +23,7 @@ pub struct PageRec {
     pub state: State,
     /// `ADVISED` and future flags.
     pub flags: u8,
-    /// Smart-scan age and remaining skips (the kernel's fields, used by issue-3 smart_scan).
+    /// Smart-scan age and remaining skips (the kernel's `age`, `remaining_skips`).
     pub age: u8,
     pub skips: u8,
 }
@@ -48,6 +48,11 @@ pub enum State {
     /// Not an rmap_item (the kernel resets a child's counters too), but still a
     /// merged page that `MADV_UNMERGEABLE` must give a private copy.
     Inherited,
+    /// Dropped to the kernel's zero page by `use_zero_pages` and not written since
+    /// (counted in `ksm_zero_pages`). Not an rmap_item: the kernel's ksmd frees the
+    /// rmap_item of such a page on its next pass (its page walk skips the zero page),
+    /// ksm at once. Survives fork, as the kernel adds inherited zero pages too.
+    Zero,
 }
 
 /// Bits of `flags` holding the page's protection (`PROT_READ|PROT_WRITE|PROT_EXEC`,

@@ -97,6 +97,11 @@ impl FakeMem {
     pub fn maps_frame(&self, base: usize) -> bool {
         matches!(self.pages.get(&base), Some(Backing::Frame { .. }))
     }
+
+    /// Whether the page is a present anonymous page (what `probe` says, without `&mut`).
+    pub fn is_anon(&self, base: usize) -> bool {
+        matches!(self.pages.get(&base), Some(Backing::Anon(_)))
+    }
 }
 
 impl Mem for FakeMem {
@@ -166,6 +171,21 @@ impl Mem for FakeMem {
         for a in (addr..addr + len).step_by(self.page) {
             self.protected.remove(&a);
         }
+    }
+
+    fn zap(&mut self, addr: usize) -> io::Result<()> {
+        assert!(
+            self.protected.contains(&addr),
+            "zap outside the merge window"
+        );
+        // In the real process a zap inside a VMA mapping a frame would bring the
+        // frame's bytes back: only anonymous pages may be zapped.
+        match self.pages.get(&addr) {
+            Some(Backing::Anon(v)) => assert!(v.iter().all(|&b| b == 0), "zap of a non-zero page"),
+            other => panic!("zap of a page that is not anonymous: {other:?}"),
+        }
+        self.pages.remove(&addr);
+        Ok(())
     }
 
     fn map_frame(&mut self, addr: usize, _prot: i32, f: FrameId) -> io::Result<()> {

@@ -60,6 +60,9 @@ pub trait Mem {
     fn release(&mut self, addr: usize, len: usize, unprotect: bool);
     /// Map frame `f` privately over the (protected) page at `addr`.
     fn map_frame(&mut self, addr: usize, prot: i32, f: FrameId) -> io::Result<()>;
+    /// Drop the (protected, anonymous, all-zero) page at `addr` (`MADV_DONTNEED`):
+    /// it reads zeros from the kernel's zero page afterwards, holding no memory.
+    fn zap(&mut self, addr: usize) -> io::Result<()>;
     /// Give `[addr, addr+len)` private anonymous pages with the same bytes
     /// (write-protect, copy, move over, wake). Nothing changes on error.
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()>;
@@ -82,6 +85,10 @@ pub struct Counters {
     pub cows: u64,
     /// Merges not attempted because they could have passed the VMA budget.
     pub vma_budget_skips: u64,
+    /// Pages skipped by smart scan (never reset).
+    pub pages_skipped: u64,
+    /// Pages we turned into the kernel's zero page (`use_zero_pages`) still reading it.
+    pub ksm_zero_pages: u64,
 }
 
 impl Counters {
@@ -117,6 +124,12 @@ pub struct Core<M: Mem> {
     /// Pages with the ADVISED flag (kept, so that ksmd can tell "nothing to do" cheaply).
     advised: u64,
     pub max_page_sharing: u32,
+    /// `smart_scan`: skip pages that keep failing to merge (KERNEL-KSM.md §5.6).
+    pub smart_scan: bool,
+    /// `use_zero_pages`: all-zero pages become the kernel's zero page (§5.5).
+    pub use_zero_pages: bool,
+    /// The checksum of an all-zero page.
+    zero_checksum: u32,
     /// VMAs merging may still add before the budget is reached (the engine sets it
     /// from `vm.max_map_count` at every full scan). Each merged page is charged 2,
     /// the most one remap can add, so the budget is never passed.
@@ -124,6 +137,23 @@ pub struct Core<M: Mem> {
     charges_since_count: u64,
     buf: Vec<u8>,
     buf2: Vec<u8>,
+}
+
+/// The 64-bit hash (index key) and the 32-bit checksum (volatility check) of a page.
+fn checksum_of(buf: &[u8]) -> (u64, u32) {
+    let hash = xxh3_64(buf);
+    (hash, (hash ^ (hash >> 32)) as u32)
+}
+
+/// The kernel's `skip_age`: how many visits a page that failed to merge `age`
+/// times may be skipped.
+fn skip_age(age: u8) -> u8 {
+    match age {
+        0..=3 => 1,
+        4..=5 => 2,
+        6..=8 => 4,
+        _ => 8,
+    }
 }
 
 /// A page's identity in the scan: its address and its region's properties.
@@ -151,6 +181,10 @@ impl<M: Mem> Core<M> {
             settled: false,
             advised: 0,
             max_page_sharing: 256,
+            // The engine sets both from its knobs (kernel defaults: on, off).
+            smart_scan: false,
+            use_zero_pages: false,
+            zero_checksum: checksum_of(&vec![0; page]).1,
             vma_allowance: u64::MAX,
             charges_since_count: 0,
             buf: vec![0; page],
@@ -230,6 +264,11 @@ impl<M: Mem> Core<M> {
         );
         self.settled = false;
         self.advised += region.pages.iter().filter(|p| p.advised()).count() as u64;
+        self.counters.ksm_zero_pages += region
+            .pages
+            .iter()
+            .filter(|p| p.state == State::Zero)
+            .count() as u64;
         self.regions.insert(region.start, region);
     }
 
@@ -303,6 +342,17 @@ impl<M: Mem> Core<M> {
     /// Unmerge every merged page of `[start, end)`, keeping the advice (`run = 2` does this everywhere).
     pub fn unmerge_range(&mut self, start: usize, end: usize) -> io::Result<()> {
         let page = self.page;
+        // Zero pages read the kernel's zero page, as never-written anonymous memory
+        // does: a private page of zeros in every way that matters, with nothing to copy.
+        let zeros: Vec<usize> = self
+            .pages_in(start, end)
+            .filter(|(_, r)| r.state == State::Zero)
+            .map(|(a, _)| a)
+            .collect();
+        for a in zeros {
+            self.forget(a);
+            self.settled = false;
+        }
         let mut runs: Vec<(usize, usize, i32, bool)> = Vec::new();
         for (addr, rec) in self.pages_in(start, end) {
             if !matches!(rec.state, State::Stable | State::Inherited) {
@@ -398,6 +448,12 @@ impl<M: Mem> Core<M> {
         let rec = *self.rec_mut(addr);
         match rec.state {
             State::Untracked => return,
+            // Not an rmap_item (see `State::Zero`): only its own counter.
+            State::Zero => {
+                self.counters.ksm_zero_pages -= 1;
+                self.rec_mut(addr).state = State::Untracked;
+                return;
+            }
             State::Inherited => {
                 let r = self.rec_mut(addr);
                 r.state = State::Untracked;
@@ -578,8 +634,13 @@ impl<M: Mem> Core<M> {
                 self.counters.pages_scanned += 1;
                 return true;
             }
-            // Still maps the parent's frame: nothing to do in this process.
-            Presence::Absent | Presence::File if rec.state == State::Inherited => return false,
+            // Still maps the parent's frame, or still the zero page: the kernel's page
+            // walk passes over both (no normal page of this process there).
+            Presence::Absent | Presence::File
+                if matches!(rec.state, State::Inherited | State::Zero) =>
+            {
+                return false
+            }
             // Not present: the kernel frees rmap_items of pages it passes over.
             Presence::Absent | Presence::File => {
                 if rec.state != State::Untracked {
@@ -589,7 +650,6 @@ impl<M: Mem> Core<M> {
             }
             Presence::Anon => {}
         }
-        self.counters.pages_scanned += 1;
         match rec.state {
             State::Stable => {
                 // Copied away by a write: leave the stable tree, the checksum starts over.
@@ -598,28 +658,83 @@ impl<M: Mem> Core<M> {
                 // anonymous mapping of its own: only then can the frame be freed and
                 // reused without this page ever seeing another page's bytes.
                 if self.mem.unmerge_run(addr, self.page, prot, owned).is_err() {
+                    self.counters.pages_scanned += 1;
                     return true; // retried at the next visit; nothing is lost meanwhile
                 }
                 self.counters.cows += 1;
                 self.changes += 1;
                 self.drop_frame_ref(rec.frame);
-                let r = self.rec_mut(addr);
-                r.state = State::Volatile;
-                r.checksum = 0;
+                *self.rec_mut(addr) = PageRec {
+                    flags: rec.flags,
+                    state: State::Volatile,
+                    ..PageRec::default()
+                };
             }
-            State::Untracked | State::Inherited => {
+            State::Inherited => {
+                // A forked child's copy of a merged page, written: it sits in a VMA mapping
+                // the parent's pool, so it gets an anonymous mapping first (as above).
+                if self.mem.unmerge_run(addr, self.page, prot, owned).is_err() {
+                    return false;
+                }
                 self.counters.rmap_items += 1;
                 self.rec_mut(addr).state = State::Volatile;
             }
-            State::Unstable => {
-                self.counters.pages_unshared -= 1;
+            State::Zero => {
+                // Written since it became the zero page: an ordinary page again.
+                self.counters.ksm_zero_pages -= 1;
+                self.counters.rmap_items += 1;
+                *self.rec_mut(addr) = PageRec {
+                    flags: rec.flags,
+                    state: State::Volatile,
+                    ..PageRec::default()
+                };
+            }
+            State::Untracked => {
+                self.counters.rmap_items += 1;
                 self.rec_mut(addr).state = State::Volatile;
             }
-            State::Volatile => {}
+            State::Unstable | State::Volatile => {}
+        }
+        if self.should_skip(addr) {
+            return false;
+        }
+        self.counters.pages_scanned += 1;
+        if self.rec(addr).expect("tracked").state == State::Unstable {
+            // Out of the unstable index until this visit puts it back.
+            self.counters.pages_unshared -= 1;
+            self.rec_mut(addr).state = State::Volatile;
         }
         let mut buf = std::mem::take(&mut self.buf);
         self.visit_content(t, &mut buf);
         self.buf = buf;
+        true
+    }
+
+    /// The kernel's `should_skip_rmap_item` (smart scan, KERNEL-KSM.md §5.6) for a page
+    /// in no index or the unstable one: it ages at every visit; from its fourth visit on,
+    /// a page that never merged is skipped for `skip_age(age)` visits between looks.
+    /// A skipped page leaves the unstable index and is not counted as scanned.
+    fn should_skip(&mut self, addr: usize) -> bool {
+        if !self.smart_scan {
+            return false;
+        }
+        let r = self.rec_mut(addr);
+        let age = r.age;
+        r.age = age.saturating_add(1);
+        if age < 3 {
+            return false;
+        }
+        if r.skips == 0 {
+            r.skips = skip_age(age);
+            return false;
+        }
+        r.skips -= 1;
+        let was_unstable = r.state == State::Unstable;
+        r.state = State::Volatile;
+        self.counters.pages_skipped += 1;
+        if was_unstable {
+            self.counters.pages_unshared -= 1;
+        }
         true
     }
 
@@ -628,13 +743,19 @@ impl<M: Mem> Core<M> {
             self.forget(t.addr);
             return false;
         }
-        let hash = xxh3_64(buf);
-        let checksum = (hash ^ (hash >> 32)) as u32;
+        let (hash, checksum) = checksum_of(buf);
         let rec = self.rec_mut(t.addr);
         if rec.checksum != checksum {
             rec.checksum = checksum;
             self.changes += 1;
             return false;
+        }
+        if self.use_zero_pages
+            && checksum == self.zero_checksum
+            && buf.iter().all(|&b| b == 0)
+            && self.merge_zero(t)
+        {
+            return true;
         }
         match self.stable_search(hash, buf) {
             // A failed merge (content changed under protection, or the VMA budget)
@@ -750,6 +871,38 @@ impl<M: Mem> Core<M> {
         let r = self.rec_mut(t.addr);
         r.state = State::Stable;
         r.frame = f;
+        (r.age, r.skips) = (0, 0);
+        self.counters.merges += 1;
+        self.changes += 1;
+        true
+    }
+
+    /// `try_to_merge_with_zero_page`: write-protect, check the page is still all zero,
+    /// drop it (it reads the kernel's zero page from then on), unprotect.
+    fn merge_zero(&mut self, t: Target) -> bool {
+        let page = self.page;
+        if self.mem.protect(t.addr, page).is_err() {
+            self.mem.release(t.addr, page, true);
+            self.counters.merge_failures += 1;
+            return false;
+        }
+        let mut cur = std::mem::take(&mut self.buf2);
+        let zero = self.mem.read(t.addr, t.owned, &mut cur).is_ok() && cur.iter().all(|&b| b == 0);
+        self.buf2 = cur;
+        let done = zero && self.mem.zap(t.addr).is_ok();
+        self.mem.release(t.addr, page, true);
+        if !done {
+            self.counters.merge_failures += 1;
+            return false;
+        }
+        let rec = self.rec(t.addr).expect("tracked");
+        *self.rec_mut(t.addr) = PageRec {
+            flags: rec.flags,
+            state: State::Zero,
+            ..PageRec::default()
+        };
+        self.counters.rmap_items -= 1;
+        self.counters.ksm_zero_pages += 1;
         self.counters.merges += 1;
         self.changes += 1;
         true
@@ -806,6 +959,7 @@ impl<M: Mem> Core<M> {
             let r = self.rec_mut(t.addr);
             r.state = State::Stable;
             r.frame = f;
+            (r.age, r.skips) = (0, 0);
         }
         self.counters.merges += 1;
         self.changes += 1;
@@ -815,6 +969,7 @@ impl<M: Mem> Core<M> {
             let r = self.rec_mut(o.addr);
             r.state = State::Stable;
             r.frame = f;
+            (r.age, r.skips) = (0, 0);
             self.counters.merges += 1;
         } else {
             self.counters.merge_failures += 1;
@@ -827,9 +982,10 @@ impl<M: Mem> Core<M> {
         let rec = self.rec(addr)?;
         Some(match rec.state {
             State::Stable | State::Inherited if pres != Presence::Anon => "merged",
+            State::Zero if pres != Presence::Anon => "zero",
             State::Volatile => "volatile",
             State::Unstable => "unshared",
-            State::Stable | State::Inherited | State::Untracked => "unmerged",
+            State::Stable | State::Inherited | State::Zero | State::Untracked => "unmerged",
         })
     }
 
@@ -855,6 +1011,31 @@ impl<M: Mem> Core<M> {
             total += pieces.saturating_sub(1);
         }
         total
+    }
+
+    /// `(stable_node_chains, stable_node_dups)`: contents that needed more than one
+    /// frame because `max_page_sharing` was reached, and the frames holding them.
+    pub fn stable_chains(&self) -> (u64, u64) {
+        let (mut chains, mut dups) = (0, 0);
+        for frames in self.stable.values().filter(|v| v.len() > 1) {
+            // One bucket per 64-bit hash: group its frames by content (almost always
+            // one group; a hash collision would make two).
+            let mut groups: Vec<(FrameId, u64)> = Vec::new();
+            for &f in frames {
+                match groups
+                    .iter_mut()
+                    .find(|(g, _)| self.mem.frame(*g) == self.mem.frame(f))
+                {
+                    Some((_, n)) => *n += 1,
+                    None => groups.push((f, 1)),
+                }
+            }
+            for (_, n) in groups.into_iter().filter(|&(_, n)| n > 1) {
+                chains += 1;
+                dups += n;
+            }
+        }
+        (chains, dups)
     }
 
     /// Bytes of our own bookkeeping (records of regions with advised pages, frame
@@ -893,10 +1074,15 @@ impl<M: Mem> Core<M> {
             .map(|r| r.pages.iter().filter(|p| p.advised()).count())
             .sum();
         assert_eq!(advised as u64, self.advised, "advised pages");
+        let mut zero = 0u64;
         for r in self.regions.values() {
             for p in &r.pages {
                 match p.state {
                     State::Untracked | State::Inherited => continue,
+                    State::Zero => {
+                        zero += 1;
+                        continue;
+                    }
                     State::Unstable => c.pages_unshared += 1,
                     State::Stable => *refs.entry(p.frame).or_default() += 1,
                     State::Volatile => {}
@@ -910,6 +1096,7 @@ impl<M: Mem> Core<M> {
             c.pages_sharing += u64::from(n - 1);
         }
         let k = self.counters;
+        assert_eq!(k.ksm_zero_pages, zero, "ksm_zero_pages");
         assert_eq!(
             (
                 k.pages_shared,

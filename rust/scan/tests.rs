@@ -250,3 +250,107 @@ fn merges_stop_at_the_vma_budget() {
     }
     c.check_invariants();
 }
+
+#[test]
+fn max_page_sharing_makes_chains_of_dups() {
+    for (n, m, shared, sharing, dups) in [
+        (1000usize, 256u32, 4, 996, 4),
+        (2048, 128, 16, 2032, 16),
+        (100, 256, 1, 99, 0),
+    ] {
+        let mut c = core_with(n);
+        c.max_page_sharing = m;
+        for i in 0..n {
+            fill(&mut c, i, 0x77);
+        }
+        c.advise(BASE, BASE + n * PG);
+        c.scan_full(2);
+        let k = c.counters();
+        assert_eq!(
+            (k.pages_shared, k.pages_sharing),
+            (shared, sharing),
+            "n={n} m={m}"
+        );
+        let chains = u64::from(dups > 0);
+        assert_eq!(c.stable_chains(), (chains, dups), "n={n} m={m}");
+        c.check_invariants();
+    }
+}
+
+#[test]
+fn zero_pages_merge_with_each_other_or_become_the_zero_page() {
+    for use_zero_pages in [false, true] {
+        let mut c = core_with(12);
+        c.use_zero_pages = use_zero_pages;
+        for i in 0..10 {
+            fill(&mut c, i, 0);
+        }
+        fill(&mut c, 10, 1);
+        fill(&mut c, 11, 2);
+        c.advise(BASE, BASE + 12 * PG);
+        c.scan_full(2);
+        let k = c.counters();
+        let got = (k.pages_shared, k.pages_sharing, k.ksm_zero_pages);
+        if use_zero_pages {
+            assert_eq!(got, (0, 0, 10));
+            assert_eq!(k.rmap_items, 2, "zero pages are no rmap_items");
+            assert_eq!(
+                c.page_state(BASE, Presence::Absent),
+                Some("zero"),
+                "reads the zero page"
+            );
+        } else {
+            assert_eq!(got, (1, 9, 0));
+        }
+        c.check_invariants();
+        // Written again: an ordinary page, counted out of ksm_zero_pages at the next visit.
+        c.mem.write(BASE + 3 * PG, &[9]);
+        c.scan_full(1);
+        if use_zero_pages {
+            assert_eq!(c.counters().ksm_zero_pages, 9);
+        }
+        // Unmerge: no zero page left counted, contents exact.
+        c.unmerge_range(BASE, BASE + 12 * PG).unwrap();
+        assert_eq!(c.counters().ksm_zero_pages, 0);
+        let mut p3 = vec![0; PG];
+        p3[0] = 9;
+        for i in 0..10 {
+            let want = if i == 3 { p3.clone() } else { vec![0; PG] };
+            assert_eq!(c.mem.read_page(BASE + i * PG), want, "page {i}");
+        }
+        c.check_invariants();
+    }
+}
+
+#[test]
+fn smart_scan_skips_unique_pages_from_the_fifth_scan_like_the_kernel() {
+    let n = 64;
+    let mut c = core_with(n);
+    c.smart_scan = true;
+    for i in 0..n {
+        fill(&mut c, i, i as u8 + 1);
+    }
+    c.advise(BASE, BASE + n * PG);
+    let mut skipped = Vec::new();
+    for _ in 0..12 {
+        c.scan_full(1);
+        skipped.push(c.counters().pages_skipped);
+        c.check_invariants();
+    }
+    // Scans 1-4 look at every page; the 5th skips them all (KERNEL-KSM.md §5.6),
+    // then looks are spaced out: every 2nd, 3rd, 5th, then 9th scan.
+    assert_eq!(&skipped[..4], &[0, 0, 0, 0]);
+    assert_eq!(skipped[4], n as u64);
+    assert!(skipped[11] > skipped[4]);
+    let scanned = c.counters().pages_scanned;
+    assert!(
+        scanned < 12 * n as u64,
+        "skipped pages are not counted as scanned"
+    );
+    // Off: every page is looked at on every scan.
+    c.smart_scan = false;
+    let before = c.counters();
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_skipped, before.pages_skipped);
+    assert_eq!(c.counters().pages_scanned, before.pages_scanned + n as u64);
+}

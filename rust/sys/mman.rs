@@ -177,6 +177,19 @@ pub(crate) fn map_file_fixed(w: &Window, prot: i32, fd: RawFd, offset: u64) -> i
     Ok(())
 }
 
+/// `MADV_DONTNEED` the write-protected window `w`: the zero-page merge
+/// (`use_zero_pages`). In an anonymous private VMA the pages read zeros from the
+/// kernel's zero page afterwards and hold no memory; the caller checked, under
+/// the same window, that they held only zeros, and that the VMA is anonymous
+/// (in a private file mapping the file's bytes would come back).
+pub(crate) fn discard(w: &Window) -> io::Result<()> {
+    // SAFETY: the range is the protected window (no write can land in it, and ksm
+    // holds no Rust reference into advised memory); dropping all-zero pages of an
+    // anonymous mapping leaves the bytes every reader sees unchanged.
+    cvt(unsafe { libc::madvise(w.addr() as *mut libc::c_void, w.len(), libc::MADV_DONTNEED) })?;
+    Ok(())
+}
+
 /// Move `scratch` over the write-protected window `w` (`mremap MAYMOVE|FIXED`):
 /// the unmerge step. `scratch` (a private copy of the window's bytes) is consumed.
 pub(crate) fn move_over(scratch: Mapping, w: &Window) -> io::Result<()> {
