@@ -232,10 +232,6 @@ def test_foreign_memory_merges_with_ksm_memory() -> None:
 MADV_DONTNEED = 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (README): UFFD_EVENT_REMOVE is not handled yet (issue 'Kernel parity', item 4)",
-)
 @pytest.mark.parametrize("owned", [True, False], ids=["ksm.mmap", "foreign"])
 def test_dontneed_on_a_merged_page_reads_zeros(owned: bool) -> None:
     # Anonymous private memory reads as zeros after MADV_DONTNEED (allocators such as
@@ -500,10 +496,6 @@ def test_dontneed_after_copy_on_write_reads_zeros_not_another_pages_bytes(owned:
             raw_munmap(a, 2 * PAGE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (README): UFFD_EVENT_REMAP is not handled yet (issue 'Kernel parity', item 4)",
-)
 def test_mremap_of_a_merged_page_keeps_its_bytes() -> None:
     # The application moves a merged page (one VMA, so mremap works) and maps new
     # memory at the old address. The frame the moved page maps must not be freed

@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::merge::{Os, Windows};
+use crate::merge::{own_event_or_disturb, Event, EventLog, Events, Os, Win, Windows};
 use crate::region::{maps, Region};
 use crate::scan::Core;
 use crate::stats::{KsmStat, Snapshot};
@@ -53,6 +53,19 @@ const SYNC_BATCH: u64 = 4096;
 
 /// The userfaultfd features we need (WP_UNPOPULATED: see `sys::uffd`).
 const REQUIRED_FEATURES: u64 = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+
+/// Events of memory ksm owns: the application's MADV_DONTNEED of a merged page
+/// (with minor faults, to give it zeros). Not UNMAP: our own remaps would raise it.
+const OWNED_EVENTS: u64 = uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_MINOR_SHMEM;
+/// Events of memory the application owns: tracking follows its munmap, mremap and
+/// MADV_DONTNEED.
+const FOREIGN_EVENTS: u64 = uffd::FEATURE_EVENT_UNMAP
+    | uffd::FEATURE_EVENT_REMAP
+    | uffd::FEATURE_EVENT_REMOVE
+    | uffd::FEATURE_MINOR_SHMEM;
+
+/// Events of the application read by the fault threads, not yet followed.
+static EVENTS: Events = Events::new();
 
 static WINDOWS: Windows = Windows::new();
 static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -96,7 +109,8 @@ pub struct Engine {
 /// The locks `prepare` takes: the engine state and the open merge windows.
 type ForkGuards = (
     MutexGuard<'static, State>,
-    MutexGuard<'static, Vec<(usize, usize)>>,
+    MutexGuard<'static, EventLog>,
+    MutexGuard<'static, Vec<Win>>,
 );
 /// `[start, end)` pieces of a madvise range and what they are.
 type Pieces = Vec<(usize, usize, Piece)>;
@@ -136,7 +150,7 @@ fn probe_availability() -> Availability {
 }
 
 fn new_core() -> Core<Os> {
-    let mut core = Core::new(Os::new(None, FRAME_CAPACITY, &WINDOWS), FRAME_CAPACITY);
+    let mut core = Core::new(Os::new(FRAME_CAPACITY, &WINDOWS, &EVENTS), FRAME_CAPACITY);
     apply_knobs(&mut core, &Knobs::default());
     core
 }
@@ -183,10 +197,12 @@ impl Engine {
         Ok(ENGINE.get().expect("set above"))
     }
 
+    /// The state lock, with the application's events followed first.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        let st = self.lock_raw();
+        let mut st = self.lock_raw();
         self.waiting.fetch_sub(1, Ordering::AcqRel);
+        Self::follow_events(&mut st);
         st
     }
 
@@ -206,7 +222,9 @@ impl Engine {
             }
             std::thread::yield_now();
         }
-        self.lock_raw()
+        let mut st = self.lock_raw();
+        Self::follow_events(&mut st);
+        st
     }
 
     /// Restart threads in a forked child (they do not survive fork). Lock-free unless
@@ -241,29 +259,81 @@ impl Engine {
         }
     }
 
-    /// Open the userfaultfd and start its reader, once per process.
+    /// Open the userfaultfd of owned memory and start its reader, once per process.
     fn ensure_uffd(st: &mut State) -> Result<Arc<Uffd>> {
-        if let Some(u) = &st.core.mem.uffd {
+        Self::ensure_uffd_of(st, false)
+    }
+
+    /// Open the userfaultfd of foreign memory (or of owned memory) and start its
+    /// reader, once per process. Optional event features are asked for when offered;
+    /// without them ksm works as before they existed (see the README's limitations).
+    fn ensure_uffd_of(st: &mut State, foreign: bool) -> Result<Arc<Uffd>> {
+        let slot = if foreign {
+            &st.core.mem.uffd_foreign
+        } else {
+            &st.core.mem.uffd
+        };
+        if let Some(u) = slot {
             return Ok(u.clone());
         }
-        if let Availability::Unavailable(why) = availability() {
-            return Err(Error::errno(
-                libc::EINVAL,
-                format!("merging is not available in this process: {why}"),
-            ));
-        }
+        let offered = match availability() {
+            Availability::Unavailable(why) => {
+                return Err(Error::errno(
+                    libc::EINVAL,
+                    format!("merging is not available in this process: {why}"),
+                ))
+            }
+            Availability::Available { features, .. } => *features,
+        };
+        let wanted = if foreign {
+            FOREIGN_EVENTS
+        } else {
+            OWNED_EVENTS
+        };
         let u = Arc::new(
-            Uffd::open(REQUIRED_FEATURES).map_err(|e| Error::os("opening userfaultfd", 0, 0, e))?,
+            Uffd::open(REQUIRED_FEATURES | (offered & wanted))
+                .map_err(|e| Error::os("opening userfaultfd", 0, 0, e))?,
         );
-        let stop = Arc::new(AtomicBool::new(false));
-        st.fault_stop = stop.clone();
+        let stop = st.fault_stop.clone();
         let reader = u.clone();
         std::thread::Builder::new()
-            .name("ksm-faults".into())
+            .name(if foreign { "ksm-events" } else { "ksm-faults" }.into())
             .spawn(move || fault_loop(&reader, &stop))
             .map_err(|e| Error::os("spawning the fault thread", 0, 0, e))?;
-        st.core.mem.uffd = Some(u.clone());
+        if foreign {
+            st.core.mem.uffd_foreign = Some(u.clone());
+        } else {
+            st.core.mem.uffd = Some(u.clone());
+        }
         Ok(u)
+    }
+
+    /// Follow what the application did to registered memory (events the fault
+    /// threads read): forget unmapped memory, move the records of moved memory, and
+    /// give merged pages it discarded (MADV_DONTNEED) private pages of zeros.
+    fn follow_events(st: &mut State) {
+        let events = std::mem::take(&mut EVENTS.lock().queue);
+        let mut retry = Vec::new();
+        for ev in events {
+            match ev {
+                Event::Unmapped { start, end } => st.core.forget_unmapped(start, end),
+                Event::Remapped { from, to, len } => st.core.relocate(from, to, len),
+                Event::Removed { start, end } => {
+                    // The merged pages read zeros or what was written since (the fault
+                    // thread fills them): copy that into anonymous pages of their own.
+                    if st.core.unmerge_range(start, end).is_ok() {
+                        EVENTS.lock().clear_removed(start, end);
+                    } else {
+                        retry.push(ev);
+                    }
+                }
+            }
+        }
+        if !retry.is_empty() {
+            let mut log = EVENTS.lock();
+            retry.append(&mut log.queue);
+            log.queue = retry;
+        }
     }
 
     // ---- owned memory -------------------------------------------------------
@@ -428,17 +498,14 @@ impl Engine {
     /// (merging and unmerging both need write-protection).
     fn ensure_registered(st: &mut State, s: usize, e: usize) -> Result<()> {
         let page = sys::page_size();
-        let starts: Vec<usize> = st
+        let starts: Vec<(usize, bool)> = st
             .core
             .regions()
             .filter(|r| r.start < e && r.end(page) > s && !r.registered)
-            .map(|r| r.start)
+            .map(|r| (r.start, r.owned))
             .collect();
-        if starts.is_empty() {
-            return Ok(());
-        }
-        let u = Self::ensure_uffd(st)?;
-        for start in starts {
+        for (start, owned) in starts {
+            let u = Self::ensure_uffd_of(st, !owned)?;
             let len = st.core.region_at(start).expect("listed").len(page);
             u.register_wp(start, len)
                 .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
@@ -459,7 +526,7 @@ impl Engine {
 
     fn advise_foreign(st: &mut State, s: usize, e: usize, prot: i32) -> Result<()> {
         let page = sys::page_size();
-        let u = Self::ensure_uffd(st)?;
+        let u = Self::ensure_uffd_of(st, true)?;
         if maps::vm_flags(s).is_ok_and(|f| {
             f.iter()
                 .any(|x| maps::NEVER_MERGE_FLAGS.contains(&x.as_str()))
@@ -510,7 +577,7 @@ impl Engine {
             .collect();
         for (start, len) in idle {
             st.core.remove_region(start);
-            if let Some(u) = &st.core.mem.uffd {
+            if let Some(u) = &st.core.mem.uffd_foreign {
                 let _ = u.unregister(start, len);
             }
         }
@@ -912,32 +979,81 @@ enum Piece {
     Never,
 }
 
-/// The fault thread: wake writers that faulted outside an open merge window.
+/// A fault thread: one per userfaultfd. It never takes the state lock.
+///
+/// * **Write-protect faults** inside an open merge window wait for the merger,
+///   which wakes them when it closes the window; outside every window the
+///   protection is stale (a path that could not release it): it is dropped, which
+///   also wakes the writer. Checked and acted on under the window lock, which
+///   `protect` also takes to publish a window before protecting.
+/// * **Minor faults** come from merged pages (pool mappings) without a PTE: one the
+///   application discarded with `MADV_DONTNEED` gets a private page of zeros, as
+///   anonymous memory must read after it; any other maps its frame again. Inside a
+///   window both stay write-protected, so that the merger still owns the page.
+/// * **Events** (munmap, mremap, MADV_DONTNEED of registered memory) are logged for
+///   the engine, which follows them under its lock, unless they are our own remaps
+///   (a window with its own syscall in flight). An application event touching an
+///   open window disturbs it: the merger then gives up that page. The event log
+///   is held while reading, so that once the application's munmap has returned
+///   (which waits for the read) its event is in the log (see `Os::protect`).
 fn fault_loop(u: &Uffd, stop: &AtomicBool) {
     let page = sys::page_size();
     let mut msgs = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        if u.read_msgs(Duration::from_millis(200), &mut msgs).is_err() {
-            std::thread::sleep(Duration::from_millis(10));
+        match u.wait_readable(Duration::from_millis(200)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        }
+        let mut log = EVENTS.lock();
+        if u.read_available(&mut msgs).is_err() {
             continue;
         }
         for m in &msgs {
-            if let Msg::PageFault { addr, flags, .. } = *m {
-                let a = addr as usize & !(page - 1);
-                // Checked and acted on under the window lock: `protect` publishes a
-                // window under the same lock before protecting, so a page under merge
-                // is never unprotected here (the write would land on a page about to
-                // be replaced); the merger wakes its writers when it closes the window.
-                let open = WINDOWS.lock();
-                if open.iter().any(|&(s, e)| s <= a && a < e) {
-                    continue;
+            let mut open = WINDOWS.lock();
+            match *m {
+                Msg::PageFault { addr, flags, .. } => {
+                    let a = addr as usize & !(page - 1);
+                    let in_window = open.iter().any(|w| w.start <= a && a < w.end);
+                    if flags & uffd::PAGEFAULT_FLAG_MINOR != 0 {
+                        let r = if log.is_removed(a) {
+                            u.fill_zeros(a, page, in_window)
+                        } else {
+                            u.continue_minor(a, page, in_window)
+                        };
+                        // EEXIST: another fault resolved it first.
+                        if r.is_err() {
+                            let _ = u.wake(a, page);
+                        }
+                    } else if !in_window
+                        && (flags & uffd::PAGEFAULT_FLAG_WP == 0
+                            || u.writeprotect(a, page, false).is_err())
+                    {
+                        let _ = u.wake(a, page);
+                    }
                 }
-                // Outside every window the protection is stale (a path that could not
-                // release it): drop it, which also wakes the writer.
-                if flags & uffd::PAGEFAULT_FLAG_WP == 0 || u.writeprotect(a, page, false).is_err() {
-                    let _ = u.wake(a, page);
+                Msg::Remove { start, end } => {
+                    let (s, e) = (start as usize, end as usize);
+                    if !own_event_or_disturb(&mut open, s, e) {
+                        log.removed.push((s, e));
+                        log.queue.push(Event::Removed { start: s, end: e });
+                    }
                 }
-                drop(open);
+                Msg::Unmap { start, end } => {
+                    let (s, e) = (start as usize, end as usize);
+                    if !own_event_or_disturb(&mut open, s, e) {
+                        log.queue.push(Event::Unmapped { start: s, end: e });
+                    }
+                }
+                Msg::Remap { from, to, len } => {
+                    let (from, to, len) = (from as usize, to as usize, len as usize);
+                    own_event_or_disturb(&mut open, from, from + len);
+                    log.queue.push(Event::Remapped { from, to, len });
+                }
+                Msg::Fork { .. } | Msg::Unknown { .. } => {}
             }
         }
     }
@@ -947,31 +1063,37 @@ fn fault_loop(u: &Uffd, stop: &AtomicBool) {
 
 fn fork_prepare() {
     let Some(e) = ENGINE.get() else { return };
-    let st = e.lock();
+    // The fault threads' lock order: event log, then windows.
+    let st = e.lock_raw();
+    let log = EVENTS.lock();
     let w = WINDOWS.lock();
-    FORK_GUARDS.with(|g| *g.borrow_mut() = Some((st, w)));
+    FORK_GUARDS.with(|g| *g.borrow_mut() = Some((st, log, w)));
 }
 
 fn fork_parent() {
-    if let Some((mut st, w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) {
+    if let Some((mut st, log, w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) {
         // Every live frame may now be mapped by the child: never punch it while the child lives.
         st.core.frames_mut().on_fork();
         drop(w);
+        drop(log);
         drop(st);
     }
 }
 
 fn fork_child() {
-    let Some((mut st, mut w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) else {
+    let Some((mut st, mut log, mut w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) else {
         return;
     };
+    // The child has no userfaultfd (its copies are unregistered): nothing to follow.
     w.clear();
     drop(w);
+    *log = EventLog::default();
+    drop(log);
     // Threads do not survive fork; the kernel unregistered our ranges in the child's
     // copy (no UFFD_FEATURE_EVENT_FORK). Start over with a new pool: the child must
     // never punch a frame of the parent's pool, which the parent's pages may map.
     st.threads_pid = 0;
-    st.fault_stop.store(true, Ordering::Relaxed);
+    st.fault_stop = Arc::new(AtomicBool::new(false));
     // Nothing here can fail: the new engine allocates nothing big (its pool comes
     // with its first frame), so the child can never be left with the parent's pool.
     let mut core = new_core();

@@ -35,25 +35,63 @@ use crate::sys::pagemap::{
 use crate::sys::procmem;
 use crate::sys::uffd::{Uffd, Window};
 
+/// One open merge window.
+#[derive(Clone, Copy, Debug)]
+pub struct Win {
+    pub start: usize,
+    pub end: usize,
+    /// An application event (munmap, mremap, MADV_DONTNEED) touched the range while
+    /// the window was open: the merger must not replace the page any more.
+    pub disturbed: bool,
+    /// Our own remapping syscall is in flight (its UNMAP/REMOVE event is ours).
+    pub own: bool,
+}
+
 /// Ranges currently inside a merge window, shared with the fault thread.
 #[derive(Debug, Default)]
 pub struct Windows {
-    open: Mutex<Vec<(usize, usize)>>,
+    open: Mutex<Vec<Win>>,
 }
 
 impl Windows {
     fn add(&self, s: usize, len: usize) {
-        self.lock().push((s, s + len));
+        self.lock().push(Win {
+            start: s,
+            end: s + len,
+            disturbed: false,
+            own: false,
+        });
     }
     fn remove(&self, s: usize) {
         let mut v = self.lock();
-        if let Some(i) = v.iter().position(|&(x, _)| x == s) {
+        if let Some(i) = v.iter().position(|w| w.start == s) {
             v.swap_remove(i);
+        }
+    }
+    /// Mark our own syscall on the window at `s` as in flight; false (and nothing
+    /// marked) if an application event already disturbed the window.
+    fn begin_own(&self, s: usize) -> bool {
+        let mut v = self.lock();
+        match v.iter_mut().find(|w| w.start == s) {
+            Some(w) if !w.disturbed => {
+                w.own = true;
+                true
+            }
+            _ => false,
+        }
+    }
+    /// Our syscall on the window at `s` returned. `events` is taken first: the fault
+    /// thread holds it from reading messages until it has sorted them all, and the
+    /// syscall returned once its event was read, so the event is sorted as ours.
+    fn end_own(&self, s: usize, events: &Events) {
+        let _sorted = events.lock();
+        if let Some(w) = self.lock().iter_mut().find(|w| w.start == s) {
+            w.own = false;
         }
     }
     /// The lock (also taken by the fork handlers, so that no child inherits it held).
     /// Poisoning is ignored: the list stays valid whatever panicked.
-    pub fn lock(&self) -> MutexGuard<'_, Vec<(usize, usize)>> {
+    pub fn lock(&self) -> MutexGuard<'_, Vec<Win>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -64,14 +102,101 @@ impl Windows {
     }
 }
 
+/// Whether `[s, e)` is an event of our own syscall in `open` (exactly a window
+/// whose own syscall is in flight); otherwise every window it touches is marked
+/// disturbed. Called by the fault thread with the window lock held.
+pub fn own_event_or_disturb(open: &mut [Win], s: usize, e: usize) -> bool {
+    if open.iter().any(|w| w.own && w.start == s && w.end == e) {
+        return true;
+    }
+    for w in open.iter_mut().filter(|w| w.start < e && s < w.end) {
+        w.disturbed = true;
+    }
+    false
+}
+
+/// What the application did to registered memory, as the fault thread read it
+/// from userfaultfd events, for the engine to follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// `munmap` (or a mapping placed over it): the range's memory is gone.
+    Unmapped { start: usize, end: usize },
+    /// `mremap` moved `[from, from+len)` to `to`.
+    Remapped { from: usize, to: usize, len: usize },
+    /// `MADV_DONTNEED`/`MADV_REMOVE`: the range reads zeros from now on.
+    Removed { start: usize, end: usize },
+}
+
+/// Events not yet followed, and the ranges the application discarded whose merged
+/// pages still need zeros (the fault thread answers minor faults there with zeros
+/// until the engine has given those pages mappings of their own).
+#[derive(Debug, Default)]
+pub struct EventLog {
+    pub queue: Vec<Event>,
+    pub removed: Vec<(usize, usize)>,
+}
+
+impl EventLog {
+    pub fn is_removed(&self, addr: usize) -> bool {
+        self.removed.iter().any(|&(s, e)| s <= addr && addr < e)
+    }
+    /// Whether an unfollowed event says `[s, e)` was unmapped or moved away.
+    pub fn vanished(&self, s: usize, e: usize) -> bool {
+        self.queue.iter().any(|ev| match *ev {
+            Event::Unmapped { start, end } => start < e && s < end,
+            Event::Remapped { from, len, .. } => from < e && s < from + len,
+            Event::Removed { .. } => false,
+        })
+    }
+    /// Forget one discarded range (once its merged pages were given zeros).
+    pub fn clear_removed(&mut self, s: usize, e: usize) {
+        if let Some(i) = self.removed.iter().position(|&r| r == (s, e)) {
+            self.removed.swap_remove(i);
+        }
+    }
+}
+
+/// The event log, shared by the fault threads and the engine.
+pub struct Events(Mutex<EventLog>);
+
+impl Events {
+    pub const fn new() -> Self {
+        Events(Mutex::new(EventLog {
+            queue: Vec::new(),
+            removed: Vec::new(),
+        }))
+    }
+    /// Poisoning is ignored: the log stays valid whatever panicked.
+    pub fn lock(&self) -> MutexGuard<'_, EventLog> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Events")
+    }
+}
+
 /// The operating-system side of the algorithm.
 #[derive(Debug)]
 pub struct Os {
+    /// The userfaultfd of memory ksm owns (events: REMOVE only, so that our own
+    /// remaps there raise none and stay fast).
     pub uffd: Option<Arc<Uffd>>,
+    /// The userfaultfd of memory the application owns (events: UNMAP, REMAP, REMOVE).
+    pub uffd_foreign: Option<Arc<Uffd>>,
     /// The frame pool, created with the first frame.
     pub pool: Option<Pool>,
     frame_capacity: u32,
     pub windows: &'static Windows,
+    pub events: &'static Events,
     /// `/proc/self/pagemap` (None if it could not be opened: nothing is scanned).
     pagemap: Option<Pagemap>,
     page: usize,
@@ -89,12 +214,14 @@ pub struct Os {
 impl Os {
     /// Cannot fail: it allocates nothing big (the pool comes with the first frame), so
     /// that a forked child can always rebuild its engine.
-    pub fn new(uffd: Option<Arc<Uffd>>, frame_capacity: u32, windows: &'static Windows) -> Self {
+    pub fn new(frame_capacity: u32, windows: &'static Windows, events: &'static Events) -> Self {
         Os {
-            uffd,
+            uffd: None,
+            uffd_foreign: None,
             pool: None,
             frame_capacity,
             windows,
+            events,
             pagemap: Pagemap::open().ok(),
             page: crate::sys::page_size(),
             owned: BTreeMap::new(),
@@ -124,10 +251,25 @@ impl Os {
             .filter(|m| addr < m.addr() + m.len())
     }
 
-    fn uffd(&self) -> io::Result<&Uffd> {
-        self.uffd
-            .as_deref()
+    /// The userfaultfd `addr` is (to be) registered with: ours for owned memory.
+    fn uffd(&self, addr: usize) -> io::Result<&Uffd> {
+        let u = if self.owned_at(addr).is_some() {
+            &self.uffd
+        } else {
+            &self.uffd_foreign
+        };
+        u.as_deref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    /// Register a range we just remapped: merged pages (pool mappings) in write-protect
+    /// and minor mode, anything else (or without minor-fault support) write-protect only.
+    fn register_new(&self, addr: usize, len: usize, merged: bool) {
+        if let Ok(u) = self.uffd(addr) {
+            if !merged || u.register_wp_minor(addr, len).is_err() {
+                let _ = u.register_wp(addr, len);
+            }
+        }
     }
 
     /// Hand over every `ksm.mmap` allocation (to the engine of a forked child).
@@ -254,7 +396,7 @@ impl Mem for Os {
         // Publish the window before protecting, so that a fault raised the moment
         // protection lands is already recognised as ours.
         self.windows.add(addr, len);
-        let u = match self.uffd() {
+        let u = match self.uffd(addr) {
             Ok(u) => u,
             Err(e) => {
                 self.windows.remove(addr);
@@ -263,10 +405,18 @@ impl Mem for Os {
         };
         let mut r = u.open_window(addr, len);
         if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
-            // Part of the range is not registered (a VMA whose registration failed
-            // after a remap, or a forked child's memory): register, then try again.
+            // Part of the range is not registered: a VMA whose registration failed
+            // after a remap, a forked child's memory, or memory the application
+            // unmapped or moved (and perhaps mapped anew). The fault thread holds the
+            // event log while it reads, and an munmap returns only once its event was
+            // read, so the log tells the last case apart: never register that.
+            if self.events.lock().vanished(addr, addr + len) {
+                self.windows.remove(addr);
+                return Err(io::Error::from_raw_os_error(libc::ENOENT));
+            }
             r = u
-                .register_wp(addr, len)
+                .register_wp_minor(addr, len)
+                .or_else(|_| u.register_wp(addr, len))
                 .and_then(|()| u.open_window(addr, len));
         }
         match r {
@@ -293,7 +443,7 @@ impl Mem for Os {
         // fault thread, one read before it by the wake below; either is enough.
         self.windows.remove(addr);
         let w = self.open.remove(&addr);
-        let Ok(u) = self.uffd() else { return };
+        let Ok(u) = self.uffd(addr) else { return };
         match w {
             Some(w) => {
                 let _ = u.close_window(w, unprotect);
@@ -313,12 +463,18 @@ impl Mem for Os {
             .pool
             .as_ref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f))?;
-        // The page maps the frame now, whatever follows. The new VMA is not registered;
-        // later merges and unmerges need it, and `protect` registers it if this fails.
-        if let Ok(u) = self.uffd() {
-            let _ = u.register_wp(addr, self.page);
+        if !self.windows.begin_own(addr) {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
+        let r = mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f));
+        self.windows.end_own(addr, self.events);
+        r?;
+        // The page maps the frame now, whatever follows. Give it its PTE at once (so
+        // that a page without one is one the application discarded, see the fault
+        // thread), then register the new VMA: later merges and unmerges need it, and
+        // `protect` registers it if this fails.
+        let _ = mman::populate_read(addr, self.page);
+        self.register_new(addr, self.page, true);
         Ok(())
     }
 
@@ -327,7 +483,12 @@ impl Mem for Os {
             .open
             .get(&addr)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        mman::discard(w)
+        if !self.windows.begin_own(addr) {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        let r = mman::discard(w);
+        self.windows.end_own(addr, self.events);
+        r
     }
 
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
@@ -344,11 +505,14 @@ impl Mem for Os {
                 mman::protect_owned(&scratch, prot)?;
             }
             let w = self.open.get(&addr).expect("window opened above");
-            mman::move_over(scratch, w)?;
-            // The private copies are in place; `protect` registers later if this fails.
-            if let Ok(u) = self.uffd() {
-                let _ = u.register_wp(addr, len);
+            if !self.windows.begin_own(addr) {
+                return Err(io::Error::from_raw_os_error(libc::EAGAIN));
             }
+            let moved = mman::move_over(scratch, w);
+            self.windows.end_own(addr, self.events);
+            moved?;
+            // The private copies are in place; `protect` registers later if this fails.
+            self.register_new(addr, len, false);
             Ok(())
         })();
         self.release(addr, len, result.is_err());

@@ -531,6 +531,79 @@ impl<M: Mem> Core<M> {
         self.remove_region(start);
     }
 
+    /// Split the region of memory ksm does not own that contains `addr` (strictly
+    /// inside) into two at `addr`, so that events can act on whole regions.
+    fn split_at(&mut self, addr: usize) {
+        let page = self.page;
+        let Some(r) = self.region_at_mut(addr) else {
+            return;
+        };
+        if r.owned || r.start == addr {
+            return;
+        }
+        let tail = Region {
+            start: addr,
+            pages: r.pages.split_off((addr - r.start) / page),
+            owned: false,
+            prot: r.prot,
+            registered: r.registered,
+        };
+        self.regions.insert(addr, tail);
+    }
+
+    /// The starts of the regions of memory ksm does not own inside `[s, e)`, after
+    /// splitting at both ends.
+    fn foreign_regions_in(&mut self, s: usize, e: usize) -> Vec<usize> {
+        self.split_at(s);
+        self.split_at(e);
+        let page = self.page;
+        self.regions
+            .range(s..e)
+            .filter(|(_, r)| !r.owned && r.end(page) <= e)
+            .map(|(&start, _)| start)
+            .collect()
+    }
+
+    /// The application unmapped `[s, e)` (a userfaultfd UNMAP event): forget what was
+    /// tracked there, advice included. Its merged pages' mappings are gone with it, so
+    /// their frames are released normally.
+    pub fn forget_unmapped(&mut self, s: usize, e: usize) {
+        for start in self.foreign_regions_in(s, e) {
+            self.remove_region(start);
+        }
+        self.settled = false;
+    }
+
+    /// The application moved `[from, from+len)` to `to` (`mremap`, a userfaultfd REMAP
+    /// event; the moved VMAs stay registered): the records move with the memory, and
+    /// merged pages keep their frames.
+    pub fn relocate(&mut self, from: usize, to: usize, len: usize) {
+        self.forget_unmapped(to, to + len);
+        let page = self.page;
+        if self
+            .regions
+            .values()
+            .any(|r| r.start < to + len && to < r.end(page))
+        {
+            // Moved over memory ksm owns (which the application must not do): the
+            // records cannot follow, forget them.
+            return self.forget_unmapped(from, from + len);
+        }
+        for start in self.foreign_regions_in(from, from + len) {
+            let mut r = self.regions.remove(&start).expect("listed");
+            for p in &mut r.pages {
+                // The unstable index knows pages by address: out of it until revisited.
+                if p.state == State::Unstable {
+                    p.state = State::Volatile;
+                    self.counters.pages_unshared -= 1;
+                }
+            }
+            r.start = to + (start - from);
+            self.regions.insert(r.start, r);
+        }
+        self.settled = false;
+    }
+
     /// Punch the suspect frames that `mapped` says no mapping of this process holds.
     pub fn free_unmapped_suspects(&mut self, mapped: impl Fn(FrameId) -> bool) {
         for f in self.frames.clear_suspects(mapped) {

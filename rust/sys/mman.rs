@@ -190,6 +190,17 @@ pub(crate) fn discard(w: &Window) -> io::Result<()> {
     Ok(())
 }
 
+/// `MADV_POPULATE_READ`: fault the pages of `[addr, addr+len)` in for reading, so
+/// that a merged page has its PTE (pointing at the frame) from the start. Read
+/// faults change no contents and never break copy-on-write.
+pub fn populate_read(addr: usize, len: usize) -> io::Result<()> {
+    const MADV_POPULATE_READ: i32 = 22;
+    // SAFETY: populating for read changes no byte of the range; an unmapped or
+    // inaccessible range only makes the call fail.
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len, MADV_POPULATE_READ) })?;
+    Ok(())
+}
+
 /// Move `scratch` over the write-protected window `w` (`mremap MAYMOVE|FIXED`):
 /// the unmerge step. `scratch` (a private copy of the window's bytes) is consumed.
 pub(crate) fn move_over(scratch: Mapping, w: &Window) -> io::Result<()> {

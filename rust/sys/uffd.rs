@@ -27,6 +27,7 @@ pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
 pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 pub const FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
@@ -34,7 +35,10 @@ pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 pub const FEATURE_MOVE: u64 = 1 << 16;
 
 const REGISTER_MODE_WP: u64 = 1 << 1;
+const REGISTER_MODE_MINOR: u64 = 1 << 2;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const COPY_MODE_WP: u64 = 1 << 1;
+const CONTINUE_MODE_WP: u64 = 1 << 1;
 
 pub const EVENT_PAGEFAULT: u8 = 0x12;
 pub const EVENT_FORK: u8 = 0x13;
@@ -44,6 +48,7 @@ pub const EVENT_UNMAP: u8 = 0x16;
 
 pub const PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 pub const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+pub const PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
 
 /// `UFFD_USER_MODE_ONLY`: the flag an unprivileged process needs when
 /// `vm.unprivileged_userfaultfd = 0`.
@@ -59,6 +64,8 @@ const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, 32);
 const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, 16);
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, 16);
 const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_READ | IOC_WRITE, 0x06, 24);
+const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, 40);
+const UFFDIO_CONTINUE: u64 = ioc(IOC_READ | IOC_WRITE, 0x07, 32);
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, 0x00, 0);
 
@@ -84,6 +91,20 @@ struct RegisterArg {
 struct WriteProtectArg {
     range: Range,
     mode: u64,
+}
+#[repr(C)]
+struct CopyArg {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+#[repr(C)]
+struct ContinueArg {
+    range: Range,
+    mode: u64,
+    mapped: i64,
 }
 
 /// How the descriptor was obtained; user-mode-only contexts do not see faults
@@ -258,10 +279,58 @@ impl Uffd {
 
     /// `UFFDIO_REGISTER` in write-protect mode.
     pub fn register_wp(&self, start: usize, len: usize) -> io::Result<()> {
+        self.register(start, len, REGISTER_MODE_WP)
+    }
+
+    /// `UFFDIO_REGISTER` in write-protect and minor-fault mode: for merged pages
+    /// (private mappings of the frame pool, a memfd). A minor fault is raised when
+    /// such a page has no PTE although its frame is in the page cache, which is how
+    /// an application's `MADV_DONTNEED` of a merged page becomes visible to us
+    /// (the fault thread then gives it zeros, see `daemon`). EINVAL without
+    /// `FEATURE_MINOR_SHMEM` or on a VMA that is not shmem.
+    pub fn register_wp_minor(&self, start: usize, len: usize) -> io::Result<()> {
+        if self.features & FEATURE_MINOR_SHMEM == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.register(start, len, REGISTER_MODE_WP | REGISTER_MODE_MINOR)
+    }
+
+    fn register(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
         let mut arg = RegisterArg {
             range: range(start, len),
-            mode: REGISTER_MODE_WP,
+            mode,
             ioctls: 0,
+        };
+        ioctl(&self.fd, &mut arg)?;
+        Ok(())
+    }
+
+    /// `UFFDIO_CONTINUE`: resolve a minor fault by mapping the page-cache page
+    /// (the frame, read-only in our private mappings), write-protected if `wp`.
+    /// Wakes the faulting threads. Changes no byte anyone reads.
+    pub fn continue_minor(&self, start: usize, len: usize, wp: bool) -> io::Result<()> {
+        let mut arg = ContinueArg {
+            range: range(start, len),
+            mode: if wp { CONTINUE_MODE_WP } else { 0 },
+            mapped: 0,
+        };
+        ioctl(&self.fd, &mut arg)?;
+        Ok(())
+    }
+
+    /// `UFFDIO_COPY` of zeros: resolve a minor fault on a page whose contents the
+    /// application discarded (`MADV_DONTNEED`) by giving it a private page of
+    /// zeros, write-protected if `wp`; only where the page has no PTE (EEXIST
+    /// otherwise), so it can never replace a page someone wrote. Wakes the
+    /// faulting threads.
+    pub fn fill_zeros(&self, start: usize, page: usize, wp: bool) -> io::Result<()> {
+        let zeros = vec![0u8; page];
+        let mut arg = CopyArg {
+            dst: start as u64,
+            src: zeros.as_ptr() as u64,
+            len: page as u64,
+            mode: if wp { COPY_MODE_WP } else { 0 },
+            copy: 0,
         };
         ioctl(&self.fd, &mut arg)?;
         Ok(())
@@ -324,6 +393,14 @@ impl Uffd {
     /// Wait up to `timeout` for messages and read those available into `out`.
     pub fn read_msgs(&self, timeout: Duration, out: &mut Vec<Msg>) -> io::Result<()> {
         out.clear();
+        if self.wait_readable(timeout)? {
+            self.read_available(out)?;
+        }
+        Ok(())
+    }
+
+    /// Wait up to `timeout` until a message can be read (false: none came).
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -335,9 +412,15 @@ impl Uffd {
         if n <= 0 {
             return match cvt(n) {
                 Err(e) if e.raw_os_error() != Some(libc::EINTR) => Err(e),
-                _ => Ok(()),
+                _ => Ok(false),
             };
         }
+        Ok(true)
+    }
+
+    /// Read the messages available now (none if another reader took them) into `out`.
+    pub fn read_available(&self, out: &mut Vec<Msg>) -> io::Result<()> {
+        out.clear();
         let mut buf = [0u8; MSG_SIZE * 16];
         // SAFETY: `buf` is valid for writes of its length.
         let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -389,12 +472,23 @@ unsafe impl IoctlArg for RegisterArg {
 unsafe impl IoctlArg for WriteProtectArg {
     const REQUEST: u64 = UFFDIO_WRITEPROTECT;
 }
+// SAFETY: as above (`struct uffdio_copy`). UFFDIO_COPY writes the page it installs,
+// and only where no PTE exists: it never replaces bytes anyone could read.
+unsafe impl IoctlArg for CopyArg {
+    const REQUEST: u64 = UFFDIO_COPY;
+}
+// SAFETY: as above (`struct uffdio_continue`); it maps an existing page-cache page.
+unsafe impl IoctlArg for ContinueArg {
+    const REQUEST: u64 = UFFDIO_CONTINUE;
+}
 
 /// `ioctl(fd, T::REQUEST, arg)` on a userfaultfd, EINTR retried.
 fn ioctl<T: IoctlArg>(fd: &OwnedFd, arg: &mut T) -> io::Result<i32> {
     retry_eintr(|| {
         // SAFETY: `T::REQUEST` takes a pointer to `T` (the trait's contract) and `arg` is
-        // valid for reads and writes; these ioctls never change memory contents.
+        // valid for reads and writes (COPY's `src` points to a live buffer of `len` bytes,
+        // see `fill_zeros`); none of these ioctls changes a byte anyone can read: COPY
+        // and CONTINUE only fill pages that have no PTE.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), T::REQUEST as _, arg as *mut T) })
     })
 }
@@ -454,6 +548,8 @@ mod tests {
         assert_eq!(UFFDIO_UNREGISTER, 0x8010aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010aa02);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
+        assert_eq!(UFFDIO_COPY, 0xc028aa03);
+        assert_eq!(UFFDIO_CONTINUE, 0xc020aa07);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
     }
 
