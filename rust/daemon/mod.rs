@@ -90,6 +90,9 @@ struct State {
     advisor: Advisor,
     scan_started: Instant,
     scan_cpu_ns: u64,
+    /// Ranges the application discarded (MADV_DONTNEED) whose merged pages still
+    /// need pages of their own, with when the event was read.
+    discarded: Vec<(usize, usize, Instant)>,
 }
 
 /// The per-process engine.
@@ -181,6 +184,7 @@ impl Engine {
                 advisor: Advisor::default(),
                 scan_started: Instant::now(),
                 scan_cpu_ns: 0,
+                discarded: Vec::new(),
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
@@ -313,26 +317,33 @@ impl Engine {
     /// give merged pages it discarded (MADV_DONTNEED) private pages of zeros.
     fn follow_events(st: &mut State) {
         let events = std::mem::take(&mut EVENTS.lock().queue);
-        let mut retry = Vec::new();
+        if events.is_empty() && st.discarded.is_empty() {
+            return;
+        }
         for ev in events {
             match ev {
                 Event::Unmapped { start, end } => st.core.forget_unmapped(start, end),
                 Event::Remapped { from, to, len } => st.core.relocate(from, to, len),
-                Event::Removed { start, end } => {
-                    // The merged pages read zeros or what was written since (the fault
-                    // thread fills them): copy that into anonymous pages of their own.
-                    if st.core.unmerge_range(start, end).is_ok() {
-                        EVENTS.lock().clear_removed(start, end);
-                    } else {
-                        retry.push(ev);
-                    }
-                }
+                Event::Removed { start, end } => st.discarded.push((start, end, Instant::now())),
             }
         }
-        if !retry.is_empty() {
-            let mut log = EVENTS.lock();
-            retry.append(&mut log.queue);
-            log.queue = retry;
+        for (start, end, seen) in std::mem::take(&mut st.discarded) {
+            // The application zaps the range only after its event was read: until then
+            // a merged page still maps its frame, and copying it would bring the
+            // discarded bytes back. Wait for the zap (a second at most: a madvise that
+            // failed after its event zaps nothing).
+            let pending = st.core.frame_mapped_in(start, end);
+            if pending && seen.elapsed() < Duration::from_secs(1) {
+                st.discarded.push((start, end, seen));
+                continue;
+            }
+            // The merged pages read zeros now, or what was written since (the fault
+            // thread fills them): copy that into anonymous pages of their own.
+            if pending || st.core.unmerge_range(start, end).is_ok() {
+                EVENTS.lock().clear_removed(start, end);
+            } else {
+                st.discarded.push((start, end, seen));
+            }
         }
     }
 
@@ -1089,6 +1100,7 @@ fn fork_child() {
     drop(w);
     *log = EventLog::default();
     drop(log);
+    st.discarded.clear();
     // Threads do not survive fork; the kernel unregistered our ranges in the child's
     // copy (no UFFD_FEATURE_EVENT_FORK). Start over with a new pool: the child must
     // never punch a frame of the parent's pool, which the parent's pages may map.

@@ -604,6 +604,20 @@ impl<M: Mem> Core<M> {
         self.settled = false;
     }
 
+    /// Whether a page of `[s, e)` recorded as merged still maps its frame (a
+    /// file-backed PTE: not yet discarded by the application's MADV_DONTNEED).
+    pub fn frame_mapped_in(&mut self, s: usize, e: usize) -> bool {
+        let merged: Vec<usize> = self
+            .pages_in(s, e)
+            .filter(|(_, r)| matches!(r.state, State::Stable | State::Inherited))
+            .map(|(a, _)| a)
+            .collect();
+        merged.into_iter().any(|a| {
+            let mut p = [Presence::Absent];
+            self.mem.probe(a, &mut p).is_ok() && p[0] == Presence::File
+        })
+    }
+
     /// Punch the suspect frames that `mapped` says no mapping of this process holds.
     pub fn free_unmapped_suspects(&mut self, mapped: impl Fn(FrameId) -> bool) {
         for f in self.frames.clear_suspects(mapped) {
