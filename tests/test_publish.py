@@ -314,6 +314,27 @@ def test_a_file_claiming_another_pid_is_stale(tmp_path: Path, monkeypatch: pytes
     assert list(tmp_path.iterdir()) == []
 
 
+def test_foreign_files_are_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KSM_PUBLISH_DIR", str(tmp_path))
+    me = os.getpid()
+    start = _publish.start_time(me)
+    # A symlink (here to an endless device) is never followed, and is removed.
+    (tmp_path / f"ksm-{me}.json").symlink_to("/dev/zero")
+    assert _publish.read_all() == []
+    assert list(tmp_path.iterdir()) == []
+    # A file the process's user did not write is not its statistics.
+    path = tmp_path / f"ksm-{me}.json"
+    path.write_text(json.dumps(_fake_record(me, start)))
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+        assert _publish.read_all() == []
+        os.chown(path, os.getuid(), os.getgid())
+    assert [r.pid for r in _publish.read_all()] == [me]
+    # Oversized: ignored.
+    path.write_text(" " * (2 << 20))
+    assert _publish.read_all() == []
+
+
 def test_ksm_stat_names_use_the_core_fields_when_present() -> None:
     base = {"rmap_items": 10, "pages_shared": 2, "pages_sharing": 5, "general_profit": 99, "advised_pages": 4}
     assert _publish.ksm_stat(base) == {
@@ -328,6 +349,15 @@ def test_ksm_stat_names_use_the_core_fields_when_present() -> None:
     stat = _publish.ksm_stat(richer, merge_any=True)
     assert (stat["ksm_zero_pages"], stat["ksm_merging_pages"], stat["ksm_merge_any"]) == (3, 6, 1)
     assert _publish.ksm_stat({})["ksm_mergeable"] == 0
+
+
+def test_publish_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("KSM_PUBLISH", "KSM_PUBLISH_DIR", "KSM_PUBLISH_INTERVAL"):
+        monkeypatch.delenv(name, raising=False)
+    assert _publish.enabled()
+    assert _publish.directory() == Path("/dev/shm")
+    assert _publish.path_for(123) == Path("/dev/shm/ksm-123.json")
+    assert _publish.interval() == 1.0
 
 
 def test_publish_environment_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -38,6 +40,7 @@ FORMAT = 1
 DEFAULT_DIR = "/dev/shm"
 DEFAULT_INTERVAL = 1.0
 _NAME = re.compile(r"^ksm-(\d+)\.json$")
+_MAX_BYTES = 1 << 20
 
 # The kernel's /proc/<pid>/ksm_stat names, in the kernel's order.
 KSM_STAT_NAMES: tuple[str, ...] = (
@@ -152,6 +155,11 @@ def snapshot() -> dict[str, Any]:
     for name in ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing"):
         with contextlib.suppress(Exception):
             knobs[name] = getattr(ksm._ksm.ksmd, name)
+    kernel = ksm_stat(stats, merge_any)
+    native = getattr(ksm._ksm, "ksm_stat", None)  # the core's own, once it has one (API.md)
+    if native is not None:
+        with contextlib.suppress(Exception):
+            kernel.update({k: int(v) for k, v in native().items()})
     pid = os.getpid()
     return {
         "format": FORMAT,
@@ -163,7 +171,7 @@ def snapshot() -> dict[str, Any]:
         "page_size": int(ksm.PAGE_SIZE),
         "available": bool(ksm.available()),
         "knobs": knobs,
-        "ksm_stat": ksm_stat(stats, merge_any),
+        "ksm_stat": kernel,
         "stats": stats,
     }
 
@@ -220,13 +228,25 @@ def read(pid: int, *, clean: bool = True) -> Record | None:
     """
     path = path_for(pid)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
+        # Not following symlinks, a regular file, at most _MAX_BYTES: /dev/shm is writable by all.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP and clean:
+            _remove_stale(path)  # a symlink: not written by ksm
         return None
-    except OSError:
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        raw = f.read(_MAX_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
+    if not raw or len(raw) > _MAX_BYTES:
         return None
     try:
-        data = json.loads(text)
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        owner = None
+    if owner is not None and owner != st.st_uid:
+        return None  # written by another user than the process's: not its own statistics
+    try:
+        data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("not an object")
         published_pid = int(data["pid"])
@@ -303,8 +323,10 @@ class _Publisher:
         self.thread.start()
 
     def publish(self) -> None:
+        if os.getpid() != self.pid:
+            return  # inherited by a forked child: its lock may have been held at fork()
         with self.lock:
-            if self.stopped or os.getpid() != self.pid:
+            if self.stopped:
                 return
             try:
                 write(self.path, snapshot())
@@ -318,9 +340,11 @@ class _Publisher:
 
     def close(self) -> None:
         """Stop refreshing and remove the file (at exit)."""
+        if os.getpid() != self.pid:
+            return  # inherited by a forked child (atexit): the file is the parent's
         self.stop.set()
         with self.lock:
-            if self.stopped or os.getpid() != self.pid:
+            if self.stopped:
                 return
             self.stopped = True
             with contextlib.suppress(OSError):
@@ -374,10 +398,10 @@ def _after_fork_child() -> None:
 
 def iter_fields(record: Record) -> Iterator[tuple[str, int]]:
     """``ksm stat``'s lines: the kernel's ``ksm_stat`` names first, then ksm's statistics."""
-    stat = record.ksm_stat
+    kernel = record.ksm_stat
     for name in KSM_STAT_NAMES:
-        if name in stat:
-            yield name, int(stat[name])
+        if name in kernel:
+            yield name, int(kernel[name])
     for name, value in record.stats.items():
-        if name not in stat:
+        if name not in kernel:
             yield name, int(value)
