@@ -816,7 +816,7 @@ def _mib_short(nbytes: float) -> str:
 
 
 def top_table(records: Sequence[_publish.Record], width: int | None = None) -> str:
-    """``ksm top``'s table: one line per process, most saved first, then a total."""
+    """``ksm top``'s screen: a title with the totals, then one line per process, most saved first."""
     header = ("PID", "SHARING", "SAVED MiB", "PROFIT MiB", "FRAMES", "VMAS", "SCANS", "STATE", "COMMAND")
     rows: list[tuple[str, ...]] = []
     records = sorted(records, key=lambda r: (-int(r.stats.get("pages_sharing", 0)), r.pid))
