@@ -251,6 +251,35 @@ def test_a_forked_child_publishes_under_its_own_pid(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_merging
+def test_demo_hold_publishes_its_final_figures(tmp_path: Path) -> None:
+    env = {**env_for(tmp_path), "KSM_PUBLISH_INTERVAL": "3600"}  # only the explicit refresh
+    args = ["demo", "--copies", "2", "--mib", "1", "--seed", "5", "--hold", "60"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "ksm", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            out = ""
+            while "holding" not in out:
+                line = proc.stdout.readline()
+                assert line, f"demo ended early:\n{out}"
+                out += line
+            m = re.search(r"pages_sharing\s+0 \|\s+([\d,]+)", out)
+            assert m is not None, out
+            data = published(tmp_path, proc.pid)
+            assert data is not None
+            assert data["stats"]["pages_sharing"] == int(m.group(1).replace(",", "")) > 0
+            assert f"pid {proc.pid}, published in {tmp_path}/ksm-{proc.pid}.json" in out
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 # ---- stale files ---------------------------------------------------------------------
 
 

@@ -381,6 +381,13 @@ def publishing() -> Path | None:
     return p.path
 
 
+def refresh() -> None:
+    """Publish now rather than at the next tick (no-op when this process does not publish)."""
+    p = _publisher
+    if p is not None and p.pid == os.getpid():
+        p.publish()
+
+
 def stop() -> None:
     """Stop publishing and remove this process's file (also done at exit)."""
     p = _publisher

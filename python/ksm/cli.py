@@ -395,6 +395,7 @@ class Plot:
 
 def _hold(seconds: float) -> None:
     """Keep the merged memory mapped for a while, so that ``ksm top`` elsewhere can show it."""
+    _publish.refresh()  # the final figures, for `ksm top` right now
     pub = _publish.publishing()
     where = f", published in {pub}" if pub is not None else ""
     print(
