@@ -9,13 +9,16 @@ absolute values.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import gc
 import mmap as stdlib_mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import traceback
 import warnings
@@ -28,6 +31,14 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# Every process of the suite that uses ksm publishes its statistics (ksm top); forked
+# children leave with os._exit, so their files would be left behind: publish into a
+# directory of our own, removed at exit (after the test process removed its own file).
+if "KSM_PUBLISH_DIR" not in os.environ:
+    _publish_dir = tempfile.mkdtemp(prefix="ksm-tests-publish-")
+    os.environ["KSM_PUBLISH_DIR"] = _publish_dir
+    atexit.register(shutil.rmtree, _publish_dir, ignore_errors=True)
 
 import ksm
 
@@ -103,6 +114,11 @@ def ksm_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if getattr(ksm.ksmd, name) != value:
             setattr(ksm.ksmd, name, value)
     assert not leaked, f"ksm.mmap objects still exported after the test: {leaked}"
+    s = ksm.stats()
+    assert s["frames"] == s["pages_shared"] + s["deferred_frames"] + s["suspect_frames"], (
+        "frames not accounted for (a leak, or a frame freed while in use)",
+        s,
+    )
     tracked = ksm.stats()["tracked_pages"]
     assert tracked == baseline, (
         f"the test left {tracked - baseline} pages tracked (an advised range not unadvised, "

@@ -1,12 +1,19 @@
-"""The command line: `ksm demo`, `ksm info`, `ksm bench` (run as subprocesses)."""
+"""The command line: `ksm demo`, `ksm info`, `ksm bench` (run as subprocesses).
+
+`ksm top` and `ksm stat` are in test_publish.py.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -79,6 +86,143 @@ def test_info_shows_the_machine() -> None:
         assert lines["userfaultfd features"].startswith("0x")
     for knob in ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing"):
         assert lines[f"ksmd.{knob}"] == str(getattr(ksm.ksmd, knob))
+
+
+def test_info_is_readable_at_a_glance() -> None:
+    r = run("info")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    first = out.splitlines()[0]
+    assert first.startswith(f"ksm {ksm.__version__} · Python ")
+    assert f"Linux {os.uname().release}" in first
+    for section in ("Merging in this process", "VMAs", "Kernel KSM", "Effective knobs", "Statistics"):
+        assert re.search(rf"^{section}", out, flags=re.M), section
+    budget = int(Path("/proc/sys/vm/max_map_count").read_text()) // 2
+    assert re.search(rf"VMA budget:\s+{budget:,} VMAs", out), out
+    assert re.search(r"drivable:\s+(yes|no) \(", out), out
+    assert max(len(line) for line in out.splitlines()) <= 110  # wrapped, no endless lines
+
+
+def test_info_json() -> None:
+    r = run("info", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert set(d) >= {
+        "ksm_version",
+        "python",
+        "kernel",
+        "page_size",
+        "available",
+        "unavailable_reason",
+        "userfaultfd",
+        "vma",
+        "kernel_ksm",
+        "knobs",
+        "publish",
+        "extras",
+    }
+    assert d["ksm_version"] == ksm.__version__
+    assert d["kernel"]["release"] == os.uname().release
+    assert d["page_size"] == ksm.PAGE_SIZE
+    assert d["available"] is ksm.available()
+    assert (d["unavailable_reason"] is None) is ksm.available()
+    uffd = d["userfaultfd"]
+    assert set(uffd) >= {"mode", "source", "features", "feature_names", "unprivileged_userfaultfd"}
+    if ksm.available():
+        assert uffd["mode"] in ("full", "user-mode-only")
+        assert isinstance(uffd["features"], int)
+        assert "PAGEFAULT_FLAG_WP" in uffd["feature_names"] and "WP_UNPOPULATED" in uffd["feature_names"]
+    max_map = int(Path("/proc/sys/vm/max_map_count").read_text())
+    assert d["vma"]["max_map_count"] == max_map
+    assert d["vma"]["budget"] == max_map // 2
+    assert d["vma"]["used"] > 0
+    kk = d["kernel_ksm"]
+    assert kk["present"] == os.path.isdir("/sys/kernel/mm/ksm")
+    if kk["drivable"]:
+        assert os.geteuid() == 0 and kk["present"]
+    for knob in ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing"):
+        assert d["knobs"][knob] == getattr(ksm.ksmd, knob)
+    assert d["publish"]["dir"] == os.environ.get("KSM_PUBLISH_DIR", "/dev/shm")
+
+
+def test_info_user_mode_only_is_named() -> None:
+    from ksm.cli import _uffd_mode
+
+    assert _uffd_mode("userfaultfd(2), user-mode only") == "user-mode-only"
+    assert _uffd_mode("/dev/userfaultfd") == "full"
+    assert _uffd_mode("userfaultfd(2)") == "full"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height
+
+
+@pytest.mark.skipif(not ksm.available(), reason="merging unavailable here")
+def test_demo_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo.png"
+    r = run("demo", "--copies", "2", "--mib", "1", "--seed", "3", "--plot", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"plot: {out}" in r.stdout
+    assert png_size(out) == (900, 500)
+    assert out.stat().st_size > 10_000  # axes, three lines, legend: not an empty canvas
+
+
+def test_demo_plot_without_matplotlib_is_a_clear_error(tmp_path: Path) -> None:
+    code = f"""
+        import sys
+        sys.modules["matplotlib"] = None   # as if it were not installed
+        from ksm.cli import main
+        sys.exit(main(["demo", "--mib", "1", "--copies", "2", "--plot", {str(tmp_path / "x.png")!r}]))
+    """
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    if not ksm.available():
+        assert r.returncode == 2
+        return
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "needs matplotlib" in r.stderr and "pip install 'ksm[plot]'" in r.stderr
+    assert "data:" not in r.stdout  # refused before doing the work
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_numpy_missing_is_a_clear_error() -> None:
+    code = """
+        import sys
+        sys.modules["numpy"] = None   # as if it were not installed
+        import ksm
+        for f in (ksm.empty, ksm.zeros):
+            try:
+                f(10)
+            except ImportError as e:
+                print(type(e).__name__, e.name, "|", e)
+    """
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith("ModuleNotFoundError numpy | ")
+        assert "need numpy" in line and "pip install 'ksm[numpy]'" in line
+
+
+def test_pyproject_declares_the_extras_and_pythons() -> None:
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert any(req.startswith("numpy") for req in extras["numpy"])
+    assert any(req.startswith("matplotlib") for req in extras["plot"])
+    assert project["requires-python"] == ">=3.11"
+    assert "Programming Language :: Python :: 3.11" in project["classifiers"]
+    dev = (root / "requirements-dev.txt").read_text()
+    assert re.search(r"^numpy", dev, re.M) and re.search(r"^matplotlib", dev, re.M)
+
+
+def test_demo_rejects_a_negative_hold() -> None:
+    r = run("demo", "--hold", "-1")
+    assert r.returncode == 2 and "--hold >= 0" in r.stderr
 
 
 def test_bench_is_not_implemented_yet() -> None:

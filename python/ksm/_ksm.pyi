@@ -1,6 +1,6 @@
 """Type stubs and documentation for the compiled core, ``ksm._ksm``."""
 
-from typing import Final, final
+from typing import Final, Self, final
 
 from typing_extensions import Buffer
 
@@ -48,7 +48,7 @@ class Mmap(Buffer):
         OSError: the kernel refused the mapping (errno kept).
     """
 
-    def __new__(cls, *args: int) -> Mmap: ...
+    def __new__(cls, *args: int) -> Self: ...
     @property
     def address(self) -> int:
         """Address of byte 0 (page aligned).

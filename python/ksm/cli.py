@@ -1,21 +1,31 @@
-"""The ``ksm`` command line: ``ksm demo``, ``ksm info``, ``ksm bench``.
+"""The ``ksm`` command line: ``demo``, ``top``, ``stat``, ``info``, ``bench``.
 
 ``ksm demo`` merges several copies of real data (the installed Python standard
 library, laid out page-aligned as a page cache would hold it) and reports the
-memory before and after; ``ksm info`` shows what this machine supports.
+memory before and after (``--plot`` draws it against time); ``ksm top`` lists
+every process using ksm with its savings and ``ksm stat PID`` shows one, from
+the statistics each process publishes (``ksm._publish``); ``ksm info`` shows
+what this machine supports.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import random
+import shutil
 import sys
 import sysconfig
+import textwrap
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+from ksm import _publish
 
 MIB = 1 << 20
 
@@ -279,6 +289,126 @@ def _table(rows: Sequence[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+class PlotError(Exception):
+    """``--plot`` cannot work here (matplotlib missing)."""
+
+
+@dataclass
+class Plot:
+    """Memory against time while the scanner works, for ``ksm demo --plot FILE.png``.
+
+    One sample before merging, one after every full scan and one after the
+    pages were touched (merged pages are mapped lazily, so PSS is final only then).
+    """
+
+    path: str
+    title: str
+    start: float = field(default_factory=time.monotonic)
+    samples: list[tuple[float, Snapshot, str]] = field(default_factory=list)
+    scans: list[float] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise PlotError(
+                "--plot needs matplotlib, which is not installed: pip install 'ksm[plot]' "
+                "(or pip install matplotlib)"
+            ) from None
+
+    def sample(self, snap: Snapshot, label: str = "") -> None:
+        with self._lock:
+            self.samples.append((time.monotonic() - self.start, snap, label))
+
+    def scan_done(self) -> None:
+        """Mark the end of a full scan, and sample."""
+        self.scans.append(time.monotonic() - self.start)
+        self.sample(Snapshot.take())
+
+    def begin(self, every: float = 0.02) -> None:
+        """Time 0: sample now, then every ``every`` seconds from a thread while the scanner works
+        (``ksm.scan`` releases the GIL), so the curves show progress within a full scan."""
+        self.start = time.monotonic()
+        self.sample(Snapshot.take(), "MADV_MERGEABLE")
+
+        def run() -> None:
+            while not self._stop.wait(every):
+                self.sample(Snapshot.take())
+
+        self._thread = threading.Thread(target=run, name="ksm-demo-plot", daemon=True)
+        self._thread.start()
+
+    def end(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def save(self, page: int) -> None:
+        from matplotlib.figure import Figure
+
+        samples = sorted(self.samples, key=lambda s: s[0])
+        t = [s[0] for s in samples]
+        fig = Figure(figsize=(9, 5), layout="constrained")
+        ax = fig.add_subplot()
+        pss = [(s[1].pss_kib or 0) * 1024 / MIB for s in samples]
+        frames = [s[1].frames * page / MIB for s in samples]
+        sharing = [s[1].pages_sharing * page / MIB for s in samples]
+        ax.plot(t, pss, ".-", label="PSS of the whole process")
+        ax.plot(t, sharing, ".-", label="pages_sharing (memory saved)")
+        ax.plot(t, frames, ".-", label="frames (one copy of each merged page)")
+        for i, x in enumerate(self.scans):
+            ax.axvline(x, color="0.8", linewidth=1, linestyle=":", zorder=0)
+            ax.annotate(
+                f"scan {i + 1}",
+                (x, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(-2, -4),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.4",
+                ha="right",
+                va="top",
+                rotation=90,
+            )
+        for x, _, label in samples:
+            if label and label != "MADV_MERGEABLE":
+                ax.annotate(
+                    label,
+                    (x, 0),
+                    xytext=(-2, 3),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color="0.4",
+                    ha="right",
+                )
+        ax.set_xlabel("seconds since MADV_MERGEABLE (dotted: end of each full scan)")
+        ax.set_ylabel("MiB (page counts times the page size)")
+        ax.set_title(self.title)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="center left")
+        fig.savefig(self.path, dpi=100)
+
+
+def _hold(seconds: float) -> None:
+    """Keep the merged memory mapped for a while, so that ``ksm top`` elsewhere can show it."""
+    _publish.refresh()  # the final figures, for `ksm top` right now
+    pub = _publish.publishing()
+    where = f", published in {pub}" if pub is not None else ""
+    print(
+        f"holding the merged copies for {seconds:g}s (pid {os.getpid()}{where}); "
+        "try `ksm top` or `ksm stat PID` in another terminal, Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import ksm
 
@@ -286,9 +416,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not ksm.available():
         print(f"ksm demo: merging is not available here: {ksm.unavailable_reason()}", file=sys.stderr)
         return 2
-    if args.copies < 1 or args.mib <= 0 or not 0 <= args.change_percent <= 100:
-        print("ksm demo: need --copies >= 1, --mib > 0, 0 <= --change-percent <= 100", file=sys.stderr)
+    if args.copies < 1 or args.mib <= 0 or not 0 <= args.change_percent <= 100 or not args.hold >= 0:
+        print(
+            "ksm demo: need --copies >= 1, --mib > 0, 0 <= --change-percent <= 100, --hold >= 0",
+            file=sys.stderr,
+        )
         return 2
+
+    plot: Plot | None = None
+    if args.plot is not None:
+        try:
+            plot = Plot(args.plot, f"ksm demo: {args.copies} copies of {args.mib:g} MiB")
+        except PlotError as e:
+            print(f"ksm demo: {e}", file=sys.stderr)
+            return 2
 
     page: int = ksm.PAGE_SIZE
     limit = max(page, int(args.mib * MIB) // page * page)
@@ -327,6 +468,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
 
         before = Snapshot.take()
+        if plot is not None:
+            plot.begin()
         for m in maps:
             m.madvise(ksm.MADV_MERGEABLE)
 
@@ -341,6 +484,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             s = _stats()
             settled = bool(s.get("settled", False))
             progress.update(scans, s.get("pages_sharing", 0), "  settled" if settled else "")
+            if plot is not None:
+                plot.scan_done()
             if settled and scans >= _MIN_SCANS:
                 break
         merge_time = time.monotonic() - t0
@@ -351,6 +496,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             with memoryview(m) as view:
                 _touch(view, page)
         after = Snapshot.take()
+        if plot is not None:
+            plot.end()
+            plot.sample(after, "every page read")
 
         merged = end_stats.get("merges", 0) - start_stats.get("merges", 0)
         scanned = end_stats.get("pages_scanned", 0) - start_stats.get("pages_scanned", 0)
@@ -377,9 +525,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"verified: {total:,} bytes in {len(maps)} copies, {bad:,} mismatches "
             f"({time.monotonic() - t0:.2f}s)"
         )
+        if plot is not None:
+            try:
+                plot.save(page)
+            except (OSError, ValueError) as e:
+                print(f"ksm demo: could not write the plot to {args.plot}: {e}", file=sys.stderr)
+                return 2
+            print(f"plot: {args.plot}")
         out.flush()
+        if args.hold > 0:
+            _hold(args.hold)
         return 1 if bad else 0
     finally:
+        if plot is not None:
+            plot.end()
         for m in maps:
             m.close()
 
@@ -442,46 +601,319 @@ def _report(before: Snapshot, after: Snapshot, page: int, loaded: int) -> str:
 # --------------------------------------------------------------------------- info
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    del args
+def _uffd_mode(source: str) -> str:
+    """``full`` or ``user-mode-only`` from the core's description of how it opened userfaultfd."""
+    return "user-mode-only" if "user-mode only" in source else "full"
+
+
+def _dev_userfaultfd() -> str:
+    path = "/dev/userfaultfd"
+    if not os.path.exists(path):
+        return "absent"
+    if os.access(path, os.R_OK | os.W_OK):
+        return "read-write for this user"
+    return "no access for this user"
+
+
+def _count_lines(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
+def _module_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def info_dict() -> dict[str, Any]:
+    """Everything ``ksm info`` shows, as plain data (``ksm info --json``)."""
     import ksm
 
-    rows: list[tuple[str, str]] = []
-    rows.append(("ksm version", str(ksm.__version__)))
+    uname = os.uname()
     avail = bool(ksm.available())
-    rows.append(("available", "yes" if avail else "no"))
-    if not avail:
-        rows.append(("reason", str(ksm.unavailable_reason())))
-    info: tuple[str, int] | None = ksm._ksm._uffd_info()
-    if info is None:
-        rows.append(("userfaultfd", "not usable"))
-    else:
-        mode, features = info
-        rows.append(("userfaultfd mode", str(mode)))
+    uffd: dict[str, Any] = {
+        "mode": None,
+        "source": None,
+        "features": None,
+        "feature_names": [],
+        "unprivileged_userfaultfd": _int_or_none(_read_text("/proc/sys/vm/unprivileged_userfaultfd")),
+        "dev_userfaultfd": _dev_userfaultfd(),
+    }
+    uinfo: tuple[str, int] | None = ksm._ksm._uffd_info()
+    if uinfo is not None:
+        source, features = uinfo
         names = [n for i, n in enumerate(_UFFD_FEATURES) if features >> i & 1]
         unknown = features & ~((1 << len(_UFFD_FEATURES)) - 1)
         if unknown:
             names.append(f"{unknown:#x}")
-        rows.append(("userfaultfd features", f"{features:#x} ({' '.join(names) or 'none'})"))
-    rows.append(("page size", f"{int(ksm.PAGE_SIZE)} bytes"))
-    rows.append(("vm.max_map_count", _read_text("/proc/sys/vm/max_map_count") or "unreadable"))
-    unpriv = _read_text("/proc/sys/vm/unprivileged_userfaultfd")
-    rows.append(("vm.unprivileged_userfaultfd", "unreadable" if unpriv is None else unpriv))
-    kernel_run = _read_text("/sys/kernel/mm/ksm/run")
-    if kernel_run is None:
-        rows.append(("kernel KSM", "absent (/sys/kernel/mm/ksm/run not readable)"))
+        uffd.update(mode=_uffd_mode(source), source=source, features=features, feature_names=names)
+
+    max_map = _int_or_none(_read_text("/proc/sys/vm/max_map_count"))
+    vma = {
+        "max_map_count": max_map,
+        "budget": None if max_map is None else max_map // 2,
+        "used": _count_lines("/proc/self/maps"),
+    }
+
+    ksm_dir = "/sys/kernel/mm/ksm"
+    run_path = f"{ksm_dir}/run"
+    present = os.path.isdir(ksm_dir)
+    root = os.geteuid() == 0
+    writable = present and os.access(run_path, os.W_OK)
+    if not present:
+        why = "no /sys/kernel/mm/ksm (kernel built without CONFIG_KSM)"
+    elif not root:
+        why = "needs root"
+    elif not writable:
+        why = f"{run_path} is not writable (read-only sysfs?)"
     else:
-        rows.append(("kernel KSM", f"present, run={kernel_run}"))
+        why = "root, and /sys/kernel/mm/ksm/run is writable"
+    kernel_ksm: dict[str, Any] = {
+        "present": present,
+        "drivable": present and root and writable,
+        "why": why,
+        "run": _int_or_none(_read_text(run_path)),
+        "pages_sharing": _int_or_none(_read_text(f"{ksm_dir}/pages_sharing")),
+    }
+
+    knobs: dict[str, Any] = {}
     for knob in _KNOBS:
         try:
-            value = str(getattr(ksm.ksmd, knob))
+            knobs[knob] = getattr(ksm.ksmd, knob)
         except AttributeError:
-            value = "n/a"
-        rows.append((f"ksmd.{knob}", value))
+            knobs[knob] = None
 
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k + ':':<{width + 1}} {v}")
+    return {
+        "ksm_version": str(ksm.__version__),
+        "python": platform.python_version(),
+        "kernel": {"release": uname.release, "machine": uname.machine},
+        "page_size": int(ksm.PAGE_SIZE),
+        "available": avail,
+        "unavailable_reason": None if avail else ksm.unavailable_reason(),
+        "userfaultfd": uffd,
+        "vma": vma,
+        "kernel_ksm": kernel_ksm,
+        "knobs": knobs,
+        "publish": {
+            "enabled": _publish.enabled(),
+            "dir": str(_publish.directory()),
+            "interval": _publish.interval(),
+        },
+        "extras": {"numpy": _module_version("numpy"), "matplotlib": _module_version("matplotlib")},
+    }
+
+
+def _wrap(text: str, indent: int) -> str:
+    width = max(shutil.get_terminal_size((100, 24)).columns, 60)
+    lines = textwrap.wrap(text, width=width - indent, break_on_hyphens=False) or [""]
+    return ("\n" + " " * indent).join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    d = info_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    uffd = d["userfaultfd"]
+    vma = d["vma"]
+    kk = d["kernel_ksm"]
+    pub = d["publish"]
+    sections: list[tuple[str, list[tuple[str, str]]]] = []
+
+    rows = [("ksm version", d["ksm_version"]), ("available", yes(d["available"]))]
+    if not d["available"]:
+        rows.append(("reason", str(d["unavailable_reason"])))
+    if uffd["mode"] is None:
+        rows.append(("userfaultfd mode", "not usable"))
+    else:
+        if uffd["mode"] == "full":
+            mode = f"full (via {uffd['source']})"
+        else:
+            mode = (
+                "user-mode-only (no permission for full mode: a read(2) into a page under merge "
+                "fails with EFAULT; the README says how to allow full mode)"
+            )
+        rows.append(("userfaultfd mode", mode))
+        names = " ".join(uffd["feature_names"]) or "none"
+        rows.append(("userfaultfd features", f"{uffd['features']:#x}: {names}"))
+    unpriv = uffd["unprivileged_userfaultfd"]
+    rows.append(("vm.unprivileged_userfaultfd", "unreadable" if unpriv is None else str(unpriv)))
+    rows.append(("/dev/userfaultfd", uffd["dev_userfaultfd"]))
+    rows.append(("page size", f"{d['page_size']} bytes"))
+    sections.append(("Merging in this process", rows))
+
+    rows = [("vm.max_map_count", "unreadable" if vma["max_map_count"] is None else str(vma["max_map_count"]))]
+    if vma["budget"] is not None:
+        used = "" if vma["used"] is None else f"; this process has {vma['used']:,} now"
+        rows.append(("VMA budget", f"{vma['budget']:,} VMAs (half of vm.max_map_count){used}"))
+    sections.append(("VMAs (each lone merged page costs up to 2)", rows))
+
+    if kk["present"]:
+        state = f"present, run={kk['run']}"
+        if kk["pages_sharing"] is not None:
+            state += f", pages_sharing={kk['pages_sharing']:,}"
+    else:
+        state = "absent"
+    rows = [
+        ("kernel KSM", state),
+        ("drivable", f"{yes(kk['drivable'])} ({kk['why']})"),
+    ]
+    sections.append(("Kernel KSM (/sys/kernel/mm/ksm, for comparison)", rows))
+
+    knobs = d["knobs"]
+    rows = [(f"ksmd.{k}", "n/a (not implemented)" if v is None else str(v)) for k, v in knobs.items()]
+    sections.append(("Effective knobs (ksm.ksmd)", rows))
+
+    if pub["enabled"]:
+        where = f"on: {pub['dir']}/ksm-<pid>.json every {pub['interval']:g} s (KSM_PUBLISH=0 turns it off)"
+    else:
+        where = "off (KSM_PUBLISH=0): `ksm top` does not see processes started like this"
+    rows = [("publishing", where)]
+    extras = d["extras"]
+    rows.append(("numpy", extras["numpy"] or "not installed (pip install 'ksm[numpy]')"))
+    rows.append(("matplotlib", extras["matplotlib"] or "not installed (pip install 'ksm[plot]')"))
+    sections.append(("Statistics and extras", rows))
+
+    kernel = d["kernel"]
+    print(f"ksm {d['ksm_version']} · Python {d['python']} · Linux {kernel['release']} {kernel['machine']}")
+    width = max(len(k) for _, rows in sections for k, _ in rows)
+    for title, rows in sections:
+        print(f"\n{title}")
+        for k, v in rows:
+            print(f"  {k + ':':<{width + 1}} {_wrap(v, width + 4)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- top, stat
+
+
+def _state(record: _publish.Record) -> str:
+    run = record.run
+    if run == 1:
+        return "settled" if record.stats.get("settled") else "running"
+    return {0: "stopped", 2: "unmerged"}.get(run if run is not None else -1, "?")
+
+
+def _mib_short(nbytes: float) -> str:
+    return f"{nbytes / MIB:,.1f}"
+
+
+def top_table(records: Sequence[_publish.Record], width: int | None = None) -> str:
+    """``ksm top``'s screen: a title with the totals, then one line per process, most saved first."""
+    header = ("PID", "SHARING", "SAVED MiB", "PROFIT MiB", "FRAMES", "VMAS", "SCANS", "STATE", "COMMAND")
+    rows: list[tuple[str, ...]] = []
+    records = sorted(records, key=lambda r: (-int(r.stats.get("pages_sharing", 0)), r.pid))
+    total_saved = 0
+    total_profit = 0
+    for r in records:
+        s = r.stats
+        saved = int(s.get("pages_sharing", 0)) * r.page_size
+        total_saved += saved
+        total_profit += int(s.get("general_profit", 0))
+        rows.append(
+            (
+                str(r.pid),
+                f"{int(s.get('pages_sharing', 0)):,}",
+                _mib_short(saved),
+                _mib_short(int(s.get("general_profit", 0))),
+                f"{int(s.get('frames', 0)):,}",
+                f"{int(s.get('vmas_used', 0)):,}",
+                f"{int(s.get('full_scans', 0)):,}",
+                _state(r),
+                r.command,
+            )
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    fixed = sum(widths) + 2 * (len(widths))
+    lines = []
+    for row in [header, *rows]:
+        cells = [row[0].rjust(widths[0])]
+        cells += [
+            c.rjust(w) if i < 6 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row[1:-1], widths[1:], strict=True))
+        ]
+        command = row[-1]
+        room = max((width or 0) - fixed, 10)
+        if width is not None and len(command) > room:
+            command = command[: room - 1] + "…"
+        lines.append(("  ".join([*cells, command])).rstrip())
+    when = time.strftime("%H:%M:%S")
+    count = len(records)
+    title = (
+        f"ksm top - {when}  {count} process{'es' if count != 1 else ''} using ksm, "
+        f"{_mib(total_saved)} saved, general_profit {_mib(total_profit)}"
+    )
+    if not records:
+        lines.append("  (no process is using ksm; one appears here once it calls ksm.mmap or ksm.madvise)")
+    return "\n".join([title, "", *lines])
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        print("ksm top: --interval must be > 0", file=sys.stderr)
+        return 2
+    iterations: int | None = 1 if args.once else args.iterations
+    if iterations is not None and iterations < 1:
+        print("ksm top: -n must be >= 1", file=sys.stderr)
+        return 2
+    out = sys.stdout
+    tty = out.isatty()
+    done = 0
+    try:
+        while True:
+            width = shutil.get_terminal_size((120, 24)).columns if tty else None
+            table = top_table(_publish.read_all(), width)
+            if tty:
+                out.write("\x1b[H\x1b[2J" + table + "\n")
+            else:
+                out.write(("\n" if done else "") + table + "\n")
+            out.flush()
+            done += 1
+            if iterations is not None and done >= iterations:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    pid: int = args.pid
+    if pid <= 0 or _publish.start_time(pid) is None:
+        print(f"ksm stat: no process with pid {pid}", file=sys.stderr)
+        return 1
+    record = _publish.read(pid)
+    if record is None:
+        command = " ".join(_publish.cmdline(pid)) or "?"
+        print(
+            f"ksm stat: process {pid} ({command}) does not use ksm: nothing published at "
+            f"{_publish.path_for(pid)} (a process publishes once it calls ksm.mmap or "
+            "ksm.madvise, unless KSM_PUBLISH=0)",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(record.data, indent=2))
+        return 0
+    for name, value in _publish.iter_fields(record):
+        print(f"{name} {value}")
     return 0
 
 
@@ -521,9 +953,59 @@ def _parser() -> argparse.ArgumentParser:
         help="percent of pages changed at random in each copy (default 2)",
     )
     demo.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (default: random)")
+    demo.add_argument(
+        "--hold",
+        type=float,
+        default=0,
+        metavar="SEC",
+        help="keep the merged memory for SEC seconds after the report, to watch it with `ksm top`",
+    )
+    demo.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw PSS, frames and pages_sharing against time to FILE (needs matplotlib: ksm[plot])",
+    )
     demo.set_defaults(func=cmd_demo)
 
+    top = sub.add_parser(
+        "top",
+        help="list every process using ksm with its savings, refreshing like top",
+        description=(
+            "Every live process using ksm, most memory saved first, from the statistics each "
+            "publishes under /dev/shm (KSM_PUBLISH_DIR). On a terminal the screen is redrawn; "
+            "otherwise one table is printed per refresh."
+        ),
+    )
+    top.add_argument(
+        "--interval",
+        "-d",
+        type=float,
+        default=1.0,
+        metavar="SEC",
+        help="seconds between refreshes (default 1)",
+    )
+    top.add_argument(
+        "-n", dest="iterations", type=int, default=None, metavar="ITER", help="stop after ITER refreshes"
+    )
+    top.add_argument("--once", action="store_true", help="print once and exit (same as -n 1)")
+    top.set_defaults(func=cmd_top)
+
+    stat = sub.add_parser(
+        "stat",
+        help="one process's statistics, like /proc/PID/ksm_stat",
+        description=(
+            "The statistics process PID publishes: the kernel's /proc/PID/ksm_stat names first "
+            "(ksm_rmap_items, ksm_zero_pages, ksm_merging_pages, ksm_process_profit, ...), then "
+            "ksm's own. Exit status 1 if PID does not exist or does not use ksm."
+        ),
+    )
+    stat.add_argument("pid", type=int, metavar="PID", help="process id")
+    stat.add_argument("--json", action="store_true", help="the whole published record as JSON")
+    stat.set_defaults(func=cmd_stat)
+
     info = sub.add_parser("info", help="what this machine supports, and the effective settings")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="benchmarks against kernel KSM (not implemented yet)")
@@ -539,4 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`ksm stat PID --json | head`): stop quietly, like cat.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     return int(result)
