@@ -925,7 +925,8 @@ def make_numpy() -> Foreign:
         for line in maps:
             lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
             if lo <= f.address < hi:
-                assert line.split()[1] == "rw-p" and len(line.split()) == 5, line  # anonymous
+                # anonymous private memory (a mapping of its own, or the heap)
+                assert line.split()[1] == "rw-p" and line.split()[5:] in ([], ["[heap]"]), line
     return f
 
 

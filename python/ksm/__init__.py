@@ -7,7 +7,11 @@ again, transparently. See the README for the model and its limits.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import operator
 import os as _os
+import sys as _sys
 from typing import Any, Self
 
 from . import _ksm, _publish
@@ -18,7 +22,6 @@ from ._ksm import (
     available,
     get_memory_merge,
     ksm_stat,
-    scan,
     set_memory_merge,
     stats,
     unavailable_reason,
@@ -55,6 +58,8 @@ class mmap(_ksm.Mmap):
     ``ksm.mmap(length)`` or ``ksm.mmap(-1, length)``. Supports ``len``,
     indexing, slicing, slice assignment, the writable buffer protocol
     (``memoryview``, ``numpy.frombuffer``) and the context-manager protocol.
+    Indexing follows the stdlib ``mmap.mmap``: an integer index (negative counts
+    from the end) or a slice; a slice assignment must keep the length.
     """
 
     def __new__(cls, *args: int) -> Self:
@@ -62,20 +67,74 @@ class mmap(_ksm.Mmap):
         return super().__new__(cls, *args)
 
     def __getitem__(self, key: int | slice) -> Any:
-        with memoryview(self) as view:
-            if isinstance(key, slice):
+        size = len(self)  # ValueError("mmap closed or invalid") once closed, like the stdlib
+        if isinstance(key, slice):
+            with memoryview(self) as view:
                 return bytes(view[key])
-            return view[key]
+        i = _index(key, size)
+        with memoryview(self) as view:
+            return view[i]
 
     def __setitem__(self, key: int | slice, value: Any) -> None:
+        size = len(self)
+        if isinstance(key, slice):
+            want = len(range(*key.indices(size)))  # a bad slice is refused first, like the stdlib
+            try:
+                src = memoryview(value)
+            except TypeError:
+                raise TypeError(
+                    f"ksm.mmap slice assignment takes a bytes-like object, not {type(value).__name__}"
+                ) from None
+            with src:
+                if not src.c_contiguous:
+                    raise TypeError("ksm.mmap slice assignment takes a contiguous buffer")
+                with src.cast("B") as data, memoryview(self) as view:
+                    if data.nbytes != want:
+                        raise ValueError(
+                            f"ksm.mmap slice assignment is wrong size: the slice has {want} bytes, "
+                            f"the value {data.nbytes} (a ksm.mmap cannot be resized)"
+                        )
+                    view[key] = data
+            return
+        i = _index(key, size)
+        try:
+            byte = operator.index(value)
+        except TypeError:
+            raise TypeError(f"ksm.mmap item value must be an int, not {type(value).__name__}") from None
+        if not 0 <= byte < 256:
+            raise ValueError(f"ksm.mmap item value must be in range(0, 256), got {byte}")
         with memoryview(self) as view:
-            view[key] = value
+            view[i] = byte
+
+    def __delitem__(self, key: int | slice) -> None:
+        size = len(self)
+        # The stdlib mmap checks the index or slice first.
+        if isinstance(key, slice):
+            key.indices(size)
+        else:
+            _index(key, size)
+        raise TypeError("ksm.mmap does not support item deletion (its length is fixed)")
 
     def __enter__(self) -> mmap:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def scan(full_scans: int = 1) -> None:
+    """Run ``full_scans`` full scans now, in the calling thread (GIL released).
+
+    A scan already in progress (by ksmd) is finished first and not counted. A page
+    merges on its second visit, so ``scan(2)`` merges what was written before.
+    Ctrl-C (any pending signal) stops between two full scans.
+
+    Raises:
+        TypeError: ``full_scans`` is not an int.
+        ValueError: ``full_scans`` is negative.
+        OverflowError: ``full_scans`` is 2**63 or more.
+    """
+    _ksm.scan(full_scans)
 
 
 def madvise(address: int, length: int, advice: int) -> None:
@@ -114,6 +173,13 @@ class Ksmd:
     """
 
     __slots__ = ()
+    _made = False
+
+    def __new__(cls) -> Self:
+        if Ksmd._made:
+            raise TypeError("ksm.Ksmd cannot be instantiated: use ksm.ksmd, the process's daemon")
+        Ksmd._made = True
+        return super().__new__(cls)
 
     run: int
     pages_to_scan: int
@@ -192,6 +258,32 @@ ksmd = Ksmd()
 """The process's daemon."""
 
 
+def _index(key: Any, size: int) -> int:
+    """``key`` as an index into ``size`` bytes (negative counts from the end), like the stdlib mmap."""
+    try:
+        i = operator.index(key)
+    except TypeError:
+        raise TypeError(f"ksm.mmap indices must be integers or slices, not {type(key).__name__}") from None
+    j = i + size if i < 0 else i
+    if not 0 <= j < size:
+        raise IndexError(f"ksm.mmap index {i} out of range (length {size})")
+    return j
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints (numpy's rules), with a clear error."""
+    try:
+        dims: tuple[int, ...] = (operator.index(shape),)
+    except TypeError:
+        try:
+            dims = tuple(operator.index(d) for d in shape)
+        except TypeError:
+            raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimensions are not allowed, got shape {dims}")
+    return dims
+
+
 def _array(shape: Any, dtype: Any, mergeable: bool, zero: bool) -> Any:
     try:
         import numpy as np
@@ -202,16 +294,30 @@ def _array(shape: Any, dtype: Any, mergeable: bool, zero: bool) -> Any:
             name="numpy",
         ) from e
 
-    dt = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    nbytes = max(count * dt.itemsize, 1)
-    buf = mmap(nbytes)
-    if mergeable:
-        buf.madvise(MADV_MERGEABLE)
-    # Fresh anonymous memory reads as zeros, so `empty` and `zeros` are the same
-    # allocation; the array keeps `buf` alive through its base.
-    del zero
-    return np.frombuffer(memoryview(buf), dtype=dt, count=count).reshape(shape)
+    mergeable = bool(mergeable)  # before allocating: a failing __bool__ leaves nothing behind
+    dt = np.dtype(dtype)  # numpy's order: the dtype, then the shape
+    dims = _shape(shape)
+    if dt.hasobject:
+        raise ValueError(f"dtype {dt} holds Python object references; ksm arrays take plain-data dtypes")
+    if dt.itemsize == 0:
+        raise ValueError(f"dtype {dt} has itemsize 0; ksm arrays need a non-zero item size")
+    # numpy's rule: the non-zero dimensions times the item size must fit in an intp.
+    if math.prod(d for d in dims if d) * dt.itemsize > _sys.maxsize:
+        raise ValueError(f"array is too big: shape {dims} of {dt} is more bytes than the address space")
+    count = math.prod(dims)
+    buf = mmap(max(count * dt.itemsize, 1))
+    try:
+        if mergeable:
+            buf.madvise(MADV_MERGEABLE)
+        # Fresh anonymous memory reads as zeros, so `empty` and `zeros` are the same
+        # allocation; the array keeps `buf` alive through its base.
+        del zero
+        return np.frombuffer(memoryview(buf), dtype=dt, count=count).reshape(dims)
+    except BaseException:
+        # Not left to the traceback, which would keep the memory until it is dropped.
+        with contextlib.suppress(BufferError):
+            buf.close()
+        raise
 
 
 def empty(shape: Any, dtype: Any = float, mergeable: bool = True) -> Any:

@@ -194,7 +194,7 @@ def madvise(address: int, length: int, advice: int) -> None:
             stays mergeable).
     """
 
-def scan(full_scans: int = 1) -> None:
+def scan(full_scans: int) -> None:
     """Run ``full_scans`` full scans now, in the calling thread (GIL released).
 
     A scan already in progress (by ksmd) is finished first and not counted.

@@ -775,7 +775,7 @@ impl Engine {
     /// True once a full scan completes with nothing left to merge; waits up to
     /// `timeout` while ksmd runs. With ksmd stopped it answers at once.
     pub fn wait_settled(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut st = self.lock();
         loop {
             // Nothing advised: nothing to merge, settled by definition.

@@ -5,7 +5,9 @@ use std::os::raw::c_int;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyAttributeError, PyBufferError, PyOSError, PyValueError};
+use pyo3::exceptions::{
+    PyAttributeError, PyBufferError, PyOSError, PyOverflowError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3::{ffi, PyErr};
@@ -33,6 +35,25 @@ fn engine() -> PyResult<&'static Engine> {
     Ok(Engine::get()?)
 }
 
+/// An int argument converted to `T`, with errors that name the argument and what it
+/// accepts (PyO3's own say neither): TypeError for a non-int, OverflowError for an
+/// int out of range.
+fn int_arg<T: TryFrom<i128>>(v: &Bound<'_, PyAny>, name: &str, accepts: &str) -> PyResult<T> {
+    if !v.is_instance_of::<pyo3::types::PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be an int ({accepts}), not {}",
+            v.get_type().name()?
+        )));
+    }
+    v.extract::<i128>()
+        .ok()
+        .and_then(|i| T::try_from(i).ok())
+        .ok_or_else(|| PyOverflowError::new_err(format!("{name} must be {accepts}, got {v}")))
+}
+
+const ADDRESS: &str = "an address from 0 to 2**64-1";
+const LENGTH: &str = "a length from 0 to 2**64-1";
+
 /// Memory owned by ksm (see `ksm.mmap` in `_ksm.pyi`).
 #[pyclass(module = "ksm._ksm", name = "Mmap", subclass)]
 pub struct Mmap {
@@ -55,21 +76,26 @@ impl Mmap {
 impl Mmap {
     #[new]
     #[pyo3(signature = (*args))]
-    fn new(py: Python<'_>, args: Vec<i64>) -> PyResult<Self> {
-        let length = match args.as_slice() {
-            [n] => *n,
-            [-1, n] => *n,
-            [fd, _] => {
-                return Err(PyValueError::new_err(format!(
-                    "ksm.mmap is anonymous memory: fileno must be -1, got {fd}"
+    fn new(py: Python<'_>, args: Vec<Bound<'_, PyAny>>) -> PyResult<Self> {
+        let (fd, length) = match args.as_slice() {
+            [n] => (None, n),
+            [fd, n] => (Some(fd), n),
+            _ => {
+                return Err(PyTypeError::new_err(format!(
+                    "ksm.mmap takes (length) or (-1, length), got {} arguments",
+                    args.len()
                 )))
             }
-            _ => {
-                return Err(PyValueError::new_err(
-                    "ksm.mmap takes (length) or (-1, length)",
-                ))
-            }
         };
+        let length: i128 = int_arg(length, "length", "a length of at least 1 byte")?;
+        if let Some(fd) = fd {
+            let fd: i64 = int_arg(fd, "fileno", "-1: ksm.mmap is anonymous memory")?;
+            if fd != -1 {
+                return Err(PyValueError::new_err(format!(
+                    "ksm.mmap is anonymous memory: fileno must be -1, got {fd}"
+                )));
+            }
+        }
         let length = usize::try_from(length)
             .map_err(|_| PyValueError::new_err(format!("length must be positive, got {length}")))?;
         let e = engine()?;
@@ -99,14 +125,29 @@ impl Mmap {
     }
 
     /// `madvise(option, start=0, length=len-start)`, like `mmap.mmap.madvise`.
-    #[pyo3(signature = (option, start = 0, length = None))]
+    /// Positional only, like the stdlib's: `(option[, start[, length]])`.
+    #[pyo3(signature = (option, *args))]
     fn madvise(
         &self,
         py: Python<'_>,
-        option: i32,
-        start: usize,
-        length: Option<usize>,
+        option: Bound<'_, PyAny>,
+        args: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        if args.len() > 2 {
+            return Err(PyTypeError::new_err(format!(
+                "madvise takes (option[, start[, length]]), got {} arguments",
+                args.len() + 1
+            )));
+        }
+        let option: i32 = int_arg(&option, "option", "MADV_MERGEABLE or MADV_UNMERGEABLE")?;
+        let start: usize = match args.first() {
+            Some(v) => int_arg(v, "start", "an offset from 0 to the length")?,
+            None => 0,
+        };
+        let length: Option<usize> = match args.get(1) {
+            Some(v) if !v.is_none() => Some(int_arg(v, "length", LENGTH)?),
+            _ => None,
+        };
         self.check_open()?;
         if start > self.len {
             return Err(PyValueError::new_err(format!(
@@ -129,7 +170,8 @@ impl Mmap {
     }
 
     /// State of the page holding byte `offset`.
-    fn page_state(&self, py: Python<'_>, offset: usize) -> PyResult<&'static str> {
+    fn page_state(&self, py: Python<'_>, offset: Bound<'_, PyAny>) -> PyResult<&'static str> {
+        let offset: usize = int_arg(&offset, "offset", "an offset from 0 to the length - 1")?;
         self.check_open()?;
         if offset >= self.len {
             return Err(PyValueError::new_err(format!(
@@ -267,7 +309,7 @@ impl Ksmd {
                 "{name} is a read-only statistic"
             )));
         }
-        let kind = knobs::kind(name)?;
+        let kind = knobs::kind(name)?; // an unknown name is an AttributeError, whatever the value
         let type_error = || -> PyResult<PyErr> {
             Ok(pyo3::exceptions::PyTypeError::new_err(format!(
                 "{name} takes {}, got a value of type {}",
@@ -351,22 +393,43 @@ fn get_memory_merge(py: Python<'_>) -> PyResult<bool> {
 }
 
 #[pyfunction]
-fn madvise(py: Python<'_>, address: usize, length: usize, advice: i32) -> PyResult<()> {
+fn madvise(
+    py: Python<'_>,
+    address: Bound<'_, PyAny>,
+    length: Bound<'_, PyAny>,
+    advice: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let address: usize = int_arg(&address, "address", ADDRESS)?;
+    let length: usize = int_arg(&length, "length", LENGTH)?;
+    let advice: i32 = int_arg(
+        &advice,
+        "advice",
+        "MADV_MERGEABLE (12) or MADV_UNMERGEABLE (13)",
+    )?;
     let e = engine()?;
     py.allow_threads(|| e.madvise(address, length, advice))?;
     Ok(())
 }
 
+/// `ksm.scan(full_scans=1)` wraps this (the default lives in Python, so that an
+/// explicit None is refused).
 #[pyfunction]
-#[pyo3(signature = (full_scans = 1))]
-fn scan(py: Python<'_>, full_scans: i64) -> PyResult<()> {
+fn scan(py: Python<'_>, full_scans: Bound<'_, PyAny>) -> PyResult<()> {
+    let full_scans: i64 = int_arg(&full_scans, "full_scans", "a count from 0 to 2**63-1")?;
     let n = u64::try_from(full_scans).map_err(|_| {
         PyValueError::new_err(format!("full_scans must be 0 or more, got {full_scans}"))
     })?;
     let e = engine()?;
-    py.allow_threads(|| e.scan(n))?;
+    // One full scan at a time, so that Ctrl-C (a pending signal) stops a long run.
+    for _ in 0..n.max(1) {
+        py.allow_threads(|| e.scan(n.min(1)))?;
+        py.check_signals()?;
+    }
     Ok(())
 }
+
+/// How long `wait_settled` waits with the GIL released before looking for signals.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 #[pyfunction]
 #[pyo3(signature = (timeout = None))]
@@ -377,11 +440,27 @@ fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
                 "timeout must be a finite number of seconds ≥ 0, got {t}"
             )))
         }
-        Some(t) => Some(Duration::from_secs_f64(t)),
+        Some(t) => Some(
+            Duration::try_from_secs_f64(t)
+                .map_err(|_| PyOverflowError::new_err(format!("timeout {t} s is too large")))?,
+        ),
         None => None,
     };
     let e = engine()?;
-    Ok(py.allow_threads(|| e.wait_settled(t)))
+    // A deadline past the clock's range waits as long as no timeout does.
+    let deadline = t.and_then(|t| std::time::Instant::now().checked_add(t));
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let chunk = left.map_or(SIGNAL_CHECK, |l| l.min(SIGNAL_CHECK));
+        if py.allow_threads(|| e.wait_settled(Some(chunk))) {
+            return Ok(true);
+        }
+        // Not settled: ksmd stopped (it will not settle by itself), or time is up.
+        if e.knobs().run != 1 || left.is_some_and(|l| l <= chunk) {
+            return Ok(false);
+        }
+        py.check_signals()?;
+    }
 }
 
 #[pyfunction]
