@@ -489,9 +489,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    del args
-    print("ksm bench: not implemented yet (see issue 'Scale and speed')", file=sys.stderr)
-    return 2
+    from . import _bench
+
+    return _bench.run(args)
 
 
 # --------------------------------------------------------------------------- main
@@ -526,7 +526,20 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what this machine supports, and the effective settings")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="benchmarks against kernel KSM (not implemented yet)")
+    from . import _bench
+
+    bench = sub.add_parser(
+        "bench",
+        help="the same workloads through ksm and through kernel KSM, side by side",
+        description=(
+            "Run each workload through ksm and through kernel KSM (driven through /sys/kernel/mm/ksm "
+            "as root; every knob is restored afterwards) and print each figure for both, the ratio "
+            "ksm/kernel, and the targets of issue 4. Workloads: "
+            + "; ".join(f"{k}: {v}" for k, v in _bench.WORKLOAD_HELP.items())
+            + "."
+        ),
+    )
+    _bench.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 
