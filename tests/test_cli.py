@@ -225,10 +225,17 @@ def test_demo_rejects_a_negative_hold() -> None:
     assert r.returncode == 2 and "--hold >= 0" in r.stderr
 
 
-def test_bench_is_not_implemented_yet() -> None:
-    r = run("bench")
+def test_bench_help_lists_workloads() -> None:
+    r = run("bench", "--help")
+    assert r.returncode == 0, r.stderr
+    for name in ("identical", "pairs", "unique", "zero", "dataset", "--size", "--only", "--json"):
+        assert name in r.stdout, (name, r.stdout)
+
+
+def test_bench_rejects_unknown_workload() -> None:
+    r = run("bench", "--only", "nosuch")
     assert r.returncode == 2
-    assert "not implemented yet" in r.stderr
+    assert "unknown workload nosuch" in r.stderr
 
 
 def test_no_command_is_a_usage_error() -> None:
@@ -241,14 +248,15 @@ def test_console_script() -> None:
     exe = shutil.which("ksm", path=os.path.dirname(sys.executable))
     if exe is None:
         pytest.skip("console script not installed")
-    r = subprocess.run([exe, "bench"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([exe, "bench", "--size", "nonsense"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
+    assert "cannot parse size" in r.stderr
 
 
 def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     from ksm.cli import main
 
-    assert main(["bench"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    assert main(["bench", "--only", "nosuch"]) == 2
+    assert "unknown workload" in capsys.readouterr().err
     assert main(["info"]) == 0
     assert "page size:" in capsys.readouterr().out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 
-import pytest
 from conftest import PAGE, page_pattern, raw_mmap, raw_munmap
 
 import ksm

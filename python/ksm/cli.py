@@ -921,9 +921,9 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    del args
-    print("ksm bench: not implemented yet (see issue 'Scale and speed')", file=sys.stderr)
-    return 2
+    from . import _bench
+
+    return _bench.run(args)
 
 
 # --------------------------------------------------------------------------- main
@@ -1008,7 +1008,20 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="benchmarks against kernel KSM (not implemented yet)")
+    from . import _bench
+
+    bench = sub.add_parser(
+        "bench",
+        help="the same workloads through ksm and through kernel KSM, side by side",
+        description=(
+            "Run each workload through ksm and through kernel KSM (driven through /sys/kernel/mm/ksm "
+            "as root; every knob is restored afterwards) and print each figure for both, the ratio "
+            "ksm/kernel, and the targets of issue 4. Workloads: "
+            + "; ".join(f"{k}: {v}" for k, v in _bench.WORKLOAD_HELP.items())
+            + "."
+        ),
+    )
+    _bench.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 
