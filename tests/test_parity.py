@@ -317,11 +317,6 @@ def test_prot_none_written_through_proc_self_mem(prot_none_range: int) -> None:
     assert ctypes.string_at(base + (n - 1) * PAGE, 2) == b"w\x11"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PROT_NONE ranges are advised but never scanned or merged; the kernel merges them "
-    "(ksm_functional_tests test_prot_none: 'No pages got merged' is a failure)",
-)
 def test_prot_none_pages_merge(prot_none_range: int) -> None:
     n, base = 32, prot_none_range
     before = ksm.stats()

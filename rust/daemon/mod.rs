@@ -107,6 +107,9 @@ pub struct Engine {
     wake: Condvar,
     /// Signalled at the end of every full scan.
     scanned: Condvar,
+    /// Threads in `wait_settled` (woken by `scanned`, they still need the lock: a
+    /// scanner with `sleep_millisecs = 0` hands it over after each full scan).
+    settle_waiters: AtomicUsize,
 }
 
 /// The locks `prepare` takes: the engine state and the open merge windows.
@@ -189,6 +192,7 @@ impl Engine {
             wake: Condvar::new(),
             scanned: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            settle_waiters: AtomicUsize::new(0),
             pid: AtomicI32::new(sys::getpid()),
         };
         let _ = ENGINE.set(engine);
@@ -754,6 +758,12 @@ impl Engine {
                 let budget = u64::from(st.knobs.pages_to_scan);
                 if Self::batch(&mut st, budget) {
                     self.end_full_scan(&mut st);
+                    if self.settle_waiters.load(Ordering::Acquire) > 0 {
+                        // Let the woken waiters look at the result before the next scan.
+                        drop(st);
+                        std::thread::sleep(Duration::from_micros(200));
+                        st = self.lock();
+                    }
                 }
                 Some(Duration::from_millis(u64::from(st.knobs.sleep_millisecs)))
             } else {
@@ -785,19 +795,22 @@ impl Engine {
             if st.knobs.run != 1 {
                 return false;
             }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            self.settle_waiters.fetch_add(1, Ordering::AcqRel);
             st = match deadline {
                 None => self.scanned.wait(st).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return false;
-                    }
                     self.scanned
                         .wait_timeout(st, d - now)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
             };
+            self.settle_waiters.fetch_sub(1, Ordering::AcqRel);
+            Self::follow_events(&mut st);
         }
     }
 

@@ -473,8 +473,11 @@ impl Mem for Os {
         // that a page without one is one the application discarded, see the fault
         // thread), then register the new VMA: later merges and unmerges need it, and
         // `protect` registers it if this fails.
-        let _ = mman::populate_read(addr, self.page);
-        self.register_new(addr, self.page, true);
+        // Minor faults only where the PTE is in place: an access the kernel makes for
+        // the application (`/proc/self/mem`, `read(2)` into the page) cannot wait for
+        // a userfaultfd, and PROT_NONE pages cannot be populated.
+        let populated = mman::populate_read(addr, self.page).is_ok();
+        self.register_new(addr, self.page, populated);
         Ok(())
     }
 

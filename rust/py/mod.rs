@@ -87,7 +87,8 @@ impl Mmap {
                 )))
             }
         };
-        let length: i128 = int_arg(length, "length", "a length of at least 1 byte")?;
+        // Py_ssize_t, as the stdlib mmap's length.
+        let length: i64 = int_arg(length, "length", "a length from 1 to 2**63-1 bytes")?;
         if let Some(fd) = fd {
             let fd: i64 = int_arg(fd, "fileno", "-1: ksm.mmap is anonymous memory")?;
             if fd != -1 {

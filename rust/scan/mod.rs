@@ -867,40 +867,56 @@ impl<M: Mem> Core<M> {
     }
 
     /// Frames holding exactly `buf`: one with room (the fullest), or whether all are full.
+    ///
+    /// Only frames with room are compared, fullest first, and the first equal one
+    /// wins: a content with many users has many full frames (one per
+    /// `max_page_sharing` users), which must not cost a comparison each per page.
     fn stable_search(&self, hash: u64, buf: &[u8]) -> StableHit {
         let Some(frames) = self.stable.get(&hash) else {
             return StableHit::Miss;
         };
-        let mut best: Option<FrameId> = None;
-        let mut any = false;
-        for &f in frames {
-            if self.mem.frame(f) != buf {
-                continue;
-            }
-            any = true;
-            let refs = self.frames.refs(f);
-            if refs < self.max_page_sharing && best.is_none_or(|b| self.frames.refs(b) < refs) {
-                best = Some(f);
-            }
+        let max = self.max_page_sharing;
+        let mut room: Vec<FrameId> = frames
+            .iter()
+            .copied()
+            .filter(|&f| self.frames.refs(f) < max)
+            .collect();
+        room.sort_unstable_by_key(|&f| std::cmp::Reverse(self.frames.refs(f)));
+        if let Some(f) = room.into_iter().find(|&f| self.mem.frame(f) == buf) {
+            return StableHit::Room(f);
         }
-        match (best, any) {
-            (Some(f), _) => StableHit::Room(f),
-            (None, true) => StableHit::Full,
-            (None, false) => StableHit::Miss,
+        let full = frames
+            .iter()
+            .any(|&f| self.frames.refs(f) >= max && self.mem.frame(f) == buf);
+        if full {
+            StableHit::Full
+        } else {
+            StableHit::Miss
         }
     }
 
     /// A page of this full scan's unstable index with the same bytes as `buf`.
+    ///
+    /// Entries that left the index (merged, revisited, forgotten) are dropped as they
+    /// are met, so that a content many pages share costs one comparison per page,
+    /// not one per page already seen.
     fn unstable_search(&mut self, hash: u64, addr: usize, buf: &[u8]) -> Option<usize> {
-        let cands = self.unstable.get(&hash)?.clone();
+        let mut cands = self.unstable.remove(&hash)?;
         let mut other = std::mem::take(&mut self.buf2);
         let mut found = None;
-        for c in cands {
-            if c == addr {
-                continue;
-            }
-            let Some(rec) = self.rec(c) else { continue };
-            if rec.state != State::Unstable || rec.seq != self.seq || !rec.advised() {
+        let mut i = 0;
+        while i < cands.len() {
+            let c = cands[i];
+            let live = c != addr
+                && self.rec(c).is_some_and(|r| {
+                    r.state == State::Unstable && r.seq == self.seq && r.advised()
+                });
+            if !live {
+                if c != addr {
+                    cands.swap_remove(i);
+                } else {
+                    i += 1;
+                }
                 continue;
             }
             let owned = self.region_at(c).is_some_and(|r| r.owned);
@@ -908,8 +924,12 @@ impl<M: Mem> Core<M> {
                 found = Some(c);
                 break;
             }
+            i += 1;
         }
         self.buf2 = other;
+        if !cands.is_empty() {
+            self.unstable.insert(hash, cands);
+        }
         found
     }
 
