@@ -35,6 +35,7 @@ pub struct Snapshot {
     pub advised_pages: u64,
     pub settled: bool,
     pub vma_budget_skips: u64,
+    pub unmergeable_pages: u64,
     pub vmas_used: u64,
 }
 
@@ -67,6 +68,7 @@ impl Snapshot {
             ("tracked_pages", u(self.tracked_pages)),
             ("advised_pages", u(self.advised_pages)),
             ("vma_budget_skips", u(self.vma_budget_skips)),
+            ("unmergeable_pages", u(self.unmergeable_pages)),
             ("vmas_used", u(self.vmas_used)),
             ("settled", i64::from(self.settled)),
         ]

@@ -173,11 +173,13 @@ def test_map_shared_is_accepted_and_never_merged() -> None:
         assert ksm.madvise(addr, n * PAGE, MERGE) is None
         ksm.scan(2)
         after = ksm.stats()
-        assert delta(before, after, "pages_shared", "pages_sharing", "advised_pages", "tracked_pages") == {
+        keys = ("pages_shared", "pages_sharing", "advised_pages", "tracked_pages", "unmergeable_pages")
+        assert delta(before, after, *keys) == {
             "pages_shared": 0,
             "pages_sharing": 0,
             "advised_pages": 0,
             "tracked_pages": 0,
+            "unmergeable_pages": n,
         }
         assert m[:] == pattern * n
         assert ksm.madvise(addr, n * PAGE, UNMERGE) is None

@@ -1170,6 +1170,9 @@ def test_locked_memory_is_accepted_and_never_merged(when: str) -> None:
             assert libc.mlock(base, n * PAGE) == 0
         before = ksm.stats()
         assert ksm.madvise(base, n * PAGE, MERGE) is None
+        if when == "locked-before-advice":
+            # Skipped and counted.
+            assert delta(before, ksm.stats(), "unmergeable_pages") == {"unmergeable_pages": n}
         if when == "locked-after-advice":
             assert libc.mlock(base, n * PAGE) == 0
         ksm.scan(3)

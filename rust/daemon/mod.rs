@@ -93,6 +93,9 @@ struct State {
     /// Ranges the application discarded (MADV_DONTNEED) whose merged pages still
     /// need pages of their own, with when the event was read.
     discarded: Vec<(usize, usize, Instant)>,
+    /// Pages advised MADV_MERGEABLE that ksm never merges (shared, file-backed,
+    /// hugetlb, locked, special): accepted as the kernel does, counted.
+    unmergeable_pages: u64,
 }
 
 /// The per-process engine.
@@ -188,6 +191,7 @@ impl Engine {
                 scan_started: Instant::now(),
                 scan_cpu_ns: 0,
                 discarded: Vec::new(),
+                unmergeable_pages: 0,
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
@@ -441,8 +445,12 @@ impl Engine {
                     Self::advise_foreign(&mut st, s, e, prot)?
                 }
                 (MADV_UNMERGEABLE, Piece::Tracked) => Self::unadvise(&mut st, s, e)?,
-                // Never-advised memory, and memory ksm never merges (MAP_SHARED,
-                // file-backed, special): accepted, nothing to do, as the kernel does.
+                // Memory ksm never merges (MAP_SHARED, file-backed, special): accepted,
+                // nothing to do, as the kernel does; counted.
+                (MADV_MERGEABLE, Piece::Never) => {
+                    st.unmergeable_pages += ((e - s) / sys::page_size()) as u64
+                }
+                // Never-advised memory: nothing to undo.
                 _ => {}
             }
         }
@@ -546,6 +554,8 @@ impl Engine {
             f.iter()
                 .any(|x| maps::NEVER_MERGE_FLAGS.contains(&x.as_str()))
         }) {
+            // Locked, wipe-on-fork, don't-fork or don't-dump memory: never merged.
+            st.unmergeable_pages += ((e - s) / page) as u64;
             return Ok(());
         }
         match u.register_wp(s, e - s) {
@@ -558,7 +568,10 @@ impl Engine {
                 ));
             }
             // A range userfaultfd refuses (e.g. a special mapping) is accepted, never merged.
-            Err(_) => return Ok(()),
+            Err(_) => {
+                st.unmergeable_pages += ((e - s) / page) as u64;
+                return Ok(());
+            }
         }
         let mut r = Region::new(s, (e - s) / page, false, prot);
         r.registered = true;
@@ -914,6 +927,7 @@ impl Engine {
             advised_pages: st.core.advised_pages(),
             settled: st.core.settled(),
             vma_budget_skips: c.vma_budget_skips,
+            unmergeable_pages: st.unmergeable_pages,
             vmas_used: st.core.mem.vmas_used,
         }
     }
