@@ -195,49 +195,18 @@ class Ksmd:
     advisor_max_pages_to_scan: int
     advisor_target_scan_time: int
 
-    @property
-    def pages_shared(self) -> int:
-        return _ksm.ksmd.pages_shared
-
-    @property
-    def pages_sharing(self) -> int:
-        return _ksm.ksmd.pages_sharing
-
-    @property
-    def pages_unshared(self) -> int:
-        return _ksm.ksmd.pages_unshared
-
-    @property
-    def pages_volatile(self) -> int:
-        return _ksm.ksmd.pages_volatile
-
-    @property
-    def full_scans(self) -> int:
-        return _ksm.ksmd.full_scans
-
-    @property
-    def pages_scanned(self) -> int:
-        return _ksm.ksmd.pages_scanned
-
-    @property
-    def pages_skipped(self) -> int:
-        return _ksm.ksmd.pages_skipped
-
-    @property
-    def stable_node_chains(self) -> int:
-        return _ksm.ksmd.stable_node_chains
-
-    @property
-    def stable_node_dups(self) -> int:
-        return _ksm.ksmd.stable_node_dups
-
-    @property
-    def ksm_zero_pages(self) -> int:
-        return _ksm.ksmd.ksm_zero_pages
-
-    @property
-    def general_profit(self) -> int:
-        return _ksm.ksmd.general_profit
+    # Read-only statistics (writing one raises AttributeError).
+    pages_shared: int
+    pages_sharing: int
+    pages_unshared: int
+    pages_volatile: int
+    full_scans: int
+    pages_scanned: int
+    pages_skipped: int
+    stable_node_chains: int
+    stable_node_dups: int
+    ksm_zero_pages: int
+    general_profit: int
 
     def __getattr__(self, name: str) -> int | str:
         value: int | str = getattr(_ksm.ksmd, name)

@@ -178,22 +178,9 @@ def _dataset_files() -> Iterator[str]:
 
 def load_dataset(limit: int, page: int) -> tuple[bytearray, int]:
     """Up to `limit` bytes of files, each starting on a page boundary; (data, files)."""
-    data = bytearray()
-    files = 0
-    for path in _dataset_files():
-        if len(data) >= limit:
-            break
-        try:
-            with open(path, "rb") as f:
-                content = f.read(limit - len(data))
-        except OSError:
-            continue
-        if not content:
-            continue
-        data += content
-        data += bytes(-len(data) % page)
-        files += 1
-    del data[limit:]
+    from .cli import pack_files
+
+    data, files, _ = pack_files(_dataset_files(), limit, page)
     return data, files
 
 

@@ -21,7 +21,7 @@ import sysconfig
 import textwrap
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -143,10 +143,17 @@ def load_stdlib(limit: int, page: int) -> DataSet:
     standard library is big enough; otherwise it is all of it.
     """
     root = sysconfig.get_paths()["stdlib"]
+    data, files, file_bytes = pack_files(_stdlib_files(root), limit, page)
+    return DataSet(data=data, files=files, file_bytes=file_bytes, root=root)
+
+
+def pack_files(paths: Iterable[str], limit: int, page: int) -> tuple[bytearray, int, int]:
+    """Up to `limit` bytes of the files at `paths`, each starting on a page boundary
+    as a page cache holds them; (data, files read, bytes of file contents)."""
     data = bytearray()
     files = 0
     file_bytes = 0
-    for path in _stdlib_files(root):
+    for path in paths:
         if len(data) >= limit:
             break
         try:
@@ -161,7 +168,7 @@ def load_stdlib(limit: int, page: int) -> DataSet:
         files += 1
         file_bytes += len(content)
     del data[limit:]
-    return DataSet(data=data, files=files, file_bytes=file_bytes, root=root)
+    return data, files, file_bytes
 
 
 # --------------------------------------------------------------------------- progress
