@@ -16,7 +16,7 @@
 //! * frames holding bytes == frames the table counts live (no leak, no early punch);
 //! * no frame has more references than the largest `max_page_sharing` ever set;
 //! * the child's frames still hold the bytes they had at the fork;
-//! * (in `ChildMem::map_frame`) remaps since a VMA budget of L was set stay ≤ L/2
+//! * (in `ChildMem::map_frames`) remaps (one per run) since a VMA budget of L was set stay ≤ L/2
 //!   (each may add 2 VMAs; the fake's `vma_allowance` answers L − 2·remaps).
 //!
 //! `Settle` additionally checks the merge is complete: after full scans with no
@@ -131,7 +131,7 @@ pub struct ChildMem {
     pub fake: FakeMem,
     /// Frames a child maps (since the last `pool_quiet`), with the bytes it would read.
     pub child: HashMap<FrameId, Vec<u8>>,
-    /// Frame given to the last successful `map_frame` at each address (meaningful
+    /// Frame given to the last successful `map_frames` at each address (meaningful
     /// while `fake.maps_frame(addr)`).
     pub mapped: HashMap<usize, FrameId>,
     /// VMA budget set by `VmaBudget` (None: no limit).
@@ -179,9 +179,12 @@ impl Mem for ChildMem {
     fn release(&mut self, addr: usize, len: usize, unprotect: bool) {
         self.fake.release(addr, len, unprotect)
     }
-    fn map_frame(&mut self, addr: usize, prot: i32, f: FrameId) -> io::Result<()> {
-        self.fake.map_frame(addr, prot, f)?;
-        self.mapped.insert(addr, f);
+    fn map_frames(&mut self, addr: usize, n: usize, prot: i32, f0: FrameId) -> io::Result<()> {
+        self.fake.map_frames(addr, n, prot, f0)?;
+        let page = self.fake.page_size();
+        for i in 0..n {
+            self.mapped.insert(addr + i * page, f0 + i as FrameId);
+        }
         self.maps_since_limit += 1;
         if let Some(l) = self.vma_limit {
             assert!(

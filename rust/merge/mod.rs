@@ -454,10 +454,11 @@ impl Mem for Os {
         }
     }
 
-    fn map_frame(&mut self, addr: usize, prot: i32, f: FrameId) -> io::Result<()> {
+    fn map_frames(&mut self, addr: usize, n: usize, prot: i32, f0: FrameId) -> io::Result<()> {
         let w = self
             .open
             .get(&addr)
+            .filter(|w| w.len() == n * self.page)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         let pool = self
             .pool
@@ -466,18 +467,18 @@ impl Mem for Os {
         if !self.windows.begin_own(addr) {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
-        let r = mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f));
+        let r = mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f0));
         self.windows.end_own(addr, self.events);
         r?;
-        // The page maps the frame now, whatever follows. Give it its PTE at once (so
-        // that a page without one is one the application discarded, see the fault
+        // The pages map the frames now, whatever follows. Give them their PTEs at once
+        // (so that a page without one is one the application discarded, see the fault
         // thread), then register the new VMA: later merges and unmerges need it, and
-        // `protect` registers it if this fails.
-        // Minor faults only where the PTE is in place: an access the kernel makes for
-        // the application (`/proc/self/mem`, `read(2)` into the page) cannot wait for
-        // a userfaultfd, and PROT_NONE pages cannot be populated.
-        let populated = mman::populate_read(addr, self.page).is_ok();
-        self.register_new(addr, self.page, populated);
+        // `protect` registers it if this fails. Minor faults only where the PTEs are
+        // in place: an access the kernel makes for the application (`/proc/self/mem`)
+        // cannot wait for a userfaultfd, and PROT_NONE pages cannot be populated.
+        let len = n * self.page;
+        let populated = mman::populate_read(addr, len).is_ok();
+        self.register_new(addr, len, populated);
         Ok(())
     }
 

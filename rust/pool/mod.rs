@@ -99,6 +99,25 @@ impl FrameTable {
         Some(f)
     }
 
+    /// `hashes.len()` fresh frames with consecutive ids (so that one mapping of the
+    /// pool covers a run of merged pages), taken at the end of the table; None if the
+    /// capacity does not allow it (the caller merges page by page then).
+    pub fn alloc_run(&mut self, hashes: &[u64]) -> Option<FrameId> {
+        let first = u32::try_from(self.refs.len()).ok()?;
+        let n = u32::try_from(hashes.len()).ok()?;
+        if n == 0 || first.checked_add(n)? > self.capacity {
+            return None;
+        }
+        for &h in hashes {
+            self.refs.push(0);
+            self.hash.push(h);
+            self.born.push(self.fork_epoch);
+        }
+        self.live += n;
+        self.last = Some(first + n - 1);
+        Some(first)
+    }
+
     pub fn refs(&self, f: FrameId) -> u32 {
         self.refs[f as usize]
     }

@@ -30,7 +30,7 @@ pub struct FakeMem {
     frames: HashMap<FrameId, Vec<u8>>,
     protected: HashSet<usize>,
     zero: Vec<u8>,
-    /// Fail `map_frame` (simulates ENOMEM from `vm.max_map_count`).
+    /// Fail `map_frames` (simulates ENOMEM from `vm.max_map_count`).
     pub fail_map: bool,
     /// Fail `unmerge_run` (simulates ENOMEM for the private copies).
     pub fail_unmerge: bool,
@@ -188,21 +188,27 @@ impl Mem for FakeMem {
         Ok(())
     }
 
-    fn map_frame(&mut self, addr: usize, _prot: i32, f: FrameId) -> io::Result<()> {
-        assert!(
-            self.protected.contains(&addr),
-            "remap outside the merge window"
-        );
-        assert_eq!(
-            self.read_page(addr),
-            self.frames[&f],
-            "remap would change contents"
-        );
+    fn map_frames(&mut self, addr: usize, n: usize, _prot: i32, f0: FrameId) -> io::Result<()> {
+        for i in 0..n {
+            let (a, f) = (addr + i * self.page, f0 + i as FrameId);
+            assert!(
+                self.protected.contains(&a),
+                "remap outside the merge window"
+            );
+            assert_eq!(
+                self.read_page(a),
+                self.frames[&f],
+                "remap would change contents"
+            );
+        }
         if self.fail_map {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
-        self.pages
-            .insert(addr, Backing::Frame { f, faulted: false });
+        for i in 0..n {
+            let f = f0 + i as FrameId;
+            self.pages
+                .insert(addr + i * self.page, Backing::Frame { f, faulted: false });
+        }
         Ok(())
     }
 

@@ -58,8 +58,9 @@ pub trait Mem {
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
     /// End the merge window: unprotect (if `unprotect`) and always wake waiters.
     fn release(&mut self, addr: usize, len: usize, unprotect: bool);
-    /// Map frame `f` privately over the (protected) page at `addr`.
-    fn map_frame(&mut self, addr: usize, prot: i32, f: FrameId) -> io::Result<()>;
+    /// Map frames `f0..f0+npages` privately over the (protected) pages from `addr`,
+    /// with one mapping (so a run of merged pages is one VMA).
+    fn map_frames(&mut self, addr: usize, npages: usize, prot: i32, f0: FrameId) -> io::Result<()>;
     /// Drop the (protected, anonymous, all-zero) page at `addr` (`MADV_DONTNEED`):
     /// it reads zeros from the kernel's zero page afterwards, holding no memory.
     fn zap(&mut self, addr: usize) -> io::Result<()>;
@@ -155,6 +156,9 @@ fn skip_age(age: u8) -> u8 {
         _ => 8,
     }
 }
+
+/// Most pages merged as one run (one mapping per side).
+const MAX_RUN: usize = 512;
 
 /// A page's identity in the scan: its address and its region's properties.
 #[derive(Clone, Copy)]
@@ -714,6 +718,15 @@ impl<M: Mem> Core<M> {
             (r.owned, r.prot_of((addr - r.start) / self.page))
         };
         let t = Target { addr, owned, prot };
+        // The batch probed presence ahead of the cursor; a run merged since then made
+        // later pages merged ones: look again before taking one for a written copy.
+        let mut pres = pres;
+        if rec.state == State::Stable && pres == Presence::Anon {
+            let mut p = [Presence::Anon];
+            if self.mem.probe(addr, &mut p).is_ok() {
+                pres = p[0];
+            }
+        }
         match pres {
             // Still maps its frame (PTE present and file-backed, or not faulted in yet):
             // already a KSM page hung on its node, nothing to do.
@@ -968,7 +981,7 @@ impl<M: Mem> Core<M> {
         let same =
             self.mem.read(t.addr, t.owned, &mut cur).is_ok() && self.mem.frame(f) == &cur[..];
         self.buf2 = cur;
-        if !same || self.mem.map_frame(t.addr, t.prot, f).is_err() {
+        if !same || self.mem.map_frames(t.addr, 1, t.prot, f).is_err() {
             self.mem.release(t.addr, page, true);
             self.counters.merge_failures += 1;
             return false;
@@ -1015,7 +1028,62 @@ impl<M: Mem> Core<M> {
         true
     }
 
-    /// `try_to_merge_two_pages`: both pages protected, compared, copied into a new frame, remapped.
+    /// How many pages from `t` and from `o` (at least the first pair, already found
+    /// equal) can merge as one run, with the index hash of each: the following pairs
+    /// qualify while both pages are advised, present, in no index or the unstable one,
+    /// stable since their last visit (checksum unchanged, as the kernel's volatility
+    /// rule asks), equal byte for byte, with the protection of their run, and the two
+    /// runs do not overlap. Pages of all zeros stop a run when `use_zero_pages` is on.
+    fn run_of(&mut self, t: Target, o: Target, hash: u64) -> Vec<u64> {
+        let page = self.page;
+        let mut hashes = vec![hash];
+        let bounds = |core: &Self, a: usize| {
+            core.region_at(a)
+                .map(|r| (r.start, r.end(page)))
+                .expect("tracked")
+        };
+        let ((_, t_end), (_, o_end)) = (bounds(self, t.addr), bounds(self, o.addr));
+        let dist = t.addr.abs_diff(o.addr);
+        let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
+        while hashes.len() < MAX_RUN {
+            let n = hashes.len();
+            let (ta, oa) = (t.addr + n * page, o.addr + n * page);
+            if ta >= t_end || oa >= o_end || (n + 1) * page > dist {
+                break;
+            }
+            let ok = |core: &mut Self, x: usize, want: Target, buf: &mut [u8]| -> Option<u32> {
+                let rec = core.rec(x)?;
+                let r = core.region_at(x)?;
+                let prot = r.prot_of((x - r.start) / page);
+                if !rec.advised()
+                    || !matches!(rec.state, State::Volatile | State::Unstable)
+                    || prot != want.prot
+                {
+                    return None;
+                }
+                let mut pres = [Presence::Absent];
+                core.mem.probe(x, &mut pres).ok()?;
+                if pres[0] != Presence::Anon {
+                    return None;
+                }
+                core.mem.read(x, want.owned, buf).ok()?;
+                Some(rec.checksum)
+            };
+            let (Some(ca), Some(cb)) = (ok(self, ta, t, &mut a), ok(self, oa, o, &mut b)) else {
+                break;
+            };
+            let (h, c) = checksum_of(&a);
+            if a != b || c != ca || c != cb || (self.use_zero_pages && c == self.zero_checksum) {
+                break;
+            }
+            hashes.push(h);
+        }
+        hashes
+    }
+
+    /// `try_to_merge_two_pages`, extended to runs: both runs protected, compared
+    /// again, copied into consecutive new frames, each remapped with one mapping
+    /// (one VMA per run instead of one per page).
     fn merge_pair(&mut self, t: Target, other: usize, hash: u64) -> bool {
         let page = self.page;
         let o = {
@@ -1026,59 +1094,82 @@ impl<M: Mem> Core<M> {
                 prot: r.prot_of((other - r.start) / page),
             }
         };
+        // Each side is one mapping, at most 2 VMAs, whatever the run's length.
         if !self.charge_vmas(2) {
             return false;
         }
-        let Some(f) = self.frames.alloc(hash) else {
-            return false;
+        let mut hashes = self.run_of(t, o, hash);
+        let f0 = match self.frames.alloc_run(&hashes) {
+            Some(f) => f,
+            None => {
+                hashes.truncate(1);
+                match self.frames.alloc(hash) {
+                    Some(f) => f,
+                    None => return false,
+                }
+            }
         };
+        let n = hashes.len();
+        let len = n * page;
         let fail = |core: &mut Self, which: &[usize]| {
             for &a in which {
-                core.mem.release(a, page, true);
+                core.mem.release(a, len, true);
             }
-            // The frame may hold bytes already: give its memory back.
-            let _ = core.mem.punch(f);
-            core.frames.discard(f);
+            // The frames may hold bytes already: give their memory back.
+            for f in f0..f0 + n as FrameId {
+                let _ = core.mem.punch(f);
+                core.frames.discard(f);
+            }
             core.counters.merge_failures += 1;
             false
         };
-        if self.mem.protect(t.addr, page).is_err() {
+        if self.mem.protect(t.addr, len).is_err() {
             return fail(self, &[t.addr]);
         }
-        if self.mem.protect(o.addr, page).is_err() {
+        if self.mem.protect(o.addr, len).is_err() {
             return fail(self, &[t.addr, o.addr]);
         }
-        // Read both again now that neither can change.
+        // Read both runs again now that neither can change, and fill the frames.
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
-        let same = self.mem.read(t.addr, t.owned, &mut a).is_ok()
-            && self.mem.read(o.addr, o.owned, &mut b).is_ok()
-            && a == b;
-        let written = same && self.mem.write_frame(f, &a).is_ok();
-        if !written || self.mem.map_frame(t.addr, t.prot, f).is_err() {
+        let mut written = true;
+        for i in 0..n {
+            let (ta, oa) = (t.addr + i * page, o.addr + i * page);
+            written = self.mem.read(ta, t.owned, &mut a).is_ok()
+                && self.mem.read(oa, o.owned, &mut b).is_ok()
+                && a == b
+                && self.mem.write_frame(f0 + i as FrameId, &a).is_ok();
+            if !written {
+                break;
+            }
+        }
+        if !written || self.mem.map_frames(t.addr, n, t.prot, f0).is_err() {
             return fail(self, &[t.addr, o.addr]);
         }
-        let other_ok = self.mem.map_frame(o.addr, o.prot, f).is_ok();
-        self.mem.release(t.addr, page, false);
-        self.mem.release(o.addr, page, !other_ok);
-        self.stable.entry(hash).or_default().push(f);
-        self.add_frame_ref(f);
-        {
-            let r = self.rec_mut(t.addr);
-            r.state = State::Stable;
-            r.frame = f;
-            (r.age, r.skips) = (0, 0);
+        let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0).is_ok();
+        self.mem.release(t.addr, len, false);
+        self.mem.release(o.addr, len, !other_ok);
+        for (i, &h) in hashes.iter().enumerate() {
+            let f = f0 + i as FrameId;
+            self.stable.entry(h).or_default().push(f);
+            let mut sides = vec![t.addr + i * page];
+            if other_ok {
+                sides.push(o.addr + i * page);
+            }
+            for x in sides {
+                self.add_frame_ref(f);
+                let r = self.rec_mut(x);
+                let was_unstable = r.state == State::Unstable;
+                r.state = State::Stable;
+                r.frame = f;
+                (r.age, r.skips) = (0, 0);
+                if was_unstable {
+                    self.counters.pages_unshared -= 1;
+                }
+                self.counters.merges += 1;
+            }
         }
-        self.counters.merges += 1;
         self.changes += 1;
-        if other_ok {
-            self.add_frame_ref(f);
-            self.counters.pages_unshared -= 1;
-            let r = self.rec_mut(o.addr);
-            r.state = State::Stable;
-            r.frame = f;
-            (r.age, r.skips) = (0, 0);
-            self.counters.merges += 1;
-        } else {
+        if !other_ok {
             self.counters.merge_failures += 1;
         }
         true

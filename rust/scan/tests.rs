@@ -354,3 +354,45 @@ fn smart_scan_skips_unique_pages_from_the_fifth_scan_like_the_kernel() {
     assert_eq!(c.counters().pages_skipped, before.pages_skipped);
     assert_eq!(c.counters().pages_scanned, before.pages_scanned + n as u64);
 }
+
+#[test]
+fn a_copied_run_merges_as_one_run_on_consecutive_frames() {
+    let n = 40;
+    let mut c = core_with(2 * n + 3);
+    for i in 0..n {
+        fill(&mut c, i, 10 + i as u8);
+        fill(&mut c, n + 3 + i, 10 + i as u8);
+    }
+    fill(&mut c, n, 1);
+    fill(&mut c, n + 1, 2);
+    fill(&mut c, n + 2, 3);
+    c.advise(BASE, BASE + (2 * n + 3) * PG);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!(
+        (k.pages_shared, k.pages_sharing),
+        (n as u64, n as u64),
+        "{k:?}"
+    );
+    // One mapping per copy: the two runs add at most 2 VMAs each.
+    assert!(c.vmas_added() <= 4, "{} VMAs added", c.vmas_added());
+    let frames: Vec<u32> = (0..n)
+        .map(|i| c.region_at(BASE).unwrap().pages[i].frame)
+        .collect();
+    assert!(frames.windows(2).all(|w| w[1] == w[0] + 1), "{frames:?}");
+    // A write inside the merged run: only that page changes.
+    c.mem.write(BASE + 7 * PG + 5, &[0xEE]);
+    c.scan_full(1);
+    for i in 0..n {
+        let mut want = vec![10 + i as u8; PG];
+        if i == 7 {
+            want[5] = 0xEE;
+        }
+        assert_eq!(c.mem.read_page(BASE + i * PG), want, "page {i}");
+        assert_eq!(
+            c.mem.read_page(BASE + (n + 3 + i) * PG),
+            vec![10 + i as u8; PG]
+        );
+    }
+    c.check_invariants();
+}
