@@ -118,6 +118,11 @@ impl FrameTable {
         Some(first)
     }
 
+    /// Whether `f` was ever handed out (its counts can be asked for).
+    pub fn exists(&self, f: FrameId) -> bool {
+        (f as usize) < self.refs.len()
+    }
+
     pub fn refs(&self, f: FrameId) -> u32 {
         self.refs[f as usize]
     }

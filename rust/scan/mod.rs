@@ -966,33 +966,99 @@ impl<M: Mem> Core<M> {
         true
     }
 
-    /// Write-protect `t`, compare it with frame `f` again, remap, wake.
+    /// Whether the page at `x` can join a run that `want` starts: advised, in no
+    /// index or the unstable one, with the run's protection, present; its bytes are
+    /// read into `buf` and its recorded checksum returned.
+    fn run_candidate(&mut self, x: usize, want: Target, buf: &mut [u8]) -> Option<u32> {
+        let page = self.page;
+        let rec = self.rec(x)?;
+        let r = self.region_at(x)?;
+        let prot = r.prot_of((x - r.start) / page);
+        if !rec.advised()
+            || !matches!(rec.state, State::Volatile | State::Unstable)
+            || prot != want.prot
+        {
+            return None;
+        }
+        let mut pres = [Presence::Absent];
+        self.mem.probe(x, &mut pres).ok()?;
+        if pres[0] != Presence::Anon {
+            return None;
+        }
+        self.mem.read(x, want.owned, buf).ok()?;
+        Some(rec.checksum)
+    }
+
+    /// How many pages from `t` can map frames `f, f+1, …` as one run: the following
+    /// pages qualify (see `run_candidate`) while stable since their last visit and
+    /// equal to the next frame, which must be in use with room left.
+    fn stable_run_of(&mut self, t: Target, f: FrameId) -> usize {
+        let page = self.page;
+        let t_end = self.region_at(t.addr).map_or(t.addr, |r| r.end(page));
+        let mut a = vec![0u8; page];
+        let mut n = 1;
+        while n < MAX_RUN {
+            let (x, g) = (t.addr + n * page, f + n as FrameId);
+            if x >= t_end
+                || !self.frames.exists(g)
+                || !(1..self.max_page_sharing).contains(&self.frames.refs(g))
+            {
+                break;
+            }
+            let Some(c) = self.run_candidate(x, t, &mut a) else {
+                break;
+            };
+            if checksum_of(&a).1 != c || self.mem.frame(g) != &a[..] {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Write-protect `t` (and the run after it that matches the frames after `f`),
+    /// compare again, remap with one mapping, wake.
     fn merge_with_frame(&mut self, t: Target, f: FrameId) -> bool {
         let page = self.page;
         if !self.charge_vmas(1) {
             return false;
         }
-        if self.mem.protect(t.addr, page).is_err() {
-            self.mem.release(t.addr, page, true);
+        let n = self.stable_run_of(t, f);
+        let len = n * page;
+        if self.mem.protect(t.addr, len).is_err() {
+            self.mem.release(t.addr, len, true);
             self.counters.merge_failures += 1;
             return false;
         }
         let mut cur = std::mem::take(&mut self.buf2);
-        let same =
-            self.mem.read(t.addr, t.owned, &mut cur).is_ok() && self.mem.frame(f) == &cur[..];
+        let mut same = true;
+        for i in 0..n {
+            same = self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok()
+                && self.mem.frame(f + i as FrameId) == &cur[..];
+            if !same {
+                break;
+            }
+        }
         self.buf2 = cur;
-        if !same || self.mem.map_frames(t.addr, 1, t.prot, f).is_err() {
-            self.mem.release(t.addr, page, true);
+        if !same || self.mem.map_frames(t.addr, n, t.prot, f).is_err() {
+            self.mem.release(t.addr, len, true);
             self.counters.merge_failures += 1;
             return false;
         }
-        self.mem.release(t.addr, page, false);
-        self.add_frame_ref(f);
-        let r = self.rec_mut(t.addr);
-        r.state = State::Stable;
-        r.frame = f;
-        (r.age, r.skips) = (0, 0);
-        self.counters.merges += 1;
+        self.mem.release(t.addr, len, false);
+        for i in 0..n {
+            let g = f + i as FrameId;
+            self.add_frame_ref(g);
+            let r = self.rec_mut(t.addr + i * page);
+            let was_unstable = r.state == State::Unstable;
+            r.state = State::Stable;
+            r.frame = g;
+            (r.age, r.skips) = (0, 0);
+            if was_unstable {
+                self.counters.pages_unshared -= 1;
+            }
+            self.counters.merges += 1;
+        }
         self.changes += 1;
         true
     }
@@ -1051,25 +1117,10 @@ impl<M: Mem> Core<M> {
             if ta >= t_end || oa >= o_end || (n + 1) * page > dist {
                 break;
             }
-            let ok = |core: &mut Self, x: usize, want: Target, buf: &mut [u8]| -> Option<u32> {
-                let rec = core.rec(x)?;
-                let r = core.region_at(x)?;
-                let prot = r.prot_of((x - r.start) / page);
-                if !rec.advised()
-                    || !matches!(rec.state, State::Volatile | State::Unstable)
-                    || prot != want.prot
-                {
-                    return None;
-                }
-                let mut pres = [Presence::Absent];
-                core.mem.probe(x, &mut pres).ok()?;
-                if pres[0] != Presence::Anon {
-                    return None;
-                }
-                core.mem.read(x, want.owned, buf).ok()?;
-                Some(rec.checksum)
-            };
-            let (Some(ca), Some(cb)) = (ok(self, ta, t, &mut a), ok(self, oa, o, &mut b)) else {
+            let (Some(ca), Some(cb)) = (
+                self.run_candidate(ta, t, &mut a),
+                self.run_candidate(oa, o, &mut b),
+            ) else {
                 break;
             };
             let (h, c) = checksum_of(&a);

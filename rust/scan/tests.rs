@@ -396,3 +396,28 @@ fn a_copied_run_merges_as_one_run_on_consecutive_frames() {
     }
     c.check_invariants();
 }
+
+#[test]
+fn a_third_copy_maps_the_frames_of_the_first_two_as_one_run() {
+    let n = 30;
+    let mut c = core_with(3 * n + 2);
+    for copy in 0..3 {
+        for i in 0..n {
+            fill(&mut c, copy * (n + 1) + i, 100 + i as u8);
+        }
+    }
+    c.advise(BASE, BASE + (3 * n + 2) * PG);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (n as u64, 2 * n as u64), "{k:?}");
+    assert!(c.vmas_added() <= 6, "{} VMAs added", c.vmas_added());
+    c.check_invariants();
+    for copy in 0..3 {
+        for i in 0..n {
+            assert_eq!(
+                c.mem.read_page(BASE + (copy * (n + 1) + i) * PG),
+                vec![100 + i as u8; PG]
+            );
+        }
+    }
+}
