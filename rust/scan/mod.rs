@@ -159,6 +159,11 @@ fn skip_age(age: u8) -> u8 {
 
 /// Most pages merged as one run (one mapping per side).
 const MAX_RUN: usize = 512;
+/// Fewest pages of one repeated content worth a tile of frames of their own.
+const MIN_TILE: usize = 8;
+/// Tiles are used once fewer VMAs than this are left in the budget (an eighth of
+/// the default budget of `vm.max_map_count` 65530 / 2).
+const TILE_BELOW_ALLOWANCE: u64 = 4096;
 
 /// A page's identity in the scan: its address and its region's properties.
 #[derive(Clone, Copy)]
@@ -860,7 +865,7 @@ impl<M: Mem> Core<M> {
         match self.stable_search(hash, buf) {
             // A failed merge (content changed under protection, or the VMA budget)
             // falls through to the unstable index, as the kernel's does.
-            StableHit::Room(f) if self.merge_with_frame(t, f) => return true,
+            StableHit::Room(f) if self.merge_with_frame(t, f, hash) => return true,
             StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
         }
         if let Some(other) = self.unstable_search(hash, t.addr, buf) {
@@ -1016,14 +1021,129 @@ impl<M: Mem> Core<M> {
         n
     }
 
+    /// How many pages from `t` (at least `t`, which matched) hold the bytes of frame
+    /// `f` and could join a run (see `run_candidate`): one content repeated.
+    fn same_content_run(&mut self, t: Target, f: FrameId) -> usize {
+        let page = self.page;
+        let t_end = self.region_at(t.addr).map_or(t.addr, |r| r.end(page));
+        let mut a = vec![0u8; page];
+        let mut n = 1;
+        while n < MAX_RUN && t.addr + n * page < t_end {
+            let Some(c) = self.run_candidate(t.addr + n * page, t, &mut a) else {
+                break;
+            };
+            if checksum_of(&a).1 != c || self.mem.frame(f) != &a[..] {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// A tile of this content with room (frames `g, g+1, …` holding the same bytes)
+    /// that a run of pages from `t` can map, with the run's length.
+    fn tile_for(&mut self, t: Target, f: FrameId, hash: u64) -> Option<(FrameId, usize)> {
+        let max = self.max_page_sharing;
+        let room = |core: &Self, g: FrameId| {
+            core.frames.exists(g)
+                && (1..max).contains(&core.frames.refs(g))
+                && core.frames.hash(g) == hash
+        };
+        let starts: Vec<FrameId> = self
+            .stable
+            .get(&hash)?
+            .iter()
+            .copied()
+            .filter(|&g| g != f && room(self, g) && room(self, g + 1))
+            .collect();
+        for g in starts {
+            if self.mem.frame(g) != self.mem.frame(f) {
+                continue;
+            }
+            let n = self.stable_run_of(t, g);
+            if n >= 2 {
+                return Some((g, n));
+            }
+        }
+        None
+    }
+
+    /// Map `n` pages from `t`, all holding the bytes of frame `f`, onto a new tile of
+    /// `n` consecutive frames with those bytes (one mapping): later runs of the same
+    /// content map the tile too, so that one content repeated costs one VMA per run,
+    /// not one per page (consecutive pages cannot share one frame in one mapping).
+    fn merge_tile(&mut self, t: Target, f: FrameId, n: usize) -> bool {
+        let page = self.page;
+        let len = n * page;
+        let hash = self.frames.hash(f);
+        let Some(g0) = self.frames.alloc_run(&vec![hash; n]) else {
+            return false;
+        };
+        let content = self.mem.frame(f).to_vec();
+        let fail = |core: &mut Self, protected: bool| {
+            if protected {
+                core.mem.release(t.addr, len, true);
+            }
+            for g in g0..g0 + n as FrameId {
+                let _ = core.mem.punch(g);
+                core.frames.discard(g);
+            }
+            core.counters.merge_failures += 1;
+            false
+        };
+        if (0..n).any(|i| self.mem.write_frame(g0 + i as FrameId, &content).is_err()) {
+            return fail(self, false);
+        }
+        if self.mem.protect(t.addr, len).is_err() {
+            return fail(self, true);
+        }
+        let mut cur = std::mem::take(&mut self.buf2);
+        let same = (0..n)
+            .all(|i| self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok() && cur == content);
+        self.buf2 = cur;
+        if !same || self.mem.map_frames(t.addr, n, t.prot, g0).is_err() {
+            return fail(self, true);
+        }
+        self.mem.release(t.addr, len, false);
+        for i in 0..n {
+            let g = g0 + i as FrameId;
+            self.stable.entry(hash).or_default().push(g);
+            self.add_frame_ref(g);
+            let r = self.rec_mut(t.addr + i * page);
+            let was_unstable = r.state == State::Unstable;
+            r.state = State::Stable;
+            r.frame = g;
+            (r.age, r.skips) = (0, 0);
+            if was_unstable {
+                self.counters.pages_unshared -= 1;
+            }
+            self.counters.merges += 1;
+        }
+        self.changes += 1;
+        true
+    }
+
     /// Write-protect `t` (and the run after it that matches the frames after `f`),
     /// compare again, remap with one mapping, wake.
-    fn merge_with_frame(&mut self, t: Target, f: FrameId) -> bool {
+    fn merge_with_frame(&mut self, t: Target, f: FrameId, hash: u64) -> bool {
         let page = self.page;
         if !self.charge_vmas(1) {
             return false;
         }
-        let n = self.stable_run_of(t, f);
+        let mut f = f;
+        let mut n = self.stable_run_of(t, f);
+        if n == 1 && self.vma_allowance < TILE_BELOW_ALLOWANCE {
+            // One content repeated, with the VMA budget running low: map a run of it
+            // onto a tile of frames. (Not before: a tile's first run saves nothing, so
+            // small counts of one content keep the kernel's figures exactly.)
+            let same = self.same_content_run(t, f);
+            if same >= MIN_TILE {
+                match self.tile_for(t, f, hash) {
+                    Some((g, m)) => (f, n) = (g, m),
+                    None => return self.merge_tile(t, f, same),
+                }
+            }
+        }
         let len = n * page;
         if self.mem.protect(t.addr, len).is_err() {
             self.mem.release(t.addr, len, true);

@@ -239,14 +239,20 @@ fn merges_stop_at_the_vma_budget() {
         fill(&mut c, i, 6);
     }
     c.advise(BASE, BASE + 10 * PG);
+    // Pages of distinct contents, in pairs (no repeated content: no tiles).
+    for i in 0..10 {
+        fill(&mut c, i, 6 + (i / 2) as u8);
+    }
     c.vma_allowance = 2 * 5;
     c.mem.vma_allowance = 0;
     c.scan_full(2);
     let k = c.counters();
-    assert_eq!(k.pages_shared + k.pages_sharing, 5, "budget of 5 remaps");
+    // A pair is charged 2 VMAs per side: a budget of 10 VMAs takes two pairs.
+    assert_eq!(k.pages_shared + k.pages_sharing, 4, "budget of 10 VMAs");
     assert!(k.vma_budget_skips > 0);
+    assert!(c.vmas_added() <= 10);
     for i in 0..10 {
-        assert_eq!(c.mem.read_page(BASE + i * PG), vec![6; PG]);
+        assert_eq!(c.mem.read_page(BASE + i * PG), vec![6 + (i / 2) as u8; PG]);
     }
     c.check_invariants();
 }
@@ -409,7 +415,11 @@ fn a_third_copy_maps_the_frames_of_the_first_two_as_one_run() {
     c.advise(BASE, BASE + (3 * n + 2) * PG);
     c.scan_full(2);
     let k = c.counters();
-    assert_eq!((k.pages_shared, k.pages_sharing), (n as u64, 2 * n as u64), "{k:?}");
+    assert_eq!(
+        (k.pages_shared, k.pages_sharing),
+        (n as u64, 2 * n as u64),
+        "{k:?}"
+    );
     assert!(c.vmas_added() <= 6, "{} VMAs added", c.vmas_added());
     c.check_invariants();
     for copy in 0..3 {
@@ -419,5 +429,31 @@ fn a_third_copy_maps_the_frames_of_the_first_two_as_one_run() {
                 vec![100 + i as u8; PG]
             );
         }
+    }
+}
+
+#[test]
+fn with_the_vma_budget_low_one_repeated_content_maps_tiles_of_frames() {
+    let n = 4000;
+    let mut c = core_with(n);
+    for i in 0..n {
+        fill(&mut c, i, 0x42);
+    }
+    c.advise(BASE, BASE + n * PG);
+    c.mem.vma_allowance = 3_000; // under TILE_BELOW_ALLOWANCE: tiles
+    c.refresh_vma_allowance();
+    c.scan_full(3);
+    let k = c.counters();
+    // Far fewer VMAs than pages, and nearly every page saved.
+    assert!(c.vmas_added() < 40, "{} VMAs added", c.vmas_added());
+    assert!(k.pages_sharing + k.pages_shared == n as u64, "{k:?}");
+    assert!(k.pages_shared <= 2 * MAX_RUN as u64, "{k:?}");
+    c.check_invariants();
+    for i in 0..n {
+        assert_eq!(c.mem.read_page(BASE + i * PG), vec![0x42; PG]);
+    }
+    let max = c.max_page_sharing;
+    for f in c.frames().referenced().collect::<Vec<_>>() {
+        assert!(c.frames().refs(f) <= max);
     }
 }
