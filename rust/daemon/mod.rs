@@ -1068,7 +1068,9 @@ fn fault_loop(u: &Uffd, stop: &AtomicBool) {
                         }
                     } else if !in_window
                         && (flags & uffd::PAGEFAULT_FLAG_WP == 0
-                            || u.writeprotect(a, page, false).is_err())
+                            // Once: EAGAIN means an event this thread has yet to read;
+                            // the woken writer faults again and is served after it.
+                            || u.writeprotect_once(a, page, false).is_err())
                     {
                         let _ = u.wake(a, page);
                     }

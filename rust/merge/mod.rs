@@ -148,11 +148,23 @@ impl EventLog {
             Event::Removed { .. } => false,
         })
     }
-    /// Forget one discarded range (once its merged pages were given zeros).
+    /// Forget `[s, e)` as discarded: its merged pages were given pages of their own,
+    /// or it maps frames anew (which must never be answered with zeros).
     pub fn clear_removed(&mut self, s: usize, e: usize) {
-        if let Some(i) = self.removed.iter().position(|&r| r == (s, e)) {
-            self.removed.swap_remove(i);
+        let mut kept = Vec::with_capacity(self.removed.len());
+        for &(rs, re) in &self.removed {
+            if re <= s || e <= rs {
+                kept.push((rs, re));
+                continue;
+            }
+            if rs < s {
+                kept.push((rs, s));
+            }
+            if e < re {
+                kept.push((e, re));
+            }
         }
+        self.removed = kept;
     }
 }
 
@@ -470,6 +482,8 @@ impl Mem for Os {
         let r = mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f0));
         self.windows.end_own(addr, self.events);
         r?;
+        // Pages discarded before are merged anew: a minor fault there maps the frame.
+        self.events.lock().clear_removed(addr, addr + n * self.page);
         // The pages map the frames now, whatever follows. Give them their PTEs at once
         // (so that a page without one is one the application discarded, see the fault
         // thread), then register the new VMA: later merges and unmerges need it, and

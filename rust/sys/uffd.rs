@@ -348,17 +348,22 @@ impl Uffd {
     /// yet read by the fault thread; it is retried here, yielding, since the
     /// fault thread is a different thread (DESIGN.md §1).
     pub fn writeprotect(&self, start: usize, len: usize, on: bool) -> io::Result<()> {
+        loop {
+            match self.writeprotect_once(start, len, on) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                r => return r,
+            }
+        }
+    }
+
+    /// `UFFDIO_WRITEPROTECT` once: EAGAIN while an event is unread. The fault thread
+    /// must use this one: it is the reader of the event, so it must not wait for it.
+    pub fn writeprotect_once(&self, start: usize, len: usize, on: bool) -> io::Result<()> {
         let mut arg = WriteProtectArg {
             range: range(start, len),
             mode: if on { WRITEPROTECT_MODE_WP } else { 0 },
         };
-        loop {
-            match ioctl(&self.fd, &mut arg) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
-                Err(e) => return Err(e),
-            }
-        }
+        ioctl(&self.fd, &mut arg).map(|_| ())
     }
 
     /// Open a merge window: write-protect `[start, start+len)`. Writers block in
