@@ -971,6 +971,21 @@ impl<M: Mem> Core<M> {
         true
     }
 
+    /// The page at `addr` maps frame `f` now: its record leaves whatever index it was
+    /// in (smart-scan age reset, as the kernel's shared fields are) and counts.
+    fn record_merged(&mut self, addr: usize, f: FrameId) {
+        self.add_frame_ref(f);
+        let r = self.rec_mut(addr);
+        let was_unstable = r.state == State::Unstable;
+        r.state = State::Stable;
+        r.frame = f;
+        (r.age, r.skips) = (0, 0);
+        if was_unstable {
+            self.counters.pages_unshared -= 1;
+        }
+        self.counters.merges += 1;
+    }
+
     /// Whether the page at `x` can join a run that `want` starts: advised, in no
     /// index or the unstable one, with the run's protection, present; its bytes are
     /// read into `buf` and its recorded checksum returned.
@@ -1108,16 +1123,7 @@ impl<M: Mem> Core<M> {
         for i in 0..n {
             let g = g0 + i as FrameId;
             self.stable.entry(hash).or_default().push(g);
-            self.add_frame_ref(g);
-            let r = self.rec_mut(t.addr + i * page);
-            let was_unstable = r.state == State::Unstable;
-            r.state = State::Stable;
-            r.frame = g;
-            (r.age, r.skips) = (0, 0);
-            if was_unstable {
-                self.counters.pages_unshared -= 1;
-            }
-            self.counters.merges += 1;
+            self.record_merged(t.addr + i * page, g);
         }
         self.changes += 1;
         true
@@ -1167,17 +1173,7 @@ impl<M: Mem> Core<M> {
         }
         self.mem.release(t.addr, len, false);
         for i in 0..n {
-            let g = f + i as FrameId;
-            self.add_frame_ref(g);
-            let r = self.rec_mut(t.addr + i * page);
-            let was_unstable = r.state == State::Unstable;
-            r.state = State::Stable;
-            r.frame = g;
-            (r.age, r.skips) = (0, 0);
-            if was_unstable {
-                self.counters.pages_unshared -= 1;
-            }
-            self.counters.merges += 1;
+            self.record_merged(t.addr + i * page, f + i as FrameId);
         }
         self.changes += 1;
         true
@@ -1327,16 +1323,7 @@ impl<M: Mem> Core<M> {
                 sides.push(o.addr + i * page);
             }
             for x in sides {
-                self.add_frame_ref(f);
-                let r = self.rec_mut(x);
-                let was_unstable = r.state == State::Unstable;
-                r.state = State::Stable;
-                r.frame = f;
-                (r.age, r.skips) = (0, 0);
-                if was_unstable {
-                    self.counters.pages_unshared -= 1;
-                }
-                self.counters.merges += 1;
+                self.record_merged(x, f);
             }
         }
         self.changes += 1;
