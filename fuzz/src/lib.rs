@@ -4,6 +4,7 @@
 //! replays any saved corpus or crash files). See README.md.
 
 pub mod frame_table;
+pub mod knobs;
 pub mod merge_model;
 pub mod uffd_msg;
 
@@ -76,6 +77,12 @@ mod tests {
     fn frame_table_random() {
         drive(0xf4a3e, iters(20000), 2048, frame_table::run_bytes);
         replay("frame_table", frame_table::run_bytes);
+    }
+
+    #[test]
+    fn knobs_random() {
+        drive(0x6b6e6f62, iters(20000), 512, knobs::run_bytes);
+        replay("knobs", knobs::run_bytes);
     }
 
     #[test]
