@@ -19,6 +19,8 @@ __all__ = [
     "Mmap",
     "__version__",
     "_after_fork_child",
+    "_inject",
+    "_injected",
     "_uffd_info",
     "available",
     "get_memory_merge",
@@ -272,3 +274,11 @@ def unavailable_reason() -> str | None:
 
 def _uffd_info() -> tuple[str, int] | None: ...
 def _after_fork_child() -> None: ...
+def _inject(point: str, every: int, errno: int) -> None:
+    """Tests only: make every ``every``-th call at ``point`` fail with ``errno`` (0: off).
+
+    Points: map_fixed, move_over, anonymous, register, writeprotect, punch, read_foreign.
+    """
+
+def _injected() -> int:
+    """Tests only: failures injected so far."""

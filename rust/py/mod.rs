@@ -504,6 +504,31 @@ fn _uffd_info() -> PyResult<Option<(&'static str, u64)>> {
     })
 }
 
+/// Test-only fault injection: every `every`-th call at `point` fails with `errno`
+/// (`every = 0` turns it off). Points: see `sys::inject::POINTS`.
+#[pyfunction]
+fn _inject(point: &str, every: u64, errno: i32) -> PyResult<()> {
+    let p = sys::inject::POINTS
+        .iter()
+        .find(|(n, _)| *n == point)
+        .map(|&(_, p)| p)
+        .ok_or_else(|| {
+            let names: Vec<_> = sys::inject::POINTS.iter().map(|(n, _)| *n).collect();
+            PyValueError::new_err(format!(
+                "unknown injection point {point:?}; points are {}",
+                names.join(", ")
+            ))
+        })?;
+    sys::inject::set(p, every, errno);
+    Ok(())
+}
+
+/// Failures injected so far.
+#[pyfunction]
+fn _injected() -> u64 {
+    sys::inject::fired()
+}
+
 #[pyfunction]
 fn _after_fork_child() -> PyResult<()> {
     engine()?.after_fork_child();
@@ -532,5 +557,7 @@ fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(_uffd_info, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_child, m)?)?;
+    m.add_function(wrap_pyfunction!(_inject, m)?)?;
+    m.add_function(wrap_pyfunction!(_injected, m)?)?;
     Ok(())
 }

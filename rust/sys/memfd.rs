@@ -32,6 +32,7 @@ impl Memfd {
 
     /// Release the memory of `[offset, offset+len)` (`FALLOC_FL_PUNCH_HOLE`).
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        super::inject::check(super::inject::Point::Punch)?;
         let (off, len) = (to_off(offset)?, to_off(len)?);
         // SAFETY: plain syscall on an fd we own; the kernel checks the range.
         cvt(unsafe {

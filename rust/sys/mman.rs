@@ -28,6 +28,7 @@ impl Mapping {
     /// Anonymous private read-write memory, with `MADV_NOHUGEPAGE` (huge pages
     /// would be split by page-sized write-protection and could not be rebuilt).
     pub fn anonymous(len: usize) -> io::Result<Self> {
+        super::inject::check(super::inject::Point::Anonymous)?;
         let m = map(
             len,
             libc::PROT_READ | libc::PROT_WRITE,
@@ -156,6 +157,7 @@ fn map(len: usize, prot: i32, flags: i32, fd: RawFd, off: i64) -> io::Result<Map
 /// holds no Rust reference into advised memory; that the bytes are equal is the
 /// merge protocol's duty (it compares under the same window).
 pub(crate) fn map_file_fixed(w: &Window, prot: i32, fd: RawFd, offset: u64) -> io::Result<()> {
+    super::inject::check(super::inject::Point::MapFixed)?;
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: MAP_FIXED replaces exactly the window's range, which is protected and
@@ -204,6 +206,7 @@ pub fn populate_read(addr: usize, len: usize) -> io::Result<()> {
 /// Move `scratch` over the write-protected window `w` (`mremap MAYMOVE|FIXED`):
 /// the unmerge step. `scratch` (a private copy of the window's bytes) is consumed.
 pub(crate) fn move_over(scratch: Mapping, w: &Window) -> io::Result<()> {
+    super::inject::check(super::inject::Point::MoveOver)?;
     if scratch.len != w.len() {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }

@@ -7,6 +7,7 @@
 //! ([`retry_eintr`]) and EAGAIN of userfaultfd ioctls in [`uffd`].
 
 pub mod fork;
+pub mod inject;
 pub mod memfd;
 pub mod mman;
 pub mod pagemap;

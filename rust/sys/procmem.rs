@@ -19,6 +19,7 @@ use std::sync::Mutex;
 /// memory the kernel's KSM merges: `process_vm_readv` refuses it (EFAULT), so it is
 /// read through `/proc/self/mem`, which reads any private mapping the process has.
 pub fn read_foreign(addr: usize, buf: &mut [u8]) -> io::Result<()> {
+    super::inject::check(super::inject::Point::ReadForeign)?;
     match read_vm(addr, buf) {
         Err(e) if e.raw_os_error() == Some(libc::EFAULT) => read_proc_mem(addr, buf).map_err(|_| e),
         r => r,

@@ -296,6 +296,7 @@ impl Uffd {
     }
 
     fn register(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
+        super::inject::check(super::inject::Point::Register)?;
         let mut arg = RegisterArg {
             range: range(start, len),
             mode,
@@ -359,6 +360,7 @@ impl Uffd {
     /// `UFFDIO_WRITEPROTECT` once: EAGAIN while an event is unread. The fault thread
     /// must use this one: it is the reader of the event, so it must not wait for it.
     pub fn writeprotect_once(&self, start: usize, len: usize, on: bool) -> io::Result<()> {
+        super::inject::check(super::inject::Point::WriteProtect)?;
         let mut arg = WriteProtectArg {
             range: range(start, len),
             mode: if on { WRITEPROTECT_MODE_WP } else { 0 },
