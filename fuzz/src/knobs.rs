@@ -38,7 +38,9 @@ pub fn run(input: &Input) {
     let mut k = Knobs::default();
     for (name, val) in &input.ops {
         let name = match name {
-            Name::Known(i) => knobs::NAMES[usize::from(*i) % knobs::NAMES.len()].to_string(),
+            Name::Known(i) => knobs::KNOBS[usize::from(*i) % knobs::KNOBS.len()]
+                .0
+                .to_string(),
             Name::Other(s) => s.clone(),
         };
         let kind = knobs::kind(&name);

@@ -299,7 +299,7 @@ impl Ksmd {
         }
         Err(PyAttributeError::new_err(format!(
             "ksmd has no knob or statistic {name:?}; knobs: {}; statistics: {}",
-            knobs::NAMES.join(", "),
+            knobs::names().collect::<Vec<_>>().join(", "),
             STATS.join(", ")
         )))
     }
@@ -340,15 +340,14 @@ impl Ksmd {
     }
 
     fn __dir__(&self) -> Vec<&'static str> {
-        knobs::NAMES.iter().chain(STATS).copied().collect()
+        knobs::names().chain(STATS.iter().copied()).collect()
     }
 
     fn __repr__(&self) -> PyResult<String> {
         let k = engine()?.knobs();
         Ok(format!(
             "<ksm.ksmd {}>",
-            knobs::NAMES
-                .iter()
+            knobs::names()
                 .filter_map(|n| k.get(n).map(|v| match v {
                     knobs::Value::Int(i) => format!("{n}={i}"),
                     knobs::Value::Str(s) => format!("{n}={s:?}"),
@@ -421,9 +420,13 @@ fn scan(py: Python<'_>, full_scans: Bound<'_, PyAny>) -> PyResult<()> {
         PyValueError::new_err(format!("full_scans must be 0 or more, got {full_scans}"))
     })?;
     let e = engine()?;
+    if n == 0 {
+        // Only finish a scan in progress.
+        py.allow_threads(|| e.scan(0))?;
+    }
     // One full scan at a time, so that Ctrl-C (a pending signal) stops a long run.
-    for _ in 0..n.max(1) {
-        py.allow_threads(|| e.scan(n.min(1)))?;
+    for _ in 0..n {
+        py.allow_threads(|| e.scan(1))?;
         py.check_signals()?;
     }
     Ok(())

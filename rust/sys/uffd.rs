@@ -397,15 +397,6 @@ impl Uffd {
         Ok(())
     }
 
-    /// Wait up to `timeout` for messages and read those available into `out`.
-    pub fn read_msgs(&self, timeout: Duration, out: &mut Vec<Msg>) -> io::Result<()> {
-        out.clear();
-        if self.wait_readable(timeout)? {
-            self.read_available(out)?;
-        }
-        Ok(())
-    }
-
     /// Wait up to `timeout` until a message can be read (false: none came).
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
