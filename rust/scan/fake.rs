@@ -204,10 +204,11 @@ impl Mem for FakeMem {
         if self.fail_map {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
+        // The Os populates a new mapping's PTEs at once (read faults, no copy).
         for i in 0..n {
             let f = f0 + i as FrameId;
             self.pages
-                .insert(addr + i * self.page, Backing::Frame { f, faulted: false });
+                .insert(addr + i * self.page, Backing::Frame { f, faulted: true });
         }
         Ok(())
     }

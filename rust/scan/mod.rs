@@ -173,6 +173,30 @@ struct Target {
     prot: i32,
 }
 
+/// Pairs of pages that merge as one run (see `Core::run_of`): per pair, the index
+/// hash of its bytes and the frame each side maps now if it is merged already.
+struct PairRun {
+    hashes: Vec<u64>,
+    t_was: Vec<Option<FrameId>>,
+    o_was: Vec<Option<FrameId>>,
+}
+
+impl PairRun {
+    fn truncate(&mut self, n: usize) {
+        self.hashes.truncate(n);
+        self.t_was.truncate(n);
+        self.o_was.truncate(n);
+    }
+}
+
+/// A page that can join a run (see `Core::run_candidate`).
+struct Candidate {
+    /// The index hash of its bytes.
+    hash: u64,
+    /// The frame it maps now, if it is merged already.
+    was: Option<FrameId>,
+}
+
 impl<M: Mem> Core<M> {
     pub fn new(mem: M, frame_capacity: u32) -> Self {
         let page = mem.page_size();
@@ -862,6 +886,11 @@ impl<M: Mem> Core<M> {
         {
             return true;
         }
+        if let Some(g) = self.continuing_frame(t, hash, buf) {
+            if self.merge_with_frame(t, g, hash) {
+                return true;
+            }
+        }
         match self.stable_search(hash, buf) {
             // A failed merge (content changed under protection, or the VMA budget)
             // falls through to the unstable index, as the kernel's does.
@@ -986,38 +1015,82 @@ impl<M: Mem> Core<M> {
         self.counters.merges += 1;
     }
 
-    /// Whether the page at `x` can join a run that `want` starts: advised, in no
-    /// index or the unstable one, with the run's protection, present; its bytes are
-    /// read into `buf` and its recorded checksum returned.
-    fn run_candidate(&mut self, x: usize, want: Target, buf: &mut [u8]) -> Option<u32> {
+    /// Whether the page at `x` can join a run that `want` starts, with its bytes read
+    /// into `buf`: advised, with the run's protection, and either unmerged (in no
+    /// index or the unstable one, present, checksum unchanged since its last visit, as
+    /// the kernel's volatility rule asks) or, with `merged`, still mapping a frame of
+    /// its own (it moves into the run: one VMA where it split the run before).
+    fn run_candidate(
+        &mut self,
+        x: usize,
+        want: Target,
+        merged: bool,
+        buf: &mut [u8],
+    ) -> Option<Candidate> {
         let page = self.page;
         let rec = self.rec(x)?;
         let r = self.region_at(x)?;
         let prot = r.prot_of((x - r.start) / page);
-        if !rec.advised()
-            || !matches!(rec.state, State::Volatile | State::Unstable)
-            || prot != want.prot
-        {
+        if !rec.advised() || prot != want.prot {
             return None;
         }
+        let was = match rec.state {
+            State::Volatile | State::Unstable => None,
+            State::Stable if merged && self.merged_alone(x, rec.frame) => Some(rec.frame),
+            _ => return None,
+        };
         let mut pres = [Presence::Absent];
         self.mem.probe(x, &mut pres).ok()?;
-        if pres[0] != Presence::Anon {
-            return None;
+        match was {
+            None if pres[0] == Presence::Anon => {
+                self.mem.read(x, want.owned, buf).ok()?;
+                let (hash, checksum) = checksum_of(buf);
+                (checksum == rec.checksum).then_some(Candidate { hash, was })
+            }
+            // Its bytes are its frame's for as long as it maps it (a write would have
+            // made it a private anonymous page); compared again under protection.
+            Some(g) if pres[0] == Presence::File => {
+                buf.copy_from_slice(self.mem.frame(g));
+                Some(Candidate {
+                    hash: self.frames.hash(g),
+                    was,
+                })
+            }
+            _ => None,
         }
-        self.mem.read(x, want.owned, buf).ok()?;
-        Some(rec.checksum)
     }
 
-    /// How many pages from `t` can map frames `f, f+1, …` as one run: the following
-    /// pages qualify (see `run_candidate`) while stable since their last visit and
-    /// equal to the next frame, which must be in use with room left.
-    fn stable_run_of(&mut self, t: Target, f: FrameId) -> usize {
+    /// Whether the page at `x`, merged on frame `g`, is merged alone: no neighbour
+    /// continues its mapping (the page before on `g - 1`, the page after on `g + 1`).
+    /// Only such a page moves into another run: taking one out of a run would split
+    /// that run and leave its frames shared by fewer pages.
+    fn merged_alone(&self, x: usize, g: FrameId) -> bool {
+        let page = self.page;
+        let Some(r) = self.region_at(x) else {
+            return false;
+        };
+        let on = |a: usize, want: Option<FrameId>| {
+            want.is_some_and(|w| {
+                (r.start..r.end(page)).contains(&a)
+                    && self
+                        .rec(a)
+                        .is_some_and(|p| p.state == State::Stable && p.frame == w)
+            })
+        };
+        !on(x.wrapping_sub(page), g.checked_sub(1)) && !on(x + page, g.checked_add(1))
+    }
+
+    /// The pages from `t` that can map frames `f, f+1, …` as one run (at least `t`,
+    /// which matched `f`), each with the frame it maps now if it is merged already:
+    /// the following pages qualify (see `run_candidate`) while equal to the next
+    /// frame, which must be in use with room left.
+    fn stable_run_of(&mut self, t: Target, f: FrameId) -> Vec<Option<FrameId>> {
         let page = self.page;
         let t_end = self.region_at(t.addr).map_or(t.addr, |r| r.end(page));
         let mut a = vec![0u8; page];
-        let mut n = 1;
-        while n < MAX_RUN {
+        let mut run = vec![None];
+        while run.len() < MAX_RUN {
+            let n = run.len();
             let (x, g) = (t.addr + n * page, f + n as FrameId);
             if x >= t_end
                 || !self.frames.exists(g)
@@ -1025,15 +1098,16 @@ impl<M: Mem> Core<M> {
             {
                 break;
             }
-            let Some(c) = self.run_candidate(x, t, &mut a) else {
+            let Some(c) = self.run_candidate(x, t, true, &mut a) else {
                 break;
             };
-            if checksum_of(&a).1 != c || self.mem.frame(g) != &a[..] {
+            // Already on this very frame (or on the run's own) is no move worth making.
+            if c.was.is_some_and(|w| (f..=g).contains(&w)) || self.mem.frame(g) != &a[..] {
                 break;
             }
-            n += 1;
+            run.push(c.was);
         }
-        n
+        run
     }
 
     /// How many pages from `t` (at least `t`, which matched) hold the bytes of frame
@@ -1044,10 +1118,11 @@ impl<M: Mem> Core<M> {
         let mut a = vec![0u8; page];
         let mut n = 1;
         while n < MAX_RUN && t.addr + n * page < t_end {
-            let Some(c) = self.run_candidate(t.addr + n * page, t, &mut a) else {
-                break;
-            };
-            if checksum_of(&a).1 != c || self.mem.frame(f) != &a[..] {
+            if self
+                .run_candidate(t.addr + n * page, t, false, &mut a)
+                .is_none()
+                || self.mem.frame(f) != &a[..]
+            {
                 break;
             }
             n += 1;
@@ -1057,7 +1132,12 @@ impl<M: Mem> Core<M> {
 
     /// A tile of this content with room (frames `g, g+1, …` holding the same bytes)
     /// that a run of pages from `t` can map, with the run's length.
-    fn tile_for(&mut self, t: Target, f: FrameId, hash: u64) -> Option<(FrameId, usize)> {
+    fn tile_for(
+        &mut self,
+        t: Target,
+        f: FrameId,
+        hash: u64,
+    ) -> Option<(FrameId, Vec<Option<FrameId>>)> {
         let max = self.max_page_sharing;
         let room = |core: &Self, g: FrameId| {
             core.frames.exists(g)
@@ -1075,9 +1155,9 @@ impl<M: Mem> Core<M> {
             if self.mem.frame(g) != self.mem.frame(f) {
                 continue;
             }
-            let n = self.stable_run_of(t, g);
-            if n >= 2 {
-                return Some((g, n));
+            let run = self.stable_run_of(t, g);
+            if run.len() >= 2 {
+                return Some((g, run));
             }
         }
         None
@@ -1137,19 +1217,20 @@ impl<M: Mem> Core<M> {
             return false;
         }
         let mut f = f;
-        let mut n = self.stable_run_of(t, f);
-        if n == 1 && self.vma_allowance < TILE_BELOW_ALLOWANCE {
+        let mut run = self.stable_run_of(t, f);
+        if run.len() == 1 && self.vma_allowance < TILE_BELOW_ALLOWANCE {
             // One content repeated, with the VMA budget running low: map a run of it
             // onto a tile of frames. (Not before: a tile's first run saves nothing, so
             // small counts of one content keep the kernel's figures exactly.)
             let same = self.same_content_run(t, f);
             if same >= MIN_TILE {
                 match self.tile_for(t, f, hash) {
-                    Some((g, m)) => (f, n) = (g, m),
+                    Some((g, r)) => (f, run) = (g, r),
                     None => return self.merge_tile(t, f, same),
                 }
             }
         }
+        let n = run.len();
         let len = n * page;
         if self.mem.protect(t.addr, len).is_err() {
             self.mem.release(t.addr, len, true);
@@ -1172,11 +1253,41 @@ impl<M: Mem> Core<M> {
             return false;
         }
         self.mem.release(t.addr, len, false);
-        for i in 0..n {
-            self.record_merged(t.addr + i * page, f + i as FrameId);
-        }
+        self.record_run(t.addr, f, &run);
         self.changes += 1;
         true
+    }
+
+    /// The pages from `start` map frames `f0, f0+1, …` now; `was` holds, per page, the
+    /// frame it mapped before if it was merged already. New references are taken
+    /// before old ones are dropped, so that no frame of the run is freed on the way.
+    fn record_run(&mut self, start: usize, f0: FrameId, was: &[Option<FrameId>]) {
+        for i in 0..was.len() {
+            self.record_merged(start + i * self.page, f0 + i as FrameId);
+        }
+        for &g in was.iter().flatten() {
+            self.drop_frame_ref(g);
+        }
+    }
+
+    /// The frame after the one the page before `t` maps, if it holds `buf` with room:
+    /// merging there continues that page's run (its mapping extends the VMA before),
+    /// where another frame of the same content would split it.
+    fn continuing_frame(&self, t: Target, hash: u64, buf: &[u8]) -> Option<FrameId> {
+        let r = self.region_at(t.addr)?;
+        if t.addr == r.start {
+            return None;
+        }
+        let left = self.rec(t.addr - self.page)?;
+        if left.state != State::Stable {
+            return None;
+        }
+        let g = left.frame.checked_add(1)?;
+        (self.frames.exists(g)
+            && (1..self.max_page_sharing).contains(&self.frames.refs(g))
+            && self.frames.hash(g) == hash
+            && self.mem.frame(g) == buf)
+            .then_some(g)
     }
 
     /// `try_to_merge_with_zero_page`: write-protect, check the page is still all zero,
@@ -1210,15 +1321,18 @@ impl<M: Mem> Core<M> {
         true
     }
 
-    /// How many pages from `t` and from `o` (at least the first pair, already found
-    /// equal) can merge as one run, with the index hash of each: the following pairs
-    /// qualify while both pages are advised, present, in no index or the unstable one,
-    /// stable since their last visit (checksum unchanged, as the kernel's volatility
-    /// rule asks), equal byte for byte, with the protection of their run, and the two
-    /// runs do not overlap. Pages of all zeros stop a run when `use_zero_pages` is on.
-    fn run_of(&mut self, t: Target, o: Target, hash: u64) -> Vec<u64> {
+    /// The pairs of pages from `t` and from `o` (at least the first pair, already
+    /// found equal) that can merge as one run: the following pairs qualify while both
+    /// pages can join a run (see `run_candidate`: a page merged already moves into the
+    /// run), are equal byte for byte, the two runs do not overlap and do not map one
+    /// frame already. Pages of all zeros stop a run when `use_zero_pages` is on.
+    fn run_of(&mut self, t: Target, o: Target, hash: u64) -> PairRun {
         let page = self.page;
-        let mut hashes = vec![hash];
+        let mut run = PairRun {
+            hashes: vec![hash],
+            t_was: vec![None],
+            o_was: vec![None],
+        };
         let bounds = |core: &Self, a: usize| {
             core.region_at(a)
                 .map(|r| (r.start, r.end(page)))
@@ -1227,25 +1341,27 @@ impl<M: Mem> Core<M> {
         let ((_, t_end), (_, o_end)) = (bounds(self, t.addr), bounds(self, o.addr));
         let dist = t.addr.abs_diff(o.addr);
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
-        while hashes.len() < MAX_RUN {
-            let n = hashes.len();
+        while run.hashes.len() < MAX_RUN {
+            let n = run.hashes.len();
             let (ta, oa) = (t.addr + n * page, o.addr + n * page);
             if ta >= t_end || oa >= o_end || (n + 1) * page > dist {
                 break;
             }
             let (Some(ca), Some(cb)) = (
-                self.run_candidate(ta, t, &mut a),
-                self.run_candidate(oa, o, &mut b),
+                self.run_candidate(ta, t, true, &mut a),
+                self.run_candidate(oa, o, true, &mut b),
             ) else {
                 break;
             };
-            let (h, c) = checksum_of(&a);
-            if a != b || c != ca || c != cb || (self.use_zero_pages && c == self.zero_checksum) {
+            let shared = ca.was.is_some() && ca.was == cb.was;
+            if shared || a != b || (self.use_zero_pages && a.iter().all(|&x| x == 0)) {
                 break;
             }
-            hashes.push(h);
+            run.hashes.push(ca.hash);
+            run.t_was.push(ca.was);
+            run.o_was.push(cb.was);
         }
-        hashes
+        run
     }
 
     /// `try_to_merge_two_pages`, extended to runs: both runs protected, compared
@@ -1265,18 +1381,18 @@ impl<M: Mem> Core<M> {
         if !self.charge_vmas(2) {
             return false;
         }
-        let mut hashes = self.run_of(t, o, hash);
-        let f0 = match self.frames.alloc_run(&hashes) {
+        let mut run = self.run_of(t, o, hash);
+        let f0 = match self.frames.alloc_run(&run.hashes) {
             Some(f) => f,
             None => {
-                hashes.truncate(1);
+                run.truncate(1);
                 match self.frames.alloc(hash) {
                     Some(f) => f,
                     None => return false,
                 }
             }
         };
-        let n = hashes.len();
+        let n = run.hashes.len();
         let len = n * page;
         let fail = |core: &mut Self, which: &[usize]| {
             for &a in which {
@@ -1315,16 +1431,12 @@ impl<M: Mem> Core<M> {
         let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0).is_ok();
         self.mem.release(t.addr, len, false);
         self.mem.release(o.addr, len, !other_ok);
-        for (i, &h) in hashes.iter().enumerate() {
-            let f = f0 + i as FrameId;
-            self.stable.entry(h).or_default().push(f);
-            let mut sides = vec![t.addr + i * page];
-            if other_ok {
-                sides.push(o.addr + i * page);
-            }
-            for x in sides {
-                self.record_merged(x, f);
-            }
+        for (i, &h) in run.hashes.iter().enumerate() {
+            self.stable.entry(h).or_default().push(f0 + i as FrameId);
+        }
+        self.record_run(t.addr, f0, &run.t_was);
+        if other_ok {
+            self.record_run(o.addr, f0, &run.o_was);
         }
         self.changes += 1;
         if !other_ok {

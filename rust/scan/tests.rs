@@ -457,3 +457,65 @@ fn with_the_vma_budget_low_one_repeated_content_maps_tiles_of_frames() {
         assert!(c.frames().refs(f) <= max);
     }
 }
+
+/// Frames of the pages `[first, first + n)`.
+fn frames_of(c: &Core<FakeMem>, first: usize, n: usize) -> Vec<u32> {
+    let r = c.region_at(BASE).unwrap();
+    (first..first + n).map(|i| r.pages[i].frame).collect()
+}
+
+#[test]
+fn a_page_merged_alone_moves_into_a_copied_run() {
+    // Copy A holds one content twice (pages 2 and 5): the first merging scan merges
+    // them alone before copy B is reached. B's run over A takes both in: one mapping
+    // per copy, the lone frame freed.
+    let n = 8;
+    let mut c = core_with(2 * n + 1);
+    for copy in [0, n + 1] {
+        for i in 0..n {
+            let b = if i == 5 { 12 } else { 10 + i as u8 };
+            fill(&mut c, copy + i, b);
+        }
+    }
+    fill(&mut c, n, 1);
+    c.advise(BASE, BASE + (2 * n + 1) * PG);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (8, 8), "{k:?}");
+    let a = frames_of(&c, 0, n);
+    assert!(a.windows(2).all(|w| w[1] == w[0] + 1), "{a:?}");
+    assert_eq!(frames_of(&c, n + 1, n), a);
+    assert_eq!(c.vmas_added(), 2);
+    assert_eq!(c.mem.frames_held(), 8, "the lone frame is given back");
+    c.check_invariants();
+    for copy in [0, n + 1] {
+        for i in 0..n {
+            let b = if i == 5 { 12 } else { 10 + i as u8 };
+            assert_eq!(c.mem.read_page(BASE + (copy + i) * PG), vec![b; PG]);
+        }
+    }
+}
+
+#[test]
+fn a_page_in_a_run_stays_there() {
+    // A and B are merged as one run; C matches B's first half only, then its own
+    // content, then B's second half again. C's runs must not pull B's pages out of
+    // their run (which would split it and leave A alone on its frames).
+    let n = 8;
+    let mut c = core_with(3 * (n + 1));
+    for copy in 0..3 {
+        for i in 0..n {
+            fill(&mut c, copy * (n + 1) + i, 10 + i as u8);
+        }
+        fill(&mut c, copy * (n + 1) + n, 1 + copy as u8);
+    }
+    fill(&mut c, 2 * (n + 1) + 4, 99);
+    c.advise(BASE, BASE + 3 * (n + 1) * PG);
+    c.scan_full(2);
+    let a = frames_of(&c, 0, n);
+    assert!(a.windows(2).all(|w| w[1] == w[0] + 1), "{a:?}");
+    assert_eq!(frames_of(&c, n + 1, n), a, "B stays on A's frames");
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (8, 15), "{k:?}");
+    c.check_invariants();
+}
