@@ -179,8 +179,15 @@ impl Mem for ChildMem {
     fn release(&mut self, addr: usize, len: usize, unprotect: bool) {
         self.fake.release(addr, len, unprotect)
     }
-    fn map_frames(&mut self, addr: usize, n: usize, prot: i32, f0: FrameId) -> io::Result<()> {
-        self.fake.map_frames(addr, n, prot, f0)?;
+    fn map_frames(
+        &mut self,
+        addr: usize,
+        n: usize,
+        prot: i32,
+        f0: FrameId,
+        covered: &[(usize, Vec<u8>)],
+    ) -> io::Result<()> {
+        self.fake.map_frames(addr, n, prot, f0, covered)?;
         let page = self.fake.page_size();
         for i in 0..n {
             self.mapped.insert(addr + i * page, f0 + i as FrameId);
@@ -344,10 +351,17 @@ impl Harness {
         (p.state, p.frame, p.advised())
     }
 
+    /// Whether the page's record says it is in a pool mapping: covered (`IN_POOL`).
+    fn in_pool(&self, addr: usize) -> bool {
+        let r = self.core.region_at(addr).expect("tracked page");
+        r.pages[(addr - r.start) / self.page].in_pool().is_some()
+    }
+
+    /// Whether unmerging `[start, end)` has pages to move: merged or covered ones.
     fn any_stable(&self, start: usize, end: usize) -> bool {
         self.pages_in(start, end)
             .iter()
-            .any(|&(_, _, a)| self.rec_state(a).0 == State::Stable)
+            .any(|&(_, _, a)| self.rec_state(a).0 == State::Stable || self.in_pool(a))
     }
 
     fn write(&mut self, ri: usize, pi: usize, off: usize, data: &[u8]) {
@@ -411,6 +425,7 @@ impl Harness {
                             !self.core.mem.fake.maps_frame(a),
                             "unadvised page still merged"
                         );
+                        assert!(!self.in_pool(a), "unadvised page still covered");
                         assert_eq!(
                             self.rec_state(a).0,
                             State::Untracked,
@@ -434,6 +449,7 @@ impl Harness {
                     for (_, _, a) in self.pages_in(s, e) {
                         assert!(!self.core.mem.fake.maps_frame(a), "page still merged");
                         assert_ne!(self.rec_state(a).0, State::Stable, "page still stable");
+                        assert!(!self.in_pool(a), "page still covered");
                     }
                 }
             }
@@ -448,6 +464,7 @@ impl Harness {
                     for (_, _, a) in self.pages_in(0, usize::MAX) {
                         assert!(!self.core.mem.fake.maps_frame(a), "page still merged");
                         assert_eq!(self.rec_state(a).0, State::Untracked);
+                        assert!(!self.in_pool(a), "page still covered");
                     }
                 }
             }

@@ -347,8 +347,15 @@ impl Engine {
             }
             // The merged pages read zeros now, or what was written since (the fault
             // thread fills them): copy that into anonymous pages of their own.
-            if pending || st.core.unmerge_range(start, end).is_ok() {
-                EVENTS.lock().clear_removed(start, end);
+            if pending || st.core.unmerge_discarded(start, end).is_ok() {
+                // Covered pages stay where they are (see `unmerge_discarded`), so their
+                // minor faults must go on being answered with zeros: until they map
+                // something anew (`map_frames` forgets the mark then).
+                let mut log = EVENTS.lock();
+                log.clear_removed(start, end);
+                for (s, e) in st.core.covered_ranges(start, end) {
+                    log.add_removed(s, e);
+                }
             } else {
                 st.discarded.push((start, end, seen));
             }
@@ -1078,7 +1085,7 @@ fn fault_loop(u: &Uffd, stop: &AtomicBool) {
                 Msg::Remove { start, end } => {
                     let (s, e) = (start as usize, end as usize);
                     if !own_event_or_disturb(&mut open, s, e) {
-                        log.removed.push((s, e));
+                        log.add_removed(s, e);
                         log.queue.push(Event::Removed { start: s, end: e });
                     }
                 }
@@ -1147,13 +1154,16 @@ fn fork_child() {
             // Counters start from zero in the child, as the kernel's do; pages that map
             // the parent's frames stay known, for MADV_UNMERGEABLE.
             // The zero pages stay counted, as the kernel adds the child's inherited ones.
+            // A private copy inside a pool mapping (`IN_POOL`) sits in a mapping of the
+            // parent's pool too: unmerged (moved to anonymous memory) as inherited pages are.
             let state = match p.state {
                 crate::region::State::Stable => crate::region::State::Inherited,
                 crate::region::State::Zero => crate::region::State::Zero,
+                _ if p.in_pool().is_some() => crate::region::State::Inherited,
                 _ => crate::region::State::Untracked,
             };
             *p = crate::region::PageRec {
-                flags: p.flags,
+                flags: p.flags & !crate::region::IN_POOL,
                 state,
                 ..Default::default()
             };

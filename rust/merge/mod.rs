@@ -148,6 +148,20 @@ impl EventLog {
             Event::Removed { .. } => false,
         })
     }
+    /// Record `[s, e)` as discarded, merged with the ranges it touches (so that a
+    /// range discarded again and again is kept once).
+    pub fn add_removed(&mut self, s: usize, e: usize) {
+        let (mut s, mut e) = (s, e);
+        self.removed.retain(|&(rs, re)| {
+            let touches = rs <= e && s <= re;
+            if touches {
+                (s, e) = (s.min(rs), e.max(re));
+            }
+            !touches
+        });
+        self.removed.push((s, e));
+    }
+
     /// Forget `[s, e)` as discarded: its merged pages were given pages of their own,
     /// or it maps frames anew (which must never be answered with zeros).
     pub fn clear_removed(&mut self, s: usize, e: usize) {
@@ -466,20 +480,47 @@ impl Mem for Os {
         }
     }
 
-    fn map_frames(&mut self, addr: usize, n: usize, prot: i32, f0: FrameId) -> io::Result<()> {
+    fn map_frames(
+        &mut self,
+        addr: usize,
+        n: usize,
+        prot: i32,
+        f0: FrameId,
+        covered: &[(usize, Vec<u8>)],
+    ) -> io::Result<()> {
+        let page = self.page;
         let w = self
             .open
             .get(&addr)
-            .filter(|w| w.len() == n * self.page)
+            .filter(|w| w.len() == n * page)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         let pool = self
             .pool
             .as_ref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // With covered pages, the run is assembled aside (the frames, with private
+        // copies of the covered pages' own bytes written in) and moved over the window
+        // in one step: at no moment does a covered page show another page's bytes.
+        let scratch = if covered.is_empty() {
+            None
+        } else {
+            let s = Mapping::file_private(pool.fd(), pool.offset(f0), n * page)?;
+            let _ = mman::populate_read(s.addr(), s.len());
+            for (i, bytes) in covered {
+                s.copy_in(i * page, bytes);
+            }
+            if prot != libc::PROT_READ | libc::PROT_WRITE {
+                mman::protect_owned(&s, prot)?;
+            }
+            Some(s)
+        };
         if !self.windows.begin_own(addr) {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
-        let r = mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f0));
+        let r = match scratch {
+            None => mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f0)),
+            Some(s) => mman::move_over(s, w),
+        };
         self.windows.end_own(addr, self.events);
         r?;
         // Pages discarded before are merged anew: a minor fault there maps the frame.

@@ -118,6 +118,25 @@ impl FrameTable {
         Some(first)
     }
 
+    /// Frame `f` itself, if it is free (merging pages in place where their mapping
+    /// already covers that offset keeps the mapping whole).
+    pub fn alloc_at(&mut self, f: FrameId, hash: u64) -> Option<FrameId> {
+        if !self.free.remove(&f) {
+            return None;
+        }
+        let i = f as usize;
+        self.refs[i] = 0;
+        self.hash[i] = hash;
+        self.born[i] = self.fork_epoch;
+        self.live += 1;
+        Some(f)
+    }
+
+    /// Whether `f` is handed out now (referenced, being merged, deferred or suspect).
+    pub fn is_live(&self, f: FrameId) -> bool {
+        self.exists(f) && !self.free.contains(&f)
+    }
+
     /// Whether `f` was ever handed out (its counts can be asked for).
     pub fn exists(&self, f: FrameId) -> bool {
         (f as usize) < self.refs.len()

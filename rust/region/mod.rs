@@ -16,7 +16,8 @@ pub mod maps;
 pub struct PageRec {
     /// Checksum at the previous visit (volatility check).
     pub checksum: u32,
-    /// The frame this page maps while `Stable`.
+    /// The frame this page maps while `Stable`; with `IN_POOL`, the frame offset its
+    /// mapping covers.
     pub frame: u32,
     /// Full-scan sequence number at which the page entered the unstable index.
     pub seq: u32,
@@ -29,6 +30,11 @@ pub struct PageRec {
 }
 
 pub const ADVISED: u8 = 1;
+/// The page is a private copy of its own bytes inside a mapping of the frame pool,
+/// at the offset of frame `frame` (not a reference to it): a merged run covered it
+/// so that the run stays one mapping, or it was written after merging. Such a page
+/// is unmerged in every other way (its state says where it is in the algorithm).
+pub const IN_POOL: u8 = 1 << 4;
 
 /// The page's place in the algorithm (kernel: no rmap_item / in no tree /
 /// unstable tree / stable tree).
@@ -63,6 +69,11 @@ const PROT_BITS: u8 = 0b111 << PROT_SHIFT;
 impl PageRec {
     pub fn advised(&self) -> bool {
         self.flags & ADVISED != 0
+    }
+
+    /// The frame offset its mapping covers, for a private copy inside a pool mapping.
+    pub fn in_pool(&self) -> Option<u32> {
+        (self.flags & IN_POOL != 0).then_some(self.frame)
     }
 
     pub fn prot(&self) -> i32 {

@@ -188,27 +188,41 @@ impl Mem for FakeMem {
         Ok(())
     }
 
-    fn map_frames(&mut self, addr: usize, n: usize, _prot: i32, f0: FrameId) -> io::Result<()> {
+    fn map_frames(
+        &mut self,
+        addr: usize,
+        n: usize,
+        _prot: i32,
+        f0: FrameId,
+        covered: &[(usize, Vec<u8>)],
+    ) -> io::Result<()> {
         for i in 0..n {
             let (a, f) = (addr + i * self.page, f0 + i as FrameId);
             assert!(
                 self.protected.contains(&a),
                 "remap outside the merge window"
             );
-            assert_eq!(
-                self.read_page(a),
-                self.frames[&f],
-                "remap would change contents"
-            );
+            match covered.iter().find(|(k, _)| *k == i) {
+                Some((_, bytes)) => assert_eq!(&self.read_page(a), bytes, "covered page changed"),
+                None => assert_eq!(
+                    self.read_page(a),
+                    self.frames[&f],
+                    "remap would change contents"
+                ),
+            }
         }
         if self.fail_map {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
-        // The Os populates a new mapping's PTEs at once (read faults, no copy).
+        // The Os populates a new mapping's PTEs at once (read faults, no copy); a
+        // covered page is a private copy of its own bytes.
         for i in 0..n {
             let f = f0 + i as FrameId;
-            self.pages
-                .insert(addr + i * self.page, Backing::Frame { f, faulted: true });
+            let b = match covered.iter().find(|(k, _)| *k == i) {
+                Some((_, bytes)) => Backing::Anon(bytes.clone()),
+                None => Backing::Frame { f, faulted: true },
+            };
+            self.pages.insert(addr + i * self.page, b);
         }
         Ok(())
     }

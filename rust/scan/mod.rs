@@ -26,7 +26,7 @@ use std::io;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::pool::{FrameId, FrameTable, Release};
-use crate::region::{PageRec, Region, State, ADVISED};
+use crate::region::{PageRec, Region, State, ADVISED, IN_POOL};
 
 /// What pagemap says about a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +59,17 @@ pub trait Mem {
     /// End the merge window: unprotect (if `unprotect`) and always wake waiters.
     fn release(&mut self, addr: usize, len: usize, unprotect: bool);
     /// Map frames `f0..f0+npages` privately over the (protected) pages from `addr`,
-    /// with one mapping (so a run of merged pages is one VMA).
-    fn map_frames(&mut self, addr: usize, npages: usize, prot: i32, f0: FrameId) -> io::Result<()>;
+    /// with one mapping (so a run of merged pages is one VMA). The pages `covered`
+    /// names (index in the run, and their bytes now) keep their own bytes as private
+    /// copies inside that mapping.
+    fn map_frames(
+        &mut self,
+        addr: usize,
+        npages: usize,
+        prot: i32,
+        f0: FrameId,
+        covered: &[(usize, Vec<u8>)],
+    ) -> io::Result<()>;
     /// Drop the (protected, anonymous, all-zero) page at `addr` (`MADV_DONTNEED`):
     /// it reads zeros from the kernel's zero page afterwards, holding no memory.
     fn zap(&mut self, addr: usize) -> io::Result<()>;
@@ -159,6 +168,10 @@ fn skip_age(age: u8) -> u8 {
 
 /// Most pages merged as one run (one mapping per side).
 const MAX_RUN: usize = 512;
+/// Pages merged in runs shorter than this move into a longer run that reaches them.
+const MAX_REHOME: usize = 16;
+/// Most consecutive pages a run covers (see `Slot::Cover`); a run never ends with one.
+const MAX_COVER: usize = 2;
 /// Fewest pages of one repeated content worth a tile of frames of their own.
 const MIN_TILE: usize = 8;
 /// Tiles are used once fewer VMAs than this are left in the budget (an eighth of
@@ -173,19 +186,39 @@ struct Target {
     prot: i32,
 }
 
+/// One page of a run that merges with one mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// It maps the run's frame; the frame it maps now if it is merged already.
+    Join(Option<FrameId>),
+    /// Its bytes differ from the frame's: it keeps them, as a private copy inside the
+    /// run's mapping (`IN_POOL`), so that the run stays one mapping.
+    Cover,
+}
+
 /// Pairs of pages that merge as one run (see `Core::run_of`): per pair, the index
-/// hash of its bytes and the frame each side maps now if it is merged already.
+/// hash of its bytes (unused where covered) and each side's slot.
 struct PairRun {
     hashes: Vec<u64>,
-    t_was: Vec<Option<FrameId>>,
-    o_was: Vec<Option<FrameId>>,
+    t: Vec<Slot>,
+    o: Vec<Slot>,
 }
 
 impl PairRun {
+    fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    fn push(&mut self, hash: u64, t: Slot, o: Slot) {
+        self.hashes.push(hash);
+        self.t.push(t);
+        self.o.push(o);
+    }
+
     fn truncate(&mut self, n: usize) {
         self.hashes.truncate(n);
-        self.t_was.truncate(n);
-        self.o_was.truncate(n);
+        self.t.truncate(n);
+        self.o.truncate(n);
     }
 }
 
@@ -372,8 +405,23 @@ impl<M: Mem> Core<M> {
         Ok(())
     }
 
-    /// Unmerge every merged page of `[start, end)`, keeping the advice (`run = 2` does this everywhere).
+    /// Unmerge every merged page of `[start, end)`, keeping the advice (`run = 2` does
+    /// this everywhere). Covered pages (see `IN_POOL`) move to anonymous memory too, so
+    /// that unmerged memory maps no frame pool at all.
     pub fn unmerge_range(&mut self, start: usize, end: usize) -> io::Result<()> {
+        self.unmerge_pages(start, end, true)
+    }
+
+    /// Unmerge the merged pages of `[start, end)` after the application discarded the
+    /// range (`MADV_DONTNEED`), once the discard has zapped them. Covered pages stay:
+    /// whether one was zapped yet cannot be told from whether it was written since,
+    /// and in place it reads right either way (zeros through the fault thread, or what
+    /// was written).
+    pub fn unmerge_discarded(&mut self, start: usize, end: usize) -> io::Result<()> {
+        self.unmerge_pages(start, end, false)
+    }
+
+    fn unmerge_pages(&mut self, start: usize, end: usize, covered: bool) -> io::Result<()> {
         let page = self.page;
         // Zero pages read the kernel's zero page, as never-written anonymous memory
         // does: a private page of zeros in every way that matters, with nothing to copy.
@@ -388,7 +436,9 @@ impl<M: Mem> Core<M> {
         }
         let mut runs: Vec<(usize, usize, i32, bool)> = Vec::new();
         for (addr, rec) in self.pages_in(start, end) {
-            if !matches!(rec.state, State::Stable | State::Inherited) {
+            let merged = matches!(rec.state, State::Stable | State::Inherited);
+            let in_pool = covered && rec.in_pool().is_some();
+            if !(merged || in_pool) {
                 continue;
             }
             let r = self.region_at(addr).expect("tracked");
@@ -408,6 +458,7 @@ impl<M: Mem> Core<M> {
             self.mem.unmerge_run(addr, len, prot, owned)?;
             for a in (addr..addr + len).step_by(page) {
                 self.forget(a);
+                self.rec_mut(a).flags &= !IN_POOL;
             }
             self.settled = false;
         }
@@ -425,10 +476,28 @@ impl<M: Mem> Core<M> {
         self.advised
     }
 
-    /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the parent's).
+    /// The ranges of `[start, end)` whose pages are covered (see `IN_POOL`), merged.
+    pub fn covered_ranges(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
+        let page = self.page;
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (a, _) in self
+            .pages_in(start, end)
+            .filter(|(_, r)| r.in_pool().is_some())
+        {
+            match out.last_mut() {
+                Some(last) if last.1 == a => last.1 = a + page,
+                _ => out.push((a, a + page)),
+            }
+        }
+        out
+    }
+
+    /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the
+    /// parent's), or sits in a mapping of one as a covered page.
     pub fn has_merged_pages(&self, start: usize, end: usize) -> bool {
-        self.pages_in(start, end)
-            .any(|(_, r)| matches!(r.state, State::Stable | State::Inherited))
+        self.pages_in(start, end).any(|(_, r)| {
+            matches!(r.state, State::Stable | State::Inherited) || r.in_pool().is_some()
+        })
     }
 
     /// `run = 2`: unmerge everything, forget every record, reset `full_scans`.
@@ -502,9 +571,10 @@ impl<M: Mem> Core<M> {
         }
         self.counters.rmap_items -= 1;
         let r = self.rec_mut(addr);
-        let flags = r.flags;
         *r = PageRec {
-            flags,
+            flags: r.flags,
+            // Where its mapping still covers a frame offset (see `IN_POOL`).
+            frame: r.in_pool().unwrap_or(0),
             ..PageRec::default()
         };
     }
@@ -1008,6 +1078,7 @@ impl<M: Mem> Core<M> {
         let was_unstable = r.state == State::Unstable;
         r.state = State::Stable;
         r.frame = f;
+        r.flags &= !IN_POOL;
         (r.age, r.skips) = (0, 0);
         if was_unstable {
             self.counters.pages_unshared -= 1;
@@ -1036,7 +1107,7 @@ impl<M: Mem> Core<M> {
         }
         let was = match rec.state {
             State::Volatile | State::Unstable => None,
-            State::Stable if merged && self.merged_alone(x, rec.frame) => Some(rec.frame),
+            State::Stable if merged && self.in_short_run(x, rec.frame) => Some(rec.frame),
             _ => return None,
         };
         let mut pres = [Presence::Absent];
@@ -1060,11 +1131,11 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// Whether the page at `x`, merged on frame `g`, is merged alone: no neighbour
-    /// continues its mapping (the page before on `g - 1`, the page after on `g + 1`).
-    /// Only such a page moves into another run: taking one out of a run would split
-    /// that run and leave its frames shared by fewer pages.
-    fn merged_alone(&self, x: usize, g: FrameId) -> bool {
+    /// Whether the page at `x`, merged on frame `g`, is in a short run: fewer than
+    /// `MAX_REHOME` pages around it map the frames around `g` (one mapping). Only such
+    /// a page moves into another run: a longer run is worth more whole, and taking a
+    /// page out of it would split it and leave its frames shared by fewer pages.
+    fn in_short_run(&self, x: usize, g: FrameId) -> bool {
         let page = self.page;
         let Some(r) = self.region_at(x) else {
             return false;
@@ -1077,37 +1148,63 @@ impl<M: Mem> Core<M> {
                         .is_some_and(|p| p.state == State::Stable && p.frame == w)
             })
         };
-        !on(x.wrapping_sub(page), g.checked_sub(1)) && !on(x + page, g.checked_add(1))
+        let mut len = 1;
+        while len < MAX_REHOME && on(x.wrapping_sub(len * page), g.checked_sub(len as FrameId)) {
+            len += 1;
+        }
+        let mut k = 1;
+        while len < MAX_REHOME && on(x + k * page, g.checked_add(k as FrameId)) {
+            len += 1;
+            k += 1;
+        }
+        len < MAX_REHOME
     }
 
     /// The pages from `t` that can map frames `f, f+1, …` as one run (at least `t`,
-    /// which matched `f`), each with the frame it maps now if it is merged already:
-    /// the following pages qualify (see `run_candidate`) while equal to the next
-    /// frame, which must be in use with room left.
-    fn stable_run_of(&mut self, t: Target, f: FrameId) -> Vec<Option<FrameId>> {
+    /// which matched `f`): the following pages qualify (see `run_candidate`) while
+    /// equal to the next frame, which must be in use with room left; a page that
+    /// differs between pages that qualify is covered (see `can_cover`).
+    fn stable_run_of(&mut self, t: Target, f: FrameId) -> Vec<Slot> {
         let page = self.page;
         let t_end = self.region_at(t.addr).map_or(t.addr, |r| r.end(page));
         let mut a = vec![0u8; page];
-        let mut run = vec![None];
+        let mut run = vec![Slot::Join(None)];
+        let mut pending = 0;
         while run.len() < MAX_RUN {
             let n = run.len();
             let (x, g) = (t.addr + n * page, f + n as FrameId);
-            if x >= t_end
-                || !self.frames.exists(g)
-                || !(1..self.max_page_sharing).contains(&self.frames.refs(g))
-            {
+            if x >= t_end || !self.frames.exists(g) {
                 break;
             }
             let Some(c) = self.run_candidate(x, t, true, &mut a) else {
                 break;
             };
             // Already on this very frame (or on the run's own) is no move worth making.
-            if c.was.is_some_and(|w| (f..=g).contains(&w)) || self.mem.frame(g) != &a[..] {
+            if c.was.is_some_and(|w| (f..=g).contains(&w)) {
                 break;
             }
-            run.push(c.was);
+            if (1..self.max_page_sharing).contains(&self.frames.refs(g))
+                && self.mem.frame(g) == &a[..]
+            {
+                run.push(Slot::Join(c.was));
+                pending = 0;
+            } else if c.was.is_none() && pending < MAX_COVER && self.can_cover(t, &a) {
+                run.push(Slot::Cover);
+                pending += 1;
+            } else {
+                break;
+            }
         }
+        run.truncate(run.len() - pending);
         run
+    }
+
+    /// Whether a page of run `t` with bytes `a` may be covered (see `Slot::Cover`):
+    /// read-write memory only (a covered page's copy is written into the mapping before
+    /// it is moved in place), and not a page of zeros that `use_zero_pages` would drop.
+    fn can_cover(&self, t: Target, a: &[u8]) -> bool {
+        t.prot == libc::PROT_READ | libc::PROT_WRITE
+            && !(self.use_zero_pages && a.iter().all(|&x| x == 0))
     }
 
     /// How many pages from `t` (at least `t`, which matched) hold the bytes of frame
@@ -1132,12 +1229,7 @@ impl<M: Mem> Core<M> {
 
     /// A tile of this content with room (frames `g, g+1, …` holding the same bytes)
     /// that a run of pages from `t` can map, with the run's length.
-    fn tile_for(
-        &mut self,
-        t: Target,
-        f: FrameId,
-        hash: u64,
-    ) -> Option<(FrameId, Vec<Option<FrameId>>)> {
+    fn tile_for(&mut self, t: Target, f: FrameId, hash: u64) -> Option<(FrameId, Vec<Slot>)> {
         let max = self.max_page_sharing;
         let room = |core: &Self, g: FrameId| {
             core.frames.exists(g)
@@ -1156,7 +1248,7 @@ impl<M: Mem> Core<M> {
                 continue;
             }
             let run = self.stable_run_of(t, g);
-            if run.len() >= 2 {
+            if run.len() >= 2 && run.iter().all(|&s| s != Slot::Cover) {
                 return Some((g, run));
             }
         }
@@ -1196,7 +1288,7 @@ impl<M: Mem> Core<M> {
         let same = (0..n)
             .all(|i| self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok() && cur == content);
         self.buf2 = cur;
-        if !same || self.mem.map_frames(t.addr, n, t.prot, g0).is_err() {
+        if !same || self.mem.map_frames(t.addr, n, t.prot, g0, &[]).is_err() {
             return fail(self, true);
         }
         self.mem.release(t.addr, len, false);
@@ -1239,15 +1331,19 @@ impl<M: Mem> Core<M> {
         }
         let mut cur = std::mem::take(&mut self.buf2);
         let mut same = true;
-        for i in 0..n {
-            same = self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok()
-                && self.mem.frame(f + i as FrameId) == &cur[..];
+        let mut covered = Vec::new();
+        for (i, &slot) in run.iter().enumerate() {
+            same = self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok();
+            match slot {
+                Slot::Join(_) => same &= self.mem.frame(f + i as FrameId) == &cur[..],
+                Slot::Cover => covered.push((i, cur.clone())),
+            }
             if !same {
                 break;
             }
         }
         self.buf2 = cur;
-        if !same || self.mem.map_frames(t.addr, n, t.prot, f).is_err() {
+        if !same || self.mem.map_frames(t.addr, n, t.prot, f, &covered).is_err() {
             self.mem.release(t.addr, len, true);
             self.counters.merge_failures += 1;
             return false;
@@ -1258,15 +1354,30 @@ impl<M: Mem> Core<M> {
         true
     }
 
-    /// The pages from `start` map frames `f0, f0+1, …` now; `was` holds, per page, the
-    /// frame it mapped before if it was merged already. New references are taken
-    /// before old ones are dropped, so that no frame of the run is freed on the way.
-    fn record_run(&mut self, start: usize, f0: FrameId, was: &[Option<FrameId>]) {
-        for i in 0..was.len() {
-            self.record_merged(start + i * self.page, f0 + i as FrameId);
+    /// The pages from `start` map frames `f0, f0+1, …` now, or cover them (see
+    /// `Slot`). New references are taken before old ones are dropped, so that no
+    /// frame of the run is freed on the way. A covered offset whose frame is free is
+    /// punched: assembling the run may have given that hole memory.
+    fn record_run(&mut self, start: usize, f0: FrameId, run: &[Slot]) {
+        for (i, &slot) in run.iter().enumerate() {
+            let (a, g) = (start + i * self.page, f0 + i as FrameId);
+            match slot {
+                Slot::Join(_) => self.record_merged(a, g),
+                Slot::Cover => {
+                    let r = self.rec_mut(a);
+                    r.flags |= IN_POOL;
+                    r.frame = g;
+                }
+            }
         }
-        for &g in was.iter().flatten() {
-            self.drop_frame_ref(g);
+        for (i, &slot) in run.iter().enumerate() {
+            match slot {
+                Slot::Join(Some(old)) => self.drop_frame_ref(old),
+                Slot::Cover if !self.frames.is_live(f0 + i as FrameId) => {
+                    let _ = self.mem.punch(f0 + i as FrameId);
+                }
+                Slot::Join(None) | Slot::Cover => {}
+            }
         }
     }
 
@@ -1294,6 +1405,10 @@ impl<M: Mem> Core<M> {
     /// drop it (it reads the kernel's zero page from then on), unprotect.
     fn merge_zero(&mut self, t: Target) -> bool {
         let page = self.page;
+        // Dropping a page inside a pool mapping would bring the frame's bytes back.
+        if self.rec(t.addr).is_some_and(|r| r.in_pool().is_some()) {
+            return false;
+        }
         if self.mem.protect(t.addr, page).is_err() {
             self.mem.release(t.addr, page, true);
             self.counters.merge_failures += 1;
@@ -1325,13 +1440,15 @@ impl<M: Mem> Core<M> {
     /// found equal) that can merge as one run: the following pairs qualify while both
     /// pages can join a run (see `run_candidate`: a page merged already moves into the
     /// run), are equal byte for byte, the two runs do not overlap and do not map one
-    /// frame already. Pages of all zeros stop a run when `use_zero_pages` is on.
+    /// frame already; a pair of unmerged pages that differ between pairs that qualify
+    /// is covered on both sides (see `can_cover`). Pages of all zeros stop a run when
+    /// `use_zero_pages` is on.
     fn run_of(&mut self, t: Target, o: Target, hash: u64) -> PairRun {
         let page = self.page;
         let mut run = PairRun {
             hashes: vec![hash],
-            t_was: vec![None],
-            o_was: vec![None],
+            t: vec![Slot::Join(None)],
+            o: vec![Slot::Join(None)],
         };
         let bounds = |core: &Self, a: usize| {
             core.region_at(a)
@@ -1341,8 +1458,9 @@ impl<M: Mem> Core<M> {
         let ((_, t_end), (_, o_end)) = (bounds(self, t.addr), bounds(self, o.addr));
         let dist = t.addr.abs_diff(o.addr);
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
-        while run.hashes.len() < MAX_RUN {
-            let n = run.hashes.len();
+        let mut pending = 0;
+        while run.len() < MAX_RUN {
+            let n = run.len();
             let (ta, oa) = (t.addr + n * page, o.addr + n * page);
             if ta >= t_end || oa >= o_end || (n + 1) * page > dist {
                 break;
@@ -1354,14 +1472,35 @@ impl<M: Mem> Core<M> {
                 break;
             };
             let shared = ca.was.is_some() && ca.was == cb.was;
-            if shared || a != b || (self.use_zero_pages && a.iter().all(|&x| x == 0)) {
+            if shared || (self.use_zero_pages && a.iter().all(|&x| x == 0)) {
                 break;
             }
-            run.hashes.push(ca.hash);
-            run.t_was.push(ca.was);
-            run.o_was.push(cb.was);
+            if a == b {
+                run.push(ca.hash, Slot::Join(ca.was), Slot::Join(cb.was));
+                pending = 0;
+            } else if ca.was.is_none()
+                && cb.was.is_none()
+                && pending < MAX_COVER
+                && self.can_cover(t, &a)
+                && self.can_cover(o, &b)
+            {
+                run.push(0, Slot::Cover, Slot::Cover);
+                pending += 1;
+            } else {
+                break;
+            }
         }
+        run.truncate(run.len() - pending);
         run
+    }
+
+    /// The frame where `t` and `o` can merge in place: both are private copies inside
+    /// pool mappings covering the same free frame (see `Slot::Cover`), so mapping that
+    /// frame keeps both mappings whole.
+    fn frame_in_place(&self, t: usize, o: usize) -> Option<FrameId> {
+        let g = self.rec(t)?.in_pool()?;
+        (self.rec(o)?.in_pool() == Some(g) && self.frames.exists(g) && !self.frames.is_live(g))
+            .then_some(g)
     }
 
     /// `try_to_merge_two_pages`, extended to runs: both runs protected, compared
@@ -1382,7 +1521,15 @@ impl<M: Mem> Core<M> {
             return false;
         }
         let mut run = self.run_of(t, o, hash);
-        let f0 = match self.frames.alloc_run(&run.hashes) {
+        let in_place = match run.len() {
+            1 => self.frame_in_place(t.addr, o.addr),
+            _ => None,
+        };
+        let allocated = match in_place {
+            Some(g) => self.frames.alloc_at(g, hash),
+            None => self.frames.alloc_run(&run.hashes),
+        };
+        let f0 = match allocated {
             Some(f) => f,
             None => {
                 run.truncate(1);
@@ -1392,7 +1539,7 @@ impl<M: Mem> Core<M> {
                 }
             }
         };
-        let n = run.hashes.len();
+        let n = run.len();
         let len = n * page;
         let fail = |core: &mut Self, which: &[usize]| {
             for &a in which {
@@ -1414,29 +1561,40 @@ impl<M: Mem> Core<M> {
         }
         // Read both runs again now that neither can change, and fill the frames.
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
+        let (mut t_cov, mut o_cov) = (Vec::new(), Vec::new());
         let mut written = true;
         for i in 0..n {
             let (ta, oa) = (t.addr + i * page, o.addr + i * page);
             written = self.mem.read(ta, t.owned, &mut a).is_ok()
-                && self.mem.read(oa, o.owned, &mut b).is_ok()
-                && a == b
-                && self.mem.write_frame(f0 + i as FrameId, &a).is_ok();
+                && self.mem.read(oa, o.owned, &mut b).is_ok();
+            if run.t[i] == Slot::Cover {
+                t_cov.push((i, a.clone()));
+                o_cov.push((i, b.clone()));
+            } else {
+                written = written && a == b && self.mem.write_frame(f0 + i as FrameId, &a).is_ok();
+            }
             if !written {
                 break;
             }
         }
-        if !written || self.mem.map_frames(t.addr, n, t.prot, f0).is_err() {
+        if !written || self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov).is_err() {
             return fail(self, &[t.addr, o.addr]);
         }
-        let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0).is_ok();
+        let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov).is_ok();
         self.mem.release(t.addr, len, false);
         self.mem.release(o.addr, len, !other_ok);
         for (i, &h) in run.hashes.iter().enumerate() {
-            self.stable.entry(h).or_default().push(f0 + i as FrameId);
+            let f = f0 + i as FrameId;
+            if run.t[i] == Slot::Cover {
+                // Covered on both sides: the frame holds nothing anyone maps.
+                self.frames.discard(f);
+            } else {
+                self.stable.entry(h).or_default().push(f);
+            }
         }
-        self.record_run(t.addr, f0, &run.t_was);
+        self.record_run(t.addr, f0, &run.t);
         if other_ok {
-            self.record_run(o.addr, f0, &run.o_was);
+            self.record_run(o.addr, f0, &run.o);
         }
         self.changes += 1;
         if !other_ok {
@@ -1463,13 +1621,17 @@ impl<M: Mem> Core<M> {
         let mut total = 0u64;
         for r in self.regions.values() {
             let mut pieces = 0u64;
-            let mut prev: Option<(bool, u32)> = None;
+            let mut prev: Option<Option<u32>> = None;
             for p in &r.pages {
-                let cur = (p.state == State::Stable, p.frame);
+                // The frame offset its mapping covers, if it is in a pool mapping.
+                let cur = match p.state {
+                    State::Stable => Some(p.frame),
+                    _ => p.in_pool(),
+                };
                 let same_piece = match prev {
                     None => false,
-                    Some((false, _)) => !cur.0,
-                    Some((true, f)) => cur.0 && cur.1 == f.wrapping_add(1),
+                    Some(None) => cur.is_none(),
+                    Some(Some(f)) => cur == Some(f.wrapping_add(1)),
                 };
                 if !same_piece {
                     pieces += 1;

@@ -519,3 +519,116 @@ fn a_page_in_a_run_stays_there() {
     assert_eq!((k.pages_shared, k.pages_sharing), (8, 15), "{k:?}");
     c.check_invariants();
 }
+
+#[test]
+fn a_page_that_differs_inside_a_copied_run_is_covered_and_keeps_its_bytes() {
+    // B is A with page 7 changed: the run covers page 7 on both sides (each keeps
+    // its own bytes, privately, inside the run's one mapping) instead of splitting.
+    let n = 16;
+    let mut c = core_with(2 * n + 1);
+    let want = |copy: usize, i: usize| -> Vec<u8> {
+        let mut v = vec![10 + i as u8; PG];
+        if copy == 1 && i == 7 {
+            v[100] = 0xEE;
+        }
+        v
+    };
+    for copy in 0..2 {
+        for i in 0..n {
+            c.mem
+                .write(BASE + (copy * (n + 1) + i) * PG, &want(copy, i));
+        }
+    }
+    fill(&mut c, n, 1);
+    c.advise(BASE, BASE + (2 * n + 1) * PG);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (15, 15), "{k:?}");
+    assert_eq!(c.vmas_added(), 2, "one mapping per copy");
+    let r = c.region_at(BASE).unwrap();
+    let f0 = r.pages[0].frame;
+    for copy in 0..2 {
+        let p = r.pages[copy * (n + 1) + 7];
+        assert_eq!((p.state, p.in_pool()), (State::Unstable, Some(f0 + 7)));
+    }
+    assert_eq!(c.mem.frames_held(), 15, "the covered offset holds no frame");
+    c.check_invariants();
+    let check = |c: &mut Core<FakeMem>, w: &dyn Fn(usize, usize) -> Vec<u8>| {
+        for copy in 0..2 {
+            for i in 0..n {
+                assert_eq!(
+                    c.mem.read_page(BASE + (copy * (n + 1) + i) * PG),
+                    w(copy, i)
+                );
+            }
+        }
+    };
+    check(&mut c, &want);
+    // Writes into a covered page and a merged page, then more scans: still exact.
+    c.mem.write(BASE + 7 * PG + 1, &[0x77]);
+    c.mem.write(BASE + 3 * PG + 2, &[0x33]);
+    c.scan_full(3);
+    c.check_invariants();
+    let want2 = |copy: usize, i: usize| {
+        let mut v = want(copy, i);
+        match (copy, i) {
+            (0, 7) => v[1] = 0x77,
+            (0, 3) => v[2] = 0x33,
+            _ => {}
+        }
+        v
+    };
+    check(&mut c, &want2);
+    // Unmerging leaves no page in a pool mapping.
+    c.unadvise(BASE, BASE + (2 * n + 1) * PG).unwrap();
+    check(&mut c, &want2);
+    let r = c.region_at(BASE).unwrap();
+    assert!(r.pages.iter().all(|p| p.in_pool().is_none()));
+    assert_eq!(c.vmas_added(), 0);
+    c.check_invariants();
+}
+
+#[test]
+fn covered_pages_equal_to_each_other_merge_in_place() {
+    // A's page 5 changed: B and C cover page 5 where A's run has no frame; a later
+    // scan merges B5 and C5 onto that very frame offset, so no mapping splits.
+    let n = 12;
+    let mut c = core_with(3 * (n + 1));
+    for copy in 0..3 {
+        for i in 0..n {
+            let mut v = vec![40 + i as u8; PG];
+            if copy == 0 && i == 5 {
+                v[9] = 0xAB;
+            }
+            c.mem.write(BASE + (copy * (n + 1) + i) * PG, &v);
+        }
+        fill(&mut c, copy * (n + 1) + n, 1 + copy as u8);
+    }
+    c.advise(BASE, BASE + 3 * (n + 1) * PG);
+    c.scan_full(4);
+    let k = c.counters();
+    // Pages 0..n except 5 shared by 3 copies; page 5 by B and C.
+    assert_eq!((k.pages_shared, k.pages_sharing), (12, 23), "{k:?}");
+    assert_eq!(
+        c.vmas_added(),
+        5,
+        "one mapping per copy (and one per separator)"
+    );
+    let r = c.region_at(BASE).unwrap();
+    let f0 = r.pages[0].frame;
+    assert_eq!(r.pages[5].in_pool(), Some(f0 + 5), "A5 stays covered");
+    for copy in 1..3 {
+        let p = r.pages[copy * (n + 1) + 5];
+        assert_eq!((p.state, p.frame), (State::Stable, f0 + 5));
+    }
+    c.check_invariants();
+    for copy in 0..3 {
+        for i in 0..n {
+            let mut v = vec![40 + i as u8; PG];
+            if copy == 0 && i == 5 {
+                v[9] = 0xAB;
+            }
+            assert_eq!(c.mem.read_page(BASE + (copy * (n + 1) + i) * PG), v);
+        }
+    }
+}

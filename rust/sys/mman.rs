@@ -53,6 +53,22 @@ impl Mapping {
         )
     }
 
+    /// A private read-write mapping of `len` bytes of `fd` from `offset`
+    /// (`MAP_PRIVATE`): a run of frames assembled aside before `move_over` puts it in
+    /// place. Writes into it give private copies; the file never changes.
+    pub fn file_private(fd: RawFd, offset: u64, len: usize) -> io::Result<Self> {
+        super::inject::check(super::inject::Point::Anonymous)?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+            fd,
+            off,
+        )
+    }
+
     pub fn addr(&self) -> usize {
         self.addr
     }
@@ -204,7 +220,9 @@ pub fn populate_read(addr: usize, len: usize) -> io::Result<()> {
 }
 
 /// Move `scratch` over the write-protected window `w` (`mremap MAYMOVE|FIXED`):
-/// the unmerge step. `scratch` (a private copy of the window's bytes) is consumed.
+/// the unmerge step, and the merge of a run with covered pages. `scratch` (the
+/// window's bytes: private copies, or frames with the covered pages' own copies
+/// among them) is consumed.
 pub(crate) fn move_over(scratch: Mapping, w: &Window) -> io::Result<()> {
     super::inject::check(super::inject::Point::MoveOver)?;
     if scratch.len != w.len() {
