@@ -318,21 +318,16 @@ impl Os {
         let _ = self.probe(addr, &mut p);
         p[0]
     }
-}
 
-impl Mem for Os {
-    fn page_size(&self) -> usize {
-        self.page
-    }
-
-    fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+    /// `probe`; `file`: tell pages mapping a file (a frame) from anonymous ones.
+    fn probe_with(&mut self, addr: usize, out: &mut [Presence], file: bool) -> io::Result<()> {
         let end = addr + out.len() * self.page;
         let pagemap = self
             .pagemap
             .as_ref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         if self.pagemap_scan {
-            match pagemap.scan(addr, end, &mut self.regions) {
+            match pagemap.scan(addr, end, file, &mut self.regions) {
                 Ok(walk_end) if walk_end == end => {
                     out.fill(Presence::Absent);
                     for r in &self.regions {
@@ -378,6 +373,20 @@ impl Mem for Os {
             };
         }
         Ok(())
+    }
+}
+
+impl Mem for Os {
+    fn page_size(&self) -> usize {
+        self.page
+    }
+
+    fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+        self.probe_with(addr, out, true)
+    }
+
+    fn probe_anonymous(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+        self.probe_with(addr, out, false)
     }
 
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()> {

@@ -20,7 +20,9 @@
 
 pub mod fake;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -46,6 +48,12 @@ pub trait Mem {
     fn page_size(&self) -> usize;
     /// Presence of `out.len()` pages from `addr`.
     fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()>;
+    /// `probe` for pages known to be in anonymous mappings (ksm's own memory where no
+    /// page is merged or covered): any present page is anonymous, which the Os can
+    /// tell far more cheaply.
+    fn probe_anonymous(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+        self.probe(addr, out)
+    }
     /// Copy one page (fault-safely unless `owned`).
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()>;
     fn frame(&self, f: FrameId) -> &[u8];
@@ -121,8 +129,13 @@ pub struct Core<M: Mem> {
     page: usize,
     regions: BTreeMap<usize, Region>,
     frames: FrameTable,
-    stable: HashMap<u64, Vec<FrameId>>,
-    unstable: HashMap<u64, Vec<usize>>,
+    stable: ByHash<Vec<FrameId>>,
+    /// The unstable index: per hash, the first page entered this full scan, and in
+    /// `unstable_more` the others (a content seen again that could not merge, or a
+    /// hash shared by other bytes): one word per page in the common case, no
+    /// allocation per page.
+    unstable: ByHash<usize>,
+    unstable_more: ByHash<Vec<usize>>,
     /// Next address to visit; `None` = at the start of a full scan.
     cursor: Option<usize>,
     seq: u32,
@@ -177,6 +190,27 @@ const MIN_TILE: usize = 8;
 /// Tiles are used once fewer VMAs than this are left in the budget (an eighth of
 /// the default budget of `vm.max_map_count` 65530 / 2).
 const TILE_BELOW_ALLOWANCE: u64 = 4096;
+
+/// Maps keyed by a content hash (xxh3, already uniform): the key is its own hash.
+type ByHash<V> = HashMap<u64, V, BuildHasherDefault<KeyIsHash>>;
+
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else still spreads.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// A page's identity in the scan: its address and its region's properties.
 #[derive(Clone, Copy)]
@@ -238,8 +272,9 @@ impl<M: Mem> Core<M> {
             page,
             regions: BTreeMap::new(),
             frames: FrameTable::new(frame_capacity),
-            stable: HashMap::new(),
-            unstable: HashMap::new(),
+            stable: ByHash::default(),
+            unstable: ByHash::default(),
+            unstable_more: ByHash::default(),
             cursor: None,
             seq: 0,
             counters: Counters::default(),
@@ -514,6 +549,7 @@ impl<M: Mem> Core<M> {
             }
         }
         self.unstable.clear();
+        self.unstable_more.clear();
         self.cursor = None;
         self.seq = 0;
         self.counters.full_scans = 0;
@@ -741,6 +777,7 @@ impl<M: Mem> Core<M> {
         let page = self.page;
         if self.cursor.is_none() {
             self.unstable.clear();
+            self.unstable_more.clear();
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
@@ -761,11 +798,20 @@ impl<M: Mem> Core<M> {
             };
             let from = cur.max(rstart);
             let n = ((rend - from) / page).min(pres.len());
-            if self.mem.probe(from, &mut pres[..n]).is_err() {
+            let probed = if self.only_anonymous(rstart, from, n) {
+                self.mem.probe_anonymous(from, &mut pres[..n])
+            } else {
+                self.mem.probe(from, &mut pres[..n])
+            };
+            if probed.is_err() {
                 pres[..n].fill(Presence::Absent);
             }
             let mut i = 0;
             while i < n && scanned < budget {
+                i += self.skip_stretch(rstart, from, i, &pres[..n]);
+                if i == n {
+                    break;
+                }
                 let addr = from + i * page;
                 i += 1;
                 if let Some(rec) = self.rec(addr) {
@@ -777,6 +823,57 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(from + i * page);
         }
         false
+    }
+
+    /// Whether the `n` pages from `from` (in the region at `rstart`) are all in
+    /// anonymous mappings: ksm's own memory (which only ksm maps anything over) where
+    /// no page is merged, inherited or covered.
+    fn only_anonymous(&self, rstart: usize, from: usize, n: usize) -> bool {
+        let Some(r) = self.regions.get(&rstart) else {
+            return false;
+        };
+        let base = (from - r.start) / self.page;
+        r.owned
+            && r.pages[base..base + n].iter().all(|p| {
+                !matches!(p.state, State::Stable | State::Inherited) && p.in_pool().is_none()
+            })
+    }
+
+    /// From page `i` of the batch at `from` (in the region at `rstart`), the pages a
+    /// visit would pass over at once: not advised, or skipped by smart scan (present,
+    /// unmerged, and `should_skip` would skip it; done here as it would). Returns how
+    /// many; none of them counts as scanned. Once memory has settled this is most
+    /// pages, so it reads no record twice and looks no region up per page.
+    fn skip_stretch(&mut self, rstart: usize, from: usize, i: usize, pres: &[Presence]) -> usize {
+        let page = self.page;
+        let smart = self.smart_scan;
+        let Some(r) = self.regions.get_mut(&rstart) else {
+            return 0;
+        };
+        let base = (from - r.start) / page;
+        let mut k = i;
+        while k < pres.len() {
+            let p = &mut r.pages[base + k];
+            if p.advised() {
+                let skip = smart
+                    && pres[k] == Presence::Anon
+                    && matches!(p.state, State::Volatile | State::Unstable)
+                    && p.age >= 3
+                    && p.skips > 0;
+                if !skip {
+                    break;
+                }
+                p.age = p.age.saturating_add(1);
+                p.skips -= 1;
+                if p.state == State::Unstable {
+                    self.counters.pages_unshared -= 1;
+                }
+                p.state = State::Volatile;
+                self.counters.pages_skipped += 1;
+            }
+            k += 1;
+        }
+        k - i
     }
 
     /// Read the VMA budget afresh (the engine calls this at every full scan).
@@ -978,7 +1075,12 @@ impl<M: Mem> Core<M> {
             r.state = State::Unstable;
             r.seq = seq;
             self.counters.pages_unshared += 1;
-            self.unstable.entry(hash).or_default().push(t.addr);
+            match self.unstable.entry(hash) {
+                Entry::Vacant(e) => {
+                    e.insert(t.addr);
+                }
+                Entry::Occupied(_) => self.unstable_more.entry(hash).or_default().push(t.addr),
+            }
         }
         false
     }
@@ -1018,36 +1120,47 @@ impl<M: Mem> Core<M> {
     /// are met, so that a content many pages share costs one comparison per page,
     /// not one per page already seen.
     fn unstable_search(&mut self, hash: u64, addr: usize, buf: &[u8]) -> Option<usize> {
-        let mut cands = self.unstable.remove(&hash)?;
+        let head = self.unstable.remove(&hash)?;
+        let mut more = self.unstable_more.remove(&hash).unwrap_or_default();
         let mut other = std::mem::take(&mut self.buf2);
         let mut found = None;
+        let kept = self.in_unstable(head, addr).then_some(head);
+        if kept.is_some() && self.same_bytes(head, buf, &mut other) {
+            found = kept;
+        }
         let mut i = 0;
-        while i < cands.len() {
-            let c = cands[i];
-            let live = c != addr
-                && self.rec(c).is_some_and(|r| {
-                    r.state == State::Unstable && r.seq == self.seq && r.advised()
-                });
-            if !live {
-                if c != addr {
-                    cands.swap_remove(i);
-                } else {
-                    i += 1;
-                }
-                continue;
-            }
-            let owned = self.region_at(c).is_some_and(|r| r.owned);
-            if self.mem.read(c, owned, &mut other).is_ok() && other[..] == buf[..] {
+        while found.is_none() && i < more.len() {
+            let c = more[i];
+            if !self.in_unstable(c, addr) {
+                more.swap_remove(i);
+            } else if self.same_bytes(c, buf, &mut other) {
                 found = Some(c);
-                break;
+            } else {
+                i += 1;
             }
-            i += 1;
         }
         self.buf2 = other;
-        if !cands.is_empty() {
-            self.unstable.insert(hash, cands);
+        if let Some(h) = kept.or_else(|| more.pop()) {
+            self.unstable.insert(hash, h);
+            if !more.is_empty() {
+                self.unstable_more.insert(hash, more);
+            }
         }
         found
+    }
+
+    /// Whether page `c` (not `addr`, the page looking) is in this scan's unstable index.
+    fn in_unstable(&self, c: usize, addr: usize) -> bool {
+        c != addr
+            && self
+                .rec(c)
+                .is_some_and(|r| r.state == State::Unstable && r.seq == self.seq && r.advised())
+    }
+
+    /// Whether page `c` holds `buf` (read into `scratch`).
+    fn same_bytes(&mut self, c: usize, buf: &[u8], scratch: &mut [u8]) -> bool {
+        let owned = self.region_at(c).is_some_and(|r| r.owned);
+        self.mem.read(c, owned, scratch).is_ok() && scratch == buf
     }
 
     /// Charge the VMA budget for `pages` remaps; false (and counted) if it would pass it.
@@ -1686,9 +1799,10 @@ impl<M: Mem> Core<M> {
                 .values()
                 .map(|v| v.capacity() * 4)
                 .sum::<usize>()
-            + idx(self.unstable.capacity(), 8 + 24 + 1)
+            + idx(self.unstable.capacity(), 8 + 8 + 1)
+            + idx(self.unstable_more.capacity(), 8 + 24 + 1)
             + self
-                .unstable
+                .unstable_more
                 .values()
                 .map(|v| v.capacity() * 8)
                 .sum::<usize>()) as u64

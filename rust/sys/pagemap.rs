@@ -86,8 +86,16 @@ impl Pagemap {
     /// FILE/PRESENT/SWAPPED/PFNZERO categories (pages in no run are absent).
     /// Unlike plain pagemap it tells the shared zero page apart (`PAGE_IS_PFNZERO`)
     /// without privileges: such a page was only read, never written, and holds no memory.
+    /// Without `file`, `PAGE_IS_FILE` is not asked for: the kernel then need not look
+    /// at each page's `struct page` (most of the walk's cost where pages are present).
     /// Returns `(regions, walk_end)`; ENOTTY on kernels before 6.7.
-    pub fn scan(&self, start: usize, end: usize, out: &mut Vec<PageRegion>) -> io::Result<usize> {
+    pub fn scan(
+        &self,
+        start: usize,
+        end: usize,
+        file: bool,
+        out: &mut Vec<PageRegion>,
+    ) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let cap = (end - start) / super::page_size();
         out.clear();
@@ -104,7 +112,10 @@ impl Pagemap {
             category_inverted: 0,
             category_mask: 0,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            return_mask: PAGE_IS_PRESENT
+                | PAGE_IS_SWAPPED
+                | PAGE_IS_PFNZERO
+                | if file { PAGE_IS_FILE } else { 0 },
         };
         let n = super::retry_eintr(|| {
             // SAFETY: `arg` is a valid `struct pm_scan_arg`; `vec` points to `vec_len`
@@ -136,7 +147,7 @@ mod tests {
         m.copy_in(2 * page, &[1]); // write fault: a private page
         let pm = Pagemap::open().unwrap();
         let mut regions = Vec::new();
-        match pm.scan(m.addr(), m.addr() + m.len(), &mut regions) {
+        match pm.scan(m.addr(), m.addr() + m.len(), true, &mut regions) {
             Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
                 eprintln!("skipped: PAGEMAP_SCAN needs Linux 6.7");
             }
