@@ -22,7 +22,9 @@ pub mod fake;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+
+mod index;
+use index::{ByHash, MultiIndex};
 use std::io;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -129,7 +131,7 @@ pub struct Core<M: Mem> {
     page: usize,
     regions: BTreeMap<usize, Region>,
     frames: FrameTable,
-    stable: ByHash<Vec<FrameId>>,
+    stable: MultiIndex<FrameId>,
     /// The unstable index: per hash, the first page entered this full scan, and in
     /// `unstable_more` the others (a content seen again that could not merge, or a
     /// hash shared by other bytes): one word per page in the common case, no
@@ -191,27 +193,6 @@ const MIN_TILE: usize = 8;
 /// the default budget of `vm.max_map_count` 65530 / 2).
 const TILE_BELOW_ALLOWANCE: u64 = 4096;
 
-/// Maps keyed by a content hash (xxh3, already uniform): the key is its own hash.
-type ByHash<V> = HashMap<u64, V, BuildHasherDefault<KeyIsHash>>;
-
-#[derive(Default)]
-struct KeyIsHash(u64);
-
-impl Hasher for KeyIsHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed here; anything else still spreads.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 /// A page's identity in the scan: its address and its region's properties.
 #[derive(Clone, Copy)]
 struct Target {
@@ -256,6 +237,25 @@ impl PairRun {
     }
 }
 
+/// Pages probed at a time while a run is extended.
+const AHEAD: usize = 64;
+
+/// Presence of the pages a run is being extended over, probed `AHEAD` at a time
+/// (one block per side of a pair run): valid while that one run is planned.
+struct Ahead {
+    blocks: [(usize, [Presence; AHEAD]); 2],
+    next: usize,
+}
+
+impl Ahead {
+    fn new() -> Self {
+        Ahead {
+            blocks: [(usize::MAX, [Presence::Absent; AHEAD]); 2],
+            next: 0,
+        }
+    }
+}
+
 /// A page that can join a run (see `Core::run_candidate`).
 struct Candidate {
     /// The index hash of its bytes.
@@ -272,7 +272,7 @@ impl<M: Mem> Core<M> {
             page,
             regions: BTreeMap::new(),
             frames: FrameTable::new(frame_capacity),
-            stable: ByHash::default(),
+            stable: MultiIndex::default(),
             unstable: ByHash::default(),
             unstable_more: ByHash::default(),
             cursor: None,
@@ -637,12 +637,7 @@ impl<M: Mem> Core<M> {
         if self.frames.refs(f) == 0 {
             self.counters.pages_shared -= 1;
             let h = self.frames.hash(f);
-            if let Some(v) = self.stable.get_mut(&h) {
-                v.retain(|&x| x != f);
-                if v.is_empty() {
-                    self.stable.remove(&h);
-                }
-            }
+            self.stable.remove(h, f);
         } else {
             self.counters.pages_sharing -= 1;
         }
@@ -899,6 +894,10 @@ impl<M: Mem> Core<M> {
     }
 
     fn end_full_scan(&mut self) {
+        // The unstable index serves one full scan (its entries are stale once `seq`
+        // moves on): give its memory back rather than keep it between scans.
+        self.unstable = ByHash::default();
+        self.unstable_more = ByHash::default();
         self.cursor = None;
         self.seq = self.seq.wrapping_add(1);
         self.counters.full_scans += 1;
@@ -1091,22 +1090,20 @@ impl<M: Mem> Core<M> {
     /// wins: a content with many users has many full frames (one per
     /// `max_page_sharing` users), which must not cost a comparison each per page.
     fn stable_search(&self, hash: u64, buf: &[u8]) -> StableHit {
-        let Some(frames) = self.stable.get(&hash) else {
-            return StableHit::Miss;
-        };
         let max = self.max_page_sharing;
-        let mut room: Vec<FrameId> = frames
-            .iter()
-            .copied()
+        let mut room: Vec<FrameId> = self
+            .stable
+            .get(hash)
             .filter(|&f| self.frames.refs(f) < max)
             .collect();
         room.sort_unstable_by_key(|&f| std::cmp::Reverse(self.frames.refs(f)));
         if let Some(f) = room.into_iter().find(|&f| self.mem.frame(f) == buf) {
             return StableHit::Room(f);
         }
-        let full = frames
-            .iter()
-            .any(|&f| self.frames.refs(f) >= max && self.mem.frame(f) == buf);
+        let full = self
+            .stable
+            .get(hash)
+            .any(|f| self.frames.refs(f) >= max && self.mem.frame(f) == buf);
         if full {
             StableHit::Full
         } else {
@@ -1209,6 +1206,7 @@ impl<M: Mem> Core<M> {
         x: usize,
         want: Target,
         merged: bool,
+        ahead: &mut Ahead,
         buf: &mut [u8],
     ) -> Option<Candidate> {
         let page = self.page;
@@ -1223,8 +1221,7 @@ impl<M: Mem> Core<M> {
             State::Stable if merged && self.in_short_run(x, rec.frame) => Some(rec.frame),
             _ => return None,
         };
-        let mut pres = [Presence::Absent];
-        self.mem.probe(x, &mut pres).ok()?;
+        let pres = [self.presence_ahead(ahead, x)?];
         match was {
             None if pres[0] == Presence::Anon => {
                 self.mem.read(x, want.owned, buf).ok()?;
@@ -1242,6 +1239,22 @@ impl<M: Mem> Core<M> {
             }
             _ => None,
         }
+    }
+
+    /// Presence of the page at `x`, probed with the pages after it (see `Ahead`).
+    fn presence_ahead(&mut self, ahead: &mut Ahead, x: usize) -> Option<Presence> {
+        let span = AHEAD * self.page;
+        let start = x - x % span;
+        let i = (x - start) / self.page;
+        if let Some((_, p)) = ahead.blocks.iter().find(|(s, _)| *s == start) {
+            return Some(p[i]);
+        }
+        let slot = &mut ahead.blocks[ahead.next];
+        ahead.next ^= 1;
+        slot.0 = usize::MAX;
+        self.mem.probe(start, &mut slot.1).ok()?;
+        slot.0 = start;
+        Some(slot.1[i])
     }
 
     /// Whether the page at `x`, merged on frame `g`, is in a short run: fewer than
@@ -1283,13 +1296,14 @@ impl<M: Mem> Core<M> {
         let mut a = vec![0u8; page];
         let mut run = vec![Slot::Join(None)];
         let mut pending = 0;
+        let mut ahead = Ahead::new();
         while run.len() < MAX_RUN {
             let n = run.len();
             let (x, g) = (t.addr + n * page, f + n as FrameId);
             if x >= t_end || !self.frames.exists(g) {
                 break;
             }
-            let Some(c) = self.run_candidate(x, t, true, &mut a) else {
+            let Some(c) = self.run_candidate(x, t, true, &mut ahead, &mut a) else {
                 break;
             };
             // Already on this very frame (or on the run's own) is no move worth making.
@@ -1327,9 +1341,10 @@ impl<M: Mem> Core<M> {
         let t_end = self.region_at(t.addr).map_or(t.addr, |r| r.end(page));
         let mut a = vec![0u8; page];
         let mut n = 1;
+        let mut ahead = Ahead::new();
         while n < MAX_RUN && t.addr + n * page < t_end {
             if self
-                .run_candidate(t.addr + n * page, t, false, &mut a)
+                .run_candidate(t.addr + n * page, t, false, &mut ahead, &mut a)
                 .is_none()
                 || self.mem.frame(f) != &a[..]
             {
@@ -1351,9 +1366,7 @@ impl<M: Mem> Core<M> {
         };
         let starts: Vec<FrameId> = self
             .stable
-            .get(&hash)?
-            .iter()
-            .copied()
+            .get(hash)
             .filter(|&g| g != f && room(self, g) && room(self, g + 1))
             .collect();
         for g in starts {
@@ -1407,7 +1420,7 @@ impl<M: Mem> Core<M> {
         self.mem.release(t.addr, len, false);
         for i in 0..n {
             let g = g0 + i as FrameId;
-            self.stable.entry(hash).or_default().push(g);
+            self.stable.push(hash, g);
             self.record_merged(t.addr + i * page, g);
         }
         self.changes += 1;
@@ -1572,6 +1585,7 @@ impl<M: Mem> Core<M> {
         let dist = t.addr.abs_diff(o.addr);
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
         let mut pending = 0;
+        let mut ahead = Ahead::new();
         while run.len() < MAX_RUN {
             let n = run.len();
             let (ta, oa) = (t.addr + n * page, o.addr + n * page);
@@ -1579,8 +1593,8 @@ impl<M: Mem> Core<M> {
                 break;
             }
             let (Some(ca), Some(cb)) = (
-                self.run_candidate(ta, t, true, &mut a),
-                self.run_candidate(oa, o, true, &mut b),
+                self.run_candidate(ta, t, true, &mut ahead, &mut a),
+                self.run_candidate(oa, o, true, &mut ahead, &mut b),
             ) else {
                 break;
             };
@@ -1702,7 +1716,7 @@ impl<M: Mem> Core<M> {
                 // Covered on both sides: the frame holds nothing anyone maps.
                 self.frames.discard(f);
             } else {
-                self.stable.entry(h).or_default().push(f);
+                self.stable.push(h, f);
             }
         }
         self.record_run(t.addr, f0, &run.t);
@@ -1760,11 +1774,11 @@ impl<M: Mem> Core<M> {
     /// frame because `max_page_sharing` was reached, and the frames holding them.
     pub fn stable_chains(&self) -> (u64, u64) {
         let (mut chains, mut dups) = (0, 0);
-        for frames in self.stable.values().filter(|v| v.len() > 1) {
+        for frames in self.stable.groups() {
             // One bucket per 64-bit hash: group its frames by content (almost always
             // one group; a hash collision would make two).
             let mut groups: Vec<(FrameId, u64)> = Vec::new();
-            for &f in frames {
+            for f in frames {
                 match groups
                     .iter_mut()
                     .find(|(g, _)| self.mem.frame(*g) == self.mem.frame(f))
@@ -1793,12 +1807,7 @@ impl<M: Mem> Core<M> {
         let idx = |n: usize, per: usize| n * per;
         (recs
             + self.frames.metadata_bytes()
-            + idx(self.stable.capacity(), 8 + 24 + 1)
-            + self
-                .stable
-                .values()
-                .map(|v| v.capacity() * 4)
-                .sum::<usize>()
+            + self.stable.metadata_bytes()
             + idx(self.unstable.capacity(), 8 + 8 + 1)
             + idx(self.unstable_more.capacity(), 8 + 24 + 1)
             + self

@@ -1,0 +1,128 @@
+//! A content-hash index that costs one entry per hash in the common case.
+
+use std::collections::{hash_map::Entry, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Maps keyed by a content hash (xxh3, already uniform): the key is its own hash.
+pub type ByHash<V> = HashMap<u64, V, BuildHasherDefault<KeyIsHash>>;
+
+#[derive(Default)]
+pub struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else still spreads.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Values per hash: the first in `one` (no allocation), the others, rare, in `more`.
+#[derive(Debug)]
+pub struct MultiIndex<T> {
+    one: ByHash<T>,
+    more: ByHash<Vec<T>>,
+}
+
+impl<T> Default for MultiIndex<T> {
+    fn default() -> Self {
+        MultiIndex {
+            one: ByHash::default(),
+            more: ByHash::default(),
+        }
+    }
+}
+
+impl<T: Copy + PartialEq> MultiIndex<T> {
+    pub fn push(&mut self, h: u64, v: T) {
+        match self.one.entry(h) {
+            Entry::Vacant(e) => {
+                e.insert(v);
+            }
+            Entry::Occupied(_) => self.more.entry(h).or_default().push(v),
+        }
+    }
+
+    /// The values under `h`, the first pushed first.
+    pub fn get(&self, h: u64) -> impl Iterator<Item = T> + '_ {
+        let more = self.more.get(&h).map_or(&[][..], |v| &v[..]);
+        self.one
+            .get(&h)
+            .copied()
+            .into_iter()
+            .chain(more.iter().copied())
+    }
+
+    /// Remove one occurrence of `v` under `h`.
+    pub fn remove(&mut self, h: u64, v: T) {
+        if self.one.get(&h) == Some(&v) {
+            match self.more.get_mut(&h).and_then(|m| m.pop()) {
+                Some(next) => {
+                    self.one.insert(h, next);
+                }
+                None => {
+                    self.one.remove(&h);
+                }
+            }
+        } else if let Some(m) = self.more.get_mut(&h) {
+            if let Some(i) = m.iter().position(|&x| x == v) {
+                m.swap_remove(i);
+            }
+        } else {
+            return;
+        }
+        if self.more.get(&h).is_some_and(|m| m.is_empty()) {
+            self.more.remove(&h);
+        }
+    }
+
+    /// Every hash with more than one value, with its values.
+    pub fn groups(&self) -> impl Iterator<Item = Vec<T>> + '_ {
+        self.more.keys().map(|&h| self.get(h).collect())
+    }
+
+    /// Bytes this index holds (table slots and the vectors of `more`).
+    pub fn metadata_bytes(&self) -> usize {
+        let slot = |v: usize| 8 + v + 1;
+        self.one.capacity() * slot(std::mem::size_of::<T>().max(4))
+            + self.more.capacity() * slot(24)
+            + self
+                .more
+                .values()
+                .map(|v| v.capacity() * std::mem::size_of::<T>())
+                .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_kept_and_removed_per_hash() {
+        let mut ix: MultiIndex<u32> = MultiIndex::default();
+        ix.push(7, 1);
+        ix.push(7, 2);
+        ix.push(7, 3);
+        ix.push(9, 4);
+        assert_eq!(ix.get(7).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(ix.groups().count(), 1);
+        ix.remove(7, 1);
+        let mut v: Vec<_> = ix.get(7).collect();
+        v.sort_unstable();
+        assert_eq!(v, vec![2, 3]);
+        ix.remove(7, 3);
+        ix.remove(7, 2);
+        assert_eq!(ix.get(7).count(), 0);
+        assert_eq!(ix.groups().count(), 0);
+        ix.remove(9, 5); // absent: nothing happens
+        assert_eq!(ix.get(9).collect::<Vec<_>>(), vec![4]);
+    }
+}
