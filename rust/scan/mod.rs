@@ -182,9 +182,12 @@ fn skip_age(age: u8) -> u8 {
 }
 
 /// Most pages merged as one run (one mapping per side).
-const MAX_RUN: usize = 512;
+const MAX_RUN: usize = 2048;
+/// Most frames in a tile (see `merge_tile`): a tile's first run saves nothing, so
+/// tiles stay short of `MAX_RUN`.
+const MAX_TILE: usize = 512;
 /// Pages merged in runs shorter than this move into a longer run that reaches them.
-const MAX_REHOME: usize = 16;
+const MAX_REHOME: usize = 512;
 /// Most consecutive pages a run covers (see `Slot::Cover`); a run never ends with one.
 const MAX_COVER: usize = 2;
 /// Fewest pages of one repeated content worth a tile of frames of their own.
@@ -1342,7 +1345,7 @@ impl<M: Mem> Core<M> {
         let mut a = vec![0u8; page];
         let mut n = 1;
         let mut ahead = Ahead::new();
-        while n < MAX_RUN && t.addr + n * page < t_end {
+        while n < MAX_TILE && t.addr + n * page < t_end {
             if self
                 .run_candidate(t.addr + n * page, t, false, &mut ahead, &mut a)
                 .is_none()

@@ -447,7 +447,7 @@ fn with_the_vma_budget_low_one_repeated_content_maps_tiles_of_frames() {
     // Far fewer VMAs than pages, and nearly every page saved.
     assert!(c.vmas_added() < 40, "{} VMAs added", c.vmas_added());
     assert!(k.pages_sharing + k.pages_shared == n as u64, "{k:?}");
-    assert!(k.pages_shared <= 2 * MAX_RUN as u64, "{k:?}");
+    assert!(k.pages_shared <= 2 * MAX_TILE as u64, "{k:?}");
     c.check_invariants();
     for i in 0..n {
         assert_eq!(c.mem.read_page(BASE + i * PG), vec![0x42; PG]);
