@@ -46,6 +46,7 @@ fmt: venv ## Format Rust and Python code
 
 .PHONY: lint
 lint: dev ## Lint: rustfmt, clippy (both feature sets), ruff, mypy --strict, stubtest
+	@! git grep -nE '^(<<<<<<<|>>>>>>>)( |$$)' -- . || { echo "merge conflict markers left (above)"; exit 1; }
 	cargo fmt --check
 	cargo fmt --check --manifest-path fuzz/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
