@@ -399,6 +399,13 @@ impl Mem for Os {
         }
     }
 
+    fn punch_run(&mut self, f0: FrameId, n: u32) -> io::Result<()> {
+        match &self.pool {
+            Some(p) => p.punch_run(f0, n),
+            None => Ok(()),
+        }
+    }
+
     fn vma_allowance(&mut self) -> u64 {
         let used = maps::count_self().unwrap_or(u64::MAX);
         self.vma_allowance_for(used)
@@ -510,14 +517,50 @@ impl Mem for Os {
     }
 
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
-        // Allocate the private copy first: ENOMEM here changes nothing.
-        let scratch = Mapping::anonymous(len)?;
-        self.protect(addr, len)?;
+        // The private copy's address range first: failing here changes nothing.
+        let mut scratch = Mapping::anonymous(len)?;
+        // The copy is made by the kernel (`UFFDIO_COPY`: each page allocated and copied
+        // once, no page fault, no zero-filling) when a userfaultfd can take the scratch
+        // in missing mode; otherwise by hand into scratch populated beforehand (ENOMEM
+        // shows here, before anything changed, and the copy takes no fault).
+        let filler = self
+            .uffd
+            .as_ref()
+            .or(self.uffd_foreign.as_ref())
+            .filter(|u| u.register_missing(scratch.addr(), len).is_ok())
+            .cloned();
+        if filler.is_none() {
+            scratch.populate_write()?;
+        }
+        let unregister = |u: &Uffd, m: &Mapping| u.unregister(m.addr(), m.len());
+        if let Err(e) = self.protect(addr, len) {
+            if let Some(u) = &filler {
+                let _ = unregister(u, &scratch);
+            }
+            return Err(e);
+        }
         let result = (|| {
-            let mut buf = vec![0u8; self.page];
-            for off in (0..len).step_by(self.page) {
-                self.read(addr + off, owned, &mut buf)?;
-                scratch.copy_in(off, &buf);
+            let copied = match &filler {
+                Some(u) => {
+                    let r = u.copy(scratch.addr(), addr, len);
+                    // Registered, the scratch must not be touched, moved or unmapped.
+                    unregister(u, &scratch)?;
+                    match r {
+                        // The kernel could not read the source (PROT_NONE, or a merged page
+                        // it must not fault in itself): copy the rest by hand below.
+                        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => false,
+                        r => r.map(|()| true)?,
+                    }
+                }
+                None => false,
+            };
+            if !copied {
+                if filler.is_some() {
+                    scratch.populate_write()?;
+                }
+                // One copy of the whole run (one memcpy for memory ksm owns, one
+                // fault-safe read for the application's).
+                self.read(addr, owned, scratch.scratch_mut())?;
             }
             if prot != libc::PROT_READ | libc::PROT_WRITE {
                 mman::protect_owned(&scratch, prot)?;
