@@ -221,6 +221,11 @@ pub struct Os {
     pagemap_scan: bool,
     /// VMAs of the process when last counted.
     pub vmas_used: u64,
+    /// VMAs of `vm.max_map_count` kept for the application (the `vma_reserve` knob).
+    pub vma_reserve: u64,
+    /// The most VMAs merging lets the process have (`vm.max_map_count - vma_reserve`)
+    /// when last counted.
+    pub vma_budget: u64,
 }
 
 impl Os {
@@ -242,6 +247,8 @@ impl Os {
             regions: Vec::new(),
             pagemap_scan: true,
             vmas_used: 0,
+            vma_reserve: u64::from(crate::daemon::knobs::default_vma_reserve()),
+            vma_budget: 0,
         }
     }
 
@@ -289,13 +296,15 @@ impl Os {
         std::mem::take(&mut self.owned)
     }
 
-    /// The VMA budget (DESIGN.md §2) for a process with `used` VMAs: merging may use
-    /// at most half of vm.max_map_count, counting what the process already has, so
-    /// that the application's own mmap/munmap/malloc never start failing because of us.
+    /// The VMA budget (DESIGN.md §2) for a process with `used` VMAs: merging may add
+    /// VMAs while the process, counting what it already has, stays under
+    /// vm.max_map_count minus `vma_reserve` (by default half of the limit), so that
+    /// the application's own mmap/munmap/malloc never start failing because of us.
     pub fn vma_allowance_for(&mut self, used: u64) -> u64 {
         let limit = maps::max_map_count().unwrap_or(65530);
         self.vmas_used = used.min(limit);
-        (limit / 2).saturating_sub(used)
+        self.vma_budget = limit.saturating_sub(self.vma_reserve);
+        self.vma_budget.saturating_sub(used)
     }
 
     /// Read pagemap for one page (for `page_state`).

@@ -61,8 +61,9 @@ pub trait Mem {
         }
         r
     }
-    /// VMAs merging may still add before the budget (half of `vm.max_map_count`
-    /// minus what the process uses now); `u64::MAX` when there is no limit.
+    /// VMAs merging may still add before the budget (`vm.max_map_count` minus the
+    /// `vma_reserve` knob minus what the process uses now); `u64::MAX` when there is
+    /// no limit.
     fn vma_allowance(&mut self) -> u64;
     /// Start the merge window: write-protect (writers block until `release`).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
