@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub vma_budget_skips: u64,
     pub unmergeable_pages: u64,
     pub vmas_used: u64,
+    /// The most VMAs merging lets the process have: `vm.max_map_count - vma_reserve`.
+    pub vma_budget: u64,
 }
 
 impl Snapshot {
@@ -70,6 +72,7 @@ impl Snapshot {
             ("vma_budget_skips", u(self.vma_budget_skips)),
             ("unmergeable_pages", u(self.unmergeable_pages)),
             ("vmas_used", u(self.vmas_used)),
+            ("vma_budget", u(self.vma_budget)),
             ("settled", i64::from(self.settled)),
         ]
     }

@@ -81,6 +81,8 @@ KNOB_DEFAULTS: dict[str, int | str] = {
     "advisor_min_pages_to_scan": 500,
     "advisor_max_pages_to_scan": 30000,
     "advisor_target_scan_time": 200,
+    # ksm's own: VMAs kept for the application, half of the limit by default.
+    "vma_reserve": int(Path("/proc/sys/vm/max_map_count").read_text()) // 2,
 }
 
 

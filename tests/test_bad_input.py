@@ -31,6 +31,7 @@ import textwrap
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,6 +145,8 @@ KNOBS: dict[str, Knob] = {
     "advisor_min_pages_to_scan": Knob(500, 0, U32),
     "advisor_max_pages_to_scan": Knob(30000, 0, U32),
     "advisor_target_scan_time": Knob(200, 1, U32),
+    # ksm's own: VMAs kept for the application (half of vm.max_map_count by default).
+    "vma_reserve": Knob(int(Path("/proc/sys/vm/max_map_count").read_text()) // 2, 0, 2**31 - 1),
 }
 PRESENT_KNOBS = [k for k in KNOBS if hasattr(ksm.ksmd, k)]
 # Knobs that can only change while no page is shared (OSError EBUSY otherwise).

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import time
+from mmap import PROT_READ, PROT_WRITE
+from pathlib import Path
 
 import pytest
-from conftest import KNOB_DEFAULTS, PAGE, fill, page_pattern
+from conftest import KNOB_DEFAULTS, PAGE, fill, page_pattern, raw_mmap, raw_munmap
 
 import ksm
 
@@ -39,6 +41,7 @@ RANGES = {
     "advisor_min_pages_to_scan": (0, U32),
     "advisor_max_pages_to_scan": (0, U32),
     "advisor_target_scan_time": (1, U32),
+    "vma_reserve": (0, 2**31 - 1),
 }
 BOOLEAN_KNOBS = {"use_zero_pages", "merge_across_nodes", "smart_scan"}
 
@@ -269,3 +272,92 @@ def test_run_2_unmerges_everything_and_resets_full_scans() -> None:
         assert ksm.ksmd.full_scans == 2
         assert {m.page_state(i * PAGE) for i in range(16)} == {"merged"}
         assert m[:] == a * 16
+
+
+# ---- the VMA budget: vma_reserve ------------------------------------------------------
+
+
+def _vmas() -> int:
+    """VMAs of this process now (lines of /proc/self/maps)."""
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _max_map_count() -> int:
+    return int(Path("/proc/sys/vm/max_map_count").read_text())
+
+
+def test_vma_reserve_is_half_of_the_limit_and_sets_the_budget() -> None:
+    limit = _max_map_count()
+    assert ksm.ksmd.vma_reserve == limit // 2
+    assert ksm.stats()["vma_budget"] == limit - limit // 2
+    ksm.ksmd.vma_reserve = 1000  # takes effect at once, without a scan
+    assert ksm.stats()["vma_budget"] == limit - 1000
+    assert ksm.stats()["vmas_used"] == pytest.approx(_vmas(), abs=8)
+    ksm.ksmd.vma_reserve = 2**31 - 1  # more than the limit: merging may add no VMA
+    assert ksm.stats()["vma_budget"] == 0
+
+
+def test_a_raised_vma_reserve_stops_merging_at_the_budget_and_the_application_keeps_it() -> None:
+    limit = _max_map_count()
+    npages, headroom = 1024, 64
+    # Pairs of equal pages with a unique page between them (pages 0 and 2, 4 and 6, ...):
+    # no run to extend, so each merged pair costs VMAs of its own (up to 2 per page).
+    pages = [page_pattern(i // 4) if i % 2 == 0 else page_pattern(10_000 + i) for i in range(npages)]
+    mappings: list[tuple[int, int]] = []
+    with ksm.mmap(npages * PAGE) as m:
+        fill(m, pages)
+        ksm.ksmd.vma_reserve = limit - _vmas() - headroom
+        budget = ksm.stats()["vma_budget"]
+        assert budget == limit - ksm.ksmd.vma_reserve
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(3)
+        s = ksm.stats()
+        # Merged up to the budget, and no further: the rest was put off, and counted.
+        assert 0 < s["pages_sharing"] < npages // 4, s
+        assert s["vma_budget_skips"] > 0, s
+        assert s["vmas_added"] <= headroom, s
+        assert s["vmas_used"] <= budget and _vmas() <= budget, s
+        assert m[:] == b"".join(pages)
+        # The application still has its reserve: it maps all but a few of those VMAs,
+        # one mapping each (alternate protections keep neighbours from merging), then
+        # splits one by unmapping a page in its middle.
+        room = limit - _vmas()
+        assert room >= ksm.ksmd.vma_reserve
+        n = room - 32  # a few left for the interpreter itself
+        before = _vmas()
+        try:
+            for i in range(n):
+                prot = PROT_READ if i % 2 else PROT_READ | PROT_WRITE
+                mappings.append((raw_mmap(3 * PAGE, prot), 3 * PAGE))
+            # (the first or last may merge with a neighbour that was already there)
+            assert _vmas() >= before + n - 2
+            addr, _ = mappings.pop()
+            raw_munmap(addr + PAGE, PAGE)  # a split: one more VMA
+            mappings += [(addr, PAGE), (addr + 2 * PAGE, PAGE)]
+        finally:
+            for addr, length in mappings:
+                raw_munmap(addr, length)
+        # Merging goes on once the reserve is back at its default.
+        ksm.ksmd.vma_reserve = limit // 2
+        ksm.scan(2)
+        assert ksm.stats()["pages_sharing"] == npages // 4
+        assert m[:] == b"".join(pages)
+
+
+def test_vmas_per_merged_page() -> None:
+    assert ksm.vmas_per_merged_page() is None  # nothing saved
+    assert ksm.vmas_per_merged_page({"pages_sharing": 0, "vmas_added": 3}) is None
+    assert ksm.vmas_per_merged_page({"pages_sharing": 200, "vmas_added": 3}) == 0.015
+    with ksm.mmap(64 * PAGE) as a, ksm.mmap(64 * PAGE) as b:
+        data = [page_pattern(i) for i in range(64)]
+        fill(a, data)
+        fill(b, data)  # a copied run: one mapping per side
+        a.madvise(ksm.MADV_MERGEABLE)
+        b.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(2)
+        s = ksm.stats()
+        assert s["pages_sharing"] == 64
+        ratio = ksm.vmas_per_merged_page(s)
+        assert ratio == s["vmas_added"] / 64
+        assert ratio is not None and ratio <= 2 / 64

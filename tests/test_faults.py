@@ -78,8 +78,11 @@ def test_failures_lose_nothing(point: str, err: int, every: int) -> None:
     foreign = raw_mmap(NPAGES * PAGE)
     model = {a: bytearray() for a in (owned.address, foreign)}
     try:
-        for base in model:
-            data = b"".join(rng.choice(patterns) for _ in range(NPAGES))
+        for k, base in enumerate(model):
+            # Contents both regions share, and one of each region's own: unmerging either
+            # region then frees frames (frames freed by one unmerge are punched together).
+            own = [page_pattern(710 + k)]
+            data = b"".join(rng.choice(patterns + own) for _ in range(NPAGES))
             ctypes.memmove(base, data, len(data))
             model[base] = bytearray(data)
         fired = _ksm._injected()

@@ -123,6 +123,15 @@ class Ksmd:
       switching it on sets ``pages_to_scan`` to ``advisor_min_pages_to_scan``
       (500), switching it off to 100, as the kernel does.
 
+    ksm's own knob (the kernel's KSM needs no VMAs):
+
+    - ``vma_reserve`` (half of ``vm.max_map_count`` when ksm started, 32765 with
+      the default limit; 0..2**31-1): VMAs kept for the application. Merging adds
+      VMAs only while the process has fewer than ``vm.max_map_count -
+      vma_reserve`` (``stats()["vma_budget"]``); a merge that could pass it is not
+      attempted (``vma_budget_skips``). Takes effect at once; merges already made
+      stay. A reserve at or above the limit lets merging add no VMA.
+
     Statistics (read-only, the kernel's definitions): ``pages_shared``,
     ``pages_sharing``, ``pages_unshared``, ``pages_volatile``, ``full_scans``,
     ``pages_scanned``, ``pages_skipped``, ``stable_node_chains``,
@@ -146,6 +155,7 @@ class Ksmd:
     advisor_min_pages_to_scan: int
     advisor_max_pages_to_scan: int
     advisor_target_scan_time: int
+    vma_reserve: int
     @property
     def pages_shared(self) -> int: ...
     @property
@@ -227,15 +237,18 @@ def stats() -> dict[str, int]:
     until no mapping holds them, after the application unmapped merged memory), ``pool_bytes``
     (memory of the frame pool), ``merges``, ``merge_failures``, ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),
-    ``vmas_used`` (VMAs of the process when last counted), ``vma_budget_skips``
-    (merges not attempted because they could pass the VMA budget, half of
-    ``vm.max_map_count``), ``unmergeable_pages`` (pages advised that ksm never
-    merges: shared, file-backed, hugetlb, locked or special memory; cumulative),
+    ``vmas_used`` (VMAs of the process when last counted), ``vma_budget`` (the
+    most VMAs merging lets the process have: ``vm.max_map_count`` minus the
+    ``ksmd.vma_reserve`` knob, when last counted), ``vma_budget_skips``
+    (merges not attempted because they could pass the VMA budget),
+    ``unmergeable_pages`` (pages advised that ksm never merges: shared,
+    file-backed, hugetlb, locked or special memory; cumulative),
     ``metadata_bytes`` (our bookkeeping of advised memory), ``tracked_pages``,
     ``advised_pages``, ``settled`` (bool: the last full scan changed nothing).
     ``general_profit`` = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes
     - vmas_added * 210. ``pages_shared + pages_sharing + pages_unshared +
-    pages_volatile == rmap_items`` in every snapshot.
+    pages_volatile == rmap_items`` in every snapshot. VMAs per merged page:
+    ``ksm.vmas_per_merged_page()``.
     """
 
 def ksm_stat() -> dict[str, int | bool]:

@@ -593,7 +593,12 @@ def _report(before: Snapshot, after: Snapshot, page: int, loaded: int) -> str:
             f"= {_mib(after.pages_sharing * page)}",
         ),
         ("general_profit", _mib(before.general_profit), _mib(after.general_profit), ""),
-        ("vmas_added", f"{before.vmas_added:,}", f"{after.vmas_added:,}", ""),
+        (
+            "vmas_added",
+            f"{before.vmas_added:,}",
+            f"{after.vmas_added:,}",
+            f"{after.vmas_added / after.pages_sharing:.4f} per merged page" if after.pages_sharing else "",
+        ),
     ]
     text = _table(rows)
     if before.pss_kib is not None and after.pss_kib is not None and before.pss_kib > 0:
@@ -670,9 +675,11 @@ def info_dict() -> dict[str, Any]:
         uffd.update(mode=_uffd_mode(source), source=source, features=features, feature_names=names)
 
     max_map = _int_or_none(_read_text("/proc/sys/vm/max_map_count"))
+    reserve = int(ksm._ksm.ksmd.vma_reserve)  # the proxy's knob read would start publishing
     vma = {
         "max_map_count": max_map,
-        "budget": None if max_map is None else max_map // 2,
+        "reserve": reserve,
+        "budget": None if max_map is None else max(max_map - reserve, 0),
         "used": _count_lines("/proc/self/maps"),
     }
 
@@ -770,7 +777,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = [("vm.max_map_count", "unreadable" if vma["max_map_count"] is None else str(vma["max_map_count"]))]
     if vma["budget"] is not None:
         used = "" if vma["used"] is None else f"; this process has {vma['used']:,} now"
-        rows.append(("VMA budget", f"{vma['budget']:,} VMAs (half of vm.max_map_count){used}"))
+        rows.append(
+            (
+                "VMA budget",
+                f"{vma['budget']:,} VMAs (vm.max_map_count - ksmd.vma_reserve {vma['reserve']:,}){used}",
+            )
+        )
     sections.append(("VMAs (each lone merged page costs up to 2)", rows))
 
     if kk["present"]:

@@ -6,6 +6,10 @@
 //! ints (booleans for the on/off knobs), not strings, so `kstrtobool`'s "y"/"on"
 //! spellings are not taken; the `advisor_*` knobs the kernel stores in 32 bits
 //! after accepting 64 (silently truncating) refuse what does not fit.
+//!
+//! One knob is ksm's own, listed after the kernel's: `vma_reserve`, the VMAs of
+//! `vm.max_map_count` kept for the application (merging costs VMAs; the
+//! kernel's KSM costs none).
 
 #![forbid(unsafe_code)]
 
@@ -42,8 +46,22 @@ pub struct Knobs {
     pub advisor_min_pages_to_scan: u32,
     pub advisor_max_pages_to_scan: u32,
     pub advisor_target_scan_time: u32,
+    /// ksm's own: VMAs of `vm.max_map_count` kept for the application. Merging may
+    /// add VMAs while the process has fewer than `vm.max_map_count - vma_reserve`.
+    pub vma_reserve: u32,
     /// `prctl(PR_SET_MEMORY_MERGE)` state (`ksm.set_memory_merge`); not a sysfs knob.
     pub merge_any: bool,
+}
+
+/// `vma_reserve`'s default: half of `vm.max_map_count` (65530 if it cannot be read)
+/// as it was when first asked, so that merging leaves the application at least
+/// the half of the limit that the process does not already use.
+pub fn default_vma_reserve() -> u32 {
+    static DEFAULT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        let limit = crate::region::maps::max_map_count().unwrap_or(65530);
+        u32::try_from(limit / 2).unwrap_or(i32::MAX as u32)
+    })
 }
 
 impl Default for Knobs {
@@ -62,6 +80,7 @@ impl Default for Knobs {
             advisor_min_pages_to_scan: 500,
             advisor_max_pages_to_scan: 30000,
             advisor_target_scan_time: 200,
+            vma_reserve: default_vma_reserve(),
             merge_any: false,
         }
     }
@@ -87,7 +106,7 @@ pub enum Kind {
 
 const U32: i64 = u32::MAX as i64;
 
-/// Every knob in sysfs order, with what it accepts.
+/// Every knob in sysfs order, then ksm's own, with what it accepts.
 pub const KNOBS: &[(&str, Kind)] = &[
     ("run", Kind::Int { lo: 0, hi: 2 }),
     ("pages_to_scan", Kind::Int { lo: 0, hi: U32 }),
@@ -111,6 +130,14 @@ pub const KNOBS: &[(&str, Kind)] = &[
     ("advisor_min_pages_to_scan", Kind::Int { lo: 0, hi: U32 }),
     ("advisor_max_pages_to_scan", Kind::Int { lo: 0, hi: U32 }),
     ("advisor_target_scan_time", Kind::Int { lo: 1, hi: U32 }),
+    // ksm's own (`vm.max_map_count` is an int sysctl: a reserve above it keeps all).
+    (
+        "vma_reserve",
+        Kind::Int {
+            lo: 0,
+            hi: i32::MAX as i64,
+        },
+    ),
 ];
 
 /// Knob names in sysfs order.
@@ -166,6 +193,7 @@ impl Knobs {
                     "advisor_min_pages_to_scan" => self.advisor_min_pages_to_scan = x,
                     "advisor_max_pages_to_scan" => self.advisor_max_pages_to_scan = x,
                     "advisor_target_scan_time" => self.advisor_target_scan_time = x,
+                    "vma_reserve" => self.vma_reserve = x,
                     _ => unreachable!("every Int knob is listed"),
                 }
             }
@@ -208,6 +236,7 @@ impl Knobs {
             "advisor_min_pages_to_scan" => i(self.advisor_min_pages_to_scan),
             "advisor_max_pages_to_scan" => i(self.advisor_max_pages_to_scan),
             "advisor_target_scan_time" => i(self.advisor_target_scan_time),
+            "vma_reserve" => i(self.vma_reserve),
             _ => return None,
         })
     }
@@ -227,6 +256,12 @@ mod tests {
     }
 
     #[test]
+    fn vma_reserve_defaults_to_half_of_the_limit() {
+        let limit = crate::region::maps::max_map_count().unwrap_or(65530);
+        assert_eq!(u64::from(Knobs::default().vma_reserve), limit / 2);
+    }
+
+    #[test]
     fn defaults_and_boundaries() {
         let defaults: &[(&str, i64)] = &[
             ("run", 0),
@@ -241,6 +276,7 @@ mod tests {
             ("advisor_min_pages_to_scan", 500),
             ("advisor_max_pages_to_scan", 30000),
             ("advisor_target_scan_time", 200),
+            ("vma_reserve", i64::from(default_vma_reserve())),
         ];
         for &(name, default) in defaults {
             let mut k = Knobs::default();

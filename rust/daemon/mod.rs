@@ -169,6 +169,7 @@ fn apply_knobs(core: &mut Core<Os>, k: &Knobs) {
     core.max_page_sharing = k.max_page_sharing;
     core.smart_scan = k.smart_scan;
     core.use_zero_pages = k.use_zero_pages;
+    core.mem.vma_reserve = u64::from(k.vma_reserve);
 }
 
 impl Engine {
@@ -886,6 +887,10 @@ impl Engine {
         }
         st.knobs = k;
         apply_knobs(&mut st.core, &k);
+        if name == "vma_reserve" {
+            // The budget follows at once (merges charge it as they go).
+            st.core.refresh_vma_allowance();
+        }
         if k.run == 1 && st.threads_pid != sys::getpid() {
             self.start_threads(&mut st);
         }
@@ -936,6 +941,7 @@ impl Engine {
             vma_budget_skips: c.vma_budget_skips,
             unmergeable_pages: st.unmergeable_pages,
             vmas_used: st.core.mem.vmas_used,
+            vma_budget: st.core.mem.vma_budget,
         }
     }
 

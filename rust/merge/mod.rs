@@ -235,6 +235,11 @@ pub struct Os {
     pagemap_scan: bool,
     /// VMAs of the process when last counted.
     pub vmas_used: u64,
+    /// VMAs of `vm.max_map_count` kept for the application (the `vma_reserve` knob).
+    pub vma_reserve: u64,
+    /// The most VMAs merging lets the process have (`vm.max_map_count - vma_reserve`)
+    /// when last counted.
+    pub vma_budget: u64,
 }
 
 impl Os {
@@ -256,6 +261,8 @@ impl Os {
             regions: Vec::new(),
             pagemap_scan: true,
             vmas_used: 0,
+            vma_reserve: u64::from(crate::daemon::knobs::default_vma_reserve()),
+            vma_budget: 0,
         }
     }
 
@@ -303,13 +310,15 @@ impl Os {
         std::mem::take(&mut self.owned)
     }
 
-    /// The VMA budget (DESIGN.md §2) for a process with `used` VMAs: merging may use
-    /// at most half of vm.max_map_count, counting what the process already has, so
-    /// that the application's own mmap/munmap/malloc never start failing because of us.
+    /// The VMA budget (DESIGN.md §2) for a process with `used` VMAs: merging may add
+    /// VMAs while the process, counting what it already has, stays under
+    /// vm.max_map_count minus `vma_reserve` (by default half of the limit), so that
+    /// the application's own mmap/munmap/malloc never start failing because of us.
     pub fn vma_allowance_for(&mut self, used: u64) -> u64 {
         let limit = maps::max_map_count().unwrap_or(65530);
         self.vmas_used = used.min(limit);
-        (limit / 2).saturating_sub(used)
+        self.vma_budget = limit.saturating_sub(self.vma_reserve);
+        self.vma_budget.saturating_sub(used)
     }
 
     /// Read pagemap for one page (for `page_state`).
@@ -418,6 +427,13 @@ impl Mem for Os {
     fn punch(&mut self, f: FrameId) -> io::Result<()> {
         match &self.pool {
             Some(p) => p.punch(f),
+            None => Ok(()),
+        }
+    }
+
+    fn punch_run(&mut self, f0: FrameId, n: u32) -> io::Result<()> {
+        match &self.pool {
+            Some(p) => p.punch_run(f0, n),
             None => Ok(()),
         }
     }
@@ -560,14 +576,50 @@ impl Mem for Os {
     }
 
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
-        // Allocate the private copy first: ENOMEM here changes nothing.
-        let scratch = Mapping::anonymous(len)?;
-        self.protect(addr, len)?;
+        // The private copy's address range first: failing here changes nothing.
+        let mut scratch = Mapping::anonymous(len)?;
+        // The copy is made by the kernel (`UFFDIO_COPY`: each page allocated and copied
+        // once, no page fault, no zero-filling) when a userfaultfd can take the scratch
+        // in missing mode; otherwise by hand into scratch populated beforehand (ENOMEM
+        // shows here, before anything changed, and the copy takes no fault).
+        let filler = self
+            .uffd
+            .as_ref()
+            .or(self.uffd_foreign.as_ref())
+            .filter(|u| u.register_missing(scratch.addr(), len).is_ok())
+            .cloned();
+        if filler.is_none() {
+            scratch.populate_write()?;
+        }
+        let unregister = |u: &Uffd, m: &Mapping| u.unregister(m.addr(), m.len());
+        if let Err(e) = self.protect(addr, len) {
+            if let Some(u) = &filler {
+                let _ = unregister(u, &scratch);
+            }
+            return Err(e);
+        }
         let result = (|| {
-            let mut buf = vec![0u8; self.page];
-            for off in (0..len).step_by(self.page) {
-                self.read(addr + off, owned, &mut buf)?;
-                scratch.copy_in(off, &buf);
+            let copied = match &filler {
+                Some(u) => {
+                    let r = u.copy(scratch.addr(), addr, len);
+                    // Registered, the scratch must not be touched, moved or unmapped.
+                    unregister(u, &scratch)?;
+                    match r {
+                        // The kernel could not read the source (PROT_NONE, or a merged page
+                        // it must not fault in itself): copy the rest by hand below.
+                        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => false,
+                        r => r.map(|()| true)?,
+                    }
+                }
+                None => false,
+            };
+            if !copied {
+                if filler.is_some() {
+                    scratch.populate_write()?;
+                }
+                // One copy of the whole run (one memcpy for memory ksm owns, one
+                // fault-safe read for the application's).
+                self.read(addr, owned, scratch.scratch_mut())?;
             }
             if prot != libc::PROT_READ | libc::PROT_WRITE {
                 mman::protect_owned(&scratch, prot)?;

@@ -295,6 +295,14 @@ impl Pool {
             .punch_hole(f as u64 * self.page as u64, self.page as u64)
     }
 
+    /// Punch the `n` consecutive frames from `f0` with one call.
+    pub fn punch_run(&self, f0: FrameId, n: u32) -> io::Result<()> {
+        self.memfd.punch_hole(
+            f0 as u64 * self.page as u64,
+            u64::from(n) * self.page as u64,
+        )
+    }
+
     pub fn fd(&self) -> i32 {
         self.memfd.raw()
     }

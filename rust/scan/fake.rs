@@ -35,6 +35,8 @@ pub struct FakeMem {
     /// Fail `unmerge_run` (simulates ENOMEM for the private copies).
     pub fail_unmerge: bool,
     pub punched: u64,
+    /// Every `punch_run` call: (first frame, frames).
+    pub punch_runs: Vec<(FrameId, u32)>,
     /// What `vma_allowance` answers (the real count of a process).
     pub vma_allowance: u64,
 }
@@ -50,6 +52,7 @@ impl FakeMem {
             fail_map: false,
             fail_unmerge: false,
             punched: 0,
+            punch_runs: Vec::new(),
             vma_allowance: u64::MAX,
         }
     }
@@ -153,6 +156,14 @@ impl Mem for FakeMem {
         );
         self.frames.remove(&f);
         self.punched += 1;
+        Ok(())
+    }
+
+    fn punch_run(&mut self, f0: FrameId, n: u32) -> io::Result<()> {
+        self.punch_runs.push((f0, n));
+        for f in f0..f0 + n {
+            self.punch(f)?;
+        }
         Ok(())
     }
 

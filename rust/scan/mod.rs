@@ -56,13 +56,24 @@ pub trait Mem {
     fn probe_anonymous(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
         self.probe(addr, out)
     }
-    /// Copy one page (fault-safely unless `owned`).
+    /// Copy `buf.len()` bytes from `addr` (a page, or a run inside one region),
+    /// fault-safely unless `owned`.
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()>;
     fn frame(&self, f: FrameId) -> &[u8];
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()>;
     fn punch(&mut self, f: FrameId) -> io::Result<()>;
-    /// VMAs merging may still add before the budget (half of `vm.max_map_count`
-    /// minus what the process uses now); `u64::MAX` when there is no limit.
+    /// Punch the `n` consecutive frames from `f0` (one call where the pool allows it).
+    fn punch_run(&mut self, f0: FrameId, n: u32) -> io::Result<()> {
+        // Every frame is tried, whatever the others give; the first error is returned.
+        let mut r = Ok(());
+        for f in f0..f0 + n {
+            r = r.and(self.punch(f));
+        }
+        r
+    }
+    /// VMAs merging may still add before the budget (`vm.max_map_count` minus the
+    /// `vma_reserve` knob minus what the process uses now); `u64::MAX` when there is
+    /// no limit.
     fn vma_allowance(&mut self) -> u64;
     /// Start the merge window: write-protect (writers block until `release`).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
@@ -160,6 +171,8 @@ pub struct Core<M: Mem> {
     /// the most one remap can add, so the budget is never passed.
     pub vma_allowance: u64,
     charges_since_count: u64,
+    /// Frames freed while unmerging, punched together when it ends (see `unmerge_range`).
+    punch_later: Option<Vec<FrameId>>,
     buf: Vec<u8>,
     buf2: Vec<u8>,
 }
@@ -291,6 +304,7 @@ impl<M: Mem> Core<M> {
             zero_checksum: checksum_of(&vec![0; page]).1,
             vma_allowance: u64::MAX,
             charges_since_count: 0,
+            punch_later: None,
             buf: vec![0; page],
             buf2: vec![0; page],
         }
@@ -459,7 +473,33 @@ impl<M: Mem> Core<M> {
         self.unmerge_pages(start, end, false)
     }
 
+    /// The frames an unmerge frees are punched together at the end, consecutive ones
+    /// with one call (a frame is punched only once no page maps it, and none is reused
+    /// before: unmerging allocates no frame).
     fn unmerge_pages(&mut self, start: usize, end: usize, covered: bool) -> io::Result<()> {
+        let outer = self.punch_later.is_none();
+        if outer {
+            self.punch_later = Some(Vec::new());
+        }
+        let r = self.unmerge_runs(start, end, covered);
+        if outer {
+            let mut freed = self.punch_later.take().unwrap_or_default();
+            freed.sort_unstable();
+            let mut i = 0;
+            while i < freed.len() {
+                let mut n = 1;
+                while i + n < freed.len() && freed[i + n] == freed[i] + n as FrameId {
+                    n += 1;
+                }
+                // A failed punch leaks the frames' bytes but never corrupts data.
+                let _ = self.mem.punch_run(freed[i], n as u32);
+                i += n;
+            }
+        }
+        r
+    }
+
+    fn unmerge_runs(&mut self, start: usize, end: usize, covered: bool) -> io::Result<()> {
         let page = self.page;
         // Zero pages read the kernel's zero page, as never-written anonymous memory
         // does: a private page of zeros in every way that matters, with nothing to copy.
@@ -630,8 +670,13 @@ impl<M: Mem> Core<M> {
         let release = self.frames.decref(f);
         self.frame_ref_dropped(f);
         if let Release::Free(f) = release {
-            // A failed punch leaks the frame's bytes but never corrupts data.
-            let _ = self.mem.punch(f);
+            match &mut self.punch_later {
+                Some(later) => later.push(f),
+                // A failed punch leaks the frame's bytes but never corrupts data.
+                None => {
+                    let _ = self.mem.punch(f);
+                }
+            }
         }
     }
 

@@ -137,6 +137,38 @@ fn unadvise_unmerges_and_clears_advice() {
 }
 
 #[test]
+fn frames_freed_by_one_unmerge_are_punched_together() {
+    // A copied run of 4 pages: consecutive frames, freed by one unmerge, punched with
+    // one call once no page maps them (FakeMem asserts that).
+    let mut c = core_with(8);
+    for i in 0..4 {
+        fill(&mut c, i, 10 + i as u8);
+        fill(&mut c, 4 + i, 10 + i as u8);
+    }
+    c.advise(BASE, BASE + 8 * PG);
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_shared, 4);
+    assert_eq!(c.mem.frames_held(), 4);
+    c.unadvise(BASE, BASE + 8 * PG).unwrap();
+    assert_eq!(c.mem.frames_held(), 0);
+    assert_eq!(c.mem.punched, 4);
+    assert_eq!(c.mem.punch_runs.len(), 1, "{:?}", c.mem.punch_runs);
+    assert_eq!(c.mem.punch_runs[0].1, 4);
+    for i in 0..8 {
+        assert_eq!(c.mem.read_page(BASE + i * PG), vec![10 + (i % 4) as u8; PG]);
+    }
+    // A failed unmerge punches nothing: every frame is still mapped.
+    c.advise(BASE, BASE + 8 * PG);
+    c.scan_full(2);
+    let held = c.mem.frames_held();
+    c.mem.fail_unmerge = true;
+    assert!(c.unadvise(BASE, BASE + 8 * PG).is_err());
+    assert_eq!(c.mem.frames_held(), held);
+    assert_eq!(c.mem.punch_runs.len(), 1);
+    c.check_invariants();
+}
+
+#[test]
 fn failed_unmerge_keeps_advice_and_data() {
     let mut c = core_with(2);
     fill(&mut c, 0, 3);

@@ -120,6 +120,41 @@ impl Mapping {
 }
 
 impl Mapping {
+    /// Give every page of this mapping its memory now (`MADV_POPULATE_WRITE`), so
+    /// that filling it takes no page fault per page, and so that running out of
+    /// memory shows here, as ENOMEM, before anything else has changed. A kernel
+    /// without `MADV_POPULATE_WRITE` (before 5.14, EINVAL) is not an error: the
+    /// pages are then faulted in as they are written.
+    ///
+    /// Only for private scratch mappings nobody else can see yet (the unmerge copy).
+    pub fn populate_write(&self) -> io::Result<()> {
+        const MADV_POPULATE_WRITE: i32 = 23;
+        // SAFETY: the range is owned by `self`; populating anonymous private memory
+        // for writing allocates zero-filled pages and changes no byte anyone reads.
+        match cvt(unsafe {
+            libc::madvise(
+                self.addr as *mut libc::c_void,
+                self.len,
+                MADV_POPULATE_WRITE,
+            )
+        }) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// The whole mapping as one mutable byte slice, to fill it in place.
+    ///
+    /// Only for private scratch mappings nobody else can see yet (the unmerge copy):
+    /// `&mut self` is then the only way to reach these bytes.
+    pub fn scratch_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the range is a live read-write mapping owned by `self` (`anonymous`
+        // maps PROT_READ|PROT_WRITE), which stays mapped for the lifetime of the borrow;
+        // per this method's contract no other thread knows its address, and the
+        // exclusive borrow of `self` keeps any other Rust reference to it from existing.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+
     /// Copy `data` into this mapping at `offset`.
     ///
     /// Only for private scratch mappings nobody else can see yet (the unmerge copy).

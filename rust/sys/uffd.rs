@@ -34,6 +34,7 @@ pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 pub const FEATURE_MOVE: u64 = 1 << 16;
 
+const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
 const REGISTER_MODE_MINOR: u64 = 1 << 2;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -295,6 +296,14 @@ impl Uffd {
         self.register(start, len, REGISTER_MODE_WP | REGISTER_MODE_MINOR)
     }
 
+    /// `UFFDIO_REGISTER` in missing-fault mode: for the scratch memory of an unmerge,
+    /// which [`Uffd::copy`] then fills (it needs the range registered with this
+    /// context). Nothing may fault there while it is registered: no thread serves
+    /// missing faults; unregister before anything else touches the range.
+    pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
+        self.register(start, len, REGISTER_MODE_MISSING)
+    }
+
     fn register(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
         super::inject::check(super::inject::Point::Register)?;
         let mut arg = RegisterArg {
@@ -334,6 +343,37 @@ impl Uffd {
             copy: 0,
         };
         ioctl(&self.fd, &mut arg)?;
+        Ok(())
+    }
+
+    /// `UFFDIO_COPY` of `[src, src+len)` of this process into `[dst, dst+len)`, a range
+    /// registered in missing mode ([`Uffd::register_missing`]) whose pages have no
+    /// PTE: the kernel allocates each page and copies into it, with no page fault and
+    /// no zero-filling (the unmerge copy). A source the kernel cannot read is EFAULT,
+    /// never a signal; a copy cut short by a pending event is resumed here.
+    pub fn copy(&self, dst: usize, src: usize, len: usize) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            let mut arg = CopyArg {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            match ioctl(&self.fd, &mut arg) {
+                Ok(_) => return Ok(()),
+                // Partly done (`copy` bytes), or nothing while an event is unread.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    if arg.copy > 0 {
+                        done += arg.copy as usize;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(())
     }
 
@@ -484,9 +524,10 @@ unsafe impl IoctlArg for ContinueArg {
 fn ioctl<T: IoctlArg>(fd: &OwnedFd, arg: &mut T) -> io::Result<i32> {
     retry_eintr(|| {
         // SAFETY: `T::REQUEST` takes a pointer to `T` (the trait's contract) and `arg` is
-        // valid for reads and writes (COPY's `src` points to a live buffer of `len` bytes,
-        // see `fill_zeros`); none of these ioctls changes a byte anyone can read: COPY
-        // and CONTINUE only fill pages that have no PTE.
+        // valid for reads and writes (COPY's `src` is read by the kernel with
+        // copy_from_user, which reports an unreadable source as EFAULT); none of these
+        // ioctls changes a byte anyone can read: COPY and CONTINUE only fill pages that
+        // have no PTE.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), T::REQUEST as _, arg as *mut T) })
     })
 }
