@@ -807,10 +807,10 @@ class Target:
     detail: str
 
 
-def targets(results: list[WorkloadResult], max_map_count: int) -> list[Target]:
+def targets(results: list[WorkloadResult], budget: int) -> list[Target]:
+    """The issue's targets, PASS/MISS; `budget` is ksm's VMA budget (``stats()['vma_budget']``)."""
     by = {r.workload: r for r in results}
     out: list[Target] = []
-    budget = max_map_count // 2
 
     def add(text: str, ok: bool | None, detail: str) -> None:
         out.append(Target(text, "n/a" if ok is None else ("PASS" if ok else "MISS"), detail))
@@ -1022,6 +1022,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
     kernel_note: str | None = "--no-kernel given" if args.no_kernel else kernel_unavailable_reason()
     max_map_count = int(_read("/proc/sys/vm/max_map_count") or 65530)
+    budget = int(ksm.stats()["vma_budget"])  # vm.max_map_count - ksmd.vma_reserve
 
     results: list[WorkloadResult] = []
     dataset_info: dict[str, Any] | None = None
@@ -1100,7 +1101,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return 130
 
     with_kernel = k is not None
-    tg = targets(results, max_map_count) if with_kernel else []
+    tg = targets(results, budget) if with_kernel else []
     info = machine()
     header = (
         f"ksm bench: {size / MIB:,.0f} MiB per workload ({npages:,} pages of {page} B), seed {args.seed}, "
@@ -1108,7 +1109,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         f"machine: {info['cpus']} x {info['cpu']}, Linux {info['kernel']}, {info['mem_gib']} GiB, "
         f"Python {info['python']}\n"
         f"both daemons: pages_to_scan={args.pages_to_scan} sleep_millisecs=0; "
-        f"vm.max_map_count={max_map_count} (ksm's VMA budget {max_map_count // 2:,})"
+        f"vm.max_map_count={max_map_count} (ksm's VMA budget {budget:,})"
     )
     if not with_kernel:
         header += f"\nkernel KSM not driven: {kernel_note}; ksm's figures alone"
@@ -1121,6 +1122,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             "machine": info,
             "pages_to_scan": args.pages_to_scan,
             "max_map_count": max_map_count,
+            "vma_budget": budget,
             "kernel": None if not with_kernel else {"ksmd_pid": k.pid if k else None},
             "kernel_note": kernel_note,
             "dataset": dataset_info,
