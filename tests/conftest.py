@@ -83,6 +83,7 @@ KNOB_DEFAULTS: dict[str, int | str] = {
     "advisor_target_scan_time": 200,
     # ksm's own: VMAs kept for the application, half of the limit by default.
     "vma_reserve": int(Path("/proc/sys/vm/max_map_count").read_text()) // 2,
+    "write_tracking": 1,
 }
 
 

@@ -147,6 +147,7 @@ KNOBS: dict[str, Knob] = {
     "advisor_target_scan_time": Knob(200, 1, U32),
     # ksm's own: VMAs kept for the application (half of vm.max_map_count by default).
     "vma_reserve": Knob(int(Path("/proc/sys/vm/max_map_count").read_text()) // 2, 0, 2**31 - 1),
+    "write_tracking": Knob(1, 0, 1, boolean=True),
 }
 PRESENT_KNOBS = [k for k in KNOBS if hasattr(ksm.ksmd, k)]
 # Knobs that can only change while no page is shared (OSError EBUSY otherwise).

@@ -42,8 +42,9 @@ RANGES = {
     "advisor_max_pages_to_scan": (0, U32),
     "advisor_target_scan_time": (1, U32),
     "vma_reserve": (0, 2**31 - 1),
+    "write_tracking": (0, 1),
 }
-BOOLEAN_KNOBS = {"use_zero_pages", "merge_across_nodes", "smart_scan"}
+BOOLEAN_KNOBS = {"use_zero_pages", "merge_across_nodes", "smart_scan", "write_tracking"}
 
 
 def test_every_knob_is_in_the_tables() -> None:

@@ -54,6 +54,8 @@ pub struct Setup {
     pub small_capacity: Option<u8>,
     /// Initial `max_page_sharing`: 2 + n % 3, or `None` for the default 256.
     pub max_page_sharing: Option<u8>,
+    /// Write tracking (`Mem::probe_tracked`): unchanged pages are not hashed again.
+    pub write_tracking: bool,
 }
 
 /// One step. Page and range arguments are reduced modulo what exists.
@@ -146,6 +148,18 @@ impl Mem for ChildMem {
     }
     fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
         self.fake.probe(addr, out)
+    }
+    fn probe_tracked(
+        &mut self,
+        addr: usize,
+        out: &mut [Presence],
+        tracked: &mut [bool],
+        unchanged: &mut [bool],
+    ) -> io::Result<()> {
+        self.fake.probe_tracked(addr, out, tracked, unchanged)
+    }
+    fn untrack(&mut self, addr: usize, len: usize) {
+        self.fake.untrack(addr, len)
     }
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()> {
         self.fake.read(addr, owned, buf)
@@ -279,6 +293,7 @@ impl Harness {
             maps_since_limit: 0,
         };
         let mut core = Core::new(mem, capacity);
+        core.mem.fake.tracking = s.write_tracking;
         let mut regions = vec![RegionModel::new(BASE, na, page)];
         if nb > 0 {
             regions.push(RegionModel::new(BASE + (na + gap) * page, nb, page));

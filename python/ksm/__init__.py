@@ -197,6 +197,7 @@ class Ksmd:
     advisor_max_pages_to_scan: int
     advisor_target_scan_time: int
     vma_reserve: int
+    write_tracking: int
 
     # Read-only statistics (writing one raises AttributeError).
     pages_shared: int

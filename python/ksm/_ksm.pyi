@@ -123,7 +123,7 @@ class Ksmd:
       switching it on sets ``pages_to_scan`` to ``advisor_min_pages_to_scan``
       (500), switching it off to 100, as the kernel does.
 
-    ksm's own knob (the kernel's KSM needs no VMAs):
+    ksm's own knobs (the kernel's KSM needs no VMAs and walks page tables):
 
     - ``vma_reserve`` (half of ``vm.max_map_count`` when ksm started, 32765 with
       the default limit; 0..2**31-1): VMAs kept for the application. Merging adds
@@ -131,6 +131,13 @@ class Ksmd:
       vma_reserve`` (``stats()["vma_budget"]``); a merge that could pass it is not
       attempted (``vma_budget_skips``). Takes effect at once; merges already made
       stay. A reserve at or above the limit lets merging add no VMA.
+    - ``write_tracking`` (1; 0/1): track writes to the unmerged pages of
+      ``ksm.mmap`` memory with an asynchronous write-protect userfaultfd, so that a
+      scan hashes only the pages written since the previous one (``pages_hashed``
+      counts what it hashed); the first write to such a page after each scan costs
+      about 2 microseconds more. Needs ``UFFD_FEATURE_WP_ASYNC`` (Linux 6.7);
+      without it this stays 1 and nothing is tracked. 0 stops tracking at once;
+      1 tracks memory advised (or unmerged) from then on.
 
     Statistics (read-only, the kernel's definitions): ``pages_shared``,
     ``pages_sharing``, ``pages_unshared``, ``pages_volatile``, ``full_scans``,
@@ -156,6 +163,7 @@ class Ksmd:
     advisor_max_pages_to_scan: int
     advisor_target_scan_time: int
     vma_reserve: int
+    write_tracking: int
     @property
     def pages_shared(self) -> int: ...
     @property
@@ -235,7 +243,8 @@ def stats() -> dict[str, int]:
     ``general_profit``) and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
     bytes), ``deferred_frames`` (kept for a forked child), ``suspect_frames`` (kept
     until no mapping holds them, after the application unmapped merged memory), ``pool_bytes``
-    (memory of the frame pool), ``merges``, ``merge_failures``, ``cows``
+    (memory of the frame pool), ``merges``, ``merge_failures``, ``pages_hashed`` (pages a
+    scan read and hashed; with ``ksmd.write_tracking`` unchanged ones are not), ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),
     ``vmas_used`` (VMAs of the process when last counted), ``vma_budget`` (the
     most VMAs merging lets the process have: ``vm.max_map_count`` minus the

@@ -7,9 +7,10 @@
 //! spellings are not taken; the `advisor_*` knobs the kernel stores in 32 bits
 //! after accepting 64 (silently truncating) refuse what does not fit.
 //!
-//! One knob is ksm's own, listed after the kernel's: `vma_reserve`, the VMAs of
+//! Two knobs are ksm's own, listed after the kernel's: `vma_reserve`, the VMAs of
 //! `vm.max_map_count` kept for the application (merging costs VMAs; the
-//! kernel's KSM costs none).
+//! kernel's KSM costs none), and `write_tracking` (scans skip the pages of memory
+//! ksm owns that were not written since, at a small cost on the first write).
 
 #![forbid(unsafe_code)]
 
@@ -49,6 +50,9 @@ pub struct Knobs {
     /// ksm's own: VMAs of `vm.max_map_count` kept for the application. Merging may
     /// add VMAs while the process has fewer than `vm.max_map_count - vma_reserve`.
     pub vma_reserve: u32,
+    /// ksm's own: track writes to unmerged memory ksm owns (an asynchronous
+    /// write-protect userfaultfd), so that a scan hashes only pages written since.
+    pub write_tracking: bool,
     /// `prctl(PR_SET_MEMORY_MERGE)` state (`ksm.set_memory_merge`); not a sysfs knob.
     pub merge_any: bool,
 }
@@ -81,6 +85,7 @@ impl Default for Knobs {
             advisor_max_pages_to_scan: 30000,
             advisor_target_scan_time: 200,
             vma_reserve: default_vma_reserve(),
+            write_tracking: true,
             merge_any: false,
         }
     }
@@ -138,6 +143,7 @@ pub const KNOBS: &[(&str, Kind)] = &[
             hi: i32::MAX as i64,
         },
     ),
+    ("write_tracking", Kind::Bool),
 ];
 
 /// Knob names in sysfs order.
@@ -203,6 +209,7 @@ impl Knobs {
                     "use_zero_pages" => self.use_zero_pages = b,
                     "merge_across_nodes" => self.merge_across_nodes = b,
                     "smart_scan" => self.smart_scan = b,
+                    "write_tracking" => self.write_tracking = b,
                     _ => unreachable!("every Bool knob is listed"),
                 }
             }
@@ -237,6 +244,7 @@ impl Knobs {
             "advisor_max_pages_to_scan" => i(self.advisor_max_pages_to_scan),
             "advisor_target_scan_time" => i(self.advisor_target_scan_time),
             "vma_reserve" => i(self.vma_reserve),
+            "write_tracking" => b(self.write_tracking),
             _ => return None,
         })
     }
@@ -277,6 +285,7 @@ mod tests {
             ("advisor_max_pages_to_scan", 30000),
             ("advisor_target_scan_time", 200),
             ("vma_reserve", i64::from(default_vma_reserve())),
+            ("write_tracking", 1),
         ];
         for &(name, default) in defaults {
             let mut k = Knobs::default();

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::merge::{own_event_or_disturb, Event, EventLog, Events, Os, Win, Windows};
 use crate::region::{maps, Region};
-use crate::scan::Core;
+use crate::scan::{Core, Mem};
 use crate::stats::{KsmStat, Snapshot};
 use crate::sys::mman::Mapping;
 use crate::sys::uffd::{self, Msg, Uffd};
@@ -170,6 +170,9 @@ fn apply_knobs(core: &mut Core<Os>, k: &Knobs) {
     core.smart_scan = k.smart_scan;
     core.use_zero_pages = k.use_zero_pages;
     core.mem.vma_reserve = u64::from(k.vma_reserve);
+    if core.mem.write_tracking() != k.write_tracking {
+        core.set_write_tracking(k.write_tracking);
+    }
 }
 
 impl Engine {
@@ -538,8 +541,15 @@ impl Engine {
         for (start, owned) in starts {
             let u = Self::ensure_uffd_of(st, !owned)?;
             let len = st.core.region_at(start).expect("listed").len(page);
-            u.register_wp(start, len)
-                .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
+            // Memory ksm owns is write-tracked while unmerged (where the kernel can);
+            // a merge moves the pages it protects to `u`.
+            let tracked = owned
+                && !st.core.has_merged_pages(start, start + len)
+                && st.core.mem.track(start, len);
+            if !tracked {
+                u.register_wp(start, len)
+                    .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
+            }
             st.core
                 .regions_mut()
                 .find(|r| r.start == start)
@@ -932,6 +942,7 @@ impl Engine {
             pool_bytes: st.core.mem.pool.as_ref().map_or(0, |p| p.allocated_bytes()),
             merges: c.merges,
             merge_failures: c.merge_failures,
+            pages_hashed: c.pages_hashed,
             cows: c.cows,
             vmas_added,
             metadata_bytes,

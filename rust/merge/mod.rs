@@ -29,11 +29,11 @@ use crate::region::maps;
 use crate::scan::{Mem, Presence};
 use crate::sys::mman::{self, Mapping};
 use crate::sys::pagemap::{
-    PageRegion, Pagemap, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PM_FILE, PM_PRESENT,
-    PM_SWAP,
+    PageRegion, Pagemap, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WPALLOWED,
+    PM_FILE, PM_PRESENT, PM_SWAP,
 };
 use crate::sys::procmem;
-use crate::sys::uffd::{Uffd, Window};
+use crate::sys::uffd::{self, Uffd, Window};
 
 /// One open merge window.
 #[derive(Clone, Copy, Debug)]
@@ -218,6 +218,14 @@ pub struct Os {
     pub uffd: Option<Arc<Uffd>>,
     /// The userfaultfd of memory the application owns (events: UNMAP, REMAP, REMOVE).
     pub uffd_foreign: Option<Arc<Uffd>>,
+    /// Write tracking (DESIGN.md §5): an asynchronous write-protect userfaultfd that
+    /// the unmerged pages of memory ksm owns are registered with, so that a scan
+    /// learns from `PAGEMAP_SCAN` which were written instead of hashing them all.
+    /// Its faults are resolved by the kernel: nothing reads it.
+    tracker: Option<Uffd>,
+    /// Whether write tracking is wanted (`Os::set_write_tracking`).
+    tracking: bool,
+    written: Vec<PageRegion>,
     /// The frame pool, created with the first frame.
     pub pool: Option<Pool>,
     frame_capacity: u32,
@@ -249,6 +257,9 @@ impl Os {
         Os {
             uffd: None,
             uffd_foreign: None,
+            tracker: None,
+            tracking: true,
+            written: Vec::new(),
             pool: None,
             frame_capacity,
             windows,
@@ -295,9 +306,47 @@ impl Os {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
     }
 
+    /// The write tracker, opened on first use; None where tracking is off or the
+    /// kernel lacks asynchronous write-protection.
+    fn tracker(&mut self) -> Option<&Uffd> {
+        if self.tracker.is_none() && self.tracking && self.pagemap_scan {
+            self.tracker = Uffd::open(uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED)
+                .ok()
+                .filter(|u| u.features() & uffd::FEATURE_WP_ASYNC != 0);
+            if self.tracker.is_none() {
+                self.tracking = false;
+            }
+        }
+        self.tracker.as_ref().filter(|_| self.tracking)
+    }
+
+    /// Track writes to `[addr, addr+len)`, anonymous memory ksm owns that is registered
+    /// with no userfaultfd: register it with the tracker and write-protect it
+    /// (asynchronously: a write just marks the page written). False if not tracked.
+    pub fn track(&mut self, addr: usize, len: usize) -> bool {
+        if self.owned_at(addr).is_none() {
+            return false;
+        }
+        let Some(t) = self.tracker() else {
+            return false;
+        };
+        if t.register_wp(addr, len).is_err() {
+            return false;
+        }
+        if t.writeprotect(addr, len, true).is_err() {
+            let _ = t.unregister(addr, len);
+            return false;
+        }
+        true
+    }
+
     /// Register a range we just remapped: merged pages (pool mappings) in write-protect
-    /// and minor mode, anything else (or without minor-fault support) write-protect only.
-    fn register_new(&self, addr: usize, len: usize, merged: bool) {
+    /// and minor mode; unmerged memory ksm owns with the write tracker where it is on;
+    /// anything else (or without minor-fault support) write-protect only.
+    fn register_new(&mut self, addr: usize, len: usize, merged: bool) {
+        if !merged && self.track(addr, len) {
+            return;
+        }
         if let Ok(u) = self.uffd(addr) {
             if !merged || u.register_wp_minor(addr, len).is_err() {
                 let _ = u.register_wp(addr, len);
@@ -396,6 +445,68 @@ impl Mem for Os {
 
     fn probe_anonymous(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
         self.probe_with(addr, out, false)
+    }
+
+    fn probe_tracked(
+        &mut self,
+        addr: usize,
+        out: &mut [Presence],
+        tracked: &mut [bool],
+        unchanged: &mut [bool],
+    ) -> io::Result<()> {
+        tracked.fill(false);
+        unchanged.fill(false);
+        let end = addr + out.len() * self.page;
+        // First the written pages, write-protected again in the same step (a write
+        // from now on shows at the next scan), then which pages are tracked at all.
+        let mut written = std::mem::take(&mut self.written);
+        let took = match (&self.tracker, &self.pagemap) {
+            (Some(_), Some(pm)) if self.tracking && self.pagemap_scan => {
+                pm.take_written(addr, end, &mut written).ok() == Some(end)
+            }
+            _ => false,
+        };
+        let r = self.probe_with(addr, out, false);
+        if took && r.is_ok() && self.pagemap_scan {
+            for reg in &self.regions {
+                if reg.categories & PAGE_IS_WPALLOWED != 0 {
+                    let (s, e) = (
+                        (reg.start as usize - addr) / self.page,
+                        (reg.end as usize - addr) / self.page,
+                    );
+                    tracked[s..e].fill(true);
+                }
+            }
+            for (i, (t, u)) in tracked.iter().zip(unchanged.iter_mut()).enumerate() {
+                *u = *t && out[i] == Presence::Anon;
+            }
+            for reg in &written {
+                let (s, e) = ((reg.start as usize).max(addr), (reg.end as usize).min(end));
+                unchanged[(s - addr) / self.page..(e.max(s) - addr) / self.page].fill(false);
+            }
+        }
+        self.written = written;
+        r
+    }
+
+    /// On: memory ksm owns registered from now on is tracked (advised, or given
+    /// anonymous memory again by an unmerge), where the kernel offers
+    /// `UFFD_FEATURE_WP_ASYNC`. Off: nothing is trusted; `Core::set_write_tracking`
+    /// unregisters what is tracked.
+    fn set_write_tracking(&mut self, on: bool) {
+        self.tracking = on;
+    }
+
+    fn write_tracking(&self) -> bool {
+        self.tracking
+    }
+
+    fn untrack(&mut self, addr: usize, len: usize) {
+        if self.owned_at(addr).is_some() {
+            if let Some(t) = &self.tracker {
+                let _ = t.unregister(addr, len);
+            }
+        }
     }
 
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()> {

@@ -35,6 +35,9 @@ pub const ADVISED: u8 = 1;
 /// so that the run stays one mapping, or it was written after merging. Such a page
 /// is unmerged in every other way (its state says where it is in the algorithm).
 pub const IN_POOL: u8 = 1 << 4;
+/// `checksum` was taken while the page's writes were tracked (an asynchronous
+/// write-protect userfaultfd): while the tracker reports no write, it still holds.
+pub const SUM_TRACKED: u8 = 1 << 5;
 
 /// The page's place in the algorithm (kernel: no rmap_item / in no tree /
 /// unstable tree / stable tree).

@@ -39,6 +39,11 @@ pub struct FakeMem {
     pub punch_runs: Vec<(FrameId, u32)>,
     /// What `vma_allowance` answers (the real count of a process).
     pub vma_allowance: u64,
+    /// Write tracking (`probe_tracked`): anonymous pages not in `untracked` are
+    /// tracked; `dirty` holds those written since their last probe.
+    pub tracking: bool,
+    untracked: HashSet<usize>,
+    dirty: HashSet<usize>,
 }
 
 impl FakeMem {
@@ -54,6 +59,9 @@ impl FakeMem {
             punched: 0,
             punch_runs: Vec::new(),
             vma_allowance: u64::MAX,
+            tracking: false,
+            untracked: HashSet::new(),
+            dirty: HashSet::new(),
         }
     }
 
@@ -69,6 +77,7 @@ impl FakeMem {
         let mut v = cur;
         v[off..off + data.len()].copy_from_slice(data);
         self.pages.insert(base, Backing::Anon(v));
+        self.dirty.insert(base);
     }
 
     /// Application view of a page.
@@ -122,6 +131,31 @@ impl Mem for FakeMem {
             };
         }
         Ok(())
+    }
+
+    fn probe_tracked(
+        &mut self,
+        addr: usize,
+        out: &mut [Presence],
+        tracked: &mut [bool],
+        unchanged: &mut [bool],
+    ) -> io::Result<()> {
+        self.probe(addr, out)?;
+        for i in 0..out.len() {
+            let a = addr + i * self.page;
+            tracked[i] = self.tracking && out[i] == Presence::Anon && !self.untracked.contains(&a);
+            unchanged[i] = tracked[i] && !self.dirty.contains(&a);
+            if tracked[i] {
+                self.dirty.remove(&a); // write-protected again
+            }
+        }
+        Ok(())
+    }
+
+    fn untrack(&mut self, addr: usize, len: usize) {
+        for a in (addr..addr + len).step_by(self.page) {
+            self.untracked.insert(a);
+        }
     }
 
     fn read(&mut self, addr: usize, _owned: bool, buf: &mut [u8]) -> io::Result<()> {
@@ -226,8 +260,10 @@ impl Mem for FakeMem {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
         // The Os populates a new mapping's PTEs at once (read faults, no copy); a
-        // covered page is a private copy of its own bytes.
+        // covered page is a private copy of its own bytes. A pool mapping is never
+        // write-tracked.
         for i in 0..n {
+            self.untracked.insert(addr + i * self.page);
             let f = f0 + i as FrameId;
             let b = match covered.iter().find(|(k, _)| *k == i) {
                 Some((_, bytes)) => Backing::Anon(bytes.clone()),
@@ -247,6 +283,8 @@ impl Mem for FakeMem {
                 let v = self.read_page(a);
                 self.pages.insert(a, Backing::Anon(v));
             }
+            // Anonymous memory ksm owns again: the Os tracks it afresh.
+            self.untracked.remove(&a);
         }
         Ok(())
     }

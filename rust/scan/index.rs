@@ -3,7 +3,8 @@
 use std::collections::{hash_map::Entry, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// Maps keyed by a content hash (xxh3, already uniform): the key is its own hash.
+/// Maps keyed by a content checksum (32 bits of xxh3, already uniform): spread over
+/// 64 bits by one multiplication (the table takes its control bits from the top).
 pub type ByHash<V> = HashMap<u64, V, BuildHasherDefault<KeyIsHash>>;
 
 #[derive(Default)]
@@ -20,7 +21,7 @@ impl Hasher for KeyIsHash {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 

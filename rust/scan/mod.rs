@@ -30,7 +30,7 @@ use std::io;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::pool::{FrameId, FrameTable, Release};
-use crate::region::{PageRec, Region, State, ADVISED, IN_POOL};
+use crate::region::{PageRec, Region, State, ADVISED, IN_POOL, SUM_TRACKED};
 
 /// What pagemap says about a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +56,29 @@ pub trait Mem {
     fn probe_anonymous(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
         self.probe(addr, out)
     }
+    /// `probe_anonymous` with write tracking: per page whether it is tracked (its
+    /// writes are recorded) and, if so, whether it is unchanged since the previous
+    /// call for it (and from now on, until the next call, every write is recorded).
+    /// Without write tracking nothing is tracked.
+    fn probe_tracked(
+        &mut self,
+        addr: usize,
+        out: &mut [Presence],
+        tracked: &mut [bool],
+        unchanged: &mut [bool],
+    ) -> io::Result<()> {
+        tracked.fill(false);
+        unchanged.fill(false);
+        self.probe_anonymous(addr, out)
+    }
+    /// Stop tracking writes to `[addr, addr+len)`, anonymous pages about to be
+    /// write-protected for a merge (which needs the synchronous userfaultfd).
+    fn untrack(&mut self, _addr: usize, _len: usize) {}
+    /// Whether write tracking is wanted (the `write_tracking` knob).
+    fn write_tracking(&self) -> bool {
+        false
+    }
+    fn set_write_tracking(&mut self, _on: bool) {}
     /// Copy `buf.len()` bytes from `addr` (a page, or a run inside one region),
     /// fault-safely unless `owned`.
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()>;
@@ -112,6 +135,8 @@ pub struct Counters {
     pub merges: u64,
     /// Merges given up after write-protection (content changed, or a syscall failed).
     pub merge_failures: u64,
+    /// Pages a visit read and hashed (not those write tracking vouched for).
+    pub pages_hashed: u64,
     /// Merged pages found copied away by a write.
     pub cows: u64,
     /// Merges not attempted because they could have passed the VMA budget.
@@ -177,10 +202,18 @@ pub struct Core<M: Mem> {
     buf2: Vec<u8>,
 }
 
-/// The 64-bit hash (index key) and the 32-bit checksum (volatility check) of a page.
+/// The index key and the 32-bit checksum (volatility check) of a page.
 fn checksum_of(buf: &[u8]) -> (u64, u32) {
     let hash = xxh3_64(buf);
-    (hash, (hash ^ (hash >> 32)) as u32)
+    let checksum = (hash ^ (hash >> 32)) as u32;
+    (key_of(checksum), checksum)
+}
+
+/// The index key of a page with checksum `c`: the checksum itself, so that a page
+/// known unchanged since its checksum was taken (write tracking) is looked up
+/// without reading it. Bytes are compared on every hit, so its 32 bits are enough.
+fn key_of(c: u32) -> u64 {
+    u64::from(c)
 }
 
 /// The kernel's `skip_age`: how many visits a page that failed to merge `age`
@@ -270,6 +303,16 @@ impl Ahead {
             next: 0,
         }
     }
+}
+
+/// What the batch's probe said of one page.
+#[derive(Clone, Copy)]
+struct Seen {
+    pres: Presence,
+    /// Its writes are tracked (see `Mem::probe_tracked`).
+    tracked: bool,
+    /// Tracked, and not written since the previous probe.
+    unchanged: bool,
 }
 
 /// A page that can join a run (see `Core::run_candidate`).
@@ -825,6 +868,7 @@ impl<M: Mem> Core<M> {
         }
         let mut scanned = 0u64;
         let mut pres = vec![Presence::Absent; 512];
+        let (mut tracked, mut unchanged) = (vec![false; 512], vec![false; 512]);
         while scanned < budget {
             let cur = self.cursor.expect("set above");
             // The next region at or after the cursor.
@@ -842,23 +886,41 @@ impl<M: Mem> Core<M> {
             let from = cur.max(rstart);
             let n = ((rend - from) / page).min(pres.len());
             let probed = if self.only_anonymous(rstart, from, n) {
-                self.mem.probe_anonymous(from, &mut pres[..n])
+                self.mem
+                    .probe_tracked(from, &mut pres[..n], &mut tracked[..n], &mut unchanged[..n])
             } else {
+                tracked[..n].fill(false);
+                unchanged[..n].fill(false);
                 self.mem.probe(from, &mut pres[..n])
             };
             if probed.is_err() {
                 pres[..n].fill(Presence::Absent);
+                tracked[..n].fill(false);
+                unchanged[..n].fill(false);
             }
             let mut i = 0;
             while i < n && scanned < budget {
-                i += self.skip_stretch(rstart, from, i, &pres[..n]);
-                if i == n {
+                let (passed, counted) = self.pass_stretch(
+                    rstart,
+                    from,
+                    i,
+                    (&pres[..n], &unchanged[..n]),
+                    budget - scanned,
+                );
+                i += passed;
+                scanned += counted;
+                if i == n || scanned >= budget {
                     break;
                 }
                 let addr = from + i * page;
                 i += 1;
                 if let Some(rec) = self.rec(addr) {
-                    if rec.advised() && self.visit(addr, pres[i - 1]) {
+                    let seen = Seen {
+                        pres: pres[i - 1],
+                        tracked: tracked[i - 1],
+                        unchanged: unchanged[i - 1],
+                    };
+                    if rec.advised() && self.visit(addr, seen) {
                         scanned += 1;
                     }
                 }
@@ -866,6 +928,55 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(from + i * page);
         }
         false
+    }
+
+    /// Write-protect `[addr, addr+len)` for a merge (the synchronous userfaultfd). Its
+    /// unmerged pages, in anonymous mappings whose writes may be tracked, are taken out
+    /// of write tracking first (a mapping has one userfaultfd); merged and covered
+    /// pages are in pool mappings, never tracked.
+    fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        let page = self.page;
+        let mut anon: Vec<(usize, usize)> = Vec::new();
+        for (a, r) in self.pages_in(addr, addr + len) {
+            if matches!(r.state, State::Stable | State::Inherited) || r.in_pool().is_some() {
+                continue;
+            }
+            match anon.last_mut() {
+                Some(last) if last.1 == a => last.1 = a + page,
+                _ => anon.push((a, a + page)),
+            }
+        }
+        for (s, e) in anon {
+            self.mem.untrack(s, e - s);
+        }
+        self.mem.protect(addr, len)
+    }
+
+    /// The algorithm's side of the `write_tracking` knob (see `Os::set_write_tracking`):
+    /// switched off, the unmerged pages of memory ksm owns leave the tracker at once
+    /// (no write pays for tracking any more; a merge registers them as it needs).
+    pub fn set_write_tracking(&mut self, on: bool) {
+        self.mem.set_write_tracking(on);
+        if on {
+            return;
+        }
+        let page = self.page;
+        let mut anon: Vec<(usize, usize)> = Vec::new();
+        for r in self.regions.values().filter(|r| r.owned) {
+            for (i, p) in r.pages.iter().enumerate() {
+                if matches!(p.state, State::Stable | State::Inherited) || p.in_pool().is_some() {
+                    continue;
+                }
+                let a = r.start + i * page;
+                match anon.last_mut() {
+                    Some(last) if last.1 == a => last.1 = a + page,
+                    _ => anon.push((a, a + page)),
+                }
+            }
+        }
+        for (s, e) in anon {
+            self.mem.untrack(s, e - s);
+        }
     }
 
     /// Whether the `n` pages from `from` (in the region at `rstart`) are all in
@@ -883,40 +994,95 @@ impl<M: Mem> Core<M> {
     }
 
     /// From page `i` of the batch at `from` (in the region at `rstart`), the pages a
-    /// visit would pass over at once: not advised, or skipped by smart scan (present,
-    /// unmerged, and `should_skip` would skip it; done here as it would). Returns how
-    /// many; none of them counts as scanned. Once memory has settled this is most
-    /// pages, so it reads no record twice and looks no region up per page.
-    fn skip_stretch(&mut self, rstart: usize, from: usize, i: usize, pres: &[Presence]) -> usize {
+    /// visit would deal with without looking at their bytes, done here as `visit`
+    /// would: not advised; skipped by smart scan (present, unmerged, and
+    /// `should_skip` would skip it); or unchanged since a checksum taken under write
+    /// tracking, with no candidate in any index (it goes into the unstable index
+    /// again). Returns how many pages, and how many of them count as scanned (at
+    /// most `budget`). Once memory has settled this is most pages: no record read
+    /// twice, no region looked up per page.
+    fn pass_stretch(
+        &mut self,
+        rstart: usize,
+        from: usize,
+        i: usize,
+        seen: (&[Presence], &[bool]),
+        budget: u64,
+    ) -> (usize, u64) {
+        let (pres, unchanged) = seen;
         let page = self.page;
-        let smart = self.smart_scan;
-        let Some(r) = self.regions.get_mut(&rstart) else {
-            return 0;
+        let (smart, zero, seq) = (
+            self.smart_scan,
+            self.use_zero_pages.then_some(self.zero_checksum),
+            self.seq,
+        );
+        let Core {
+            regions,
+            counters,
+            stable,
+            unstable,
+            ..
+        } = self;
+        let Some(r) = regions.get_mut(&rstart) else {
+            return (0, 0);
         };
         let base = (from - r.start) / page;
-        let mut k = i;
+        let (mut k, mut scanned) = (i, 0);
         while k < pres.len() {
-            let p = &mut r.pages[base + k];
-            if p.advised() {
-                let skip = smart
-                    && pres[k] == Presence::Anon
-                    && matches!(p.state, State::Volatile | State::Unstable)
-                    && p.age >= 3
-                    && p.skips > 0;
-                if !skip {
-                    break;
-                }
-                p.age = p.age.saturating_add(1);
-                p.skips -= 1;
-                if p.state == State::Unstable {
-                    self.counters.pages_unshared -= 1;
-                }
-                p.state = State::Volatile;
-                self.counters.pages_skipped += 1;
+            let idx = base + k;
+            let p = r.pages[idx];
+            if !p.advised() {
+                k += 1;
+                continue;
             }
+            if pres[k] != Presence::Anon || !matches!(p.state, State::Volatile | State::Unstable) {
+                break;
+            }
+            if smart && p.age >= 3 && p.skips > 0 {
+                // `should_skip`: skipped.
+                let q = &mut r.pages[idx];
+                q.age = q.age.saturating_add(1);
+                q.skips -= 1;
+                if q.state == State::Unstable {
+                    counters.pages_unshared -= 1;
+                }
+                q.state = State::Volatile;
+                counters.pages_skipped += 1;
+                k += 1;
+                continue;
+            }
+            let key = key_of(p.checksum);
+            let quiet = unchanged[k]
+                && p.flags & SUM_TRACKED != 0
+                && scanned < budget
+                && zero != Some(p.checksum)
+                && stable.get(key).next().is_none()
+                && !unstable.contains_key(&key)
+                && !(idx > 0 && r.pages[idx - 1].state == State::Stable);
+            if !quiet {
+                break;
+            }
+            // `visit` with a trusted checksum and nothing to compare: `should_skip`
+            // (not skipped), counted as scanned, back into the unstable index.
+            let q = &mut r.pages[idx];
+            if smart {
+                let age = q.age;
+                q.age = age.saturating_add(1);
+                if age >= 3 && q.skips == 0 {
+                    q.skips = skip_age(age);
+                }
+            }
+            if q.state == State::Volatile {
+                counters.pages_unshared += 1;
+            }
+            q.state = State::Unstable;
+            q.seq = seq;
+            unstable.insert(key, from + k * page);
+            counters.pages_scanned += 1;
+            scanned += 1;
             k += 1;
         }
-        k - i
+        (k - i, scanned)
     }
 
     /// Read the VMA budget afresh (the engine calls this at every full scan).
@@ -954,8 +1120,14 @@ impl<M: Mem> Core<M> {
     }
 
     /// `cmp_and_merge_page`: returns whether the page counted as scanned.
-    fn visit(&mut self, addr: usize, pres: Presence) -> bool {
+    fn visit(&mut self, addr: usize, seen: Seen) -> bool {
         let rec = self.rec(addr).expect("tracked");
+        // Its recorded checksum still holds: taken while its writes were tracked, and
+        // none since (an unmerged page only: any other state is looked at afresh).
+        let trusted = seen.unchanged
+            && rec.flags & SUM_TRACKED != 0
+            && matches!(rec.state, State::Volatile | State::Unstable);
+        let pres = seen.pres;
         let (owned, prot) = {
             let r = self.region_at(addr).expect("tracked");
             (r.owned, r.prot_of((addr - r.start) / self.page))
@@ -1048,7 +1220,7 @@ impl<M: Mem> Core<M> {
             self.rec_mut(addr).state = State::Volatile;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        self.visit_content(t, &mut buf);
+        self.visit_content(t, &mut buf, trusted, seen.tracked);
         self.buf = buf;
         true
     }
@@ -1081,39 +1253,79 @@ impl<M: Mem> Core<M> {
         true
     }
 
-    fn visit_content(&mut self, t: Target, buf: &mut [u8]) -> bool {
-        if self.mem.read(t.addr, t.owned, buf).is_err() {
-            self.forget(t.addr);
-            return false;
-        }
-        let (hash, checksum) = checksum_of(buf);
-        let rec = self.rec_mut(t.addr);
-        if rec.checksum != checksum {
-            rec.checksum = checksum;
-            self.changes += 1;
-            return false;
-        }
-        if self.use_zero_pages
-            && checksum == self.zero_checksum
-            && buf.iter().all(|&b| b == 0)
-            && self.merge_zero(t)
-        {
-            return true;
-        }
-        if let Some(g) = self.continuing_frame(t, hash, buf) {
-            if self.merge_with_frame(t, g, hash) {
+    /// The page's content step: volatility check, then the zero page, the stable
+    /// index, the unstable index. With `trusted` (see `visit`), the checksum is not
+    /// taken again and the bytes are read only if some index holds a candidate;
+    /// `tracked` says whether a checksum taken now stays trustworthy.
+    fn visit_content(&mut self, t: Target, buf: &mut [u8], trusted: bool, tracked: bool) -> bool {
+        let (hash, checksum) = if trusted {
+            let c = self.rec(t.addr).expect("tracked").checksum;
+            (key_of(c), c)
+        } else {
+            if self.mem.read(t.addr, t.owned, buf).is_err() {
+                self.forget(t.addr);
+                return false;
+            }
+            let (hash, checksum) = checksum_of(buf);
+            self.counters.pages_hashed += 1;
+            let rec = self.rec_mut(t.addr);
+            if tracked {
+                rec.flags |= SUM_TRACKED;
+            } else {
+                rec.flags &= !SUM_TRACKED;
+            }
+            if rec.checksum != checksum {
+                rec.checksum = checksum;
+                self.changes += 1;
+                return false;
+            }
+            (hash, checksum)
+        };
+        let mut loaded = !trusted;
+        // The bytes, read the first time they are needed.
+        let mut load = |core: &mut Self, buf: &mut [u8]| {
+            loaded = loaded || core.mem.read(t.addr, t.owned, buf).is_ok();
+            loaded
+        };
+        if self.use_zero_pages && checksum == self.zero_checksum {
+            if !load(self, buf) {
+                self.forget(t.addr);
+                return false;
+            }
+            if buf.iter().all(|&b| b == 0) && self.merge_zero(t) {
                 return true;
             }
         }
-        match self.stable_search(hash, buf) {
-            // A failed merge (content changed under protection, or the VMA budget)
-            // falls through to the unstable index, as the kernel's does.
-            StableHit::Room(f) if self.merge_with_frame(t, f, hash) => return true,
-            StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
-        }
-        if let Some(other) = self.unstable_search(hash, t.addr, buf) {
-            if self.merge_pair(t, other, hash) {
+        if let Some(g) = self.continuing_frame(t, hash) {
+            if !load(self, buf) {
+                self.forget(t.addr);
+                return false;
+            }
+            if self.mem.frame(g) == buf && self.merge_with_frame(t, g, hash) {
                 return true;
+            }
+        }
+        if self.stable.get(hash).next().is_some() {
+            if !load(self, buf) {
+                self.forget(t.addr);
+                return false;
+            }
+            match self.stable_search(hash, buf) {
+                // A failed merge (content changed under protection, or the VMA budget)
+                // falls through to the unstable index, as the kernel's does.
+                StableHit::Room(f) if self.merge_with_frame(t, f, hash) => return true,
+                StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
+            }
+        }
+        if self.unstable.contains_key(&hash) {
+            if !load(self, buf) {
+                self.forget(t.addr);
+                return false;
+            }
+            if let Some(other) = self.unstable_search(hash, t.addr, buf) {
+                if self.merge_pair(t, other, hash) {
+                    return true;
+                }
             }
         }
         let seq = self.seq;
@@ -1236,7 +1448,7 @@ impl<M: Mem> Core<M> {
         let was_unstable = r.state == State::Unstable;
         r.state = State::Stable;
         r.frame = f;
-        r.flags &= !IN_POOL;
+        r.flags &= !(IN_POOL | SUM_TRACKED);
         (r.age, r.skips) = (0, 0);
         if was_unstable {
             self.counters.pages_unshared -= 1;
@@ -1455,7 +1667,7 @@ impl<M: Mem> Core<M> {
         if (0..n).any(|i| self.mem.write_frame(g0 + i as FrameId, &content).is_err()) {
             return fail(self, false);
         }
-        if self.mem.protect(t.addr, len).is_err() {
+        if self.protect(t.addr, len).is_err() {
             return fail(self, true);
         }
         let mut cur = std::mem::take(&mut self.buf2);
@@ -1498,7 +1710,7 @@ impl<M: Mem> Core<M> {
         }
         let n = run.len();
         let len = n * page;
-        if self.mem.protect(t.addr, len).is_err() {
+        if self.protect(t.addr, len).is_err() {
             self.mem.release(t.addr, len, true);
             self.counters.merge_failures += 1;
             return false;
@@ -1555,10 +1767,11 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// The frame after the one the page before `t` maps, if it holds `buf` with room:
+    /// The frame after the one the page before `t` maps, if it has room and this
+    /// page's key (the caller compares the bytes):
     /// merging there continues that page's run (its mapping extends the VMA before),
     /// where another frame of the same content would split it.
-    fn continuing_frame(&self, t: Target, hash: u64, buf: &[u8]) -> Option<FrameId> {
+    fn continuing_frame(&self, t: Target, hash: u64) -> Option<FrameId> {
         let r = self.region_at(t.addr)?;
         if t.addr == r.start {
             return None;
@@ -1570,8 +1783,7 @@ impl<M: Mem> Core<M> {
         let g = left.frame.checked_add(1)?;
         (self.frames.exists(g)
             && (1..self.max_page_sharing).contains(&self.frames.refs(g))
-            && self.frames.hash(g) == hash
-            && self.mem.frame(g) == buf)
+            && self.frames.hash(g) == hash)
             .then_some(g)
     }
 
@@ -1583,7 +1795,7 @@ impl<M: Mem> Core<M> {
         if self.rec(t.addr).is_some_and(|r| r.in_pool().is_some()) {
             return false;
         }
-        if self.mem.protect(t.addr, page).is_err() {
+        if self.protect(t.addr, page).is_err() {
             self.mem.release(t.addr, page, true);
             self.counters.merge_failures += 1;
             return false;
@@ -1728,10 +1940,10 @@ impl<M: Mem> Core<M> {
             core.counters.merge_failures += 1;
             false
         };
-        if self.mem.protect(t.addr, len).is_err() {
+        if self.protect(t.addr, len).is_err() {
             return fail(self, &[t.addr]);
         }
-        if self.mem.protect(o.addr, len).is_err() {
+        if self.protect(o.addr, len).is_err() {
             return fail(self, &[t.addr, o.addr]);
         }
         // Read both runs again now that neither can change, and fill the frames.

@@ -127,6 +127,7 @@ fn unadvise_unmerges_and_clears_advice() {
         Counters {
             full_scans: 2,
             pages_scanned: c.counters().pages_scanned,
+            pages_hashed: c.counters().pages_hashed,
             merges: 4,
             ..Counters::default()
         }
@@ -662,5 +663,49 @@ fn covered_pages_equal_to_each_other_merge_in_place() {
             }
             assert_eq!(c.mem.read_page(BASE + (copy * (n + 1) + i) * PG), v);
         }
+    }
+}
+
+#[test]
+fn with_write_tracking_a_settled_scan_hashes_only_written_pages() {
+    let n = 64;
+    let mut c = core_with(n);
+    c.mem.tracking = true;
+    c.smart_scan = false; // every page visited at every scan
+    for i in 0..n {
+        fill(&mut c, i, 100 + i as u8);
+    }
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    let hashed = c.counters().pages_hashed;
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!(k.pages_hashed, hashed, "nothing written: nothing hashed");
+    assert_eq!(
+        k.pages_unshared, n as u64,
+        "every page still in the unstable index"
+    );
+    assert!(c.settled);
+    // A write is seen at the next scan: that page alone is hashed again.
+    c.mem.write(BASE + 7 * PG, &[1]);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_hashed, hashed + 1);
+    assert!(!c.settled);
+    // A page made equal to another merges with it (bytes compared, as always).
+    c.mem.write(BASE + 9 * PG, &vec![100 + 3; PG]);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (1, 1), "{k:?}");
+    c.check_invariants();
+    for i in 0..n {
+        let b = match i {
+            9 => 103,
+            _ => 100 + i as u8,
+        };
+        let mut want = vec![b; PG];
+        if i == 7 {
+            want[0] = 1;
+        }
+        assert_eq!(c.mem.read_page(BASE + i * PG), want, "page {i}");
     }
 }

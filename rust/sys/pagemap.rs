@@ -48,6 +48,10 @@ impl Pagemap {
 }
 
 /// `PAGEMAP_SCAN` categories (Linux 6.7, include/uapi/linux/fs.h).
+/// In a VMA registered with an asynchronous write-protect userfaultfd (write tracking).
+pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
+/// Written since it was last write-protected (only meaningful with `PAGE_IS_WPALLOWED`).
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
@@ -76,6 +80,9 @@ struct PmScanArg {
     category_anyof_mask: u64,
     return_mask: u64,
 }
+
+/// `PAGEMAP_SCAN` flag: write-protect the pages that match (asynchronous mode only).
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: u64 =
@@ -115,11 +122,57 @@ impl Pagemap {
             return_mask: PAGE_IS_PRESENT
                 | PAGE_IS_SWAPPED
                 | PAGE_IS_PFNZERO
+                | PAGE_IS_WPALLOWED
                 | if file { PAGE_IS_FILE } else { 0 },
         };
         let n = super::retry_eintr(|| {
             // SAFETY: `arg` is a valid `struct pm_scan_arg`; `vec` points to `vec_len`
             // writable `struct page_region`s (`out`), which outlive the call.
+            super::cvt(unsafe {
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    PAGEMAP_SCAN as _,
+                    &mut arg as *mut PmScanArg,
+                )
+            })
+        })?;
+        out.truncate(n as usize);
+        Ok(arg.walk_end as usize)
+    }
+
+    /// Write tracking: the runs of pages of `[start, end)` written since they were last
+    /// write-protected by an asynchronous userfaultfd, write-protected again in the same
+    /// step (`PM_SCAN_WP_MATCHING`), so that a write after this call shows at the next.
+    /// VMAs not registered for asynchronous write-protection are passed over (their
+    /// pages carry no `PAGE_IS_WPALLOWED` in `scan`). Returns `walk_end`.
+    pub fn take_written(
+        &self,
+        start: usize,
+        end: usize,
+        out: &mut Vec<PageRegion>,
+    ) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let cap = (end - start) / super::page_size();
+        out.clear();
+        out.resize(cap.max(1), PageRegion::default());
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: PM_SCAN_WP_MATCHING,
+            start: start as u64,
+            end: end as u64,
+            walk_end: 0,
+            vec: out.as_mut_ptr() as u64,
+            vec_len: out.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
+            return_mask: PAGE_IS_WRITTEN,
+        };
+        let n = super::retry_eintr(|| {
+            // SAFETY: as in `scan`: a valid `struct pm_scan_arg` whose `vec` points to
+            // `vec_len` writable `struct page_region`s that outlive the call. Clearing
+            // the written state changes no memory contents.
             super::cvt(unsafe {
                 libc::ioctl(
                     self.file.as_raw_fd(),
