@@ -898,6 +898,17 @@ impl<M: Mem> Core<M> {
                 tracked[..n].fill(false);
                 unchanged[..n].fill(false);
             }
+            // The probe took the written state of these pages (the next one will not
+            // report those writes again): whatever was not vouched for unchanged loses
+            // its trust now, whether or not this batch gets to visit it.
+            if let Some(r) = self.regions.get_mut(&rstart) {
+                let base = (from - r.start) / page;
+                for (p, &u) in r.pages[base..base + n].iter_mut().zip(&unchanged[..n]) {
+                    if !u {
+                        p.flags &= !SUM_TRACKED;
+                    }
+                }
+            }
             let mut i = 0;
             while i < n && scanned < budget {
                 let (passed, counted) = self.pass_stretch(

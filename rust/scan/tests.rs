@@ -709,3 +709,26 @@ fn with_write_tracking_a_settled_scan_hashes_only_written_pages() {
         assert_eq!(c.mem.read_page(BASE + i * PG), want, "page {i}");
     }
 }
+
+#[test]
+fn a_write_taken_by_a_probe_is_not_forgotten_when_the_batch_stops_before_the_page() {
+    // Fuzzer finding: a batch probes up to 512 pages, which takes their written
+    // state, but its budget may end before it visits them all. A page written then
+    // must still be hashed again at its visit, not trusted on its old checksum.
+    let n = 16;
+    let mut c = core_with(n);
+    c.mem.tracking = true;
+    c.smart_scan = false;
+    for i in 0..n {
+        fill(&mut c, i, 50 + i as u8);
+    }
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    fill(&mut c, 10, 52); // now equal to page 2
+    while !c.scan_batch(4) {} // the first batch probes all 16, visits 4
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (1, 1), "{k:?}");
+    assert_eq!(c.mem.read_page(BASE + 10 * PG), vec![52; PG]);
+    c.check_invariants();
+}
