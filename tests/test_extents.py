@@ -166,3 +166,84 @@ def test_a_forked_child_reads_covered_pages_and_can_unmerge_them() -> None:
         mem.check(pages)
     finally:
         mem.close()
+
+
+# ---- discarded covered pages (review findings: each read another page's bytes) ----------
+
+
+def test_a_discarded_covered_page_over_a_free_frame_keeps_reading_zeros(owned: bool) -> None:
+    # Copies 0 and 1 differ at page 5 (a pair run covers it on both sides over a free
+    # frame offset); copy 2 differs too. Copy 0's page is discarded and read, then
+    # copies 1 and 2 are made equal there and merge in place on that very offset:
+    # copy 0's page must go on reading zeros, not their bytes.
+    ksm.ksmd.smart_scan = 0
+    pages = copies({(0, 5): page_pattern(7), (1, 5): page_pattern(8), (2, 5): page_pattern(9)}, 3)
+    mem = Memory(owned, 3)
+    try:
+        mem.write(pages)
+        ksm.madvise(mem.base, mem.length, MERGE)
+        ksm.scan(3)
+        for c in range(3):
+            assert len(mem.copy_mappings(c)) == 1, f"copy {c}: {mem.copy_mappings(c)}"
+        assert libc.madvise(mem.addr(0, 5), PAGE, MADV_DONTNEED) == 0
+        ksm.scan(1)
+        frames = ksm.stats()["frames"]
+        assert ctypes.string_at(mem.addr(0, 5), PAGE) == bytes(PAGE)
+        assert ksm.stats()["pool_bytes"] <= frames * PAGE, "a read put a page into the pool"
+        pages[0][5] = bytes(PAGE)
+        ctypes.memmove(mem.addr(2, 5), page_pattern(8), PAGE)
+        pages[2][5] = page_pattern(8)
+        ksm.scan(4)
+        assert len(mem.copy_mappings(2)) == 1, "merged in place"
+        mem.check(pages)
+    finally:
+        mem.close()
+
+
+def test_a_discarded_covered_page_moved_by_mremap_reads_zeros() -> None:
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    ksm.ksmd.smart_scan = 0
+    pages = copies({(0, 5): page_pattern(7)}, 3)
+    mem = Memory(False, 3)
+    dst = raw_mmap(N * PAGE)
+    try:
+        mem.write(pages)
+        ksm.madvise(mem.base, mem.length, MERGE)
+        ksm.scan(4)
+        assert len(mem.copy_mappings(0)) == 1
+        assert libc.madvise(mem.addr(0, 5), PAGE, MADV_DONTNEED) == 0
+        ksm.scan(1)
+        mremap_fixed = 3  # MREMAP_MAYMOVE | MREMAP_FIXED
+        assert libc.mremap(mem.addr(0, 0), N * PAGE, N * PAGE, mremap_fixed, dst) == dst
+        ksm.scan(1)
+        assert ctypes.string_at(dst + 5 * PAGE, PAGE) == bytes(PAGE)
+        assert ctypes.string_at(dst + 6 * PAGE, PAGE) == pages[0][6]
+    finally:
+        ksm.madvise(dst, N * PAGE, UNMERGE)
+        raw_munmap(dst, N * PAGE)
+        rest = mem.addr(0, N)  # copy 0's pages were moved away
+        ksm.madvise(rest, mem.base + mem.length - rest, UNMERGE)
+        raw_munmap(mem.base, mem.length)
+
+
+def test_a_forked_child_reads_zeros_for_a_covered_page_discarded_before_the_fork() -> None:
+    ksm.ksmd.smart_scan = 0
+    pages = copies({(0, 5): page_pattern(7)}, 3)
+    mem = Memory(True, 3)
+    try:
+        mem.write(pages)
+        ksm.madvise(mem.base, mem.length, MERGE)
+        ksm.scan(4)
+        assert len(mem.copy_mappings(0)) == 1
+        assert libc.madvise(mem.addr(0, 5), PAGE, MADV_DONTNEED) == 0
+        ksm.scan(1)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (child)
+            got = ctypes.string_at(mem.addr(0, 5), PAGE)
+            os._exit(0 if got == bytes(PAGE) else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert ctypes.string_at(mem.addr(0, 5), PAGE) == bytes(PAGE)
+    finally:
+        mem.close()

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::merge::{own_event_or_disturb, Event, EventLog, Events, Os, Win, Windows};
 use crate::region::{maps, Region};
-use crate::scan::{Core, Mem};
+use crate::scan::{Core, Mem, Presence};
 use crate::stats::{KsmStat, Snapshot};
 use crate::sys::mman::Mapping;
 use crate::sys::uffd::{self, Msg, Uffd};
@@ -335,7 +335,10 @@ impl Engine {
         for ev in events {
             match ev {
                 Event::Unmapped { start, end } => st.core.forget_unmapped(start, end),
-                Event::Remapped { from, to, len } => st.core.relocate(from, to, len),
+                Event::Remapped { from, to, len } => {
+                    st.core.relocate(from, to, len);
+                    EVENTS.lock().relocate_removed(from, to, len);
+                }
                 Event::Removed { start, end } => st.discarded.push((start, end, Instant::now())),
             }
         }
@@ -1090,6 +1093,12 @@ fn fault_loop(u: &Uffd, stop: &AtomicBool) {
                         if r.is_err() {
                             let _ = u.wake(a, page);
                         }
+                    } else if flags & uffd::PAGEFAULT_FLAG_WP == 0 {
+                        // Missing: a page of a pool mapping over a free frame, which
+                        // reads zeros (see `Uffd::register_wp_minor`).
+                        if u.fill_zeros(a, page, in_window).is_err() {
+                            let _ = u.wake(a, page);
+                        }
                     } else if !in_window
                         && (flags & uffd::PAGEFAULT_FLAG_WP == 0
                             // Once: EAGAIN means an event this thread has yet to read;
@@ -1128,8 +1137,18 @@ fn fault_loop(u: &Uffd, stop: &AtomicBool) {
 fn fork_prepare() {
     let Some(e) = ENGINE.get() else { return };
     // The fault threads' lock order: event log, then windows.
-    let st = e.lock_raw();
+    let mut st = e.lock_raw();
     let log = EVENTS.lock();
+    // A covered page the application discarded reads zeros only through our fault
+    // thread, which the child will not have: give such pages their zeros now.
+    let page = sys::page_size();
+    for (s, end) in st.core.covered_ranges(0, usize::MAX) {
+        for a in (s..end).step_by(page) {
+            if log.is_removed(a) && st.core.mem.presence(a) == Presence::Absent {
+                let _ = st.core.mem.fill_zero_page(a);
+            }
+        }
+    }
     let w = WINDOWS.lock();
     FORK_GUARDS.with(|g| *g.borrow_mut() = Some((st, log, w)));
 }

@@ -162,6 +162,23 @@ impl EventLog {
         self.removed.push((s, e));
     }
 
+    /// The application moved `[from, from+len)` to `to` (`mremap`): its discarded
+    /// ranges move along.
+    pub fn relocate_removed(&mut self, from: usize, to: usize, len: usize) {
+        let moved: Vec<(usize, usize)> = self
+            .removed
+            .iter()
+            .filter(|&&(s, e)| s < from + len && from < e)
+            .map(|&(s, e)| (s.max(from) - from + to, e.min(from + len) - from + to))
+            .collect();
+        // What was at the destination is gone, its marks with it.
+        self.clear_removed(from, from + len);
+        self.clear_removed(to, to + len);
+        for (s, e) in moved {
+            self.add_removed(s, e);
+        }
+    }
+
     /// Forget `[s, e)` as discarded: its merged pages were given pages of their own,
     /// or it maps frames anew (which must never be answered with zeros).
     pub fn clear_removed(&mut self, s: usize, e: usize) {
@@ -368,6 +385,12 @@ impl Os {
         self.vmas_used = used.min(limit);
         self.vma_budget = limit.saturating_sub(self.vma_reserve);
         self.vma_budget.saturating_sub(used)
+    }
+
+    /// Give the page at `addr` (of a pool mapping, with no PTE) an anonymous page of
+    /// zeros, as the fault thread would on its first access (EEXIST if it has one).
+    pub fn fill_zero_page(&self, addr: usize) -> io::Result<()> {
+        self.uffd(addr)?.fill_zeros(addr, self.page, false)
     }
 
     /// Read pagemap for one page (for `page_state`).
@@ -650,6 +673,10 @@ impl Mem for Os {
             }
             Some(s)
         };
+        // The run's pages were read under protection just before (so none lacks its
+        // page now): forget their discards before the remap, not after, so that a
+        // minor fault on the new mapping is never answered with zeros.
+        self.events.lock().clear_removed(addr, addr + n * page);
         if !self.windows.begin_own(addr) {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
@@ -659,8 +686,6 @@ impl Mem for Os {
         };
         self.windows.end_own(addr, self.events);
         r?;
-        // Pages discarded before are merged anew: a minor fault there maps the frame.
-        self.events.lock().clear_removed(addr, addr + n * self.page);
         // The pages map the frames now, whatever follows. Give them their PTEs at once
         // (so that a page without one is one the application discarded, see the fault
         // thread), then register the new VMA: later merges and unmerges need it, and
@@ -742,6 +767,8 @@ impl Mem for Os {
             let moved = mman::move_over(scratch, w);
             self.windows.end_own(addr, self.events);
             moved?;
+            // Anonymous memory now: no minor fault can happen there, no mark is needed.
+            self.events.lock().clear_removed(addr, addr + len);
             // The private copies are in place; `protect` registers later if this fails.
             self.register_new(addr, len, false);
             Ok(())

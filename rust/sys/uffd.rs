@@ -293,7 +293,15 @@ impl Uffd {
         if self.features & FEATURE_MINOR_SHMEM == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        self.register(start, len, REGISTER_MODE_WP | REGISTER_MODE_MINOR)
+        // Missing faults too: a page of a pool mapping with no PTE over a free frame
+        // (a covered page the application discarded) must read zeros, and the fault
+        // thread gives it an anonymous page of zeros rather than let shmem put a page
+        // into the pool at an offset that a later frame reuses.
+        self.register(
+            start,
+            len,
+            REGISTER_MODE_MISSING | REGISTER_MODE_WP | REGISTER_MODE_MINOR,
+        )
     }
 
     /// `UFFDIO_REGISTER` in missing-fault mode: for the scratch memory of an unmerge,
