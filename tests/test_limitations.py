@@ -1,10 +1,13 @@
 """Reproducers for the documented limitations (README "Limitations"; issue 5, item 6).
 
-Each test states the kernel's behaviour and is marked ``xfail(strict=True)`` while
-ksm does not match it, so that a fix shows up as an XPASS to turn into a plain test.
-Only what is testable from Python, deterministically, is here: in-flight DMA into
-a page being merged (pinned pages) and the EFAULT of user-mode-only userfaultfd
-need a race inside the merge window.
+Each test states the kernel's behaviour and is marked ``xfail`` while ksm does
+not match it: ``strict=True`` where the demonstration is deterministic (a fix
+shows up as an XPASS to turn into a plain test), ``strict=False`` where it is a
+race (pinned pages under O_DIRECT, the EFAULT of user-mode-only userfaultfd,
+unmap + map of foreign memory during its merge), which a short run may miss.
+Next to them, plain tests for what must hold even so: user-mode-only never
+loses data silently, full mode never fails. ``KSM_LIMIT_SECONDS`` sets how long
+each stress runs (default 2).
 """
 
 from __future__ import annotations
