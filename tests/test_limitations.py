@@ -144,7 +144,7 @@ def scan():
 t = threading.Thread(target=scan)
 t.start()
 view = memoryview(m)
-reads = efaults = silent = 0
+reads = efaults = short = silent = 0
 deadline = time.monotonic() + SECONDS
 while time.monotonic() < deadline:
     i = reads % n
@@ -155,7 +155,10 @@ while time.monotonic() < deadline:
         assert e.errno == errno.EFAULT, e
         efaults += 1
     else:
-        if got != PAGE or m[i * PAGE : (i + 1) * PAGE] != b:
+        # A short count is a visible failure too (the copy faulted part way); the bytes
+        # it reports as read must be there. A full count must have all of them.
+        short += got < PAGE
+        if m[i * PAGE : i * PAGE + got] != b[:got]:
             silent += 1
     m[i * PAGE : (i + 1) * PAGE] = a
 stop.set()
@@ -163,7 +166,7 @@ t.join()
 view.release()
 intact = m[:] == a * n
 m.close()
-print(mode, merged, reads, efaults, silent, intact)
+print(mode, merged, reads, efaults, short, silent, intact)
 """
 
 
@@ -186,12 +189,13 @@ def user_mode_only_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
     finally:
         if sysctl.read_text().strip() != saved:
             sysctl.write_text(saved)
-    mode, merged, reads, efaults, silent, intact = out.split()
+    mode, merged, reads, efaults, short, silent, intact = out.split()
     return {
         "mode": mode,
         "merged": int(merged),
         "reads": int(reads),
         "efaults": int(efaults),
+        "short": int(short),
         "silent": int(silent),
         "intact": intact == "True",
     }
@@ -210,7 +214,7 @@ def test_user_mode_only_read_into_a_page_under_merge_never_loses_data_silently(
 ) -> None:
     # The worst case of user-mode-only is an error the caller sees (EFAULT), not lost data.
     r = user_mode_only_run
-    print(f"user-mode-only: {r['efaults']} of {r['reads']} reads failed with EFAULT")
+    print(f"user-mode-only: {r['efaults']} of {r['reads']} reads failed with EFAULT, {r['short']} were short")
     assert r["reads"] > 100
     assert r["silent"] == 0, r
 
@@ -222,7 +226,9 @@ def test_user_mode_only_read_into_a_page_under_merge_never_loses_data_silently(
 )
 def test_user_mode_only_read_into_a_page_under_merge_never_fails(user_mode_only_run: dict[str, Any]) -> None:
     r = user_mode_only_run
-    assert r["efaults"] == 0, f"{r['efaults']} of {r['reads']} reads failed with EFAULT"
+    assert r["efaults"] + r["short"] == 0, (
+        f"{r['efaults']} EFAULT and {r['short']} short of {r['reads']} reads"
+    )
 
 
 def test_full_mode_read_into_a_page_under_merge_waits(tmp_path: Path) -> None:
@@ -233,11 +239,11 @@ def test_full_mode_read_into_a_page_under_merge_waits(tmp_path: Path) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(page_pattern(61) * 16)
     out = run_python(USER_MODE_ONLY.format(seconds=STRESS_SECONDS, path=str(path), drop=False))
-    mode, merged, reads, efaults, silent, intact = out.split()
+    mode, merged, reads, efaults, short, silent, intact = out.split()
     assert mode == "full"
     assert int(merged) == 16
     assert int(reads) > 100
-    assert (int(efaults), int(silent), intact) == (0, 0, "True")
+    assert (int(efaults), int(short), int(silent), intact) == (0, 0, 0, "True")
 
 
 # ---- memory ksm does not own: munmap + mmap at the same address while merging ----------
