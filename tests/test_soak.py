@@ -66,7 +66,7 @@ def test_ksm_soak_command_line() -> None:
     strict=True,
     reason="bug in rust/pool (found by the soak): FrameTable::alloc_run always appends frames at the "
     "end of the table and never reuses freed ones, so refs/hash/born and the free set grow with every "
-    "run of frames ever merged (metadata_bytes grew 19 KiB -> 3.4 MiB in a 15 min soak with nothing "
+    "run of frames ever merged (metadata_bytes grew 18 KiB -> 7.1 MiB in a 30 min soak with nothing "
     "tracked at the end; the table only stops at the pool's capacity)",
 )
 def test_bookkeeping_returns_to_its_size_after_regions_come_and_go() -> None:
