@@ -66,6 +66,10 @@ test: lint ## Everything CI runs: lint, Rust tests, pytest (hypothesis profile: 
 fuzz: ## Run every fuzz target for FUZZ_SECONDS (default 30) each
 	bash fuzz/run.sh $${FUZZ_SECONDS:-30}
 
+.PHONY: soak
+soak: dev ## Mixed load for SOAK_SECONDS (default 3600), every byte checked each second (not in CI)
+	$(VENV)/bin/ksm soak --seconds $${SOAK_SECONDS:-3600} $${SOAK_ARGS:-}
+
 .PHONY: bench
 bench: dev ## Side-by-side benchmarks against kernel KSM
 	$(VENV)/bin/ksm bench

@@ -1,4 +1,4 @@
-"""The ``ksm`` command line: ``demo``, ``top``, ``stat``, ``info``, ``bench``.
+"""The ``ksm`` command line: ``demo``, ``top``, ``stat``, ``info``, ``bench``, ``soak``.
 
 ``ksm demo`` merges several copies of real data (the installed Python standard
 library, laid out page-aligned as a page cache would hold it) and reports the
@@ -945,6 +945,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return _bench.run(args)
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from . import _soak
+
+    return _soak.run(args)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1042,6 +1048,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     _bench.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from . import _soak
+
+    soak = sub.add_parser(
+        "soak",
+        help="a long run of mixed load with every byte checked against a model (make soak)",
+        description=(
+            "Writer threads write into owned and foreign ksm memory while ksmd scans at full speed "
+            "and regions are created and closed, advice flipped, run and use_zero_pages changed; "
+            "every byte is compared with a model every second. Prints RSS, PSS, frames, pool and "
+            "bookkeeping over time and a verdict (exit status 1 on any mismatch or error)."
+        ),
+    )
+    _soak.add_arguments(soak)
+    soak.set_defaults(func=cmd_soak)
     return parser
 
 
