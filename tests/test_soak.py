@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import PAGE
 
 import ksm
@@ -62,13 +61,9 @@ def test_ksm_soak_command_line() -> None:
     assert doc["verdict"].startswith("PASS")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in rust/pool (found by the soak): FrameTable::alloc_run always appends frames at the "
-    "end of the table and never reuses freed ones, so refs/hash/born and the free set grow with every "
-    "run of frames ever merged (metadata_bytes grew 18 KiB -> 7.1 MiB in a 30 min soak with nothing "
-    "tracked at the end; the table only stops at the pool's capacity)",
-)
+# Found by the soak: FrameTable::alloc_run appended every run of frames at the end of
+# the table and never reused freed ids, so the bookkeeping grew with every run ever
+# merged (metadata_bytes 18 KiB -> 7.1 MiB in 30 minutes with nothing tracked at the end).
 def test_bookkeeping_returns_to_its_size_after_regions_come_and_go() -> None:
     # Copied runs (merged with consecutive frames) in regions that are created, merged
     # and closed again and again: with nothing left tracked, the bookkeeping must not grow.

@@ -100,22 +100,71 @@ impl FrameTable {
     }
 
     /// `hashes.len()` fresh frames with consecutive ids (so that one mapping of the
-    /// pool covers a run of merged pages), taken at the end of the table; None if the
+    /// pool covers a run of merged pages): right after the last frame handed out if
+    /// those are free (runs merged one after another stay one mapping), else the
+    /// first free stretch long enough, else at the end of the table. Freed ids are
+    /// reused before the table grows, so it does not grow with every run ever merged. None if the
     /// capacity does not allow it (the caller merges page by page then).
     pub fn alloc_run(&mut self, hashes: &[u64]) -> Option<FrameId> {
-        let first = u32::try_from(self.refs.len()).ok()?;
         let n = u32::try_from(hashes.len()).ok()?;
-        if n == 0 || first.checked_add(n)? > self.capacity {
+        let len = u32::try_from(self.refs.len()).ok()?;
+        let fits_capacity = |f0: u32| f0.checked_add(n).is_some_and(|e| e <= self.capacity);
+        if n == 0 {
             return None;
         }
-        for &h in hashes {
-            self.refs.push(0);
-            self.hash.push(h);
-            self.born.push(self.fork_epoch);
+        let usable = |t: &Self, f0: u32| {
+            fits_capacity(f0) && (f0..f0 + n).all(|f| f >= len || t.free.contains(&f))
+        };
+        let after = self
+            .last
+            .map(|l| l + 1)
+            .filter(|&f0| f0 <= len && usable(self, f0));
+        // Continuing the last run inside the table, else a free stretch, and only
+        // then growing the table (continuing the last run if it ended the table).
+        let first = after
+            .filter(|&f0| f0 + n <= len)
+            .or_else(|| self.free_stretch(n))
+            .or(after)
+            .or_else(|| Some(len).filter(|&f0| fits_capacity(f0)))?;
+        for (i, &h) in hashes.iter().enumerate() {
+            let f = first + i as u32;
+            if f < len {
+                self.free.remove(&f);
+                let k = f as usize;
+                self.refs[k] = 0;
+                self.hash[k] = h;
+                self.born[k] = self.fork_epoch;
+            } else {
+                debug_assert_eq!(f as usize, self.refs.len());
+                self.refs.push(0);
+                self.hash.push(h);
+                self.born.push(self.fork_epoch);
+            }
         }
         self.live += n;
         self.last = Some(first + n - 1);
         Some(first)
+    }
+
+    /// The first run of `n` consecutive free ids (looking at the first few thousand
+    /// free ids only, so that a fragmented table costs little to search); a stretch
+    /// that ends the table may go on past its end.
+    fn free_stretch(&self, n: u32) -> Option<FrameId> {
+        let len = u32::try_from(self.refs.len()).ok()?;
+        let (mut start, mut count, mut prev) = (0, 0, None::<u32>);
+        for &f in self.free.iter().take(4096) {
+            if prev.is_some_and(|p| p + 1 == f) {
+                count += 1;
+            } else {
+                (start, count) = (f, 1);
+            }
+            prev = Some(f);
+            if count == n {
+                return Some(start);
+            }
+        }
+        (prev == Some(len.wrapping_sub(1)) && count > 0 && start.checked_add(n)? <= self.capacity)
+            .then_some(start)
     }
 
     /// Frame `f` itself, if it is free (merging pages in place where their mapping
@@ -323,6 +372,27 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_reuse_freed_ids_before_the_table_grows() {
+        // The soak's finding: runs merged and freed again and again must not grow
+        // the table.
+        let mut t = FrameTable::new(1 << 20);
+        for _ in 0..100 {
+            let a = t.alloc_run(&[1; 8]).unwrap();
+            let b = t.alloc_run(&[2; 5]).unwrap();
+            for f in (a..a + 8).chain(b..b + 5) {
+                t.incref(f);
+                assert_eq!(t.decref(f), Release::Free(f));
+            }
+        }
+        assert!(t.refs.len() <= 13, "table grew to {}", t.refs.len());
+        assert_eq!(t.live(), 0);
+        // A run goes on right after the last one while those ids are free.
+        let a = t.alloc_run(&[3; 4]).unwrap();
+        let b = t.alloc_run(&[4; 4]).unwrap();
+        assert_eq!(b, a + 4);
+    }
 
     #[test]
     fn alloc_ref_release_recycles() {
