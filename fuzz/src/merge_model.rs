@@ -158,8 +158,11 @@ impl Mem for ChildMem {
     ) -> io::Result<()> {
         self.fake.probe_tracked(addr, out, tracked, unchanged)
     }
-    fn untrack(&mut self, addr: usize, len: usize) {
+    fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {
         self.fake.untrack(addr, len)
+    }
+    fn retrack(&mut self, addr: usize, len: usize) {
+        self.fake.retrack(addr, len)
     }
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()> {
         self.fake.read(addr, owned, buf)

@@ -29,8 +29,8 @@ use crate::region::maps;
 use crate::scan::{Mem, Presence};
 use crate::sys::mman::{self, Mapping};
 use crate::sys::pagemap::{
-    PageRegion, Pagemap, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WPALLOWED,
-    PM_FILE, PM_PRESENT, PM_SWAP,
+    PageRegion, Pagemap, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
+    PAGE_IS_WPALLOWED, PM_FILE, PM_PRESENT, PM_SWAP,
 };
 use crate::sys::procmem;
 use crate::sys::uffd::{self, Uffd, Window};
@@ -387,6 +387,18 @@ impl Os {
         self.vma_budget.saturating_sub(used)
     }
 
+    /// The runs of `[start, end)` registered with the write tracker.
+    fn tracked_runs(&self, start: usize, end: usize, out: &mut Vec<PageRegion>) -> io::Result<()> {
+        let pm = self
+            .pagemap
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        if pm.tracked(start, end, out)? != end {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        Ok(())
+    }
+
     /// Give the page at `addr` (of a pool mapping, with no PTE) an anonymous page of
     /// zeros, as the fault thread would on its first access (EEXIST if it has one).
     pub fn fill_zero_page(&self, addr: usize) -> io::Result<()> {
@@ -414,7 +426,17 @@ impl Os {
                     for r in &self.regions {
                         // The shared zero page (read, never written) holds no memory and is
                         // not an anonymous page: the kernel's ksmd skips it too.
+                        let tracked_marker = r.categories
+                            & (PAGE_IS_WPALLOWED | PAGE_IS_SWAPPED | PAGE_IS_PRESENT)
+                            == PAGE_IS_WPALLOWED | PAGE_IS_SWAPPED;
                         let p = if r.categories & PAGE_IS_PFNZERO != 0 {
+                            Presence::Absent
+                        } else if tracked_marker {
+                            // The write tracker's marker on a page with no PTE (never
+                            // written, or dropped to the zero page) shows as swapped: no
+                            // page there. (A tracked page really swapped out is passed over
+                            // as well, as the kernel's ksmd passes over swapped pages; no
+                            // merged page is ever tracked.)
                             Presence::Absent
                         } else if r.categories & PAGE_IS_FILE != 0
                             && r.categories & PAGE_IS_PRESENT != 0
@@ -492,11 +514,11 @@ impl Mem for Os {
         let r = self.probe_with(addr, out, false);
         if took && r.is_ok() && self.pagemap_scan {
             for reg in &self.regions {
+                let (s, e) = (
+                    (reg.start as usize - addr) / self.page,
+                    (reg.end as usize - addr) / self.page,
+                );
                 if reg.categories & PAGE_IS_WPALLOWED != 0 {
-                    let (s, e) = (
-                        (reg.start as usize - addr) / self.page,
-                        (reg.end as usize - addr) / self.page,
-                    );
                     tracked[s..e].fill(true);
                 }
             }
@@ -524,10 +546,33 @@ impl Mem for Os {
         self.tracking
     }
 
-    fn untrack(&mut self, addr: usize, len: usize) {
-        if self.owned_at(addr).is_some() {
-            if let Some(t) = &self.tracker {
-                let _ = t.unregister(addr, len);
+    fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        if self.owned_at(addr).is_none() || self.tracker.is_none() {
+            return Ok(());
+        }
+        // Exactly the tracked VMAs: the kernel refuses (or, before Linux 6.17, does
+        // wrongly) an unregister whose range holds a VMA of another userfaultfd.
+        let mut runs = std::mem::take(&mut self.written);
+        let r = self
+            .tracked_runs(addr, addr + len, &mut runs)
+            .and_then(|()| {
+                let t = self.tracker.as_ref().expect("checked above");
+                runs.iter()
+                    .try_for_each(|r| t.unregister(r.start as usize, (r.end - r.start) as usize))
+            });
+        self.written = runs;
+        r
+    }
+
+    fn retrack(&mut self, addr: usize, len: usize) {
+        if self.owned_at(addr).is_none() || self.tracker.is_none() || !self.tracking {
+            return;
+        }
+        // Back from the synchronous userfaultfd to the tracker (the VMA joins its
+        // tracked neighbours again). Should registering fail, it stays synchronous.
+        if let Some(u) = self.uffd.clone() {
+            if u.unregister(addr, len).is_ok() && !self.track(addr, len) {
+                let _ = u.register_wp(addr, len);
             }
         }
     }
@@ -603,6 +648,21 @@ impl Mem for Os {
                 .register_wp_minor(addr, len)
                 .or_else(|_| u.register_wp(addr, len))
                 .and_then(|()| u.open_window(addr, len));
+        }
+        // Write-protecting through our userfaultfd does not block writers in a VMA of
+        // the write tracker (its faults resolve themselves): make sure none is left
+        // in the window, else a write there could land between compare and remap.
+        if let Ok(w) = r {
+            let mut runs = Vec::new();
+            let tracked = self.tracker.is_some()
+                && self.owned_at(addr).is_some()
+                && !matches!(self.tracked_runs(addr, addr + len, &mut runs), Ok(()) if runs.is_empty());
+            if tracked {
+                let _ = u.close_window(w, true);
+                self.windows.remove(addr);
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            r = Ok(w);
         }
         match r {
             Ok(w) => {

@@ -152,9 +152,16 @@ impl Mem for FakeMem {
         Ok(())
     }
 
-    fn untrack(&mut self, addr: usize, len: usize) {
+    fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {
         for a in (addr..addr + len).step_by(self.page) {
             self.untracked.insert(a);
+        }
+        Ok(())
+    }
+
+    fn retrack(&mut self, addr: usize, len: usize) {
+        for a in (addr..addr + len).step_by(self.page) {
+            self.untracked.remove(&a);
         }
     }
 

@@ -73,7 +73,12 @@ pub trait Mem {
     }
     /// Stop tracking writes to `[addr, addr+len)`, anonymous pages about to be
     /// write-protected for a merge (which needs the synchronous userfaultfd).
-    fn untrack(&mut self, _addr: usize, _len: usize) {}
+    fn untrack(&mut self, _addr: usize, _len: usize) -> io::Result<()> {
+        Ok(())
+    }
+    /// Track writes to `[addr, addr+len)` again: anonymous pages a merge protected
+    /// and left anonymous (it failed, or dropped them to the zero page).
+    fn retrack(&mut self, _addr: usize, _len: usize) {}
     /// Whether write tracking is wanted (the `write_tracking` knob).
     fn write_tracking(&self) -> bool {
         false
@@ -946,9 +951,27 @@ impl<M: Mem> Core<M> {
     /// of write tracking first (a mapping has one userfaultfd); merged and covered
     /// pages are in pool mappings, never tracked.
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        for (s, e) in self.unmerged_runs(addr, addr + len) {
+            self.mem.untrack(s, e - s)?;
+        }
+        self.mem.protect(addr, len)
+    }
+
+    /// End a merge window that changed nothing (unprotect, wake), and give its
+    /// unmerged pages back to write tracking (see `Core::protect`).
+    fn release_failed(&mut self, addr: usize, len: usize) {
+        self.mem.release(addr, len, true);
+        for (s, e) in self.unmerged_runs(addr, addr + len) {
+            self.mem.retrack(s, e - s);
+        }
+    }
+
+    /// The runs of `[start, end)` whose pages are in anonymous mappings (not merged,
+    /// inherited or covered), as `(start, end)`.
+    fn unmerged_runs(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
         let page = self.page;
         let mut anon: Vec<(usize, usize)> = Vec::new();
-        for (a, r) in self.pages_in(addr, addr + len) {
+        for (a, r) in self.pages_in(start, end) {
             if matches!(r.state, State::Stable | State::Inherited) || r.in_pool().is_some() {
                 continue;
             }
@@ -957,10 +980,7 @@ impl<M: Mem> Core<M> {
                 _ => anon.push((a, a + page)),
             }
         }
-        for (s, e) in anon {
-            self.mem.untrack(s, e - s);
-        }
-        self.mem.protect(addr, len)
+        anon
     }
 
     /// The algorithm's side of the `write_tracking` knob (see `Os::set_write_tracking`):
@@ -972,21 +992,17 @@ impl<M: Mem> Core<M> {
             return;
         }
         let page = self.page;
-        let mut anon: Vec<(usize, usize)> = Vec::new();
-        for r in self.regions.values().filter(|r| r.owned) {
-            for (i, p) in r.pages.iter().enumerate() {
-                if matches!(p.state, State::Stable | State::Inherited) || p.in_pool().is_some() {
-                    continue;
-                }
-                let a = r.start + i * page;
-                match anon.last_mut() {
-                    Some(last) if last.1 == a => last.1 = a + page,
-                    _ => anon.push((a, a + page)),
-                }
+        let owned: Vec<(usize, usize)> = self
+            .regions
+            .values()
+            .filter(|r| r.owned)
+            .map(|r| (r.start, r.end(page)))
+            .collect();
+        for (start, end) in owned {
+            for (s, e) in self.unmerged_runs(start, end) {
+                // Best effort: what stays tracked is untracked by the merge that needs it.
+                let _ = self.mem.untrack(s, e - s);
             }
-        }
-        for (s, e) in anon {
-            self.mem.untrack(s, e - s);
         }
     }
 
@@ -1666,7 +1682,7 @@ impl<M: Mem> Core<M> {
         let content = self.mem.frame(f).to_vec();
         let fail = |core: &mut Self, protected: bool| {
             if protected {
-                core.mem.release(t.addr, len, true);
+                core.release_failed(t.addr, len);
             }
             for g in g0..g0 + n as FrameId {
                 let _ = core.mem.punch(g);
@@ -1722,7 +1738,7 @@ impl<M: Mem> Core<M> {
         let n = run.len();
         let len = n * page;
         if self.protect(t.addr, len).is_err() {
-            self.mem.release(t.addr, len, true);
+            self.release_failed(t.addr, len);
             self.counters.merge_failures += 1;
             return false;
         }
@@ -1741,7 +1757,7 @@ impl<M: Mem> Core<M> {
         }
         self.buf2 = cur;
         if !same || self.mem.map_frames(t.addr, n, t.prot, f, &covered).is_err() {
-            self.mem.release(t.addr, len, true);
+            self.release_failed(t.addr, len);
             self.counters.merge_failures += 1;
             return false;
         }
@@ -1807,7 +1823,7 @@ impl<M: Mem> Core<M> {
             return false;
         }
         if self.protect(t.addr, page).is_err() {
-            self.mem.release(t.addr, page, true);
+            self.release_failed(t.addr, page);
             self.counters.merge_failures += 1;
             return false;
         }
@@ -1815,7 +1831,7 @@ impl<M: Mem> Core<M> {
         let zero = self.mem.read(t.addr, t.owned, &mut cur).is_ok() && cur.iter().all(|&b| b == 0);
         self.buf2 = cur;
         let done = zero && self.mem.zap(t.addr).is_ok();
-        self.mem.release(t.addr, page, true);
+        self.release_failed(t.addr, page);
         if !done {
             self.counters.merge_failures += 1;
             return false;
@@ -1941,7 +1957,7 @@ impl<M: Mem> Core<M> {
         let len = n * page;
         let fail = |core: &mut Self, which: &[usize]| {
             for &a in which {
-                core.mem.release(a, len, true);
+                core.release_failed(a, len);
             }
             // The frames may hold bytes already: give their memory back.
             for f in f0..f0 + n as FrameId {
@@ -1980,7 +1996,11 @@ impl<M: Mem> Core<M> {
         }
         let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov).is_ok();
         self.mem.release(t.addr, len, false);
-        self.mem.release(o.addr, len, !other_ok);
+        if other_ok {
+            self.mem.release(o.addr, len, false);
+        } else {
+            self.release_failed(o.addr, len);
+        }
         for (i, &h) in run.hashes.iter().enumerate() {
             let f = f0 + i as FrameId;
             if run.t[i] == Slot::Cover {

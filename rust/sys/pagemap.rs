@@ -140,6 +140,47 @@ impl Pagemap {
         Ok(arg.walk_end as usize)
     }
 
+    /// The runs of pages of `[start, end)` in VMAs registered for asynchronous
+    /// write-protection (`PAGE_IS_WPALLOWED`, reported for pages with no PTE too).
+    pub fn tracked(
+        &self,
+        start: usize,
+        end: usize,
+        out: &mut Vec<PageRegion>,
+    ) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let cap = (end - start) / super::page_size();
+        out.clear();
+        out.resize(cap.max(1), PageRegion::default());
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: start as u64,
+            end: end as u64,
+            walk_end: 0,
+            vec: out.as_mut_ptr() as u64,
+            vec_len: out.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: PAGE_IS_WPALLOWED,
+            category_anyof_mask: 0,
+            return_mask: PAGE_IS_WPALLOWED,
+        };
+        let n = super::retry_eintr(|| {
+            // SAFETY: as in `scan`: a valid `struct pm_scan_arg` whose `vec` points to
+            // `vec_len` writable `struct page_region`s that outlive the call.
+            super::cvt(unsafe {
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    PAGEMAP_SCAN as _,
+                    &mut arg as *mut PmScanArg,
+                )
+            })
+        })?;
+        out.truncate(n as usize);
+        Ok(arg.walk_end as usize)
+    }
+
     /// Write tracking: the runs of pages of `[start, end)` written since they were last
     /// write-protected by an asynchronous userfaultfd, write-protected again in the same
     /// step (`PM_SCAN_WP_MATCHING`), so that a write after this call shows at the next.
