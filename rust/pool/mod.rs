@@ -83,20 +83,26 @@ impl FrameTable {
                 .ok()
                 .filter(|&f| f < self.capacity)?,
         };
-        if f as usize == self.refs.len() {
+        self.hand_out(f, hash);
+        self.last = Some(f);
+        Some(f)
+    }
+
+    /// Hand out frame `f`: a free one, or the one just past the end of the table.
+    fn hand_out(&mut self, f: FrameId, hash: u64) {
+        let i = f as usize;
+        if i == self.refs.len() {
             self.refs.push(0);
             self.hash.push(0);
             self.born.push(0);
         } else {
-            self.free.remove(&f);
+            let was_free = self.free.remove(&f);
+            debug_assert!(was_free, "frame {f} handed out twice");
         }
-        self.last = Some(f);
-        let i = f as usize;
         self.refs[i] = 0;
         self.hash[i] = hash;
         self.born[i] = self.fork_epoch;
         self.live += 1;
-        Some(f)
     }
 
     /// `hashes.len()` fresh frames with consecutive ids (so that one mapping of the
@@ -127,21 +133,8 @@ impl FrameTable {
             .or(after)
             .or_else(|| Some(len).filter(|&f0| fits_capacity(f0)))?;
         for (i, &h) in hashes.iter().enumerate() {
-            let f = first + i as u32;
-            if f < len {
-                self.free.remove(&f);
-                let k = f as usize;
-                self.refs[k] = 0;
-                self.hash[k] = h;
-                self.born[k] = self.fork_epoch;
-            } else {
-                debug_assert_eq!(f as usize, self.refs.len());
-                self.refs.push(0);
-                self.hash.push(h);
-                self.born.push(self.fork_epoch);
-            }
+            self.hand_out(first + i as u32, h);
         }
-        self.live += n;
         self.last = Some(first + n - 1);
         Some(first)
     }
@@ -170,14 +163,10 @@ impl FrameTable {
     /// Frame `f` itself, if it is free (merging pages in place where their mapping
     /// already covers that offset keeps the mapping whole).
     pub fn alloc_at(&mut self, f: FrameId, hash: u64) -> Option<FrameId> {
-        if !self.free.remove(&f) {
+        if !self.free.contains(&f) {
             return None;
         }
-        let i = f as usize;
-        self.refs[i] = 0;
-        self.hash[i] = hash;
-        self.born[i] = self.fork_epoch;
-        self.live += 1;
+        self.hand_out(f, hash);
         Some(f)
     }
 

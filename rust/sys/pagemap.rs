@@ -81,6 +81,16 @@ struct PmScanArg {
     return_mask: u64,
 }
 
+/// What one `PAGEMAP_SCAN` asks: its flags, the categories every page must have
+/// (`mask`), one of which it must have (`anyof`), and those reported (`ret`).
+#[derive(Clone, Copy)]
+struct Query {
+    flags: u64,
+    mask: u64,
+    anyof: u64,
+    ret: u64,
+}
+
 /// `PAGEMAP_SCAN` flag: write-protect the pages that match (asynchronous mode only).
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 
@@ -90,7 +100,7 @@ const PAGEMAP_SCAN: u64 =
 
 impl Pagemap {
     /// `PAGEMAP_SCAN` over `[start, end)`: runs of present or swapped pages with their
-    /// FILE/PRESENT/SWAPPED/PFNZERO categories (pages in no run are absent).
+    /// FILE/PRESENT/SWAPPED/PFNZERO/WPALLOWED categories (pages in no run are absent).
     /// Unlike plain pagemap it tells the shared zero page apart (`PAGE_IS_PFNZERO`)
     /// without privileges: such a page was only read, never written, and holds no memory.
     /// Without `file`, `PAGE_IS_FILE` is not asked for: the kernel then need not look
@@ -103,41 +113,14 @@ impl Pagemap {
         file: bool,
         out: &mut Vec<PageRegion>,
     ) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        let cap = (end - start) / super::page_size();
-        out.clear();
-        out.resize(cap.max(1), PageRegion::default());
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
+        let ret = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_WPALLOWED;
+        let query = Query {
             flags: 0,
-            start: start as u64,
-            end: end as u64,
-            walk_end: 0,
-            vec: out.as_mut_ptr() as u64,
-            vec_len: out.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: 0,
-            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT
-                | PAGE_IS_SWAPPED
-                | PAGE_IS_PFNZERO
-                | PAGE_IS_WPALLOWED
-                | if file { PAGE_IS_FILE } else { 0 },
+            mask: 0,
+            anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ret: ret | if file { PAGE_IS_FILE } else { 0 },
         };
-        let n = super::retry_eintr(|| {
-            // SAFETY: `arg` is a valid `struct pm_scan_arg`; `vec` points to `vec_len`
-            // writable `struct page_region`s (`out`), which outlive the call.
-            super::cvt(unsafe {
-                libc::ioctl(
-                    self.file.as_raw_fd(),
-                    PAGEMAP_SCAN as _,
-                    &mut arg as *mut PmScanArg,
-                )
-            })
-        })?;
-        out.truncate(n as usize);
-        Ok(arg.walk_end as usize)
+        self.pm_scan(start, end, query, out)
     }
 
     /// The runs of pages of `[start, end)` in VMAs registered for asynchronous
@@ -148,37 +131,13 @@ impl Pagemap {
         end: usize,
         out: &mut Vec<PageRegion>,
     ) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        let cap = (end - start) / super::page_size();
-        out.clear();
-        out.resize(cap.max(1), PageRegion::default());
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
+        let query = Query {
             flags: 0,
-            start: start as u64,
-            end: end as u64,
-            walk_end: 0,
-            vec: out.as_mut_ptr() as u64,
-            vec_len: out.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: PAGE_IS_WPALLOWED,
-            category_anyof_mask: 0,
-            return_mask: PAGE_IS_WPALLOWED,
+            mask: PAGE_IS_WPALLOWED,
+            anyof: 0,
+            ret: PAGE_IS_WPALLOWED,
         };
-        let n = super::retry_eintr(|| {
-            // SAFETY: as in `scan`: a valid `struct pm_scan_arg` whose `vec` points to
-            // `vec_len` writable `struct page_region`s that outlive the call.
-            super::cvt(unsafe {
-                libc::ioctl(
-                    self.file.as_raw_fd(),
-                    PAGEMAP_SCAN as _,
-                    &mut arg as *mut PmScanArg,
-                )
-            })
-        })?;
-        out.truncate(n as usize);
-        Ok(arg.walk_end as usize)
+        self.pm_scan(start, end, query, out)
     }
 
     /// Write tracking: the runs of pages of `[start, end)` written since they were last
@@ -192,13 +151,31 @@ impl Pagemap {
         end: usize,
         out: &mut Vec<PageRegion>,
     ) -> io::Result<usize> {
+        let query = Query {
+            flags: PM_SCAN_WP_MATCHING,
+            mask: PAGE_IS_WRITTEN,
+            anyof: 0,
+            ret: PAGE_IS_WRITTEN,
+        };
+        self.pm_scan(start, end, query, out)
+    }
+
+    /// One `PAGEMAP_SCAN` over `[start, end)` with one output slot per page (so it
+    /// never stops early for lack of room); returns `walk_end`.
+    fn pm_scan(
+        &self,
+        start: usize,
+        end: usize,
+        q: Query,
+        out: &mut Vec<PageRegion>,
+    ) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let cap = (end - start) / super::page_size();
         out.clear();
         out.resize(cap.max(1), PageRegion::default());
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: PM_SCAN_WP_MATCHING,
+            flags: q.flags,
             start: start as u64,
             end: end as u64,
             walk_end: 0,
@@ -206,14 +183,15 @@ impl Pagemap {
             vec_len: out.len() as u64,
             max_pages: 0,
             category_inverted: 0,
-            category_mask: PAGE_IS_WRITTEN,
-            category_anyof_mask: 0,
-            return_mask: PAGE_IS_WRITTEN,
+            category_mask: q.mask,
+            category_anyof_mask: q.anyof,
+            return_mask: q.ret,
         };
         let n = super::retry_eintr(|| {
-            // SAFETY: as in `scan`: a valid `struct pm_scan_arg` whose `vec` points to
-            // `vec_len` writable `struct page_region`s that outlive the call. Clearing
-            // the written state changes no memory contents.
+            // SAFETY: `arg` is a valid `struct pm_scan_arg`; `vec` points to `vec_len`
+            // writable `struct page_region`s (`out`), which outlive the call. With
+            // `PM_SCAN_WP_MATCHING` it write-protects pages of asynchronous-mode
+            // userfaultfd VMAs (a write then just marks them written): no contents change.
             super::cvt(unsafe {
                 libc::ioctl(
                     self.file.as_raw_fd(),
