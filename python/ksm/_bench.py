@@ -1022,7 +1022,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
     kernel_note: str | None = "--no-kernel given" if args.no_kernel else kernel_unavailable_reason()
     max_map_count = int(_read("/proc/sys/vm/max_map_count") or 65530)
-    budget = int(ksm.stats()["vma_budget"])  # vm.max_map_count - ksmd.vma_reserve
+    # ksm's VMA budget: vm.max_map_count - ksmd.vma_reserve (the knob; stats()'s
+    # vma_budget is only counted once ksm has scanned).
+    budget = max(0, max_map_count - int(ksm._ksm.ksmd.vma_reserve))
 
     results: list[WorkloadResult] = []
     dataset_info: dict[str, Any] | None = None
