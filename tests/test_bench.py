@@ -75,6 +75,8 @@ def test_json_and_no_kernel() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(r.stdout)
     assert doc["kernel"] is None and doc["kernel_note"] == "--no-kernel given"
+    # The budget the targets use: the limit less the reserve (default half of it).
+    assert doc["vma_budget"] == doc["max_map_count"] - doc["max_map_count"] // 2 > 0
     assert list(doc["workloads"]) == ["zero", "unique"]
     zero = doc["workloads"]["zero"]
     assert zero["kernel"] is None
