@@ -78,9 +78,10 @@ class Mmap(Buffer):
         """State of the page holding byte ``offset``.
 
         Returns:
-            ``"merged"`` (maps a shared frame), ``"unmerged"`` (a private page:
-            never merged, not advised, or copied by a write since the last scan),
-            ``"volatile"`` (advised, changed since the previous visit) or
+            ``"merged"`` (maps a shared frame), ``"zero"`` (dropped to the kernel's
+            zero page by ``use_zero_pages``, not written since), ``"unmerged"`` (a
+            private page: never merged, not advised, or copied by a write since the
+            last scan), ``"volatile"`` (advised, changed since the previous visit) or
             ``"unshared"`` (advised, stable, no twin found: the kernel's unstable tree).
 
         Raises:

@@ -119,7 +119,7 @@ def ksm_stat(stats: dict[str, Any], merge_any: bool | None = None) -> dict[str, 
 
     Fields the core reports itself (``ksm_zero_pages``, ``ksm_merging_pages``, ...)
     are used as they are; otherwise: ``ksm_rmap_items`` = ``rmap_items``,
-    ``ksm_zero_pages`` = 0 (``use_zero_pages`` is not implemented),
+    ``ksm_zero_pages`` = ``ksm_zero_pages`` (0 if absent),
     ``ksm_merging_pages`` = ``pages_shared + pages_sharing`` (the process's
     pages that map a shared frame), ``ksm_process_profit`` = ``general_profit``
     (ksm's figures are per process already), ``ksm_merge_any`` =
