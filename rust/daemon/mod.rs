@@ -1139,12 +1139,12 @@ fn fork_prepare() {
     // The fault threads' lock order: event log, then windows.
     let mut st = e.lock_raw();
     let log = EVENTS.lock();
-    // A covered page the application discarded reads zeros only through our fault
-    // thread, which the child will not have: give such pages their zeros now.
-    let page = sys::page_size();
-    for (s, end) in st.core.covered_ranges(0, usize::MAX) {
-        for a in (s..end).step_by(page) {
-            if log.is_removed(a) && st.core.mem.presence(a) == Presence::Absent {
+    // A page of a pool mapping the application discarded (merged or covered) reads
+    // zeros only through our fault thread, until ksm has followed the discard; the
+    // child will have no fault thread: give such pages their zeros now.
+    for (s, end) in log.removed.clone() {
+        for a in st.core.pool_pages_in(s, end) {
+            if st.core.mem.presence(a) == Presence::Absent {
                 let _ = st.core.mem.fill_zero_page(a);
             }
         }
@@ -1157,6 +1157,7 @@ fn fork_parent() {
     if let Some((mut st, log, w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) {
         // Every live frame may now be mapped by the child: never punch it while the child lives.
         st.core.frames_mut().on_fork();
+        st.core.reserve_covered_frames();
         drop(w);
         drop(log);
         drop(st);

@@ -602,6 +602,32 @@ impl<M: Mem> Core<M> {
         self.advised
     }
 
+    /// The pages of `[start, end)` in a mapping of the pool: merged, inherited or covered.
+    pub fn pool_pages_in(&self, start: usize, end: usize) -> Vec<usize> {
+        self.pages_in(start, end)
+            .filter(|(_, r)| {
+                matches!(r.state, State::Stable | State::Inherited) || r.in_pool().is_some()
+            })
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    /// At fork: the free frames that covered pages sit over stay out of use until no
+    /// child maps the pool (a child discarding such a page reads that frame; it must
+    /// never hold bytes the parent wrote after the fork).
+    pub fn reserve_covered_frames(&mut self) {
+        let offsets: Vec<FrameId> = self
+            .regions
+            .values()
+            .flat_map(|r| r.pages.iter().filter_map(|p| p.in_pool()))
+            .collect();
+        for g in offsets {
+            if self.frames.exists(g) {
+                self.frames.reserve_until_quiet(g);
+            }
+        }
+    }
+
     /// The ranges of `[start, end)` whose pages are covered (see `IN_POOL`), merged.
     pub fn covered_ranges(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
         let page = self.page;
