@@ -331,8 +331,9 @@ def test_a_raised_vma_reserve_stops_merging_at_the_budget_and_the_application_ke
             for i in range(n):
                 prot = PROT_READ if i % 2 else PROT_READ | PROT_WRITE
                 mappings.append((raw_mmap(3 * PAGE, prot), 3 * PAGE))
-            # (the first or last may merge with a neighbour that was already there)
-            assert _vmas() >= before + n - 2
+            # (a few may land next to a mapping of the same protection that was already
+            # there and merge with it: CI saw 4 of 64,958 do so)
+            assert _vmas() >= before + n - 16
             addr, _ = mappings.pop()
             raw_munmap(addr + PAGE, PAGE)  # a split: one more VMA
             mappings += [(addr, PAGE), (addr + 2 * PAGE, PAGE)]
