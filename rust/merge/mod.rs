@@ -240,9 +240,10 @@ pub struct Os {
     /// learns from `PAGEMAP_SCAN` which were written instead of hashing them all.
     /// Its faults are resolved by the kernel: nothing reads it.
     tracker: Option<Uffd>,
-    /// Whether write tracking is wanted (`Os::set_write_tracking`).
+    /// Whether write tracking is wanted (`Mem::set_write_tracking`, the knob).
     tracking: bool,
-    written: Vec<PageRegion>,
+    /// Output room for the write tracker's `PAGEMAP_SCAN` calls (kept between calls).
+    scratch_regions: Vec<PageRegion>,
     /// The frame pool, created with the first frame.
     pub pool: Option<Pool>,
     frame_capacity: u32,
@@ -276,7 +277,7 @@ impl Os {
             uffd_foreign: None,
             tracker: None,
             tracking: true,
-            written: Vec::new(),
+            scratch_regions: Vec::new(),
             pool: None,
             frame_capacity,
             windows,
@@ -504,7 +505,7 @@ impl Mem for Os {
         let end = addr + out.len() * self.page;
         // First the written pages, write-protected again in the same step (a write
         // from now on shows at the next scan), then which pages are tracked at all.
-        let mut written = std::mem::take(&mut self.written);
+        let mut written = std::mem::take(&mut self.scratch_regions);
         let took = match (&self.tracker, &self.pagemap) {
             (Some(_), Some(pm)) if self.tracking && self.pagemap_scan => {
                 pm.take_written(addr, end, &mut written).ok() == Some(end)
@@ -530,7 +531,7 @@ impl Mem for Os {
                 unchanged[(s - addr) / self.page..(e.max(s) - addr) / self.page].fill(false);
             }
         }
-        self.written = written;
+        self.scratch_regions = written;
         r
     }
 
@@ -552,7 +553,7 @@ impl Mem for Os {
         }
         // Exactly the tracked VMAs: the kernel refuses (or, before Linux 6.17, does
         // wrongly) an unregister whose range holds a VMA of another userfaultfd.
-        let mut runs = std::mem::take(&mut self.written);
+        let mut runs = std::mem::take(&mut self.scratch_regions);
         let r = self
             .tracked_runs(addr, addr + len, &mut runs)
             .and_then(|()| {
@@ -560,7 +561,7 @@ impl Mem for Os {
                 runs.iter()
                     .try_for_each(|r| t.unregister(r.start as usize, (r.end - r.start) as usize))
             });
-        self.written = runs;
+        self.scratch_regions = runs;
         r
     }
 

@@ -74,6 +74,13 @@ impl PageRec {
         self.flags & ADVISED != 0
     }
 
+    /// Whether the page sits in a mapping of a frame pool: merged (ours, or the
+    /// parent's in a forked child) or covered. Every other page is in an anonymous
+    /// mapping.
+    pub fn in_pool_mapping(&self) -> bool {
+        matches!(self.state, State::Stable | State::Inherited) || self.in_pool().is_some()
+    }
+
     /// The frame offset its mapping covers, for a private copy inside a pool mapping.
     pub fn in_pool(&self) -> Option<u32> {
         (self.flags & IN_POOL != 0).then_some(self.frame)

@@ -605,9 +605,7 @@ impl<M: Mem> Core<M> {
     /// The pages of `[start, end)` in a mapping of the pool: merged, inherited or covered.
     pub fn pool_pages_in(&self, start: usize, end: usize) -> Vec<usize> {
         self.pages_in(start, end)
-            .filter(|(_, r)| {
-                matches!(r.state, State::Stable | State::Inherited) || r.in_pool().is_some()
-            })
+            .filter(|(_, r)| r.in_pool_mapping())
             .map(|(a, _)| a)
             .collect()
     }
@@ -647,9 +645,7 @@ impl<M: Mem> Core<M> {
     /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the
     /// parent's), or sits in a mapping of one as a covered page.
     pub fn has_merged_pages(&self, start: usize, end: usize) -> bool {
-        self.pages_in(start, end).any(|(_, r)| {
-            matches!(r.state, State::Stable | State::Inherited) || r.in_pool().is_some()
-        })
+        self.pages_in(start, end).any(|(_, r)| r.in_pool_mapping())
     }
 
     /// `run = 2`: unmerge everything, forget every record, reset `full_scans`.
@@ -998,7 +994,7 @@ impl<M: Mem> Core<M> {
         let page = self.page;
         let mut anon: Vec<(usize, usize)> = Vec::new();
         for (a, r) in self.pages_in(start, end) {
-            if matches!(r.state, State::Stable | State::Inherited) || r.in_pool().is_some() {
+            if r.in_pool_mapping() {
                 continue;
             }
             match anon.last_mut() {
@@ -1009,7 +1005,7 @@ impl<M: Mem> Core<M> {
         anon
     }
 
-    /// The algorithm's side of the `write_tracking` knob (see `Os::set_write_tracking`):
+    /// The algorithm's side of the `write_tracking` knob (see `Mem::set_write_tracking`):
     /// switched off, the unmerged pages of memory ksm owns leave the tracker at once
     /// (no write pays for tracking any more; a merge registers them as it needs).
     pub fn set_write_tracking(&mut self, on: bool) {
@@ -1040,10 +1036,7 @@ impl<M: Mem> Core<M> {
             return false;
         };
         let base = (from - r.start) / self.page;
-        r.owned
-            && r.pages[base..base + n].iter().all(|p| {
-                !matches!(p.state, State::Stable | State::Inherited) && p.in_pool().is_none()
-            })
+        r.owned && r.pages[base..base + n].iter().all(|p| !p.in_pool_mapping())
     }
 
     /// From page `i` of the batch at `from` (in the region at `rstart`), the pages a
