@@ -378,6 +378,14 @@ impl<M: Mem> Core<M> {
         self.settled
     }
 
+    /// Something changed outside a visit (regions, advice, an unmerge): not settled,
+    /// and the full scan in progress cannot settle either — it may have passed the
+    /// change by (a region added behind the cursor is first visited by the next one).
+    fn unsettle(&mut self) {
+        self.settled = false;
+        self.changes += 1;
+    }
+
     pub fn at_scan_start(&self) -> bool {
         self.cursor.is_none()
     }
@@ -428,7 +436,7 @@ impl<M: Mem> Core<M> {
                 && self.region_at(region.start).is_none(),
             "overlapping regions"
         );
-        self.settled = false;
+        self.unsettle();
         self.advised += region.pages.iter().filter(|p| p.advised()).count() as u64;
         self.counters.ksm_zero_pages += region
             .pages
@@ -481,7 +489,7 @@ impl<M: Mem> Core<M> {
             }
         }
         if n > 0 {
-            self.settled = false;
+            self.unsettle();
         }
         self.advised += n as u64;
         n
@@ -558,7 +566,7 @@ impl<M: Mem> Core<M> {
             .collect();
         for a in zeros {
             self.forget(a);
-            self.settled = false;
+            self.unsettle();
         }
         let mut runs: Vec<(usize, usize, i32, bool)> = Vec::new();
         for (addr, rec) in self.pages_in(start, end) {
@@ -586,7 +594,7 @@ impl<M: Mem> Core<M> {
                 self.forget(a);
                 self.rec_mut(a).flags &= !IN_POOL;
             }
-            self.settled = false;
+            self.unsettle();
         }
         Ok(())
     }
@@ -666,7 +674,7 @@ impl<M: Mem> Core<M> {
         self.cursor = None;
         self.seq = 0;
         self.counters.full_scans = 0;
-        self.settled = false;
+        self.unsettle();
         Ok(())
     }
 
@@ -771,7 +779,7 @@ impl<M: Mem> Core<M> {
         let was_advised = r.advised();
         r.flags &= !ADVISED;
         self.advised -= u64::from(was_advised);
-        self.settled = false;
+        self.unsettle();
     }
 
     /// Forget a whole region whose memory vanished (see `forget_vanished`).
@@ -823,7 +831,7 @@ impl<M: Mem> Core<M> {
         for start in self.foreign_regions_in(s, e) {
             self.remove_region(start);
         }
-        self.settled = false;
+        self.unsettle();
     }
 
     /// The application moved `[from, from+len)` to `to` (`mremap`, a userfaultfd REMAP
@@ -853,7 +861,7 @@ impl<M: Mem> Core<M> {
             r.start = to + (start - from);
             self.regions.insert(r.start, r);
         }
-        self.settled = false;
+        self.unsettle();
     }
 
     /// Whether a page of `[s, e)` recorded as merged still maps its frame (a

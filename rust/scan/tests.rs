@@ -732,3 +732,35 @@ fn a_write_taken_by_a_probe_is_not_forgotten_when_the_batch_stops_before_the_pag
     assert_eq!(c.mem.read_page(BASE + 10 * PG), vec![52; PG]);
     c.check_invariants();
 }
+
+#[test]
+fn a_full_scan_that_passed_a_new_region_by_does_not_settle() {
+    // Settled memory, then a scan stopped halfway (ksmd stopped, or a budget).
+    let mut c = core_with(64);
+    for i in 0..64 {
+        fill(&mut c, i, i as u8 + 1);
+    }
+    c.advise(BASE, BASE + 64 * PG);
+    c.scan_full(3);
+    assert!(c.settled());
+    assert!(!c.scan_batch(32), "the scan stops halfway");
+    // New memory behind the cursor: the rest of this scan never visits it.
+    let below = BASE - 16 * PG;
+    c.add_region(Region::new(
+        below,
+        16,
+        true,
+        libc::PROT_READ | libc::PROT_WRITE,
+    ));
+    for i in 0..16 {
+        c.mem.write(below + i * PG, &vec![0xee; PG]);
+    }
+    c.advise(below, BASE);
+    while !c.scan_batch(u64::MAX) {}
+    assert!(!c.settled(), "settled before its pages were ever visited");
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_sharing, 15, "the new pages merged");
+    c.scan_full(1);
+    assert!(c.settled());
+    c.check_invariants();
+}
