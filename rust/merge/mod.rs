@@ -266,6 +266,8 @@ pub struct Os {
     /// The most VMAs merging lets the process have (`vm.max_map_count - vma_reserve`)
     /// when last counted.
     pub vma_budget: u64,
+    /// Threads an unmerge copies a long run with (the cores available).
+    pub copy_threads: usize,
 }
 
 impl Os {
@@ -292,6 +294,7 @@ impl Os {
             vmas_used: 0,
             vma_reserve: u64::from(crate::daemon::knobs::default_vma_reserve()),
             vma_budget: 0,
+            copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 
@@ -798,7 +801,8 @@ impl Mem for Os {
         let result = (|| {
             let copied = match &filler {
                 Some(u) => {
-                    let r = u.copy(scratch.addr(), addr, len);
+                    let r =
+                        u.copy_parallel(scratch.addr(), addr, len, self.copy_threads, self.page);
                     // Registered, the scratch must not be touched, moved or unmapped.
                     unregister(u, &scratch)?;
                     match r {
