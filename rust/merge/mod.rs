@@ -268,6 +268,8 @@ pub struct Os {
     pub vma_budget: u64,
     /// Threads an unmerge copies a long run with (the cores available).
     pub copy_threads: usize,
+    /// A page nobody can read, for `Uffd::prepare_anon_vma`.
+    unreadable: Option<Mapping>,
 }
 
 impl Os {
@@ -295,6 +297,7 @@ impl Os {
             vma_reserve: u64::from(crate::daemon::knobs::default_vma_reserve()),
             vma_budget: 0,
             copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            unreadable: Mapping::inaccessible(crate::sys::page_size()).ok(),
         }
     }
 
@@ -371,6 +374,11 @@ impl Os {
         if let Ok(u) = self.uffd(addr) {
             if !merged || u.register_wp_minor(addr, len).is_err() {
                 let _ = u.register_wp(addr, len);
+            }
+            if merged {
+                if let Some(src) = self.unreadable.as_ref().map(Mapping::addr) {
+                    u.prepare_anon_vma(addr, self.page, src);
+                }
             }
         }
     }

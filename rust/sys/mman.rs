@@ -41,6 +41,18 @@ impl Mapping {
         Ok(m)
     }
 
+    /// `len` bytes nobody can read or write (`PROT_NONE`): a source address that
+    /// the kernel's user copies fail on with EFAULT (see `Uffd::prepare_anon_vma`).
+    pub fn inaccessible(len: usize) -> io::Result<Self> {
+        map(
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    }
+
     /// A read-write `MAP_SHARED` view of `fd` (the frame pool), reserved
     /// sparsely: `MAP_NORESERVE`, no memory until a page is written.
     pub fn shared_view(fd: RawFd, len: usize) -> io::Result<Self> {

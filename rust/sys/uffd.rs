@@ -449,6 +449,25 @@ impl Uffd {
         efault.map_or(Ok(()), Err)
     }
 
+    /// Give the private VMA holding `dst` (registered with this context) its
+    /// `anon_vma` now, changing no page: the kernel prepares it at the start of every
+    /// `UFFDIO_COPY` into a private mapping, before it copies from the source, and
+    /// the source here is `unreadable` (a `PROT_NONE` page), so the copy stops with
+    /// EFAULT before anything is installed. Without this, the first write to a page
+    /// of a new mapping of the frame pool allocates it inside the application's
+    /// page fault (a third of the fault's cost for a lone merged page). Best effort:
+    /// any answer but EFAULT (EEXIST is impossible: nothing is read) is ignored.
+    pub fn prepare_anon_vma(&self, dst: usize, page: usize, unreadable: usize) {
+        let mut arg = CopyArg {
+            dst: dst as u64,
+            src: unreadable as u64,
+            len: page as u64,
+            mode: 0,
+            copy: 0,
+        };
+        let _ = ioctl(&self.fd, &mut arg);
+    }
+
     /// `UFFDIO_UNREGISTER` (wakes any waiter in the range).
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
         ioctl_range(&self.fd, UFFDIO_UNREGISTER, range(start, len))?;
@@ -692,6 +711,43 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
         u.unregister(dst.addr(), len).unwrap();
+    }
+
+    #[test]
+    fn preparing_the_anon_vma_changes_no_page() {
+        let Ok(u) = Uffd::open(0) else {
+            eprintln!("skipped: userfaultfd cannot be opened here");
+            return;
+        };
+        let page = crate::sys::page_size();
+        let fd = crate::sys::memfd::Memfd::create(c"ksm-test", 2 * page as u64).unwrap();
+        fd.write_at(0, &vec![0x5a; page]).unwrap();
+        let m = crate::sys::mman::Mapping::file_private(fd.raw(), 0, 2 * page).unwrap();
+        let hole = m.addr() + page; // no page in the file there, no PTE
+        let nothing = crate::sys::mman::Mapping::inaccessible(page).unwrap();
+        let mut b = vec![0u8; page];
+        m.copy_out(0, &mut b); // PTE of the file's page
+        u.register_missing(m.addr(), 2 * page).unwrap();
+        u.prepare_anon_vma(m.addr(), page, nothing.addr());
+        u.prepare_anon_vma(hole, page, nothing.addr());
+        u.unregister(m.addr(), 2 * page).unwrap();
+        let pm = crate::sys::pagemap::Pagemap::open().unwrap();
+        let mut e = [0u64; 2];
+        pm.read(m.addr(), &mut e).unwrap();
+        use crate::sys::pagemap::{PM_FILE, PM_PRESENT};
+        assert_eq!(
+            e[0] & (PM_PRESENT | PM_FILE),
+            PM_PRESENT | PM_FILE,
+            "still the file's page"
+        );
+        assert_eq!(e[1] & PM_PRESENT, 0, "nothing installed in the hole");
+        m.copy_out(0, &mut b);
+        assert!(b.iter().all(|&x| x == 0x5a));
+        assert_eq!(
+            fd.allocated_bytes().unwrap(),
+            page as u64,
+            "no page added to the file"
+        );
     }
 
     #[test]
