@@ -127,3 +127,24 @@ def test_sigterm_restores_knobs() -> None:
     assert p.returncode != 0
     assert "could not restore" not in err
     assert knobs() == before
+
+
+@pytest.mark.parametrize(
+    ("ksm_sharing", "skips", "vmas", "status"),
+    [
+        (131_000, 0, 1_000, "PASS"),  # saved what the kernel did
+        (10_000, 372_000, 32_760, "PASS"),  # stopped by the VMA budget, which is full
+        (10_000, 0, 32_760, "MISS"),  # fewer pages, and not because of the budget
+        (10_000, 372_000, 20_000, "MISS"),  # merges put off, yet the budget is far from full
+    ],
+)
+def test_pairs_time_counts_when_only_the_vma_budget_stopped_merging(
+    ksm_sharing: int, skips: int, vmas: int, status: str
+) -> None:
+    kernel = _bench.Figures(settle_s=3.0, settled=True, pages_sharing=131_072)
+    mine = _bench.Figures(
+        settle_s=1.5, settled=True, pages_sharing=ksm_sharing, vma_budget_skips=skips, vmas_after=vmas
+    )
+    r = _bench.WorkloadResult("pairs", 262_144, mine, kernel)
+    (t,) = [t for t in _bench.targets([r], budget=32_765) if t.text.startswith("pairs: no worse")]
+    assert t.status == status, t.detail

@@ -875,12 +875,22 @@ def targets(results: list[WorkloadResult], budget: int) -> list[Target]:
     p = both("pairs")
     if p and p.kernel:
         ratio = _ratio(p.ksm.settle_s, p.kernel.settle_s)
+        va = p.ksm.vmas_after or 0
+        # The issue expects the VMA budget to stop merging random pairs short (it asks
+        # for what was left to be reported): the time counts if ksm settled having
+        # saved what the kernel did, or every page it did not save was put off by the
+        # budget, which was then (nearly) full.
+        at_budget = bool(p.ksm.vma_budget_skips) and va >= 0.99 * budget
+        counted = p.ksm.settled and (saved_share(p) >= 0.99 or at_budget)
+        why = caveat(p)
+        if counted and at_budget and saved_share(p) < 0.99:
+            share = 100 * saved_share(p)
+            why = f" (settled at the VMA budget with {share:.1f}% of the kernel's pages, see below)"
         add(
             "pairs: no worse than 2x kernel's time",
-            None if ratio is None else (complete(p) and ratio <= 2),
-            "-" if ratio is None else f"ksm/kernel = {ratio:.2f}" + caveat(p),
+            None if ratio is None else (counted and ratio <= 2),
+            "-" if ratio is None else f"ksm/kernel = {ratio:.2f}" + why,
         )
-        va = p.ksm.vmas_after or 0
         unmerged = (p.kernel.pages_sharing or 0) - (p.ksm.pages_sharing or 0)
         add(
             "pairs: VMA budget respected, unmerged reported",
