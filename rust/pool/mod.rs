@@ -344,6 +344,19 @@ impl Pool {
         self.memfd.write_at(f as u64 * self.page as u64, data)
     }
 
+    /// Write frames `f0, f0+1, …` from `len` bytes (whole pages) of mapping `src` at
+    /// `offset` with one `pwrite` straight from it (see `Memfd::write_from`).
+    pub fn write_from(
+        &self,
+        f0: FrameId,
+        src: &Mapping,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.memfd
+            .write_from(f0 as u64 * self.page as u64, src, offset, len)
+    }
+
     pub fn punch(&self, f: FrameId) -> io::Result<()> {
         self.memfd
             .punch_hole(f as u64 * self.page as u64, self.page as u64)

@@ -76,6 +76,11 @@ pub trait Mem {
     fn untrack(&mut self, _addr: usize, _len: usize) -> io::Result<()> {
         Ok(())
     }
+    /// `untrack` for a merge about to write-protect the range through the synchronous
+    /// userfaultfd: the Os may register it there at once (else `protect` does).
+    fn untrack_for_merge(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        self.untrack(addr, len)
+    }
     /// Track writes to `[addr, addr+len)` again: anonymous pages a merge protected
     /// and left anonymous (it failed, or dropped them to the zero page).
     fn retrack(&mut self, _addr: usize, _len: usize) {}
@@ -88,7 +93,37 @@ pub trait Mem {
     /// fault-safely unless `owned`.
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()>;
     fn frame(&self, f: FrameId) -> &[u8];
+    /// Whether the page at `addr` holds `data` (`read` and compare; the Os compares
+    /// memory ksm owns in place, without a copy).
+    fn equals(&mut self, addr: usize, owned: bool, data: &[u8]) -> io::Result<bool> {
+        let mut buf = vec![0u8; data.len()];
+        self.read(addr, owned, &mut buf)?;
+        Ok(buf == data)
+    }
+    /// Whether the page at `addr` holds the bytes of frame `f` (see `equals`).
+    fn equals_frame(&mut self, addr: usize, owned: bool, f: FrameId) -> io::Result<bool> {
+        let data = self.frame(f).to_vec();
+        self.equals(addr, owned, &data)
+    }
+    /// Whether the pages at `a` and `b` hold the same bytes (see `equals`).
+    fn same_pages(&mut self, a: usize, a_owned: bool, b: usize, b_owned: bool) -> io::Result<bool> {
+        let mut buf = vec![0u8; self.page_size()];
+        self.read(a, a_owned, &mut buf)?;
+        self.equals(b, b_owned, &buf)
+    }
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()>;
+    /// Write frames `f0, f0+1, …` with the bytes of the `n` pages from `addr` (pages a
+    /// merge window protects): `read` and `write_frame` page by page; the Os writes
+    /// memory ksm owns into the pool straight from its pages, with one call.
+    fn fill_frames(&mut self, f0: FrameId, addr: usize, owned: bool, n: usize) -> io::Result<()> {
+        let page = self.page_size();
+        let mut buf = vec![0u8; page];
+        for i in 0..n {
+            self.read(addr + i * page, owned, &mut buf)?;
+            self.write_frame(f0 + i as FrameId, &buf)?;
+        }
+        Ok(())
+    }
     fn punch(&mut self, f: FrameId) -> io::Result<()>;
     /// Punch the `n` consecutive frames from `f0` (one call where the pool allows it).
     fn punch_run(&mut self, f0: FrameId, n: u32) -> io::Result<()> {
@@ -291,6 +326,9 @@ impl PairRun {
     }
 }
 
+/// Pages a batch probes at a time.
+const PROBE_BATCH: usize = 512;
+
 /// Pages probed at a time while a run is extended.
 const AHEAD: usize = 64;
 
@@ -324,6 +362,8 @@ struct Seen {
 struct Candidate {
     /// The index hash of its bytes.
     hash: u64,
+    /// The checksum of its bytes.
+    checksum: u32,
     /// The frame it maps now, if it is merged already.
     was: Option<FrameId>,
 }
@@ -894,8 +934,8 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
-        let mut pres = vec![Presence::Absent; 512];
-        let (mut tracked, mut unchanged) = (vec![false; 512], vec![false; 512]);
+        let mut pres = vec![Presence::Absent; PROBE_BATCH];
+        let (mut tracked, mut unchanged) = (vec![false; PROBE_BATCH], vec![false; PROBE_BATCH]);
         while scanned < budget {
             let cur = self.cursor.expect("set above");
             // The next region at or after the cursor.
@@ -958,8 +998,20 @@ impl<M: Mem> Core<M> {
                         tracked: tracked[i - 1],
                         unchanged: unchanged[i - 1],
                     };
+                    let merges = self.counters.merges;
                     if rec.advised() && self.visit(addr, seen) {
                         scanned += 1;
+                    }
+                    // A merge remaps pages, often the run of pages after this one: what
+                    // the batch's probe said of them is stale. Probe the rest again at
+                    // once (else `visit` would probe each of them on its own). Should that
+                    // fail, the stale answers stay: `visit` looks again at a merged page.
+                    if self.counters.merges != merges && i < n {
+                        let mut fresh = [Presence::Absent; PROBE_BATCH];
+                        let fresh = &mut fresh[..n - i];
+                        if self.mem.probe(from + i * page, fresh).is_ok() {
+                            pres[i..n].copy_from_slice(fresh);
+                        }
                     }
                 }
             }
@@ -974,7 +1026,7 @@ impl<M: Mem> Core<M> {
     /// pages are in pool mappings, never tracked.
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
         for (s, e) in self.unmerged_runs(addr, addr + len) {
-            self.mem.untrack(s, e - s)?;
+            self.mem.untrack_for_merge(s, e - s)?;
         }
         self.mem.protect(addr, len)
     }
@@ -1515,6 +1567,39 @@ impl<M: Mem> Core<M> {
         ahead: &mut Ahead,
         buf: &mut [u8],
     ) -> Option<Candidate> {
+        let was = self.run_eligible(x, want, merged, ahead)?;
+        match was {
+            None => {
+                self.mem.read(x, want.owned, buf).ok()?;
+                let (hash, checksum) = checksum_of(buf);
+                (checksum == self.rec(x)?.checksum).then_some(Candidate {
+                    hash,
+                    checksum,
+                    was,
+                })
+            }
+            // Its bytes are its frame's for as long as it maps it (a write would have
+            // made it a private anonymous page); compared again under protection.
+            Some(g) => {
+                buf.copy_from_slice(self.mem.frame(g));
+                Some(Candidate {
+                    hash: self.frames.hash(g),
+                    checksum: checksum_of(buf).1,
+                    was,
+                })
+            }
+        }
+    }
+
+    /// `run_candidate` without looking at the page's bytes (no volatility check): None
+    /// if the page cannot join a run, else the frame it maps now if it is merged.
+    fn run_eligible(
+        &mut self,
+        x: usize,
+        want: Target,
+        merged: bool,
+        ahead: &mut Ahead,
+    ) -> Option<Option<FrameId>> {
         let page = self.page;
         let rec = self.rec(x)?;
         let r = self.region_at(x)?;
@@ -1527,22 +1612,8 @@ impl<M: Mem> Core<M> {
             State::Stable if merged && self.in_short_run(x, rec.frame) => Some(rec.frame),
             _ => return None,
         };
-        let pres = [self.presence_ahead(ahead, x)?];
-        match was {
-            None if pres[0] == Presence::Anon => {
-                self.mem.read(x, want.owned, buf).ok()?;
-                let (hash, checksum) = checksum_of(buf);
-                (checksum == rec.checksum).then_some(Candidate { hash, was })
-            }
-            // Its bytes are its frame's for as long as it maps it (a write would have
-            // made it a private anonymous page); compared again under protection.
-            Some(g) if pres[0] == Presence::File => {
-                buf.copy_from_slice(self.mem.frame(g));
-                Some(Candidate {
-                    hash: self.frames.hash(g),
-                    was,
-                })
-            }
+        match (was, self.presence_ahead(ahead, x)?) {
+            (None, Presence::Anon) | (Some(_), Presence::File) => Some(was),
             _ => None,
         }
     }
@@ -1609,19 +1680,29 @@ impl<M: Mem> Core<M> {
             if x >= t_end || !self.frames.exists(g) {
                 break;
             }
-            let Some(c) = self.run_candidate(x, t, true, &mut ahead, &mut a) else {
+            let Some(was) = self.run_eligible(x, t, true, &mut ahead) else {
                 break;
             };
             // Already on this very frame (or on the run's own) is no move worth making.
-            if c.was.is_some_and(|w| (f..=g).contains(&w)) {
+            if was.is_some_and(|w| (f..=g).contains(&w)) {
                 break;
             }
-            if (1..self.max_page_sharing).contains(&self.frames.refs(g))
-                && self.mem.frame(g) == &a[..]
-            {
-                run.push(Slot::Join(c.was));
+            // Compared in place, with no volatility check: the kernel's ksmd looks for a
+            // page in the stable tree before it checks its checksum (the merge compares
+            // again under protection).
+            let equal = (1..self.max_page_sharing).contains(&self.frames.refs(g))
+                && match was {
+                    Some(w) => self.mem.frame(w) == self.mem.frame(g),
+                    None => matches!(self.mem.equals_frame(x, t.owned, g), Ok(true)),
+                };
+            if equal {
+                run.push(Slot::Join(was));
                 pending = 0;
-            } else if c.was.is_none() && pending < MAX_COVER && self.can_cover(t, &a) {
+            } else if was.is_none()
+                && pending < MAX_COVER
+                && self.run_candidate(x, t, true, &mut ahead, &mut a).is_some()
+                && self.can_cover(t, &a)
+            {
                 run.push(Slot::Cover);
                 pending += 1;
             } else {
@@ -1716,10 +1797,12 @@ impl<M: Mem> Core<M> {
         if self.protect(t.addr, len).is_err() {
             return fail(self, true);
         }
-        let mut cur = std::mem::take(&mut self.buf2);
-        let same = (0..n)
-            .all(|i| self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok() && cur == content);
-        self.buf2 = cur;
+        let same = (0..n).all(|i| {
+            matches!(
+                self.mem.equals(t.addr + i * page, t.owned, &content),
+                Ok(true)
+            )
+        });
         if !same || self.mem.map_frames(t.addr, n, t.prot, g0, &[]).is_err() {
             return fail(self, true);
         }
@@ -1765,11 +1848,20 @@ impl<M: Mem> Core<M> {
         let mut same = true;
         let mut covered = Vec::new();
         for (i, &slot) in run.iter().enumerate() {
-            same = self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok();
-            match slot {
-                Slot::Join(_) => same &= self.mem.frame(f + i as FrameId) == &cur[..],
-                Slot::Cover => covered.push((i, cur.clone())),
-            }
+            let a = t.addr + i * page;
+            same = match slot {
+                Slot::Join(_) => matches!(
+                    self.mem.equals_frame(a, t.owned, f + i as FrameId),
+                    Ok(true)
+                ),
+                Slot::Cover => {
+                    let read = self.mem.read(a, t.owned, &mut cur).is_ok();
+                    if read {
+                        covered.push((i, cur.clone()));
+                    }
+                    read
+                }
+            };
             if !same {
                 break;
             }
@@ -1898,22 +1990,34 @@ impl<M: Mem> Core<M> {
             if ta >= t_end || oa >= o_end || (n + 1) * page > dist {
                 break;
             }
-            let (Some(ca), Some(cb)) = (
-                self.run_candidate(ta, t, true, &mut ahead, &mut a),
-                self.run_candidate(oa, o, true, &mut ahead, &mut b),
-            ) else {
+            // `t`'s page read and hashed; `o`'s compared with it in place (equal bytes,
+            // equal checksums: its volatility check needs no hash of its own).
+            let Some(ca) = self.run_candidate(ta, t, true, &mut ahead, &mut a) else {
                 break;
             };
-            let shared = ca.was.is_some() && ca.was == cb.was;
+            let Some(wo) = self.run_eligible(oa, o, true, &mut ahead) else {
+                break;
+            };
+            let shared = ca.was.is_some() && ca.was == wo;
             if shared || (self.use_zero_pages && a.iter().all(|&x| x == 0)) {
                 break;
             }
-            if a == b {
-                run.push(ca.hash, Slot::Join(ca.was), Slot::Join(cb.was));
+            let equal = match wo {
+                Some(g) => self.mem.frame(g) == &a[..],
+                None => {
+                    self.rec(oa).is_some_and(|r| r.checksum == ca.checksum)
+                        && matches!(self.mem.equals(oa, o.owned, &a), Ok(true))
+                }
+            };
+            if equal {
+                run.push(ca.hash, Slot::Join(ca.was), Slot::Join(wo));
                 pending = 0;
             } else if ca.was.is_none()
-                && cb.was.is_none()
+                && wo.is_none()
                 && pending < MAX_COVER
+                && self
+                    .run_candidate(oa, o, true, &mut ahead, &mut b)
+                    .is_some()
                 && self.can_cover(t, &a)
                 && self.can_cover(o, &b)
             {
@@ -1992,23 +2096,38 @@ impl<M: Mem> Core<M> {
         if self.protect(o.addr, len).is_err() {
             return fail(self, &[t.addr, o.addr]);
         }
-        // Read both runs again now that neither can change, and fill the frames.
+        // Compare both runs again now that neither can change, then fill the frames of
+        // each stretch of joined pages from `t`'s (protected, so still the bytes just
+        // found equal to `o`'s).
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
         let (mut t_cov, mut o_cov) = (Vec::new(), Vec::new());
         let mut written = true;
         for i in 0..n {
             let (ta, oa) = (t.addr + i * page, o.addr + i * page);
-            written = self.mem.read(ta, t.owned, &mut a).is_ok()
-                && self.mem.read(oa, o.owned, &mut b).is_ok();
             if run.t[i] == Slot::Cover {
+                written = self.mem.read(ta, t.owned, &mut a).is_ok()
+                    && self.mem.read(oa, o.owned, &mut b).is_ok();
                 t_cov.push((i, a.clone()));
                 o_cov.push((i, b.clone()));
             } else {
-                written = written && a == b && self.mem.write_frame(f0 + i as FrameId, &a).is_ok();
+                written = matches!(self.mem.same_pages(ta, t.owned, oa, o.owned), Ok(true));
             }
             if !written {
                 break;
             }
+        }
+        let mut i = 0;
+        while written && i < n {
+            if run.t[i] == Slot::Cover {
+                i += 1;
+                continue;
+            }
+            let s = i;
+            while i < n && run.t[i] != Slot::Cover {
+                i += 1;
+            }
+            let (f, at) = (f0 + s as FrameId, t.addr + s * page);
+            written = self.mem.fill_frames(f, at, t.owned, i - s).is_ok();
         }
         if !written || self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov).is_err() {
             return fail(self, &[t.addr, o.addr]);
