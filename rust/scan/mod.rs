@@ -1002,15 +1002,22 @@ impl<M: Mem> Core<M> {
                     if rec.advised() && self.visit(addr, seen) {
                         scanned += 1;
                     }
-                    // A merge remaps pages, often the run of pages after this one: what
-                    // the batch's probe said of them is stale. Probe the rest again at
-                    // once (else `visit` would probe each of them on its own). Should that
-                    // fail, the stale answers stay: `visit` looks again at a merged page.
+                    // A merge remaps pages, often the run of pages after this one (a run
+                    // only ever extends forward from the page visited): what the batch's
+                    // probe said of them is stale. Probe them again at once (else `visit`
+                    // would probe each on its own). Should that fail, the stale answers
+                    // stay: `visit` looks again at a merged page.
                     if self.counters.merges != merges && i < n {
+                        let j = (i..n)
+                            .find(|&j| {
+                                self.rec(from + j * page)
+                                    .is_none_or(|r| !r.in_pool_mapping())
+                            })
+                            .unwrap_or(n);
                         let mut fresh = [Presence::Absent; PROBE_BATCH];
-                        let fresh = &mut fresh[..n - i];
-                        if self.mem.probe(from + i * page, fresh).is_ok() {
-                            pres[i..n].copy_from_slice(fresh);
+                        let fresh = &mut fresh[..j - i];
+                        if j > i && self.mem.probe(from + i * page, fresh).is_ok() {
+                            pres[i..j].copy_from_slice(fresh);
                         }
                     }
                 }
@@ -1626,10 +1633,20 @@ impl<M: Mem> Core<M> {
         if let Some((_, p)) = ahead.blocks.iter().find(|(s, _)| *s == start) {
             return Some(p[i]);
         }
+        // A block of ksm's own memory with no page in a pool mapping holds no page of
+        // a file: the cheaper probe says as much.
+        let anonymous = self
+            .region_at(start)
+            .filter(|r| start + span <= r.end(self.page))
+            .is_some_and(|r| self.only_anonymous(r.start, start, AHEAD));
         let slot = &mut ahead.blocks[ahead.next];
         ahead.next ^= 1;
         slot.0 = usize::MAX;
-        self.mem.probe(start, &mut slot.1).ok()?;
+        if anonymous {
+            self.mem.probe_anonymous(start, &mut slot.1).ok()?;
+        } else {
+            self.mem.probe(start, &mut slot.1).ok()?;
+        }
         slot.0 = start;
         Some(slot.1[i])
     }
