@@ -62,6 +62,12 @@ impl Windows {
             own: false,
         });
     }
+    /// The window at `s` ends at `end` from now on (see `Os::release_tail`).
+    fn shrink(&self, s: usize, end: usize) {
+        if let Some(w) = self.lock().iter_mut().find(|w| w.start == s) {
+            w.end = w.end.min(end);
+        }
+    }
     fn remove(&self, s: usize) {
         let mut v = self.lock();
         if let Some(i) = v.iter().position(|w| w.start == s) {
@@ -779,6 +785,26 @@ impl Mem for Os {
             }
             None => {
                 let _ = u.wake(addr, len);
+            }
+        }
+    }
+
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize) {
+        // As in `release`: the tail leaves the window list first (a fault read after
+        // this point is woken by the fault thread, one read before by the wake below).
+        self.windows.shrink(addr, addr + keep);
+        let u = if self.owned_at(addr).is_some() {
+            self.uffd.clone()
+        } else {
+            self.uffd_foreign.clone()
+        };
+        let Some(u) = u else { return };
+        match self.open.get_mut(&addr) {
+            Some(w) => {
+                let _ = u.shrink_window(w, keep);
+            }
+            None => {
+                let _ = u.wake(addr + keep, len - keep);
             }
         }
     }

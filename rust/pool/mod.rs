@@ -498,4 +498,27 @@ mod tests {
         p.punch(3).unwrap();
         assert_eq!(p.allocated_bytes(), 0);
     }
+
+    #[test]
+    fn frames_are_filled_and_compared_in_place() {
+        let ps = crate::sys::page_size();
+        let p = Pool::new(16, ps).unwrap();
+        let m = Mapping::anonymous(3 * ps).unwrap();
+        for i in 0..3 {
+            m.copy_in(i * ps, &vec![i as u8 + 1; ps]);
+        }
+        // Two pages from the second on, straight from the mapping, with one call.
+        p.write_from(5, &m, ps, 2 * ps).unwrap();
+        assert_eq!(p.frame(5), &vec![2; ps][..]);
+        assert_eq!(p.frame(6), &vec![3; ps][..]);
+        assert!(m.equals(ps, p.frame(5)) && m.equals(2 * ps, p.frame(6)));
+        assert!(!m.equals(0, p.frame(5)));
+        let other = Mapping::anonymous(ps).unwrap();
+        other.copy_in(0, &vec![3; ps]);
+        assert!(m.equals_at(2 * ps, &other, 0, ps));
+        assert!(!m.equals_at(ps, &other, 0, ps));
+        // A range past the mapping's end is refused before any syscall.
+        let r = std::panic::catch_unwind(|| p.write_from(7, &m, 2 * ps, 2 * ps));
+        assert!(r.is_err());
+    }
 }

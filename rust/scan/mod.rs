@@ -142,6 +142,10 @@ pub trait Mem {
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
     /// End the merge window: unprotect (if `unprotect`) and always wake waiters.
     fn release(&mut self, addr: usize, len: usize, unprotect: bool);
+    /// Shrink the merge window `[addr, addr+len)` to its first `keep` bytes (a whole
+    /// number of pages, at least one): the rest leaves the window, unprotected and
+    /// woken; the first `keep` bytes stay protected, for `map_frames` or `release`.
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize);
     /// Map frames `f0..f0+npages` privately over the (protected) pages from `addr`,
     /// with one mapping (so a run of merged pages is one VMA). The pages `covered`
     /// names (index in the run, and their bytes now) keep their own bytes as private
@@ -326,6 +330,15 @@ impl PairRun {
     }
 }
 
+/// How many of the first `k` slots of `run` stay in it: up to the last joined page
+/// (a run never ends with a covered page).
+fn joined_prefix(run: &[Slot], k: usize) -> usize {
+    run[..k]
+        .iter()
+        .rposition(|&s| s != Slot::Cover)
+        .map_or(0, |i| i + 1)
+}
+
 /// Pages a batch probes at a time.
 const PROBE_BATCH: usize = 512;
 
@@ -356,16 +369,6 @@ struct Seen {
     tracked: bool,
     /// Tracked, and not written since the previous probe.
     unchanged: bool,
-}
-
-/// A page that can join a run (see `Core::run_candidate`).
-struct Candidate {
-    /// The index hash of its bytes.
-    hash: u64,
-    /// The checksum of its bytes.
-    checksum: u32,
-    /// The frame it maps now, if it is merged already.
-    was: Option<FrameId>,
 }
 
 impl<M: Mem> Core<M> {
@@ -1047,6 +1050,15 @@ impl<M: Mem> Core<M> {
         }
     }
 
+    /// Shrink the merge window `[addr, addr+len)` to its first `keep` bytes: the rest is
+    /// released as by `release_failed` (unprotected, woken, tracked again).
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize) {
+        self.mem.release_tail(addr, len, keep);
+        for (s, e) in self.unmerged_runs(addr + keep, addr + len) {
+            self.mem.retrack(s, e - s);
+        }
+    }
+
     /// The runs of `[start, end)` whose pages are in anonymous mappings (not merged,
     /// inherited or covered), as `(start, end)`.
     fn unmerged_runs(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
@@ -1561,11 +1573,9 @@ impl<M: Mem> Core<M> {
         self.counters.merges += 1;
     }
 
-    /// Whether the page at `x` can join a run that `want` starts, with its bytes read
-    /// into `buf`: advised, with the run's protection, and either unmerged (in no
-    /// index or the unstable one, present, checksum unchanged since its last visit, as
-    /// the kernel's volatility rule asks) or, with `merged`, still mapping a frame of
-    /// its own (it moves into the run: one VMA where it split the run before).
+    /// Whether the page at `x` can join a run that `want` starts (see `run_eligible`),
+    /// with its bytes read into `buf` and, if unmerged, its checksum unchanged since its
+    /// last visit (the kernel's volatility rule).
     fn run_candidate(
         &mut self,
         x: usize,
@@ -1573,33 +1583,26 @@ impl<M: Mem> Core<M> {
         merged: bool,
         ahead: &mut Ahead,
         buf: &mut [u8],
-    ) -> Option<Candidate> {
-        let was = self.run_eligible(x, want, merged, ahead)?;
-        match was {
-            None => {
-                self.mem.read(x, want.owned, buf).ok()?;
-                let (hash, checksum) = checksum_of(buf);
-                (checksum == self.rec(x)?.checksum).then_some(Candidate {
-                    hash,
-                    checksum,
-                    was,
-                })
+    ) -> bool {
+        match self.run_eligible(x, want, merged, ahead) {
+            None => false,
+            Some(None) => {
+                self.mem.read(x, want.owned, buf).is_ok()
+                    && self
+                        .rec(x)
+                        .is_some_and(|r| r.checksum == checksum_of(buf).1)
             }
             // Its bytes are its frame's for as long as it maps it (a write would have
             // made it a private anonymous page); compared again under protection.
-            Some(g) => {
+            Some(Some(g)) => {
                 buf.copy_from_slice(self.mem.frame(g));
-                Some(Candidate {
-                    hash: self.frames.hash(g),
-                    checksum: checksum_of(buf).1,
-                    was,
-                })
+                true
             }
         }
     }
 
-    /// `run_candidate` without looking at the page's bytes (no volatility check): None
-    /// if the page cannot join a run, else the frame it maps now if it is merged.
+    /// `run_key`, and present as a page that joins a run must be (see `present_for_run`):
+    /// None if the page cannot join a run, else the frame it maps now if it is merged.
     fn run_eligible(
         &mut self,
         x: usize,
@@ -1607,20 +1610,25 @@ impl<M: Mem> Core<M> {
         merged: bool,
         ahead: &mut Ahead,
     ) -> Option<Option<FrameId>> {
-        let page = self.page;
+        let (_, was) = self.run_key(x, want, merged)?;
+        self.present_for_run(ahead, x, was).then_some(was)
+    }
+
+    /// By its record alone (no syscall, no byte read): whether the page at `x` may join
+    /// a run that `want` starts (advised, with the run's protection, unmerged or, with
+    /// `merged`, merged in a short run), with the index key of its bytes as last seen
+    /// (its checksum at its last visit; its frame's if merged) and the frame it maps.
+    fn run_key(&self, x: usize, want: Target, merged: bool) -> Option<(u64, Option<FrameId>)> {
         let rec = self.rec(x)?;
         let r = self.region_at(x)?;
-        let prot = r.prot_of((x - r.start) / page);
-        if !rec.advised() || prot != want.prot {
+        if !rec.advised() || r.prot_of((x - r.start) / self.page) != want.prot {
             return None;
         }
-        let was = match rec.state {
-            State::Volatile | State::Unstable => None,
-            State::Stable if merged && self.in_short_run(x, rec.frame) => Some(rec.frame),
-            _ => return None,
-        };
-        match (was, self.presence_ahead(ahead, x)?) {
-            (None, Presence::Anon) | (Some(_), Presence::File) => Some(was),
+        match rec.state {
+            State::Volatile | State::Unstable => Some((key_of(rec.checksum), None)),
+            State::Stable if merged && self.in_short_run(x, rec.frame) => {
+                Some((self.frames.hash(rec.frame), Some(rec.frame)))
+            }
             _ => None,
         }
     }
@@ -1681,13 +1689,18 @@ impl<M: Mem> Core<M> {
     }
 
     /// The pages from `t` that can map frames `f, f+1, …` as one run (at least `t`,
-    /// which matched `f`): the following pages qualify (see `run_candidate`) while
-    /// equal to the next frame, which must be in use with room left; a page that
-    /// differs between pages that qualify is covered (see `can_cover`).
+    /// which matched `f`): the following pages qualify (see `run_key`) while their
+    /// recorded checksum is the next frame's, which must be in use with room left; a
+    /// page whose checksum differs between pages that qualify is covered (see
+    /// `can_cover_page`).
+    ///
+    /// Planned from the records alone (no byte is read: the merge compares every page
+    /// under protection and ends the run before the first that differs), so there is no
+    /// volatility check either: the kernel's ksmd, too, looks for a page in the stable
+    /// tree before it checks its checksum.
     fn stable_run_of(&mut self, t: Target, f: FrameId) -> Vec<Slot> {
         let page = self.page;
         let t_end = self.region_at(t.addr).map_or(t.addr, |r| r.end(page));
-        let mut a = vec![0u8; page];
         let mut run = vec![Slot::Join(None)];
         let mut pending = 0;
         let mut ahead = Ahead::new();
@@ -1697,28 +1710,26 @@ impl<M: Mem> Core<M> {
             if x >= t_end || !self.frames.exists(g) {
                 break;
             }
-            let Some(was) = self.run_eligible(x, t, true, &mut ahead) else {
+            let Some((key, was)) = self.run_key(x, t, true) else {
                 break;
             };
             // Already on this very frame (or on the run's own) is no move worth making.
             if was.is_some_and(|w| (f..=g).contains(&w)) {
                 break;
             }
-            // Compared in place, with no volatility check: the kernel's ksmd looks for a
-            // page in the stable tree before it checks its checksum (the merge compares
-            // again under protection).
-            let equal = (1..self.max_page_sharing).contains(&self.frames.refs(g))
+            let join = (1..self.max_page_sharing).contains(&self.frames.refs(g))
                 && match was {
                     Some(w) => self.mem.frame(w) == self.mem.frame(g),
-                    None => matches!(self.mem.equals_frame(x, t.owned, g), Ok(true)),
+                    None => key == self.frames.hash(g),
                 };
-            if equal {
+            if join && self.present_for_run(&mut ahead, x, was) {
                 run.push(Slot::Join(was));
                 pending = 0;
-            } else if was.is_none()
+            } else if !join
+                && was.is_none()
                 && pending < MAX_COVER
-                && self.run_candidate(x, t, true, &mut ahead, &mut a).is_some()
-                && self.can_cover(t, &a)
+                && self.can_cover_page(t, x)
+                && self.present_for_run(&mut ahead, x, None)
             {
                 run.push(Slot::Cover);
                 pending += 1;
@@ -1730,12 +1741,26 @@ impl<M: Mem> Core<M> {
         run
     }
 
-    /// Whether a page of run `t` with bytes `a` may be covered (see `Slot::Cover`):
-    /// read-write memory only (a covered page's copy is written into the mapping before
-    /// it is moved in place), and not a page of zeros that `use_zero_pages` would drop.
-    fn can_cover(&self, t: Target, a: &[u8]) -> bool {
+    /// Whether the page at `x` is present as a page that can join a run must be: a
+    /// private anonymous page if unmerged (`was` None), its frame's page if merged.
+    fn present_for_run(&mut self, ahead: &mut Ahead, x: usize, was: Option<FrameId>) -> bool {
+        let want = match was {
+            None => Presence::Anon,
+            Some(_) => Presence::File,
+        };
+        self.presence_ahead(ahead, x) == Some(want)
+    }
+
+    /// Whether the page at `x` of run `t` may be covered (see `Slot::Cover`): read-write
+    /// memory only (a covered page's copy is written into the mapping before it is
+    /// moved in place), and not a page of zeros (by its recorded checksum) that
+    /// `use_zero_pages` would drop.
+    fn can_cover_page(&self, t: Target, x: usize) -> bool {
         t.prot == libc::PROT_READ | libc::PROT_WRITE
-            && !(self.use_zero_pages && a.iter().all(|&x| x == 0))
+            && !(self.use_zero_pages
+                && self
+                    .rec(x)
+                    .is_some_and(|r| r.checksum == self.zero_checksum))
     }
 
     /// How many pages from `t` (at least `t`, which matched) hold the bytes of frame
@@ -1747,9 +1772,7 @@ impl<M: Mem> Core<M> {
         let mut n = 1;
         let mut ahead = Ahead::new();
         while n < MAX_TILE && t.addr + n * page < t_end {
-            if self
-                .run_candidate(t.addr + n * page, t, false, &mut ahead, &mut a)
-                .is_none()
+            if !self.run_candidate(t.addr + n * page, t, false, &mut ahead, &mut a)
                 || self.mem.frame(f) != &a[..]
             {
                 break;
@@ -1862,11 +1885,13 @@ impl<M: Mem> Core<M> {
             return false;
         }
         let mut cur = std::mem::take(&mut self.buf2);
-        let mut same = true;
+        // Compared under protection: the run ends before the first page that differs
+        // from its frame (it was planned by checksums, see `stable_run_of`).
+        let mut k = n;
         let mut covered = Vec::new();
         for (i, &slot) in run.iter().enumerate() {
             let a = t.addr + i * page;
-            same = match slot {
+            let same = match slot {
                 Slot::Join(_) => matches!(
                     self.mem.equals_frame(a, t.owned, f + i as FrameId),
                     Ok(true)
@@ -1880,11 +1905,24 @@ impl<M: Mem> Core<M> {
                 }
             };
             if !same {
+                k = i;
                 break;
             }
         }
         self.buf2 = cur;
-        if !same || self.mem.map_frames(t.addr, n, t.prot, f, &covered).is_err() {
+        let k = joined_prefix(&run, k);
+        if k == 0 {
+            self.release_failed(t.addr, len);
+            self.counters.merge_failures += 1;
+            return false;
+        }
+        if k < n {
+            self.release_tail(t.addr, len, k * page);
+            run.truncate(k);
+            covered.retain(|&(i, _)| i < k);
+        }
+        let len = k * page;
+        if self.mem.map_frames(t.addr, k, t.prot, f, &covered).is_err() {
             self.release_failed(t.addr, len);
             self.counters.merge_failures += 1;
             return false;
@@ -1979,11 +2017,12 @@ impl<M: Mem> Core<M> {
 
     /// The pairs of pages from `t` and from `o` (at least the first pair, already
     /// found equal) that can merge as one run: the following pairs qualify while both
-    /// pages can join a run (see `run_candidate`: a page merged already moves into the
-    /// run), are equal byte for byte, the two runs do not overlap and do not map one
-    /// frame already; a pair of unmerged pages that differ between pairs that qualify
-    /// is covered on both sides (see `can_cover`). Pages of all zeros stop a run when
-    /// `use_zero_pages` is on.
+    /// pages can join a run (see `run_key`: a page merged already moves into the run),
+    /// have the same checksum as last seen (the merge compares them byte for byte under
+    /// protection, and checks that checksum on the frame it fills, see `merge_pair`),
+    /// the two runs do not overlap and do not map one frame already; a pair of unmerged
+    /// pages whose checksums differ between pairs that qualify is covered on both sides
+    /// (see `can_cover_page`). Pages of zeros stop a run when `use_zero_pages` is on.
     fn run_of(&mut self, t: Target, o: Target, hash: u64) -> PairRun {
         let page = self.page;
         let mut run = PairRun {
@@ -1998,7 +2037,7 @@ impl<M: Mem> Core<M> {
         };
         let ((_, t_end), (_, o_end)) = (bounds(self, t.addr), bounds(self, o.addr));
         let dist = t.addr.abs_diff(o.addr);
-        let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
+        let zero = self.use_zero_pages.then_some(key_of(self.zero_checksum));
         let mut pending = 0;
         let mut ahead = Ahead::new();
         while run.len() < MAX_RUN {
@@ -2007,36 +2046,36 @@ impl<M: Mem> Core<M> {
             if ta >= t_end || oa >= o_end || (n + 1) * page > dist {
                 break;
             }
-            // `t`'s page read and hashed; `o`'s compared with it in place (equal bytes,
-            // equal checksums: its volatility check needs no hash of its own).
-            let Some(ca) = self.run_candidate(ta, t, true, &mut ahead, &mut a) else {
+            // Planned by the records alone: the merge compares every pair under protection
+            // (and checks the frames against these keys) and ends the run before the
+            // first that differs.
+            let (Some((kt, wt)), Some((ko, wo))) =
+                (self.run_key(ta, t, true), self.run_key(oa, o, true))
+            else {
                 break;
             };
-            let Some(wo) = self.run_eligible(oa, o, true, &mut ahead) else {
-                break;
-            };
-            let shared = ca.was.is_some() && ca.was == wo;
-            if shared || (self.use_zero_pages && a.iter().all(|&x| x == 0)) {
+            let shared = wt.is_some() && wt == wo;
+            if shared || zero == Some(kt) {
                 break;
             }
-            let equal = match wo {
-                Some(g) => self.mem.frame(g) == &a[..],
-                None => {
-                    self.rec(oa).is_some_and(|r| r.checksum == ca.checksum)
-                        && matches!(self.mem.equals(oa, o.owned, &a), Ok(true))
-                }
+            let join = match (wt, wo) {
+                (Some(g), Some(h)) => self.mem.frame(g) == self.mem.frame(h),
+                _ => kt == ko,
             };
-            if equal {
-                run.push(ca.hash, Slot::Join(ca.was), Slot::Join(wo));
+            if join
+                && self.present_for_run(&mut ahead, ta, wt)
+                && self.present_for_run(&mut ahead, oa, wo)
+            {
+                run.push(kt, Slot::Join(wt), Slot::Join(wo));
                 pending = 0;
-            } else if ca.was.is_none()
+            } else if !join
+                && wt.is_none()
                 && wo.is_none()
                 && pending < MAX_COVER
-                && self
-                    .run_candidate(oa, o, true, &mut ahead, &mut b)
-                    .is_some()
-                && self.can_cover(t, &a)
-                && self.can_cover(o, &b)
+                && self.can_cover_page(t, ta)
+                && self.can_cover_page(o, oa)
+                && self.present_for_run(&mut ahead, ta, None)
+                && self.present_for_run(&mut ahead, oa, None)
             {
                 run.push(0, Slot::Cover, Slot::Cover);
                 pending += 1;
@@ -2095,9 +2134,9 @@ impl<M: Mem> Core<M> {
         };
         let n = run.len();
         let len = n * page;
-        let fail = |core: &mut Self, which: &[usize]| {
+        let fail = |core: &mut Self, which: &[usize], n: usize| {
             for &a in which {
-                core.release_failed(a, len);
+                core.release_failed(a, n * page);
             }
             // The frames may hold bytes already: give their memory back.
             for f in f0..f0 + n as FrameId {
@@ -2108,46 +2147,80 @@ impl<M: Mem> Core<M> {
             false
         };
         if self.protect(t.addr, len).is_err() {
-            return fail(self, &[t.addr]);
+            return fail(self, &[t.addr], n);
         }
         if self.protect(o.addr, len).is_err() {
-            return fail(self, &[t.addr, o.addr]);
+            return fail(self, &[t.addr, o.addr], n);
         }
-        // Compare both runs again now that neither can change, then fill the frames of
-        // each stretch of joined pages from `t`'s (protected, so still the bytes just
-        // found equal to `o`'s).
+        // Compare both runs again now that neither can change: the run ends before the
+        // first pair that differs (it was planned by checksums, see `run_of`).
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
         let (mut t_cov, mut o_cov) = (Vec::new(), Vec::new());
-        let mut written = true;
+        let mut k = n;
         for i in 0..n {
             let (ta, oa) = (t.addr + i * page, o.addr + i * page);
-            if run.t[i] == Slot::Cover {
-                written = self.mem.read(ta, t.owned, &mut a).is_ok()
+            let same = if run.t[i] == Slot::Cover {
+                let read = self.mem.read(ta, t.owned, &mut a).is_ok()
                     && self.mem.read(oa, o.owned, &mut b).is_ok();
-                t_cov.push((i, a.clone()));
-                o_cov.push((i, b.clone()));
+                if read {
+                    t_cov.push((i, a.clone()));
+                    o_cov.push((i, b.clone()));
+                }
+                read
             } else {
-                written = matches!(self.mem.same_pages(ta, t.owned, oa, o.owned), Ok(true));
-            }
-            if !written {
+                matches!(self.mem.same_pages(ta, t.owned, oa, o.owned), Ok(true))
+            };
+            if !same {
+                k = i;
                 break;
             }
         }
+        // Fill the frames of each stretch of joined pages from `t`'s (protected, so still
+        // the bytes just found equal to `o`'s), and check each frame against the key it
+        // was allocated with (the pages' checksum at their last visit, the volatility
+        // check): a pair written since, equal on both sides, ends the run there too.
+        let mut k = joined_prefix(&run.t, k);
         let mut i = 0;
-        while written && i < n {
+        while i < k {
             if run.t[i] == Slot::Cover {
                 i += 1;
                 continue;
             }
             let s = i;
-            while i < n && run.t[i] != Slot::Cover {
+            while i < k && run.t[i] != Slot::Cover {
                 i += 1;
             }
             let (f, at) = (f0 + s as FrameId, t.addr + s * page);
-            written = self.mem.fill_frames(f, at, t.owned, i - s).is_ok();
+            if self.mem.fill_frames(f, at, t.owned, i - s).is_err() {
+                k = s;
+                break;
+            }
+            let stale =
+                (s..i).find(|&j| checksum_of(self.mem.frame(f0 + j as FrameId)).0 != run.hashes[j]);
+            if let Some(j) = stale {
+                k = j;
+                break;
+            }
         }
-        if !written || self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov).is_err() {
-            return fail(self, &[t.addr, o.addr]);
+        let k = joined_prefix(&run.t, k);
+        if k == 0 {
+            return fail(self, &[t.addr, o.addr], n);
+        }
+        if k < n {
+            self.release_tail(t.addr, len, k * page);
+            self.release_tail(o.addr, len, k * page);
+            // The frames past the run may hold bytes already: give their memory back.
+            for f in f0 + k as FrameId..f0 + n as FrameId {
+                let _ = self.mem.punch(f);
+                self.frames.discard(f);
+            }
+            run.truncate(k);
+            t_cov.retain(|&(i, _)| i < k);
+            o_cov.retain(|&(i, _)| i < k);
+        }
+        let (n, len) = (k, k * page);
+        if self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov).is_err() {
+            return fail(self, &[t.addr, o.addr], n);
         }
         let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov).is_ok();
         self.mem.release(t.addr, len, false);
