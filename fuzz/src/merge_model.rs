@@ -196,6 +196,9 @@ impl Mem for ChildMem {
     fn release(&mut self, addr: usize, len: usize, unprotect: bool) {
         self.fake.release(addr, len, unprotect)
     }
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize) {
+        self.fake.release_tail(addr, len, keep)
+    }
     fn map_frames(
         &mut self,
         addr: usize,

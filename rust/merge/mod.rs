@@ -62,6 +62,12 @@ impl Windows {
             own: false,
         });
     }
+    /// The window at `s` ends at `end` from now on (see `Os::release_tail`).
+    fn shrink(&self, s: usize, end: usize) {
+        if let Some(w) = self.lock().iter_mut().find(|w| w.start == s) {
+            w.end = w.end.min(end);
+        }
+    }
     fn remove(&self, s: usize) {
         let mut v = self.lock();
         if let Some(i) = v.iter().position(|w| w.start == s) {
@@ -576,6 +582,31 @@ impl Mem for Os {
         r
     }
 
+    fn untrack_for_merge(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        if self.owned_at(addr).is_none() || self.tracker.is_none() {
+            return Ok(());
+        }
+        let mut runs = std::mem::take(&mut self.scratch_regions);
+        let r = self
+            .tracked_runs(addr, addr + len, &mut runs)
+            .and_then(|()| {
+                let t = self.tracker.as_ref().expect("checked above");
+                runs.iter().try_for_each(|r| {
+                    let (s, l) = (r.start as usize, (r.end - r.start) as usize);
+                    t.unregister(s, l)?;
+                    // Straight to the synchronous userfaultfd that `protect` needs (it
+                    // would otherwise find the range unregistered first). Best effort:
+                    // `protect` registers what this leaves out.
+                    if let Some(u) = &self.uffd {
+                        let _ = u.register_wp(s, l);
+                    }
+                    Ok(())
+                })
+            });
+        self.scratch_regions = runs;
+        r
+    }
+
     fn retrack(&mut self, addr: usize, len: usize) {
         if self.owned_at(addr).is_none() || self.tracker.is_none() || !self.tracking {
             return;
@@ -604,6 +635,64 @@ impl Mem for Os {
             .as_ref()
             .expect("a frame exists only once the pool does")
             .frame(f)
+    }
+
+    fn equals(&mut self, addr: usize, owned: bool, data: &[u8]) -> io::Result<bool> {
+        match self.owned_at(addr) {
+            Some(m) if owned => Ok(m.equals(addr - m.addr(), data)),
+            _ => {
+                let mut buf = vec![0u8; data.len()];
+                procmem::read_foreign(addr, &mut buf)?;
+                Ok(buf == data)
+            }
+        }
+    }
+
+    fn equals_frame(&mut self, addr: usize, owned: bool, f: FrameId) -> io::Result<bool> {
+        let pool = self
+            .pool
+            .as_ref()
+            .expect("a frame exists only once the pool does");
+        match self.owned_at(addr) {
+            Some(m) if owned => Ok(m.equals(addr - m.addr(), pool.frame(f))),
+            _ => {
+                let mut buf = vec![0u8; self.page];
+                procmem::read_foreign(addr, &mut buf)?;
+                Ok(buf == pool.frame(f))
+            }
+        }
+    }
+
+    fn same_pages(&mut self, a: usize, a_owned: bool, b: usize, b_owned: bool) -> io::Result<bool> {
+        if let (Some(ma), Some(mb), true, true) =
+            (self.owned_at(a), self.owned_at(b), a_owned, b_owned)
+        {
+            return Ok(ma.equals_at(a - ma.addr(), mb, b - mb.addr(), self.page));
+        }
+        let mut buf = vec![0u8; self.page];
+        self.read(a, a_owned, &mut buf)?;
+        self.equals(b, b_owned, &buf)
+    }
+
+    fn fill_frames(&mut self, f0: FrameId, addr: usize, owned: bool, n: usize) -> io::Result<()> {
+        let len = n * self.page;
+        if self.pool.is_none() {
+            self.pool = Some(Pool::new(self.frame_capacity, self.page)?);
+        }
+        let pool = self.pool.as_ref().expect("created above");
+        match self.owned_at(addr) {
+            Some(m) if owned && addr + len <= m.addr() + m.len() => {
+                pool.write_from(f0, m, addr - m.addr(), len)
+            }
+            _ => {
+                let mut buf = vec![0u8; self.page];
+                for i in 0..n {
+                    self.read(addr + i * self.page, owned, &mut buf)?;
+                    self.write_frame(f0 + i as FrameId, &buf)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()> {
@@ -711,6 +800,26 @@ impl Mem for Os {
         }
     }
 
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize) {
+        // As in `release`: the tail leaves the window list first (a fault read after
+        // this point is woken by the fault thread, one read before by the wake below).
+        self.windows.shrink(addr, addr + keep);
+        let u = if self.owned_at(addr).is_some() {
+            self.uffd.clone()
+        } else {
+            self.uffd_foreign.clone()
+        };
+        let Some(u) = u else { return };
+        match self.open.get_mut(&addr) {
+            Some(w) => {
+                let _ = u.shrink_window(w, keep);
+            }
+            None => {
+                let _ = u.wake(addr + keep, len - keep);
+            }
+        }
+    }
+
     fn map_frames(
         &mut self,
         addr: usize,
@@ -732,11 +841,12 @@ impl Mem for Os {
         // With covered pages, the run is assembled aside (the frames, with private
         // copies of the covered pages' own bytes written in) and moved over the window
         // in one step: at no moment does a covered page show another page's bytes.
+        let mut scratch_populated = false;
         let scratch = if covered.is_empty() {
             None
         } else {
             let s = Mapping::file_private(pool.fd(), pool.offset(f0), n * page)?;
-            let _ = mman::populate_read(s.addr(), s.len());
+            scratch_populated = mman::populate_read(s.addr(), s.len()).is_ok();
             for (i, bytes) in covered {
                 s.copy_in(i * page, bytes);
             }
@@ -765,7 +875,11 @@ impl Mem for Os {
         // in place: an access the kernel makes for the application (`/proc/self/mem`)
         // cannot wait for a userfaultfd, and PROT_NONE pages cannot be populated.
         let len = n * self.page;
-        let populated = mman::populate_read(addr, len).is_ok();
+        // A run assembled aside was populated there (covered pages written in are
+        // present too) and `mremap` moved its PTEs along; `mprotect` keeps them, but
+        // without PROT_READ they cannot count as populated (as below).
+        let populated = (scratch_populated && prot & libc::PROT_READ != 0)
+            || mman::populate_read(addr, len).is_ok();
         self.register_new(addr, len, populated);
         Ok(())
     }

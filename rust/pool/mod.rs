@@ -344,6 +344,19 @@ impl Pool {
         self.memfd.write_at(f as u64 * self.page as u64, data)
     }
 
+    /// Write frames `f0, f0+1, …` from `len` bytes (whole pages) of mapping `src` at
+    /// `offset` with one `pwrite` straight from it (see `Memfd::write_from`).
+    pub fn write_from(
+        &self,
+        f0: FrameId,
+        src: &Mapping,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.memfd
+            .write_from(f0 as u64 * self.page as u64, src, offset, len)
+    }
+
     pub fn punch(&self, f: FrameId) -> io::Result<()> {
         self.memfd
             .punch_hole(f as u64 * self.page as u64, self.page as u64)
@@ -484,5 +497,28 @@ mod tests {
         assert!(p.allocated_bytes() >= page.len() as u64);
         p.punch(3).unwrap();
         assert_eq!(p.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn frames_are_filled_and_compared_in_place() {
+        let ps = crate::sys::page_size();
+        let p = Pool::new(16, ps).unwrap();
+        let m = Mapping::anonymous(3 * ps).unwrap();
+        for i in 0..3 {
+            m.copy_in(i * ps, &vec![i as u8 + 1; ps]);
+        }
+        // Two pages from the second on, straight from the mapping, with one call.
+        p.write_from(5, &m, ps, 2 * ps).unwrap();
+        assert_eq!(p.frame(5), &vec![2; ps][..]);
+        assert_eq!(p.frame(6), &vec![3; ps][..]);
+        assert!(m.equals(ps, p.frame(5)) && m.equals(2 * ps, p.frame(6)));
+        assert!(!m.equals(0, p.frame(5)));
+        let other = Mapping::anonymous(ps).unwrap();
+        other.copy_in(0, &vec![3; ps]);
+        assert!(m.equals_at(2 * ps, &other, 0, ps));
+        assert!(!m.equals_at(ps, &other, 0, ps));
+        // A range past the mapping's end is refused before any syscall.
+        let r = std::panic::catch_unwind(|| p.write_from(7, &m, 2 * ps, 2 * ps));
+        assert!(r.is_err());
     }
 }

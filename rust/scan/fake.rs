@@ -37,6 +37,8 @@ pub struct FakeMem {
     pub punched: u64,
     /// Every `punch_run` call: (first frame, frames).
     pub punch_runs: Vec<(FrameId, u32)>,
+    /// Merge windows shrunk (`release_tail`): runs ended under protection.
+    pub tails_released: u64,
     /// What `vma_allowance` answers (the real count of a process).
     pub vma_allowance: u64,
     /// Write tracking (`probe_tracked`): anonymous pages not in `untracked` are
@@ -58,6 +60,7 @@ impl FakeMem {
             fail_unmerge: false,
             punched: 0,
             punch_runs: Vec::new(),
+            tails_released: 0,
             vma_allowance: u64::MAX,
             tracking: false,
             untracked: HashSet::new(),
@@ -223,6 +226,20 @@ impl Mem for FakeMem {
         for a in (addr..addr + len).step_by(self.page) {
             self.protected.remove(&a);
         }
+    }
+
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize) {
+        assert!(
+            keep > 0 && keep < len && keep % self.page == 0,
+            "bad window shrink"
+        );
+        for a in (addr + keep..addr + len).step_by(self.page) {
+            assert!(
+                self.protected.remove(&a),
+                "shrink of a page outside the window"
+            );
+        }
+        self.tails_released += 1;
     }
 
     fn zap(&mut self, addr: usize) -> io::Result<()> {

@@ -76,6 +76,11 @@ pub trait Mem {
     fn untrack(&mut self, _addr: usize, _len: usize) -> io::Result<()> {
         Ok(())
     }
+    /// `untrack` for a merge about to write-protect the range through the synchronous
+    /// userfaultfd: the Os may register it there at once (else `protect` does).
+    fn untrack_for_merge(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        self.untrack(addr, len)
+    }
     /// Track writes to `[addr, addr+len)` again: anonymous pages a merge protected
     /// and left anonymous (it failed, or dropped them to the zero page).
     fn retrack(&mut self, _addr: usize, _len: usize) {}
@@ -88,7 +93,37 @@ pub trait Mem {
     /// fault-safely unless `owned`.
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()>;
     fn frame(&self, f: FrameId) -> &[u8];
+    /// Whether the page at `addr` holds `data` (`read` and compare; the Os compares
+    /// memory ksm owns in place, without a copy).
+    fn equals(&mut self, addr: usize, owned: bool, data: &[u8]) -> io::Result<bool> {
+        let mut buf = vec![0u8; data.len()];
+        self.read(addr, owned, &mut buf)?;
+        Ok(buf == data)
+    }
+    /// Whether the page at `addr` holds the bytes of frame `f` (see `equals`).
+    fn equals_frame(&mut self, addr: usize, owned: bool, f: FrameId) -> io::Result<bool> {
+        let data = self.frame(f).to_vec();
+        self.equals(addr, owned, &data)
+    }
+    /// Whether the pages at `a` and `b` hold the same bytes (see `equals`).
+    fn same_pages(&mut self, a: usize, a_owned: bool, b: usize, b_owned: bool) -> io::Result<bool> {
+        let mut buf = vec![0u8; self.page_size()];
+        self.read(a, a_owned, &mut buf)?;
+        self.equals(b, b_owned, &buf)
+    }
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()>;
+    /// Write frames `f0, f0+1, …` with the bytes of the `n` pages from `addr` (pages a
+    /// merge window protects): `read` and `write_frame` page by page; the Os writes
+    /// memory ksm owns into the pool straight from its pages, with one call.
+    fn fill_frames(&mut self, f0: FrameId, addr: usize, owned: bool, n: usize) -> io::Result<()> {
+        let page = self.page_size();
+        let mut buf = vec![0u8; page];
+        for i in 0..n {
+            self.read(addr + i * page, owned, &mut buf)?;
+            self.write_frame(f0 + i as FrameId, &buf)?;
+        }
+        Ok(())
+    }
     fn punch(&mut self, f: FrameId) -> io::Result<()>;
     /// Punch the `n` consecutive frames from `f0` (one call where the pool allows it).
     fn punch_run(&mut self, f0: FrameId, n: u32) -> io::Result<()> {
@@ -107,6 +142,10 @@ pub trait Mem {
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
     /// End the merge window: unprotect (if `unprotect`) and always wake waiters.
     fn release(&mut self, addr: usize, len: usize, unprotect: bool);
+    /// Shrink the merge window `[addr, addr+len)` to its first `keep` bytes (a whole
+    /// number of pages, at least one): the rest leaves the window, unprotected and
+    /// woken; the first `keep` bytes stay protected, for `map_frames` or `release`.
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize);
     /// Map frames `f0..f0+npages` privately over the (protected) pages from `addr`,
     /// with one mapping (so a run of merged pages is one VMA). The pages `covered`
     /// names (index in the run, and their bytes now) keep their own bytes as private
@@ -291,6 +330,18 @@ impl PairRun {
     }
 }
 
+/// How many of the first `k` slots of `run` stay in it: up to the last joined page
+/// (a run never ends with a covered page).
+fn joined_prefix(run: &[Slot], k: usize) -> usize {
+    run[..k]
+        .iter()
+        .rposition(|&s| s != Slot::Cover)
+        .map_or(0, |i| i + 1)
+}
+
+/// Pages a batch probes at a time.
+const PROBE_BATCH: usize = 512;
+
 /// Pages probed at a time while a run is extended.
 const AHEAD: usize = 64;
 
@@ -318,14 +369,6 @@ struct Seen {
     tracked: bool,
     /// Tracked, and not written since the previous probe.
     unchanged: bool,
-}
-
-/// A page that can join a run (see `Core::run_candidate`).
-struct Candidate {
-    /// The index hash of its bytes.
-    hash: u64,
-    /// The frame it maps now, if it is merged already.
-    was: Option<FrameId>,
 }
 
 impl<M: Mem> Core<M> {
@@ -902,8 +945,8 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
-        let mut pres = vec![Presence::Absent; 512];
-        let (mut tracked, mut unchanged) = (vec![false; 512], vec![false; 512]);
+        let mut pres = vec![Presence::Absent; PROBE_BATCH];
+        let (mut tracked, mut unchanged) = (vec![false; PROBE_BATCH], vec![false; PROBE_BATCH]);
         while scanned < budget {
             let cur = self.cursor.expect("set above");
             // The next region at or after the cursor.
@@ -966,8 +1009,27 @@ impl<M: Mem> Core<M> {
                         tracked: tracked[i - 1],
                         unchanged: unchanged[i - 1],
                     };
+                    let merges = self.counters.merges;
                     if rec.advised() && self.visit(addr, seen) {
                         scanned += 1;
+                    }
+                    // A merge remaps pages, often the run of pages after this one (a run
+                    // only ever extends forward from the page visited): what the batch's
+                    // probe said of them is stale. Probe them again at once (else `visit`
+                    // would probe each on its own). Should that fail, the stale answers
+                    // stay: `visit` looks again at a merged page.
+                    if self.counters.merges != merges && i < n {
+                        let j = (i..n)
+                            .find(|&j| {
+                                self.rec(from + j * page)
+                                    .is_none_or(|r| !r.in_pool_mapping())
+                            })
+                            .unwrap_or(n);
+                        let mut fresh = [Presence::Absent; PROBE_BATCH];
+                        let fresh = &mut fresh[..j - i];
+                        if j > i && self.mem.probe(from + i * page, fresh).is_ok() {
+                            pres[i..j].copy_from_slice(fresh);
+                        }
                     }
                 }
             }
@@ -982,7 +1044,7 @@ impl<M: Mem> Core<M> {
     /// pages are in pool mappings, never tracked.
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
         for (s, e) in self.unmerged_runs(addr, addr + len) {
-            self.mem.untrack(s, e - s)?;
+            self.mem.untrack_for_merge(s, e - s)?;
         }
         self.mem.protect(addr, len)
     }
@@ -992,6 +1054,15 @@ impl<M: Mem> Core<M> {
     fn release_failed(&mut self, addr: usize, len: usize) {
         self.mem.release(addr, len, true);
         for (s, e) in self.unmerged_runs(addr, addr + len) {
+            self.mem.retrack(s, e - s);
+        }
+    }
+
+    /// Shrink the merge window `[addr, addr+len)` to its first `keep` bytes: the rest is
+    /// released as by `release_failed` (unprotected, woken, tracked again).
+    fn release_tail(&mut self, addr: usize, len: usize, keep: usize) {
+        self.mem.release_tail(addr, len, keep);
+        for (s, e) in self.unmerged_runs(addr + keep, addr + len) {
             self.mem.retrack(s, e - s);
         }
     }
@@ -1510,11 +1581,9 @@ impl<M: Mem> Core<M> {
         self.counters.merges += 1;
     }
 
-    /// Whether the page at `x` can join a run that `want` starts, with its bytes read
-    /// into `buf`: advised, with the run's protection, and either unmerged (in no
-    /// index or the unstable one, present, checksum unchanged since its last visit, as
-    /// the kernel's volatility rule asks) or, with `merged`, still mapping a frame of
-    /// its own (it moves into the run: one VMA where it split the run before).
+    /// Whether the page at `x` can join a run that `want` starts (see `run_eligible`),
+    /// with its bytes read into `buf` and, if unmerged, its checksum unchanged since its
+    /// last visit (the kernel's volatility rule).
     fn run_candidate(
         &mut self,
         x: usize,
@@ -1522,34 +1591,51 @@ impl<M: Mem> Core<M> {
         merged: bool,
         ahead: &mut Ahead,
         buf: &mut [u8],
-    ) -> Option<Candidate> {
-        let page = self.page;
-        let rec = self.rec(x)?;
-        let r = self.region_at(x)?;
-        let prot = r.prot_of((x - r.start) / page);
-        if !rec.advised() || prot != want.prot {
-            return None;
-        }
-        let was = match rec.state {
-            State::Volatile | State::Unstable => None,
-            State::Stable if merged && self.in_short_run(x, rec.frame) => Some(rec.frame),
-            _ => return None,
-        };
-        let pres = [self.presence_ahead(ahead, x)?];
-        match was {
-            None if pres[0] == Presence::Anon => {
-                self.mem.read(x, want.owned, buf).ok()?;
-                let (hash, checksum) = checksum_of(buf);
-                (checksum == rec.checksum).then_some(Candidate { hash, was })
+    ) -> bool {
+        match self.run_eligible(x, want, merged, ahead) {
+            None => false,
+            Some(None) => {
+                self.mem.read(x, want.owned, buf).is_ok()
+                    && self
+                        .rec(x)
+                        .is_some_and(|r| r.checksum == checksum_of(buf).1)
             }
             // Its bytes are its frame's for as long as it maps it (a write would have
             // made it a private anonymous page); compared again under protection.
-            Some(g) if pres[0] == Presence::File => {
+            Some(Some(g)) => {
                 buf.copy_from_slice(self.mem.frame(g));
-                Some(Candidate {
-                    hash: self.frames.hash(g),
-                    was,
-                })
+                true
+            }
+        }
+    }
+
+    /// `run_key`, and present as a page that joins a run must be (see `present_for_run`):
+    /// None if the page cannot join a run, else the frame it maps now if it is merged.
+    fn run_eligible(
+        &mut self,
+        x: usize,
+        want: Target,
+        merged: bool,
+        ahead: &mut Ahead,
+    ) -> Option<Option<FrameId>> {
+        let (_, was) = self.run_key(x, want, merged)?;
+        self.present_for_run(ahead, x, was).then_some(was)
+    }
+
+    /// By its record alone (no syscall, no byte read): whether the page at `x` may join
+    /// a run that `want` starts (advised, with the run's protection, unmerged or, with
+    /// `merged`, merged in a short run), with the index key of its bytes as last seen
+    /// (its checksum at its last visit; its frame's if merged) and the frame it maps.
+    fn run_key(&self, x: usize, want: Target, merged: bool) -> Option<(u64, Option<FrameId>)> {
+        let rec = self.rec(x)?;
+        let r = self.region_at(x)?;
+        if !rec.advised() || r.prot_of((x - r.start) / self.page) != want.prot {
+            return None;
+        }
+        match rec.state {
+            State::Volatile | State::Unstable => Some((key_of(rec.checksum), None)),
+            State::Stable if merged && self.in_short_run(x, rec.frame) => {
+                Some((self.frames.hash(rec.frame), Some(rec.frame)))
             }
             _ => None,
         }
@@ -1563,10 +1649,20 @@ impl<M: Mem> Core<M> {
         if let Some((_, p)) = ahead.blocks.iter().find(|(s, _)| *s == start) {
             return Some(p[i]);
         }
+        // A block of ksm's own memory with no page in a pool mapping holds no page of
+        // a file: the cheaper probe says as much.
+        let anonymous = self
+            .region_at(start)
+            .filter(|r| start + span <= r.end(self.page))
+            .is_some_and(|r| self.only_anonymous(r.start, start, AHEAD));
         let slot = &mut ahead.blocks[ahead.next];
         ahead.next ^= 1;
         slot.0 = usize::MAX;
-        self.mem.probe(start, &mut slot.1).ok()?;
+        if anonymous {
+            self.mem.probe_anonymous(start, &mut slot.1).ok()?;
+        } else {
+            self.mem.probe(start, &mut slot.1).ok()?;
+        }
         slot.0 = start;
         Some(slot.1[i])
     }
@@ -1601,13 +1697,18 @@ impl<M: Mem> Core<M> {
     }
 
     /// The pages from `t` that can map frames `f, f+1, …` as one run (at least `t`,
-    /// which matched `f`): the following pages qualify (see `run_candidate`) while
-    /// equal to the next frame, which must be in use with room left; a page that
-    /// differs between pages that qualify is covered (see `can_cover`).
+    /// which matched `f`): the following pages qualify (see `run_key`) while their
+    /// recorded checksum is the next frame's, which must be in use with room left; a
+    /// page whose checksum differs between pages that qualify is covered (see
+    /// `can_cover_page`).
+    ///
+    /// Planned from the records alone (no byte is read: the merge compares every page
+    /// under protection and ends the run before the first that differs), so there is no
+    /// volatility check either: the kernel's ksmd, too, looks for a page in the stable
+    /// tree before it checks its checksum.
     fn stable_run_of(&mut self, t: Target, f: FrameId) -> Vec<Slot> {
         let page = self.page;
         let t_end = self.region_at(t.addr).map_or(t.addr, |r| r.end(page));
-        let mut a = vec![0u8; page];
         let mut run = vec![Slot::Join(None)];
         let mut pending = 0;
         let mut ahead = Ahead::new();
@@ -1617,19 +1718,27 @@ impl<M: Mem> Core<M> {
             if x >= t_end || !self.frames.exists(g) {
                 break;
             }
-            let Some(c) = self.run_candidate(x, t, true, &mut ahead, &mut a) else {
+            let Some((key, was)) = self.run_key(x, t, true) else {
                 break;
             };
             // Already on this very frame (or on the run's own) is no move worth making.
-            if c.was.is_some_and(|w| (f..=g).contains(&w)) {
+            if was.is_some_and(|w| (f..=g).contains(&w)) {
                 break;
             }
-            if (1..self.max_page_sharing).contains(&self.frames.refs(g))
-                && self.mem.frame(g) == &a[..]
-            {
-                run.push(Slot::Join(c.was));
+            let join = (1..self.max_page_sharing).contains(&self.frames.refs(g))
+                && match was {
+                    Some(w) => self.mem.frame(w) == self.mem.frame(g),
+                    None => key == self.frames.hash(g),
+                };
+            if join && self.present_for_run(&mut ahead, x, was) {
+                run.push(Slot::Join(was));
                 pending = 0;
-            } else if c.was.is_none() && pending < MAX_COVER && self.can_cover(t, &a) {
+            } else if !join
+                && was.is_none()
+                && pending < MAX_COVER
+                && self.can_cover_page(t, x)
+                && self.present_for_run(&mut ahead, x, None)
+            {
                 run.push(Slot::Cover);
                 pending += 1;
             } else {
@@ -1640,12 +1749,26 @@ impl<M: Mem> Core<M> {
         run
     }
 
-    /// Whether a page of run `t` with bytes `a` may be covered (see `Slot::Cover`):
-    /// read-write memory only (a covered page's copy is written into the mapping before
-    /// it is moved in place), and not a page of zeros that `use_zero_pages` would drop.
-    fn can_cover(&self, t: Target, a: &[u8]) -> bool {
+    /// Whether the page at `x` is present as a page that can join a run must be: a
+    /// private anonymous page if unmerged (`was` None), its frame's page if merged.
+    fn present_for_run(&mut self, ahead: &mut Ahead, x: usize, was: Option<FrameId>) -> bool {
+        let want = match was {
+            None => Presence::Anon,
+            Some(_) => Presence::File,
+        };
+        self.presence_ahead(ahead, x) == Some(want)
+    }
+
+    /// Whether the page at `x` of run `t` may be covered (see `Slot::Cover`): read-write
+    /// memory only (a covered page's copy is written into the mapping before it is
+    /// moved in place), and not a page of zeros (by its recorded checksum) that
+    /// `use_zero_pages` would drop.
+    fn can_cover_page(&self, t: Target, x: usize) -> bool {
         t.prot == libc::PROT_READ | libc::PROT_WRITE
-            && !(self.use_zero_pages && a.iter().all(|&x| x == 0))
+            && !(self.use_zero_pages
+                && self
+                    .rec(x)
+                    .is_some_and(|r| r.checksum == self.zero_checksum))
     }
 
     /// How many pages from `t` (at least `t`, which matched) hold the bytes of frame
@@ -1657,9 +1780,7 @@ impl<M: Mem> Core<M> {
         let mut n = 1;
         let mut ahead = Ahead::new();
         while n < MAX_TILE && t.addr + n * page < t_end {
-            if self
-                .run_candidate(t.addr + n * page, t, false, &mut ahead, &mut a)
-                .is_none()
+            if !self.run_candidate(t.addr + n * page, t, false, &mut ahead, &mut a)
                 || self.mem.frame(f) != &a[..]
             {
                 break;
@@ -1724,10 +1845,12 @@ impl<M: Mem> Core<M> {
         if self.protect(t.addr, len).is_err() {
             return fail(self, true);
         }
-        let mut cur = std::mem::take(&mut self.buf2);
-        let same = (0..n)
-            .all(|i| self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok() && cur == content);
-        self.buf2 = cur;
+        let same = (0..n).all(|i| {
+            matches!(
+                self.mem.equals(t.addr + i * page, t.owned, &content),
+                Ok(true)
+            )
+        });
         if !same || self.mem.map_frames(t.addr, n, t.prot, g0, &[]).is_err() {
             return fail(self, true);
         }
@@ -1770,20 +1893,44 @@ impl<M: Mem> Core<M> {
             return false;
         }
         let mut cur = std::mem::take(&mut self.buf2);
-        let mut same = true;
+        // Compared under protection: the run ends before the first page that differs
+        // from its frame (it was planned by checksums, see `stable_run_of`).
+        let mut k = n;
         let mut covered = Vec::new();
         for (i, &slot) in run.iter().enumerate() {
-            same = self.mem.read(t.addr + i * page, t.owned, &mut cur).is_ok();
-            match slot {
-                Slot::Join(_) => same &= self.mem.frame(f + i as FrameId) == &cur[..],
-                Slot::Cover => covered.push((i, cur.clone())),
-            }
+            let a = t.addr + i * page;
+            let same = match slot {
+                Slot::Join(_) => matches!(
+                    self.mem.equals_frame(a, t.owned, f + i as FrameId),
+                    Ok(true)
+                ),
+                Slot::Cover => {
+                    let read = self.mem.read(a, t.owned, &mut cur).is_ok();
+                    if read {
+                        covered.push((i, cur.clone()));
+                    }
+                    read
+                }
+            };
             if !same {
+                k = i;
                 break;
             }
         }
         self.buf2 = cur;
-        if !same || self.mem.map_frames(t.addr, n, t.prot, f, &covered).is_err() {
+        let k = joined_prefix(&run, k);
+        if k == 0 {
+            self.release_failed(t.addr, len);
+            self.counters.merge_failures += 1;
+            return false;
+        }
+        if k < n {
+            self.release_tail(t.addr, len, k * page);
+            run.truncate(k);
+            covered.retain(|&(i, _)| i < k);
+        }
+        let len = k * page;
+        if self.mem.map_frames(t.addr, k, t.prot, f, &covered).is_err() {
             self.release_failed(t.addr, len);
             self.counters.merge_failures += 1;
             return false;
@@ -1878,11 +2025,12 @@ impl<M: Mem> Core<M> {
 
     /// The pairs of pages from `t` and from `o` (at least the first pair, already
     /// found equal) that can merge as one run: the following pairs qualify while both
-    /// pages can join a run (see `run_candidate`: a page merged already moves into the
-    /// run), are equal byte for byte, the two runs do not overlap and do not map one
-    /// frame already; a pair of unmerged pages that differ between pairs that qualify
-    /// is covered on both sides (see `can_cover`). Pages of all zeros stop a run when
-    /// `use_zero_pages` is on.
+    /// pages can join a run (see `run_key`: a page merged already moves into the run),
+    /// have the same checksum as last seen (the merge compares them byte for byte under
+    /// protection, and checks that checksum on the frame it fills, see `merge_pair`),
+    /// the two runs do not overlap and do not map one frame already; a pair of unmerged
+    /// pages whose checksums differ between pairs that qualify is covered on both sides
+    /// (see `can_cover_page`). Pages of zeros stop a run when `use_zero_pages` is on.
     fn run_of(&mut self, t: Target, o: Target, hash: u64) -> PairRun {
         let page = self.page;
         let mut run = PairRun {
@@ -1897,7 +2045,7 @@ impl<M: Mem> Core<M> {
         };
         let ((_, t_end), (_, o_end)) = (bounds(self, t.addr), bounds(self, o.addr));
         let dist = t.addr.abs_diff(o.addr);
-        let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
+        let zero = self.use_zero_pages.then_some(key_of(self.zero_checksum));
         let mut pending = 0;
         let mut ahead = Ahead::new();
         while run.len() < MAX_RUN {
@@ -1906,24 +2054,36 @@ impl<M: Mem> Core<M> {
             if ta >= t_end || oa >= o_end || (n + 1) * page > dist {
                 break;
             }
-            let (Some(ca), Some(cb)) = (
-                self.run_candidate(ta, t, true, &mut ahead, &mut a),
-                self.run_candidate(oa, o, true, &mut ahead, &mut b),
-            ) else {
+            // Planned by the records alone: the merge compares every pair under protection
+            // (and checks the frames against these keys) and ends the run before the
+            // first that differs.
+            let (Some((kt, wt)), Some((ko, wo))) =
+                (self.run_key(ta, t, true), self.run_key(oa, o, true))
+            else {
                 break;
             };
-            let shared = ca.was.is_some() && ca.was == cb.was;
-            if shared || (self.use_zero_pages && a.iter().all(|&x| x == 0)) {
+            let shared = wt.is_some() && wt == wo;
+            if shared || zero == Some(kt) {
                 break;
             }
-            if a == b {
-                run.push(ca.hash, Slot::Join(ca.was), Slot::Join(cb.was));
+            let join = match (wt, wo) {
+                (Some(g), Some(h)) => self.mem.frame(g) == self.mem.frame(h),
+                _ => kt == ko,
+            };
+            if join
+                && self.present_for_run(&mut ahead, ta, wt)
+                && self.present_for_run(&mut ahead, oa, wo)
+            {
+                run.push(kt, Slot::Join(wt), Slot::Join(wo));
                 pending = 0;
-            } else if ca.was.is_none()
-                && cb.was.is_none()
+            } else if !join
+                && wt.is_none()
+                && wo.is_none()
                 && pending < MAX_COVER
-                && self.can_cover(t, &a)
-                && self.can_cover(o, &b)
+                && self.can_cover_page(t, ta)
+                && self.can_cover_page(o, oa)
+                && self.present_for_run(&mut ahead, ta, None)
+                && self.present_for_run(&mut ahead, oa, None)
             {
                 run.push(0, Slot::Cover, Slot::Cover);
                 pending += 1;
@@ -1982,9 +2142,9 @@ impl<M: Mem> Core<M> {
         };
         let n = run.len();
         let len = n * page;
-        let fail = |core: &mut Self, which: &[usize]| {
+        let fail = |core: &mut Self, which: &[usize], n: usize| {
             for &a in which {
-                core.release_failed(a, len);
+                core.release_failed(a, n * page);
             }
             // The frames may hold bytes already: give their memory back.
             for f in f0..f0 + n as FrameId {
@@ -1995,31 +2155,80 @@ impl<M: Mem> Core<M> {
             false
         };
         if self.protect(t.addr, len).is_err() {
-            return fail(self, &[t.addr]);
+            return fail(self, &[t.addr], n);
         }
         if self.protect(o.addr, len).is_err() {
-            return fail(self, &[t.addr, o.addr]);
+            return fail(self, &[t.addr, o.addr], n);
         }
-        // Read both runs again now that neither can change, and fill the frames.
+        // Compare both runs again now that neither can change: the run ends before the
+        // first pair that differs (it was planned by checksums, see `run_of`).
         let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
         let (mut t_cov, mut o_cov) = (Vec::new(), Vec::new());
-        let mut written = true;
+        let mut k = n;
         for i in 0..n {
             let (ta, oa) = (t.addr + i * page, o.addr + i * page);
-            written = self.mem.read(ta, t.owned, &mut a).is_ok()
-                && self.mem.read(oa, o.owned, &mut b).is_ok();
-            if run.t[i] == Slot::Cover {
-                t_cov.push((i, a.clone()));
-                o_cov.push((i, b.clone()));
+            let same = if run.t[i] == Slot::Cover {
+                let read = self.mem.read(ta, t.owned, &mut a).is_ok()
+                    && self.mem.read(oa, o.owned, &mut b).is_ok();
+                if read {
+                    t_cov.push((i, a.clone()));
+                    o_cov.push((i, b.clone()));
+                }
+                read
             } else {
-                written = written && a == b && self.mem.write_frame(f0 + i as FrameId, &a).is_ok();
-            }
-            if !written {
+                matches!(self.mem.same_pages(ta, t.owned, oa, o.owned), Ok(true))
+            };
+            if !same {
+                k = i;
                 break;
             }
         }
-        if !written || self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov).is_err() {
-            return fail(self, &[t.addr, o.addr]);
+        // Fill the frames of each stretch of joined pages from `t`'s (protected, so still
+        // the bytes just found equal to `o`'s), and check each frame against the key it
+        // was allocated with (the pages' checksum at their last visit, the volatility
+        // check): a pair written since, equal on both sides, ends the run there too.
+        let mut k = joined_prefix(&run.t, k);
+        let mut i = 0;
+        while i < k {
+            if run.t[i] == Slot::Cover {
+                i += 1;
+                continue;
+            }
+            let s = i;
+            while i < k && run.t[i] != Slot::Cover {
+                i += 1;
+            }
+            let (f, at) = (f0 + s as FrameId, t.addr + s * page);
+            if self.mem.fill_frames(f, at, t.owned, i - s).is_err() {
+                k = s;
+                break;
+            }
+            let stale =
+                (s..i).find(|&j| checksum_of(self.mem.frame(f0 + j as FrameId)).0 != run.hashes[j]);
+            if let Some(j) = stale {
+                k = j;
+                break;
+            }
+        }
+        let k = joined_prefix(&run.t, k);
+        if k == 0 {
+            return fail(self, &[t.addr, o.addr], n);
+        }
+        if k < n {
+            self.release_tail(t.addr, len, k * page);
+            self.release_tail(o.addr, len, k * page);
+            // The frames past the run may hold bytes already: give their memory back.
+            for f in f0 + k as FrameId..f0 + n as FrameId {
+                let _ = self.mem.punch(f);
+                self.frames.discard(f);
+            }
+            run.truncate(k);
+            t_cov.retain(|&(i, _)| i < k);
+            o_cov.retain(|&(i, _)| i < k);
+        }
+        let (n, len) = (k, k * page);
+        if self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov).is_err() {
+            return fail(self, &[t.addr, o.addr], n);
         }
         let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov).is_ok();
         self.mem.release(t.addr, len, false);

@@ -65,6 +65,50 @@ impl Memfd {
         Ok(())
     }
 
+    /// Write the `len` bytes at `offset_in_src` of mapping `src` at `offset` (`pwrite`
+    /// straight from the mapping, looping on short writes): the kernel reads the bytes,
+    /// no copy is made in between. For pages a merge window write-protects, so that
+    /// what is written is what was compared.
+    pub fn write_from(
+        &self,
+        offset: u64,
+        src: &super::mman::Mapping,
+        offset_in_src: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        assert!(
+            offset_in_src
+                .checked_add(len)
+                .is_some_and(|e| e <= src.len()),
+            "range outside mapping"
+        );
+        let (mut done, mut offset) = (0, offset);
+        while done < len {
+            let off = to_off(offset)?;
+            let from = src.addr() + offset_in_src + done;
+            let n = super::retry_eintr(|| {
+                // SAFETY: `[from, from+len-done)` lies inside the live mapping `src`
+                // (checked above), which `src`'s borrow keeps mapped; the kernel only
+                // reads it (and reports memory it cannot read as EFAULT), no Rust
+                // reference is formed over it.
+                cvt(unsafe {
+                    libc::pwrite(
+                        self.fd.as_raw_fd(),
+                        from as *const libc::c_void,
+                        len - done,
+                        off,
+                    )
+                })
+            })?;
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            done += n as usize;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
     /// Blocks in use (`st_blocks` of `fstat`, 512-byte units).
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         // SAFETY: zeroed `stat` is a valid value of this plain C struct.

@@ -132,6 +132,57 @@ impl Mapping {
 }
 
 impl Mapping {
+    /// Whether the bytes at `offset` of this mapping equal `data` (libc `memcmp` over
+    /// the mapping in place: no copy).
+    ///
+    /// Application threads may write the mapping concurrently (see `copy_out`): the
+    /// answer is then only a hint, except for pages write-protected by a merge window
+    /// (no write can land there), where it is the answer the merge acts on.
+    pub fn equals(&self, offset: usize, data: &[u8]) -> bool {
+        assert!(
+            offset
+                .checked_add(data.len())
+                .is_some_and(|e| e <= self.len),
+            "range outside mapping"
+        );
+        // SAFETY: the range lies inside this live mapping (checked above), which stays
+        // mapped while `self` is borrowed; `data` is a valid slice of the same length.
+        // memcmp only reads; concurrent writers (plain bytes) only make the answer stale,
+        // and no Rust reference is formed over the mapping's bytes.
+        unsafe {
+            libc::memcmp(
+                (self.addr + offset) as *const libc::c_void,
+                data.as_ptr().cast(),
+                data.len(),
+            ) == 0
+        }
+    }
+
+    /// Whether `len` bytes at `offset` of this mapping equal `len` bytes at
+    /// `other_offset` of `other` (libc `memcmp`, both in place; see `equals`).
+    pub fn equals_at(
+        &self,
+        offset: usize,
+        other: &Mapping,
+        other_offset: usize,
+        len: usize,
+    ) -> bool {
+        let inside = |m: &Mapping, o: usize| o.checked_add(len).is_some_and(|e| e <= m.len);
+        assert!(
+            inside(self, offset) && inside(other, other_offset),
+            "range outside mapping"
+        );
+        // SAFETY: both ranges lie inside live mappings (checked above), mapped while
+        // `self` and `other` are borrowed; memcmp only reads (see `equals`).
+        unsafe {
+            libc::memcmp(
+                (self.addr + offset) as *const libc::c_void,
+                (other.addr + other_offset) as *const libc::c_void,
+                len,
+            ) == 0
+        }
+    }
+
     /// Give every page of this mapping its memory now (`MADV_POPULATE_WRITE`), so
     /// that filling it takes no page fault per page, and so that running out of
     /// memory shows here, as ENOMEM, before anything else has changed. A kernel

@@ -521,6 +521,20 @@ impl Uffd {
         r.and(wake)
     }
 
+    /// Shrink a merge window to its first `keep` bytes (a whole number of pages, less
+    /// than its length): the rest is unprotected (which also wakes) and woken, as by
+    /// `close_window`. The window proves protection of what it keeps only.
+    pub fn shrink_window(&self, w: &mut Window, keep: usize) -> io::Result<()> {
+        if keep >= w.len {
+            return Ok(());
+        }
+        let (start, len) = (w.addr + keep, w.len - keep);
+        w.len = keep;
+        let r = self.writeprotect(start, len, false);
+        let wake = self.wake(start, len);
+        r.and(wake)
+    }
+
     /// `UFFDIO_WAKE`: wake threads blocked on faults in the range. Works even
     /// after the VMA they faulted on was replaced.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
