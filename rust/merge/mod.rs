@@ -272,7 +272,8 @@ pub struct Os {
     /// The most VMAs merging lets the process have (`vm.max_map_count - vma_reserve`)
     /// when last counted.
     pub vma_budget: u64,
-    /// Threads an unmerge copies a long run with (the cores available).
+    /// Threads the kernel's big copies are spread over (an unmerge's copy, filling a
+    /// long run's frames): the cores available.
     pub copy_threads: usize,
     /// A page nobody can read, for `Uffd::prepare_anon_vma`.
     unreadable: Option<Mapping>,
@@ -682,7 +683,7 @@ impl Mem for Os {
         let pool = self.pool.as_ref().expect("created above");
         match self.owned_at(addr) {
             Some(m) if owned && addr + len <= m.addr() + m.len() => {
-                pool.write_from(f0, m, addr - m.addr(), len)
+                pool.write_from(f0, m, addr - m.addr(), len, self.copy_threads)
             }
             _ => {
                 let mut buf = vec![0u8; self.page];

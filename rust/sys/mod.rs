@@ -46,6 +46,70 @@ macro_rules! impl_minus_one {
 }
 impl_minus_one!(i32 i64 isize);
 
+/// The least a thread of [`in_parts`] takes (starting a thread costs tens of
+/// microseconds; copying 1 MiB, a few hundred).
+pub const PART_MIN: usize = 1 << 20;
+
+/// Run `part(offset, len)` over consecutive page-aligned parts of `[0, len)` on up to
+/// `threads` threads (this one included), each part at least [`PART_MIN`] bytes:
+/// for the kernel's big copies (an unmerge's `UFFDIO_COPY`, filling frames), bound
+/// by one core's memory bandwidth and page allocation, which proceed side by side
+/// (the kernel takes `mmap_lock` for reading only). Every part is attempted, also
+/// when another fails (the caller cannot tell which parts were done: it treats an
+/// error as "none"); the error returned prefers one that is not EFAULT, which
+/// callers treat as "do it another way".
+pub fn in_parts<F>(len: usize, threads: usize, page: usize, part: F) -> io::Result<()>
+where
+    F: Fn(usize, usize) -> io::Result<()> + Sync,
+{
+    let parts = threads.min(len / PART_MIN).max(1);
+    if parts == 1 {
+        return part(0, len);
+    }
+    let per = (len / page).div_ceil(parts) * page;
+    let span = |i: usize| {
+        let off = (i * per).min(len);
+        (off, per.min(len - off))
+    };
+    let part = &part;
+    let results: Vec<io::Result<()>> = std::thread::scope(|s| {
+        let others: Vec<_> = (1..parts)
+            .map(|i| {
+                let (off, n) = span(i);
+                std::thread::Builder::new()
+                    .name("ksm-part".into())
+                    .spawn_scoped(s, move || part(off, n))
+            })
+            .collect();
+        let mut out = vec![{
+            let (off, n) = span(0);
+            part(off, n)
+        }];
+        for (i, h) in others.into_iter().enumerate() {
+            out.push(match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a thread of in_parts panicked"))),
+                // No thread for this part: done here.
+                Err(_) => {
+                    let (off, n) = span(i + 1);
+                    part(off, n)
+                }
+            });
+        }
+        out
+    });
+    let mut efault = None;
+    for r in results {
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => efault = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    efault.map_or(Ok(()), Err)
+}
+
 /// The system page size (`sysconf(_SC_PAGESIZE)`), read once.
 pub fn page_size() -> usize {
     static PAGE: OnceLock<usize> = OnceLock::new();

@@ -195,10 +195,6 @@ impl Msg {
     }
 }
 
-/// The least a thread of [`Uffd::copy_parallel`] copies (starting a thread costs
-/// tens of microseconds; copying 1 MiB, a few hundred).
-pub const PARALLEL_COPY_MIN: usize = 1 << 20;
-
 /// An open, initialised userfaultfd context (non-blocking, close-on-exec).
 #[derive(Debug)]
 pub struct Uffd {
@@ -389,12 +385,8 @@ impl Uffd {
         Ok(())
     }
 
-    /// [`Uffd::copy`] spread over up to `threads` threads (this one included), each
-    /// copying a consecutive part of at least [`PARALLEL_COPY_MIN`] bytes: the copy is
-    /// bound by one core's memory bandwidth and page allocation, and the kernel takes
-    /// `mmap_lock` for reading only, so the parts proceed side by side. `page` aligns
-    /// the parts. Every part is attempted; the error returned prefers one that is not
-    /// EFAULT (the caller treats EFAULT as "copy by hand instead").
+    /// [`Uffd::copy`] in consecutive parts on up to `threads` threads (see
+    /// [`in_parts`](super::in_parts)); `page` aligns the parts.
     pub fn copy_parallel(
         &self,
         dst: usize,
@@ -403,50 +395,9 @@ impl Uffd {
         threads: usize,
         page: usize,
     ) -> io::Result<()> {
-        let parts = threads.min(len / PARALLEL_COPY_MIN).max(1);
-        if parts == 1 {
-            return self.copy(dst, src, len);
-        }
-        let per = (len / page).div_ceil(parts) * page;
-        let results: Vec<io::Result<()>> = std::thread::scope(|s| {
-            let others: Vec<_> = (1..parts)
-                .map(|i| {
-                    let off = (i * per).min(len);
-                    let n = per.min(len - off);
-                    std::thread::Builder::new()
-                        .name("ksm-copy".into())
-                        .spawn_scoped(s, move || self.copy(dst + off, src + off, n))
-                })
-                .collect();
-            let mut out = Vec::with_capacity(parts);
-            // A part no thread could be started for is copied here.
-            let mut mine = vec![(0usize, per.min(len))];
-            for (i, h) in others.into_iter().enumerate() {
-                match h {
-                    Ok(h) => out
-                        .push(h.join().unwrap_or_else(|_| {
-                            Err(io::Error::other("a copying thread panicked"))
-                        })),
-                    Err(_) => {
-                        let off = ((i + 1) * per).min(len);
-                        mine.push((off, per.min(len - off)));
-                    }
-                }
-            }
-            for (off, n) in mine {
-                out.push(self.copy(dst + off, src + off, n));
-            }
-            out
-        });
-        let mut efault = None;
-        for r in results {
-            match r {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EFAULT) => efault = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        efault.map_or(Ok(()), Err)
+        super::in_parts(len, threads, page, |off, n| {
+            self.copy(dst + off, src + off, n)
+        })
     }
 
     /// Give the private VMA holding `dst` (registered with this context) its
@@ -705,7 +656,7 @@ mod tests {
         };
         let page = crate::sys::page_size();
         // 3 MiB and a page: three threads, the last part shorter.
-        let len = 3 * PARALLEL_COPY_MIN + page;
+        let len = 3 * super::super::PART_MIN + page;
         let src = crate::sys::mman::Mapping::anonymous(len).unwrap();
         let bytes: Vec<u8> = (0..len).map(|i| (i / page * 7 + i) as u8).collect();
         src.copy_in(0, &bytes);
