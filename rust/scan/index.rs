@@ -23,26 +23,47 @@ impl Hasher for KeyIsHash {
     fn write_u64(&mut self, n: u64) {
         self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+}
+
+/// Maps keyed by the checksum itself (32 bits: half the slot of a `u64` key).
+type ByKey<V> = HashMap<u32, V, BuildHasherDefault<KeyIsHash>>;
+
+/// An index key as stored (keys are 32-bit checksums, widened at the interface).
+fn key(h: u64) -> u32 {
+    u32::try_from(h).expect("index keys are 32-bit checksums")
+}
+
+/// Give back most of a table's memory once it holds a quarter of what it could (so
+/// that an index that emptied costs nothing; halving again before the next shrink
+/// keeps the cost amortized).
+fn shrink_if_sparse<V>(m: &mut ByKey<V>) {
+    if m.len() * 4 < m.capacity() {
+        m.shrink_to(m.len() * 2);
+    }
 }
 
 /// Values per hash: the first in `one` (no allocation), the others, rare, in `more`.
 #[derive(Debug)]
 pub struct MultiIndex<T> {
-    one: ByHash<T>,
-    more: ByHash<Vec<T>>,
+    one: ByKey<T>,
+    more: ByKey<Vec<T>>,
 }
 
 impl<T> Default for MultiIndex<T> {
     fn default() -> Self {
         MultiIndex {
-            one: ByHash::default(),
-            more: ByHash::default(),
+            one: ByKey::default(),
+            more: ByKey::default(),
         }
     }
 }
 
 impl<T: Copy + PartialEq> MultiIndex<T> {
     pub fn push(&mut self, h: u64, v: T) {
+        let h = key(h);
         match self.one.entry(h) {
             Entry::Vacant(e) => {
                 e.insert(v);
@@ -53,6 +74,7 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
 
     /// The values under `h`, the first pushed first.
     pub fn get(&self, h: u64) -> impl Iterator<Item = T> + '_ {
+        let h = key(h);
         let more = self.more.get(&h).map_or(&[][..], |v| &v[..]);
         self.one
             .get(&h)
@@ -63,6 +85,7 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
 
     /// Remove one occurrence of `v` under `h`.
     pub fn remove(&mut self, h: u64, v: T) {
+        let h = key(h);
         if self.one.get(&h) == Some(&v) {
             match self.more.get_mut(&h).and_then(|m| m.pop()) {
                 Some(next) => {
@@ -70,6 +93,7 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
                 }
                 None => {
                     self.one.remove(&h);
+                    shrink_if_sparse(&mut self.one);
                 }
             }
         } else if let Some(m) = self.more.get_mut(&h) {
@@ -81,19 +105,20 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
         }
         if self.more.get(&h).is_some_and(|m| m.is_empty()) {
             self.more.remove(&h);
+            shrink_if_sparse(&mut self.more);
         }
     }
 
     /// Every hash with more than one value, with its values.
     pub fn groups(&self) -> impl Iterator<Item = Vec<T>> + '_ {
-        self.more.keys().map(|&h| self.get(h).collect())
+        self.more.keys().map(|&h| self.get(u64::from(h)).collect())
     }
 
     /// Bytes this index holds (table slots and the vectors of `more`).
     pub fn metadata_bytes(&self) -> usize {
-        let slot = |v: usize| 8 + v + 1;
-        self.one.capacity() * slot(std::mem::size_of::<T>().max(4))
-            + self.more.capacity() * slot(24)
+        // A slot holds the pair, plus one control byte.
+        self.one.capacity() * (std::mem::size_of::<(u32, T)>() + 1)
+            + self.more.capacity() * (std::mem::size_of::<(u32, Vec<T>)>() + 1)
             + self
                 .more
                 .values()
@@ -125,5 +150,24 @@ mod tests {
         assert_eq!(ix.groups().count(), 0);
         ix.remove(9, 5); // absent: nothing happens
         assert_eq!(ix.get(9).collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[test]
+    fn an_index_that_empties_gives_its_memory_back() {
+        let mut ix: MultiIndex<u32> = MultiIndex::default();
+        for h in 0..100_000u32 {
+            ix.push(u64::from(h % 50_000), h);
+        }
+        let full = ix.metadata_bytes();
+        assert!(full >= 50_000 * 9, "{full}");
+        for h in 0..100_000u32 {
+            ix.remove(u64::from(h % 50_000), h);
+        }
+        assert_eq!(ix.get(7).count(), 0);
+        assert!(
+            ix.metadata_bytes() < 1024,
+            "{} bytes kept",
+            ix.metadata_bytes()
+        );
     }
 }

@@ -416,7 +416,7 @@ fn a_copied_run_merges_as_one_run_on_consecutive_frames() {
     // One mapping per copy: the two runs add at most 2 VMAs each.
     assert!(c.vmas_added() <= 4, "{} VMAs added", c.vmas_added());
     let frames: Vec<u32> = (0..n)
-        .map(|i| c.region_at(BASE).unwrap().pages[i].frame)
+        .map(|i| c.region_at(BASE).unwrap().pages[i].frame())
         .collect();
     assert!(frames.windows(2).all(|w| w[1] == w[0] + 1), "{frames:?}");
     // A write inside the merged run: only that page changes.
@@ -494,7 +494,7 @@ fn with_the_vma_budget_low_one_repeated_content_maps_tiles_of_frames() {
 /// Frames of the pages `[first, first + n)`.
 fn frames_of(c: &Core<FakeMem>, first: usize, n: usize) -> Vec<u32> {
     let r = c.region_at(BASE).unwrap();
-    (first..first + n).map(|i| r.pages[i].frame).collect()
+    (first..first + n).map(|i| r.pages[i].frame()).collect()
 }
 
 #[test]
@@ -579,10 +579,13 @@ fn a_page_that_differs_inside_a_copied_run_is_covered_and_keeps_its_bytes() {
     assert_eq!((k.pages_shared, k.pages_sharing), (15, 15), "{k:?}");
     assert_eq!(c.vmas_added(), 2, "one mapping per copy");
     let r = c.region_at(BASE).unwrap();
-    let f0 = r.pages[0].frame;
+    let f0 = r.pages[0].frame();
     for copy in 0..2 {
-        let p = r.pages[copy * (n + 1) + 7];
-        assert_eq!((p.state, p.in_pool()), (State::Unstable, Some(f0 + 7)));
+        let i = copy * (n + 1) + 7;
+        assert_eq!(
+            (r.pages[i].state(), r.covered_frame(i)),
+            (State::Unstable, Some(f0 + 7))
+        );
     }
     assert_eq!(c.mem.frames_held(), 15, "the covered offset holds no frame");
     c.check_invariants();
@@ -616,7 +619,8 @@ fn a_page_that_differs_inside_a_copied_run_is_covered_and_keeps_its_bytes() {
     c.unadvise(BASE, BASE + (2 * n + 1) * PG).unwrap();
     check(&mut c, &want2);
     let r = c.region_at(BASE).unwrap();
-    assert!(r.pages.iter().all(|p| p.in_pool().is_none()));
+    assert!((0..r.pages.len()).all(|i| r.covered_frame(i).is_none()));
+    assert_eq!(r.covered_frames().count(), 0);
     assert_eq!(c.vmas_added(), 0);
     c.check_invariants();
 }
@@ -648,11 +652,11 @@ fn covered_pages_equal_to_each_other_merge_in_place() {
         "one mapping per copy (and one per separator)"
     );
     let r = c.region_at(BASE).unwrap();
-    let f0 = r.pages[0].frame;
-    assert_eq!(r.pages[5].in_pool(), Some(f0 + 5), "A5 stays covered");
+    let f0 = r.pages[0].frame();
+    assert_eq!(r.covered_frame(5), Some(f0 + 5), "A5 stays covered");
     for copy in 1..3 {
         let p = r.pages[copy * (n + 1) + 5];
-        assert_eq!((p.state, p.frame), (State::Stable, f0 + 5));
+        assert_eq!((p.state(), p.frame()), (State::Stable, f0 + 5));
     }
     c.check_invariants();
     for copy in 0..3 {
