@@ -1,12 +1,12 @@
-//! A content-hash index that costs one entry per hash in the common case.
+//! Content-hash indexes that cost one entry per hash in the common case, in slots
+//! packed tight (they hold an entry per merged frame or unmerged page).
 
 use std::collections::{hash_map::Entry, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-/// Maps keyed by a content checksum (32 bits of xxh3, already uniform): spread over
-/// 64 bits by one multiplication (the table takes its control bits from the top).
-pub type ByHash<V> = HashMap<u64, V, BuildHasherDefault<KeyIsHash>>;
-
+/// The hasher of maps keyed by a content checksum (32 bits of xxh3, already
+/// uniform) or a page number: spread over 64 bits by one multiplication (the table
+/// takes its control bits from the top).
 #[derive(Default)]
 pub struct KeyIsHash(u64);
 
@@ -15,7 +15,7 @@ impl Hasher for KeyIsHash {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed here; anything else still spreads.
+        // Only integer keys are hashed here; anything else still spreads.
         for &b in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
@@ -42,6 +42,203 @@ fn key(h: u64) -> u32 {
 fn shrink_if_sparse<V>(m: &mut ByKey<V>) {
     if m.len() * 4 < m.capacity() {
         m.shrink_to(m.len() * 2);
+    }
+}
+
+/// A 32-bit index key stored with alignment 1 (see [`AddrIndex`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PackedKey([u8; 4]);
+
+impl Hash for PackedKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u32(u32::from_le_bytes(self.0));
+    }
+}
+
+/// A page address stored as its page number in 48 bits, alignment 1 (see [`AddrIndex`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PackedPage([u8; 6]);
+
+impl PackedPage {
+    fn number(self) -> u64 {
+        let mut b = [0; 8];
+        b[..6].copy_from_slice(&self.0);
+        u64::from_le_bytes(b)
+    }
+}
+
+impl Hash for PackedPage {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.number());
+    }
+}
+
+/// Page addresses to and from [`PackedPage`].
+#[derive(Clone, Copy, Debug)]
+struct PageCodec {
+    /// log2 of the page size.
+    shift: u32,
+}
+
+impl PageCodec {
+    fn new(page: usize) -> Self {
+        assert!(page.is_power_of_two());
+        PageCodec {
+            shift: page.trailing_zeros(),
+        }
+    }
+
+    fn pack(self, addr: usize) -> PackedPage {
+        let n = (addr >> self.shift) as u64;
+        assert!(
+            n << self.shift == addr as u64 && n >> 48 == 0,
+            "address {addr:#x}"
+        );
+        let b = n.to_le_bytes();
+        PackedPage([b[0], b[1], b[2], b[3], b[4], b[5]])
+    }
+
+    fn unpack(self, p: PackedPage) -> usize {
+        (p.number() as usize) << self.shift
+    }
+}
+
+fn packed_key(h: u64) -> PackedKey {
+    PackedKey(key(h).to_le_bytes())
+}
+
+/// Per index key, one page address: the heads of the unstable index. A slot is a
+/// 4-byte key and a 6-byte page number with no padding (11 bytes with its control
+/// byte, where a `u64 → usize` map takes 17), as this index holds every unmerged page
+/// at the end of a full scan.
+#[derive(Debug)]
+pub struct AddrIndex {
+    map: HashMap<PackedKey, PackedPage, BuildHasherDefault<KeyIsHash>>,
+    codec: PageCodec,
+}
+
+impl std::fmt::Debug for PackedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        u32::from_le_bytes(self.0).fmt(f)
+    }
+}
+
+impl std::fmt::Debug for PackedPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.number().fmt(f)
+    }
+}
+
+impl AddrIndex {
+    /// An empty index of addresses of pages of `page` bytes (a power of two).
+    pub fn new(page: usize) -> Self {
+        AddrIndex {
+            map: HashMap::default(),
+            codec: PageCodec::new(page),
+        }
+    }
+
+    pub fn contains_key(&self, h: &u64) -> bool {
+        self.map.contains_key(&packed_key(*h))
+    }
+
+    /// Set the address under `h`; the one it replaces.
+    pub fn insert(&mut self, h: u64, addr: usize) -> Option<usize> {
+        let v = self.codec.pack(addr);
+        let old = self.map.insert(packed_key(h), v);
+        old.map(|p| self.codec.unpack(p))
+    }
+
+    /// Set the address under `h` if there is none; whether it did.
+    pub fn insert_first(&mut self, h: u64, addr: usize) -> bool {
+        let v = self.codec.pack(addr);
+        match self.map.entry(packed_key(h)) {
+            Entry::Vacant(e) => {
+                e.insert(v);
+                true
+            }
+            Entry::Occupied(_) => false,
+        }
+    }
+
+    pub fn remove(&mut self, h: &u64) -> Option<usize> {
+        let p = self.map.remove(&packed_key(*h))?;
+        Some(self.codec.unpack(p))
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Bytes this index holds (table slots, one control byte each).
+    pub fn metadata_bytes(&self) -> usize {
+        self.map.capacity() * (std::mem::size_of::<(PackedKey, PackedPage)>() + 1)
+    }
+}
+
+/// Per index key, any number of page addresses (the unstable index's other pages of
+/// a key: contents seen again that could not merge, checksums shared by other
+/// bytes), as chains: the newest address of each key in `heads`, and for each
+/// address the one pushed before it under the same key in `next`. A key with one
+/// address costs one 11-byte slot and each further address one 13-byte slot, where
+/// a vector per key cost a 33-byte slot and a 32-byte allocation.
+///
+/// An address is expected under one key at most (a page enters the unstable index
+/// once per full scan). Were it pushed twice, chains could lose or borrow entries
+/// (callers check every address they get), never loop: walking one consumes it.
+#[derive(Debug)]
+pub struct AddrChains {
+    heads: HashMap<PackedKey, PackedPage, BuildHasherDefault<KeyIsHash>>,
+    next: HashMap<PackedPage, PackedPage, BuildHasherDefault<KeyIsHash>>,
+    codec: PageCodec,
+}
+
+impl AddrChains {
+    /// No chains, for pages of `page` bytes (a power of two).
+    pub fn new(page: usize) -> Self {
+        AddrChains {
+            heads: HashMap::default(),
+            next: HashMap::default(),
+            codec: PageCodec::new(page),
+        }
+    }
+
+    /// Add `addr` under `h` (after those already there).
+    pub fn push(&mut self, h: u64, addr: usize) {
+        let a = self.codec.pack(addr);
+        if let Some(older) = self.heads.insert(packed_key(h), a) {
+            self.next.insert(a, older);
+        }
+    }
+
+    /// Take every address under `h`, the first pushed first.
+    pub fn remove(&mut self, h: &u64) -> Option<Vec<usize>> {
+        let mut a = self.heads.remove(&packed_key(*h))?;
+        let mut out = vec![self.codec.unpack(a)];
+        while let Some(older) = self.next.remove(&a) {
+            out.push(self.codec.unpack(older));
+            a = older;
+        }
+        out.reverse();
+        Some(out)
+    }
+
+    /// Put `addrs` under `h` (in this order), after those already there.
+    pub fn insert(&mut self, h: u64, addrs: Vec<usize>) {
+        for a in addrs {
+            self.push(h, a);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.heads.clear();
+        self.next.clear();
+    }
+
+    /// Bytes this index holds (table slots, one control byte each).
+    pub fn metadata_bytes(&self) -> usize {
+        self.heads.capacity() * (std::mem::size_of::<(PackedKey, PackedPage)>() + 1)
+            + self.next.capacity() * (std::mem::size_of::<(PackedPage, PackedPage)>() + 1)
     }
 }
 
@@ -150,6 +347,60 @@ mod tests {
         assert_eq!(ix.groups().count(), 0);
         ix.remove(9, 5); // absent: nothing happens
         assert_eq!(ix.get(9).collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[test]
+    fn addresses_round_trip_in_six_bytes() {
+        assert_eq!(std::mem::size_of::<(PackedKey, PackedPage)>(), 10);
+        for page in [64usize, 4096, 65536] {
+            let mut ix = AddrIndex::new(page);
+            let addrs = [0, page, 0x7fff_ffff_f000 / page * page, (1 << 47) - page];
+            for (i, &a) in addrs.iter().enumerate() {
+                assert!(ix.insert_first(i as u64 * 3 + u64::from(u32::MAX - 20), a));
+                assert!(!ix.insert_first(i as u64 * 3 + u64::from(u32::MAX - 20), a + page));
+            }
+            for (i, &a) in addrs.iter().enumerate() {
+                let h = i as u64 * 3 + u64::from(u32::MAX - 20);
+                assert!(ix.contains_key(&h));
+                assert_eq!(ix.remove(&h), Some(a));
+                assert!(!ix.contains_key(&h));
+            }
+            assert_eq!(ix.insert(5, page * 9), None);
+            assert_eq!(ix.insert(5, page * 2), Some(page * 9));
+            assert_eq!(ix.remove(&5), Some(page * 2));
+            assert_eq!(ix.remove(&5), None);
+        }
+    }
+
+    #[test]
+    fn chains_keep_addresses_per_key_in_order() {
+        let page = 4096;
+        let mut c = AddrChains::new(page);
+        assert_eq!(std::mem::size_of::<(PackedPage, PackedPage)>(), 12);
+        for i in 0..5 {
+            c.push(7, (10 + i) * page);
+            c.push(9, (100 + i) * page);
+        }
+        c.push(8, page);
+        assert_eq!(
+            c.remove(&7),
+            Some((10..15).map(|i| i * page).collect::<Vec<_>>())
+        );
+        assert_eq!(c.remove(&7), None);
+        c.insert(7, vec![3 * page, 4 * page]);
+        c.push(7, 5 * page);
+        assert_eq!(c.remove(&7), Some(vec![3 * page, 4 * page, 5 * page]));
+        assert_eq!(c.remove(&8), Some(vec![page]));
+        assert_eq!(
+            c.remove(&9),
+            Some((100..105).map(|i| i * page).collect::<Vec<_>>())
+        );
+        assert!(c.heads.is_empty() && c.next.is_empty());
+        // The same address twice under one key: no loop.
+        c.push(1, page);
+        c.push(1, 2 * page);
+        c.push(1, page);
+        assert!(c.remove(&1).is_some_and(|v| v.len() <= 3));
     }
 
     #[test]

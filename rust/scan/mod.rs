@@ -20,11 +20,10 @@
 
 pub mod fake;
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 mod index;
-use index::{ByHash, MultiIndex};
+use index::{AddrChains, AddrIndex, MultiIndex};
 use std::io;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -175,10 +174,9 @@ pub struct Core<M: Mem> {
     stable: MultiIndex<FrameId>,
     /// The unstable index: per hash, the first page entered this full scan, and in
     /// `unstable_more` the others (a content seen again that could not merge, or a
-    /// hash shared by other bytes): one word per page in the common case, no
-    /// allocation per page.
-    unstable: ByHash<usize>,
-    unstable_more: ByHash<Vec<usize>>,
+    /// hash shared by other bytes): one packed slot per page, no allocation per page.
+    unstable: AddrIndex,
+    unstable_more: AddrChains,
     /// Next address to visit; `None` = at the start of a full scan.
     cursor: Option<usize>,
     counters: Counters,
@@ -336,8 +334,8 @@ impl<M: Mem> Core<M> {
             regions: BTreeMap::new(),
             frames: FrameTable::new(frame_capacity),
             stable: MultiIndex::default(),
-            unstable: ByHash::default(),
-            unstable_more: ByHash::default(),
+            unstable: AddrIndex::new(page),
+            unstable_more: AddrChains::new(page),
             cursor: None,
             counters: Counters::default(),
             changes: 0,
@@ -1162,8 +1160,8 @@ impl<M: Mem> Core<M> {
         // The unstable index serves one full scan (a page's record says `Unstable`, but
         // not since which scan: entries must not outlive theirs), and its memory is
         // given back rather than kept between scans.
-        self.unstable = ByHash::default();
-        self.unstable_more = ByHash::default();
+        self.unstable = AddrIndex::new(self.page);
+        self.unstable_more = AddrChains::new(self.page);
         self.cursor = None;
         self.frames.trim();
         self.counters.full_scans += 1;
@@ -1376,11 +1374,8 @@ impl<M: Mem> Core<M> {
         if r.state() == State::Volatile {
             r.set_state(State::Unstable);
             self.counters.pages_unshared += 1;
-            match self.unstable.entry(hash) {
-                Entry::Vacant(e) => {
-                    e.insert(t.addr);
-                }
-                Entry::Occupied(_) => self.unstable_more.entry(hash).or_default().push(t.addr),
+            if !self.unstable.insert_first(hash, t.addr) {
+                self.unstable_more.push(hash, t.addr);
             }
         }
         false
@@ -2100,17 +2095,11 @@ impl<M: Mem> Core<M> {
             .filter(|r| r.any_advised())
             .map(Region::metadata_bytes)
             .sum();
-        let idx = |n: usize, per: usize| n * per;
         (recs
             + self.frames.metadata_bytes()
             + self.stable.metadata_bytes()
-            + idx(self.unstable.capacity(), 8 + 8 + 1)
-            + idx(self.unstable_more.capacity(), 8 + 24 + 1)
-            + self
-                .unstable_more
-                .values()
-                .map(|v| v.capacity() * 8)
-                .sum::<usize>()) as u64
+            + self.unstable.metadata_bytes()
+            + self.unstable_more.metadata_bytes()) as u64
     }
 
     /// Panics if the counters disagree with the records (tests and fuzzing).
