@@ -98,8 +98,7 @@ impl FrameTable {
     fn hand_out(&mut self, f: FrameId, hash: u64) {
         let i = f as usize;
         if i == self.refs.len() {
-            self.refs.push(0);
-            self.hash.push(0);
+            self.push_id();
         } else {
             let was_free = self.free.remove(&f);
             debug_assert!(was_free, "frame {f} handed out twice");
@@ -129,10 +128,22 @@ impl FrameTable {
     fn grow_to(&mut self, f: FrameId) {
         while self.refs.len() <= f as usize {
             let g = self.refs.len() as FrameId;
-            self.refs.push(0);
-            self.hash.push(0);
+            self.push_id();
             self.free.insert(g);
         }
+    }
+
+    /// One more id at the end of the table. The table grows by an eighth at a time
+    /// rather than doubling (it is one of the larger pieces of metadata; its vectors
+    /// are small next to the frames they describe, so copying them is cheap).
+    fn push_id(&mut self) {
+        if self.refs.len() == self.refs.capacity() {
+            let more = (self.refs.len() / 8).max(64);
+            self.refs.reserve_exact(more);
+            self.hash.reserve_exact(more);
+        }
+        self.refs.push(0);
+        self.hash.push(0);
     }
 
     /// `hashes.len()` fresh frames with consecutive ids (so that one mapping of the

@@ -238,8 +238,9 @@ pub struct Region {
     pub prot: i32,
     /// Registered with the userfaultfd in write-protect mode.
     pub registered: bool,
-    /// The frame offset under each covered page (`IN_POOL`), by page index.
-    covered: HashMap<usize, FrameId>,
+    /// The frame offset under each covered page (`IN_POOL`), by page index (a region
+    /// has fewer than 2^32 pages: its records alone would take 32 GiB).
+    covered: HashMap<u32, FrameId>,
 }
 
 impl Region {
@@ -283,7 +284,7 @@ impl Region {
         if !self.pages[i].covered() {
             return None;
         }
-        let g = self.covered.get(&i).copied();
+        let g = self.covered.get(&index(i)).copied();
         debug_assert!(g.is_some(), "covered page {i} without its offset");
         g
     }
@@ -291,13 +292,15 @@ impl Region {
     /// Page `i` becomes a private copy inside a pool mapping at frame offset `g`.
     pub fn cover(&mut self, i: usize, g: FrameId) {
         self.pages[i].set(IN_POOL);
-        self.covered.insert(i, g);
+        self.covered.insert(index(i), g);
     }
 
     /// Page `i` is no longer inside a pool mapping (or maps a frame of its own now).
     pub fn uncover(&mut self, i: usize) {
         self.pages[i].clear(IN_POOL);
-        if self.covered.remove(&i).is_some() && self.covered.len() * 4 < self.covered.capacity() {
+        if self.covered.remove(&index(i)).is_some()
+            && self.covered.len() * 4 < self.covered.capacity()
+        {
             self.covered.shrink_to(self.covered.len() * 2);
         }
     }
@@ -318,12 +321,13 @@ impl Region {
 
     /// Split off the pages from index `at` on into a region of their own.
     pub fn split_off(&mut self, at: usize, page: usize) -> Region {
+        let at32 = index(at);
         let mut covered = HashMap::new();
         self.covered.retain(|&i, &mut g| {
-            if i < at {
+            if i < at32 {
                 return true;
             }
-            covered.insert(i - at, g);
+            covered.insert(i - at32, g);
             false
         });
         Region {
@@ -339,8 +343,13 @@ impl Region {
     /// Bytes of bookkeeping: the records (by capacity) and the side map.
     pub fn metadata_bytes(&self) -> usize {
         self.pages.capacity() * std::mem::size_of::<PageRec>()
-            + self.covered.capacity() * (std::mem::size_of::<(usize, FrameId)>() + 1)
+            + self.covered.capacity() * (std::mem::size_of::<(u32, FrameId)>() + 1)
     }
+}
+
+/// A page index as the side map keeps it.
+fn index(i: usize) -> u32 {
+    u32::try_from(i).expect("regions have fewer than 2^32 pages")
 }
 
 #[cfg(test)]

@@ -470,7 +470,9 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(start + n * self.page);
         }
         self.frames.trim();
-        self.regions.remove(&start)
+        let r = self.regions.remove(&start);
+        self.release_if_idle();
+        r
     }
 
     /// Take every region out (a forked child rebuilds its engine from them).
@@ -519,7 +521,18 @@ impl<M: Mem> Core<M> {
             self.forget(a);
             self.rec_mut(a).clear(ADVISED);
         }
+        self.release_if_idle();
         Ok(())
+    }
+
+    /// With no page advised any more, ksmd stops scanning before this full scan ends:
+    /// give back the unstable index it was building rather than keep it meanwhile
+    /// (its pages are all out of it, unadvised or gone).
+    fn release_if_idle(&mut self) {
+        if self.advised == 0 {
+            self.unstable = AddrIndex::new(self.page);
+            self.unstable_more = AddrChains::new(self.page);
+        }
     }
 
     /// Unmerge every merged page of `[start, end)`, keeping the advice (`run = 2` does

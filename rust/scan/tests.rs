@@ -736,3 +736,79 @@ fn a_write_taken_by_a_probe_is_not_forgotten_when_the_batch_stops_before_the_pag
     assert_eq!(c.mem.read_page(BASE + 10 * PG), vec![52; PG]);
     c.check_invariants();
 }
+
+/// Pages 0..n of the region: copies of a 64-page pattern (runs merge as copied runs),
+/// every 10th page changed (covered pages inside the runs), every 7th page unique.
+fn fill_mixed(c: &mut Core<FakeMem>, n: usize) {
+    for i in 0..n {
+        let byte = if i % 7 == 0 {
+            (i % 251) as u8 ^ 0x80
+        } else {
+            (i % 64) as u8
+        };
+        let mut page = vec![byte; PG];
+        if i % 10 == 3 {
+            page[9] = (i / 10) as u8;
+            page[10] = (i / 2560) as u8;
+        }
+        c.mem.write(BASE + i * PG, &page);
+    }
+}
+
+#[test]
+fn metadata_is_given_back_when_the_merged_memory_is_unadvised() {
+    let n = 4096;
+    let mut c = core_with(n);
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    assert!(c.counters().pages_sharing > 1000, "{:?}", c.counters());
+    // Half a scan: the unstable index holds part of this scan's pages.
+    c.scan_batch(n as u64 / 2);
+    let merged = c.metadata_bytes();
+    assert!(merged >= 8 * n as u64, "{merged}");
+    c.unadvise(BASE, BASE + n * PG).unwrap();
+    c.check_invariants();
+    assert_eq!(c.frames().live(), 0);
+    assert_eq!(c.metadata_bytes(), 0, "from {merged} bytes");
+}
+
+#[test]
+fn metadata_is_given_back_when_the_merged_region_goes() {
+    let n = 4096;
+    let mut c = core_with(n);
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    c.scan_batch(n as u64 / 3);
+    let merged = c.metadata_bytes();
+    for i in 0..n {
+        c.mem.unmap(BASE + i * PG);
+    }
+    c.remove_region(BASE);
+    c.check_invariants();
+    assert_eq!(c.metadata_bytes(), 0, "from {merged} bytes");
+    // And it comes back as it was for the next workload.
+    c.add_region(Region::new(
+        BASE,
+        n,
+        true,
+        libc::PROT_READ | libc::PROT_WRITE,
+    ));
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    assert!(c.counters().pages_sharing > 1000);
+    c.check_invariants();
+}
+
+#[test]
+fn metadata_of_a_merged_region_stays_within_16_bytes_a_page_between_scans() {
+    let n = 4096;
+    let mut c = core_with(n);
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    let per_page = c.metadata_bytes() as f64 / n as f64;
+    assert!(per_page <= 16.0, "{per_page} bytes per page");
+}
