@@ -366,7 +366,11 @@ impl Harness {
     fn rec_state(&self, addr: usize) -> (State, FrameId, bool) {
         let r = self.core.region_at(addr).expect("tracked page");
         let p = r.pages[(addr - r.start) / self.page];
-        let frame = if p.state() == State::Stable { p.frame() } else { 0 };
+        let frame = if p.state() == State::Stable {
+            p.frame()
+        } else {
+            0
+        };
         (p.state(), frame, p.advised())
     }
 

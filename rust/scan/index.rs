@@ -166,8 +166,9 @@ impl AddrIndex {
         Some(self.codec.unpack(p))
     }
 
+    /// Empty it, memory included.
     pub fn clear(&mut self) {
-        self.map.clear();
+        self.map = HashMap::default();
     }
 
     /// Bytes this index holds (table slots, one control byte each).
@@ -230,9 +231,10 @@ impl AddrChains {
         }
     }
 
+    /// Empty it, memory included.
     pub fn clear(&mut self) {
-        self.heads.clear();
-        self.next.clear();
+        self.heads = HashMap::default();
+        self.next = HashMap::default();
     }
 
     /// Bytes this index holds (table slots, one control byte each).
