@@ -30,8 +30,9 @@ pub struct FrameTable {
     /// Each frame's index key: a 32-bit checksum (the scanner's `key_of`), widened
     /// to `u64` at the interface.
     hash: Vec<u32>,
-    /// One bit per frame: handed out before the latest fork (a child may map it).
-    /// Only kept while a fork has not been seen to end (empty once the pool is quiet).
+    /// One bit per id of the table: handed out before the latest fork (a child may
+    /// map it while the pool is not quiet). Always as long as the table, so that a
+    /// fork changes no figure of the parent's.
     exposed: Vec<u64>,
     /// Free ids below the end of the table (the free ids at its end are dropped, the
     /// table shrinks instead).
@@ -141,6 +142,12 @@ impl FrameTable {
             let more = (self.refs.len() / 8).max(64);
             self.refs.reserve_exact(more);
             self.hash.reserve_exact(more);
+            self.exposed.reserve_exact(
+                (self.refs.capacity().div_ceil(64)).saturating_sub(self.exposed.len()),
+            );
+        }
+        if self.refs.len() % 64 == 0 {
+            self.exposed.push(0);
         }
         self.refs.push(0);
         self.hash.push(0);
@@ -341,8 +348,7 @@ impl FrameTable {
     pub fn on_fork(&mut self) {
         self.fork_epoch += 1;
         // Every id of the table: the free ones get their bit cleared when handed out.
-        self.exposed.clear();
-        self.exposed.resize(self.refs.len().div_ceil(64), u64::MAX);
+        self.exposed.fill(u64::MAX);
     }
 
     /// Whether a fork happened that we have not yet seen the end of.
@@ -367,7 +373,7 @@ impl FrameTable {
     /// No other process maps the pool any more: hand back the deferred frames to punch.
     pub fn quiet(&mut self) -> Vec<FrameId> {
         self.quiet_epoch = self.fork_epoch;
-        self.exposed = Vec::new();
+        self.exposed.fill(0);
         let d = std::mem::take(&mut self.deferred);
         for &f in &d {
             self.recycle(f);
