@@ -297,6 +297,9 @@ impl Region {
 
     /// Page `i` is no longer inside a pool mapping (or maps a frame of its own now).
     pub fn uncover(&mut self, i: usize) {
+        if !self.pages[i].covered() {
+            return;
+        }
         self.pages[i].clear(IN_POOL);
         if self.covered.remove(&index(i)).is_some()
             && self.covered.len() * 4 < self.covered.capacity()
