@@ -245,11 +245,21 @@ impl AddrChains {
     }
 }
 
-/// Values per hash: the first in `one` (no allocation), the others, rare, in `more`.
+/// Values per hash: the first in `one` (no allocation), the others, rare, in `more`
+/// (in boxed slices of their exact length: a smaller slot than a vector's, and no
+/// spare room).
 #[derive(Debug)]
 pub struct MultiIndex<T> {
     one: ByKey<T>,
-    more: ByKey<Vec<T>>,
+    more: ByKey<Box<[T]>>,
+}
+
+/// `f` applied to the values of a boxed slice (reallocated to its new exact length).
+fn edit<T, R>(b: &mut Box<[T]>, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
+    let mut v = std::mem::take(b).into_vec();
+    let r = f(&mut v);
+    *b = v.into_boxed_slice();
+    r
 }
 
 impl<T> Default for MultiIndex<T> {
@@ -268,7 +278,7 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
             Entry::Vacant(e) => {
                 e.insert(v);
             }
-            Entry::Occupied(_) => self.more.entry(h).or_default().push(v),
+            Entry::Occupied(_) => edit(self.more.entry(h).or_default(), |m| m.push(v)),
         }
     }
 
@@ -287,7 +297,7 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
     pub fn remove(&mut self, h: u64, v: T) {
         let h = key(h);
         if self.one.get(&h) == Some(&v) {
-            match self.more.get_mut(&h).and_then(|m| m.pop()) {
+            match self.more.get_mut(&h).and_then(|m| edit(m, Vec::pop)) {
                 Some(next) => {
                     self.one.insert(h, next);
                 }
@@ -298,7 +308,7 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
             }
         } else if let Some(m) = self.more.get_mut(&h) {
             if let Some(i) = m.iter().position(|&x| x == v) {
-                m.swap_remove(i);
+                edit(m, |m| m.swap_remove(i));
             }
         } else {
             return;
@@ -314,15 +324,15 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
         self.more.keys().map(|&h| self.get(u64::from(h)).collect())
     }
 
-    /// Bytes this index holds (table slots and the vectors of `more`).
+    /// Bytes this index holds (table slots and the slices of `more`).
     pub fn metadata_bytes(&self) -> usize {
         // A slot holds the pair, plus one control byte.
         self.one.capacity() * (std::mem::size_of::<(u32, T)>() + 1)
-            + self.more.capacity() * (std::mem::size_of::<(u32, Vec<T>)>() + 1)
+            + self.more.capacity() * (std::mem::size_of::<(u32, Box<[T]>)>() + 1)
             + self
                 .more
                 .values()
-                .map(|v| v.capacity() * std::mem::size_of::<T>())
+                .map(|v| std::mem::size_of_val::<[T]>(v))
                 .sum::<usize>()
     }
 }
