@@ -86,3 +86,59 @@ def test_merging_gives_memory_back() -> None:
         0,
         0,
     )
+    # Nothing tracked any more: none of the bookkeeping is kept either.
+    assert merged["metadata_bytes"] > 0
+    assert closed["metadata_bytes"] == 0, closed["metadata_bytes"]
+
+
+MIXED = 16384  # 64 MiB: copies, pairs, unique and zero pages, some changed
+
+
+def mixed_scenario() -> None:
+    """Runs in the subprocess: the bench's kinds of content merged, then unmerged and
+    closed, then the same again; prints JSON with the bookkeeping at each step."""
+    import random
+
+    import ksm
+
+    rng = random.Random(7)
+    block = [rng.randbytes(PAGE) for _ in range(MIXED // 4)]
+    out: dict[str, object] = {}
+    for round_ in range(2):
+        m = ksm.mmap(MIXED * PAGE)
+        for i in range(MIXED):
+            kind = i % 8
+            if kind < 4:  # four copies of a block, as the dataset workload
+                page = bytearray(block[i // 4 % len(block) // 4 * 4 + kind])
+            elif kind < 6:  # pairs
+                page = bytearray(block[(i // 8) % len(block)])
+            elif kind == 6:  # unique
+                page = bytearray(rng.randbytes(PAGE))
+            else:  # zero
+                page = bytearray(PAGE)
+            if i % 97 == 0:
+                page[0] ^= 0xFF  # changed: inside a copied run, a covered page
+            m[i * PAGE : (i + 1) * PAGE] = bytes(page)
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(3)
+        out[f"merged{round_}"] = ksm.stats()
+        m.madvise(ksm.MADV_UNMERGEABLE)
+        out[f"unmerged{round_}"] = ksm.stats()
+        m.close()
+        out[f"closed{round_}"] = ksm.stats()
+    print(json.dumps(out))
+
+
+def test_metadata_is_given_back_after_unmerge_and_close() -> None:
+    # The bench's note: ksm kept 4.7 MB of bookkeeping from earlier workloads after
+    # they were unmerged and closed (frame table and stable index never shrank).
+    out = json.loads(run_python("import test_memory\ntest_memory.mixed_scenario()", timeout=120))
+    for r in range(2):
+        merged, unmerged, closed = out[f"merged{r}"], out[f"unmerged{r}"], out[f"closed{r}"]
+        assert merged["pages_sharing"] > MIXED // 4, merged
+        per_page = merged["metadata_bytes"] / merged["tracked_pages"]
+        assert 8 <= per_page <= 16, per_page
+        # Unadvised: its records no longer count, its frames and index entries are gone.
+        assert (unmerged["frames"], unmerged["advised_pages"]) == (0, 0)
+        assert unmerged["metadata_bytes"] == 0, unmerged["metadata_bytes"]
+        assert (closed["tracked_pages"], closed["metadata_bytes"]) == (0, 0), closed

@@ -15,8 +15,9 @@ use ksm::pool::{FrameId, FrameTable, Release};
 
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Op {
+    /// Index keys are 32-bit checksums.
     Alloc {
-        hash: u64,
+        hash: u32,
     },
     /// Add a reference to the `i`-th live frame (modulo).
     Incref {
@@ -32,6 +33,9 @@ pub enum Op {
     },
     Fork,
     Quiet,
+    /// Give back the free ids at the end of the table (the engine does this between
+    /// operations, once no freed frame's key is still needed).
+    Trim,
 }
 
 /// Parsed as the setup, then operations until the bytes run out (derived
@@ -93,7 +97,7 @@ impl Model {
     }
 }
 
-fn check(t: &FrameTable, m: &Model) {
+fn check(t: &FrameTable, m: &Model, trimmed: bool) {
     assert_eq!(t.live() as usize, m.slots.len(), "live frames");
     let deferred = m.slots.values().filter(|s| **s == Slot::Deferred).count();
     assert_eq!(t.deferred(), deferred, "deferred frames");
@@ -105,6 +109,16 @@ fn check(t: &FrameTable, m: &Model) {
                 assert_eq!(t.hash(f), hash, "hash of frame {f}");
             }
             Slot::Deferred => assert_eq!(t.refs(f), 0, "refs of deferred frame {f}"),
+        }
+    }
+    // Trimmed, the table ends at its last frame handed out: the free ids at its end
+    // are given back, all the memory once no frame is live.
+    let end = m.slots.keys().next_back().map_or(0, |&f| f as usize + 1);
+    assert!(t.len() >= end, "table shorter than its frames");
+    if trimmed {
+        assert_eq!(t.len(), end, "table length after trim");
+        if m.slots.is_empty() {
+            assert_eq!(t.metadata_bytes(), 0, "memory kept with no frame live");
         }
     }
 }
@@ -119,7 +133,7 @@ pub fn run(input: &Input) {
     };
     for op in &input.ops {
         match *op {
-            Op::Alloc { hash } => match t.alloc(hash) {
+            Op::Alloc { hash } => match t.alloc(u64::from(hash)) {
                 Some(f) => {
                     assert!(f < m.capacity, "frame {f} beyond capacity {}", m.capacity);
                     let prev = m.slots.insert(
@@ -128,7 +142,7 @@ pub fn run(input: &Input) {
                             refs: 0,
                             fresh: true,
                             exposed: false,
-                            hash,
+                            hash: u64::from(hash),
                         },
                     );
                     assert!(prev.is_none(), "frame {f} handed out while {prev:?}");
@@ -203,8 +217,9 @@ pub fn run(input: &Input) {
                     }
                 }
             }
+            Op::Trim => t.trim(),
         }
-        check(&t, &m);
+        check(&t, &m, matches!(op, Op::Trim));
     }
 }
 

@@ -369,13 +369,18 @@ impl Harness {
     fn rec_state(&self, addr: usize) -> (State, FrameId, bool) {
         let r = self.core.region_at(addr).expect("tracked page");
         let p = r.pages[(addr - r.start) / self.page];
-        (p.state, p.frame, p.advised())
+        let frame = if p.state() == State::Stable {
+            p.frame()
+        } else {
+            0
+        };
+        (p.state(), frame, p.advised())
     }
 
     /// Whether the page's record says it is in a pool mapping: covered (`IN_POOL`).
     fn in_pool(&self, addr: usize) -> bool {
         let r = self.core.region_at(addr).expect("tracked page");
-        r.pages[(addr - r.start) / self.page].in_pool().is_some()
+        r.covered_frame((addr - r.start) / self.page).is_some()
     }
 
     /// Whether unmerging `[start, end)` has pages to move: merged or covered ones.

@@ -1193,18 +1193,15 @@ fn fork_child() {
             // The zero pages stay counted, as the kernel adds the child's inherited ones.
             // A private copy inside a pool mapping (`IN_POOL`) sits in a mapping of the
             // parent's pool too: unmerged (moved to anonymous memory) as inherited pages are.
-            let state = match p.state {
+            let state = match p.state() {
                 crate::region::State::Stable => crate::region::State::Inherited,
                 crate::region::State::Zero => crate::region::State::Zero,
-                _ if p.in_pool().is_some() => crate::region::State::Inherited,
+                _ if p.covered() => crate::region::State::Inherited,
                 _ => crate::region::State::Untracked,
             };
-            *p = crate::region::PageRec {
-                flags: p.flags & !crate::region::IN_POOL,
-                state,
-                ..Default::default()
-            };
+            *p = crate::region::PageRec::fresh(state, p.flags());
         }
+        r.clear_covered();
         core.add_region(r);
     }
     apply_knobs(&mut core, &st.knobs);

@@ -27,8 +27,15 @@ pub const POOL_PATH_PREFIX: &str = "/memfd:ksm-frames";
 #[derive(Debug, Default, Clone)]
 pub struct FrameTable {
     refs: Vec<u32>,
-    hash: Vec<u64>,
-    born: Vec<u32>,
+    /// Each frame's index key: a 32-bit checksum (the scanner's `key_of`), widened
+    /// to `u64` at the interface.
+    hash: Vec<u32>,
+    /// One bit per id of the table: handed out before the latest fork (a child may
+    /// map it while the pool is not quiet). Always as long as the table, so that a
+    /// fork changes no figure of the parent's.
+    exposed: Vec<u64>,
+    /// Free ids below the end of the table (the free ids at its end are dropped, the
+    /// table shrinks instead).
     free: BTreeSet<FrameId>,
     /// The frame handed out last (allocation continues after it).
     last: Option<FrameId>,
@@ -92,17 +99,58 @@ impl FrameTable {
     fn hand_out(&mut self, f: FrameId, hash: u64) {
         let i = f as usize;
         if i == self.refs.len() {
-            self.refs.push(0);
-            self.hash.push(0);
-            self.born.push(0);
+            self.push_id();
         } else {
             let was_free = self.free.remove(&f);
             debug_assert!(was_free, "frame {f} handed out twice");
         }
         self.refs[i] = 0;
-        self.hash[i] = hash;
-        self.born[i] = self.fork_epoch;
+        self.hash[i] = key32(hash);
+        // Born after the latest fork: no child maps it.
+        if let Some(w) = self.exposed.get_mut(i / 64) {
+            *w &= !(1 << (i % 64));
+        }
         self.live += 1;
+    }
+
+    /// Whether a forked child may still map frame `f` (handed out before the latest
+    /// fork, and no quiet pool seen since).
+    fn child_may_map(&self, f: FrameId) -> bool {
+        let i = f as usize;
+        self.quiet_epoch < self.fork_epoch
+            && self
+                .exposed
+                .get(i / 64)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Make the table reach id `f` (the ids added are free), so that a frame offset
+    /// past its end can be handed out or reserved.
+    fn grow_to(&mut self, f: FrameId) {
+        while self.refs.len() <= f as usize {
+            let g = self.refs.len() as FrameId;
+            self.push_id();
+            self.free.insert(g);
+        }
+    }
+
+    /// One more id at the end of the table. The table grows by an eighth at a time
+    /// rather than doubling (it is one of the larger pieces of metadata; its vectors
+    /// are small next to the frames they describe, so copying them is cheap).
+    fn push_id(&mut self) {
+        if self.refs.len() == self.refs.capacity() {
+            let more = (self.refs.len() / 8).max(64);
+            self.refs.reserve_exact(more);
+            self.hash.reserve_exact(more);
+            self.exposed.reserve_exact(
+                (self.refs.capacity().div_ceil(64)).saturating_sub(self.exposed.len()),
+            );
+        }
+        if self.refs.len() % 64 == 0 {
+            self.exposed.push(0);
+        }
+        self.refs.push(0);
+        self.hash.push(0);
     }
 
     /// `hashes.len()` fresh frames with consecutive ids (so that one mapping of the
@@ -170,11 +218,18 @@ impl FrameTable {
     /// Frame `f` itself, if it is free (merging pages in place where their mapping
     /// already covers that offset keeps the mapping whole).
     pub fn alloc_at(&mut self, f: FrameId, hash: u64) -> Option<FrameId> {
-        if !self.free.contains(&f) {
+        if !self.is_free(f) {
             return None;
         }
+        self.grow_to(f);
         self.hand_out(f, hash);
         Some(f)
+    }
+
+    /// Whether [`FrameTable::alloc_at`] can hand out `f`: free, or past the end of the
+    /// table (within capacity).
+    pub fn is_free(&self, f: FrameId) -> bool {
+        f < self.capacity && (!self.exists(f) || self.free.contains(&f))
     }
 
     /// Whether `f` is handed out now (referenced, being merged, deferred or suspect).
@@ -192,7 +247,7 @@ impl FrameTable {
     }
 
     pub fn hash(&self, f: FrameId) -> u64 {
-        self.hash[f as usize]
+        u64::from(self.hash[f as usize])
     }
 
     pub fn incref(&mut self, f: FrameId) -> u32 {
@@ -209,7 +264,7 @@ impl FrameTable {
         if *r > 0 {
             return Release::Kept;
         }
-        if self.born[f as usize] < self.fork_epoch && self.quiet_epoch < self.fork_epoch {
+        if self.child_may_map(f) {
             self.deferred.push(f);
             Release::Deferred
         } else {
@@ -241,7 +296,7 @@ impl FrameTable {
         let mut free = Vec::new();
         for f in unmapped {
             // The fork rule still holds: a child may map it.
-            if self.born[f as usize] < self.fork_epoch && self.quiet_epoch < self.fork_epoch {
+            if self.child_may_map(f) {
                 self.deferred.push(f);
             } else {
                 self.recycle(f);
@@ -266,9 +321,34 @@ impl FrameTable {
         self.free.insert(f);
     }
 
+    /// Drop the free ids that end the table, and give back the memory of a table that
+    /// shrank a lot (so that memory no longer merged costs nothing). Not done as frames
+    /// are freed: the caller may still ask a freed frame's key (to drop it from its
+    /// index); it calls this once it is done. Ids past the end count as free.
+    pub fn trim(&mut self) {
+        let mut len = self.refs.len();
+        while len > 0 && self.free.last() == Some(&(len as FrameId - 1)) {
+            self.free.pop_last();
+            len -= 1;
+        }
+        if len == self.refs.len() {
+            return;
+        }
+        self.refs.truncate(len);
+        self.hash.truncate(len);
+        self.exposed.truncate(len.div_ceil(64));
+        if len * 4 <= self.refs.capacity() {
+            self.refs.shrink_to(len * 2);
+            self.hash.shrink_to(len * 2);
+            self.exposed.shrink_to(len.div_ceil(64) * 2);
+        }
+    }
+
     /// Record a fork (parent side): every live frame may now be mapped by a child.
     pub fn on_fork(&mut self) {
         self.fork_epoch += 1;
+        // Every id of the table: the free ones get their bit cleared when handed out.
+        self.exposed.fill(u64::MAX);
     }
 
     /// Whether a fork happened that we have not yet seen the end of.
@@ -279,6 +359,11 @@ impl FrameTable {
     /// A forked child may read frame `f` (a page it inherited sits over it): if `f` is
     /// free, keep it out of use, as deferred frames are, until the pool is quiet.
     pub fn reserve_until_quiet(&mut self, f: FrameId) {
+        if f >= self.capacity {
+            return;
+        }
+        // Past the end of the table (it shrank): the id is free all the same.
+        self.grow_to(f);
         if self.free.remove(&f) {
             self.live += 1;
             self.deferred.push(f);
@@ -288,6 +373,7 @@ impl FrameTable {
     /// No other process maps the pool any more: hand back the deferred frames to punch.
     pub fn quiet(&mut self) -> Vec<FrameId> {
         self.quiet_epoch = self.fork_epoch;
+        self.exposed.fill(0);
         let d = std::mem::take(&mut self.deferred);
         for &f in &d {
             self.recycle(f);
@@ -312,11 +398,26 @@ impl FrameTable {
     /// Bytes of bookkeeping.
     pub fn metadata_bytes(&self) -> usize {
         self.refs.capacity() * 4
-            + self.hash.capacity() * 8
-            + self.born.capacity() * 4
+            + self.hash.capacity() * 4
+            + self.exposed.capacity() * 8
             + self.free.len() * 16
             + self.deferred.capacity() * 4
+            + self.suspects.capacity() * 4
     }
+
+    /// Ids the table spans (free ones included).
+    pub fn len(&self) -> usize {
+        self.refs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty()
+    }
+}
+
+/// A frame's index key as stored: index keys are 32-bit checksums.
+fn key32(hash: u64) -> u32 {
+    u32::try_from(hash).expect("frame keys are 32-bit checksums")
 }
 
 /// The memfd holding frame bytes, and a shared view to read them.

@@ -2,38 +2,46 @@
 //!
 //! A [`Region`] is a contiguous, page-aligned range that ksm tracks: memory
 //! allocated by `ksm.mmap` (owned) or an anonymous private range the
-//! application advised (foreign). Each page has a 16-byte [`PageRec`] (the
+//! application advised (foreign). Each page has an 8-byte [`PageRec`] (the
 //! kernel's rmap_item is 64 bytes). Invariant: a page whose record is
-//! `Stable` maps frame `frame` (or has been copied away by a write, which
+//! `Stable` maps frame `frame()` (or has been copied away by a write, which
 //! the next visit detects through pagemap).
 
 #![forbid(unsafe_code)]
 
 pub mod maps;
 
-/// What ksm knows about one page (the kernel's rmap_item, compacted).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+use std::collections::HashMap;
+
+use crate::pool::FrameId;
+
+/// What ksm knows about one page (the kernel's rmap_item, compacted to 8 bytes).
+///
+/// `word` holds what the page's state needs: the frame it maps while `Stable`, else
+/// its checksum at the previous visit (only an unmerged page has one worth keeping;
+/// `Inherited` and `Zero` pages keep neither). A covered page (`IN_POOL`) needs both
+/// a checksum and the frame offset its mapping covers: the offset lives in its
+/// region's side map ([`Region::covered_frame`]); such pages are few.
+///
+/// `bits`, from the low end: state (3 bits), flags (8 bits: `ADVISED`, the
+/// protection, `IN_POOL`, `SUM_TRACKED`), smart-scan age (4 bits, saturating:
+/// `skip_age` tells apart ages up to 9 only) and remaining skips (4 bits, at most 8).
+///
+/// There is no scan number: a page is in the unstable index only if this full scan
+/// put it there (the index is emptied whenever a full scan ends), so `Unstable` with
+/// an address found in the index already means "in this scan's index".
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct PageRec {
-    /// Checksum at the previous visit (volatility check).
-    pub checksum: u32,
-    /// The frame this page maps while `Stable`; with `IN_POOL`, the frame offset its
-    /// mapping covers.
-    pub frame: u32,
-    /// Full-scan sequence number at which the page entered the unstable index.
-    pub seq: u32,
-    pub state: State,
-    /// `ADVISED` and future flags.
-    pub flags: u8,
-    /// Smart-scan age and remaining skips (the kernel's `age`, `remaining_skips`).
-    pub age: u8,
-    pub skips: u8,
+    word: u32,
+    bits: u32,
 }
 
 pub const ADVISED: u8 = 1;
 /// The page is a private copy of its own bytes inside a mapping of the frame pool,
-/// at the offset of frame `frame` (not a reference to it): a merged run covered it
-/// so that the run stays one mapping, or it was written after merging. Such a page
-/// is unmerged in every other way (its state says where it is in the algorithm).
+/// at the offset of a frame (not a reference to it; the offset is kept by the region,
+/// see [`Region::covered_frame`]): a merged run covered it so that the run stays one
+/// mapping. Such a page is unmerged in every other way (its state says where it is
+/// in the algorithm).
 pub const IN_POOL: u8 = 1 << 4;
 /// `checksum` was taken while the page's writes were tracked (an asynchronous
 /// write-protect userfaultfd): while the tracker reports no write, it still holds.
@@ -49,9 +57,10 @@ pub enum State {
     Untracked,
     /// Looked at, in no index: its checksum changed or a merge failed.
     Volatile,
-    /// In the unstable index of scan `seq` (counted in `pages_unshared` until revisited).
+    /// In the unstable index of the current full scan, if the index still holds its
+    /// address (counted in `pages_unshared` until revisited).
     Unstable,
-    /// Maps frame `frame` (counted in `pages_shared`/`pages_sharing`).
+    /// Maps frame `frame()` (counted in `pages_shared`/`pages_sharing`).
     Stable,
     /// In a forked child: maps a frame of the parent's pool (inherited at fork).
     /// Not an rmap_item (the kernel resets a child's counters too), but still a
@@ -64,35 +73,156 @@ pub enum State {
     Zero,
 }
 
+impl State {
+    const ALL: [State; 6] = [
+        State::Untracked,
+        State::Volatile,
+        State::Unstable,
+        State::Stable,
+        State::Inherited,
+        State::Zero,
+    ];
+}
+
 /// Bits of `flags` holding the page's protection (`PROT_READ|PROT_WRITE|PROT_EXEC`,
 /// shifted by one) for memory ksm does not own, where it can differ page by page.
 const PROT_SHIFT: u8 = 1;
 const PROT_BITS: u8 = 0b111 << PROT_SHIFT;
 
+// The layout of `PageRec::bits`.
+const STATE_MASK: u32 = 0b111;
+const FLAGS_SHIFT: u32 = 3;
+const AGE_SHIFT: u32 = 11;
+const SKIPS_SHIFT: u32 = 15;
+const NIBBLE: u32 = 0xF;
+/// The highest age kept (ages saturate there; `skip_age` is the same from 9 on).
+pub const MAX_AGE: u8 = 15;
+/// The most remaining skips a record holds (`skip_age` gives at most 8).
+pub const MAX_SKIPS: u8 = 15;
+
+impl std::fmt::Debug for PageRec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageRec")
+            .field("state", &self.state())
+            .field("word", &self.word)
+            .field("flags", &self.flags())
+            .field("age", &self.age())
+            .field("skips", &self.skips())
+            .finish()
+    }
+}
+
 impl PageRec {
+    /// A record in `state` that keeps only `flags` (checksum, frame, age and skips
+    /// start over).
+    pub fn fresh(state: State, flags: u8) -> Self {
+        let mut r = PageRec::default();
+        r.set_state(state);
+        r.set_flags(flags);
+        r
+    }
+
+    pub fn state(&self) -> State {
+        State::ALL[(self.bits & STATE_MASK) as usize]
+    }
+
+    pub fn set_state(&mut self, s: State) {
+        self.bits = (self.bits & !STATE_MASK) | s as u32;
+    }
+
+    pub fn flags(&self) -> u8 {
+        (self.bits >> FLAGS_SHIFT) as u8
+    }
+
+    fn set_flags(&mut self, flags: u8) {
+        self.bits = (self.bits & !(0xFF << FLAGS_SHIFT)) | (u32::from(flags) << FLAGS_SHIFT);
+    }
+
+    /// Whether every flag of `flag` is set.
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags() & flag == flag
+    }
+
+    pub fn set(&mut self, flag: u8) {
+        self.set_flags(self.flags() | flag);
+    }
+
+    pub fn clear(&mut self, flag: u8) {
+        self.set_flags(self.flags() & !flag);
+    }
+
+    /// Checksum at the previous visit (volatility check); meaningful while unmerged.
+    pub fn checksum(&self) -> u32 {
+        debug_assert!(!matches!(self.state(), State::Stable), "{self:?}");
+        self.word
+    }
+
+    pub fn set_checksum(&mut self, c: u32) {
+        debug_assert!(!matches!(self.state(), State::Stable), "{self:?}");
+        self.word = c;
+    }
+
+    /// The frame this page maps; meaningful while `Stable`.
+    pub fn frame(&self) -> FrameId {
+        debug_assert_eq!(self.state(), State::Stable, "{self:?}");
+        self.word
+    }
+
+    /// Make it `Stable` on frame `f`.
+    pub fn set_stable(&mut self, f: FrameId) {
+        self.set_state(State::Stable);
+        self.word = f;
+    }
+
+    /// Smart-scan age (the kernel's `age`), saturating at [`MAX_AGE`].
+    pub fn age(&self) -> u8 {
+        ((self.bits >> AGE_SHIFT) & NIBBLE) as u8
+    }
+
+    pub fn set_age(&mut self, age: u8) {
+        let a = u32::from(age.min(MAX_AGE));
+        self.bits = (self.bits & !(NIBBLE << AGE_SHIFT)) | (a << AGE_SHIFT);
+    }
+
+    /// Smart-scan visits left to skip (the kernel's `remaining_skips`).
+    pub fn skips(&self) -> u8 {
+        ((self.bits >> SKIPS_SHIFT) & NIBBLE) as u8
+    }
+
+    pub fn set_skips(&mut self, skips: u8) {
+        debug_assert!(skips <= MAX_SKIPS);
+        let s = u32::from(skips.min(MAX_SKIPS));
+        self.bits = (self.bits & !(NIBBLE << SKIPS_SHIFT)) | (s << SKIPS_SHIFT);
+    }
+
     pub fn advised(&self) -> bool {
-        self.flags & ADVISED != 0
+        self.has(ADVISED)
+    }
+
+    /// Whether its checksum was taken under write tracking (see `SUM_TRACKED`).
+    pub fn sum_tracked(&self) -> bool {
+        self.has(SUM_TRACKED)
+    }
+
+    /// Whether it is a private copy inside a pool mapping (see `IN_POOL`).
+    pub fn covered(&self) -> bool {
+        self.has(IN_POOL)
     }
 
     /// Whether the page sits in a mapping of a frame pool: merged (ours, or the
     /// parent's in a forked child) or covered. Every other page is in an anonymous
     /// mapping.
     pub fn in_pool_mapping(&self) -> bool {
-        matches!(self.state, State::Stable | State::Inherited) || self.in_pool().is_some()
-    }
-
-    /// The frame offset its mapping covers, for a private copy inside a pool mapping.
-    pub fn in_pool(&self) -> Option<u32> {
-        (self.flags & IN_POOL != 0).then_some(self.frame)
+        matches!(self.state(), State::Stable | State::Inherited) || self.covered()
     }
 
     pub fn prot(&self) -> i32 {
-        i32::from((self.flags & PROT_BITS) >> PROT_SHIFT)
+        i32::from((self.flags() & PROT_BITS) >> PROT_SHIFT)
     }
 
     pub fn set_prot(&mut self, prot: i32) {
         let bits = (prot & 0b111) as u8;
-        self.flags = (self.flags & !PROT_BITS) | (bits << PROT_SHIFT);
+        self.set_flags((self.flags() & !PROT_BITS) | (bits << PROT_SHIFT));
     }
 }
 
@@ -108,6 +238,9 @@ pub struct Region {
     pub prot: i32,
     /// Registered with the userfaultfd in write-protect mode.
     pub registered: bool,
+    /// The frame offset under each covered page (`IN_POOL`), by page index (a region
+    /// has fewer than 2^32 pages: its records alone would take 32 GiB).
+    covered: HashMap<u32, FrameId>,
 }
 
 impl Region {
@@ -120,6 +253,7 @@ impl Region {
             owned,
             prot,
             registered: false,
+            covered: HashMap::new(),
         }
     }
 
@@ -143,6 +277,82 @@ impl Region {
     pub fn any_advised(&self) -> bool {
         self.pages.iter().any(PageRec::advised)
     }
+
+    /// The frame offset page `i`'s mapping covers, for a private copy inside a pool
+    /// mapping (`IN_POOL`).
+    pub fn covered_frame(&self, i: usize) -> Option<FrameId> {
+        if !self.pages[i].covered() {
+            return None;
+        }
+        let g = self.covered.get(&index(i)).copied();
+        debug_assert!(g.is_some(), "covered page {i} without its offset");
+        g
+    }
+
+    /// Page `i` becomes a private copy inside a pool mapping at frame offset `g`.
+    pub fn cover(&mut self, i: usize, g: FrameId) {
+        self.pages[i].set(IN_POOL);
+        self.covered.insert(index(i), g);
+    }
+
+    /// Page `i` is no longer inside a pool mapping (or maps a frame of its own now).
+    pub fn uncover(&mut self, i: usize) {
+        if !self.pages[i].covered() {
+            return;
+        }
+        self.pages[i].clear(IN_POOL);
+        if self.covered.remove(&index(i)).is_some()
+            && self.covered.len() * 4 < self.covered.capacity()
+        {
+            self.covered.shrink_to(self.covered.len() * 2);
+        }
+    }
+
+    /// Every frame offset under a covered page.
+    pub fn covered_frames(&self) -> impl Iterator<Item = FrameId> + '_ {
+        self.covered.values().copied()
+    }
+
+    /// Forget every covered offset (a forked child's records: its pool mappings are
+    /// the parent's, and it unmerges them as inherited pages).
+    pub fn clear_covered(&mut self) {
+        for p in &mut self.pages {
+            p.clear(IN_POOL);
+        }
+        self.covered = HashMap::new();
+    }
+
+    /// Split off the pages from index `at` on into a region of their own.
+    pub fn split_off(&mut self, at: usize, page: usize) -> Region {
+        let at32 = index(at);
+        let mut covered = HashMap::new();
+        self.covered.retain(|&i, &mut g| {
+            if i < at32 {
+                return true;
+            }
+            covered.insert(i - at32, g);
+            false
+        });
+        Region {
+            start: self.start + at * page,
+            pages: self.pages.split_off(at),
+            owned: self.owned,
+            prot: self.prot,
+            registered: self.registered,
+            covered,
+        }
+    }
+
+    /// Bytes of bookkeeping: the records (by capacity) and the side map.
+    pub fn metadata_bytes(&self) -> usize {
+        self.pages.capacity() * std::mem::size_of::<PageRec>()
+            + self.covered.capacity() * (std::mem::size_of::<(u32, FrameId)>() + 1)
+    }
+}
+
+/// A page index as the side map keeps it.
+fn index(i: usize) -> u32 {
+    u32::try_from(i).expect("regions have fewer than 2^32 pages")
 }
 
 #[cfg(test)]
@@ -150,7 +360,86 @@ mod tests {
     use super::*;
 
     #[test]
-    fn page_record_is_16_bytes() {
-        assert_eq!(std::mem::size_of::<PageRec>(), 16);
+    fn page_record_is_8_bytes() {
+        assert_eq!(std::mem::size_of::<PageRec>(), 8);
+    }
+
+    #[test]
+    fn fields_round_trip_without_touching_each_other() {
+        for state in State::ALL {
+            for flags in [
+                0u8,
+                ADVISED,
+                IN_POOL | SUM_TRACKED,
+                0xFF,
+                ADVISED | (0b101 << 1),
+            ] {
+                for age in [0u8, 1, 3, 9, MAX_AGE] {
+                    for skips in [0u8, 1, 4, 8, MAX_SKIPS] {
+                        let mut r = PageRec::fresh(state, flags);
+                        r.set_age(age);
+                        r.set_skips(skips);
+                        if state == State::Stable {
+                            r.set_stable(0xDEAD_BEEF);
+                            assert_eq!(r.frame(), 0xDEAD_BEEF);
+                        } else {
+                            r.set_checksum(u32::MAX - 1);
+                            assert_eq!(r.checksum(), u32::MAX - 1);
+                        }
+                        assert_eq!(
+                            (r.state(), r.flags(), r.age(), r.skips()),
+                            (state, flags, age, skips)
+                        );
+                        r.set_prot(0b011);
+                        assert_eq!(r.prot(), 0b011);
+                        assert_eq!(r.flags() & !PROT_BITS, flags & !PROT_BITS);
+                        r.set(SUM_TRACKED);
+                        r.clear(ADVISED);
+                        assert!(r.sum_tracked() && !r.advised());
+                        assert_eq!((r.state(), r.age(), r.skips()), (state, age, skips));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn age_saturates_where_skip_age_stops_changing() {
+        let mut r = PageRec::default();
+        r.set_age(200);
+        assert_eq!(r.age(), MAX_AGE);
+        r.set_age(r.age().saturating_add(1));
+        assert_eq!(r.age(), MAX_AGE);
+    }
+
+    #[test]
+    fn fresh_keeps_only_the_flags() {
+        let mut r = PageRec::fresh(State::Unstable, ADVISED | SUM_TRACKED);
+        r.set_checksum(7);
+        r.set_age(5);
+        r.set_skips(2);
+        let f = PageRec::fresh(State::Volatile, r.flags());
+        assert_eq!(f.state(), State::Volatile);
+        assert_eq!(f.flags(), ADVISED | SUM_TRACKED);
+        assert_eq!((f.checksum(), f.age(), f.skips()), (0, 0, 0));
+    }
+
+    #[test]
+    fn covered_offsets_follow_cover_uncover_and_split() {
+        let mut r = Region::new(0x10000, 8, false, 3);
+        r.cover(2, 40);
+        r.cover(6, 44);
+        assert_eq!(r.covered_frame(2), Some(40));
+        assert_eq!(r.covered_frame(3), None);
+        assert!(r.pages[6].in_pool_mapping());
+        let tail = r.split_off(4, 0x1000);
+        assert_eq!(tail.start, 0x14000);
+        assert_eq!(tail.covered_frame(2), Some(44));
+        assert_eq!(r.covered_frame(2), Some(40));
+        assert_eq!(r.covered_frames().collect::<Vec<_>>(), vec![40]);
+        r.uncover(2);
+        assert_eq!(r.covered_frame(2), None);
+        assert!(!r.pages[2].in_pool_mapping());
+        assert_eq!(r.covered_frames().count(), 0);
     }
 }

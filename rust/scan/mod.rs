@@ -20,17 +20,16 @@
 
 pub mod fake;
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 mod index;
-use index::{ByHash, MultiIndex};
+use index::{AddrChains, AddrIndex, MultiIndex};
 use std::io;
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::pool::{FrameId, FrameTable, Release};
-use crate::region::{PageRec, Region, State, ADVISED, IN_POOL, SUM_TRACKED};
+use crate::region::{PageRec, Region, State, ADVISED, SUM_TRACKED};
 
 /// What pagemap says about a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,13 +213,11 @@ pub struct Core<M: Mem> {
     stable: MultiIndex<FrameId>,
     /// The unstable index: per hash, the first page entered this full scan, and in
     /// `unstable_more` the others (a content seen again that could not merge, or a
-    /// hash shared by other bytes): one word per page in the common case, no
-    /// allocation per page.
-    unstable: ByHash<usize>,
-    unstable_more: ByHash<Vec<usize>>,
+    /// hash shared by other bytes): one packed slot per page, no allocation per page.
+    unstable: AddrIndex,
+    unstable_more: AddrChains,
     /// Next address to visit; `None` = at the start of a full scan.
     cursor: Option<usize>,
-    seq: u32,
     counters: Counters,
     /// Merges, unmerges and checksum changes in the current full scan.
     changes: u64,
@@ -380,10 +377,9 @@ impl<M: Mem> Core<M> {
             regions: BTreeMap::new(),
             frames: FrameTable::new(frame_capacity),
             stable: MultiIndex::default(),
-            unstable: ByHash::default(),
-            unstable_more: ByHash::default(),
+            unstable: AddrIndex::new(page),
+            unstable_more: AddrChains::new(page),
             cursor: None,
-            seq: 0,
             counters: Counters::default(),
             changes: 0,
             settled: false,
@@ -471,6 +467,26 @@ impl<M: Mem> Core<M> {
         &mut r.pages[(addr - r.start) / page]
     }
 
+    /// The frame offset the mapping of a covered page covers (see `IN_POOL`).
+    fn in_pool(&self, addr: usize) -> Option<FrameId> {
+        let r = self.region_at(addr)?;
+        r.covered_frame((addr - r.start) / self.page)
+    }
+
+    /// The page at `addr` is a private copy inside a pool mapping at offset `g`.
+    fn cover(&mut self, addr: usize, g: FrameId) {
+        let page = self.page;
+        let r = self.region_at_mut(addr).expect("record of a tracked page");
+        r.cover((addr - r.start) / page, g);
+    }
+
+    /// The page at `addr` is not (or no longer) a covered page.
+    fn uncover(&mut self, addr: usize) {
+        let page = self.page;
+        let r = self.region_at_mut(addr).expect("record of a tracked page");
+        r.uncover((addr - r.start) / page);
+    }
+
     /// Start tracking `[start, start+npages)`. The range must not overlap a tracked one.
     pub fn add_region(&mut self, region: Region) {
         let end = region.end(self.page);
@@ -484,7 +500,7 @@ impl<M: Mem> Core<M> {
         self.counters.ksm_zero_pages += region
             .pages
             .iter()
-            .filter(|p| p.state == State::Zero)
+            .filter(|p| p.state() == State::Zero)
             .count() as u64;
         self.regions.insert(region.start, region);
     }
@@ -504,7 +520,10 @@ impl<M: Mem> Core<M> {
         {
             self.cursor = Some(start + n * self.page);
         }
-        self.regions.remove(&start)
+        self.frames.trim();
+        let r = self.regions.remove(&start);
+        self.release_if_idle();
+        r
     }
 
     /// Take every region out (a forked child rebuilds its engine from them).
@@ -526,7 +545,7 @@ impl<M: Mem> Core<M> {
                 .skip(s.saturating_sub(r.start) / page)
             {
                 if !p.advised() {
-                    p.flags |= ADVISED;
+                    p.set(ADVISED);
                     n += 1;
                 }
             }
@@ -551,9 +570,20 @@ impl<M: Mem> Core<M> {
         self.advised -= addrs.len() as u64;
         for a in addrs {
             self.forget(a);
-            self.rec_mut(a).flags &= !ADVISED;
+            self.rec_mut(a).clear(ADVISED);
         }
+        self.release_if_idle();
         Ok(())
+    }
+
+    /// With no page advised any more, ksmd stops scanning before this full scan ends:
+    /// give back the unstable index it was building rather than keep it meanwhile
+    /// (its pages are all out of it, unadvised or gone).
+    fn release_if_idle(&mut self) {
+        if self.advised == 0 {
+            self.unstable = AddrIndex::new(self.page);
+            self.unstable_more = AddrChains::new(self.page);
+        }
     }
 
     /// Unmerge every merged page of `[start, end)`, keeping the advice (`run = 2` does
@@ -594,6 +624,7 @@ impl<M: Mem> Core<M> {
                 let _ = self.mem.punch_run(freed[i], n as u32);
                 i += n;
             }
+            self.frames.trim();
         }
         r
     }
@@ -604,7 +635,7 @@ impl<M: Mem> Core<M> {
         // does: a private page of zeros in every way that matters, with nothing to copy.
         let zeros: Vec<usize> = self
             .pages_in(start, end)
-            .filter(|(_, r)| r.state == State::Zero)
+            .filter(|(_, r)| r.state() == State::Zero)
             .map(|(a, _)| a)
             .collect();
         for a in zeros {
@@ -613,8 +644,8 @@ impl<M: Mem> Core<M> {
         }
         let mut runs: Vec<(usize, usize, i32, bool)> = Vec::new();
         for (addr, rec) in self.pages_in(start, end) {
-            let merged = matches!(rec.state, State::Stable | State::Inherited);
-            let in_pool = covered && rec.in_pool().is_some();
+            let merged = matches!(rec.state(), State::Stable | State::Inherited);
+            let in_pool = covered && rec.covered();
             if !(merged || in_pool) {
                 continue;
             }
@@ -635,7 +666,7 @@ impl<M: Mem> Core<M> {
             self.mem.unmerge_run(addr, len, prot, owned)?;
             for a in (addr..addr + len).step_by(page) {
                 self.forget(a);
-                self.rec_mut(a).flags &= !IN_POOL;
+                self.uncover(a);
             }
             self.unsettle();
         }
@@ -668,12 +699,10 @@ impl<M: Mem> Core<M> {
         let offsets: Vec<FrameId> = self
             .regions
             .values()
-            .flat_map(|r| r.pages.iter().filter_map(|p| p.in_pool()))
+            .flat_map(Region::covered_frames)
             .collect();
         for g in offsets {
-            if self.frames.exists(g) {
-                self.frames.reserve_until_quiet(g);
-            }
+            self.frames.reserve_until_quiet(g);
         }
     }
 
@@ -681,10 +710,7 @@ impl<M: Mem> Core<M> {
     pub fn covered_ranges(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
         let page = self.page;
         let mut out: Vec<(usize, usize)> = Vec::new();
-        for (a, _) in self
-            .pages_in(start, end)
-            .filter(|(_, r)| r.in_pool().is_some())
-        {
+        for (a, _) in self.pages_in(start, end).filter(|(_, r)| r.covered()) {
             match out.last_mut() {
                 Some(last) if last.1 == a => last.1 = a + page,
                 _ => out.push((a, a + page)),
@@ -715,7 +741,6 @@ impl<M: Mem> Core<M> {
         self.unstable.clear();
         self.unstable_more.clear();
         self.cursor = None;
-        self.seq = 0;
         self.counters.full_scans = 0;
         self.unsettle();
         Ok(())
@@ -748,35 +773,31 @@ impl<M: Mem> Core<M> {
     /// it held becomes a suspect instead of being freed (see `forget_vanished`).
     fn forget_as(&mut self, addr: usize, vanished: bool) {
         let rec = *self.rec_mut(addr);
-        match rec.state {
+        match rec.state() {
             State::Untracked => return,
             // Not an rmap_item (see `State::Zero`): only its own counter.
             State::Zero => {
                 self.counters.ksm_zero_pages -= 1;
-                self.rec_mut(addr).state = State::Untracked;
+                self.rec_mut(addr).set_state(State::Untracked);
                 return;
             }
             State::Inherited => {
                 let r = self.rec_mut(addr);
-                r.state = State::Untracked;
+                r.set_state(State::Untracked);
                 return;
             }
             State::Unstable => self.counters.pages_unshared -= 1,
             State::Stable if vanished => {
-                self.frames.decref_suspect(rec.frame);
-                self.frame_ref_dropped(rec.frame);
+                self.frames.decref_suspect(rec.frame());
+                self.frame_ref_dropped(rec.frame());
             }
-            State::Stable => self.drop_frame_ref(rec.frame),
+            State::Stable => self.drop_frame_ref(rec.frame()),
             State::Volatile => {}
         }
         self.counters.rmap_items -= 1;
         let r = self.rec_mut(addr);
-        *r = PageRec {
-            flags: r.flags,
-            // Where its mapping still covers a frame offset (see `IN_POOL`).
-            frame: r.in_pool().unwrap_or(0),
-            ..PageRec::default()
-        };
+        // Its mapping may still cover a frame offset (see `IN_POOL`): kept by the region.
+        *r = PageRec::fresh(State::Untracked, r.flags());
     }
 
     fn add_frame_ref(&mut self, f: FrameId) {
@@ -820,7 +841,7 @@ impl<M: Mem> Core<M> {
         self.forget_as(addr, true);
         let r = self.rec_mut(addr);
         let was_advised = r.advised();
-        r.flags &= !ADVISED;
+        r.clear(ADVISED);
         self.advised -= u64::from(was_advised);
         self.unsettle();
     }
@@ -844,13 +865,7 @@ impl<M: Mem> Core<M> {
         if r.owned || r.start == addr {
             return;
         }
-        let tail = Region {
-            start: addr,
-            pages: r.pages.split_off((addr - r.start) / page),
-            owned: false,
-            prot: r.prot,
-            registered: r.registered,
-        };
+        let tail = r.split_off((addr - r.start) / page, page);
         self.regions.insert(addr, tail);
     }
 
@@ -896,8 +911,8 @@ impl<M: Mem> Core<M> {
             let mut r = self.regions.remove(&start).expect("listed");
             for p in &mut r.pages {
                 // The unstable index knows pages by address: out of it until revisited.
-                if p.state == State::Unstable {
-                    p.state = State::Volatile;
+                if p.state() == State::Unstable {
+                    p.set_state(State::Volatile);
                     self.counters.pages_unshared -= 1;
                 }
             }
@@ -912,7 +927,7 @@ impl<M: Mem> Core<M> {
     pub fn frame_mapped_in(&mut self, s: usize, e: usize) -> bool {
         let merged: Vec<usize> = self
             .pages_in(s, e)
-            .filter(|(_, r)| matches!(r.state, State::Stable | State::Inherited))
+            .filter(|(_, r)| matches!(r.state(), State::Stable | State::Inherited))
             .map(|(a, _)| a)
             .collect();
         merged.into_iter().any(|a| {
@@ -926,6 +941,7 @@ impl<M: Mem> Core<M> {
         for f in self.frames.clear_suspects(mapped) {
             let _ = self.mem.punch(f);
         }
+        self.frames.trim();
     }
 
     /// Punch the frames held back since a fork, now that no other process maps the pool.
@@ -933,6 +949,7 @@ impl<M: Mem> Core<M> {
         for f in self.frames.quiet() {
             let _ = self.mem.punch(f);
         }
+        self.frames.trim();
     }
 
     /// Visit up to `budget` pages (the kernel's batch). Returns `true` when a full
@@ -983,7 +1000,7 @@ impl<M: Mem> Core<M> {
                 let base = (from - r.start) / page;
                 for (p, &u) in r.pages[base..base + n].iter_mut().zip(&unchanged[..n]) {
                     if !u {
-                        p.flags &= !SUM_TRACKED;
+                        p.clear(SUM_TRACKED);
                     }
                 }
             }
@@ -1136,10 +1153,9 @@ impl<M: Mem> Core<M> {
     ) -> (usize, u64) {
         let (pres, unchanged) = seen;
         let page = self.page;
-        let (smart, zero, seq) = (
+        let (smart, zero) = (
             self.smart_scan,
             self.use_zero_pages.then_some(self.zero_checksum),
-            self.seq,
         );
         let Core {
             regions,
@@ -1160,30 +1176,31 @@ impl<M: Mem> Core<M> {
                 k += 1;
                 continue;
             }
-            if pres[k] != Presence::Anon || !matches!(p.state, State::Volatile | State::Unstable) {
+            if pres[k] != Presence::Anon || !matches!(p.state(), State::Volatile | State::Unstable)
+            {
                 break;
             }
-            if smart && p.age >= 3 && p.skips > 0 {
+            if smart && p.age() >= 3 && p.skips() > 0 {
                 // `should_skip`: skipped.
                 let q = &mut r.pages[idx];
-                q.age = q.age.saturating_add(1);
-                q.skips -= 1;
-                if q.state == State::Unstable {
+                q.set_age(q.age().saturating_add(1));
+                q.set_skips(q.skips() - 1);
+                if q.state() == State::Unstable {
                     counters.pages_unshared -= 1;
                 }
-                q.state = State::Volatile;
+                q.set_state(State::Volatile);
                 counters.pages_skipped += 1;
                 k += 1;
                 continue;
             }
-            let key = key_of(p.checksum);
+            let key = key_of(p.checksum());
             let quiet = unchanged[k]
-                && p.flags & SUM_TRACKED != 0
+                && p.sum_tracked()
                 && scanned < budget
-                && zero != Some(p.checksum)
+                && zero != Some(p.checksum())
                 && stable.get(key).next().is_none()
                 && !unstable.contains_key(&key)
-                && !(idx > 0 && r.pages[idx - 1].state == State::Stable);
+                && !(idx > 0 && r.pages[idx - 1].state() == State::Stable);
             if !quiet {
                 break;
             }
@@ -1191,17 +1208,16 @@ impl<M: Mem> Core<M> {
             // (not skipped), counted as scanned, back into the unstable index.
             let q = &mut r.pages[idx];
             if smart {
-                let age = q.age;
-                q.age = age.saturating_add(1);
-                if age >= 3 && q.skips == 0 {
-                    q.skips = skip_age(age);
+                let age = q.age();
+                q.set_age(age.saturating_add(1));
+                if age >= 3 && q.skips() == 0 {
+                    q.set_skips(skip_age(age));
                 }
             }
-            if q.state == State::Volatile {
+            if q.state() == State::Volatile {
                 counters.pages_unshared += 1;
             }
-            q.state = State::Unstable;
-            q.seq = seq;
+            q.set_state(State::Unstable);
             unstable.insert(key, from + k * page);
             counters.pages_scanned += 1;
             scanned += 1;
@@ -1233,12 +1249,13 @@ impl<M: Mem> Core<M> {
     }
 
     fn end_full_scan(&mut self) {
-        // The unstable index serves one full scan (its entries are stale once `seq`
-        // moves on): give its memory back rather than keep it between scans.
-        self.unstable = ByHash::default();
-        self.unstable_more = ByHash::default();
+        // The unstable index serves one full scan (a page's record says `Unstable`, but
+        // not since which scan: entries must not outlive theirs), and its memory is
+        // given back rather than kept between scans.
+        self.unstable = AddrIndex::new(self.page);
+        self.unstable_more = AddrChains::new(self.page);
         self.cursor = None;
-        self.seq = self.seq.wrapping_add(1);
+        self.frames.trim();
         self.counters.full_scans += 1;
         self.settled = self.changes == 0;
         self.changes = 0;
@@ -1250,8 +1267,8 @@ impl<M: Mem> Core<M> {
         // Its recorded checksum still holds: taken while its writes were tracked, and
         // none since (an unmerged page only: any other state is looked at afresh).
         let trusted = seen.unchanged
-            && rec.flags & SUM_TRACKED != 0
-            && matches!(rec.state, State::Volatile | State::Unstable);
+            && rec.sum_tracked()
+            && matches!(rec.state(), State::Volatile | State::Unstable);
         let pres = seen.pres;
         let (owned, prot) = {
             let r = self.region_at(addr).expect("tracked");
@@ -1261,7 +1278,7 @@ impl<M: Mem> Core<M> {
         // The batch probed presence ahead of the cursor; a run merged since then made
         // later pages merged ones: look again before taking one for a written copy.
         let mut pres = pres;
-        if rec.state == State::Stable && pres == Presence::Anon {
+        if rec.state() == State::Stable && pres == Presence::Anon {
             let mut p = [Presence::Anon];
             if self.mem.probe(addr, &mut p).is_ok() {
                 pres = p[0];
@@ -1270,27 +1287,27 @@ impl<M: Mem> Core<M> {
         match pres {
             // Still maps its frame (PTE present and file-backed, or not faulted in yet):
             // already a KSM page hung on its node, nothing to do.
-            Presence::Absent | Presence::File if rec.state == State::Stable => {
+            Presence::Absent | Presence::File if rec.state() == State::Stable => {
                 self.counters.pages_scanned += 1;
                 return true;
             }
             // Still maps the parent's frame, or still the zero page: the kernel's page
             // walk passes over both (no normal page of this process there).
             Presence::Absent | Presence::File
-                if matches!(rec.state, State::Inherited | State::Zero) =>
+                if matches!(rec.state(), State::Inherited | State::Zero) =>
             {
                 return false
             }
             // Not present: the kernel frees rmap_items of pages it passes over.
             Presence::Absent | Presence::File => {
-                if rec.state != State::Untracked {
+                if rec.state() != State::Untracked {
                     self.forget(addr);
                 }
                 return false;
             }
             Presence::Anon => {}
         }
-        match rec.state {
+        match rec.state() {
             State::Stable => {
                 // Copied away by a write: leave the stable tree, the checksum starts over.
                 // The private copy sits in a VMA that still maps the frame's offset
@@ -1303,12 +1320,8 @@ impl<M: Mem> Core<M> {
                 }
                 self.counters.cows += 1;
                 self.changes += 1;
-                self.drop_frame_ref(rec.frame);
-                *self.rec_mut(addr) = PageRec {
-                    flags: rec.flags,
-                    state: State::Volatile,
-                    ..PageRec::default()
-                };
+                self.drop_frame_ref(rec.frame());
+                *self.rec_mut(addr) = PageRec::fresh(State::Volatile, rec.flags());
             }
             State::Inherited => {
                 // A forked child's copy of a merged page, written: it sits in a VMA mapping
@@ -1317,21 +1330,17 @@ impl<M: Mem> Core<M> {
                     return false;
                 }
                 self.counters.rmap_items += 1;
-                self.rec_mut(addr).state = State::Volatile;
+                self.rec_mut(addr).set_state(State::Volatile);
             }
             State::Zero => {
                 // Written since it became the zero page: an ordinary page again.
                 self.counters.ksm_zero_pages -= 1;
                 self.counters.rmap_items += 1;
-                *self.rec_mut(addr) = PageRec {
-                    flags: rec.flags,
-                    state: State::Volatile,
-                    ..PageRec::default()
-                };
+                *self.rec_mut(addr) = PageRec::fresh(State::Volatile, rec.flags());
             }
             State::Untracked => {
                 self.counters.rmap_items += 1;
-                self.rec_mut(addr).state = State::Volatile;
+                self.rec_mut(addr).set_state(State::Volatile);
             }
             State::Unstable | State::Volatile => {}
         }
@@ -1339,10 +1348,10 @@ impl<M: Mem> Core<M> {
             return false;
         }
         self.counters.pages_scanned += 1;
-        if self.rec(addr).expect("tracked").state == State::Unstable {
+        if self.rec(addr).expect("tracked").state() == State::Unstable {
             // Out of the unstable index until this visit puts it back.
             self.counters.pages_unshared -= 1;
-            self.rec_mut(addr).state = State::Volatile;
+            self.rec_mut(addr).set_state(State::Volatile);
         }
         let mut buf = std::mem::take(&mut self.buf);
         self.visit_content(t, &mut buf, trusted, seen.tracked);
@@ -1359,18 +1368,18 @@ impl<M: Mem> Core<M> {
             return false;
         }
         let r = self.rec_mut(addr);
-        let age = r.age;
-        r.age = age.saturating_add(1);
+        let age = r.age();
+        r.set_age(age.saturating_add(1));
         if age < 3 {
             return false;
         }
-        if r.skips == 0 {
-            r.skips = skip_age(age);
+        if r.skips() == 0 {
+            r.set_skips(skip_age(age));
             return false;
         }
-        r.skips -= 1;
-        let was_unstable = r.state == State::Unstable;
-        r.state = State::Volatile;
+        r.set_skips(r.skips() - 1);
+        let was_unstable = r.state() == State::Unstable;
+        r.set_state(State::Volatile);
         self.counters.pages_skipped += 1;
         if was_unstable {
             self.counters.pages_unshared -= 1;
@@ -1384,7 +1393,7 @@ impl<M: Mem> Core<M> {
     /// `tracked` says whether a checksum taken now stays trustworthy.
     fn visit_content(&mut self, t: Target, buf: &mut [u8], trusted: bool, tracked: bool) -> bool {
         let (hash, checksum) = if trusted {
-            let c = self.rec(t.addr).expect("tracked").checksum;
+            let c = self.rec(t.addr).expect("tracked").checksum();
             (key_of(c), c)
         } else {
             if self.mem.read(t.addr, t.owned, buf).is_err() {
@@ -1395,12 +1404,12 @@ impl<M: Mem> Core<M> {
             self.counters.pages_hashed += 1;
             let rec = self.rec_mut(t.addr);
             if tracked {
-                rec.flags |= SUM_TRACKED;
+                rec.set(SUM_TRACKED);
             } else {
-                rec.flags &= !SUM_TRACKED;
+                rec.clear(SUM_TRACKED);
             }
-            if rec.checksum != checksum {
-                rec.checksum = checksum;
+            if rec.checksum() != checksum {
+                rec.set_checksum(checksum);
                 self.changes += 1;
                 return false;
             }
@@ -1453,17 +1462,12 @@ impl<M: Mem> Core<M> {
                 }
             }
         }
-        let seq = self.seq;
         let r = self.rec_mut(t.addr);
-        if r.state == State::Volatile {
-            r.state = State::Unstable;
-            r.seq = seq;
+        if r.state() == State::Volatile {
+            r.set_state(State::Unstable);
             self.counters.pages_unshared += 1;
-            match self.unstable.entry(hash) {
-                Entry::Vacant(e) => {
-                    e.insert(t.addr);
-                }
-                Entry::Occupied(_) => self.unstable_more.entry(hash).or_default().push(t.addr),
+            if !self.unstable.insert_first(hash, t.addr) {
+                self.unstable_more.push(hash, t.addr);
             }
         }
         false
@@ -1536,7 +1540,7 @@ impl<M: Mem> Core<M> {
         c != addr
             && self
                 .rec(c)
-                .is_some_and(|r| r.state == State::Unstable && r.seq == self.seq && r.advised())
+                .is_some_and(|r| r.state() == State::Unstable && r.advised())
     }
 
     /// Whether page `c` holds `buf` (read into `scratch`).
@@ -1569,12 +1573,11 @@ impl<M: Mem> Core<M> {
     /// in (smart-scan age reset, as the kernel's shared fields are) and counts.
     fn record_merged(&mut self, addr: usize, f: FrameId) {
         self.add_frame_ref(f);
+        self.uncover(addr);
         let r = self.rec_mut(addr);
-        let was_unstable = r.state == State::Unstable;
-        r.state = State::Stable;
-        r.frame = f;
-        r.flags &= !(IN_POOL | SUM_TRACKED);
-        (r.age, r.skips) = (0, 0);
+        let was_unstable = r.state() == State::Unstable;
+        *r = PageRec::fresh(State::Stable, r.flags() & !SUM_TRACKED);
+        r.set_stable(f);
         if was_unstable {
             self.counters.pages_unshared -= 1;
         }
@@ -1598,7 +1601,7 @@ impl<M: Mem> Core<M> {
                 self.mem.read(x, want.owned, buf).is_ok()
                     && self
                         .rec(x)
-                        .is_some_and(|r| r.checksum == checksum_of(buf).1)
+                        .is_some_and(|r| r.checksum() == checksum_of(buf).1)
             }
             // Its bytes are its frame's for as long as it maps it (a write would have
             // made it a private anonymous page); compared again under protection.
@@ -1632,10 +1635,10 @@ impl<M: Mem> Core<M> {
         if !rec.advised() || r.prot_of((x - r.start) / self.page) != want.prot {
             return None;
         }
-        match rec.state {
-            State::Volatile | State::Unstable => Some((key_of(rec.checksum), None)),
-            State::Stable if merged && self.in_short_run(x, rec.frame) => {
-                Some((self.frames.hash(rec.frame), Some(rec.frame)))
+        match rec.state() {
+            State::Volatile | State::Unstable => Some((key_of(rec.checksum()), None)),
+            State::Stable if merged && self.in_short_run(x, rec.frame()) => {
+                Some((self.frames.hash(rec.frame()), Some(rec.frame())))
             }
             _ => None,
         }
@@ -1681,7 +1684,7 @@ impl<M: Mem> Core<M> {
                 (r.start..r.end(page)).contains(&a)
                     && self
                         .rec(a)
-                        .is_some_and(|p| p.state == State::Stable && p.frame == w)
+                        .is_some_and(|p| p.state() == State::Stable && p.frame() == w)
             })
         };
         let mut len = 1;
@@ -1768,7 +1771,7 @@ impl<M: Mem> Core<M> {
             && !(self.use_zero_pages
                 && self
                     .rec(x)
-                    .is_some_and(|r| r.checksum == self.zero_checksum))
+                    .is_some_and(|r| r.checksum() == self.zero_checksum))
     }
 
     /// How many pages from `t` (at least `t`, which matched) hold the bytes of frame
@@ -1950,11 +1953,7 @@ impl<M: Mem> Core<M> {
             let (a, g) = (start + i * self.page, f0 + i as FrameId);
             match slot {
                 Slot::Join(_) => self.record_merged(a, g),
-                Slot::Cover => {
-                    let r = self.rec_mut(a);
-                    r.flags |= IN_POOL;
-                    r.frame = g;
-                }
+                Slot::Cover => self.cover(a, g),
             }
         }
         for (i, &slot) in run.iter().enumerate() {
@@ -1978,10 +1977,10 @@ impl<M: Mem> Core<M> {
             return None;
         }
         let left = self.rec(t.addr - self.page)?;
-        if left.state != State::Stable {
+        if left.state() != State::Stable {
             return None;
         }
-        let g = left.frame.checked_add(1)?;
+        let g = left.frame().checked_add(1)?;
         (self.frames.exists(g)
             && (1..self.max_page_sharing).contains(&self.frames.refs(g))
             && self.frames.hash(g) == hash)
@@ -1993,7 +1992,7 @@ impl<M: Mem> Core<M> {
     fn merge_zero(&mut self, t: Target) -> bool {
         let page = self.page;
         // Dropping a page inside a pool mapping would bring the frame's bytes back.
-        if self.rec(t.addr).is_some_and(|r| r.in_pool().is_some()) {
+        if self.rec(t.addr).is_some_and(|r| r.covered()) {
             return false;
         }
         if self.protect(t.addr, page).is_err() {
@@ -2011,11 +2010,7 @@ impl<M: Mem> Core<M> {
             return false;
         }
         let rec = self.rec(t.addr).expect("tracked");
-        *self.rec_mut(t.addr) = PageRec {
-            flags: rec.flags,
-            state: State::Zero,
-            ..PageRec::default()
-        };
+        *self.rec_mut(t.addr) = PageRec::fresh(State::Zero, rec.flags());
         self.counters.rmap_items -= 1;
         self.counters.ksm_zero_pages += 1;
         self.counters.merges += 1;
@@ -2099,9 +2094,8 @@ impl<M: Mem> Core<M> {
     /// pool mappings covering the same free frame (see `Slot::Cover`), so mapping that
     /// frame keeps both mappings whole.
     fn frame_in_place(&self, t: usize, o: usize) -> Option<FrameId> {
-        let g = self.rec(t)?.in_pool()?;
-        (self.rec(o)?.in_pool() == Some(g) && self.frames.exists(g) && !self.frames.is_live(g))
-            .then_some(g)
+        let g = self.in_pool(t)?;
+        (self.in_pool(o) == Some(g) && self.frames.is_free(g)).then_some(g)
     }
 
     /// `try_to_merge_two_pages`, extended to runs: both runs protected, compared
@@ -2260,7 +2254,7 @@ impl<M: Mem> Core<M> {
     /// What `page_state()` reports for a tracked page, given its presence now.
     pub fn page_state(&self, addr: usize, pres: Presence) -> Option<&'static str> {
         let rec = self.rec(addr)?;
-        Some(match rec.state {
+        Some(match rec.state() {
             State::Stable | State::Inherited if pres != Presence::Anon => "merged",
             State::Zero if pres != Presence::Anon => "zero",
             State::Volatile => "volatile",
@@ -2276,11 +2270,11 @@ impl<M: Mem> Core<M> {
         for r in self.regions.values() {
             let mut pieces = 0u64;
             let mut prev: Option<Option<u32>> = None;
-            for p in &r.pages {
+            for (i, p) in r.pages.iter().enumerate() {
                 // The frame offset its mapping covers, if it is in a pool mapping.
-                let cur = match p.state {
-                    State::Stable => Some(p.frame),
-                    _ => p.in_pool(),
+                let cur = match p.state() {
+                    State::Stable => Some(p.frame()),
+                    _ => r.covered_frame(i),
                 };
                 let same_piece = match prev {
                     None => false,
@@ -2329,19 +2323,13 @@ impl<M: Mem> Core<M> {
             .regions
             .values()
             .filter(|r| r.any_advised())
-            .map(|r| r.pages.capacity() * std::mem::size_of::<PageRec>())
+            .map(Region::metadata_bytes)
             .sum();
-        let idx = |n: usize, per: usize| n * per;
         (recs
             + self.frames.metadata_bytes()
             + self.stable.metadata_bytes()
-            + idx(self.unstable.capacity(), 8 + 8 + 1)
-            + idx(self.unstable_more.capacity(), 8 + 24 + 1)
-            + self
-                .unstable_more
-                .values()
-                .map(|v| v.capacity() * 8)
-                .sum::<usize>()) as u64
+            + self.unstable.metadata_bytes()
+            + self.unstable_more.metadata_bytes()) as u64
     }
 
     /// Panics if the counters disagree with the records (tests and fuzzing).
@@ -2357,14 +2345,14 @@ impl<M: Mem> Core<M> {
         let mut zero = 0u64;
         for r in self.regions.values() {
             for p in &r.pages {
-                match p.state {
+                match p.state() {
                     State::Untracked | State::Inherited => continue,
                     State::Zero => {
                         zero += 1;
                         continue;
                     }
                     State::Unstable => c.pages_unshared += 1,
-                    State::Stable => *refs.entry(p.frame).or_default() += 1,
+                    State::Stable => *refs.entry(p.frame()).or_default() += 1,
                     State::Volatile => {}
                 }
                 c.rmap_items += 1;

@@ -416,7 +416,7 @@ fn a_copied_run_merges_as_one_run_on_consecutive_frames() {
     // One mapping per copy: the two runs add at most 2 VMAs each.
     assert!(c.vmas_added() <= 4, "{} VMAs added", c.vmas_added());
     let frames: Vec<u32> = (0..n)
-        .map(|i| c.region_at(BASE).unwrap().pages[i].frame)
+        .map(|i| c.region_at(BASE).unwrap().pages[i].frame())
         .collect();
     assert!(frames.windows(2).all(|w| w[1] == w[0] + 1), "{frames:?}");
     // A write inside the merged run: only that page changes.
@@ -494,7 +494,7 @@ fn with_the_vma_budget_low_one_repeated_content_maps_tiles_of_frames() {
 /// Frames of the pages `[first, first + n)`.
 fn frames_of(c: &Core<FakeMem>, first: usize, n: usize) -> Vec<u32> {
     let r = c.region_at(BASE).unwrap();
-    (first..first + n).map(|i| r.pages[i].frame).collect()
+    (first..first + n).map(|i| r.pages[i].frame()).collect()
 }
 
 #[test]
@@ -579,10 +579,13 @@ fn a_page_that_differs_inside_a_copied_run_is_covered_and_keeps_its_bytes() {
     assert_eq!((k.pages_shared, k.pages_sharing), (15, 15), "{k:?}");
     assert_eq!(c.vmas_added(), 2, "one mapping per copy");
     let r = c.region_at(BASE).unwrap();
-    let f0 = r.pages[0].frame;
+    let f0 = r.pages[0].frame();
     for copy in 0..2 {
-        let p = r.pages[copy * (n + 1) + 7];
-        assert_eq!((p.state, p.in_pool()), (State::Unstable, Some(f0 + 7)));
+        let i = copy * (n + 1) + 7;
+        assert_eq!(
+            (r.pages[i].state(), r.covered_frame(i)),
+            (State::Unstable, Some(f0 + 7))
+        );
     }
     assert_eq!(c.mem.frames_held(), 15, "the covered offset holds no frame");
     c.check_invariants();
@@ -616,7 +619,8 @@ fn a_page_that_differs_inside_a_copied_run_is_covered_and_keeps_its_bytes() {
     c.unadvise(BASE, BASE + (2 * n + 1) * PG).unwrap();
     check(&mut c, &want2);
     let r = c.region_at(BASE).unwrap();
-    assert!(r.pages.iter().all(|p| p.in_pool().is_none()));
+    assert!((0..r.pages.len()).all(|i| r.covered_frame(i).is_none()));
+    assert_eq!(r.covered_frames().count(), 0);
     assert_eq!(c.vmas_added(), 0);
     c.check_invariants();
 }
@@ -648,11 +652,11 @@ fn covered_pages_equal_to_each_other_merge_in_place() {
         "one mapping per copy (and one per separator)"
     );
     let r = c.region_at(BASE).unwrap();
-    let f0 = r.pages[0].frame;
-    assert_eq!(r.pages[5].in_pool(), Some(f0 + 5), "A5 stays covered");
+    let f0 = r.pages[0].frame();
+    assert_eq!(r.covered_frame(5), Some(f0 + 5), "A5 stays covered");
     for copy in 1..3 {
         let p = r.pages[copy * (n + 1) + 5];
-        assert_eq!((p.state, p.frame), (State::Stable, f0 + 5));
+        assert_eq!((p.state(), p.frame()), (State::Stable, f0 + 5));
     }
     c.check_invariants();
     for copy in 0..3 {
@@ -862,4 +866,80 @@ fn a_page_written_since_its_checksum_ends_a_stable_run_under_protection() {
     assert_eq!(c.mem.read_page(c5), want);
     c.mem.write(c5 + PG, &[1]);
     c.check_invariants();
+}
+
+/// Pages 0..n of the region: copies of a 64-page pattern (runs merge as copied runs),
+/// every 10th page changed (covered pages inside the runs), every 7th page unique.
+fn fill_mixed(c: &mut Core<FakeMem>, n: usize) {
+    for i in 0..n {
+        let byte = if i % 7 == 0 {
+            (i % 251) as u8 ^ 0x80
+        } else {
+            (i % 64) as u8
+        };
+        let mut page = vec![byte; PG];
+        if i % 10 == 3 {
+            page[9] = (i / 10) as u8;
+            page[10] = (i / 2560) as u8;
+        }
+        c.mem.write(BASE + i * PG, &page);
+    }
+}
+
+#[test]
+fn metadata_is_given_back_when_the_merged_memory_is_unadvised() {
+    let n = 4096;
+    let mut c = core_with(n);
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    assert!(c.counters().pages_sharing > 1000, "{:?}", c.counters());
+    // Half a scan: the unstable index holds part of this scan's pages.
+    c.scan_batch(n as u64 / 2);
+    let merged = c.metadata_bytes();
+    assert!(merged >= 8 * n as u64, "{merged}");
+    c.unadvise(BASE, BASE + n * PG).unwrap();
+    c.check_invariants();
+    assert_eq!(c.frames().live(), 0);
+    assert_eq!(c.metadata_bytes(), 0, "from {merged} bytes");
+}
+
+#[test]
+fn metadata_is_given_back_when_the_merged_region_goes() {
+    let n = 4096;
+    let mut c = core_with(n);
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    c.scan_batch(n as u64 / 3);
+    let merged = c.metadata_bytes();
+    for i in 0..n {
+        c.mem.unmap(BASE + i * PG);
+    }
+    c.remove_region(BASE);
+    c.check_invariants();
+    assert_eq!(c.metadata_bytes(), 0, "from {merged} bytes");
+    // And it comes back as it was for the next workload.
+    c.add_region(Region::new(
+        BASE,
+        n,
+        true,
+        libc::PROT_READ | libc::PROT_WRITE,
+    ));
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    assert!(c.counters().pages_sharing > 1000);
+    c.check_invariants();
+}
+
+#[test]
+fn metadata_of_a_merged_region_stays_within_16_bytes_a_page_between_scans() {
+    let n = 4096;
+    let mut c = core_with(n);
+    fill_mixed(&mut c, n);
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    let per_page = c.metadata_bytes() as f64 / n as f64;
+    assert!(per_page <= 16.0, "{per_page} bytes per page");
 }
