@@ -272,8 +272,8 @@ pub struct Os {
     /// The most VMAs merging lets the process have (`vm.max_map_count - vma_reserve`)
     /// when last counted.
     pub vma_budget: u64,
-    /// Threads the kernel's big copies are spread over (an unmerge's copy, filling a
-    /// long run's frames): the cores available.
+    /// Threads an unmerge's copy of a long run is spread over (the cores available;
+    /// filling a run's frames in parts measured no faster: shmem's page cache).
     pub copy_threads: usize,
     /// A page nobody can read, for `Uffd::prepare_anon_vma`.
     unreadable: Option<Mapping>,
@@ -683,7 +683,7 @@ impl Mem for Os {
         let pool = self.pool.as_ref().expect("created above");
         match self.owned_at(addr) {
             Some(m) if owned && addr + len <= m.addr() + m.len() => {
-                pool.write_from(f0, m, addr - m.addr(), len, self.copy_threads)
+                pool.write_from(f0, m, addr - m.addr(), len)
             }
             _ => {
                 let mut buf = vec![0u8; self.page];

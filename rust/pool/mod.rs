@@ -446,18 +446,16 @@ impl Pool {
     }
 
     /// Write frames `f0, f0+1, …` from `len` bytes (whole pages) of mapping `src` at
-    /// `offset` with `pwrite` straight from it, on up to `threads` threads (see
-    /// `Memfd::write_from`).
+    /// `offset` with one `pwrite` straight from it (see `Memfd::write_from`).
     pub fn write_from(
         &self,
         f0: FrameId,
         src: &Mapping,
         offset: usize,
         len: usize,
-        threads: usize,
     ) -> io::Result<()> {
         self.memfd
-            .write_from(f0 as u64 * self.page as u64, src, offset, len, threads)
+            .write_from(f0 as u64 * self.page as u64, src, offset, len)
     }
 
     pub fn punch(&self, f: FrameId) -> io::Result<()> {
@@ -611,7 +609,7 @@ mod tests {
             m.copy_in(i * ps, &vec![i as u8 + 1; ps]);
         }
         // Two pages from the second on, straight from the mapping, with one call.
-        p.write_from(5, &m, ps, 2 * ps, 1).unwrap();
+        p.write_from(5, &m, ps, 2 * ps).unwrap();
         assert_eq!(p.frame(5), &vec![2; ps][..]);
         assert_eq!(p.frame(6), &vec![3; ps][..]);
         assert!(m.equals(ps, p.frame(5)) && m.equals(2 * ps, p.frame(6)));
@@ -621,22 +619,7 @@ mod tests {
         assert!(m.equals_at(2 * ps, &other, 0, ps));
         assert!(!m.equals_at(ps, &other, 0, ps));
         // A range past the mapping's end is refused before any syscall.
-        let r = std::panic::catch_unwind(|| p.write_from(7, &m, 2 * ps, 2 * ps, 1));
+        let r = std::panic::catch_unwind(|| p.write_from(7, &m, 2 * ps, 2 * ps));
         assert!(r.is_err());
-    }
-
-    #[test]
-    fn a_long_run_of_frames_is_filled_in_parts() {
-        let ps = crate::sys::page_size();
-        let n = 3 * crate::sys::PART_MIN / ps + 1; // three parts, the last one shorter
-        let p = Pool::new(n as u32 + 8, ps).unwrap();
-        let m = Mapping::anonymous(n * ps).unwrap();
-        for i in 0..n {
-            m.copy_in(i * ps, &vec![(i % 251) as u8 + 1; ps]);
-        }
-        p.write_from(3, &m, 0, n * ps, 3).unwrap();
-        for i in 0..n {
-            assert!(m.equals(i * ps, p.frame(3 + i as FrameId)), "frame {i}");
-        }
     }
 }

@@ -69,15 +69,12 @@ impl Memfd {
     /// straight from the mapping, looping on short writes): the kernel reads the bytes,
     /// no copy is made in between. For pages a merge window write-protects, so that
     /// what is written is what was compared.
-    /// With `threads` > 1 a long range is written in consecutive parts side by side
-    /// (see [`in_parts`](super::in_parts)): on error, which parts were written is unknown.
     pub fn write_from(
         &self,
         offset: u64,
         src: &super::mman::Mapping,
         offset_in_src: usize,
         len: usize,
-        threads: usize,
     ) -> io::Result<()> {
         assert!(
             offset_in_src
@@ -85,19 +82,6 @@ impl Memfd {
                 .is_some_and(|e| e <= src.len()),
             "range outside mapping"
         );
-        super::in_parts(len, threads, super::page_size(), |off, n| {
-            self.write_part(offset + off as u64, src, offset_in_src + off, n)
-        })
-    }
-
-    /// `write_from` of one part, on the calling thread.
-    fn write_part(
-        &self,
-        offset: u64,
-        src: &super::mman::Mapping,
-        offset_in_src: usize,
-        len: usize,
-    ) -> io::Result<()> {
         let (mut done, mut offset) = (0, offset);
         while done < len {
             let off = to_off(offset)?;

@@ -52,9 +52,9 @@ pub const PART_MIN: usize = 1 << 20;
 
 /// Run `part(offset, len)` over consecutive page-aligned parts of `[0, len)` on up to
 /// `threads` threads (this one included), each part at least [`PART_MIN`] bytes:
-/// for the kernel's big copies (an unmerge's `UFFDIO_COPY`, filling frames), bound
-/// by one core's memory bandwidth and page allocation, which proceed side by side
-/// (the kernel takes `mmap_lock` for reading only). Every part is attempted, also
+/// for the kernel's big copies (an unmerge's `UFFDIO_COPY`), bound by one core's
+/// memory bandwidth and page allocation, which proceed side by side (the kernel
+/// takes `mmap_lock` for reading only). Every part is attempted, also
 /// when another fails (the caller cannot tell which parts were done: it treats an
 /// error as "none"); the error returned prefers one that is not EFAULT, which
 /// callers treat as "do it another way".
