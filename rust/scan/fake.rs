@@ -163,8 +163,11 @@ impl Mem for FakeMem {
     }
 
     fn retrack(&mut self, addr: usize, len: usize) {
+        // As the kernel: registering with the tracker again write-protects afresh, so
+        // a write it had not reported yet is forgotten.
         for a in (addr..addr + len).step_by(self.page) {
             self.untracked.remove(&a);
+            self.dirty.remove(&a);
         }
     }
 
@@ -309,6 +312,7 @@ impl Mem for FakeMem {
             }
             // Anonymous memory ksm owns again: the Os tracks it afresh.
             self.untracked.remove(&a);
+            self.dirty.remove(&a);
         }
         Ok(())
     }

@@ -1059,8 +1059,17 @@ impl<M: Mem> Core<M> {
     /// unmerged pages, in anonymous mappings whose writes may be tracked, are taken out
     /// of write tracking first (a mapping has one userfaultfd); merged and covered
     /// pages are in pool mappings, never tracked.
+    ///
+    /// What the tracker knew of their writes is lost with them (giving them back
+    /// write-protects them afresh, see `release_failed`), and a write since their last
+    /// probe may not have been taken yet: their checksums are not trusted any more (a
+    /// page the window leaves unmerged is hashed again at its next visit).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        let page = self.page;
         for (s, e) in self.unmerged_runs(addr, addr + len) {
+            for a in (s..e).step_by(page) {
+                self.rec_mut(a).clear(SUM_TRACKED);
+            }
             self.mem.untrack_for_merge(s, e - s)?;
         }
         self.mem.protect(addr, len)
