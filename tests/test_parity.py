@@ -87,7 +87,7 @@ def check_snapshot(s: dict[str, Any]) -> None:
     """The relations every ``ksm.stats()`` snapshot must satisfy (KERNEL-KSM.md §4.1, .pyi)."""
     assert sum(s[k] for k in TREE) == s["rmap_items"], s
     assert s["general_profit"] == (
-        (s["pages_sharing"] + s["ksm_zero_pages"]) * PAGE - s["metadata_bytes"] - s["vmas_added"] * 210
+        (s["pages_sharing"] + s["ksm_zero_pages"]) * PAGE - s["metadata_bytes"] - s["vmas_added"] * 380
     ), s
     assert s["stable_node_dups"] <= s["pages_shared"], s
     assert (s["stable_node_chains"] == 0) == (s["stable_node_dups"] == 0), s
@@ -840,7 +840,7 @@ def test_profit_formulas() -> None:
         assert stat["ksm_zero_pages"] == s["ksm_zero_pages"]
         # One process: its merging pages are every page on a shared frame, first sharers included.
         assert stat["ksm_merging_pages"] == s["pages_shared"] + s["pages_sharing"]
-        overhead = s["metadata_bytes"] + s["vmas_added"] * 210
+        overhead = s["metadata_bytes"] + s["vmas_added"] * 380
         assert s["general_profit"] == (s["pages_sharing"] + s["ksm_zero_pages"]) * PAGE - overhead
         assert (
             stat["ksm_process_profit"]

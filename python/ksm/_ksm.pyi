@@ -256,7 +256,7 @@ def stats() -> dict[str, int]:
     ``metadata_bytes`` (our bookkeeping of advised memory), ``tracked_pages``,
     ``advised_pages``, ``settled`` (bool: the last full scan changed nothing).
     ``general_profit`` = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes
-    - vmas_added * 210. ``pages_shared + pages_sharing + pages_unshared +
+    - vmas_added * 380. ``pages_shared + pages_sharing + pages_unshared +
     pages_volatile == rmap_items`` in every snapshot. VMAs per merged page:
     ``ksm.vmas_per_merged_page()``.
     """
