@@ -629,6 +629,12 @@ def first_write_us(side: Side, buf: Any, view: memoryview, page: int) -> tuple[f
     if flags is None:
         return None, 0
     offs = [off for off, ok in zip(candidates, flags, strict=True) if ok]
+    if len(offs) < FIRST_WRITE_PAGES // 2 and step > 1:
+        # Few merged pages (pairs under the VMA budget): look at every page, so that
+        # the median comes from as many pages as elsewhere.
+        candidates = [i * page for i in range(npages)]
+        flags = side.merged(buf, candidates) or []
+        offs = [off for off, ok in zip(candidates, flags, strict=True) if ok]
     if len(offs) > FIRST_WRITE_PAGES:
         stride = len(offs) / FIRST_WRITE_PAGES
         offs = [offs[int(i * stride)] for i in range(FIRST_WRITE_PAGES)]
