@@ -27,8 +27,10 @@ How each figure is taken (same for both sides unless said):
   at least 0.25 s of scans); kernel: ksmd's CPU over the full scans that
   follow settling (at least one, at least 0.25 s).
 - *first write*: ksmd stopped; a 1-byte write (of the byte already there, so
-  contents do not change) to each of up to 8192 merged pages, evenly spread,
-  timed in batches of 32 from Python; the median per page over the batches.
+  contents do not change) to each of up to 8192 merged pages, evenly spread
+  (every page is looked at when a sample of 16,384 holds fewer than 4096
+  merged ones, as for ksm's pairs under the VMA budget), timed in batches of 32
+  from Python; the median per page over the batches.
   Pages are confirmed merged first (ksm: ``page_state``; kernel: the KSM flag
   in ``/proc/kpageflags``).
 - *unmerge*: ``madvise(MADV_UNMERGEABLE)`` on the whole buffer.
