@@ -8,6 +8,21 @@
 /// mapping of the frame pool is given when it is made (`Uffd::prepare_anon_vma`).
 pub const VMA_BYTES: u64 = 380;
 
+/// Bytes a `std` hash table (hashbrown) holds for a given `capacity()` with slots of
+/// `slot` bytes: `capacity()` is 7/8 of the buckets allocated (all of them below 8),
+/// and each bucket has a control byte, plus one group (16) of trailing control bytes.
+pub fn hash_table_bytes(capacity: usize, slot: usize) -> usize {
+    if capacity == 0 {
+        return 0; // an empty table allocates nothing
+    }
+    let buckets = if capacity < 8 {
+        capacity + 1
+    } else {
+        capacity / 7 * 8
+    };
+    buckets * (slot + 1) + 16
+}
+
 /// One consistent snapshot (taken under the engine's state lock).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -99,6 +114,24 @@ mod tests {
     fn profit_is_savings_minus_costs() {
         assert_eq!(Snapshot::profit(10, 4096, 1000, 2), 40960 - 1000 - 2 * 380);
         assert!(Snapshot::profit(0, 4096, 64, 0) < 0);
+    }
+
+    #[test]
+    fn hash_tables_are_counted_as_allocated() {
+        use std::collections::HashMap;
+        for n in [1usize, 3, 7, 8, 100, 10_000] {
+            let m: HashMap<u32, u32> = (0..n as u32).map(|i| (i, i)).collect();
+            let cap = m.capacity();
+            let buckets = hash_table_bytes(cap, 8) - 16;
+            // Whole buckets of 9 bytes, a power of two of them, at least n / 0.875.
+            assert_eq!(buckets % 9, 0, "n = {n}");
+            let b = buckets / 9;
+            assert!(
+                b.is_power_of_two() && b * 7 >= n * 8 - 7,
+                "n = {n}: {b} buckets"
+            );
+        }
+        assert_eq!(hash_table_bytes(0, 8), 0);
     }
 
     #[test]

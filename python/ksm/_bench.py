@@ -666,6 +666,9 @@ def run_one(
 ) -> Figures:
     fig = Figures()
     npages = size // page
+    # Bookkeeping kept from earlier workloads (this one's buffer has records from its
+    # allocation on: they are this workload's).
+    fig.metadata_before_bytes = side.metadata_bytes()
     buf = side.alloc(size)
     view = side.view(buf)
     try:
@@ -673,7 +676,6 @@ def run_one(
         filler.fill(workload, view)
         before = _digest(view)
         log(f"{workload}/{side.name}: filled in {time.monotonic() - t_fill:.1f}s, merging")
-        fig.metadata_before_bytes = side.metadata_bytes()
         vmas0 = count_vmas()
         cpu0 = side.cpu_s()
         t0 = time.perf_counter()
@@ -1181,8 +1183,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             if r.ksm.metadata_before_bytes:
                 print(
                     f"note: {r.workload}: ksm's metadata_bytes was already "
-                    f"{r.ksm.metadata_before_bytes / 1024:,.0f} KiB before the madvise (kept from earlier "
-                    "workloads); its metadata and general_profit rows include it",
+                    f"{r.ksm.metadata_before_bytes / 1024:,.0f} KiB before its buffer was allocated "
+                    "(kept from earlier workloads); its metadata and general_profit rows include it",
                     file=out,
                 )
         if tg:

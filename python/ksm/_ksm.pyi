@@ -253,8 +253,9 @@ def stats() -> dict[str, int]:
     (merges not attempted because they could pass the VMA budget),
     ``unmergeable_pages`` (pages advised that ksm never merges: shared,
     file-backed, hugetlb, locked or special memory; cumulative),
-    ``metadata_bytes`` (our bookkeeping of advised memory), ``tracked_pages``,
-    ``advised_pages``, ``settled`` (bool: the last full scan changed nothing).
+    ``metadata_bytes`` (our bookkeeping: records of advised memory and of all
+    ``ksm.mmap`` memory, frame table, indexes), ``tracked_pages``, ``advised_pages``,
+    ``settled`` (bool: the last full scan changed nothing).
     ``general_profit`` = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes
     - vmas_added * 380. ``pages_shared + pages_sharing + pages_unshared +
     pages_volatile == rmap_items`` in every snapshot. VMAs per merged page:

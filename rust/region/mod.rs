@@ -346,7 +346,10 @@ impl Region {
     /// Bytes of bookkeeping: the records (by capacity) and the side map.
     pub fn metadata_bytes(&self) -> usize {
         self.pages.capacity() * std::mem::size_of::<PageRec>()
-            + self.covered.capacity() * (std::mem::size_of::<(u32, FrameId)>() + 1)
+            + crate::stats::hash_table_bytes(
+                self.covered.capacity(),
+                std::mem::size_of::<(u32, FrameId)>(),
+            )
     }
 }
 

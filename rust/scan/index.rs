@@ -3,6 +3,9 @@
 
 use std::collections::{hash_map::Entry, HashMap};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::mem::size_of;
+
+use crate::stats::hash_table_bytes;
 
 /// The hasher of maps keyed by a content checksum (32 bits of xxh3, already
 /// uniform) or a page number: spread over 64 bits by one multiplication (the table
@@ -171,9 +174,9 @@ impl AddrIndex {
         self.map = HashMap::default();
     }
 
-    /// Bytes this index holds (table slots, one control byte each).
+    /// Bytes this index holds (its table as allocated).
     pub fn metadata_bytes(&self) -> usize {
-        self.map.capacity() * (std::mem::size_of::<(PackedKey, PackedPage)>() + 1)
+        hash_table_bytes(self.map.capacity(), size_of::<(PackedKey, PackedPage)>())
     }
 }
 
@@ -238,10 +241,10 @@ impl AddrChains {
         self.next = HashMap::default();
     }
 
-    /// Bytes this index holds (table slots, one control byte each).
+    /// Bytes this index holds (its table as allocated).
     pub fn metadata_bytes(&self) -> usize {
-        self.heads.capacity() * (std::mem::size_of::<(PackedKey, PackedPage)>() + 1)
-            + self.next.capacity() * (std::mem::size_of::<(PackedPage, PackedPage)>() + 1)
+        hash_table_bytes(self.heads.capacity(), size_of::<(PackedKey, PackedPage)>())
+            + hash_table_bytes(self.next.capacity(), size_of::<(PackedPage, PackedPage)>())
     }
 }
 
@@ -326,9 +329,8 @@ impl<T: Copy + PartialEq> MultiIndex<T> {
 
     /// Bytes this index holds (table slots and the slices of `more`).
     pub fn metadata_bytes(&self) -> usize {
-        // A slot holds the pair, plus one control byte.
-        self.one.capacity() * (std::mem::size_of::<(u32, T)>() + 1)
-            + self.more.capacity() * (std::mem::size_of::<(u32, Box<[T]>)>() + 1)
+        hash_table_bytes(self.one.capacity(), size_of::<(u32, T)>())
+            + hash_table_bytes(self.more.capacity(), size_of::<(u32, Box<[T]>)>())
             + self
                 .more
                 .values()

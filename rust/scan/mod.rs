@@ -2325,15 +2325,12 @@ impl<M: Mem> Core<M> {
         (chains, dups)
     }
 
-    /// Bytes of our own bookkeeping (records of regions with advised pages, frame
-    /// table, indexes). Memory never advised costs nothing, as in the kernel.
+    /// Bytes of our own bookkeeping (records of every region, frame table, indexes).
+    /// Unlike the kernel's, ksm's own memory (`ksm.mmap`) has its records from the
+    /// start, advised or not (8 bytes a page); the application's memory has none
+    /// until it is advised.
     pub fn metadata_bytes(&self) -> u64 {
-        let recs: usize = self
-            .regions
-            .values()
-            .filter(|r| r.any_advised())
-            .map(Region::metadata_bytes)
-            .sum();
+        let recs: usize = self.regions.values().map(Region::metadata_bytes).sum();
         (recs
             + self.frames.metadata_bytes()
             + self.stable.metadata_bytes()
