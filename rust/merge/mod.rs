@@ -406,6 +406,33 @@ impl Os {
         self.vma_budget.saturating_sub(used)
     }
 
+    /// Unregister the runs of `[addr, addr+len)` that the write tracker holds, exactly
+    /// those (the kernel refuses, or before Linux 6.17 does wrongly, an unregister
+    /// whose range holds a VMA of another userfaultfd); `for_merge`: register each
+    /// straight with the synchronous userfaultfd that `protect` needs (best effort:
+    /// `protect` registers what this leaves out).
+    fn untrack_runs(&mut self, addr: usize, len: usize, for_merge: bool) -> io::Result<()> {
+        if self.owned_at(addr).is_none() || self.tracker.is_none() {
+            return Ok(());
+        }
+        let mut runs = std::mem::take(&mut self.scratch_regions);
+        let r = self
+            .tracked_runs(addr, addr + len, &mut runs)
+            .and_then(|()| {
+                let t = self.tracker.as_ref().expect("checked above");
+                runs.iter().try_for_each(|r| {
+                    let (s, l) = (r.start as usize, (r.end - r.start) as usize);
+                    t.unregister(s, l)?;
+                    if let (true, Some(u)) = (for_merge, &self.uffd) {
+                        let _ = u.register_wp(s, l);
+                    }
+                    Ok(())
+                })
+            });
+        self.scratch_regions = runs;
+        r
+    }
+
     /// The runs of `[start, end)` registered with the write tracker.
     fn tracked_runs(&self, start: usize, end: usize, out: &mut Vec<PageRegion>) -> io::Result<()> {
         let pm = self
@@ -566,46 +593,11 @@ impl Mem for Os {
     }
 
     fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {
-        if self.owned_at(addr).is_none() || self.tracker.is_none() {
-            return Ok(());
-        }
-        // Exactly the tracked VMAs: the kernel refuses (or, before Linux 6.17, does
-        // wrongly) an unregister whose range holds a VMA of another userfaultfd.
-        let mut runs = std::mem::take(&mut self.scratch_regions);
-        let r = self
-            .tracked_runs(addr, addr + len, &mut runs)
-            .and_then(|()| {
-                let t = self.tracker.as_ref().expect("checked above");
-                runs.iter()
-                    .try_for_each(|r| t.unregister(r.start as usize, (r.end - r.start) as usize))
-            });
-        self.scratch_regions = runs;
-        r
+        self.untrack_runs(addr, len, false)
     }
 
     fn untrack_for_merge(&mut self, addr: usize, len: usize) -> io::Result<()> {
-        if self.owned_at(addr).is_none() || self.tracker.is_none() {
-            return Ok(());
-        }
-        let mut runs = std::mem::take(&mut self.scratch_regions);
-        let r = self
-            .tracked_runs(addr, addr + len, &mut runs)
-            .and_then(|()| {
-                let t = self.tracker.as_ref().expect("checked above");
-                runs.iter().try_for_each(|r| {
-                    let (s, l) = (r.start as usize, (r.end - r.start) as usize);
-                    t.unregister(s, l)?;
-                    // Straight to the synchronous userfaultfd that `protect` needs (it
-                    // would otherwise find the range unregistered first). Best effort:
-                    // `protect` registers what this leaves out.
-                    if let Some(u) = &self.uffd {
-                        let _ = u.register_wp(s, l);
-                    }
-                    Ok(())
-                })
-            });
-        self.scratch_regions = runs;
-        r
+        self.untrack_runs(addr, len, true)
     }
 
     fn retrack(&mut self, addr: usize, len: usize) {
