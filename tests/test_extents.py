@@ -55,6 +55,12 @@ class Memory:
             ctypes.memmove(self.addr(c, 0), b"".join(run), N * PAGE)
             ctypes.memmove(self.addr(c, N), page_pattern(900 + c), PAGE)
 
+    def merge(self, pages: list[list[bytes]], scans: int) -> None:
+        """Write the copies, advise the range and run `scans` full scans."""
+        self.write(pages)
+        ksm.madvise(self.base, self.length, MERGE)
+        ksm.scan(scans)
+
     def check(self, pages: list[list[bytes]]) -> None:
         for c, run in enumerate(pages):
             for i, want in enumerate(run):
@@ -82,9 +88,7 @@ def test_a_copied_run_with_changed_pages_is_one_mapping_per_copy(owned: bool) ->
     pages = copies(changed, 2)
     mem = Memory(owned, 2)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(2)
+        mem.merge(pages, 2)
         s = ksm.stats()
         assert (s["pages_shared"], s["pages_sharing"]) == (N - 3, N - 3)
         for c in range(2):
@@ -117,9 +121,7 @@ def test_dontneed_on_a_covered_page_reads_zeros_where_its_offset_holds_a_frame(o
     pages = copies({(0, 5): page_pattern(7)}, 3)
     mem = Memory(owned, 3)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(4)
+        mem.merge(pages, 4)
         s = ksm.stats()
         assert (s["pages_shared"], s["pages_sharing"]) == (N, 2 * (N - 1) + 1)
         for c in range(3):
@@ -147,9 +149,7 @@ def test_a_forked_child_reads_covered_pages_and_can_unmerge_them() -> None:
     pages = copies({(1, 10): page_pattern(9)}, 2)
     mem = Memory(True, 2)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(2)
+        mem.merge(pages, 2)
         assert len(mem.copy_mappings(1)) == 1
         pid = os.fork()
         if pid == 0:  # pragma: no cover (child)
@@ -180,9 +180,7 @@ def test_a_discarded_covered_page_over_a_free_frame_keeps_reading_zeros(owned: b
     pages = copies({(0, 5): page_pattern(7), (1, 5): page_pattern(8), (2, 5): page_pattern(9)}, 3)
     mem = Memory(owned, 3)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(3)
+        mem.merge(pages, 3)
         for c in range(3):
             assert len(mem.copy_mappings(c)) == 1, f"copy {c}: {mem.copy_mappings(c)}"
         assert libc.madvise(mem.addr(0, 5), PAGE, MADV_DONTNEED) == 0
@@ -208,9 +206,7 @@ def test_a_discarded_covered_page_moved_by_mremap_reads_zeros() -> None:
     mem = Memory(False, 3)
     dst = raw_mmap(N * PAGE)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(4)
+        mem.merge(pages, 4)
         assert len(mem.copy_mappings(0)) == 1
         assert libc.madvise(mem.addr(0, 5), PAGE, MADV_DONTNEED) == 0
         ksm.scan(1)
@@ -232,9 +228,7 @@ def test_a_forked_child_reads_zeros_for_a_covered_page_discarded_before_the_fork
     pages = copies({(0, 5): page_pattern(7)}, 3)
     mem = Memory(True, 3)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(4)
+        mem.merge(pages, 4)
         assert len(mem.copy_mappings(0)) == 1
         assert libc.madvise(mem.addr(0, 5), PAGE, MADV_DONTNEED) == 0
         ksm.scan(1)

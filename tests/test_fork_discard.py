@@ -13,7 +13,7 @@ import os
 
 import pytest
 from conftest import PAGE, libc, page_pattern
-from test_extents import MADV_DONTNEED, MERGE, Memory, copies
+from test_extents import MADV_DONTNEED, Memory, copies
 
 import ksm
 
@@ -57,9 +57,7 @@ def test_child_discards_covered_page_over_live_frame(owned: bool) -> None:
     pages = copies({(0, 5): page_pattern(7)}, 3)
     mem = Memory(owned, 3)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(4)
+        mem.merge(pages, 4)
         assert len(mem.copy_mappings(0)) == 1
         got = child_read_after_discard(mem.addr(0, 5))
         assert got != pages[1][5], "child read ANOTHER page's bytes (copy 1/2 page 5)"
@@ -78,9 +76,7 @@ def test_child_discards_merged_page(owned: bool) -> None:
     pages = copies({}, 2)
     mem = Memory(owned, 2)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(3)
+        mem.merge(pages, 3)
         got = child_read_after_discard(mem.addr(0, 5))
         assert got == bytes(PAGE), "child's discarded merged page reads the frame's old bytes"
     finally:
@@ -96,9 +92,7 @@ def test_child_discards_covered_page_after_parent_reuses_offset(owned: bool) -> 
     pages = copies({(0, 5): page_pattern(7), (1, 5): page_pattern(8), (2, 5): page_pattern(9)}, 3)
     mem = Memory(owned, 3)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(3)
+        mem.merge(pages, 3)
         for c in range(3):
             assert len(mem.copy_mappings(c)) == 1
         go_r, go_w = os.pipe()
@@ -141,9 +135,7 @@ def test_parent_discards_then_forks_at_once(owned: bool, covered: bool) -> None:
     pages = copies({(0, 5): page_pattern(7)} if covered else {}, 3)
     mem = Memory(owned, 3)
     try:
-        mem.write(pages)
-        ksm.madvise(mem.base, mem.length, MERGE)
-        ksm.scan(4)
+        mem.merge(pages, 4)
         assert libc.madvise(mem.addr(0, 5), PAGE, MADV_DONTNEED) == 0
         r, w = os.pipe()
         pid = os.fork()
