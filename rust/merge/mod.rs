@@ -35,6 +35,11 @@ use crate::sys::pagemap::{
 use crate::sys::procmem;
 use crate::sys::uffd::{self, Uffd, Window};
 
+/// Unmerging a run of at most this many pages copies them by hand into scratch
+/// populated beforehand: registering the scratch for `UFFDIO_COPY` (and unregistering
+/// it) costs more than the zero-filling it saves on so few pages.
+const COPY_BY_HAND_MAX: usize = 8;
+
 /// One open merge window.
 #[derive(Clone, Copy, Debug)]
 pub struct Win {
@@ -901,6 +906,7 @@ impl Mem for Os {
             .uffd
             .as_ref()
             .or(self.uffd_foreign.as_ref())
+            .filter(|_| len > COPY_BY_HAND_MAX * self.page)
             .filter(|u| u.register_missing(scratch.addr(), len).is_ok())
             .cloned();
         if filler.is_none() {
