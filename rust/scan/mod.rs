@@ -1460,7 +1460,13 @@ impl<M: Mem> Core<M> {
                 StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
             }
         }
-        if self.unstable.contains_key(&hash) {
+        if self.unstable.contains_key(&hash) && !self.vma_room(2) {
+            // A pair merge needs VMAs the budget no longer has: it is put off before any
+            // byte is read or compared (a process at its budget would otherwise read and
+            // compare every such pair at every full scan, only to refuse the merge).
+            // Counted on the checksum match, as `charge_vmas` counts a refused merge.
+            self.counters.vma_budget_skips += 1;
+        } else if self.unstable.contains_key(&hash) {
             if !load(self, buf) {
                 self.forget(t.addr);
                 return false;
@@ -1565,17 +1571,24 @@ impl<M: Mem> Core<M> {
     /// out, the real count is read again, at most once per 256 charges, so that a
     /// process really at its budget does not recount for every page.
     fn charge_vmas(&mut self, pages: u64) -> bool {
+        if !self.vma_room(pages) {
+            self.counters.vma_budget_skips += 1;
+            return false;
+        }
+        let need = 2 * pages;
+        self.charges_since_count += 1;
+        self.vma_allowance -= need;
+        true
+    }
+
+    /// Whether the VMA budget has room for `pages` remaps (as `charge_vmas` would
+    /// charge them), the real count read again as `charge_vmas` says; nothing charged.
+    fn vma_room(&mut self, pages: u64) -> bool {
         let need = 2 * pages;
         if self.vma_allowance < need && self.charges_since_count >= 256 {
             self.refresh_vma_allowance();
         }
-        if self.vma_allowance < need {
-            self.counters.vma_budget_skips += 1;
-            return false;
-        }
-        self.charges_since_count += 1;
-        self.vma_allowance -= need;
-        true
+        self.vma_allowance >= need
     }
 
     /// The page at `addr` maps frame `f` now: its record leaves whatever index it was
