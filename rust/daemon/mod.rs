@@ -672,7 +672,7 @@ impl Engine {
         // its line count then also gives the VMA budget (else a cheap count does).
         let needs_maps = st.core.regions().any(|r| !r.owned) || st.core.frames().suspects() > 0;
         let Some(vmas) = needs_maps.then(maps::read_self).and_then(Result::ok) else {
-            st.core.refresh_vma_allowance();
+            st.core.count_vmas_when_needed();
             return;
         };
         let allowance = st.core.mem.vma_allowance_for(vmas.len() as u64);
