@@ -1150,7 +1150,8 @@ impl<M: Mem> Core<M> {
 
     /// From page `i` of the batch at `from` (in the region at `rstart`), the pages a
     /// visit would deal with without looking at their bytes, done here as `visit`
-    /// would: not advised; skipped by smart scan (present, unmerged, and
+    /// would: not advised; merged and still mapping its frame (scanned, nothing to
+    /// do); skipped by smart scan (present, unmerged, and
     /// `should_skip` would skip it); or unchanged since a checksum taken under write
     /// tracking, with no candidate in any index (it goes into the unstable index
     /// again). Returns how many pages, and how many of them count as scanned (at
@@ -1186,6 +1187,13 @@ impl<M: Mem> Core<M> {
             let idx = base + k;
             let p = r.pages[idx];
             if !p.advised() {
+                k += 1;
+                continue;
+            }
+            if p.state() == State::Stable && pres[k] != Presence::Anon && scanned < budget {
+                // `visit`: still maps its frame, a KSM page on its node; scanned.
+                counters.pages_scanned += 1;
+                scanned += 1;
                 k += 1;
                 continue;
             }
