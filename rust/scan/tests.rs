@@ -292,7 +292,10 @@ fn merges_stop_at_the_vma_budget() {
     // afresh at every full scan), the pairs put off merge.
     let skips = k.vma_budget_skips;
     c.scan_full(1);
-    assert!(c.counters().vma_budget_skips > skips, "still at the budget: put off again");
+    assert!(
+        c.counters().vma_budget_skips > skips,
+        "still at the budget: put off again"
+    );
     c.mem.vma_allowance = 100;
     c.refresh_vma_allowance();
     c.scan_full(2);
