@@ -280,6 +280,9 @@ pub struct Os {
     /// CPU time the threads `checksums` started have used (nanoseconds), taken by the
     /// engine into the scanner's CPU time after each batch.
     pub helper_cpu_ns: u64,
+    /// `checksums` calls still to make on one thread, and how many the next time the
+    /// threads come late (see `sys::Helped::late`).
+    hash_backoff: (u32, u32),
 }
 
 /// The fewest pages a thread of `Os::checksums` takes: starting one costs 30–140 µs
@@ -322,6 +325,7 @@ impl Os {
             copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             unreadable: Mapping::inaccessible(crate::sys::page_size()).ok(),
             helper_cpu_ns: 0,
+            hash_backoff: (0, 1),
         }
     }
 
@@ -649,12 +653,13 @@ impl Mem for Os {
     ) {
         let page = self.page;
         let mappings = &self.owned;
-        let part = |addrs: &[usize], out: &mut [Option<u32>]| {
-            let most = match owned {
-                true => 1,
-                false => procmem::MAX_PAGES_AT_ONCE.min(addrs.len()),
-            };
-            let mut buf = vec![0u8; most * page];
+        // Pages of ksm.mmap memory are copied out one at a time, others read `most` at a time.
+        let most = match owned {
+            true => 1,
+            false => procmem::MAX_PAGES_AT_ONCE.min(addrs.len()),
+        };
+        let scratch = || vec![0u8; most * page];
+        let part = |buf: &mut Vec<u8>, addrs: &[usize], out: &mut [Option<u32>]| {
             let mut i = 0;
             while i < addrs.len() {
                 if let Some(m) = owned_in(mappings, addrs[i]).filter(|_| owned) {
@@ -683,7 +688,22 @@ impl Mem for Os {
                 }
             }
         };
-        self.helper_cpu_ns += crate::sys::map_parts(addrs, out, threads, SUM_PART_MIN, part);
+        // Threads that came late (a busy core) are not waited for again at once: the
+        // next calls go without, twice as many each time they come late again.
+        let threads = match self.hash_backoff.0 {
+            0 => threads,
+            _ => {
+                self.hash_backoff.0 -= 1;
+                1
+            }
+        };
+        let helped = crate::sys::map_parts(addrs, out, (threads, SUM_PART_MIN), scratch, part);
+        self.helper_cpu_ns += helped.cpu_ns;
+        if helped.late() {
+            self.hash_backoff = (self.hash_backoff.1, (self.hash_backoff.1 * 2).min(64));
+        } else if helped.threads > 0 {
+            self.hash_backoff = (0, 1);
+        }
     }
 
     fn frame(&self, f: FrameId) -> &[u8] {
