@@ -144,9 +144,10 @@ class Ksmd:
       threads a scan reads and hashes pages on. With more than 1, each batch
       takes the checksums its visits would take ahead of them (up to 2048 at a
       time; 64 after a merge made some useless, doubling again while none is),
-      spread over that many threads, this one included, each given at least 1024
-      pages (the others end before the batch does); memory ksm does not own is
-      then read 64 pages per system call instead of one. Merging is unchanged:
+      spread over that many threads, this one included, if each can have 1024
+      pages (the others end before the batch does; after they came late, a few
+      batches go without); memory ksm does not own is then read 64 pages per
+      system call instead of one. Merging is unchanged:
       bytes are still read before they are compared, and compared under
       write-protection. 1 hashes each page in the scanning thread at its visit,
       as the kernel's ksmd does. The threads' CPU time counts as the scanner's.

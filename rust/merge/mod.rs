@@ -285,8 +285,9 @@ pub struct Os {
     hash_backoff: (u32, u32),
 }
 
-/// The fewest pages a thread of `Os::checksums` takes: starting one costs 30–140 µs
-/// here, hashing 1024 pages of `ksm.mmap` memory about 200 µs, of other memory 0.7 ms.
+/// The fewest pages each thread of `Os::checksums` must have for threads to start:
+/// starting one costs 30–140 µs here, hashing 1024 pages of `ksm.mmap` memory about
+/// 200 µs, of other memory 0.4–0.5 ms (read 64 at a time).
 const SUM_PART_MIN: usize = 1024;
 
 /// The mapping of `owned` (memory ksm allocated, by start address) holding `addr`.
