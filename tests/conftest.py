@@ -66,6 +66,27 @@ settings.load_profile(os.environ.get("KSM_HYPOTHESIS_PROFILE", "fast"))
 
 # ---- state around every test -----------------------------------------------------
 
+
+def available_cores() -> int:
+    """The cores this process may use, counted like Rust's ``available_parallelism``
+    (``ksmd.hash_threads``' default, at most 1024): its CPU affinity, capped by any
+    cgroup v2 CPU quota (``cpu.max``) from its cgroup up (v1 quotas are not read)."""
+    cores = len(os.sched_getaffinity(0))
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    path = next((line[3:] for line in lines if line.startswith("0::")), None)
+    root = Path("/sys/fs/cgroup")
+    d = root / path.lstrip("/") if path is not None else root
+    while path is not None:
+        limit = d / "cpu.max"
+        quota, _, period = limit.read_text().partition(" ") if limit.exists() else ("max", "", "")
+        if quota != "max" and period.strip():
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+        if d in (root, d.parent):
+            break
+        d = d.parent
+    return min(cores, 1024)
+
+
 # advisor_mode first: pages_to_scan cannot be set while the advisor is on.
 KNOB_DEFAULTS: dict[str, int | str] = {
     "advisor_mode": "none",
@@ -84,6 +105,8 @@ KNOB_DEFAULTS: dict[str, int | str] = {
     # ksm's own: VMAs kept for the application, half of the limit by default.
     "vma_reserve": int(Path("/proc/sys/vm/max_map_count").read_text()) // 2,
     "write_tracking": 1,
+    # ksm's own: threads a scan hashes pages on, the cores available by default.
+    "hash_threads": available_cores(),
 }
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import PAGE, TESTS_DIR, page_pattern, run_python
+from conftest import PAGE, TESTS_DIR, available_cores, page_pattern, run_python
 from hypothesis import given, note
 from hypothesis import strategies as st
 
@@ -148,6 +148,7 @@ KNOBS: dict[str, Knob] = {
     # ksm's own: VMAs kept for the application (half of vm.max_map_count by default).
     "vma_reserve": Knob(int(Path("/proc/sys/vm/max_map_count").read_text()) // 2, 0, 2**31 - 1),
     "write_tracking": Knob(1, 0, 1, boolean=True),
+    "hash_threads": Knob(available_cores(), 1, 1024),
 }
 PRESENT_KNOBS = [k for k in KNOBS if hasattr(ksm.ksmd, k)]
 # Knobs that can only change while no page is shared (OSError EBUSY otherwise).

@@ -43,6 +43,7 @@ RANGES = {
     "advisor_target_scan_time": (1, U32),
     "vma_reserve": (0, 2**31 - 1),
     "write_tracking": (0, 1),
+    "hash_threads": (1, 1024),
 }
 BOOLEAN_KNOBS = {"use_zero_pages", "merge_across_nodes", "smart_scan", "write_tracking"}
 

@@ -101,6 +101,8 @@ pub enum Op {
     ZeroPages { on: bool },
     /// `smart_scan = on`.
     SmartScan { on: bool },
+    /// `hash_threads = 1 + n % 4` (more than 1: checksums taken ahead, on threads).
+    HashThreads { n: u8 },
 }
 
 /// Parsed as the setup, then operations until the bytes run out (derived
@@ -166,6 +168,16 @@ impl Mem for ChildMem {
     }
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()> {
         self.fake.read(addr, owned, buf)
+    }
+    fn checksums(
+        &mut self,
+        addrs: &[usize],
+        owned: bool,
+        threads: usize,
+        sum: fn(&[u8]) -> u32,
+        out: &mut [Option<u32>],
+    ) {
+        self.fake.checksums(addrs, owned, threads, sum, out)
     }
     fn frame(&self, f: FrameId) -> &[u8] {
         self.fake.frame(f)
@@ -563,6 +575,7 @@ impl Harness {
             Op::RefreshVma => self.core.refresh_vma_allowance(),
             Op::ZeroPages { on } => self.core.use_zero_pages = on,
             Op::SmartScan { on } => self.core.smart_scan = on,
+            Op::HashThreads { n } => self.core.hash_threads = 1 + usize::from(n % 4),
         }
     }
 

@@ -198,6 +198,7 @@ class Ksmd:
     advisor_target_scan_time: int
     vma_reserve: int
     write_tracking: int
+    hash_threads: int
 
     # Read-only statistics (writing one raises AttributeError).
     pages_shared: int

@@ -139,6 +139,18 @@ class Ksmd:
       about 2 microseconds more. Needs ``UFFD_FEATURE_WP_ASYNC`` (Linux 6.7);
       without it this stays 1 and nothing is tracked. 0 stops tracking at once;
       1 tracks memory advised (or unmerged) from then on.
+    - ``hash_threads`` (the cores available to the process: CPU affinity and
+      cgroup quota, as Rust's ``available_parallelism`` counts them; 1..1024):
+      threads a scan reads and hashes pages on. With more than 1, each batch
+      takes the checksums its visits would take ahead of them (up to 2048 at a
+      time; 64 after a merge made some useless, doubling again while none is),
+      spread over that many threads, this one included, if each can have 1024
+      pages (the others end before the batch does; after they came late, a few
+      batches go without); memory ksm does not own is then read 64 pages per
+      system call instead of one. Merging is unchanged:
+      bytes are still read before they are compared, and compared under
+      write-protection. 1 hashes each page in the scanning thread at its visit,
+      as the kernel's ksmd does. The threads' CPU time counts as the scanner's.
 
     Statistics (read-only, the kernel's definitions): ``pages_shared``,
     ``pages_sharing``, ``pages_unshared``, ``pages_volatile``, ``full_scans``,
@@ -165,6 +177,7 @@ class Ksmd:
     advisor_target_scan_time: int
     vma_reserve: int
     write_tracking: int
+    hash_threads: int
     @property
     def pages_shared(self) -> int: ...
     @property

@@ -7,10 +7,11 @@
 //! spellings are not taken; the `advisor_*` knobs the kernel stores in 32 bits
 //! after accepting 64 (silently truncating) refuse what does not fit.
 //!
-//! Two knobs are ksm's own, listed after the kernel's: `vma_reserve`, the VMAs of
+//! Three knobs are ksm's own, listed after the kernel's: `vma_reserve`, the VMAs of
 //! `vm.max_map_count` kept for the application (merging costs VMAs; the
-//! kernel's KSM costs none), and `write_tracking` (scans skip the pages of memory
-//! ksm owns that were not written since, at a small cost on the first write).
+//! kernel's KSM costs none), `write_tracking` (scans skip the pages of memory
+//! ksm owns that were not written since, at a small cost on the first write), and
+//! `hash_threads` (the threads a scan reads and hashes pages on).
 
 #![forbid(unsafe_code)]
 
@@ -53,6 +54,9 @@ pub struct Knobs {
     /// ksm's own: track writes to unmerged memory ksm owns (an asynchronous
     /// write-protect userfaultfd), so that a scan hashes only pages written since.
     pub write_tracking: bool,
+    /// ksm's own: threads a scan batch reads and hashes pages on (1: in the scanning
+    /// thread, page by page as the kernel's ksmd does).
+    pub hash_threads: u32,
     /// `prctl(PR_SET_MEMORY_MERGE)` state (`ksm.set_memory_merge`); not a sysfs knob.
     pub merge_any: bool,
 }
@@ -65,6 +69,21 @@ pub fn default_vma_reserve() -> u32 {
     *DEFAULT.get_or_init(|| {
         let limit = crate::region::maps::max_map_count().unwrap_or(65530);
         u32::try_from(limit / 2).unwrap_or(i32::MAX as u32)
+    })
+}
+
+/// Most `hash_threads`.
+pub const MAX_HASH_THREADS: u32 = 1024;
+
+/// `hash_threads`' default: the cores this process may run on
+/// (`std::thread::available_parallelism`: CPU affinity and cgroup quota), as
+/// first asked, at most `MAX_HASH_THREADS`; 1 if it cannot be told.
+pub fn default_hash_threads() -> u32 {
+    static DEFAULT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        std::thread::available_parallelism().map_or(1, |n| {
+            u32::try_from(n.get()).map_or(MAX_HASH_THREADS, |n| n.min(MAX_HASH_THREADS))
+        })
     })
 }
 
@@ -86,6 +105,7 @@ impl Default for Knobs {
             advisor_target_scan_time: 200,
             vma_reserve: default_vma_reserve(),
             write_tracking: true,
+            hash_threads: default_hash_threads(),
             merge_any: false,
         }
     }
@@ -144,6 +164,13 @@ pub const KNOBS: &[(&str, Kind)] = &[
         },
     ),
     ("write_tracking", Kind::Bool),
+    (
+        "hash_threads",
+        Kind::Int {
+            lo: 1,
+            hi: MAX_HASH_THREADS as i64,
+        },
+    ),
 ];
 
 /// Knob names in sysfs order.
@@ -171,6 +198,10 @@ pub fn accepted(name: &str) -> String {
         Ok(Kind::Int { lo, hi }) if name == "run" => {
             format!("{lo} (stop), 1 (run) or {hi} (stop and unmerge everything)")
         }
+        Ok(Kind::Int { lo, hi }) if name == "hash_threads" => format!(
+            "an integer from {lo} to {hi} (the default is the {} cores available)",
+            default_hash_threads()
+        ),
         Ok(Kind::Int { lo, hi }) => format!("an integer from {lo} to {hi}"),
         Ok(Kind::Bool) => "0 or 1 (or a bool)".into(),
         Ok(Kind::Mode) => "\"none\" or \"scan-time\"".into(),
@@ -200,6 +231,7 @@ impl Knobs {
                     "advisor_max_pages_to_scan" => self.advisor_max_pages_to_scan = x,
                     "advisor_target_scan_time" => self.advisor_target_scan_time = x,
                     "vma_reserve" => self.vma_reserve = x,
+                    "hash_threads" => self.hash_threads = x,
                     _ => unreachable!("every Int knob is listed"),
                 }
             }
@@ -245,6 +277,7 @@ impl Knobs {
             "advisor_target_scan_time" => i(self.advisor_target_scan_time),
             "vma_reserve" => i(self.vma_reserve),
             "write_tracking" => b(self.write_tracking),
+            "hash_threads" => i(self.hash_threads),
             _ => return None,
         })
     }
@@ -270,6 +303,22 @@ mod tests {
     }
 
     #[test]
+    fn hash_threads_defaults_to_the_available_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(Knobs::default().hash_threads as usize, cores.min(1024));
+        let mut k = Knobs::default();
+        let err = k.set("hash_threads", &Value::Int(0)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "hash_threads must be an integer from 1 to 1024 (the default is the {} cores available), got 0",
+                default_hash_threads()
+            )
+        );
+        assert_eq!(k, Knobs::default());
+    }
+
+    #[test]
     fn defaults_and_boundaries() {
         let defaults: &[(&str, i64)] = &[
             ("run", 0),
@@ -286,6 +335,7 @@ mod tests {
             ("advisor_target_scan_time", 200),
             ("vma_reserve", i64::from(default_vma_reserve())),
             ("write_tracking", 1),
+            ("hash_threads", i64::from(default_hash_threads())),
         ];
         for &(name, default) in defaults {
             let mut k = Knobs::default();

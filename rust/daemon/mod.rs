@@ -170,6 +170,7 @@ fn apply_knobs(core: &mut Core<Os>, k: &Knobs) {
     core.smart_scan = k.smart_scan;
     core.use_zero_pages = k.use_zero_pages;
     core.mem.vma_reserve = u64::from(k.vma_reserve);
+    core.hash_threads = k.hash_threads as usize;
     if core.mem.write_tracking() != k.write_tracking {
         core.set_write_tracking(k.write_tracking);
     }
@@ -658,11 +659,13 @@ impl Engine {
         Ok(())
     }
 
-    /// One batch of `budget` pages, its CPU time charged to the scanner (for the advisor).
+    /// One batch of `budget` pages, its CPU time charged to the scanner (for the advisor):
+    /// this thread's, and that of the threads it hashed pages on.
     fn batch(st: &mut State, budget: u64) -> bool {
         let t0 = sys::thread_cpu_ns();
         let done = st.core.scan_batch(budget);
-        st.scan_cpu_ns += sys::thread_cpu_ns().saturating_sub(t0);
+        st.scan_cpu_ns += sys::thread_cpu_ns().saturating_sub(t0)
+            + std::mem::take(&mut st.core.mem.helper_cpu_ns);
         done
     }
 

@@ -46,6 +46,13 @@ pub struct FakeMem {
     pub tracking: bool,
     untracked: HashSet<usize>,
     dirty: HashSet<usize>,
+    /// Application writes `(addr, bytes)` that land at the next `protect`, just before
+    /// it takes effect (a writer racing with a merge window), then are forgotten.
+    pub writes_at_protect: Vec<(usize, Vec<u8>)>,
+    /// Pages `checksums` read (checksums taken ahead of the visits), and the most
+    /// threads one call used.
+    pub sums_ahead: u64,
+    pub most_sum_threads: usize,
 }
 
 impl FakeMem {
@@ -65,6 +72,9 @@ impl FakeMem {
             tracking: false,
             untracked: HashSet::new(),
             dirty: HashSet::new(),
+            writes_at_protect: Vec::new(),
+            sums_ahead: 0,
+            most_sum_threads: 0,
         }
     }
 
@@ -177,6 +187,34 @@ impl Mem for FakeMem {
         Ok(())
     }
 
+    /// As the Os: the pages in `threads` parts read side by side, one thread each
+    /// (however few pages, so that tests run the threaded path).
+    fn checksums(
+        &mut self,
+        addrs: &[usize],
+        _owned: bool,
+        threads: usize,
+        sum: fn(&[u8]) -> u32,
+        out: &mut [Option<u32>],
+    ) {
+        let per = addrs.len().div_ceil(threads.max(1)).max(1);
+        let me = &*self;
+        std::thread::scope(|s| {
+            for (a, o) in addrs.chunks(per).zip(out.chunks_mut(per)) {
+                s.spawn(move || {
+                    for (&a, o) in a.iter().zip(o) {
+                        *o = Some(sum(&me.read_page(a)));
+                    }
+                });
+            }
+        });
+        for &a in addrs {
+            self.touch(a);
+        }
+        self.sums_ahead += addrs.len() as u64;
+        self.most_sum_threads = self.most_sum_threads.max(addrs.len().div_ceil(per));
+    }
+
     fn frame(&self, f: FrameId) -> &[u8] {
         &self.frames[&f]
     }
@@ -219,6 +257,9 @@ impl Mem for FakeMem {
     }
 
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        for (a, bytes) in std::mem::take(&mut self.writes_at_protect) {
+            self.write(a, &bytes);
+        }
         for a in (addr..addr + len).step_by(self.page) {
             self.protected.insert(a);
         }

@@ -91,6 +91,24 @@ pub trait Mem {
     /// Copy `buf.len()` bytes from `addr` (a page, or a run inside one region),
     /// fault-safely unless `owned`.
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()>;
+    /// `sum` of the bytes of each page of `addrs` (pages of one region, which ksm owns
+    /// or not as `owned` says), each read now as `read` would, on up to `threads`
+    /// threads; `None` where a page could not be read. One by one here; the Os and the
+    /// fake spread the pages over threads.
+    fn checksums(
+        &mut self,
+        addrs: &[usize],
+        owned: bool,
+        threads: usize,
+        sum: fn(&[u8]) -> u32,
+        out: &mut [Option<u32>],
+    ) {
+        let _ = threads;
+        let mut buf = vec![0u8; self.page_size()];
+        for (&a, o) in addrs.iter().zip(out) {
+            *o = self.read(a, owned, &mut buf).is_ok().then(|| sum(&buf));
+        }
+    }
     fn frame(&self, f: FrameId) -> &[u8];
     /// Whether the page at `addr` holds `data` (`read` and compare; the Os compares
     /// memory ksm owns in place, without a copy).
@@ -242,15 +260,24 @@ pub struct Core<M: Mem> {
     vma_count_due: bool,
     /// Frames freed while unmerging, punched together when it ends (see `unmerge_range`).
     punch_later: Option<Vec<FrameId>>,
+    /// Threads a batch's checksums are taken on, ahead of the visits (the engine sets
+    /// it from the `hash_threads` knob); 1: each page is hashed by its visit.
+    pub hash_threads: usize,
+    sums_ahead: SumsAhead,
     buf: Vec<u8>,
     buf2: Vec<u8>,
 }
 
 /// The index key and the 32-bit checksum (volatility check) of a page.
 fn checksum_of(buf: &[u8]) -> (u64, u32) {
-    let hash = xxh3_64(buf);
-    let checksum = (hash ^ (hash >> 32)) as u32;
+    let checksum = checksum(buf);
     (key_of(checksum), checksum)
+}
+
+/// The 32-bit checksum of a page's bytes (its 64-bit xxh3, folded).
+fn checksum(buf: &[u8]) -> u32 {
+    let hash = xxh3_64(buf);
+    (hash ^ (hash >> 32)) as u32
 }
 
 /// The index key of a page with checksum `c`: the checksum itself, so that a page
@@ -258,6 +285,19 @@ fn checksum_of(buf: &[u8]) -> (u64, u32) {
 /// without reading it. Bytes are compared on every hit, so its 32 bits are enough.
 fn key_of(c: u32) -> u64 {
     u64::from(c)
+}
+
+/// Whether the visit of a page with record `p`, probed `pres` (and `unchanged` under
+/// write tracking), would read and hash it (see `Core::visit`): an advised, present,
+/// unmerged page whose checksum is not trusted, unless smart scan skips it
+/// (`Core::should_skip`, which ages pages the same way whatever their state).
+fn hashed_by_visit(p: PageRec, pres: Presence, unchanged: bool, smart: bool) -> bool {
+    let unmerged = match p.state() {
+        State::Untracked => true,
+        State::Volatile | State::Unstable => !(unchanged && p.sum_tracked()),
+        State::Stable | State::Inherited | State::Zero => false,
+    };
+    p.advised() && pres == Presence::Anon && unmerged && !(smart && p.age() >= 3 && p.skips() > 0)
 }
 
 /// The kernel's `skip_age`: how many visits a page that failed to merge `age`
@@ -339,8 +379,83 @@ fn joined_prefix(run: &[Slot], k: usize) -> usize {
         .map_or(0, |i| i + 1)
 }
 
-/// Pages a batch probes at a time.
+/// Fewest pages a batch probes at a time (unless the region ends first).
 const PROBE_BATCH: usize = 512;
+
+/// Most pages a batch probes at a time, budget allowing: enough for checksums taken
+/// ahead of the visits to be shared between threads (see `Core::sum_ahead`).
+const PROBE_BATCH_MAX: usize = 4096;
+
+/// Most checksums taken ahead of the visits at once: enough for threads to start at a
+/// negligible cost (see `merge::Os::checksums`).
+const SUMS_AHEAD: usize = 2048;
+
+/// Fewest checksums taken ahead at once. A merge makes those of the pages it remaps
+/// useless (a run extends forward from the page visited, over pages whose checksums
+/// were taken): after one, the next takes this few, doubling while no merge wastes
+/// them, so that scans that merge much waste little and scans that merge nothing
+/// soon take `SUMS_AHEAD` at a time.
+const SUMS_AHEAD_MIN: usize = 64;
+
+/// Checksums taken ahead of the visits of one batch (see `Core::sum_ahead`): per page
+/// from `start`, the checksum its visit is to use instead of reading and hashing it.
+struct SumsAhead {
+    start: usize,
+    sums: Vec<Option<u32>>,
+    /// How many to take next time.
+    window: usize,
+    /// Whether a merge window took some of these away unused.
+    wasted: bool,
+}
+
+impl Default for SumsAhead {
+    fn default() -> Self {
+        SumsAhead {
+            start: 0,
+            sums: Vec::new(),
+            window: SUMS_AHEAD,
+            wasted: false,
+        }
+    }
+}
+
+impl SumsAhead {
+    /// Start over for `pages` pages from `start`; returns how many checksums to take.
+    fn reset(&mut self, start: usize, pages: usize) -> usize {
+        self.window = if self.wasted {
+            SUMS_AHEAD_MIN
+        } else {
+            (self.window * 2).min(SUMS_AHEAD)
+        };
+        self.wasted = false;
+        self.start = start;
+        self.sums.clear();
+        self.sums.resize(pages, None);
+        self.window
+    }
+
+    /// Those of a batch serve the batch only; how many to take is kept.
+    fn clear(&mut self) {
+        self.sums = Vec::new();
+    }
+
+    /// The checksum taken ahead for the page at `addr`, if any (at most once).
+    fn take(&mut self, addr: usize, page: usize) -> Option<u32> {
+        let i = addr.checked_sub(self.start)? / page;
+        self.sums.get_mut(i)?.take()
+    }
+
+    /// Forget those of `[addr, addr+len)` (pages a merge window takes).
+    fn forget(&mut self, addr: usize, len: usize, page: usize) {
+        let end = self.start + self.sums.len() * page;
+        let (s, e) = (addr.max(self.start), (addr + len).min(end));
+        if s < e {
+            for c in &mut self.sums[(s - self.start) / page..(e - self.start).div_ceil(page)] {
+                self.wasted |= c.take().is_some();
+            }
+        }
+    }
+}
 
 /// Pages probed at a time while a run is extended.
 const AHEAD: usize = 64;
@@ -396,6 +511,8 @@ impl<M: Mem> Core<M> {
             charges_since_count: 0,
             vma_count_due: false,
             punch_later: None,
+            hash_threads: 1,
+            sums_ahead: SumsAhead::default(),
             buf: vec![0; page],
             buf2: vec![0; page],
         }
@@ -966,8 +1083,11 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
-        let mut pres = vec![Presence::Absent; PROBE_BATCH];
-        let (mut tracked, mut unchanged) = (vec![false; PROBE_BATCH], vec![false; PROBE_BATCH]);
+        // With more than one hash thread, checksums are taken ahead of the visits.
+        let ahead = self.hash_threads > 1;
+        let mut pres = vec![Presence::Absent; PROBE_BATCH_MAX];
+        let (mut tracked, mut unchanged) =
+            (vec![false; PROBE_BATCH_MAX], vec![false; PROBE_BATCH_MAX]);
         while scanned < budget {
             let cur = self.cursor.expect("set above");
             // The next region at or after the cursor.
@@ -979,11 +1099,15 @@ impl<M: Mem> Core<M> {
                 .or_else(|| self.regions.range(cur..).next())
                 .map(|(_, r)| (r.start, r.end(page)));
             let Some((rstart, rend)) = next else {
+                self.sums_ahead.clear();
                 self.end_full_scan();
                 return true;
             };
             let from = cur.max(rstart);
-            let n = ((rend - from) / page).min(pres.len());
+            // As many pages as the budget lets visits reach, up to `PROBE_BATCH_MAX` (as
+            // many whatever `hash_threads` says, so that it changes nothing else).
+            let batch = (budget - scanned).clamp(PROBE_BATCH as u64, PROBE_BATCH_MAX as u64);
+            let n = ((rend - from) / page).min(batch as usize);
             let probed = if self.only_anonymous(rstart, from, n) {
                 self.mem
                     .probe_tracked(from, &mut pres[..n], &mut tracked[..n], &mut unchanged[..n])
@@ -1009,7 +1133,18 @@ impl<M: Mem> Core<M> {
                 }
             }
             let mut i = 0;
+            // Pages before this one had their checksums taken ahead (if they needed any).
+            let mut summed = 0;
             while i < n && scanned < budget {
+                if ahead && i >= summed {
+                    summed = self.sum_ahead(
+                        rstart,
+                        from,
+                        i,
+                        (&pres[..n], &unchanged[..n]),
+                        budget - scanned,
+                    );
+                }
                 let (passed, counted) = self.pass_stretch(
                     rstart,
                     from,
@@ -1046,7 +1181,7 @@ impl<M: Mem> Core<M> {
                                     .is_none_or(|r| !r.in_pool_mapping())
                             })
                             .unwrap_or(n);
-                        let mut fresh = [Presence::Absent; PROBE_BATCH];
+                        let mut fresh = [Presence::Absent; PROBE_BATCH_MAX];
                         let fresh = &mut fresh[..j - i];
                         if j > i && self.mem.probe(from + i * page, fresh).is_ok() {
                             pres[i..j].copy_from_slice(fresh);
@@ -1056,6 +1191,7 @@ impl<M: Mem> Core<M> {
             }
             self.cursor = Some(from + i * page);
         }
+        self.sums_ahead.clear();
         false
     }
 
@@ -1070,6 +1206,7 @@ impl<M: Mem> Core<M> {
     /// page the window leaves unmerged is hashed again at its next visit).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
         let page = self.page;
+        self.sums_ahead.forget(addr, len, page);
         for (s, e) in self.unmerged_runs(addr, addr + len) {
             for a in (s..e).step_by(page) {
                 self.rec_mut(a).clear(SUM_TRACKED);
@@ -1247,6 +1384,56 @@ impl<M: Mem> Core<M> {
         (k - i, scanned)
     }
 
+    /// Take, on `hash_threads` threads, the checksums that the visits of the next pages
+    /// of the batch at `from` (in the region at `rstart`), from its page `i` on, would
+    /// take by reading and hashing each page: those of up to `SUMS_AHEAD` pages (fewer
+    /// after a merge wasted some, see `SUMS_AHEAD_MIN`; at most `budget`), kept in
+    /// `sums_ahead` for their visits. Returns the index past the pages looked at.
+    ///
+    /// Nothing changes but when the bytes are read: a checksum taken ahead is a
+    /// snapshot of the page taken in this batch, after its probe, as the visit's read
+    /// is; a visit still reads the bytes before it compares them with anything, and a
+    /// merge compares them under write-protection. A merge window takes the
+    /// checksums of its pages away (`Core::protect`): a page it remaps is no unmerged
+    /// page any more, and one it gives back may have been written meanwhile without
+    /// the write tracker's knowledge (see `protect`).
+    fn sum_ahead(
+        &mut self,
+        rstart: usize,
+        from: usize,
+        i: usize,
+        (pres, unchanged): (&[Presence], &[bool]),
+        budget: u64,
+    ) -> usize {
+        let page = self.page;
+        let smart = self.smart_scan;
+        let Some(r) = self.regions.get(&rstart) else {
+            return pres.len();
+        };
+        let (base, owned) = ((from - r.start) / page, r.owned);
+        let window = self.sums_ahead.reset(from + i * page, pres.len() - i);
+        let most = budget.min(window as u64) as usize;
+        let mut addrs = Vec::with_capacity(most.min(pres.len() - i));
+        let mut k = i;
+        while k < pres.len() && addrs.len() < most {
+            if hashed_by_visit(r.pages[base + k], pres[k], unchanged[k], smart) {
+                addrs.push(from + k * page);
+            }
+            k += 1;
+        }
+        self.sums_ahead.sums.truncate(k - i);
+        if addrs.is_empty() {
+            return k;
+        }
+        let mut sums = vec![None; addrs.len()];
+        self.mem
+            .checksums(&addrs, owned, self.hash_threads, checksum, &mut sums);
+        for (a, c) in addrs.into_iter().zip(sums) {
+            self.sums_ahead.sums[(a - self.sums_ahead.start) / page] = c;
+        }
+        k
+    }
+
     /// Read the VMA budget afresh now (see `count_vmas_when_needed` for the lazy way).
     pub fn refresh_vma_allowance(&mut self) {
         let n = self.mem.vma_allowance();
@@ -1382,8 +1569,9 @@ impl<M: Mem> Core<M> {
             self.counters.pages_unshared -= 1;
             self.rec_mut(addr).set_state(State::Volatile);
         }
+        let ahead = self.sums_ahead.take(addr, self.page);
         let mut buf = std::mem::take(&mut self.buf);
-        self.visit_content(t, &mut buf, trusted, seen.tracked);
+        self.visit_content(t, &mut buf, (trusted, ahead), seen.tracked);
         self.buf = buf;
         true
     }
@@ -1418,18 +1606,30 @@ impl<M: Mem> Core<M> {
 
     /// The page's content step: volatility check, then the zero page, the stable
     /// index, the unstable index. With `trusted` (see `visit`), the checksum is not
-    /// taken again and the bytes are read only if some index holds a candidate;
-    /// `tracked` says whether a checksum taken now stays trustworthy.
-    fn visit_content(&mut self, t: Target, buf: &mut [u8], trusted: bool, tracked: bool) -> bool {
+    /// taken again, with `ahead` it was taken ahead of the visit in this batch (see
+    /// `sum_ahead`); either way the bytes are read only if some index holds a
+    /// candidate. `tracked` says whether a checksum taken now stays trustworthy.
+    fn visit_content(
+        &mut self,
+        t: Target,
+        buf: &mut [u8],
+        (trusted, ahead): (bool, Option<u32>),
+        tracked: bool,
+    ) -> bool {
         let (hash, checksum) = if trusted {
             let c = self.rec(t.addr).expect("tracked").checksum();
             (key_of(c), c)
         } else {
-            if self.mem.read(t.addr, t.owned, buf).is_err() {
-                self.forget(t.addr);
-                return false;
-            }
-            let (hash, checksum) = checksum_of(buf);
+            let (hash, checksum) = match ahead {
+                Some(c) => (key_of(c), c),
+                None => {
+                    if self.mem.read(t.addr, t.owned, buf).is_err() {
+                        self.forget(t.addr);
+                        return false;
+                    }
+                    checksum_of(buf)
+                }
+            };
             self.counters.pages_hashed += 1;
             let rec = self.rec_mut(t.addr);
             if tracked {
@@ -1444,7 +1644,7 @@ impl<M: Mem> Core<M> {
             }
             (hash, checksum)
         };
-        let mut loaded = !trusted;
+        let mut loaded = !trusted && ahead.is_none();
         // The bytes, read the first time they are needed.
         let mut load = |core: &mut Self, buf: &mut [u8]| {
             loaded = loaded || core.mem.read(t.addr, t.owned, buf).is_ok();

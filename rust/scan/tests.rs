@@ -999,3 +999,182 @@ fn a_write_before_a_merge_window_that_ends_short_is_not_forgotten() {
     assert!(c.settled());
     c.check_invariants();
 }
+
+/// What a scan history leaves, to compare two runs of it: the counters, whether the
+/// last full scan settled, the frames holding bytes, and every page's record and bytes.
+type Outcome = (Counters, bool, usize, Vec<(PageRec, Vec<u8>)>);
+
+fn outcome(c: &Core<FakeMem>) -> Outcome {
+    let pages = c
+        .regions()
+        .flat_map(|r| (0..r.pages.len()).map(move |i| (r.pages[i], r.start + i * PG)))
+        .map(|(rec, a)| (rec, c.mem.read_page(a)))
+        .collect();
+    (c.counters(), c.settled(), c.mem.frames_held(), pages)
+}
+
+/// A scan history over copies, runs with a differing page, zero pages, unique pages and
+/// memory ksm does not own, written between batches (ahead of the cursor and behind
+/// it, merged pages too), on `threads` hash threads: the outcome after each step.
+fn hash_threads_history(threads: usize, tracking: bool) -> (Vec<Outcome>, u64, usize) {
+    let n = 700;
+    let foreign = BASE + 0x1000_0000;
+    let mut c = core_with(3 * (n + 1) + 300);
+    c.add_region(Region::new(
+        foreign,
+        600,
+        false,
+        libc::PROT_READ | libc::PROT_WRITE,
+    ));
+    c.hash_threads = threads;
+    c.mem.tracking = tracking;
+    c.smart_scan = true;
+    c.use_zero_pages = true;
+    let unique = |i: usize| {
+        let mut p = vec![(i % 251) as u8 + 1; PG];
+        p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        p
+    };
+    for copy in 0..3 {
+        for i in 0..n {
+            c.mem
+                .write(BASE + (copy * (n + 1) + i) * PG, &unique(50_000 + i));
+        }
+    }
+    fill(&mut c, n + 1 + 5, 7); // copy 1 differs at page 5: covered in the run
+    for i in 0..200 {
+        c.mem.write(BASE + (3 * (n + 1) + i) * PG, &unique(i));
+    }
+    // 100 pages of zeros (use_zero_pages). Foreign memory: a copy of the first 300
+    // pages of copy 0, then unique pages.
+    for i in 200..300 {
+        fill(&mut c, 3 * (n + 1) + i, 0);
+    }
+    for i in 0..600 {
+        let p = if i < 300 {
+            unique(50_000 + i)
+        } else {
+            unique(10_000 + i)
+        };
+        c.mem.write(foreign + i * PG, &p);
+    }
+    c.advise(BASE, BASE + (3 * (n + 1) + 300) * PG);
+    c.advise(foreign, foreign + 600 * PG);
+    let mut out = Vec::new();
+    c.scan_full(1);
+    out.push(outcome(&c));
+    // Batches of a second scan, with writes between them, and one racing with the
+    // first merge window (copy 1 is written again, so that it is hashed again).
+    for i in 0..n {
+        c.mem.write(
+            BASE + (n + 1 + i) * PG,
+            &c.mem.read_page(BASE + (n + 1 + i) * PG),
+        );
+    }
+    c.mem.writes_at_protect = vec![(BASE + (n + 1 + 100) * PG, unique(7))];
+    for (step, &(page, like)) in [(20, 1), (1500, 2), (n + 1 + 30, 40)].iter().enumerate() {
+        c.scan_batch(900);
+        c.mem.write(BASE + page * PG, &unique(50_000 + like));
+        c.mem
+            .write(foreign + (310 + step) * PG, &unique(50_000 + 3));
+        out.push(outcome(&c));
+    }
+    c.scan_full(2);
+    out.push(outcome(&c));
+    // Merged pages written (copy on write), a merged run cut short.
+    fill(&mut c, 3, 9);
+    fill(&mut c, 2 * (n + 1) + 400, 9);
+    c.mem.write(foreign + 100 * PG, &[1]);
+    for i in 0..4 {
+        c.scan_batch(1000);
+        fill(&mut c, 600 + i, 0xee);
+        out.push(outcome(&c));
+    }
+    c.scan_full(6); // smart scan skips what never merges
+    out.push(outcome(&c));
+    c.check_invariants();
+    (out, c.mem.sums_ahead, c.mem.most_sum_threads)
+}
+
+#[test]
+fn checksums_taken_ahead_on_several_threads_change_nothing() {
+    for tracking in [false, true] {
+        let (one, ahead, _) = hash_threads_history(1, tracking);
+        assert_eq!(ahead, 0, "one hash thread: each visit hashes its page");
+        let (three, ahead, most) = hash_threads_history(3, tracking);
+        assert!(
+            ahead > 0 && most == 3,
+            "{ahead} checksums ahead, {most} threads"
+        );
+        assert_eq!(one.len(), three.len());
+        for (step, (a, b)) in one.iter().zip(&three).enumerate() {
+            assert_eq!(a.0, b.0, "counters after step {step} (tracking {tracking})");
+            assert_eq!((a.1, a.2), (b.1, b.2), "settled, frames after step {step}");
+            for (i, (pa, pb)) in a.3.iter().zip(&b.3).enumerate() {
+                assert!(
+                    pa.0 == pb.0 && pa.1 == pb.1,
+                    "page {i} after step {step} (tracking {tracking}): {:?} vs {:?}",
+                    (pa.0.state(), pa.0.flags(), pa.0.age(), pa.0.skips()),
+                    (pb.0.state(), pb.0.flags(), pb.0.age(), pb.0.skips()),
+                );
+            }
+        }
+        let last = &one.last().unwrap().0;
+        assert!(
+            last.pages_sharing > 1000 && last.ksm_zero_pages > 0,
+            "{last:?}"
+        );
+    }
+}
+
+#[test]
+fn a_checksum_taken_ahead_is_not_used_after_a_merge_window_took_the_page() {
+    // Two copies of 64 pages, write-tracked, B written (the same bytes) after the first
+    // scan, so that the second hashes it. There, B[0]'s visit merges B with A as a run;
+    // the application writes B[10] just before the window protects it (after the batch
+    // took its checksum ahead), so the run ends at 10 and B[10..] come back to the
+    // tracker, which forgets that write (as the kernel's does). B[10]'s visit must hash
+    // it again, not use the checksum taken before the write: the tracker vouches for
+    // it from then on, and later scans would trust the old content's checksum.
+    let n = 64;
+    for threads in [1, 3] {
+        let mut c = core_with(2 * n);
+        c.hash_threads = threads;
+        c.mem.tracking = true;
+        c.smart_scan = false;
+        let page_of = |i: usize| {
+            let mut p = vec![(i % 251) as u8; PG];
+            p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            p
+        };
+        for i in 0..n {
+            c.mem.write(BASE + i * PG, &page_of(i));
+            c.mem.write(BASE + (n + i) * PG, &page_of(i));
+        }
+        c.advise(BASE, BASE + 2 * n * PG);
+        c.scan_full(1);
+        for i in 0..n {
+            c.mem.write(BASE + (n + i) * PG, &page_of(i)); // B written again: hashed again
+        }
+        c.mem.writes_at_protect = vec![(BASE + (n + 10) * PG, page_of(1_000))];
+        c.scan_full(1);
+        assert_eq!(
+            c.counters().pages_sharing,
+            n as u64 - 1,
+            "threads {threads}"
+        );
+        let b10 = c.rec(BASE + (n + 10) * PG).unwrap();
+        assert!(b10.sum_tracked(), "threads {threads}: hashed while tracked");
+        assert_eq!(
+            b10.checksum(),
+            checksum(&page_of(1_000)),
+            "threads {threads}"
+        );
+        c.mem.write(BASE + 10 * PG, &page_of(1_000)); // A[10] = B[10] now
+        c.scan_full(3);
+        let k = c.counters();
+        assert_eq!(k.pages_sharing, n as u64, "threads {threads}: {k:?}");
+        assert!(c.settled());
+        c.check_invariants();
+    }
+}
