@@ -146,11 +146,13 @@ class Ksmd:
       time; 64 after a merge made some useless, doubling again while none is),
       spread over that many threads, this one included, if each can have 1024
       pages (the others end before the batch does; after they came late, a few
-      batches go without); memory ksm does not own is then read 64 pages per
-      system call instead of one. Merging is unchanged:
+      batches go without). Memory ksm does not own is read 64 pages per
+      system call ahead of the visits whatever this is. Merging is unchanged:
       bytes are still read before they are compared, and compared under
-      write-protection. 1 hashes each page in the scanning thread at its visit,
-      as the kernel's ksmd does. The threads' CPU time counts as the scanner's.
+      write-protection. 1 hashes each page of ksm's own memory in the scanning
+      thread at its visit, as the kernel's ksmd does. The threads' CPU time
+      counts as the scanner's. On a 2-core machine a second thread gains
+      nothing measurable (README, How it works): set 1 there.
 
     Statistics (read-only, the kernel's definitions): ``pages_shared``,
     ``pages_sharing``, ``pages_unshared``, ``pages_volatile``, ``full_scans``,

@@ -52,6 +52,8 @@ pub struct FakeMem {
     /// Pages `checksums` read (checksums taken ahead of the visits), and the most
     /// threads one call used.
     pub sums_ahead: u64,
+    /// Of `sums_ahead`, those of memory ksm owns.
+    pub owned_sums_ahead: u64,
     pub most_sum_threads: usize,
 }
 
@@ -74,6 +76,7 @@ impl FakeMem {
             dirty: HashSet::new(),
             writes_at_protect: Vec::new(),
             sums_ahead: 0,
+            owned_sums_ahead: 0,
             most_sum_threads: 0,
         }
     }
@@ -192,7 +195,7 @@ impl Mem for FakeMem {
     fn checksums(
         &mut self,
         addrs: &[usize],
-        _owned: bool,
+        owned: bool,
         threads: usize,
         sum: fn(&[u8]) -> u32,
         out: &mut [Option<u32>],
@@ -212,6 +215,9 @@ impl Mem for FakeMem {
             self.touch(a);
         }
         self.sums_ahead += addrs.len() as u64;
+        if owned {
+            self.owned_sums_ahead += addrs.len() as u64;
+        }
         self.most_sum_threads = self.most_sum_threads.max(addrs.len().div_ceil(per));
     }
 

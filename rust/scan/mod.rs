@@ -1083,8 +1083,9 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
-        // With more than one hash thread, checksums are taken ahead of the visits.
-        let ahead = self.hash_threads > 1;
+        // With more than one hash thread, checksums are taken ahead of the visits; for
+        // memory ksm does not own always (it is read many pages per system call then).
+        let threads = self.hash_threads > 1;
         let mut pres = vec![Presence::Absent; PROBE_BATCH_MAX];
         let (mut tracked, mut unchanged) =
             (vec![false; PROBE_BATCH_MAX], vec![false; PROBE_BATCH_MAX]);
@@ -1132,6 +1133,7 @@ impl<M: Mem> Core<M> {
                     }
                 }
             }
+            let ahead = threads || self.regions.get(&rstart).is_some_and(|r| !r.owned);
             let mut i = 0;
             // Pages before this one had their checksums taken ahead (if they needed any).
             let mut summed = 0;

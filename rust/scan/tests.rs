@@ -1016,7 +1016,7 @@ fn outcome(c: &Core<FakeMem>) -> Outcome {
 /// A scan history over copies, runs with a differing page, zero pages, unique pages and
 /// memory ksm does not own, written between batches (ahead of the cursor and behind
 /// it, merged pages too), on `threads` hash threads: the outcome after each step.
-fn hash_threads_history(threads: usize, tracking: bool) -> (Vec<Outcome>, u64, usize) {
+fn hash_threads_history(threads: usize, tracking: bool) -> (Vec<Outcome>, u64, u64, usize) {
     let n = 700;
     let foreign = BASE + 0x1000_0000;
     let mut c = core_with(3 * (n + 1) + 300);
@@ -1093,15 +1093,26 @@ fn hash_threads_history(threads: usize, tracking: bool) -> (Vec<Outcome>, u64, u
     c.scan_full(6); // smart scan skips what never merges
     out.push(outcome(&c));
     c.check_invariants();
-    (out, c.mem.sums_ahead, c.mem.most_sum_threads)
+    (
+        out,
+        c.mem.sums_ahead,
+        c.mem.owned_sums_ahead,
+        c.mem.most_sum_threads,
+    )
 }
 
 #[test]
 fn checksums_taken_ahead_on_several_threads_change_nothing() {
     for tracking in [false, true] {
-        let (one, ahead, _) = hash_threads_history(1, tracking);
-        assert_eq!(ahead, 0, "one hash thread: each visit hashes its page");
-        let (three, ahead, most) = hash_threads_history(3, tracking);
+        let (one, ahead, owned, _) = hash_threads_history(1, tracking);
+        // One hash thread: each visit hashes its page of ksm's own memory; other
+        // memory is read (many pages per call) ahead of the visits.
+        assert_eq!(
+            owned, 0,
+            "one hash thread: ksm's own pages hashed at their visits"
+        );
+        assert!(ahead > 0, "one hash thread: foreign pages read ahead");
+        let (three, ahead, _, most) = hash_threads_history(3, tracking);
         assert!(
             ahead > 0 && most == 3,
             "{ahead} checksums ahead, {most} threads"
