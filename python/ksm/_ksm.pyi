@@ -243,7 +243,7 @@ def stats() -> dict[str, int]:
     ``stable_node_chains``, ``stable_node_dups``, ``ksm_zero_pages``,
     ``general_profit``) and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
     bytes), ``deferred_frames`` (kept for a forked child), ``suspect_frames`` (kept
-    until no mapping holds them, after the application unmapped merged memory), ``pool_bytes``
+    until no mapping holds them, after the application unmapped or moved merged memory), ``pool_bytes``
     (memory of the frame pool), ``merges``, ``merge_failures``, ``pages_hashed`` (pages a
     scan read and hashed; with ``ksmd.write_tracking`` unchanged ones are not), ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),

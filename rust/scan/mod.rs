@@ -896,16 +896,24 @@ impl<M: Mem> Core<M> {
     /// event; the moved VMAs stay registered): the records move with the memory, and
     /// merged pages keep their frames.
     pub fn relocate(&mut self, from: usize, to: usize, len: usize) {
+        // What was at the destination is gone: the kernel unmapped it first.
         self.forget_unmapped(to, to + len);
-        let page = self.page;
-        if self
-            .regions
-            .values()
-            .any(|r| r.start < to + len && to < r.end(page))
-        {
-            // Moved over memory ksm owns (which the application must not do): the
-            // records cannot follow, forget them.
-            return self.forget_unmapped(from, from + len);
+        let overrun: Vec<usize> = self.pages_in(to, to + len).map(|(a, _)| a).collect();
+        if !overrun.is_empty() {
+            // Moved over memory ksm owns (which the application must not do): the records
+            // cannot follow. The moved pages still map their frames at `to`, so they are
+            // forgotten as vanished: their frames wait as suspects until no mapping of
+            // them is left (`forget_unmapped` would free them under the destination).
+            // So are ksm's own pages there, replaced behind its back: their records and
+            // advice go, as the kernel's advice goes with a VMA mapped over.
+            for start in self.foreign_regions_in(from, from + len) {
+                self.remove_vanished_region(start);
+            }
+            for a in overrun {
+                self.forget_vanished(a);
+                self.uncover(a);
+            }
+            return;
         }
         for start in self.foreign_regions_in(from, from + len) {
             let mut r = self.regions.remove(&start).expect("listed");

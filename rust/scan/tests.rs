@@ -982,3 +982,82 @@ fn a_write_before_a_merge_window_that_ends_short_is_not_forgotten() {
     assert!(c.settled());
     c.check_invariants();
 }
+
+#[test]
+fn merged_pages_moved_over_owned_memory_keep_their_frames_until_unmapped() {
+    // Review finding: an application `mremap` onto memory ksm owns (which it must not
+    // do) made `relocate` forget the moved records as unmapped, which freed the frames
+    // the destination still maps: punched, then filled with other bytes. (The fake
+    // panics on a punch or rewrite of a mapped frame; the bytes are checked as well.)
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // (the other copy lets go of the frames first, ksm's pages moved over were merged
+    // on the same frames)
+    for (other_first, dest_merged) in [(false, false), (true, false), (false, true)] {
+        let mut c = core_with(8);
+        let (f, g, to) = (BASE + 16 * PG, BASE + 32 * PG, BASE + PG);
+        for start in [f, g, to] {
+            if start != to {
+                c.add_region(Region::new(start, 2, false, rw));
+            }
+            for i in 0..2 {
+                let b = if start == to && !dest_merged {
+                    0x50
+                } else {
+                    0x60
+                };
+                c.mem.write(start + i * PG, &vec![b + i as u8; PG]);
+            }
+            c.advise(start, start + 2 * PG);
+        }
+        c.scan_full(2);
+        let k = c.counters();
+        let sharing = if dest_merged { 4 } else { 2 };
+        assert_eq!((k.pages_shared, k.pages_sharing), (2, sharing), "{k:?}");
+        if other_first {
+            // g's pages copy away: the moved ones hold the frames' last references.
+            for i in 0..2 {
+                c.mem.write(g + i * PG, &[1]);
+            }
+            c.scan_full(1);
+        }
+        // f moves over pages 1 and 2 of the owned region.
+        c.mem.mremap(f, to, 2 * PG);
+        c.relocate(f, to, 2 * PG);
+        c.check_invariants();
+        for i in 0..2 {
+            c.mem.write(g + i * PG, &[2]);
+        }
+        // Other pages merge meanwhile: frames freed would be taken for them.
+        for i in 4..8 {
+            fill(&mut c, i, 0x70 + (i % 2) as u8);
+        }
+        c.advise(BASE + 4 * PG, BASE + 8 * PG);
+        c.scan_full(3);
+        c.check_invariants();
+        assert_eq!(c.counters().pages_sharing, 2);
+        for i in 0..2 {
+            assert_eq!(c.mem.read_page(to + i * PG), vec![0x60 + i as u8; PG]);
+        }
+        assert_eq!(
+            c.frames().suspects(),
+            2,
+            "held until no mapping of them is left"
+        );
+        assert!(c.region_at(f).is_none(), "the moved records are forgotten");
+        assert!(!c.rec(to).unwrap().advised(), "and ksm's pages moved over");
+        // Still mapped: kept.
+        let mapped = c.mem.mapped_frames();
+        c.free_unmapped_suspects(|x| mapped.contains(&x));
+        assert_eq!(c.frames().suspects(), 2);
+        // ksm unmaps its memory (with what was moved there): they go.
+        for i in 0..8 {
+            c.mem.unmap(BASE + i * PG);
+        }
+        c.remove_region(BASE);
+        let mapped = c.mem.mapped_frames();
+        c.free_unmapped_suspects(|x| mapped.contains(&x));
+        assert_eq!(c.frames().suspects(), 0);
+        assert_eq!(c.mem.frames_held(), c.frames().live() as usize);
+        c.check_invariants();
+    }
+}
