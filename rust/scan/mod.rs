@@ -1073,11 +1073,8 @@ impl<M: Mem> Core<M> {
     /// probe may not have been taken yet: their checksums are not trusted any more (a
     /// page the window leaves unmerged is hashed again at its next visit).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
-        let page = self.page;
         for (s, e) in self.unmerged_runs(addr, addr + len) {
-            for a in (s..e).step_by(page) {
-                self.rec_mut(a).clear(SUM_TRACKED);
-            }
+            self.distrust(s, e);
             self.mem.untrack_for_merge(s, e - s)?;
         }
         self.mem.protect(addr, len)
@@ -1137,6 +1134,26 @@ impl<M: Mem> Core<M> {
             for (s, e) in self.unmerged_runs(start, end) {
                 // Best effort: what stays tracked is untracked by the merge that needs it.
                 let _ = self.mem.untrack(s, e - s);
+            }
+        }
+    }
+
+    /// Clear `SUM_TRACKED` on every page of `[start, end)`: their checksums are not
+    /// trusted any more (one pass over each region's slice of records).
+    fn distrust(&mut self, start: usize, end: usize) {
+        let page = self.page;
+        let first = self
+            .regions
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        for r in self.regions.range_mut(first..end).map(|(_, r)| r) {
+            let (s, e) = (start.max(r.start), end.min(r.end(page)));
+            if s < e {
+                let slice = &mut r.pages[(s - r.start) / page..(e - r.start) / page];
+                for p in slice {
+                    p.clear(SUM_TRACKED);
+                }
             }
         }
     }
