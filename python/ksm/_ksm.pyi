@@ -138,7 +138,8 @@ class Ksmd:
       counts what it hashed); the first write to such a page after each scan costs
       about 2 microseconds more. Needs ``UFFD_FEATURE_WP_ASYNC`` (Linux 6.7);
       without it this stays 1 and nothing is tracked. 0 stops tracking at once;
-      1 tracks memory advised (or unmerged) from then on.
+      1 tracks again the unmerged pages of memory advised before (the next scan
+      hashes them once more) and memory advised (or unmerged) from then on.
 
     Statistics (read-only, the kernel's definitions): ``pages_shared``,
     ``pages_sharing``, ``pages_unshared``, ``pages_volatile``, ``full_scans``,

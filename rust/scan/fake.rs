@@ -187,6 +187,14 @@ impl Mem for FakeMem {
         Ok(())
     }
 
+    fn write_tracking(&self) -> bool {
+        self.tracking
+    }
+
+    fn set_write_tracking(&mut self, on: bool) {
+        self.tracking = on;
+    }
+
     fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {
         for a in (addr..addr + len).step_by(self.page) {
             self.untracked.insert(a);

@@ -81,7 +81,8 @@ pub trait Mem {
         self.untrack(addr, len)
     }
     /// Track writes to `[addr, addr+len)` again: anonymous pages a merge protected
-    /// and left anonymous (it failed, or dropped them to the zero page).
+    /// and left anonymous (it failed, or dropped them to the zero page), or memory
+    /// already registered when the `write_tracking` knob is switched back on.
     fn retrack(&mut self, _addr: usize, _len: usize) {}
     /// Whether write tracking is wanted (the `write_tracking` knob).
     fn write_tracking(&self) -> bool {
@@ -1117,23 +1118,28 @@ impl<M: Mem> Core<M> {
 
     /// The algorithm's side of the `write_tracking` knob (see `Mem::set_write_tracking`):
     /// switched off, the unmerged pages of memory ksm owns leave the tracker at once
-    /// (no write pays for tracking any more; a merge registers them as it needs).
+    /// (no write pays for tracking any more; a merge registers them as it needs);
+    /// switched on, those of memory already registered (advised) are tracked again, so
+    /// that scans stop rehashing them. Either way no checksum taken before is trusted
+    /// any more: the writes made while nothing tracked them were never recorded.
     pub fn set_write_tracking(&mut self, on: bool) {
         self.mem.set_write_tracking(on);
-        if on {
-            return;
-        }
         let page = self.page;
         let owned: Vec<(usize, usize)> = self
             .regions
             .values()
-            .filter(|r| r.owned)
+            .filter(|r| r.owned && (r.registered || !on))
             .map(|r| (r.start, r.end(page)))
             .collect();
         for (start, end) in owned {
             for (s, e) in self.unmerged_runs(start, end) {
-                // Best effort: what stays tracked is untracked by the merge that needs it.
-                let _ = self.mem.untrack(s, e - s);
+                self.distrust(s, e);
+                if on {
+                    self.mem.retrack(s, e - s);
+                } else {
+                    // Best effort: what stays tracked is untracked by the merge that needs it.
+                    let _ = self.mem.untrack(s, e - s);
+                }
             }
         }
     }

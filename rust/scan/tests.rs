@@ -1061,3 +1061,42 @@ fn merged_pages_moved_over_owned_memory_keep_their_frames_until_unmapped() {
         c.check_invariants();
     }
 }
+
+#[test]
+fn write_tracking_switched_off_and_on_tracks_registered_memory_again() {
+    // Review finding: switching `write_tracking` back on tracked only memory
+    // registered from then on, so every later scan hashed the rest again.
+    let n = 32;
+    let mut c = core_with(n);
+    c.regions_mut().for_each(|r| r.registered = true);
+    c.mem.tracking = true;
+    c.smart_scan = false;
+    for i in 0..n {
+        fill(&mut c, i, 100 + i as u8);
+    }
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    let h = c.counters().pages_hashed;
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_hashed, h, "tracked: nothing hashed");
+    c.set_write_tracking(false);
+    // Written while untracked: the tracker, given the page back, reports no write,
+    // but its old checksum must not be trusted.
+    fill(&mut c, 9, 7);
+    c.set_write_tracking(true);
+    c.scan_full(2);
+    let h = c.counters().pages_hashed;
+    c.scan_full(1);
+    assert_eq!(
+        c.counters().pages_hashed,
+        h,
+        "unchanged memory tracked again: nothing hashed"
+    );
+    // Page 9 is indexed under its new bytes: a page made equal to it merges with it.
+    fill(&mut c, 20, 7);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (1, 1), "{k:?}");
+    assert_eq!(c.mem.read_page(BASE + 9 * PG), vec![7; PG]);
+    c.check_invariants();
+}
