@@ -951,6 +951,32 @@ impl Harness {
         assert!(k.rmap_items >= k.pages_shared + k.pages_sharing + k.pages_unshared);
     }
 
+    /// Everything is unmapped, ksm's memory closed, suspects looked for and the child
+    /// gone: no frame may be left (a leak: a suspect, a mark or a reference that
+    /// outlives every mapping).
+    fn teardown(&mut self) {
+        for b in [false, true] {
+            self.apply(&Op::Remove { b });
+        }
+        // (Ranges reach up to twice the span past BASE.)
+        let end = BASE + 2 * self.span * self.page;
+        for a in self.addrs(BASE, end, |p| !p.owned) {
+            self.core.mem.fake.unmap(a);
+            self.pages.remove(&a);
+        }
+        self.core.forget_unmapped(BASE, end);
+        self.check();
+        self.apply(&Op::FreeSuspects);
+        self.apply(&Op::Quiet);
+        self.check();
+        assert_eq!(self.core.regions().count(), 0, "regions left");
+        assert_eq!(
+            (self.core.frames().live(), self.core.mem.fake.frames_held()),
+            (0, 0),
+            "frames left when nothing is mapped"
+        );
+    }
+
     /// After `Settle`: no two advised, present pages with the same bytes are both
     /// unmerged (the kernel leaves at most one page of a content unshared), as
     /// long as frames did not run out.
@@ -985,7 +1011,7 @@ impl Harness {
     }
 }
 
-/// Run one input: every operation, each followed by the checks.
+/// Run one input: every operation, each followed by the checks, then the teardown.
 pub fn run(input: &Input) {
     let mut h = Harness::new(&input.setup);
     h.check();
@@ -993,6 +1019,7 @@ pub fn run(input: &Input) {
         h.apply(op);
         h.check();
     }
+    h.teardown();
 }
 
 /// Run raw fuzzer bytes (for use without libFuzzer).
