@@ -526,6 +526,42 @@ def test_mremap_of_a_merged_page_keeps_its_bytes() -> None:
             raw_munmap(x, PAGE)
 
 
+def test_a_merged_page_moved_over_ksm_memory_keeps_its_frame() -> None:
+    # Review finding: the application moving a merged page over memory ksm owns (which
+    # it must not do) made ksm forget the page as unmapped, freeing its frame while the
+    # destination still mapped it: punched, then filled for the next merge.
+    a, b, c, d = (raw_mmap(PAGE) for _ in range(4))
+    m = ksm.mmap(PAGE)
+    try:
+        pattern = page_pattern(57)
+        for x in (a, b):
+            ctypes.memmove(x, pattern, PAGE)
+            ksm.madvise(x, PAGE, MERGE)
+        ksm.scan(2)
+        assert ksm.stats()["pages_sharing"] == 1
+        libc.mremap.restype = ctypes.c_void_p
+        size = ctypes.c_size_t
+        libc.mremap.argtypes = [ctypes.c_void_p, size, size, ctypes.c_int, ctypes.c_void_p]
+        assert libc.mremap(b, PAGE, PAGE, 3, m.address) == m.address  # MREMAP_MAYMOVE | MREMAP_FIXED
+        assert raw_mmap(PAGE, fixed=b) == b
+        ctypes.memmove(a, b"z" * PAGE, PAGE)  # a copies away: the frame's last known user
+        ksm.scan(2)
+        for x in (c, d):  # a new merge, which takes a free frame
+            ctypes.memmove(x, page_pattern(58), PAGE)
+            ksm.madvise(x, PAGE, MERGE)
+        ksm.scan(2)
+        assert ksm.stats()["pages_sharing"] == 1
+        assert ctypes.string_at(m.address, PAGE) == pattern
+        assert ksm.stats()["suspect_frames"] == 1, "held while something may map it"
+    finally:
+        m.close()
+        for x in (a, b, c, d):
+            ksm.madvise(x, PAGE, UNMERGE)
+            raw_munmap(x, PAGE)
+    ksm.scan(1)
+    assert ksm.stats()["suspect_frames"] == 0, "freed once nothing maps it"
+
+
 def test_merged_pages_keep_their_own_protection() -> None:
     # The application makes one page of an advised range read-only: merging must remap
     # each page with its own protection (a crash here means a writable page came back

@@ -64,6 +64,30 @@ def test_a_settled_scan_hashes_only_what_was_written() -> None:
             assert m[i * PAGE : (i + 1) * PAGE] == want, f"page {i}"
 
 
+def test_tracking_switched_off_and_on_tracks_memory_advised_before() -> None:
+    # Review finding: switching write_tracking back on tracked only memory advised from
+    # then on, so every later scan hashed the memory advised before again.
+    ksm.ksmd.smart_scan = 0
+    with ksm.mmap(N * PAGE) as m:
+        for i in range(N):
+            m[i * PAGE : (i + 1) * PAGE] = page_pattern(6000 + i)
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(3)
+        ksm.ksmd.write_tracking = 0
+        m[9 * PAGE : 10 * PAGE] = page_pattern(7000)  # written while nothing tracks it
+        ksm.ksmd.write_tracking = 1
+        ksm.scan(2)
+        h = hashed()
+        ksm.scan(1)
+        assert hashed() == h, "unchanged memory is tracked again: nothing hashed"
+        # Page 9 was hashed again (its old checksum not trusted): a copy merges with it.
+        m[20 * PAGE : 21 * PAGE] = page_pattern(7000)
+        ksm.scan(2)
+        s = ksm.stats()
+        assert (s["pages_shared"], s["pages_sharing"]) == (1, 1)
+        assert m[9 * PAGE : 10 * PAGE] == page_pattern(7000) == m[20 * PAGE : 21 * PAGE]
+
+
 def test_memory_ksm_does_not_own_is_not_tracked() -> None:
     # The application may unmap it at any moment: it keeps the userfaultfd that
     # follows its munmap/mremap, so every scan hashes it.

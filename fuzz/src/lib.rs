@@ -74,6 +74,15 @@ mod tests {
     }
 
     #[test]
+    fn merge_model_weighted() {
+        let mut rng = XorShift(0x6d6f64656c);
+        for _ in 0..iters(3000) / 3 {
+            let input = merge_model::weighted_input(&mut rng, 300);
+            merge_model::run(&input);
+        }
+    }
+
+    #[test]
     fn frame_table_random() {
         drive(0xf4a3e, iters(20000), 2048, frame_table::run_bytes);
         replay("frame_table", frame_table::run_bytes);

@@ -4,14 +4,31 @@
 //! The memory is `FakeMem` (kernel-like copy-on-write; it panics if a frame is
 //! rewritten or punched while a page maps it, or if a remap would change a
 //! page), wrapped in [`ChildMem`], which adds a simulated forked child: the
-//! frames that the parent mapped at a fork must keep their bytes (never
-//! punched, never rewritten) until `pool_quiet()` says the child is gone.
+//! frames that the parent mapped at a fork, and the free frame offsets under
+//! its covered pages (`reserve_covered_frames`), must keep their bytes (never
+//! punched, never rewritten; never given bytes) until `pool_quiet()` says the
+//! child is gone.
+//!
+//! The address space holds ksm's own memory (`ksm.mmap`: regions A and B, closed
+//! and opened again) and the application's (region C and the free space after
+//! it), which ksm tracks once advised and follows the way the engine does: an
+//! `munmap` (`forget_unmapped`, which splits regions), an `mremap`
+//! (`relocate`, also onto ksm's own memory, which the application must not do),
+//! memory vanishing without an event (`forget_vanished`), and freshly mapped
+//! memory. Pages moved behind ksm's back may map frames no record names
+//! ("loose" pages); their frames must stay until `free_unmapped_suspects` finds
+//! them unmapped.
 //!
 //! After every operation [`Harness::check`] asserts:
-//! * every page reads (application view) exactly what the model says was written;
+//! * every mapped page reads (application view) exactly what the model says was written;
 //! * `Core::check_invariants()` (counters and reference counts agree with the records);
+//! * ksm tracks exactly the pages the model says (regions split, moved and dropped
+//!   as the model predicts);
 //! * a page that maps a frame has a `Stable`, advised record naming that very frame,
-//!   and a `Stable` record's page maps its frame unless a write copied it away;
+//!   unless it is loose; and a `Stable` record's page maps its frame unless a write
+//!   copied it away;
+//! * every frame some page maps is live in the frame table (never free, so never
+//!   reused while mapped);
 //! * every record's advice equals the model's advice;
 //! * frames holding bytes == frames the table counts live (no leak, no early punch);
 //! * no frame has more references than the largest `max_page_sharing` ever set;
@@ -38,18 +55,24 @@ const BASE: usize = 0x10_0000;
 const PROT_RW: i32 = 3;
 /// Frame capacity when the input does not ask for a small one.
 const AMPLE_FRAMES: u32 = 1 << 16;
+/// Pages of free address space after the application's memory (where `Mremap` and
+/// `Vanish` move pages to, and `MapFresh` maps).
+const FREE_PAGES: usize = 16;
 
 /// Shape of the address space.
 #[derive(Arbitrary, Debug, Clone)]
 pub struct Setup {
     /// 4096-byte pages (else 64-byte pages, faster; the algorithm is size-agnostic).
     pub big_pages: bool,
-    /// Pages of region A, 1..=16.
+    /// Pages of region A (ksm's own), 1..=16.
     pub pages_a: u8,
-    /// Pages of region B, 0..=16 (0: a single region).
+    /// Pages of region B (ksm's own), 0..=16 (0: none).
     pub pages_b: u8,
     /// Pages between A and B, 0..=3 (0: adjacent, which tests run coalescing).
     pub gap: u8,
+    /// Pages of the application's own memory C (mapped, not advised yet), 0..=16;
+    /// it starts one page after B.
+    pub pages_c: u8,
     /// Frame capacity 1..=32 (exhaustion), or `None` for ample.
     pub small_capacity: Option<u8>,
     /// Initial `max_page_sharing`: 2 + n % 3, or `None` for the default 256.
@@ -67,9 +90,11 @@ pub enum Op {
     Poke { page: u8, offset: u16, value: u8 },
     /// Application read of a page (faults a merged page in: pagemap says file-backed).
     Touch { page: u8 },
-    /// `advise(range)`.
+    /// `madvise(range, MADV_MERGEABLE)` as the engine does it: the application's memory
+    /// ksm does not track yet becomes regions of its own, then `advise(range)`.
     Advise { first: u8, len: u8 },
-    /// `unadvise(range)`, with `fail_unmerge` set during the call if `fail`.
+    /// `unadvise(range)`, with `fail_unmerge` set during the call if `fail`; then the
+    /// regions of the application's memory with no advice left go (`remove_region`).
     Unadvise { first: u8, len: u8, fail: bool },
     /// `unmerge_range(range)`, with `fail_unmerge` set during the call if `fail`.
     UnmergeRange { first: u8, len: u8, fail: bool },
@@ -83,14 +108,34 @@ pub enum Op {
     Settle,
     /// Flip `fail_map`.
     ToggleFailMap,
-    /// `frames_mut().on_fork()`; a child now maps every frame the parent maps.
+    /// `frames_mut().on_fork()` and `reserve_covered_frames()`; a child now maps every
+    /// frame the parent maps, and may read the frame offset under every covered page.
     Fork,
     /// The child exits: `pool_quiet()`.
     Quiet,
-    /// Unmap region A (or B) and `remove_region` it.
+    /// Unmap region A (or B) and `remove_region` it (closing a `ksm.mmap`).
     Remove { b: bool },
     /// Map region A (or B) again, fresh, and `add_region` it.
     AddBack { b: bool },
+    /// The application unmaps its memory in `range` (a userfaultfd UNMAP event:
+    /// `forget_unmapped`, which splits a region the range cuts into).
+    Munmap { first: u8, len: u8 },
+    /// The application maps fresh memory where nothing is mapped in `range` (ksm's
+    /// own address ranges excepted).
+    MapFresh { first: u8, len: u8 },
+    /// The application moves its memory in `range` (all mapped) to page `dest` (a
+    /// userfaultfd REMAP event: `relocate`); a destination over ksm's own memory is
+    /// the misuse ksm must survive.
+    Mremap { first: u8, len: u8, dest: u8 },
+    /// An advised page of the application's memory vanishes without an event:
+    /// unmapped, or moved to free space if `moved` (its frame goes along). The engine
+    /// finds it gone at a full scan: `forget_vanished`, then the regions with no
+    /// advice left go.
+    Vanish { page: u8, moved: bool },
+    /// `free_unmapped_suspects`, told which frames some page maps.
+    FreeSuspects,
+    /// `set_write_tracking(on)` (the `write_tracking` knob).
+    WriteTracking { on: bool },
     /// `max_page_sharing = 2 + n % 3`.
     MaxPageSharing { n: u8 },
     /// A VMA budget of `n % 64` VMAs from now on (or none), then `refresh_vma_allowance()`.
@@ -133,8 +178,10 @@ impl<'a> Arbitrary<'a> for Input {
 /// `FakeMem` plus a simulated forked child and the frame each page was last mapped to.
 pub struct ChildMem {
     pub fake: FakeMem,
-    /// Frames a child maps (since the last `pool_quiet`), with the bytes it would read.
-    pub child: HashMap<FrameId, Vec<u8>>,
+    /// Frames a child may read (since the last `pool_quiet`), with the bytes it would
+    /// read: `None` for a free frame offset under a covered page, which must get no
+    /// bytes until then.
+    pub child: HashMap<FrameId, Option<Vec<u8>>>,
     /// Frame given to the last successful `map_frames` at each address (meaningful
     /// while `fake.maps_frame(addr)`).
     pub mapped: HashMap<usize, FrameId>,
@@ -165,6 +212,12 @@ impl Mem for ChildMem {
     }
     fn retrack(&mut self, addr: usize, len: usize) {
         self.fake.retrack(addr, len)
+    }
+    fn write_tracking(&self) -> bool {
+        self.fake.write_tracking()
+    }
+    fn set_write_tracking(&mut self, on: bool) {
+        self.fake.set_write_tracking(on)
     }
     fn read(&mut self, addr: usize, owned: bool, buf: &mut [u8]) -> io::Result<()> {
         self.fake.read(addr, owned, buf)
@@ -242,34 +295,38 @@ impl Mem for ChildMem {
     }
 }
 
-/// What the application wrote into one region.
-struct RegionModel {
-    start: usize,
-    npages: usize,
-    present: bool,
-    data: Vec<Vec<u8>>,
+/// What the model knows of one page of the address space.
+#[derive(Clone, Debug)]
+struct PageModel {
+    /// Memory is mapped here (else the address is only still spanned by a region).
+    mapped: bool,
+    /// What the application reads.
+    data: Vec<u8>,
     /// Written since mapped (else never faulted in: not present, never tracked).
-    written: Vec<bool>,
+    written: bool,
     /// Written while it mapped a frame (copied away), and not remapped since.
-    cowed: Vec<bool>,
-    advised: Vec<bool>,
+    cowed: bool,
+    advised: bool,
+    /// In a region of `Core`.
+    tracked: bool,
+    /// In a region of ksm's own memory (A or B).
+    owned: bool,
+    /// Moved here behind ksm's back: it may map a frame that no record names.
+    loose: bool,
 }
 
-impl RegionModel {
-    fn new(start: usize, npages: usize, page: usize) -> Self {
-        RegionModel {
-            start,
-            npages,
-            present: true,
-            data: vec![vec![0; page]; npages],
-            written: vec![false; npages],
-            cowed: vec![false; npages],
-            advised: vec![false; npages],
+impl PageModel {
+    fn fresh(page: usize, owned: bool) -> Self {
+        PageModel {
+            mapped: true,
+            data: vec![0; page],
+            written: false,
+            cowed: false,
+            advised: false,
+            tracked: owned,
+            owned,
+            loose: false,
         }
-    }
-
-    fn reset(&mut self, page: usize) {
-        *self = RegionModel::new(self.start, self.npages, page);
     }
 }
 
@@ -277,10 +334,13 @@ impl RegionModel {
 pub struct Harness {
     pub core: Core<ChildMem>,
     page: usize,
-    regions: Vec<RegionModel>,
+    /// Every page mapped or tracked, by address.
+    pages: BTreeMap<usize, PageModel>,
+    /// ksm's own regions A and B: (start, pages, open).
+    owned: Vec<(usize, usize, bool)>,
     capacity: u32,
     max_sharing_ever: u32,
-    /// Address span covered by range arguments, in pages.
+    /// Address span covered by range arguments, in pages (ends with the free space).
     span: usize,
 }
 
@@ -300,6 +360,7 @@ impl Harness {
         let na = 1 + usize::from(s.pages_a % 16);
         let nb = usize::from(s.pages_b % 17);
         let gap = usize::from(s.gap % 4);
+        let nc = usize::from(s.pages_c % 17);
         let capacity = s
             .small_capacity
             .map_or(AMPLE_FRAMES, |c| 1 + u32::from(c % 32));
@@ -312,50 +373,61 @@ impl Harness {
         };
         let mut core = Core::new(mem, capacity);
         core.mem.fake.tracking = s.write_tracking;
-        let mut regions = vec![RegionModel::new(BASE, na, page)];
-        if nb > 0 {
-            regions.push(RegionModel::new(BASE + (na + gap) * page, nb, page));
-        }
-        for r in &regions {
-            core.add_region(Region::new(r.start, r.npages, true, PROT_RW));
-        }
         if let Some(n) = s.max_page_sharing {
             core.max_page_sharing = 2 + u32::from(n % 3);
         }
         let max_sharing_ever = core.max_page_sharing;
-        Harness {
+        let mut owned = vec![(BASE, na, true)];
+        if nb > 0 {
+            owned.push((BASE + (na + gap) * page, nb, true));
+        }
+        let c_start = BASE + (na + gap + nb + 1) * page;
+        let mut h = Harness {
             core,
             page,
-            regions,
+            pages: BTreeMap::new(),
+            owned,
             capacity,
             max_sharing_ever,
-            span: na + gap + nb + 1,
+            span: na + gap + nb + 1 + nc + FREE_PAGES,
+        };
+        for ri in 0..h.owned.len() {
+            h.open_owned(ri);
         }
+        for i in 0..nc {
+            h.pages
+                .insert(c_start + i * page, PageModel::fresh(page, false));
+        }
+        h
     }
 
-    /// The `i`-th page (modulo) of the regions currently mapped: (region, page index).
-    fn pick(&self, i: u8) -> Option<(usize, usize)> {
-        let total: usize = self
-            .regions
+    /// Map ksm's own region `ri` (fresh) and track it.
+    fn open_owned(&mut self, ri: usize) {
+        let (start, n, _) = self.owned[ri];
+        for i in 0..n {
+            self.pages
+                .insert(start + i * self.page, PageModel::fresh(self.page, true));
+        }
+        self.core.add_region(Region::new(start, n, true, PROT_RW));
+        self.owned[ri].2 = true;
+    }
+
+    /// Whether `addr` is in the range of ksm's own region A or B (open or not).
+    fn in_owned_range(&self, addr: usize) -> bool {
+        self.owned
             .iter()
-            .filter(|r| r.present)
-            .map(|r| r.npages)
-            .sum();
-        if total == 0 {
-            return None;
-        }
-        let mut i = usize::from(i) % total;
-        for (ri, r) in self.regions.iter().enumerate().filter(|(_, r)| r.present) {
-            if i < r.npages {
-                return Some((ri, i));
-            }
-            i -= r.npages;
-        }
-        unreachable!()
+            .any(|&(s, n, _)| s <= addr && addr < s + n * self.page)
     }
 
-    fn addr(&self, ri: usize, pi: usize) -> usize {
-        self.regions[ri].start + pi * self.page
+    /// The `i`-th (modulo) page for which `f` holds.
+    fn nth(&self, i: u8, f: impl Fn(&PageModel) -> bool) -> Option<usize> {
+        let v: Vec<usize> = self
+            .pages
+            .iter()
+            .filter(|(_, p)| f(p))
+            .map(|(&a, _)| a)
+            .collect();
+        (!v.is_empty()).then(|| v[usize::from(i) % v.len()])
     }
 
     fn range(&self, first: u8, len: u8) -> (usize, usize) {
@@ -364,18 +436,13 @@ impl Harness {
         (BASE + first * self.page, BASE + (first + len) * self.page)
     }
 
-    /// Every mapped page in `[start, end)`: (region, page index, address).
-    fn pages_in(&self, start: usize, end: usize) -> Vec<(usize, usize, usize)> {
-        let mut v = Vec::new();
-        for (ri, r) in self.regions.iter().enumerate().filter(|(_, r)| r.present) {
-            for pi in 0..r.npages {
-                let a = self.addr(ri, pi);
-                if a >= start && a < end {
-                    v.push((ri, pi, a));
-                }
-            }
-        }
-        v
+    /// The addresses of the model's pages in `[start, end)` for which `f` holds.
+    fn addrs(&self, start: usize, end: usize, f: impl Fn(&PageModel) -> bool) -> Vec<usize> {
+        self.pages
+            .range(start..end)
+            .filter(|(_, p)| f(p))
+            .map(|(&a, _)| a)
+            .collect()
     }
 
     fn rec_state(&self, addr: usize) -> (State, FrameId, bool) {
@@ -397,19 +464,59 @@ impl Harness {
 
     /// Whether unmerging `[start, end)` has pages to move: merged or covered ones.
     fn any_stable(&self, start: usize, end: usize) -> bool {
-        self.pages_in(start, end)
-            .iter()
-            .any(|&(_, _, a)| self.rec_state(a).0 == State::Stable || self.in_pool(a))
+        self.addrs(start, end, |p| p.tracked)
+            .into_iter()
+            .any(|a| self.rec_state(a).0 == State::Stable || self.in_pool(a))
     }
 
-    fn write(&mut self, ri: usize, pi: usize, off: usize, data: &[u8]) {
-        let a = self.addr(ri, pi);
+    fn write(&mut self, a: usize, off: usize, data: &[u8]) {
         let cow = self.core.mem.fake.maps_frame(a);
         self.core.mem.fake.write(a + off, data);
-        let m = &mut self.regions[ri];
-        m.cowed[pi] |= cow;
-        m.data[pi][off..off + data.len()].copy_from_slice(data);
-        m.written[pi] = true;
+        let m = self.pages.get_mut(&a).expect("a mapped page");
+        m.cowed |= cow;
+        m.data[off..off + data.len()].copy_from_slice(data);
+        m.written = true;
+    }
+
+    /// The application's regions overlapping `[s, e)` with no advice left go, as the
+    /// engine drops them (after an unadvise, or at a full scan).
+    fn drop_idle_foreign(&mut self, s: usize, e: usize) {
+        let page = self.page;
+        let idle: Vec<(usize, usize)> = self
+            .core
+            .regions()
+            .filter(|r| !r.owned && r.start < e && s < r.end(page) && !r.any_advised())
+            .map(|r| (r.start, r.end(page)))
+            .collect();
+        for (start, end) in idle {
+            assert!(self.core.remove_region(start).is_some());
+            self.untrack(start, end);
+        }
+    }
+
+    /// The model's side of a region of the application's memory going: its pages are
+    /// not tracked any more, and the addresses with no memory are forgotten.
+    fn untrack(&mut self, start: usize, end: usize) {
+        for a in self.addrs(start, end, |p| p.tracked && !p.owned) {
+            let p = self.pages.get_mut(&a).expect("listed");
+            p.tracked = false;
+            p.advised = false;
+            if !p.mapped {
+                self.pages.remove(&a);
+            }
+        }
+    }
+
+    /// Move the fake's pages (and what each was last mapped to) from `from` to `to`.
+    fn move_memory(&mut self, from: usize, to: usize, len: usize) {
+        let mem = &mut self.core.mem;
+        mem.fake.mremap(from, to, len);
+        for i in (0..len).step_by(self.page) {
+            mem.mapped.remove(&(to + i));
+            if let Some(f) = mem.mapped.remove(&(from + i)) {
+                mem.mapped.insert(to + i, f);
+            }
+        }
     }
 
     pub fn apply(&mut self, op: &Op) {
@@ -419,8 +526,8 @@ impl Harness {
                 page: p,
                 pattern: k,
             } => {
-                if let Some((ri, pi)) = self.pick(p) {
-                    self.write(ri, pi, 0, &pattern(k, page));
+                if let Some(a) = self.nth(p, |m| m.mapped) {
+                    self.write(a, 0, &pattern(k, page));
                 }
             }
             Op::Poke {
@@ -428,24 +535,45 @@ impl Harness {
                 offset,
                 value,
             } => {
-                if let Some((ri, pi)) = self.pick(p) {
-                    self.write(ri, pi, usize::from(offset) % page, &[value]);
+                if let Some(a) = self.nth(p, |m| m.mapped) {
+                    self.write(a, usize::from(offset) % page, &[value]);
                 }
             }
             Op::Touch { page: p } => {
-                if let Some((ri, pi)) = self.pick(p) {
-                    let a = self.addr(ri, pi);
+                if let Some(a) = self.nth(p, |m| m.mapped) {
                     self.core.mem.fake.touch(a);
                 }
             }
             Op::Advise { first, len } => {
                 let (s, e) = self.range(first, len);
-                let mut expect = 0;
-                for (ri, pi, _) in self.pages_in(s, e) {
-                    if !self.regions[ri].advised[pi] {
-                        self.regions[ri].advised[pi] = true;
-                        expect += 1;
+                // The application's mapped memory ksm does not track yet: regions of
+                // its own, run by run. Memory mapping frames behind ksm's back (loose) is
+                // a mapping of the pool, which the engine never merges.
+                let mut runs: Vec<(usize, usize)> = Vec::new();
+                for a in self.addrs(s, e, |p| p.mapped && !p.tracked && !p.owned && !p.loose) {
+                    match runs.last_mut() {
+                        Some(last) if last.1 == a => last.1 = a + page,
+                        _ => runs.push((a, a + page)),
                     }
+                }
+                for (rs, re) in runs {
+                    let mut r = Region::new(rs, (re - rs) / page, false, PROT_RW);
+                    r.registered = true;
+                    self.core.add_region(r);
+                    for a in (rs..re).step_by(page) {
+                        self.pages.get_mut(&a).expect("listed").tracked = true;
+                    }
+                }
+                // ksm's own memory is registered with the userfaultfd when first advised.
+                for r in self.core.regions_mut() {
+                    if r.start < e && s < r.end(page) {
+                        r.registered = true;
+                    }
+                }
+                let mut expect = 0;
+                for a in self.addrs(s, e, |p| p.tracked && !p.advised) {
+                    self.pages.get_mut(&a).expect("listed").advised = true;
+                    expect += 1;
                 }
                 assert_eq!(self.core.advise(s, e), expect, "pages newly advised");
             }
@@ -457,10 +585,11 @@ impl Harness {
                 self.core.mem.fake.fail_unmerge = false;
                 assert_eq!(r.is_err(), fail && had_stable, "unadvise result: {r:?}");
                 if r.is_ok() {
-                    for (ri, pi, a) in self.pages_in(s, e) {
-                        self.regions[ri].advised[pi] = false;
+                    for a in self.addrs(s, e, |p| p.tracked) {
+                        let loose = self.pages[&a].loose;
+                        self.pages.get_mut(&a).expect("listed").advised = false;
                         assert!(
-                            !self.core.mem.fake.maps_frame(a),
+                            loose || !self.core.mem.fake.maps_frame(a),
                             "unadvised page still merged"
                         );
                         assert!(!self.in_pool(a), "unadvised page still covered");
@@ -470,6 +599,7 @@ impl Harness {
                             "unadvised page tracked"
                         );
                     }
+                    self.drop_idle_foreign(s, e);
                 }
             }
             Op::UnmergeRange { first, len, fail } => {
@@ -484,7 +614,7 @@ impl Harness {
                     "unmerge_range result: {r:?}"
                 );
                 if r.is_ok() {
-                    for (_, _, a) in self.pages_in(s, e) {
+                    for a in self.addrs(s, e, |p| p.tracked && !p.loose) {
                         assert!(!self.core.mem.fake.maps_frame(a), "page still merged");
                         assert_ne!(self.rec_state(a).0, State::Stable, "page still stable");
                         assert!(!self.in_pool(a), "page still covered");
@@ -499,7 +629,7 @@ impl Harness {
                 assert_eq!(r.is_err(), fail && had_stable, "unmerge_all result: {r:?}");
                 if r.is_ok() {
                     assert_eq!(self.core.counters().full_scans, 0);
-                    for (_, _, a) in self.pages_in(0, usize::MAX) {
+                    for a in self.addrs(0, usize::MAX, |p| p.tracked && !p.loose) {
                         assert!(!self.core.mem.fake.maps_frame(a), "page still merged");
                         assert_eq!(self.rec_state(a).0, State::Untracked);
                         assert!(!self.in_pool(a), "page still covered");
@@ -526,15 +656,37 @@ impl Harness {
             }
             Op::ToggleFailMap => self.core.mem.fake.fail_map ^= true,
             Op::Fork => {
-                for (_, _, a) in self.pages_in(0, usize::MAX) {
-                    if self.core.mem.fake.maps_frame(a) {
-                        let f = self.core.mem.mapped[&a];
-                        let bytes = self.core.mem.fake.frame(f).to_vec();
-                        let old = self.core.mem.child.insert(f, bytes.clone());
-                        assert!(old.is_none_or(|o| o == bytes), "child frame {f} changed");
+                let mem = &mut self.core.mem;
+                for &a in self.pages.keys() {
+                    if mem.fake.maps_frame(a) {
+                        let f = mem.mapped[&a];
+                        let bytes = mem.fake.frame(f).to_vec();
+                        let old = mem.child.insert(f, Some(bytes.clone()));
+                        assert!(
+                            old.is_none_or(|o| o == Some(bytes)),
+                            "child frame {f} changed"
+                        );
                     }
                 }
+                // A covered page is a private copy over a frame offset: the child reads
+                // that offset if it discards the page. It must keep the bytes it has, or
+                // get none if it is free.
+                let offsets: Vec<FrameId> = self
+                    .core
+                    .regions()
+                    .flat_map(Region::covered_frames)
+                    .collect();
+                for g in offsets {
+                    let bytes = self
+                        .core
+                        .frames()
+                        .is_live(g)
+                        .then(|| self.core.mem.fake.frame_bytes(g).map(<[u8]>::to_vec))
+                        .flatten();
+                    self.core.mem.child.entry(g).or_insert(bytes);
+                }
                 self.core.frames_mut().on_fork();
+                self.core.reserve_covered_frames();
             }
             Op::Quiet => {
                 self.core.mem.child.clear();
@@ -542,27 +694,138 @@ impl Harness {
                 assert_eq!(self.core.frames().deferred(), 0);
             }
             Op::Remove { b } => {
-                let ri = usize::from(b).min(self.regions.len() - 1);
-                if self.regions[ri].present {
-                    for pi in 0..self.regions[ri].npages {
-                        let a = self.addr(ri, pi);
-                        self.core.mem.fake.unmap(a);
+                let ri = usize::from(b).min(self.owned.len() - 1);
+                let (start, n, open) = self.owned[ri];
+                if open {
+                    // ksm unmaps its memory, whatever the application moved there.
+                    for i in 0..n {
+                        self.core.mem.fake.unmap(start + i * page);
+                        self.pages.remove(&(start + i * page));
                     }
-                    let start = self.regions[ri].start;
                     let r = self.core.remove_region(start);
-                    assert!(r.is_some_and(|r| r.pages.len() == self.regions[ri].npages));
-                    self.regions[ri].present = false;
+                    assert!(r.is_some_and(|r| r.pages.len() == n));
+                    self.owned[ri].2 = false;
                 }
             }
             Op::AddBack { b } => {
-                let ri = usize::from(b).min(self.regions.len() - 1);
-                if !self.regions[ri].present {
-                    self.regions[ri].reset(page);
-                    let r = &self.regions[ri];
-                    self.core
-                        .add_region(Region::new(r.start, r.npages, true, PROT_RW));
+                let ri = usize::from(b).min(self.owned.len() - 1);
+                let (start, n, open) = self.owned[ri];
+                // A new `ksm.mmap` is placed where nothing is mapped.
+                if !open && self.pages.range(start..start + n * page).next().is_none() {
+                    self.open_owned(ri);
                 }
             }
+            Op::Munmap { first, len } => {
+                let (s, e) = self.range(first, len);
+                for a in self.addrs(s, e, |p| !p.owned) {
+                    self.core.mem.fake.unmap(a);
+                    self.pages.remove(&a);
+                }
+                self.core.forget_unmapped(s, e);
+            }
+            Op::MapFresh { first, len } => {
+                let (s, e) = self.range(first, len);
+                for a in (s..e).step_by(page) {
+                    if self.in_owned_range(a) {
+                        continue;
+                    }
+                    match self.pages.get_mut(&a) {
+                        Some(p) if p.mapped => {}
+                        // Still spanned by a region (vanished memory): its record stays.
+                        Some(p) => {
+                            let advised = p.advised;
+                            *p = PageModel {
+                                advised,
+                                tracked: true,
+                                ..PageModel::fresh(page, false)
+                            };
+                            self.core.mem.fake.unmap(a);
+                        }
+                        None => {
+                            self.pages.insert(a, PageModel::fresh(page, false));
+                            self.core.mem.fake.unmap(a);
+                        }
+                    }
+                }
+            }
+            Op::Mremap { first, len, dest } => {
+                let (s, e) = self.range(first, len.max(1));
+                let n = (e - s) / page;
+                let to = BASE + usize::from(dest) % self.span * page;
+                let movable = (s..e)
+                    .step_by(page)
+                    .all(|a| self.pages.get(&a).is_some_and(|p| p.mapped && !p.owned));
+                let fits = to + n * page <= BASE + self.span * page;
+                if n == 0 || !movable || !fits || (to < e && s < to + n * page) {
+                    return;
+                }
+                let misuse = self.pages.range(to..to + n * page).any(|(_, p)| p.owned);
+                self.move_memory(s, to, n * page);
+                self.core.relocate(s, to, n * page);
+                let moved: Vec<PageModel> = (s..e)
+                    .step_by(page)
+                    .map(|a| self.pages.remove(&a).expect("movable"))
+                    .collect();
+                for (i, m) in moved.into_iter().enumerate() {
+                    let a = to + i * page;
+                    let old = self.pages.remove(&a);
+                    let p = match old {
+                        // ksm's own page, replaced behind its back: its record is gone,
+                        // advice included.
+                        Some(o) if o.owned => PageModel {
+                            advised: false,
+                            loose: true,
+                            owned: true,
+                            tracked: true,
+                            ..m
+                        },
+                        // Moved over ksm's memory: nothing of it is tracked any more.
+                        _ if misuse => PageModel {
+                            advised: false,
+                            loose: true,
+                            tracked: false,
+                            ..m
+                        },
+                        // The records followed the memory.
+                        _ => m,
+                    };
+                    self.pages.insert(a, p);
+                }
+            }
+            Op::Vanish { page: i, moved } => {
+                let Some(a) = self.nth(i, |p| p.tracked && p.advised && p.mapped && !p.owned)
+                else {
+                    return;
+                };
+                let free = BASE + (self.span - FREE_PAGES) * page;
+                let to = (free..BASE + self.span * page)
+                    .step_by(page)
+                    .find(|t| !self.pages.contains_key(t))
+                    .filter(|_| moved);
+                match to {
+                    Some(to) => {
+                        self.move_memory(a, to, page);
+                        let m = self.pages[&a].clone();
+                        let p = PageModel {
+                            advised: false,
+                            tracked: false,
+                            loose: true,
+                            ..m
+                        };
+                        self.pages.insert(to, p);
+                    }
+                    None => self.core.mem.fake.unmap(a),
+                }
+                let p = self.pages.get_mut(&a).expect("picked");
+                (p.mapped, p.advised, p.loose) = (false, false, false);
+                self.core.forget_vanished(a);
+                self.drop_idle_foreign(0, usize::MAX);
+            }
+            Op::FreeSuspects => {
+                let mapped = self.core.mem.fake.mapped_frames();
+                self.core.free_unmapped_suspects(|f| mapped.contains(&f));
+            }
+            Op::WriteTracking { on } => self.core.set_write_tracking(on),
             Op::MaxPageSharing { n } => {
                 self.core.max_page_sharing = 2 + u32::from(n % 3);
                 self.max_sharing_ever = self.max_sharing_ever.max(self.core.max_page_sharing);
@@ -582,64 +845,100 @@ impl Harness {
     /// The checks that hold after every operation.
     pub fn check(&mut self) {
         self.check_pages();
-        let (fake, page) = (&self.core.mem.fake, self.page);
-        for r in self.regions.iter_mut().filter(|r| r.present) {
-            for pi in 0..r.npages {
-                if fake.maps_frame(r.start + pi * page) {
-                    r.cowed[pi] = false;
-                }
+        let (fake, mapped) = (&self.core.mem.fake, &self.core.mem.mapped);
+        let core = &self.core;
+        let page = self.page;
+        for (&a, p) in self.pages.iter_mut().filter(|(_, p)| p.mapped) {
+            if fake.maps_frame(a) {
+                p.cowed = false;
             }
+            // Loose while it maps a frame no record names.
+            let named = p.tracked && {
+                let r = core.region_at(a).expect("tracked");
+                let rec = r.pages[(a - r.start) / page];
+                rec.state() == State::Stable && Some(&rec.frame()) == mapped.get(&a)
+            };
+            p.loose &= fake.maps_frame(a) && !named;
         }
     }
 
     fn check_pages(&self) {
         let fake = &self.core.mem.fake;
         self.core.check_invariants();
-        let tracked: Vec<usize> = self.core.regions().map(|r| r.start).collect();
-        let present: Vec<usize> = self
-            .regions
-            .iter()
-            .filter(|r| r.present)
-            .map(|r| r.start)
-            .collect();
-        assert_eq!(tracked, present, "tracked regions");
-        let mut mapped_count: BTreeMap<FrameId, u32> = BTreeMap::new();
-        for (ri, r) in self.regions.iter().enumerate().filter(|(_, r)| r.present) {
-            for pi in 0..r.npages {
-                let a = self.addr(ri, pi);
+        let page = self.page;
+        let mut tracked = 0;
+        for r in self.core.regions() {
+            for i in 0..r.pages.len() {
+                let a = r.start + i * page;
+                let p = self.pages.get(&a);
                 assert!(
-                    fake.read_page(a) == r.data[pi],
-                    "page {a:#x} (region {ri} page {pi}) reads other bytes than written"
+                    p.is_some_and(|p| p.tracked && p.owned == r.owned),
+                    "page {a:#x} tracked by ksm (owned: {}), the model says {p:?}",
+                    r.owned
                 );
-                let (state, frame, advised) = self.rec_state(a);
-                assert_eq!(advised, r.advised[pi], "advice of page {a:#x}");
-                if fake.maps_frame(a) {
-                    let f = self.core.mem.mapped[&a];
-                    assert_eq!(state, State::Stable, "page {a:#x} maps frame {f} untracked");
-                    assert_eq!(frame, f, "page {a:#x} maps another frame than recorded");
-                    assert!(advised, "unadvised page {a:#x} maps frame {f}");
-                    *mapped_count.entry(f).or_default() += 1;
+                tracked += 1;
+            }
+        }
+        assert_eq!(
+            tracked,
+            self.pages.values().filter(|p| p.tracked).count(),
+            "pages tracked"
+        );
+        let mut mapped_count: BTreeMap<FrameId, u32> = BTreeMap::new();
+        for (&a, p) in &self.pages {
+            if !p.mapped {
+                assert!(p.tracked, "page {a:#x}: neither mapped nor tracked");
+                assert_ne!(
+                    self.rec_state(a).0,
+                    State::Stable,
+                    "page {a:#x} gone, still merged"
+                );
+                continue;
+            }
+            assert!(
+                fake.read_page(a) == p.data,
+                "page {a:#x} ({p:?}) reads other bytes than written"
+            );
+            if fake.maps_frame(a) {
+                let f = self.core.mem.mapped[&a];
+                assert!(
+                    self.core.frames().is_live(f),
+                    "page {a:#x} maps frame {f}, which is free"
+                );
+                if !p.tracked {
+                    assert!(p.loose, "page {a:#x} maps frame {f} with no record");
                 }
-                if state == State::Zero {
-                    // Still the zero page, or written since (the next visit sees it present).
-                    assert!(
-                        !fake.maps_frame(a)
-                            && (r.data[pi].iter().all(|&b| b == 0) || fake.is_anon(a)),
-                        "page {a:#x} recorded as the zero page but is not"
-                    );
-                }
-                if state == State::Stable {
-                    assert!(
-                        fake.maps_frame(a) || r.cowed[pi],
-                        "page {a:#x} recorded merged on frame {frame} but neither maps it nor was written"
-                    );
-                    let refs = self.core.frames().refs(frame);
-                    assert!(
-                        refs <= self.max_sharing_ever,
-                        "frame {frame}: {refs} references > max_page_sharing {}",
-                        self.max_sharing_ever
-                    );
-                }
+            }
+            if !p.tracked {
+                continue;
+            }
+            let (state, frame, advised) = self.rec_state(a);
+            assert_eq!(advised, p.advised, "advice of page {a:#x}");
+            if fake.maps_frame(a) && !p.loose {
+                let f = self.core.mem.mapped[&a];
+                assert_eq!(state, State::Stable, "page {a:#x} maps frame {f} untracked");
+                assert_eq!(frame, f, "page {a:#x} maps another frame than recorded");
+                assert!(advised, "unadvised page {a:#x} maps frame {f}");
+                *mapped_count.entry(f).or_default() += 1;
+            }
+            if state == State::Zero {
+                // Still the zero page, or written since (the next visit sees it present).
+                assert!(
+                    !fake.maps_frame(a) && (p.data.iter().all(|&b| b == 0) || fake.is_anon(a)),
+                    "page {a:#x} recorded as the zero page but is not"
+                );
+            }
+            if state == State::Stable {
+                assert!(
+                    fake.maps_frame(a) || p.cowed,
+                    "page {a:#x} recorded merged on frame {frame} but neither maps it nor was written"
+                );
+                let refs = self.core.frames().refs(frame);
+                assert!(
+                    refs <= self.max_sharing_ever,
+                    "frame {frame}: {refs} references > max_page_sharing {}",
+                    self.max_sharing_ever
+                );
             }
         }
         for (&f, &n) in &mapped_count {
@@ -648,16 +947,47 @@ impl Harness {
                 "frame {f} mapped more than referenced"
             );
         }
+        // Free offsets reserved for a child hold no bytes but count as live.
+        let reserved = self.core.mem.child.values().filter(|b| b.is_none()).count();
         assert_eq!(
-            fake.frames_held(),
+            fake.frames_held() + reserved,
             self.core.frames().live() as usize,
             "frames holding bytes vs live frames"
         );
         for (&f, bytes) in &self.core.mem.child {
-            assert!(fake.frame(f) == &bytes[..], "child's frame {f} changed");
+            assert!(
+                fake.frame_bytes(f) == bytes.as_deref(),
+                "child's frame {f} changed"
+            );
         }
         let k = self.core.counters();
         assert!(k.rmap_items >= k.pages_shared + k.pages_sharing + k.pages_unshared);
+    }
+
+    /// Everything is unmapped, ksm's memory closed, suspects looked for and the child
+    /// gone: no frame may be left (a leak: a suspect, a mark or a reference that
+    /// outlives every mapping).
+    fn teardown(&mut self) {
+        for b in [false, true] {
+            self.apply(&Op::Remove { b });
+        }
+        // (Ranges reach up to twice the span past BASE.)
+        let end = BASE + 2 * self.span * self.page;
+        for a in self.addrs(BASE, end, |p| !p.owned) {
+            self.core.mem.fake.unmap(a);
+            self.pages.remove(&a);
+        }
+        self.core.forget_unmapped(BASE, end);
+        self.check();
+        self.apply(&Op::FreeSuspects);
+        self.apply(&Op::Quiet);
+        self.check();
+        assert_eq!(self.core.regions().count(), 0, "regions left");
+        assert_eq!(
+            (self.core.frames().live(), self.core.mem.fake.frames_held()),
+            (0, 0),
+            "frames left when nothing is mapped"
+        );
     }
 
     /// After `Settle`: no two advised, present pages with the same bytes are both
@@ -667,34 +997,34 @@ impl Harness {
         if self.capacity != AMPLE_FRAMES {
             return;
         }
+        let fake = &self.core.mem.fake;
         let mut unmerged: HashMap<&[u8], usize> = HashMap::new();
-        for (ri, r) in self.regions.iter().enumerate().filter(|(_, r)| r.present) {
-            for pi in 0..r.npages {
-                let a = self.addr(ri, pi);
-                if !r.advised[pi]
-                    || !r.written[pi]
-                    || self.core.mem.fake.maps_frame(a)
-                    || self.rec_state(a).0 == State::Zero
-                    // Dropped to the zero page (and its record since forgotten by an
-                    // unmerge): holds no memory, nothing to merge.
-                    || !self.core.mem.fake.is_anon(a)
-                {
-                    continue;
-                }
-                if let Some(other) = unmerged.insert(&r.data[pi][..], a) {
-                    panic!(
-                        "pages {other:#x} and {a:#x} have the same bytes and are both unmerged \
-                         after scan_full(3) (states {:?}, {:?})",
-                        self.rec_state(other),
-                        self.rec_state(a)
-                    );
-                }
+        for (&a, p) in &self.pages {
+            if !p.mapped
+                || !p.tracked
+                || !p.advised
+                || !p.written
+                || fake.maps_frame(a)
+                || self.rec_state(a).0 == State::Zero
+                // Dropped to the zero page (and its record since forgotten by an
+                // unmerge): holds no memory, nothing to merge.
+                || !fake.is_anon(a)
+            {
+                continue;
+            }
+            if let Some(other) = unmerged.insert(&p.data[..], a) {
+                panic!(
+                    "pages {other:#x} and {a:#x} have the same bytes and are both unmerged \
+                     after scan_full(3) (states {:?}, {:?})",
+                    self.rec_state(other),
+                    self.rec_state(a)
+                );
             }
         }
     }
 }
 
-/// Run one input: every operation, each followed by the checks.
+/// Run one input: every operation, each followed by the checks, then the teardown.
 pub fn run(input: &Input) {
     let mut h = Harness::new(&input.setup);
     h.check();
@@ -702,6 +1032,7 @@ pub fn run(input: &Input) {
         h.apply(op);
         h.check();
     }
+    h.teardown();
 }
 
 /// Run raw fuzzer bytes (for use without libFuzzer).
@@ -709,4 +1040,100 @@ pub fn run_bytes(data: &[u8]) {
     if let Ok(input) = Input::arbitrary_take_rest(Unstructured::new(data)) {
         run(&input);
     }
+}
+
+/// An input drawn from `rng` with the operations weighted towards those that make
+/// merges (writes of a few patterns, copies of a few pages with a difference, advice,
+/// scans): random bytes rarely get far enough for runs with covered pages, or for
+/// forks, moves and unmaps over merged memory, and the libFuzzer-free runs (`cargo
+/// test`) have no coverage feedback to get there.
+pub fn weighted_input(rng: &mut crate::XorShift, nops: usize) -> Input {
+    let mut byte = || rng.next_u64() as u8;
+    let setup = Setup {
+        big_pages: byte() % 4 == 0,
+        pages_a: byte(),
+        pages_b: byte(),
+        gap: byte(),
+        pages_c: byte(),
+        small_capacity: (byte() % 8 == 0).then(&mut byte),
+        max_page_sharing: (byte() % 4 == 0).then(&mut byte),
+        write_tracking: byte() % 2 == 0,
+    };
+    let mut ops = Vec::with_capacity(nops);
+    while ops.len() < nops {
+        let r = rng.next_u64();
+        let (x, y, z) = ((r >> 8) as u8, (r >> 16) as u8, (r >> 24) as u8);
+        let flag = (r >> 32) & 1 == 1;
+        ops.push(match r % 100 {
+            0..=19 => Op::Fill {
+                page: x,
+                pattern: y,
+            },
+            20..=26 => {
+                // A copy of up to 6 pages `y` pages further on, one page differing.
+                let n = 2 + z % 5;
+                let odd = (r >> 40) as u8 % (n + 2);
+                for j in 0..n {
+                    let p = (r >> (44 + 3 * u32::from(j))) as u8;
+                    ops.push(Op::Fill {
+                        page: x.wrapping_add(j),
+                        pattern: p,
+                    });
+                    ops.push(Op::Fill {
+                        page: x.wrapping_add(y).wrapping_add(j),
+                        pattern: p.wrapping_add(u8::from(j == odd)),
+                    });
+                }
+                continue;
+            }
+            27..=29 => Op::Poke {
+                page: x,
+                offset: u16::from(y),
+                value: z,
+            },
+            30..=31 => Op::Touch { page: x },
+            32..=41 => Op::Advise { first: x, len: y },
+            42..=44 => Op::Unadvise {
+                first: x,
+                len: y,
+                fail: flag,
+            },
+            45..=46 => Op::UnmergeRange {
+                first: x,
+                len: y,
+                fail: flag,
+            },
+            47 => Op::UnmergeAll { fail: flag },
+            48..=55 => Op::ScanBatch { budget: x },
+            56..=65 => Op::ScanFull,
+            66..=69 => Op::Settle,
+            70 => Op::ToggleFailMap,
+            71..=73 => Op::Fork,
+            74..=75 => Op::Quiet,
+            76 => Op::Remove { b: flag },
+            77..=78 => Op::AddBack { b: flag },
+            79..=80 => Op::Munmap { first: x, len: y },
+            81..=82 => Op::MapFresh { first: x, len: y },
+            83..=86 => Op::Mremap {
+                first: x,
+                len: y,
+                dest: z,
+            },
+            87..=89 => Op::Vanish {
+                page: x,
+                moved: flag,
+            },
+            90..=92 => Op::FreeSuspects,
+            93 => Op::WriteTracking { on: flag },
+            94 => Op::MaxPageSharing { n: x },
+            95 => Op::VmaBudget {
+                n: flag.then_some(x),
+            },
+            96 => Op::RefreshVma,
+            97 => Op::ZeroPages { on: flag },
+            98 => Op::SmartScan { on: flag },
+            _ => Op::ToggleFailMap,
+        });
+    }
+    Input { setup, ops }
 }

@@ -138,7 +138,8 @@ class Ksmd:
       counts what it hashed); the first write to such a page after each scan costs
       about 2 microseconds more. Needs ``UFFD_FEATURE_WP_ASYNC`` (Linux 6.7);
       without it this stays 1 and nothing is tracked. 0 stops tracking at once;
-      1 tracks memory advised (or unmerged) from then on.
+      1 tracks again the unmerged pages of memory advised before (the next scan
+      hashes them once more) and memory advised (or unmerged) from then on.
     - ``hash_threads`` (the cores available to the process: CPU affinity and
       cgroup quota, as Rust's ``available_parallelism`` counts them; 1..1024):
       threads a scan reads and hashes pages on. With more than 1, each batch
@@ -258,7 +259,7 @@ def stats() -> dict[str, int]:
     ``stable_node_chains``, ``stable_node_dups``, ``ksm_zero_pages``,
     ``general_profit``) and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
     bytes), ``deferred_frames`` (kept for a forked child), ``suspect_frames`` (kept
-    until no mapping holds them, after the application unmapped merged memory), ``pool_bytes``
+    until no mapping holds them, after the application unmapped or moved merged memory), ``pool_bytes``
     (memory of the frame pool), ``merges``, ``merge_failures``, ``pages_hashed`` (pages a
     scan read and hashed; with ``ksmd.write_tracking`` unchanged ones are not), ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),

@@ -624,14 +624,22 @@ impl Mem for Os {
     }
 
     fn retrack(&mut self, addr: usize, len: usize) {
-        if self.owned_at(addr).is_none() || self.tracker.is_none() || !self.tracking {
+        // The tracker is opened here if it never was (tracking switched on after
+        // memory was registered).
+        if self.owned_at(addr).is_none() || self.tracker().is_none() {
             return;
         }
-        // Back from the synchronous userfaultfd to the tracker (the VMA joins its
-        // tracked neighbours again). Should registering fail, it stays synchronous.
-        if let Some(u) = self.uffd.clone() {
-            if u.unregister(addr, len).is_ok() && !self.track(addr, len) {
-                let _ = u.register_wp(addr, len);
+        // Back from the synchronous userfaultfd (or from none, after tracking was
+        // switched off) to the tracker: the VMA joins its tracked neighbours again.
+        // Should registering fail, it stays synchronous.
+        match self.uffd.clone() {
+            Some(u) => {
+                if u.unregister(addr, len).is_ok() && !self.track(addr, len) {
+                    let _ = u.register_wp(addr, len);
+                }
+            }
+            None => {
+                self.track(addr, len);
             }
         }
     }

@@ -42,6 +42,9 @@ pub struct FrameTable {
     deferred: Vec<FrameId>,
     /// Unreferenced frames that a vanished mapping may still map (see `decref_suspect`).
     suspects: Vec<FrameId>,
+    /// Referenced frames that a vanished mapping may map as well (see `decref_suspect`):
+    /// whichever reference goes last, they become suspects, never free at once.
+    mapped_elsewhere: BTreeSet<FrameId>,
     capacity: u32,
     /// Incremented in the parent at every fork.
     fork_epoch: u32,
@@ -59,6 +62,9 @@ pub enum Release {
     Free(FrameId),
     /// A child may map it: keep its bytes until the pool is quiet.
     Deferred,
+    /// A vanished mapping may still map it: keep its bytes until
+    /// [`FrameTable::clear_suspects`] finds no mapping of it.
+    Suspect,
 }
 
 impl FrameTable {
@@ -264,7 +270,10 @@ impl FrameTable {
         if *r > 0 {
             return Release::Kept;
         }
-        if self.child_may_map(f) {
+        if self.mapped_elsewhere.remove(&f) {
+            self.suspects.push(f);
+            Release::Suspect
+        } else if self.child_may_map(f) {
             self.deferred.push(f);
             Release::Deferred
         } else {
@@ -277,14 +286,22 @@ impl FrameTable {
     /// application unmapped or moved it): the mapping may live on elsewhere (`mremap`),
     /// so on the last reference the frame becomes a suspect, kept with its bytes until
     /// [`FrameTable::clear_suspects`] finds no mapping of it. Returns whether it did.
+    ///
+    /// While other pages still reference the frame, it is marked: the moved mapping
+    /// may outlive them all, so whichever reference goes last (through `decref` as
+    /// well), the frame becomes a suspect then.
     pub fn decref_suspect(&mut self, f: FrameId) -> bool {
         let r = &mut self.refs[f as usize];
         assert!(*r > 0, "frame {f} released more often than referenced");
         *r -= 1;
         if *r == 0 {
+            self.mapped_elsewhere.remove(&f);
             self.suspects.push(f);
+            true
+        } else {
+            self.mapped_elsewhere.insert(f);
+            false
         }
-        *r == 0
     }
 
     /// Hand back the suspects that `mapped` says nothing maps, to punch.
@@ -403,6 +420,7 @@ impl FrameTable {
             + self.free.len() * 16
             + self.deferred.capacity() * 4
             + self.suspects.capacity() * 4
+            + self.mapped_elsewhere.len() * 16
     }
 
     /// Ids the table spans (free ones included).
@@ -587,6 +605,31 @@ mod tests {
         let again = t.alloc(3).unwrap();
         t.incref(again);
         assert_eq!(t.decref(again), Release::Free(again));
+    }
+
+    #[test]
+    fn a_frame_a_vanished_mapping_shared_waits_as_a_suspect_whoever_lets_go_last() {
+        // Review finding: only the vanished page's own reference made a suspect, so a
+        // frame still referenced by another page was punched when that page let go,
+        // while the moved mapping still mapped it.
+        let mut t = FrameTable::new(8);
+        let f = t.alloc(1).unwrap();
+        t.incref(f);
+        t.incref(f);
+        assert!(!t.decref_suspect(f), "another page still references it");
+        assert_eq!(
+            t.decref(f),
+            Release::Suspect,
+            "the moved mapping may map it"
+        );
+        assert!(t.is_live(f) && t.suspects() == 1);
+        assert_eq!(t.clear_suspects(|_| true), Vec::<FrameId>::new());
+        assert_eq!(t.clear_suspects(|_| false), vec![f]);
+        assert!(!t.is_live(f) && t.live() == 0);
+        // Reused, it is an ordinary frame again.
+        assert_eq!(t.alloc(2), Some(f));
+        t.incref(f);
+        assert_eq!(t.decref(f), Release::Free(f));
     }
 
     #[test]

@@ -322,7 +322,9 @@ impl Region {
         self.covered = HashMap::new();
     }
 
-    /// Split off the pages from index `at` on into a region of their own.
+    /// Split off the pages from index `at` on into a region of their own. The head
+    /// gives back the room of the records it no longer has (bookkeeping is counted by
+    /// capacity, see `metadata_bytes`).
     pub fn split_off(&mut self, at: usize, page: usize) -> Region {
         let at32 = index(at);
         let mut covered = HashMap::new();
@@ -333,9 +335,12 @@ impl Region {
             covered.insert(i - at32, g);
             false
         });
+        self.covered.shrink_to_fit();
+        let pages = self.pages.split_off(at);
+        self.pages.shrink_to_fit();
         Region {
             start: self.start + at * page,
-            pages: self.pages.split_off(at),
+            pages,
             owned: self.owned,
             prot: self.prot,
             registered: self.registered,
@@ -425,6 +430,26 @@ mod tests {
         assert_eq!(f.state(), State::Volatile);
         assert_eq!(f.flags(), ADVISED | SUM_TRACKED);
         assert_eq!((f.checksum(), f.age(), f.skips()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_split_gives_back_the_head_s_room_for_the_records_it_lost() {
+        // Review finding: the head kept the capacity of the whole region's records.
+        let mut r = Region::new(0x10000, 1024, false, 3);
+        for i in (0..1024).step_by(8) {
+            r.cover(i, i as FrameId);
+        }
+        let before = r.metadata_bytes();
+        let tail = r.split_off(16, 0x1000);
+        assert_eq!((r.pages.len(), tail.pages.len()), (16, 1008));
+        assert!(r.pages.capacity() < 32, "head holds {}", r.pages.capacity());
+        assert!(
+            r.metadata_bytes() < before / 16,
+            "head: {} of {before} bytes",
+            r.metadata_bytes()
+        );
+        assert_eq!(r.covered_frames().count(), 2);
+        assert_eq!(tail.covered_frame(8), Some(24));
     }
 
     #[test]

@@ -117,6 +117,38 @@ impl FakeMem {
         self.pages.remove(&base);
     }
 
+    /// The application's `mremap(from, len, to)`: what was at `to` is unmapped, the
+    /// pages move with what they map (a frame, or their own bytes). Moved memory is
+    /// not in the write tracker (the mapping keeps the userfaultfd it had).
+    pub fn mremap(&mut self, from: usize, to: usize, len: usize) {
+        for i in (0..len).step_by(self.page) {
+            self.pages.remove(&(to + i));
+        }
+        for i in (0..len).step_by(self.page) {
+            if let Some(b) = self.pages.remove(&(from + i)) {
+                self.pages.insert(to + i, b);
+            }
+            self.untracked.insert(to + i);
+            self.dirty.remove(&(to + i));
+        }
+    }
+
+    /// Every frame some page maps.
+    pub fn mapped_frames(&self) -> HashSet<FrameId> {
+        self.pages
+            .values()
+            .filter_map(|b| match b {
+                Backing::Frame { f, .. } => Some(*f),
+                Backing::Anon(_) => None,
+            })
+            .collect()
+    }
+
+    /// The bytes frame `f` holds, if it holds any.
+    pub fn frame_bytes(&self, f: FrameId) -> Option<&[u8]> {
+        self.frames.get(&f).map(Vec::as_slice)
+    }
+
     /// Frames still holding bytes.
     pub fn frames_held(&self) -> usize {
         self.frames.len()
@@ -166,6 +198,14 @@ impl Mem for FakeMem {
             }
         }
         Ok(())
+    }
+
+    fn write_tracking(&self) -> bool {
+        self.tracking
+    }
+
+    fn set_write_tracking(&mut self, on: bool) {
+        self.tracking = on;
     }
 
     fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {

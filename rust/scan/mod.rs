@@ -81,7 +81,8 @@ pub trait Mem {
         self.untrack(addr, len)
     }
     /// Track writes to `[addr, addr+len)` again: anonymous pages a merge protected
-    /// and left anonymous (it failed, or dropped them to the zero page).
+    /// and left anonymous (it failed, or dropped them to the zero page), or memory
+    /// already registered when the `write_tracking` knob is switched back on.
     fn retrack(&mut self, _addr: usize, _len: usize) {}
     /// Whether write tracking is wanted (the `write_tracking` knob).
     fn write_tracking(&self) -> bool {
@@ -1017,16 +1018,24 @@ impl<M: Mem> Core<M> {
     /// event; the moved VMAs stay registered): the records move with the memory, and
     /// merged pages keep their frames.
     pub fn relocate(&mut self, from: usize, to: usize, len: usize) {
+        // What was at the destination is gone: the kernel unmapped it first.
         self.forget_unmapped(to, to + len);
-        let page = self.page;
-        if self
-            .regions
-            .values()
-            .any(|r| r.start < to + len && to < r.end(page))
-        {
-            // Moved over memory ksm owns (which the application must not do): the
-            // records cannot follow, forget them.
-            return self.forget_unmapped(from, from + len);
+        let overrun: Vec<usize> = self.pages_in(to, to + len).map(|(a, _)| a).collect();
+        if !overrun.is_empty() {
+            // Moved over memory ksm owns (which the application must not do): the records
+            // cannot follow. The moved pages still map their frames at `to`, so they are
+            // forgotten as vanished: their frames wait as suspects until no mapping of
+            // them is left (`forget_unmapped` would free them under the destination).
+            // So are ksm's own pages there, replaced behind its back: their records and
+            // advice go, as the kernel's advice goes with a VMA mapped over.
+            for start in self.foreign_regions_in(from, from + len) {
+                self.remove_vanished_region(start);
+            }
+            for a in overrun {
+                self.forget_vanished(a);
+                self.uncover(a);
+            }
+            return;
         }
         for start in self.foreign_regions_in(from, from + len) {
             let mut r = self.regions.remove(&start).expect("listed");
@@ -1207,12 +1216,9 @@ impl<M: Mem> Core<M> {
     /// probe may not have been taken yet: their checksums are not trusted any more (a
     /// page the window leaves unmerged is hashed again at its next visit).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
-        let page = self.page;
-        self.sums_ahead.forget(addr, len, page);
+        self.sums_ahead.forget(addr, len, self.page);
         for (s, e) in self.unmerged_runs(addr, addr + len) {
-            for a in (s..e).step_by(page) {
-                self.rec_mut(a).clear(SUM_TRACKED);
-            }
+            self.distrust(s, e);
             self.mem.untrack_for_merge(s, e - s)?;
         }
         self.mem.protect(addr, len)
@@ -1255,23 +1261,48 @@ impl<M: Mem> Core<M> {
 
     /// The algorithm's side of the `write_tracking` knob (see `Mem::set_write_tracking`):
     /// switched off, the unmerged pages of memory ksm owns leave the tracker at once
-    /// (no write pays for tracking any more; a merge registers them as it needs).
+    /// (no write pays for tracking any more; a merge registers them as it needs);
+    /// switched on, those of memory already registered (advised) are tracked again, so
+    /// that scans stop rehashing them. Either way no checksum taken before is trusted
+    /// any more: the writes made while nothing tracked them were never recorded.
     pub fn set_write_tracking(&mut self, on: bool) {
         self.mem.set_write_tracking(on);
-        if on {
-            return;
-        }
         let page = self.page;
         let owned: Vec<(usize, usize)> = self
             .regions
             .values()
-            .filter(|r| r.owned)
+            .filter(|r| r.owned && (r.registered || !on))
             .map(|r| (r.start, r.end(page)))
             .collect();
         for (start, end) in owned {
             for (s, e) in self.unmerged_runs(start, end) {
-                // Best effort: what stays tracked is untracked by the merge that needs it.
-                let _ = self.mem.untrack(s, e - s);
+                self.distrust(s, e);
+                if on {
+                    self.mem.retrack(s, e - s);
+                } else {
+                    // Best effort: what stays tracked is untracked by the merge that needs it.
+                    let _ = self.mem.untrack(s, e - s);
+                }
+            }
+        }
+    }
+
+    /// Clear `SUM_TRACKED` on every page of `[start, end)`: their checksums are not
+    /// trusted any more (one pass over each region's slice of records).
+    fn distrust(&mut self, start: usize, end: usize) {
+        let page = self.page;
+        let first = self
+            .regions
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        for r in self.regions.range_mut(first..end).map(|(_, r)| r) {
+            let (s, e) = (start.max(r.start), end.min(r.end(page)));
+            if s < e {
+                let slice = &mut r.pages[(s - r.start) / page..(e - r.start) / page];
+                for p in slice {
+                    p.clear(SUM_TRACKED);
+                }
             }
         }
     }

@@ -1189,3 +1189,121 @@ fn a_checksum_taken_ahead_is_not_used_after_a_merge_window_took_the_page() {
         c.check_invariants();
     }
 }
+
+#[test]
+fn merged_pages_moved_over_owned_memory_keep_their_frames_until_unmapped() {
+    // Review finding: an application `mremap` onto memory ksm owns (which it must not
+    // do) made `relocate` forget the moved records as unmapped, which freed the frames
+    // the destination still maps: punched, then filled with other bytes. (The fake
+    // panics on a punch or rewrite of a mapped frame; the bytes are checked as well.)
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // (the other copy lets go of the frames first, ksm's pages moved over were merged
+    // on the same frames)
+    for (other_first, dest_merged) in [(false, false), (true, false), (false, true)] {
+        let mut c = core_with(8);
+        let (f, g, to) = (BASE + 16 * PG, BASE + 32 * PG, BASE + PG);
+        for start in [f, g, to] {
+            if start != to {
+                c.add_region(Region::new(start, 2, false, rw));
+            }
+            for i in 0..2 {
+                let b = if start == to && !dest_merged {
+                    0x50
+                } else {
+                    0x60
+                };
+                c.mem.write(start + i * PG, &vec![b + i as u8; PG]);
+            }
+            c.advise(start, start + 2 * PG);
+        }
+        c.scan_full(2);
+        let k = c.counters();
+        let sharing = if dest_merged { 4 } else { 2 };
+        assert_eq!((k.pages_shared, k.pages_sharing), (2, sharing), "{k:?}");
+        if other_first {
+            // g's pages copy away: the moved ones hold the frames' last references.
+            for i in 0..2 {
+                c.mem.write(g + i * PG, &[1]);
+            }
+            c.scan_full(1);
+        }
+        // f moves over pages 1 and 2 of the owned region.
+        c.mem.mremap(f, to, 2 * PG);
+        c.relocate(f, to, 2 * PG);
+        c.check_invariants();
+        for i in 0..2 {
+            c.mem.write(g + i * PG, &[2]);
+        }
+        // Other pages merge meanwhile: frames freed would be taken for them.
+        for i in 4..8 {
+            fill(&mut c, i, 0x70 + (i % 2) as u8);
+        }
+        c.advise(BASE + 4 * PG, BASE + 8 * PG);
+        c.scan_full(3);
+        c.check_invariants();
+        assert_eq!(c.counters().pages_sharing, 2);
+        for i in 0..2 {
+            assert_eq!(c.mem.read_page(to + i * PG), vec![0x60 + i as u8; PG]);
+        }
+        assert_eq!(
+            c.frames().suspects(),
+            2,
+            "held until no mapping of them is left"
+        );
+        assert!(c.region_at(f).is_none(), "the moved records are forgotten");
+        assert!(!c.rec(to).unwrap().advised(), "and ksm's pages moved over");
+        // Still mapped: kept.
+        let mapped = c.mem.mapped_frames();
+        c.free_unmapped_suspects(|x| mapped.contains(&x));
+        assert_eq!(c.frames().suspects(), 2);
+        // ksm unmaps its memory (with what was moved there): they go.
+        for i in 0..8 {
+            c.mem.unmap(BASE + i * PG);
+        }
+        c.remove_region(BASE);
+        let mapped = c.mem.mapped_frames();
+        c.free_unmapped_suspects(|x| mapped.contains(&x));
+        assert_eq!(c.frames().suspects(), 0);
+        assert_eq!(c.mem.frames_held(), c.frames().live() as usize);
+        c.check_invariants();
+    }
+}
+
+#[test]
+fn write_tracking_switched_off_and_on_tracks_registered_memory_again() {
+    // Review finding: switching `write_tracking` back on tracked only memory
+    // registered from then on, so every later scan hashed the rest again.
+    let n = 32;
+    let mut c = core_with(n);
+    c.regions_mut().for_each(|r| r.registered = true);
+    c.mem.tracking = true;
+    c.smart_scan = false;
+    for i in 0..n {
+        fill(&mut c, i, 100 + i as u8);
+    }
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(3);
+    let h = c.counters().pages_hashed;
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_hashed, h, "tracked: nothing hashed");
+    c.set_write_tracking(false);
+    // Written while untracked: the tracker, given the page back, reports no write,
+    // but its old checksum must not be trusted.
+    fill(&mut c, 9, 7);
+    c.set_write_tracking(true);
+    c.scan_full(2);
+    let h = c.counters().pages_hashed;
+    c.scan_full(1);
+    assert_eq!(
+        c.counters().pages_hashed,
+        h,
+        "unchanged memory tracked again: nothing hashed"
+    );
+    // Page 9 is indexed under its new bytes: a page made equal to it merges with it.
+    fill(&mut c, 20, 7);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (1, 1), "{k:?}");
+    assert_eq!(c.mem.read_page(BASE + 9 * PG), vec![7; PG]);
+    c.check_invariants();
+}
