@@ -143,10 +143,11 @@ class Ksmd:
     - ``hash_threads`` (the cores available to the process: CPU affinity and
       cgroup quota, as Rust's ``available_parallelism`` counts them; 1..1024):
       threads a scan reads and hashes pages on. With more than 1, each batch
-      takes the checksums its visits would take ahead of them (up to 2048 at a
-      time; 64 after a merge made some useless, doubling again while none is),
-      spread over that many threads, this one included, if each can have 1024
-      pages (the others end before the batch does; after they came late, a few
+      takes the checksums its visits would take ahead of them (up to 4096 at a
+      time, no further than the batch's visits reach; 64 after a merge made some
+      useless, doubling again while none is), spread over that many threads,
+      this one included, if each can have 1024 pages, so at most 4 take part
+      (the others end before the batch does; after they came late, a few
       batches go without). Memory ksm does not own is read 64 pages per
       system call ahead of the visits whatever this is. Merging is unchanged:
       bytes are still read before they are compared, and compared under
@@ -260,13 +261,16 @@ def stats() -> dict[str, int]:
     ``general_profit``) and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
     bytes), ``deferred_frames`` (kept for a forked child), ``suspect_frames`` (kept
     until no mapping holds them, after the application unmapped or moved merged memory), ``pool_bytes``
-    (memory of the frame pool), ``merges``, ``merge_failures``, ``pages_hashed`` (pages a
-    scan read and hashed; with ``ksmd.write_tracking`` unchanged ones are not), ``cows``
+    (memory of the frame pool), ``merges``, ``merge_failures``, ``pages_hashed`` (pages whose
+    visit took a checksum, read at the visit or ahead of it; with
+    ``ksmd.write_tracking`` unchanged ones are not), ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),
     ``vmas_used`` (VMAs of the process when last counted), ``vma_budget`` (the
     most VMAs merging lets the process have: ``vm.max_map_count`` minus the
     ``ksmd.vma_reserve`` knob, when last counted), ``vma_budget_skips``
-    (merges not attempted because they could pass the VMA budget),
+    (merges not attempted because they could pass the VMA budget; once the
+    budget has no room for a pair, a page whose checksum matches one of the
+    unstable index counts without its bytes being compared, at every scan),
     ``unmergeable_pages`` (pages advised that ksm never merges: shared,
     file-backed, hugetlb, locked or special memory; cumulative),
     ``metadata_bytes`` (our bookkeeping: records of advised memory and of all

@@ -145,6 +145,11 @@ impl AddrIndex {
         self.map.contains_key(&packed_key(*h))
     }
 
+    /// The address under `h`.
+    pub fn get(&self, h: &u64) -> Option<usize> {
+        self.map.get(&packed_key(*h)).map(|&p| self.codec.unpack(p))
+    }
+
     /// Set the address under `h`; the one it replaces.
     pub fn insert(&mut self, h: u64, addr: usize) -> Option<usize> {
         let v = self.codec.pack(addr);
@@ -214,6 +219,15 @@ impl AddrChains {
         if let Some(older) = self.heads.insert(packed_key(h), a) {
             self.next.insert(a, older);
         }
+    }
+
+    /// The addresses under `h`, the newest first (nothing taken).
+    pub fn iter(&self, h: &u64) -> impl Iterator<Item = usize> + '_ {
+        let head = self.heads.get(&packed_key(*h)).copied();
+        // Bounded: an address pushed twice could make a cycle (see above).
+        std::iter::successors(head, |a| self.next.get(a).copied())
+            .take(self.next.len() + 1)
+            .map(|a| self.codec.unpack(a))
     }
 
     /// Take every address under `h`, the first pushed first.

@@ -388,8 +388,9 @@ const PROBE_BATCH: usize = 512;
 const PROBE_BATCH_MAX: usize = 4096;
 
 /// Most checksums taken ahead of the visits at once: enough for threads to start at a
-/// negligible cost (see `merge::Os::checksums`).
-const SUMS_AHEAD: usize = 2048;
+/// negligible cost (see `merge::Os::checksums`: each takes 1,024 at least, so at most
+/// 4 threads hash at once).
+const SUMS_AHEAD: usize = PROBE_BATCH_MAX;
 
 /// Fewest checksums taken ahead at once. A merge makes those of the pages it remaps
 /// useless (a run extends forward from the page visited, over pages whose checksums
@@ -1092,6 +1093,8 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
+        // Whatever a batch that ended early (a panic) left is no snapshot of this one's.
+        self.sums_ahead.clear();
         // With more than one hash thread, checksums are taken ahead of the visits; for
         // memory ksm does not own always (it is read many pages per system call then).
         let threads = self.hash_threads > 1;
@@ -1448,7 +1451,9 @@ impl<M: Mem> Core<M> {
         let most = budget.min(window as u64) as usize;
         let mut addrs = Vec::with_capacity(most.min(pres.len() - i));
         let mut k = i;
-        while k < pres.len() && addrs.len() < most {
+        // No further than the batch's visits can reach (`budget` pages from here, at
+        // most): a checksum its visit never takes is taken again by the next batch.
+        while k < pres.len() && addrs.len() < most && ((k - i) as u64) < budget {
             if hashed_by_visit(r.pages[base + k], pres[k], unchanged[k], smart) {
                 addrs.push(from + k * page);
             }
@@ -1678,6 +1683,27 @@ impl<M: Mem> Core<M> {
             (hash, checksum)
         };
         let mut loaded = !trusted && ahead.is_none();
+        // A checksum taken ahead is older than a read at the visit would be: once some
+        // index holds a candidate (the bytes are needed now), the bytes read must still
+        // have it, else the page changed since, as the volatility check would have seen.
+        if ahead.is_some()
+            && ((self.use_zero_pages && checksum == self.zero_checksum)
+                || self.continuing_frame(t, hash).is_some()
+                || self.stable.get(hash).next().is_some()
+                || self.unstable.contains_key(&hash))
+        {
+            if self.mem.read(t.addr, t.owned, buf).is_err() {
+                self.forget(t.addr);
+                return false;
+            }
+            let now = checksum_of(buf).1;
+            if now != checksum {
+                self.rec_mut(t.addr).set_checksum(now);
+                self.changes += 1;
+                return false;
+            }
+            loaded = true;
+        }
         // The bytes, read the first time they are needed.
         let mut load = |core: &mut Self, buf: &mut [u8]| {
             loaded = loaded || core.mem.read(t.addr, t.owned, buf).is_ok();
@@ -1713,7 +1739,7 @@ impl<M: Mem> Core<M> {
                 StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
             }
         }
-        if self.unstable.contains_key(&hash) && !self.vma_room(2) {
+        if self.has_unstable_candidate(hash, t.addr) && !self.vma_room(2) {
             // A pair merge needs VMAs the budget no longer has: it is put off before any
             // byte is read or compared (a process at its budget would otherwise read and
             // compare every such pair at every full scan, only to refuse the merge).
@@ -1801,6 +1827,18 @@ impl<M: Mem> Core<M> {
             }
         }
         found
+    }
+
+    /// Whether this scan's unstable index holds a page other than `addr` under `hash`
+    /// that is still in it (records only, no byte read).
+    fn has_unstable_candidate(&self, hash: u64, addr: usize) -> bool {
+        self.unstable
+            .get(&hash)
+            .is_some_and(|h| self.in_unstable(h, addr))
+            || self
+                .unstable_more
+                .iter(&hash)
+                .any(|c| self.in_unstable(c, addr))
     }
 
     /// Whether page `c` (not `addr`, the page looking) is in this scan's unstable index.
