@@ -84,6 +84,8 @@ struct State {
     threads_pid: i32,
     fault_stop: Arc<AtomicBool>,
     last_quiet_check: Option<Instant>,
+    /// When `free_suspects_while_idle` last read the maps.
+    last_suspect_check: Option<Instant>,
     scans_since_quiet_check: u32,
     /// The scan-time advisor's memory, the start of the current full scan, and the
     /// scanner CPU time (any thread's) since the advisor's last step.
@@ -191,6 +193,7 @@ impl Engine {
                 threads_pid: 0,
                 fault_stop: Arc::new(AtomicBool::new(false)),
                 last_quiet_check: None,
+                last_suspect_check: None,
                 scans_since_quiet_check: 0,
                 advisor: Advisor::default(),
                 scan_started: Instant::now(),
@@ -681,28 +684,50 @@ impl Engine {
         let allowance = st.core.mem.vma_allowance_for(vmas.len() as u64);
         st.core.set_vma_allowance(allowance);
         Self::follow_foreign_memory(st, &vmas);
-        if st.core.frames().suspects() > 0 {
-            let page = sys::page_size() as u64;
-            let inode = st.core.mem.pool.as_ref().map_or(0, |p| p.inode());
-            let pool: Vec<(u64, u64)> = vmas
-                .iter()
-                // Private mappings of the pool are merged pages (the shared one is our view).
-                .filter(|v| {
-                    !v.shared
-                        && v.inode == inode
-                        && v.path.starts_with(crate::pool::POOL_PATH_PREFIX)
-                })
-                .map(|v| {
-                    (
-                        v.offset / page,
-                        v.offset / page + ((v.end - v.start) as u64) / page,
-                    )
-                })
-                .collect();
-            st.core.free_unmapped_suspects(|f| {
-                pool.iter()
-                    .any(|&(s, e)| s <= u64::from(f) && u64::from(f) < e)
-            });
+        Self::free_unmapped_suspects(st, &vmas);
+    }
+
+    /// Free the suspect frames that no mapping in `vmas` (this process's, read from
+    /// /proc/self/maps) holds any more.
+    fn free_unmapped_suspects(st: &mut State, vmas: &[maps::Vma]) {
+        if st.core.frames().suspects() == 0 {
+            return;
+        }
+        let page = sys::page_size() as u64;
+        let inode = st.core.mem.pool.as_ref().map_or(0, |p| p.inode());
+        let pool: Vec<(u64, u64)> = vmas
+            .iter()
+            // Private mappings of the pool are merged pages (the shared one is our view).
+            .filter(|v| {
+                !v.shared && v.inode == inode && v.path.starts_with(crate::pool::POOL_PATH_PREFIX)
+            })
+            .map(|v| {
+                (
+                    v.offset / page,
+                    v.offset / page + ((v.end - v.start) as u64) / page,
+                )
+            })
+            .collect();
+        st.core.free_unmapped_suspects(|f| {
+            pool.iter()
+                .any(|&(s, e)| s <= u64::from(f) && u64::from(f) < e)
+        });
+    }
+
+    /// With nothing advised no full scan begins, yet the last users of suspect frames
+    /// are often gone just then (unadvised, unmerged, closed): look for them here, at
+    /// most once a second while some are left.
+    fn free_suspects_while_idle(st: &mut State) {
+        if st.core.frames().suspects() == 0
+            || st
+                .last_suspect_check
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        st.last_suspect_check = Some(Instant::now());
+        if let Ok(vmas) = maps::read_self() {
+            Self::free_unmapped_suspects(st, &vmas);
         }
     }
 
@@ -784,6 +809,7 @@ impl Engine {
                 return;
             }
             let sleep = if st.knobs.run == 1 && !st.core.any_advised() {
+                Self::free_suspects_while_idle(&mut st);
                 // Nothing registered: no scans, no full_scans (the kernel's ksmd idles).
                 Some(Duration::from_millis(
                     u64::from(st.knobs.sleep_millisecs).max(20),
@@ -899,6 +925,13 @@ impl Engine {
                 // The kernel sets run = 0 when unmerging fails.
                 st.knobs.run = 0;
                 return Err(Error::errno(libc::EAGAIN, format!("run = 2 could not unmerge every page ({e}); run is now 0, nothing was lost")));
+            }
+            // Frames only a moved mapping may still hold were kept as suspects: free
+            // those nothing maps now (no full scan begins under run = 2).
+            if st.core.frames().suspects() > 0 {
+                if let Ok(vmas) = maps::read_self() {
+                    Self::free_unmapped_suspects(&mut st, &vmas);
+                }
             }
         }
         st.knobs = k;

@@ -1220,8 +1220,13 @@ impl<M: Mem> Core<M> {
     /// page the window leaves unmerged is hashed again at its next visit).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
         self.sums_ahead.forget(addr, len, self.page);
-        for (s, e) in self.unmerged_runs(addr, addr + len) {
+        let runs = self.unmerged_runs(addr, addr + len);
+        // All distrusted first: should untracking fail halfway, a later run keeps no
+        // trusted checksum that the tracker may no longer vouch for.
+        for &(s, e) in &runs {
             self.distrust(s, e);
+        }
+        for (s, e) in runs {
             self.mem.untrack_for_merge(s, e - s)?;
         }
         self.mem.protect(addr, len)
