@@ -15,6 +15,29 @@ fn core_with(npages: usize) -> Core<FakeMem> {
     c
 }
 
+/// A page numbered `i` (its first 8 bytes), the rest `i % 251`.
+fn page_of(i: usize) -> Vec<u8> {
+    let mut p = vec![(i % 251) as u8; PG];
+    p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    p
+}
+
+/// Two copies of `n` numbered pages, advised, written under tracking, scanned once
+/// (smart scan off), hashed on `threads`.
+fn two_tracked_copies(n: usize, threads: usize) -> Core<FakeMem> {
+    let mut c = core_with(2 * n);
+    c.hash_threads = threads;
+    c.mem.tracking = true;
+    c.smart_scan = false;
+    for i in 0..n {
+        c.mem.write(BASE + i * PG, &page_of(i));
+        c.mem.write(BASE + (n + i) * PG, &page_of(i));
+    }
+    c.advise(BASE, BASE + 2 * n * PG);
+    c.scan_full(1);
+    c
+}
+
 fn fill(c: &mut Core<FakeMem>, i: usize, byte: u8) {
     c.mem.write(BASE + i * PG, &vec![byte; PG]);
 }
@@ -971,20 +994,7 @@ fn a_write_before_a_merge_window_that_ends_short_is_not_forgotten() {
     // the tracker had not reported (as the kernel does), so their checksums must not
     // be trusted any more.
     let n = 2048;
-    let mut c = core_with(2 * n);
-    c.mem.tracking = true;
-    c.smart_scan = false;
-    let page_of = |i: usize| {
-        let mut p = vec![(i % 251) as u8; PG];
-        p[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        p
-    };
-    for i in 0..n {
-        c.mem.write(BASE + i * PG, &page_of(i));
-        c.mem.write(BASE + (n + i) * PG, &page_of(i));
-    }
-    c.advise(BASE, BASE + 2 * n * PG);
-    c.scan_full(1);
+    let mut c = two_tracked_copies(n, 1);
     c.mem.write(BASE + (n + 700) * PG, &page_of(99_999));
     for i in 1024..1536 {
         c.mem.write(BASE + (n + i) * PG, &page_of(200_000 + i));
@@ -1149,21 +1159,7 @@ fn a_checksum_taken_ahead_is_not_used_after_a_merge_window_took_the_page() {
     // it from then on, and later scans would trust the old content's checksum.
     let n = 64;
     for threads in [1, 3] {
-        let mut c = core_with(2 * n);
-        c.hash_threads = threads;
-        c.mem.tracking = true;
-        c.smart_scan = false;
-        let page_of = |i: usize| {
-            let mut p = vec![(i % 251) as u8; PG];
-            p[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            p
-        };
-        for i in 0..n {
-            c.mem.write(BASE + i * PG, &page_of(i));
-            c.mem.write(BASE + (n + i) * PG, &page_of(i));
-        }
-        c.advise(BASE, BASE + 2 * n * PG);
-        c.scan_full(1);
+        let mut c = two_tracked_copies(n, threads);
         for i in 0..n {
             c.mem.write(BASE + (n + i) * PG, &page_of(i)); // B written again: hashed again
         }
