@@ -152,7 +152,14 @@ def snapshot() -> dict[str, Any]:
         with contextlib.suppress(Exception):
             merge_any = bool(getter())
     knobs: dict[str, Any] = {}
-    for name in ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing"):
+    for name in (
+        "run",
+        "pages_to_scan",
+        "sleep_millisecs",
+        "max_page_sharing",
+        "write_tracking",
+        "hash_threads",
+    ):
         with contextlib.suppress(Exception):
             knobs[name] = getattr(ksm._ksm.ksmd, name)
     kernel = ksm_stat(stats, merge_any)

@@ -50,7 +50,8 @@ _UFFD_FEATURES: tuple[str, ...] = (
     "MOVE",
 )
 
-# The knobs of /sys/kernel/mm/ksm/ that `ksm info` shows (those this build lacks read "n/a").
+# The knobs `ksm info` shows: those of /sys/kernel/mm/ksm/, then two of ksm's own
+# (vma_reserve has its section); those this build lacks read "n/a".
 _KNOBS: tuple[str, ...] = (
     "run",
     "pages_to_scan",
@@ -60,6 +61,8 @@ _KNOBS: tuple[str, ...] = (
     "merge_across_nodes",
     "smart_scan",
     "advisor_mode",
+    "write_tracking",
+    "hash_threads",
 )
 
 _MAX_SCANS = 10
