@@ -1687,36 +1687,33 @@ impl<M: Mem> Core<M> {
             }
             (hash, checksum)
         };
-        let mut loaded = !trusted && ahead.is_none();
-        // A checksum taken ahead is older than a read at the visit would be: once some
-        // index holds a candidate (the bytes are needed now), the bytes read must still
-        // have it, else the page changed since, as the volatility check would have seen.
-        if ahead.is_some()
-            && ((self.use_zero_pages && checksum == self.zero_checksum)
-                || self.continuing_frame(t, hash).is_some()
-                || self.stable.get(hash).next().is_some()
-                || self.unstable.contains_key(&hash))
-        {
-            if self.mem.read(t.addr, t.owned, buf).is_err() {
-                self.forget(t.addr);
+        // The bytes, read the first time they are needed (a failed read forgets the
+        // page). A checksum taken ahead is older than a read at the visit would be: the
+        // bytes read must still have it, else the page changed since, as the volatility
+        // check would have seen.
+        let verify = ahead.is_some();
+        let mut loaded = !trusted && !verify;
+        let mut load = |core: &mut Self, buf: &mut [u8]| {
+            if loaded {
+                return true;
+            }
+            if core.mem.read(t.addr, t.owned, buf).is_err() {
+                core.forget(t.addr);
                 return false;
             }
-            let now = checksum_of(buf).1;
-            if now != checksum {
-                self.rec_mut(t.addr).set_checksum(now);
-                self.changes += 1;
-                return false;
+            if verify {
+                let now = checksum_of(buf).1;
+                if now != checksum {
+                    core.rec_mut(t.addr).set_checksum(now);
+                    core.changes += 1;
+                    return false;
+                }
             }
             loaded = true;
-        }
-        // The bytes, read the first time they are needed.
-        let mut load = |core: &mut Self, buf: &mut [u8]| {
-            loaded = loaded || core.mem.read(t.addr, t.owned, buf).is_ok();
-            loaded
+            true
         };
         if self.use_zero_pages && checksum == self.zero_checksum {
             if !load(self, buf) {
-                self.forget(t.addr);
                 return false;
             }
             if buf.iter().all(|&b| b == 0) && self.merge_zero(t) {
@@ -1725,7 +1722,6 @@ impl<M: Mem> Core<M> {
         }
         if let Some(g) = self.continuing_frame(t, hash) {
             if !load(self, buf) {
-                self.forget(t.addr);
                 return false;
             }
             if self.mem.frame(g) == buf && self.merge_with_frame(t, g, hash) {
@@ -1734,7 +1730,6 @@ impl<M: Mem> Core<M> {
         }
         if self.stable.get(hash).next().is_some() {
             if !load(self, buf) {
-                self.forget(t.addr);
                 return false;
             }
             match self.stable_search(hash, buf) {
@@ -1748,11 +1743,14 @@ impl<M: Mem> Core<M> {
             // A pair merge needs VMAs the budget no longer has: it is put off before any
             // byte is read or compared (a process at its budget would otherwise read and
             // compare every such pair at every full scan, only to refuse the merge).
-            // Counted on the checksum match, as `charge_vmas` counts a refused merge.
+            // Counted on the checksum match, as `charge_vmas` counts a refused merge (a
+            // checksum taken ahead is checked first, as where the bytes are needed).
+            if verify && !load(self, buf) {
+                return false;
+            }
             self.counters.vma_budget_skips += 1;
         } else if self.unstable.contains_key(&hash) {
             if !load(self, buf) {
-                self.forget(t.addr);
                 return false;
             }
             if let Some(other) = self.unstable_search(hash, t.addr, buf) {
