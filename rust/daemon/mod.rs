@@ -726,8 +726,15 @@ impl Engine {
             return;
         }
         st.last_suspect_check = Some(Instant::now());
-        if let Ok(vmas) = maps::read_self() {
-            Self::free_unmapped_suspects(st, &vmas);
+        Self::free_suspects_now(st);
+    }
+
+    /// `free_unmapped_suspects` with the maps read now, if any frame is a suspect.
+    fn free_suspects_now(st: &mut State) {
+        if st.core.frames().suspects() > 0 {
+            if let Ok(vmas) = maps::read_self() {
+                Self::free_unmapped_suspects(st, &vmas);
+            }
         }
     }
 
@@ -928,11 +935,7 @@ impl Engine {
             }
             // Frames only a moved mapping may still hold were kept as suspects: free
             // those nothing maps now (no full scan begins under run = 2).
-            if st.core.frames().suspects() > 0 {
-                if let Ok(vmas) = maps::read_self() {
-                    Self::free_unmapped_suspects(&mut st, &vmas);
-                }
-            }
+            Self::free_suspects_now(&mut st);
         }
         st.knobs = k;
         apply_knobs(&mut st.core, &k);
