@@ -12,6 +12,7 @@
 //! → `merge` (the real `Mem`) → `daemon` (engine, threads, fork) → `py`.
 
 pub mod daemon;
+pub mod domain;
 pub mod error;
 pub mod merge;
 pub mod pool;

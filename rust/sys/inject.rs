@@ -1,4 +1,4 @@
-//! Fault injection for tests (issue "Trust"): make chosen system calls fail with
+//! Fault injection for tests: make chosen system calls fail with
 //! a chosen errno, every `n`-th call, so that tests can check that no write is
 //! lost, no page corrupted and no frame leaked when the kernel says no halfway.
 //! Off unless a test turns it on (`ksm._ksm._inject`); one relaxed atomic load
@@ -26,6 +26,14 @@ pub enum Point {
     Punch,
     /// Reading memory ksm does not own.
     ReadForeign,
+    /// `sendmsg` on a merge domain's socket.
+    Send,
+    /// `recvmsg` on a merge domain's socket.
+    Recv,
+    /// Sealing a segment a member publishes to its domain.
+    Seal,
+    /// Mapping a segment received from the domain.
+    MapSegment,
 }
 
 pub const POINTS: &[(&str, Point)] = &[
@@ -36,9 +44,13 @@ pub const POINTS: &[(&str, Point)] = &[
     ("writeprotect", Point::WriteProtect),
     ("punch", Point::Punch),
     ("read_foreign", Point::ReadForeign),
+    ("send", Point::Send),
+    ("recv", Point::Recv),
+    ("seal", Point::Seal),
+    ("map_segment", Point::MapSegment),
 ];
 
-const N: usize = 7;
+const N: usize = 11;
 static EVERY: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];
 static ERRNO: [AtomicI32; N] = [const { AtomicI32::new(0) }; N];
 static CALLS: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];

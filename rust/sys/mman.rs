@@ -81,6 +81,14 @@ impl Mapping {
         )
     }
 
+    /// A read-only `MAP_SHARED` view of `len` bytes of `fd` (a sealed domain segment,
+    /// whose frames are compared through it). With `F_SEAL_WRITE` the kernel refuses to
+    /// ever make such a mapping writable.
+    pub fn read_only_view(fd: RawFd, len: usize) -> io::Result<Self> {
+        super::inject::check(super::inject::Point::MapSegment)?;
+        map(len, libc::PROT_READ, libc::MAP_SHARED, fd, 0)
+    }
+
     pub fn addr(&self) -> usize {
         self.addr
     }

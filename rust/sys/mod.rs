@@ -15,6 +15,7 @@ pub mod procmem;
 #[cfg(feature = "python")]
 pub mod pybuf;
 pub mod uffd;
+pub mod unix;
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,653 @@
+//! The broker of one merge domain: a small process that the first member
+//! starts, which keeps the domain's hints (who announced which checksum, which
+//! segments exist) and hands segments to every member. It never reads or maps
+//! a frame and nobody trusts it: members compare every frame with their own
+//! page before mapping it. It exits when the last member has gone, and its
+//! death loses nothing (members keep their merged pages and start a new one).
+//!
+//! [`Hub`] is the domain's bookkeeping, pure (fuzzed): messages in, messages
+//! out. [`serve`] is the loop around it: the listening socket in a directory
+//! only the user can enter, every peer's uid checked with `SO_PEERCRED`,
+//! segments checked to be sealed before anyone else sees them, a member that
+//! sends a malformed message or stops reading dropped, no one else affected.
+//!
+//! The rules of the hints (the kernel's unstable → stable step, across
+//! processes): a checksum announced by one member and then by another makes
+//! the broker ask the second to publish a frame of its own page (once: the
+//! checksum is then assigned to it until it publishes or declines); a
+//! published segment goes to every member, which merges onto its frames on
+//! its next visit of a page with the same bytes. A segment that no member maps
+//! after every member has finished two full scans with it is retired.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::proto::{self, DomainStats, Msg, SegUsage, BITMAP_WORDS, MAX_SUMS};
+use crate::sys::memfd::Memfd;
+use crate::sys::unix::{self, Socket};
+
+/// A member's number in its domain (never reused while the broker lives).
+pub type MemberId = u32;
+
+/// What the hub wants sent: to whom, what, and which segment's descriptor goes with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Out {
+    pub to: MemberId,
+    pub msg: Msg,
+    /// The segment whose descriptor the message carries.
+    pub segment: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Member {
+    usage: HashMap<u64, SegUsage>,
+    /// Full scans this member reported.
+    scans: u64,
+}
+
+#[derive(Debug)]
+struct Segment {
+    frames: u32,
+    sums: Vec<u32>,
+    /// Each member's scan count when the segment was handed to it.
+    seen_at: HashMap<MemberId, u64>,
+}
+
+/// The domain's bookkeeping (no I/O).
+#[derive(Debug, Default)]
+pub struct Hub {
+    page: u32,
+    next_member: MemberId,
+    members: BTreeMap<MemberId, Member>,
+    /// Checksum → the member that announced it first (a candidate, no frame yet).
+    candidates: HashMap<u32, MemberId>,
+    /// Checksum → the member asked to publish it.
+    assigned: HashMap<u32, MemberId>,
+    /// Checksums of frames in live segments (a hint: no one is asked to publish them).
+    published: HashMap<u32, u32>,
+    segments: BTreeMap<u64, Segment>,
+    retired: u64,
+    refused: u64,
+}
+
+impl Hub {
+    pub fn new(page: u32) -> Self {
+        Hub {
+            page,
+            next_member: 1,
+            ..Default::default()
+        }
+    }
+
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn has_segment(&self, id: u64) -> bool {
+        self.segments.contains_key(&id)
+    }
+
+    /// A message was refused (counted in the statistics).
+    pub fn refuse(&mut self) {
+        self.refused += 1;
+    }
+
+    /// A member joins: its number, the welcome and every segment the domain holds.
+    pub fn join(&mut self) -> (MemberId, Vec<Out>) {
+        let m = self.next_member;
+        self.next_member += 1;
+        self.members.insert(m, Member::default());
+        let mut out = vec![Out {
+            to: m,
+            msg: Msg::Welcome {
+                member: m,
+                members: self.members.len() as u32,
+            },
+            segment: None,
+        }];
+        for (&id, s) in &mut self.segments {
+            s.seen_at.insert(m, 0);
+            out.push(Out {
+                to: m,
+                msg: Msg::Segment {
+                    id,
+                    frames: s.frames,
+                    publisher: 0,
+                },
+                segment: Some(id),
+            });
+        }
+        (m, out)
+    }
+
+    /// A member left (or died): what it announced or was asked to publish is forgotten;
+    /// the segments it published stay (other members may map them).
+    pub fn leave(&mut self, m: MemberId) {
+        self.members.remove(&m);
+        self.candidates.retain(|_, &mut who| who != m);
+        self.assigned.retain(|_, &mut who| who != m);
+        for s in self.segments.values_mut() {
+            s.seen_at.remove(&m);
+        }
+    }
+
+    /// A message from member `m` (already decoded). `segment`: the identity of the
+    /// sealed segment a `Publish` carried (checked by the caller), if any.
+    pub fn on_message(&mut self, m: MemberId, msg: Msg, segment: Option<u64>) -> Vec<Out> {
+        if !self.members.contains_key(&m) {
+            return Vec::new();
+        }
+        match msg {
+            Msg::Announce { sums } => self.announce(m, &sums),
+            Msg::Publish { frames, sums } => match segment {
+                Some(id) => self.publish(m, id, frames, sums),
+                None => {
+                    self.refused += 1;
+                    Vec::new()
+                }
+            },
+            Msg::Decline { sums } => {
+                for s in sums {
+                    if self.assigned.get(&s) == Some(&m) {
+                        self.assigned.remove(&s);
+                    }
+                }
+                Vec::new()
+            }
+            Msg::Usage { segs } => {
+                let member = self.members.get_mut(&m).expect("checked");
+                for u in segs {
+                    if self.segments.contains_key(&u.id) {
+                        member.usage.insert(u.id, u);
+                    }
+                }
+                Vec::new()
+            }
+            Msg::ScanDone => {
+                self.members.get_mut(&m).expect("checked").scans += 1;
+                self.retire_unused()
+            }
+            Msg::StatsQuery => vec![Out {
+                to: m,
+                msg: Msg::Stats(self.stats()),
+                segment: None,
+            }],
+            // Only the broker says these, and Hello comes before membership.
+            _ => {
+                self.refused += 1;
+                Vec::new()
+            }
+        }
+    }
+
+    fn announce(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
+        let mut ask = Vec::new();
+        for &s in sums {
+            if self.published.contains_key(&s) || self.assigned.contains_key(&s) {
+                continue;
+            }
+            match self.candidates.get(&s) {
+                Some(&first) if first != m => {
+                    self.assigned.insert(s, m);
+                    ask.push(s);
+                }
+                Some(_) => {}
+                None => {
+                    self.candidates.insert(s, m);
+                }
+            }
+        }
+        ask.chunks(MAX_SUMS)
+            .map(|c| Out {
+                to: m,
+                msg: Msg::PleasePublish { sums: c.to_vec() },
+                segment: None,
+            })
+            .collect()
+    }
+
+    fn publish(&mut self, m: MemberId, id: u64, frames: u32, sums: Vec<u32>) -> Vec<Out> {
+        if self.segments.contains_key(&id) {
+            self.refused += 1;
+            return Vec::new();
+        }
+        for &s in &sums {
+            *self.published.entry(s).or_insert(0) += 1;
+            self.candidates.remove(&s);
+            self.assigned.remove(&s);
+        }
+        let seen_at = self.members.iter().map(|(&k, v)| (k, v.scans)).collect();
+        self.segments.insert(
+            id,
+            Segment {
+                frames,
+                sums,
+                seen_at,
+            },
+        );
+        self.members
+            .keys()
+            .map(|&to| Out {
+                to,
+                msg: Msg::Segment {
+                    id,
+                    frames,
+                    publisher: m,
+                },
+                segment: Some(id),
+            })
+            .collect()
+    }
+
+    /// Frames of segment `id` mapped by some member, and pages mapping them in all.
+    fn mapped(&self, id: u64) -> ([u64; BITMAP_WORDS], u64) {
+        let mut bits = [0u64; BITMAP_WORDS];
+        let mut pages = 0u64;
+        for member in self.members.values() {
+            if let Some(u) = member.usage.get(&id) {
+                for (b, w) in bits.iter_mut().zip(&u.mapped) {
+                    *b |= w;
+                }
+                pages += u64::from(u.pages);
+            }
+        }
+        (bits, pages)
+    }
+
+    /// Retire the segments that nobody maps although every member has had two full
+    /// scans to merge onto them.
+    fn retire_unused(&mut self) -> Vec<Out> {
+        let dead: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(&id, s)| {
+                let (bits, _) = self.mapped(id);
+                bits.iter().all(|&w| w == 0)
+                    && self.members.iter().all(|(m, member)| {
+                        s.seen_at.get(m).is_some_and(|&at| member.scans >= at + 2)
+                    })
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let mut out = Vec::new();
+        for id in dead {
+            out.extend(self.retire(id));
+        }
+        out
+    }
+
+    /// Forget segment `id`, telling every member (the caller closes its descriptor).
+    pub fn retire(&mut self, id: u64) -> Vec<Out> {
+        let Some(s) = self.segments.remove(&id) else {
+            return Vec::new();
+        };
+        for sum in s.sums {
+            if let Some(n) = self.published.get_mut(&sum) {
+                *n -= 1;
+                if *n == 0 {
+                    self.published.remove(&sum);
+                }
+            }
+        }
+        for member in self.members.values_mut() {
+            member.usage.remove(&id);
+        }
+        self.retired += 1;
+        self.members
+            .keys()
+            .map(|&to| Out {
+                to,
+                msg: Msg::Retire { id },
+                segment: None,
+            })
+            .collect()
+    }
+
+    /// The ids of the segments the hub holds, oldest first.
+    pub fn segment_ids(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
+    }
+
+    /// The domain's statistics, with the kernel's definitions over all members.
+    pub fn stats(&self) -> DomainStats {
+        let mut st = DomainStats {
+            members: self.members.len() as u32,
+            segments: self.segments.len() as u32,
+            segments_retired: self.retired,
+            refused: self.refused,
+            ..Default::default()
+        };
+        for (&id, s) in &self.segments {
+            let (bits, pages) = self.mapped(id);
+            let frames: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+            st.pages_shared += frames;
+            st.pages_sharing += pages.saturating_sub(frames);
+            st.live_frames += frames;
+            st.pool_bytes += u64::from(s.frames) * u64::from(self.page);
+        }
+        st
+    }
+
+    /// Check the hub's own rules (tests and fuzzing).
+    pub fn check_invariants(&self) {
+        for (s, m) in self.candidates.iter().chain(&self.assigned) {
+            assert!(
+                self.members.contains_key(m),
+                "checksum {s} held by a member gone"
+            );
+        }
+        for s in self.assigned.keys() {
+            assert!(!self.published.contains_key(s) || !self.candidates.contains_key(s));
+        }
+        let mut count: HashMap<u32, u32> = HashMap::new();
+        for seg in self.segments.values() {
+            for &s in &seg.sums {
+                *count.entry(s).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(
+            count, self.published,
+            "published checksums match the segments"
+        );
+        for member in self.members.values() {
+            for id in member.usage.keys() {
+                assert!(self.segments.contains_key(id), "usage of a segment gone");
+            }
+        }
+    }
+}
+
+/// How long a broker with no member waits for one before it exits.
+const IDLE_EXIT: Duration = Duration::from_secs(2);
+
+struct Conn {
+    sock: Socket,
+    /// The member's number once it said `Hello`; a connection that only asks for
+    /// statistics never becomes a member.
+    member: Option<MemberId>,
+}
+
+/// Run the broker of the domain whose socket is `sock_path` until no member has
+/// been connected for a while. `lock` is the descriptor of the domain's lock file,
+/// which the caller holds (`flock`) for as long as this runs: at most one broker
+/// per domain.
+pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
+    let page = crate::sys::page_size() as u32;
+    // A socket file left by a broker that died: the lock says none runs now.
+    let _ = std::fs::remove_file(sock_path);
+    let listener = Socket::listen(sock_path)?;
+    let uid = unix::euid();
+    let mut hub = Hub::new(page);
+    let mut fds: HashMap<u64, Memfd> = HashMap::new();
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut idle_since = Some(Instant::now());
+    let mut buf = vec![0u8; proto::MAX_MESSAGE];
+    loop {
+        if hub.members() == 0 && idle_since.is_some_and(|t| t.elapsed() >= IDLE_EXIT) {
+            break;
+        }
+        let mut watch = vec![listener.raw()];
+        watch.extend(conns.iter().map(|c| c.sock.raw()));
+        let ready = unix::poll_readable(&watch, 200)?;
+        if ready[0] {
+            if let Ok(s) = listener.accept() {
+                // Only the user's own processes (the directory is the user's alone; this
+                // is the kernel's word on who connected, not the peer's).
+                if s.peer_cred().is_ok_and(|c| c.uid == uid) && s.set_send_timeout(2000).is_ok() {
+                    conns.push(Conn {
+                        sock: s,
+                        member: None,
+                    });
+                } else {
+                    hub.refuse();
+                }
+            }
+        }
+        let mut drop_conns: Vec<usize> = Vec::new();
+        let mut outs: Vec<Out> = Vec::new();
+        let mut replies: Vec<(usize, Msg)> = Vec::new();
+        for (i, c) in conns.iter_mut().enumerate() {
+            if !ready[i + 1] {
+                continue;
+            }
+            let (n, mut got) = match c.sock.recv(&mut buf) {
+                Ok(Some(x)) => x,
+                // Closed, or a message that could not be whole: drop the connection.
+                Ok(None) | Err(_) => {
+                    drop_conns.push(i);
+                    continue;
+                }
+            };
+            let msg = match proto::decode(&buf[..n], got.len()) {
+                Ok(m) => m,
+                Err(_) => {
+                    hub.refuse();
+                    drop_conns.push(i);
+                    continue;
+                }
+            };
+            match (c.member, msg) {
+                (
+                    None,
+                    Msg::Hello {
+                        version,
+                        page: p,
+                        name: n,
+                    },
+                ) => {
+                    if version != proto::VERSION || p != page || n != name {
+                        hub.refuse();
+                        drop_conns.push(i);
+                        continue;
+                    }
+                    let (m, o) = hub.join();
+                    c.member = Some(m);
+                    idle_since = None;
+                    outs.extend(o);
+                }
+                (None, Msg::StatsQuery) => replies.push((i, Msg::Stats(hub.stats()))),
+                (Some(m), Msg::Publish { frames, sums }) => {
+                    let seg = Memfd::from_owned(got.pop().expect("decode checked one fd"));
+                    let size = u64::from(frames) * u64::from(page);
+                    let id = seg.identity().map(|(_, ino)| ino).ok();
+                    match id {
+                        // Sealed, of the size it claims, and new: every member may map it.
+                        Some(id) if seg.is_sealed_segment(size) && !hub.has_segment(id) => {
+                            outs.extend(hub.on_message(m, Msg::Publish { frames, sums }, Some(id)));
+                            fds.insert(id, seg);
+                        }
+                        _ => {
+                            hub.refuse();
+                            drop_conns.push(i);
+                        }
+                    }
+                }
+                (Some(m), msg) => outs.extend(hub.on_message(m, msg, None)),
+                (None, _) => {
+                    hub.refuse();
+                    drop_conns.push(i);
+                }
+            }
+        }
+        for (i, msg) in replies {
+            if conns[i].sock.send(&msg.encode(), &[], true).is_err() {
+                drop_conns.push(i);
+            }
+        }
+        for o in outs {
+            let Some(i) = conns.iter().position(|c| c.member == Some(o.to)) else {
+                continue;
+            };
+            if drop_conns.contains(&i) {
+                continue;
+            }
+            let fd: Vec<i32> = o
+                .segment
+                .and_then(|id| fds.get(&id))
+                .map(|f| f.raw())
+                .into_iter()
+                .collect();
+            if o.segment.is_some() && fd.is_empty() {
+                continue;
+            }
+            // A member that does not read within the send timeout is dropped: it must
+            // not stall the others.
+            if conns[i].sock.send(&o.msg.encode(), &fd, false).is_err() {
+                drop_conns.push(i);
+            }
+        }
+        drop_conns.sort_unstable();
+        drop_conns.dedup();
+        for i in drop_conns.into_iter().rev() {
+            let c = conns.remove(i);
+            if let Some(m) = c.member {
+                hub.leave(m);
+            }
+        }
+        // Segments retired by the hub: their descriptors go (members' mappings keep
+        // the pages that still map them).
+        let live: HashSet<u64> = hub.segment_ids().into_iter().collect();
+        fds.retain(|id, _| live.contains(id));
+        if hub.members() == 0 && idle_since.is_none() {
+            idle_since = Some(Instant::now());
+        }
+    }
+    let _ = std::fs::remove_file(sock_path);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sums_of(outs: &[Out], to: MemberId) -> Vec<u32> {
+        outs.iter()
+            .filter(|o| o.to == to)
+            .flat_map(|o| match &o.msg {
+                Msg::PleasePublish { sums } => sums.clone(),
+                _ => vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_second_announcer_publishes_and_everyone_gets_the_segment() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        assert!(h
+            .on_message(a, Msg::Announce { sums: vec![1, 2] }, None)
+            .is_empty());
+        let o = h.on_message(b, Msg::Announce { sums: vec![2, 3] }, None);
+        assert_eq!(sums_of(&o, b), vec![2]);
+        // Asked once only.
+        let (c, _) = h.join();
+        assert!(h
+            .on_message(c, Msg::Announce { sums: vec![2] }, None)
+            .is_empty());
+        let o = h.on_message(
+            b,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![2],
+            },
+            Some(99),
+        );
+        let to: Vec<_> = o.iter().map(|x| x.to).collect();
+        assert_eq!(to, vec![a, b, c]);
+        assert!(o.iter().all(|x| x.segment == Some(99)));
+        // A published checksum asks nobody again.
+        assert!(
+            h.on_message(c, Msg::Announce { sums: vec![2, 1] }, None)
+                .len()
+                == 1
+        );
+        h.check_invariants();
+        // A late member gets every segment.
+        let (d, o) = h.join();
+        assert!(o.iter().any(|x| x.to == d && x.segment == Some(99)));
+        h.check_invariants();
+    }
+
+    #[test]
+    fn statistics_count_frames_once_and_pages_over_all_members() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 4,
+                sums: vec![1, 2, 3, 4],
+            },
+            Some(7),
+        );
+        let usage = |bits: u64, pages| {
+            let mut mapped = [0u64; BITMAP_WORDS];
+            mapped[0] = bits;
+            Msg::Usage {
+                segs: vec![SegUsage {
+                    id: 7,
+                    pages,
+                    mapped,
+                }],
+            }
+        };
+        // a maps frames 0 and 1 (3 pages), b maps frames 1 and 2 (2 pages).
+        h.on_message(a, usage(0b011, 3), None);
+        h.on_message(b, usage(0b110, 2), None);
+        let s = h.stats();
+        assert_eq!((s.members, s.pages_shared, s.pages_sharing), (2, 3, 2));
+        assert_eq!((s.live_frames, s.pool_bytes, s.segments), (3, 4 * 4096, 1));
+        h.leave(b);
+        let s = h.stats();
+        assert_eq!((s.members, s.pages_shared, s.pages_sharing), (1, 2, 1));
+    }
+
+    #[test]
+    fn a_segment_nobody_maps_for_two_scans_is_retired() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![5],
+            },
+            Some(1),
+        );
+        assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
+        assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
+        assert!(
+            h.on_message(b, Msg::ScanDone, None).is_empty(),
+            "b had one scan"
+        );
+        let o = h.on_message(b, Msg::ScanDone, None);
+        assert_eq!(o.len(), 2, "retired, both told");
+        assert!(!h.has_segment(1));
+        assert_eq!(h.stats().segments_retired, 1);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_member_that_leaves_takes_its_hints_with_it() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(a, Msg::Announce { sums: vec![1] }, None);
+        h.leave(a);
+        // b is first now: nobody to share with.
+        assert!(h
+            .on_message(b, Msg::Announce { sums: vec![1] }, None)
+            .is_empty());
+        h.check_invariants();
+        // Messages only the broker sends are refused.
+        h.on_message(b, Msg::Retire { id: 1 }, None);
+        assert_eq!(h.stats().refused, 1);
+    }
+}

@@ -1,0 +1,449 @@
+//! A member's side of its domain: one thread that owns the socket to the
+//! broker, and two mailboxes between it and the engine.
+//!
+//! The engine never blocks on the domain: it only puts messages in the outbox
+//! and takes what arrived from the inbox, at scan boundaries, under its state
+//! lock. Every blocking call (connect, send, receive, starting a broker) is on
+//! this thread, which takes no lock of the engine's (only the mailboxes' own,
+//! held for a push or a take).
+//!
+//! What arrives is checked here before the engine sees it: a segment must be a
+//! memfd with every seal (so its bytes can never change, whoever holds it) and
+//! the size it claims; its frames' checksums are computed here from its bytes,
+//! never taken from a message. A broker that sends something malformed is
+//! dropped and a new one found. When the broker dies, the member keeps its
+//! merged pages and segments, and the thread connects again, starting a new
+//! broker if none runs.
+
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::proto::{self, Msg};
+use crate::sys::memfd::Memfd;
+use crate::sys::mman::Mapping;
+use crate::sys::unix::{self, Socket};
+
+/// A segment received from the domain, checked and mapped read-only.
+#[derive(Debug)]
+pub struct SegmentView {
+    /// Its identity (inode number), as this process sees it.
+    pub id: u64,
+    pub frames: u32,
+    /// The checksum of each frame, computed here from its bytes.
+    pub sums: Vec<u32>,
+    /// Whether this member published it.
+    pub own: bool,
+    pub memfd: Memfd,
+    pub view: Mapping,
+}
+
+impl SegmentView {
+    /// The bytes of frame `i`.
+    pub fn frame(&self, i: u32, page: usize) -> &[u8] {
+        self.view.bytes(i as usize * page, page)
+    }
+}
+
+/// What the domain said, for the engine.
+#[derive(Debug)]
+pub enum Inbound {
+    /// (Re)connected to a broker: announcements start over.
+    Connected,
+    Segment(SegmentView),
+    PleasePublish(Vec<u32>),
+    Retire(u64),
+}
+
+/// What the engine says to the domain.
+#[derive(Debug)]
+pub enum Outbound {
+    Msg(Msg),
+    /// A sealed segment of ours, with the checksums of its frames.
+    Publish(Memfd, Vec<u32>),
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    inbox: Mutex<Vec<Inbound>>,
+    outbox: Mutex<VecDeque<Outbound>>,
+    stop: AtomicBool,
+    connected: AtomicBool,
+    member: AtomicU32,
+    members: AtomicU32,
+    /// Messages or segments from the broker that were refused.
+    refused: AtomicU64,
+    /// Times a connection to a broker was lost.
+    disconnects: AtomicU64,
+    /// The last error met while reaching the broker, for `domain_stats`.
+    last_error: Mutex<Option<String>>,
+}
+
+/// How to start a broker: the program and its arguments, and the environment.
+#[derive(Clone, Debug)]
+pub struct Spawner {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+}
+
+/// The member's link to its domain: the thread and the mailboxes.
+#[derive(Debug)]
+pub struct Link {
+    name: String,
+    shared: Arc<Shared>,
+    wake: Socket,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Figures of the link, for statistics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkStats {
+    pub connected: bool,
+    pub member: u32,
+    pub members: u32,
+    pub refused: u64,
+    pub disconnects: u64,
+}
+
+impl Link {
+    /// Join domain `name` (checked): start the thread, which connects (starting a
+    /// broker with `spawner` if none runs) and says hello.
+    pub fn start(name: &str, spawner: Spawner, sum: fn(&[u8]) -> u32) -> io::Result<Link> {
+        if let Some(e) = proto::name_error(name) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+        }
+        let path = super::place::socket_path(name)?;
+        // Segments are held as descriptors: room for many.
+        unix::raise_fd_limit();
+        let shared = Arc::new(Shared::default());
+        let (wake, wake_rx) = Socket::pair()?;
+        let s = Arc::clone(&shared);
+        let n = name.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("ksm-domain".into())
+            .spawn(move || {
+                Worker {
+                    name: n,
+                    path,
+                    spawner,
+                    sum,
+                    shared: s,
+                    wake: wake_rx,
+                    sock: None,
+                    broker: None,
+                    spawned_at: None,
+                    page: crate::sys::page_size(),
+                }
+                .run()
+            })?;
+        Ok(Link {
+            name: name.to_owned(),
+            shared,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Queue messages for the broker (never blocks).
+    pub fn send(&self, items: impl IntoIterator<Item = Outbound>) {
+        let mut q = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let before = q.len();
+        q.extend(items);
+        if q.len() > before {
+            drop(q);
+            // A full wake socket means the thread is awake already.
+            let _ = self.wake.send(&[1], &[], true);
+        }
+    }
+
+    /// What arrived since the last call.
+    pub fn take(&self) -> Vec<Inbound> {
+        std::mem::take(&mut *self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn stats(&self) -> LinkStats {
+        let s = &self.shared;
+        LinkStats {
+            connected: s.connected.load(Ordering::Relaxed),
+            member: s.member.load(Ordering::Relaxed),
+            members: s.members.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+            disconnects: s.disconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The last error met reaching the broker, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// In a forked child: the thread does not exist here. Close the descriptors
+    /// without a word to the broker (the socket is the parent's conversation; the
+    /// parent's own end stays open in the parent).
+    pub fn abandon_in_child(mut self) {
+        if let Some(t) = self.thread.take() {
+            // No such thread in the child: never join it.
+            std::mem::forget(t);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.wake.send(&[1], &[], true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    name: String,
+    path: PathBuf,
+    spawner: Spawner,
+    sum: fn(&[u8]) -> u32,
+    shared: Arc<Shared>,
+    wake: Socket,
+    sock: Option<Socket>,
+    /// The broker we started, to reap once it exits.
+    broker: Option<i32>,
+    spawned_at: Option<Instant>,
+    page: usize,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut buf = vec![0u8; proto::MAX_MESSAGE];
+        let mut retry = Duration::from_millis(10);
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            if let Some(pid) = self.broker {
+                if unix::reap(pid) {
+                    self.broker = None;
+                }
+            }
+            if self.sock.is_none() {
+                match self.connect() {
+                    Ok(()) => retry = Duration::from_millis(10),
+                    Err(e) => {
+                        self.error(format!(
+                            "cannot reach the broker of domain {:?}: {e}",
+                            self.name
+                        ));
+                        let _ = unix::poll_readable(&[self.wake.raw()], retry.as_millis() as i32);
+                        self.drain_wake();
+                        retry = (retry * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
+            let sock_fd = self.sock.as_ref().map_or(-1, Socket::raw);
+            let ready = match unix::poll_readable(&[sock_fd, self.wake.raw()], 500) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if ready[1] {
+                self.drain_wake();
+            }
+            if ready[0] {
+                self.receive(&mut buf);
+            }
+            self.flush();
+        }
+    }
+
+    fn error(&self, e: String) {
+        *self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(e);
+    }
+
+    fn drain_wake(&self) {
+        let mut b = [0u8; 64];
+        while unix::poll_readable(&[self.wake.raw()], 0).is_ok_and(|r| r[0]) {
+            if !matches!(self.wake.recv(&mut b), Ok(Some(_))) {
+                break;
+            }
+        }
+    }
+
+    /// Connect to the domain's broker, starting one if none listens.
+    fn connect(&mut self) -> io::Result<()> {
+        let sock = match Socket::connect(&self.path) {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
+                ) =>
+            {
+                // At most one start per second from this member; a second broker
+                // started by another member at the same time finds the lock taken
+                // and exits.
+                if self
+                    .spawned_at
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    self.spawned_at = Some(Instant::now());
+                    let pid = unix::spawn(&self.spawner.argv, &self.spawner.env)?;
+                    if let Some(old) = self.broker.replace(pid) {
+                        unix::reap(old);
+                    }
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let cred = sock.peer_cred()?;
+        if cred.uid != unix::euid() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the broker (pid {}) runs as uid {}", cred.pid, cred.uid),
+            ));
+        }
+        sock.set_send_timeout(5000)?;
+        let hello = Msg::Hello {
+            version: proto::VERSION,
+            page: self.page as u32,
+            name: self.name.clone(),
+        };
+        sock.send(&hello.encode(), &[], false)?;
+        self.sock = Some(sock);
+        self.shared.connected.store(true, Ordering::Relaxed);
+        self.push(Inbound::Connected);
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        if self.sock.take().is_some() {
+            self.shared.connected.store(false, Ordering::Relaxed);
+            self.shared.members.store(0, Ordering::Relaxed);
+            self.shared.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn push(&self, m: Inbound) {
+        self.shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(m);
+    }
+
+    fn refused(&mut self, why: &str) {
+        self.shared.refused.fetch_add(1, Ordering::Relaxed);
+        self.error(format!("refused from the broker: {why}"));
+        self.disconnect();
+    }
+
+    fn receive(&mut self, buf: &mut [u8]) {
+        let Some(sock) = &self.sock else { return };
+        let (n, mut fds) = match sock.recv(buf) {
+            Ok(Some(x)) => x,
+            Ok(None) | Err(_) => {
+                self.disconnect();
+                return;
+            }
+        };
+        let msg = match proto::decode(&buf[..n], fds.len()) {
+            Ok(m) => m,
+            Err(e) => return self.refused(&e.to_string()),
+        };
+        match msg {
+            Msg::Welcome { member, members } => {
+                self.shared.member.store(member, Ordering::Relaxed);
+                self.shared.members.store(members, Ordering::Relaxed);
+            }
+            Msg::Segment {
+                frames, publisher, ..
+            } => {
+                let memfd = Memfd::from_owned(fds.pop().expect("decode checked one fd"));
+                match self.check_segment(memfd, frames, publisher) {
+                    Ok(seg) => self.push(Inbound::Segment(seg)),
+                    Err(e) => self.refused(&e),
+                }
+            }
+            Msg::PleasePublish { sums } => self.push(Inbound::PleasePublish(sums)),
+            Msg::Retire { id } => self.push(Inbound::Retire(id)),
+            other => self.refused(&format!("unexpected {other:?}")),
+        }
+    }
+
+    /// A segment is taken only if the kernel guarantees its bytes never change.
+    fn check_segment(
+        &self,
+        memfd: Memfd,
+        frames: u32,
+        publisher: u32,
+    ) -> Result<SegmentView, String> {
+        let size = u64::from(frames) * self.page as u64;
+        if !memfd.is_sealed_segment(size) {
+            return Err(format!(
+                "a segment that is not a sealed memfd of {size} bytes"
+            ));
+        }
+        let (_, id) = memfd.identity().map_err(|e| e.to_string())?;
+        let view = Mapping::read_only_view(memfd.raw(), size as usize)
+            .map_err(|e| format!("mapping a segment: {e}"))?;
+        let sums = (0..frames)
+            .map(|i| (self.sum)(view.bytes(i as usize * self.page, self.page)))
+            .collect();
+        Ok(SegmentView {
+            id,
+            frames,
+            sums,
+            own: publisher != 0 && publisher == self.shared.member.load(Ordering::Relaxed),
+            memfd,
+            view,
+        })
+    }
+
+    /// Send what the engine queued; a failure drops the connection (the queue is
+    /// kept for the next broker, except what failed).
+    fn flush(&mut self) {
+        loop {
+            if self.sock.is_none() {
+                return;
+            }
+            let next = self
+                .shared
+                .outbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some(item) = next else { return };
+            let sock = self.sock.as_ref().expect("checked");
+            let r = match &item {
+                Outbound::Msg(m) => sock.send(&m.encode(), &[], false),
+                Outbound::Publish(memfd, sums) => {
+                    let m = Msg::Publish {
+                        frames: sums.len() as u32,
+                        sums: sums.clone(),
+                    };
+                    sock.send(&m.encode(), &[memfd.raw()], false)
+                }
+            };
+            if let Err(e) = r {
+                self.error(format!("sending to the broker: {e}"));
+                self.disconnect();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Where a user's merge domains meet: one directory per user that only the user
+//! can enter, holding per domain its broker's socket (`NAME.sock`) and lock file
+//! (`NAME.lock`, held by the running broker, so at most one runs per domain).
+//!
+//! The directory is `$XDG_RUNTIME_DIR/ksm-domains` when that is a private
+//! directory of the user's, else `/tmp/ksm-UID`. It is created with mode 0700
+//! and refused if it exists with another owner, other permissions, or as a
+//! symbolic link: a socket there can only be reached by the user (and root),
+//! and brokers check every peer's uid on top (`SO_PEERCRED`). Domain names are
+//! therefore per user: two users' domains of one name never meet.
+
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::proto::{self, DomainStats, Msg};
+use crate::sys::unix::{self, Socket};
+
+/// Longest socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_PATH: usize = 107;
+
+/// Whether `dir` is a directory (not a link) of ours that nobody else may enter.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    let md = fs::symlink_metadata(dir)?;
+    let uid = unix::euid();
+    if !md.file_type().is_dir() || md.uid() != uid || md.mode() & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a private directory of uid {uid} (owner {}, mode {:o}{}): refusing \
+                 to meet other processes there; remove it or set XDG_RUNTIME_DIR",
+                dir.display(),
+                md.uid(),
+                md.mode() & 0o7777,
+                if md.file_type().is_symlink() {
+                    ", a symbolic link"
+                } else {
+                    ""
+                },
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The user's directory of domains, created if needed and checked private.
+pub fn dir() -> io::Result<PathBuf> {
+    let uid = unix::euid();
+    let candidates = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|x| x.is_absolute() && private_dir(x).is_ok())
+        .map(|x| x.join("ksm-domains"))
+        .into_iter()
+        .chain([PathBuf::from(format!("/tmp/ksm-{uid}"))]);
+    let mut last = None;
+    for d in candidates {
+        // Room for "/NAME.sock" with the longest name.
+        if d.as_os_str().len() + 1 + 64 + 5 > MAX_PATH {
+            continue;
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        }
+        match private_dir(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no directory for merge domains")))
+}
+
+/// The socket path of domain `name` (a name already checked by `proto::name_error`).
+pub fn socket_path(name: &str) -> io::Result<PathBuf> {
+    Ok(dir()?.join(format!("{name}.sock")))
+}
+
+/// The domains that have a broker socket now (some may be stale).
+pub fn list() -> Vec<String> {
+    let Ok(d) = dir() else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = fs::read_dir(d)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            n.strip_suffix(".sock").map(str::to_owned)
+        })
+        .filter(|n| proto::name_error(n).is_none())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Be the broker of domain `name` unless one already runs: take the domain's lock
+/// and serve until no member is left. Returns false if another broker holds it.
+pub fn run_broker(name: &str) -> io::Result<bool> {
+    if let Some(e) = proto::name_error(name) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+    }
+    let d = dir()?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(d.join(format!("{name}.lock")))?;
+    if !unix::try_lock(lock.as_raw_fd())? {
+        return Ok(false);
+    }
+    super::broker::serve(&d.join(format!("{name}.sock")), name)?;
+    drop(lock);
+    Ok(true)
+}
+
+/// The statistics of domain `name`, asked of its broker (members 0 if none runs).
+pub fn query_stats(name: &str) -> io::Result<DomainStats> {
+    if let Some(e) = proto::name_error(name) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+    }
+    let path = socket_path(name)?;
+    let sock = match Socket::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
+            ) =>
+        {
+            return Ok(DomainStats::default())
+        }
+        Err(e) => return Err(e),
+    };
+    if sock.peer_cred()?.uid != unix::euid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the domain's broker runs as another user",
+        ));
+    }
+    sock.set_send_timeout(2000)?;
+    sock.send(&Msg::StatsQuery.encode(), &[], false)?;
+    let timeout = Duration::from_secs(5);
+    let mut buf = vec![0u8; proto::MAX_MESSAGE];
+    if !unix::poll_readable(&[sock.raw()], timeout.as_millis() as i32)?[0] {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the domain's broker did not answer within 5 s",
+        ));
+    }
+    match sock.recv(&mut buf)? {
+        Some((n, fds)) => match proto::decode(&buf[..n], fds.len()) {
+            Ok(Msg::Stats(s)) => Ok(s),
+            // The broker went away between connect and reply.
+            _ => Ok(DomainStats::default()),
+        },
+        None => Ok(DomainStats::default()),
+    }
+}
