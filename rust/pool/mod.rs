@@ -9,8 +9,17 @@
 //! born before the latest fork is not punched when its last mapper in this
 //! process lets go; it waits in `deferred` until no other process maps the
 //! pool (checked from /proc/*/maps by the engine), and only then is freed.
+//!
+//! Frames of a merge domain's sealed segments get ids from [`DOMAIN_BASE`] on,
+//! a block of [`BLOCK_FRAMES`] ids per segment (so a run of consecutive ids
+//! never crosses from one segment into another, and page records keep their
+//! 32-bit frame id). They are counted like the pool's, but never freed or
+//! punched by this process: a segment is immutable and the kernel frees it when
+//! its last mapping and descriptor are gone. A domain frame stays in the index
+//! with no reference (it is *offered*: other members made it) until its segment
+//! is retired; a retired segment's block goes once no page of ours maps it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CStr;
 use std::io;
 
@@ -22,6 +31,31 @@ pub type FrameId = u32;
 /// Name of the pool memfd; merged pages show as `/memfd:ksm-frames (deleted)` in maps.
 pub const POOL_NAME: &CStr = c"ksm-frames";
 pub const POOL_PATH_PREFIX: &str = "/memfd:ksm-frames";
+
+/// The first frame id of domain segments (ids below are the pool's).
+pub const DOMAIN_BASE: FrameId = 1 << 31;
+/// Ids given to each domain segment (its frames at most).
+pub const BLOCK_FRAMES: u32 = crate::domain::proto::SEGMENT_FRAMES;
+/// Blocks of domain ids there are.
+const BLOCKS: u32 = (u32::MAX - DOMAIN_BASE) / BLOCK_FRAMES;
+
+/// Whether `f` names a frame of a domain segment.
+pub fn is_domain(f: FrameId) -> bool {
+    f >= DOMAIN_BASE
+}
+
+/// The frames of one domain segment, as this process uses them.
+#[derive(Debug, Clone)]
+struct Block {
+    /// The segment's identity.
+    id: u64,
+    refs: Vec<u32>,
+    hash: Vec<u32>,
+    /// Pages of ours mapping its frames (Σ refs).
+    pages: u64,
+    /// Retired (or the domain was left): no longer in the index, kept while mapped.
+    retired: bool,
+}
 
 /// Frame bookkeeping, no syscalls (fuzzed and unit-tested).
 #[derive(Debug, Default, Clone)]
@@ -51,6 +85,11 @@ pub struct FrameTable {
     /// The fork epoch at which we last saw no other process mapping the pool.
     quiet_epoch: u32,
     live: u32,
+    /// Domain segments by block number, and block numbers by segment identity.
+    blocks: BTreeMap<u32, Block>,
+    block_of: HashMap<u64, u32>,
+    next_block: u32,
+    free_blocks: Vec<u32>,
 }
 
 /// What to do with a frame whose last reference went away.
@@ -240,30 +279,77 @@ impl FrameTable {
 
     /// Whether `f` is handed out now (referenced, being merged, deferred or suspect).
     pub fn is_live(&self, f: FrameId) -> bool {
+        if is_domain(f) {
+            return self.exists(f);
+        }
         self.exists(f) && !self.free.contains(&f)
     }
 
-    /// Whether `f` was ever handed out (its counts can be asked for).
+    /// Whether `f` was ever handed out (its counts can be asked for); a domain frame:
+    /// whether its segment's block is here.
     pub fn exists(&self, f: FrameId) -> bool {
+        if is_domain(f) {
+            return self.domain(f).is_some();
+        }
         (f as usize) < self.refs.len()
     }
 
+    /// The block of domain frame `f` and its index there.
+    fn domain(&self, f: FrameId) -> Option<(&Block, usize)> {
+        let (b, i) = split_domain(f);
+        let blk = self.blocks.get(&b)?;
+        (i < blk.refs.len()).then_some((blk, i))
+    }
+
+    fn domain_mut(&mut self, f: FrameId) -> (&mut Block, usize) {
+        let (b, i) = split_domain(f);
+        let blk = self
+            .blocks
+            .get_mut(&b)
+            .expect("a domain frame of a block we hold");
+        (blk, i)
+    }
+
     pub fn refs(&self, f: FrameId) -> u32 {
+        if is_domain(f) {
+            return self.domain(f).map_or(0, |(b, i)| b.refs[i]);
+        }
         self.refs[f as usize]
     }
 
     pub fn hash(&self, f: FrameId) -> u64 {
+        if is_domain(f) {
+            return self.domain(f).map_or(0, |(b, i)| u64::from(b.hash[i]));
+        }
         u64::from(self.hash[f as usize])
     }
 
     pub fn incref(&mut self, f: FrameId) -> u32 {
+        if is_domain(f) {
+            let (b, i) = self.domain_mut(f);
+            b.refs[i] += 1;
+            b.pages += 1;
+            return b.refs[i];
+        }
         let r = &mut self.refs[f as usize];
         *r += 1;
         *r
     }
 
     /// Drop one reference; on the last one, say whether the frame can be punched.
+    /// A domain frame is never punched (`Kept`): its segment is immutable and goes
+    /// with its last mapping.
     pub fn decref(&mut self, f: FrameId) -> Release {
+        if is_domain(f) {
+            let (b, i) = self.domain_mut(f);
+            assert!(
+                b.refs[i] > 0,
+                "frame {f} released more often than referenced"
+            );
+            b.refs[i] -= 1;
+            b.pages -= 1;
+            return Release::Kept;
+        }
         let r = &mut self.refs[f as usize];
         assert!(*r > 0, "frame {f} released more often than referenced");
         *r -= 1;
@@ -291,6 +377,11 @@ impl FrameTable {
     /// may outlive them all, so whichever reference goes last (through `decref` as
     /// well), the frame becomes a suspect then.
     pub fn decref_suspect(&mut self, f: FrameId) -> bool {
+        if is_domain(f) {
+            // Never punched: nothing to suspect.
+            self.decref(f);
+            return false;
+        }
         let r = &mut self.refs[f as usize];
         assert!(*r > 0, "frame {f} released more often than referenced");
         *r -= 1;
@@ -403,9 +494,107 @@ impl FrameTable {
         self.live
     }
 
-    /// Frames with at least one reference.
+    /// Frames with at least one reference (the pool's, then the domain's).
     pub fn referenced(&self) -> impl Iterator<Item = FrameId> + '_ {
-        (0..self.refs.len() as u32).filter(|&f| self.refs[f as usize] > 0)
+        let pool = (0..self.refs.len() as u32).filter(|&f| self.refs[f as usize] > 0);
+        let domain = self.blocks.iter().flat_map(|(&b, blk)| {
+            (0..blk.refs.len())
+                .filter(|&i| blk.refs[i] > 0)
+                .map(move |i| join_domain(b, i))
+        });
+        pool.chain(domain)
+    }
+
+    /// Take in a domain segment `id` with frames of keys `hashes`: its first frame id,
+    /// or None if it is here already or no block is left.
+    pub fn add_segment(&mut self, id: u64, hashes: &[u64]) -> Option<FrameId> {
+        if self.block_of.contains_key(&id)
+            || hashes.is_empty()
+            || hashes.len() > BLOCK_FRAMES as usize
+        {
+            return None;
+        }
+        let b = match self.free_blocks.pop() {
+            Some(b) => b,
+            None if self.next_block < BLOCKS => {
+                self.next_block += 1;
+                self.next_block - 1
+            }
+            None => return None,
+        };
+        self.blocks.insert(
+            b,
+            Block {
+                id,
+                refs: vec![0; hashes.len()],
+                hash: hashes.iter().map(|&h| key32(h)).collect(),
+                pages: 0,
+                retired: false,
+            },
+        );
+        self.block_of.insert(id, b);
+        Some(join_domain(b, 0))
+    }
+
+    /// The first frame id and frame count of segment `id`, if here.
+    pub fn segment(&self, id: u64) -> Option<(FrameId, u32)> {
+        let &b = self.block_of.get(&id)?;
+        Some((join_domain(b, 0), self.blocks[&b].refs.len() as u32))
+    }
+
+    /// Mark segment `id` retired (out of the index: the caller removes its frames
+    /// from it). Returns its first frame id and frame count.
+    pub fn retire_segment(&mut self, id: u64) -> Option<(FrameId, u32)> {
+        let &b = self.block_of.get(&id)?;
+        let blk = self.blocks.get_mut(&b).expect("indexed");
+        if blk.retired {
+            return None;
+        }
+        blk.retired = true;
+        Some((join_domain(b, 0), blk.refs.len() as u32))
+    }
+
+    /// Whether domain frame `f`'s segment is retired (no new page may map it).
+    pub fn retired(&self, f: FrameId) -> bool {
+        self.domain(f).is_none_or(|(b, _)| b.retired)
+    }
+
+    /// Forget the retired segments no page maps any more: their ids and blocks, for
+    /// the caller to unmap and close.
+    pub fn drop_unmapped_segments(&mut self) -> Vec<(u64, u32)> {
+        let gone: Vec<(u64, u32)> = self
+            .blocks
+            .iter()
+            .filter(|(_, blk)| blk.retired && blk.pages == 0)
+            .map(|(&b, blk)| (blk.id, b))
+            .collect();
+        for &(id, b) in &gone {
+            self.blocks.remove(&b);
+            self.block_of.remove(&id);
+            self.free_blocks.push(b);
+        }
+        gone
+    }
+
+    /// Per segment: its identity, pages of ours mapping it, and which frames they map.
+    pub fn segment_usage(&self) -> Vec<(u64, u64, Vec<bool>)> {
+        self.blocks
+            .values()
+            .map(|blk| (blk.id, blk.pages, blk.refs.iter().map(|&r| r > 0).collect()))
+            .collect()
+    }
+
+    /// Segments held, and the pages of ours mapping their frames.
+    pub fn domain_totals(&self) -> (usize, u64) {
+        (
+            self.blocks.len(),
+            self.blocks.values().map(|b| b.pages).sum(),
+        )
+    }
+
+    /// The segment ids held (retired or not).
+    pub fn segment_ids(&self) -> Vec<u64> {
+        self.blocks.values().map(|b| b.id).collect()
     }
 
     pub fn deferred(&self) -> usize {
@@ -421,6 +610,12 @@ impl FrameTable {
             + self.deferred.capacity() * 4
             + self.suspects.capacity() * 4
             + self.mapped_elsewhere.len() * 16
+            + self
+                .blocks
+                .values()
+                .map(|b| 64 + b.refs.capacity() * 4 + b.hash.capacity() * 4)
+                .sum::<usize>()
+            + self.block_of.len() * 24
     }
 
     /// Ids the table spans (free ones included).
@@ -431,6 +626,17 @@ impl FrameTable {
     pub fn is_empty(&self) -> bool {
         self.refs.is_empty()
     }
+}
+
+/// Block and index of domain frame `f`.
+fn split_domain(f: FrameId) -> (u32, usize) {
+    let d = f - DOMAIN_BASE;
+    (d / BLOCK_FRAMES, (d % BLOCK_FRAMES) as usize)
+}
+
+/// Domain frame `i` of block `b`.
+fn join_domain(b: u32, i: usize) -> FrameId {
+    DOMAIN_BASE + b * BLOCK_FRAMES + i as u32
 }
 
 /// A frame's index key as stored: index keys are 32-bit checksums.
@@ -630,6 +836,32 @@ mod tests {
         assert_eq!(t.alloc(2), Some(f));
         t.incref(f);
         assert_eq!(t.decref(f), Release::Free(f));
+    }
+
+    #[test]
+    fn domain_frames_are_counted_never_freed_and_go_with_their_retired_segment() {
+        let mut t = FrameTable::new(8);
+        let f0 = t.add_segment(77, &[1, 2, 3]).unwrap();
+        assert!(is_domain(f0) && t.exists(f0 + 2) && !t.exists(f0 + 3));
+        assert!(t.add_segment(77, &[1]).is_none(), "one block per segment");
+        assert!(!t.is_free(f0), "never handed out as a pool frame");
+        assert_eq!((t.refs(f0 + 1), t.hash(f0 + 1)), (0, 2));
+        assert_eq!(t.incref(f0 + 1), 1);
+        assert_eq!(t.incref(f0 + 1), 2);
+        assert_eq!(t.referenced().collect::<Vec<_>>(), vec![f0 + 1]);
+        assert_eq!(t.decref(f0 + 1), Release::Kept);
+        assert_eq!(t.segment_usage(), vec![(77, 1, vec![false, true, false])]);
+        assert_eq!(t.retire_segment(77), Some((f0, 3)));
+        assert!(
+            t.retired(f0) && t.drop_unmapped_segments().is_empty(),
+            "still mapped"
+        );
+        assert!(!t.decref_suspect(f0 + 1));
+        assert_eq!(t.drop_unmapped_segments(), vec![(77, 0)]);
+        assert!(!t.exists(f0));
+        assert_eq!(t.live(), 0, "pool frames untouched");
+        // The block is used again for the next segment.
+        assert_eq!(t.add_segment(78, &[5]), Some(f0));
     }
 
     #[test]
