@@ -1,4 +1,5 @@
 use super::fake::FakeMem;
+use super::runs::MAX_TILE;
 use super::*;
 
 const PG: usize = 4096;
@@ -416,8 +417,8 @@ fn smart_scan_skips_unique_pages_from_the_fifth_scan_like_the_kernel() {
         skipped.push(c.counters().pages_skipped);
         c.check_invariants();
     }
-    // Scans 1-4 look at every page; the 5th skips them all (KERNEL-KSM.md §5.6),
-    // then looks are spaced out: every 2nd, 3rd, 5th, then 9th scan.
+    // Scans 1-4 look at every page; the 5th skips them all (docs/kernel-contract.md,
+    // “Smart scan”), then looks are spaced out: every 2nd, 3rd, 5th, then 9th scan.
     assert_eq!(&skipped[..4], &[0, 0, 0, 0]);
     assert_eq!(skipped[4], n as u64);
     assert!(skipped[11] > skipped[4]);

@@ -1,0 +1,423 @@
+//! The kernel's batch: `scan_batch` visits up to a budget of pages from the cursor,
+//! probing presence (and, under write tracking, what was written) many pages at a
+//! time, passing over the stretches a visit would leave as they are without a
+//! visit each (`pass_stretch`), and taking checksums ahead of the visits on
+//! `hash_threads` threads (`sum_ahead`); `end_full_scan` closes a full scan.
+//!
+//! Invariants: a batch never runs past the end of a full scan; the unstable index
+//! serves one full scan and is emptied at its start and end; a page passed over
+//! here ends exactly as its visit would have left it (records and counters); a
+//! checksum taken ahead serves only the batch that took it, and only for a page
+//! not in a merge window since (see `window`).
+
+#![forbid(unsafe_code)]
+
+use super::index::{AddrChains, AddrIndex};
+use super::visit::{skip_age, Seen};
+use super::{checksum, key_of, Core, Mem, Presence};
+use crate::region::{PageRec, State, SUM_TRACKED};
+
+/// Whether the visit of a page with record `p`, probed `pres` (and `unchanged` under
+/// write tracking), would read and hash it (see `Core::visit`): an advised, present,
+/// unmerged page whose checksum is not trusted, unless smart scan skips it
+/// (`Core::should_skip`, which ages pages the same way whatever their state).
+fn hashed_by_visit(p: PageRec, pres: Presence, unchanged: bool, smart: bool) -> bool {
+    let unmerged = match p.state() {
+        State::Untracked => true,
+        State::Volatile | State::Unstable => !(unchanged && p.sum_tracked()),
+        State::Stable | State::Inherited | State::Zero => false,
+    };
+    p.advised() && pres == Presence::Anon && unmerged && !(smart && p.age() >= 3 && p.skips() > 0)
+}
+
+/// Fewest pages a batch probes at a time (unless the region ends first).
+const PROBE_BATCH: usize = 512;
+
+/// Most pages a batch probes at a time, budget allowing: enough for checksums taken
+/// ahead of the visits to be shared between threads (see `Core::sum_ahead`).
+const PROBE_BATCH_MAX: usize = 4096;
+
+/// Most checksums taken ahead of the visits at once: enough for threads to start at a
+/// negligible cost (see `merge::Os::checksums`: each takes 1,024 at least, so at most
+/// 4 threads hash at once).
+const SUMS_AHEAD: usize = PROBE_BATCH_MAX;
+
+/// Fewest checksums taken ahead at once. A merge makes those of the pages it remaps
+/// useless (a run extends forward from the page visited, over pages whose checksums
+/// were taken): after one, the next takes this few, doubling while no merge wastes
+/// them, so that scans that merge much waste little and scans that merge nothing
+/// soon take `SUMS_AHEAD` at a time.
+const SUMS_AHEAD_MIN: usize = 64;
+
+/// Checksums taken ahead of the visits of one batch (see `Core::sum_ahead`): per page
+/// from `start`, the checksum its visit is to use instead of reading and hashing it.
+pub(super) struct SumsAhead {
+    start: usize,
+    sums: Vec<Option<u32>>,
+    /// How many to take next time.
+    window: usize,
+    /// Whether a merge window took some of these away unused.
+    wasted: bool,
+}
+
+impl Default for SumsAhead {
+    fn default() -> Self {
+        SumsAhead {
+            start: 0,
+            sums: Vec::new(),
+            window: SUMS_AHEAD,
+            wasted: false,
+        }
+    }
+}
+
+impl SumsAhead {
+    /// Start over for `pages` pages from `start`; returns how many checksums to take.
+    fn reset(&mut self, start: usize, pages: usize) -> usize {
+        self.window = if self.wasted {
+            SUMS_AHEAD_MIN
+        } else {
+            (self.window * 2).min(SUMS_AHEAD)
+        };
+        self.wasted = false;
+        self.start = start;
+        self.sums.clear();
+        self.sums.resize(pages, None);
+        self.window
+    }
+
+    /// Those of a batch serve the batch only; how many to take is kept.
+    fn clear(&mut self) {
+        self.sums = Vec::new();
+    }
+
+    /// The checksum taken ahead for the page at `addr`, if any (at most once).
+    pub(super) fn take(&mut self, addr: usize, page: usize) -> Option<u32> {
+        let i = addr.checked_sub(self.start)? / page;
+        self.sums.get_mut(i)?.take()
+    }
+
+    /// Forget those of `[addr, addr+len)` (pages a merge window takes).
+    pub(super) fn forget(&mut self, addr: usize, len: usize, page: usize) {
+        let end = self.start + self.sums.len() * page;
+        let (s, e) = (addr.max(self.start), (addr + len).min(end));
+        if s < e {
+            for c in &mut self.sums[(s - self.start) / page..(e - self.start).div_ceil(page)] {
+                self.wasted |= c.take().is_some();
+            }
+        }
+    }
+}
+
+impl<M: Mem> Core<M> {
+    /// Visit up to `budget` pages (the kernel's batch). Returns `true` when a full
+    /// scan completed during this call (a batch never runs past the end of a scan).
+    pub fn scan_batch(&mut self, budget: u64) -> bool {
+        let page = self.page;
+        if self.cursor.is_none() {
+            self.unstable.clear();
+            self.unstable_more.clear();
+            self.cursor = Some(0);
+        }
+        let mut scanned = 0u64;
+        // Whatever a batch that ended early (a panic) left is no snapshot of this one's.
+        self.sums_ahead.clear();
+        // With more than one hash thread, checksums are taken ahead of the visits; for
+        // memory ksm does not own always (it is read many pages per system call then).
+        let threads = self.hash_threads > 1;
+        let mut pres = vec![Presence::Absent; PROBE_BATCH_MAX];
+        let (mut tracked, mut unchanged) =
+            (vec![false; PROBE_BATCH_MAX], vec![false; PROBE_BATCH_MAX]);
+        while scanned < budget {
+            let cur = self.cursor.expect("set above");
+            // The next region at or after the cursor.
+            let next = self
+                .regions
+                .range(..=cur)
+                .next_back()
+                .filter(|(_, r)| cur < r.end(page))
+                .or_else(|| self.regions.range(cur..).next())
+                .map(|(_, r)| (r.start, r.end(page)));
+            let Some((rstart, rend)) = next else {
+                self.sums_ahead.clear();
+                self.end_full_scan();
+                return true;
+            };
+            let from = cur.max(rstart);
+            // As many pages as the budget lets visits reach, up to `PROBE_BATCH_MAX` (as
+            // many whatever `hash_threads` says, so that it changes nothing else).
+            let batch = (budget - scanned).clamp(PROBE_BATCH as u64, PROBE_BATCH_MAX as u64);
+            let n = ((rend - from) / page).min(batch as usize);
+            let probed = if self.only_anonymous(rstart, from, n) {
+                self.mem
+                    .probe_tracked(from, &mut pres[..n], &mut tracked[..n], &mut unchanged[..n])
+            } else {
+                tracked[..n].fill(false);
+                unchanged[..n].fill(false);
+                self.mem.probe(from, &mut pres[..n])
+            };
+            if probed.is_err() {
+                pres[..n].fill(Presence::Absent);
+                tracked[..n].fill(false);
+                unchanged[..n].fill(false);
+            }
+            // The probe took the written state of these pages (the next one will not
+            // report those writes again): whatever was not vouched for unchanged loses
+            // its trust now, whether or not this batch gets to visit it.
+            if let Some(r) = self.regions.get_mut(&rstart) {
+                let base = (from - r.start) / page;
+                for (p, &u) in r.pages[base..base + n].iter_mut().zip(&unchanged[..n]) {
+                    if !u {
+                        p.clear(SUM_TRACKED);
+                    }
+                }
+            }
+            let ahead = threads || self.regions.get(&rstart).is_some_and(|r| !r.owned);
+            let mut i = 0;
+            // Pages before this one had their checksums taken ahead (if they needed any).
+            let mut summed = 0;
+            while i < n && scanned < budget {
+                if ahead && i >= summed {
+                    summed = self.sum_ahead(
+                        rstart,
+                        from,
+                        i,
+                        (&pres[..n], &unchanged[..n]),
+                        budget - scanned,
+                    );
+                }
+                let (passed, counted) = self.pass_stretch(
+                    rstart,
+                    from,
+                    i,
+                    (&pres[..n], &unchanged[..n]),
+                    budget - scanned,
+                );
+                i += passed;
+                scanned += counted;
+                if i == n || scanned >= budget {
+                    break;
+                }
+                let addr = from + i * page;
+                i += 1;
+                if let Some(rec) = self.rec(addr) {
+                    let seen = Seen {
+                        pres: pres[i - 1],
+                        tracked: tracked[i - 1],
+                        unchanged: unchanged[i - 1],
+                    };
+                    let merges = self.counters.merges;
+                    if rec.advised() && self.visit(addr, seen) {
+                        scanned += 1;
+                    }
+                    // A merge remaps pages, often the run of pages after this one (a run
+                    // only ever extends forward from the page visited): what the batch's
+                    // probe said of them is stale. Probe them again at once (else `visit`
+                    // would probe each on its own). Should that fail, the stale answers
+                    // stay: `visit` looks again at a merged page.
+                    if self.counters.merges != merges && i < n {
+                        let j = (i..n)
+                            .find(|&j| {
+                                self.rec(from + j * page)
+                                    .is_none_or(|r| !r.in_pool_mapping())
+                            })
+                            .unwrap_or(n);
+                        let mut fresh = [Presence::Absent; PROBE_BATCH_MAX];
+                        let fresh = &mut fresh[..j - i];
+                        if j > i && self.mem.probe(from + i * page, fresh).is_ok() {
+                            pres[i..j].copy_from_slice(fresh);
+                        }
+                    }
+                }
+            }
+            self.cursor = Some(from + i * page);
+        }
+        self.sums_ahead.clear();
+        false
+    }
+
+    /// Run until `n` full scans have completed (finishing a scan in progress first).
+    pub fn scan_full(&mut self, n: u64) {
+        if !self.at_scan_start() {
+            while !self.scan_batch(u64::MAX) {}
+        }
+        for _ in 0..n {
+            while !self.scan_batch(u64::MAX) {}
+        }
+    }
+
+    fn end_full_scan(&mut self) {
+        // The unstable index serves one full scan (a page's record says `Unstable`, but
+        // not since which scan: entries must not outlive theirs), and its memory is
+        // given back rather than kept between scans.
+        self.unstable = AddrIndex::new(self.page);
+        self.unstable_more = AddrChains::new(self.page);
+        self.cursor = None;
+        self.frames.trim();
+        self.counters.full_scans += 1;
+        self.settled = self.changes == 0;
+        self.changes = 0;
+    }
+
+    /// Whether the `n` pages from `from` (in the region at `rstart`) are all in
+    /// anonymous mappings: ksm's own memory (which only ksm maps anything over) where
+    /// no page is merged, inherited or covered.
+    pub(super) fn only_anonymous(&self, rstart: usize, from: usize, n: usize) -> bool {
+        let Some(r) = self.regions.get(&rstart) else {
+            return false;
+        };
+        let base = (from - r.start) / self.page;
+        r.owned && r.pages[base..base + n].iter().all(|p| !p.in_pool_mapping())
+    }
+
+    /// From page `i` of the batch at `from` (in the region at `rstart`), the pages a
+    /// visit would deal with without looking at their bytes, done here as `visit`
+    /// would: not advised; merged and still mapping its frame (scanned, nothing to
+    /// do); skipped by smart scan (present, unmerged, and
+    /// `should_skip` would skip it); or unchanged since a checksum taken under write
+    /// tracking, with no candidate in any index (it goes into the unstable index
+    /// again). Returns how many pages, and how many of them count as scanned (at
+    /// most `budget`). Once memory has settled this is most pages: no record read
+    /// twice, no region looked up per page.
+    fn pass_stretch(
+        &mut self,
+        rstart: usize,
+        from: usize,
+        i: usize,
+        seen: (&[Presence], &[bool]),
+        budget: u64,
+    ) -> (usize, u64) {
+        let (pres, unchanged) = seen;
+        let page = self.page;
+        let (smart, zero) = (
+            self.smart_scan,
+            self.use_zero_pages.then_some(self.zero_checksum),
+        );
+        let Core {
+            regions,
+            counters,
+            stable,
+            unstable,
+            ..
+        } = self;
+        let Some(r) = regions.get_mut(&rstart) else {
+            return (0, 0);
+        };
+        let base = (from - r.start) / page;
+        let (mut k, mut scanned) = (i, 0);
+        while k < pres.len() {
+            let idx = base + k;
+            let p = r.pages[idx];
+            if !p.advised() {
+                k += 1;
+                continue;
+            }
+            if p.state() == State::Stable && pres[k] != Presence::Anon && scanned < budget {
+                // `visit`: still maps its frame, a KSM page on its node; scanned.
+                counters.pages_scanned += 1;
+                scanned += 1;
+                k += 1;
+                continue;
+            }
+            if pres[k] != Presence::Anon || !matches!(p.state(), State::Volatile | State::Unstable)
+            {
+                break;
+            }
+            if smart && p.age() >= 3 && p.skips() > 0 {
+                // `should_skip`: skipped.
+                let q = &mut r.pages[idx];
+                q.set_age(q.age().saturating_add(1));
+                q.set_skips(q.skips() - 1);
+                if q.state() == State::Unstable {
+                    counters.pages_unshared -= 1;
+                }
+                q.set_state(State::Volatile);
+                counters.pages_skipped += 1;
+                k += 1;
+                continue;
+            }
+            let key = key_of(p.checksum());
+            let quiet = unchanged[k]
+                && p.sum_tracked()
+                && scanned < budget
+                && zero != Some(p.checksum())
+                && stable.get(key).next().is_none()
+                && !unstable.contains_key(&key)
+                && !(idx > 0 && r.pages[idx - 1].state() == State::Stable);
+            if !quiet {
+                break;
+            }
+            // `visit` with a trusted checksum and nothing to compare: `should_skip`
+            // (not skipped), counted as scanned, back into the unstable index.
+            let q = &mut r.pages[idx];
+            if smart {
+                let age = q.age();
+                q.set_age(age.saturating_add(1));
+                if age >= 3 && q.skips() == 0 {
+                    q.set_skips(skip_age(age));
+                }
+            }
+            if q.state() == State::Volatile {
+                counters.pages_unshared += 1;
+            }
+            q.set_state(State::Unstable);
+            unstable.insert(key, from + k * page);
+            counters.pages_scanned += 1;
+            scanned += 1;
+            k += 1;
+        }
+        (k - i, scanned)
+    }
+
+    /// Take, on `hash_threads` threads, the checksums that the visits of the next pages
+    /// of the batch at `from` (in the region at `rstart`), from its page `i` on, would
+    /// take by reading and hashing each page: those of up to `SUMS_AHEAD` pages (fewer
+    /// after a merge wasted some, see `SUMS_AHEAD_MIN`; at most `budget`), kept in
+    /// `sums_ahead` for their visits. Returns the index past the pages looked at.
+    ///
+    /// Nothing changes but when the bytes are read: a checksum taken ahead is a
+    /// snapshot of the page taken in this batch, after its probe, as the visit's read
+    /// is; a visit still reads the bytes before it compares them with anything, and a
+    /// merge compares them under write-protection. A merge window takes the
+    /// checksums of its pages away (`Core::protect`): a page it remaps is no unmerged
+    /// page any more, and one it gives back may have been written meanwhile without
+    /// the write tracker's knowledge (see `protect`).
+    pub(super) fn sum_ahead(
+        &mut self,
+        rstart: usize,
+        from: usize,
+        i: usize,
+        (pres, unchanged): (&[Presence], &[bool]),
+        budget: u64,
+    ) -> usize {
+        let page = self.page;
+        let smart = self.smart_scan;
+        let Some(r) = self.regions.get(&rstart) else {
+            return pres.len();
+        };
+        let (base, owned) = ((from - r.start) / page, r.owned);
+        let window = self.sums_ahead.reset(from + i * page, pres.len() - i);
+        let most = budget.min(window as u64) as usize;
+        let mut addrs = Vec::with_capacity(most.min(pres.len() - i));
+        let mut k = i;
+        // No further than the batch's visits can reach (`budget` pages from here, at
+        // most): a checksum its visit never takes is taken again by the next batch.
+        while k < pres.len() && addrs.len() < most && ((k - i) as u64) < budget {
+            if hashed_by_visit(r.pages[base + k], pres[k], unchanged[k], smart) {
+                addrs.push(from + k * page);
+            }
+            k += 1;
+        }
+        self.sums_ahead.sums.truncate(k - i);
+        if addrs.is_empty() {
+            return k;
+        }
+        let mut sums = vec![None; addrs.len()];
+        self.mem
+            .checksums(&addrs, owned, self.hash_threads, checksum, &mut sums);
+        for (a, c) in addrs.into_iter().zip(sums) {
+            self.sums_ahead.sums[(a - self.sums_ahead.start) / page] = c;
+        }
+        k
+    }
+}

@@ -1,0 +1,385 @@
+//! One page's visit (`cmp_and_merge_page`): what its presence says of its record
+//! (a merged page copied by a write, a page gone), smart scan's skipping, the
+//! volatility check, then the zero page, the stable index and the unstable index
+//! (`visit_content`), and the searches of both indexes.
+//!
+//! Invariants: a page's bytes are read only when some index holds a candidate
+//! (or a checksum must be taken); a page is merged only through `merge`, which
+//! compares under write-protection; a record leaves the unstable index (and
+//! `pages_unshared`) whenever its visit starts, and enters it again only when
+//! nothing merged it.
+
+#![forbid(unsafe_code)]
+
+use super::{checksum_of, key_of, Core, Mem, Presence, Target};
+use crate::pool::FrameId;
+use crate::region::{PageRec, State, SUM_TRACKED};
+
+/// Result of looking a content up in the stable index.
+enum StableHit {
+    Room(FrameId),
+    Full,
+    Miss,
+}
+
+/// What the batch's probe said of one page.
+#[derive(Clone, Copy)]
+pub(super) struct Seen {
+    pub(super) pres: Presence,
+    /// Its writes are tracked (see `Mem::probe_tracked`).
+    pub(super) tracked: bool,
+    /// Tracked, and not written since the previous probe.
+    pub(super) unchanged: bool,
+}
+
+/// The kernel's `skip_age`: how many visits a page that failed to merge `age`
+/// times may be skipped.
+pub(super) fn skip_age(age: u8) -> u8 {
+    match age {
+        0..=3 => 1,
+        4..=5 => 2,
+        6..=8 => 4,
+        _ => 8,
+    }
+}
+
+impl<M: Mem> Core<M> {
+    /// `cmp_and_merge_page`: returns whether the page counted as scanned.
+    pub(super) fn visit(&mut self, addr: usize, seen: Seen) -> bool {
+        let rec = self.rec(addr).expect("tracked");
+        // Its recorded checksum still holds: taken while its writes were tracked, and
+        // none since (an unmerged page only: any other state is looked at afresh).
+        let trusted = seen.unchanged
+            && rec.sum_tracked()
+            && matches!(rec.state(), State::Volatile | State::Unstable);
+        let pres = seen.pres;
+        let (owned, prot) = {
+            let r = self.region_at(addr).expect("tracked");
+            (r.owned, r.prot_of((addr - r.start) / self.page))
+        };
+        let t = Target { addr, owned, prot };
+        // The batch probed presence ahead of the cursor; a run merged since then made
+        // later pages merged ones: look again before taking one for a written copy.
+        let mut pres = pres;
+        if rec.state() == State::Stable && pres == Presence::Anon {
+            let mut p = [Presence::Anon];
+            if self.mem.probe(addr, &mut p).is_ok() {
+                pres = p[0];
+            }
+        }
+        match pres {
+            // Still maps its frame (PTE present and file-backed, or not faulted in yet):
+            // already a KSM page hung on its node, nothing to do.
+            Presence::Absent | Presence::File if rec.state() == State::Stable => {
+                self.counters.pages_scanned += 1;
+                return true;
+            }
+            // Still maps the parent's frame, or still the zero page: the kernel's page
+            // walk passes over both (no normal page of this process there).
+            Presence::Absent | Presence::File
+                if matches!(rec.state(), State::Inherited | State::Zero) =>
+            {
+                return false
+            }
+            // Not present: the kernel frees rmap_items of pages it passes over.
+            Presence::Absent | Presence::File => {
+                if rec.state() != State::Untracked {
+                    self.forget(addr);
+                }
+                return false;
+            }
+            Presence::Anon => {}
+        }
+        match rec.state() {
+            State::Stable => {
+                // Copied away by a write: leave the stable tree, the checksum starts over.
+                // The private copy sits in a VMA that still maps the frame's offset
+                // (MADV_DONTNEED would bring the frame back), so first give the page an
+                // anonymous mapping of its own: only then can the frame be freed and
+                // reused without this page ever seeing another page's bytes.
+                if self.mem.unmerge_run(addr, self.page, prot, owned).is_err() {
+                    self.counters.pages_scanned += 1;
+                    return true; // retried at the next visit; nothing is lost meanwhile
+                }
+                self.counters.cows += 1;
+                self.changes += 1;
+                self.drop_frame_ref(rec.frame());
+                *self.rec_mut(addr) = PageRec::fresh(State::Volatile, rec.flags());
+            }
+            State::Inherited => {
+                // A forked child's copy of a merged page, written: it sits in a VMA mapping
+                // the parent's pool, so it gets an anonymous mapping first (as above).
+                if self.mem.unmerge_run(addr, self.page, prot, owned).is_err() {
+                    return false;
+                }
+                self.counters.rmap_items += 1;
+                self.rec_mut(addr).set_state(State::Volatile);
+            }
+            State::Zero => {
+                // Written since it became the zero page: an ordinary page again.
+                self.counters.ksm_zero_pages -= 1;
+                self.counters.rmap_items += 1;
+                *self.rec_mut(addr) = PageRec::fresh(State::Volatile, rec.flags());
+            }
+            State::Untracked => {
+                self.counters.rmap_items += 1;
+                self.rec_mut(addr).set_state(State::Volatile);
+            }
+            State::Unstable | State::Volatile => {}
+        }
+        if self.should_skip(addr) {
+            return false;
+        }
+        self.counters.pages_scanned += 1;
+        if self.rec(addr).expect("tracked").state() == State::Unstable {
+            // Out of the unstable index until this visit puts it back.
+            self.counters.pages_unshared -= 1;
+            self.rec_mut(addr).set_state(State::Volatile);
+        }
+        let ahead = self.sums_ahead.take(addr, self.page);
+        let mut buf = std::mem::take(&mut self.buf);
+        self.visit_content(t, &mut buf, (trusted, ahead), seen.tracked);
+        self.buf = buf;
+        true
+    }
+
+    /// The kernel's `should_skip_rmap_item` (smart scan, docs/kernel-contract.md,
+    /// “Smart scan”) for a page in no index or the unstable one: it ages at every
+    /// visit; from its fourth visit on, a page that never merged is skipped for
+    /// `skip_age(age)` visits between looks.
+    /// A skipped page leaves the unstable index and is not counted as scanned.
+    pub(super) fn should_skip(&mut self, addr: usize) -> bool {
+        if !self.smart_scan {
+            return false;
+        }
+        let r = self.rec_mut(addr);
+        let age = r.age();
+        r.set_age(age.saturating_add(1));
+        if age < 3 {
+            return false;
+        }
+        if r.skips() == 0 {
+            r.set_skips(skip_age(age));
+            return false;
+        }
+        r.set_skips(r.skips() - 1);
+        let was_unstable = r.state() == State::Unstable;
+        r.set_state(State::Volatile);
+        self.counters.pages_skipped += 1;
+        if was_unstable {
+            self.counters.pages_unshared -= 1;
+        }
+        true
+    }
+
+    /// The page's content step: volatility check, then the zero page, the stable
+    /// index, the unstable index. With `trusted` (see `visit`), the checksum is not
+    /// taken again, with `ahead` it was taken ahead of the visit in this batch (see
+    /// `sum_ahead`); either way the bytes are read only if some index holds a
+    /// candidate. `tracked` says whether a checksum taken now stays trustworthy.
+    fn visit_content(
+        &mut self,
+        t: Target,
+        buf: &mut [u8],
+        (trusted, ahead): (bool, Option<u32>),
+        tracked: bool,
+    ) -> bool {
+        let (hash, checksum) = if trusted {
+            let c = self.rec(t.addr).expect("tracked").checksum();
+            (key_of(c), c)
+        } else {
+            let (hash, checksum) = match ahead {
+                Some(c) => (key_of(c), c),
+                None => {
+                    if self.mem.read(t.addr, t.owned, buf).is_err() {
+                        self.forget(t.addr);
+                        return false;
+                    }
+                    checksum_of(buf)
+                }
+            };
+            self.counters.pages_hashed += 1;
+            let rec = self.rec_mut(t.addr);
+            if tracked {
+                rec.set(SUM_TRACKED);
+            } else {
+                rec.clear(SUM_TRACKED);
+            }
+            if rec.checksum() != checksum {
+                rec.set_checksum(checksum);
+                self.changes += 1;
+                return false;
+            }
+            (hash, checksum)
+        };
+        // The bytes, read the first time they are needed (a failed read forgets the
+        // page). A checksum taken ahead is older than a read at the visit would be: the
+        // bytes read must still have it, else the page changed since, as the volatility
+        // check would have seen.
+        let verify = ahead.is_some();
+        let mut loaded = !trusted && !verify;
+        let mut load = |core: &mut Self, buf: &mut [u8]| {
+            if loaded {
+                return true;
+            }
+            if core.mem.read(t.addr, t.owned, buf).is_err() {
+                core.forget(t.addr);
+                return false;
+            }
+            if verify {
+                let now = checksum_of(buf).1;
+                if now != checksum {
+                    core.rec_mut(t.addr).set_checksum(now);
+                    core.changes += 1;
+                    return false;
+                }
+            }
+            loaded = true;
+            true
+        };
+        if self.use_zero_pages && checksum == self.zero_checksum {
+            if !load(self, buf) {
+                return false;
+            }
+            if buf.iter().all(|&b| b == 0) && self.merge_zero(t) {
+                return true;
+            }
+        }
+        if let Some(g) = self.continuing_frame(t, hash) {
+            if !load(self, buf) {
+                return false;
+            }
+            if self.mem.frame(g) == buf && self.merge_with_frame(t, g, hash) {
+                return true;
+            }
+        }
+        if self.stable.get(hash).next().is_some() {
+            if !load(self, buf) {
+                return false;
+            }
+            match self.stable_search(hash, buf) {
+                // A failed merge (content changed under protection, or the VMA budget)
+                // falls through to the unstable index, as the kernel's does.
+                StableHit::Room(f) if self.merge_with_frame(t, f, hash) => return true,
+                StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
+            }
+        }
+        if self.has_unstable_candidate(hash, t.addr) && !self.vma_room(2) {
+            // A pair merge needs VMAs the budget no longer has: it is put off before any
+            // byte is read or compared (a process at its budget would otherwise read and
+            // compare every such pair at every full scan, only to refuse the merge).
+            // Counted on the checksum match, as `charge_vmas` counts a refused merge (a
+            // checksum taken ahead is checked first, as where the bytes are needed).
+            if verify && !load(self, buf) {
+                return false;
+            }
+            self.counters.vma_budget_skips += 1;
+        } else if self.unstable.contains_key(&hash) {
+            if !load(self, buf) {
+                return false;
+            }
+            if let Some(other) = self.unstable_search(hash, t.addr, buf) {
+                if self.merge_pair(t, other, hash) {
+                    return true;
+                }
+            }
+        }
+        let r = self.rec_mut(t.addr);
+        if r.state() == State::Volatile {
+            r.set_state(State::Unstable);
+            self.counters.pages_unshared += 1;
+            if !self.unstable.insert_first(hash, t.addr) {
+                self.unstable_more.push(hash, t.addr);
+            }
+        }
+        false
+    }
+
+    /// Frames holding exactly `buf`: one with room (the fullest), or whether all are full.
+    ///
+    /// Only frames with room are compared, fullest first, and the first equal one
+    /// wins: a content with many users has many full frames (one per
+    /// `max_page_sharing` users), which must not cost a comparison each per page.
+    fn stable_search(&self, hash: u64, buf: &[u8]) -> StableHit {
+        let max = self.max_page_sharing;
+        let mut room: Vec<FrameId> = self
+            .stable
+            .get(hash)
+            .filter(|&f| self.frames.refs(f) < max)
+            .collect();
+        room.sort_unstable_by_key(|&f| std::cmp::Reverse(self.frames.refs(f)));
+        if let Some(f) = room.into_iter().find(|&f| self.mem.frame(f) == buf) {
+            return StableHit::Room(f);
+        }
+        let full = self
+            .stable
+            .get(hash)
+            .any(|f| self.frames.refs(f) >= max && self.mem.frame(f) == buf);
+        if full {
+            StableHit::Full
+        } else {
+            StableHit::Miss
+        }
+    }
+
+    /// A page of this full scan's unstable index with the same bytes as `buf`.
+    ///
+    /// Entries that left the index (merged, revisited, forgotten) are dropped as they
+    /// are met, so that a content many pages share costs one comparison per page,
+    /// not one per page already seen.
+    fn unstable_search(&mut self, hash: u64, addr: usize, buf: &[u8]) -> Option<usize> {
+        let head = self.unstable.remove(&hash)?;
+        let mut more = self.unstable_more.remove(&hash).unwrap_or_default();
+        let mut other = std::mem::take(&mut self.buf2);
+        let mut found = None;
+        let kept = self.in_unstable(head, addr).then_some(head);
+        if kept.is_some() && self.same_bytes(head, buf, &mut other) {
+            found = kept;
+        }
+        let mut i = 0;
+        while found.is_none() && i < more.len() {
+            let c = more[i];
+            if !self.in_unstable(c, addr) {
+                more.swap_remove(i);
+            } else if self.same_bytes(c, buf, &mut other) {
+                found = Some(c);
+            } else {
+                i += 1;
+            }
+        }
+        self.buf2 = other;
+        if let Some(h) = kept.or_else(|| more.pop()) {
+            self.unstable.insert(hash, h);
+            if !more.is_empty() {
+                self.unstable_more.insert(hash, more);
+            }
+        }
+        found
+    }
+
+    /// Whether this scan's unstable index holds a page other than `addr` under `hash`
+    /// that is still in it (records only, no byte read).
+    fn has_unstable_candidate(&self, hash: u64, addr: usize) -> bool {
+        self.unstable
+            .get(&hash)
+            .is_some_and(|h| self.in_unstable(h, addr))
+            || self
+                .unstable_more
+                .iter(&hash)
+                .any(|c| self.in_unstable(c, addr))
+    }
+
+    /// Whether page `c` (not `addr`, the page looking) is in this scan's unstable index.
+    fn in_unstable(&self, c: usize, addr: usize) -> bool {
+        c != addr
+            && self
+                .rec(c)
+                .is_some_and(|r| r.state() == State::Unstable && r.advised())
+    }
+
+    /// Whether page `c` holds `buf` (read into `scratch`).
+    fn same_bytes(&mut self, c: usize, buf: &[u8], scratch: &mut [u8]) -> bool {
+        let owned = self.region_at(c).is_some_and(|r| r.owned);
+        self.mem.read(c, owned, scratch).is_ok() && scratch == buf
+    }
+}
