@@ -44,6 +44,11 @@ pub fn is_domain(f: FrameId) -> bool {
     f >= DOMAIN_BASE
 }
 
+/// Whether domain frames `a` and `b` are of the same segment.
+pub fn same_block(a: FrameId, b: FrameId) -> bool {
+    is_domain(a) && is_domain(b) && split_domain(a).0 == split_domain(b).0
+}
+
 /// The frames of one domain segment, as this process uses them.
 #[derive(Debug, Clone)]
 struct Block {

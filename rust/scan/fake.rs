@@ -97,6 +97,13 @@ impl FakeMem {
     }
 
     /// Application view of a page.
+    /// A domain segment's frames from `f0`, as sealed bytes (never written or punched).
+    pub fn add_segment(&mut self, f0: FrameId, frames: &[Vec<u8>]) {
+        for (i, b) in frames.iter().enumerate() {
+            self.frames.insert(f0 + i as FrameId, b.clone());
+        }
+    }
+
     pub fn read_page(&self, base: usize) -> Vec<u8> {
         match self.pages.get(&base) {
             None => self.zero.clone(),
@@ -266,6 +273,7 @@ impl Mem for FakeMem {
     }
 
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()> {
+        assert!(!crate::pool::is_domain(f), "domain frame {f} written");
         assert!(
             !self
                 .pages
@@ -278,6 +286,7 @@ impl Mem for FakeMem {
     }
 
     fn punch(&mut self, f: FrameId) -> io::Result<()> {
+        assert!(!crate::pool::is_domain(f), "domain frame {f} punched");
         assert!(
             !self
                 .pages

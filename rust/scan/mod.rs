@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 mod batch;
+mod domain;
 pub mod fake;
 mod index;
 mod mem;
@@ -49,9 +50,11 @@ use std::io;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::pool::{FrameId, FrameTable};
+use crate::pool::{self, FrameId, FrameTable};
 use crate::region::{PageRec, Region, State, ADVISED};
 use batch::SumsAhead;
+pub use domain::DomainCounters;
+use domain::DomainState;
 use index::{AddrChains, AddrIndex, MultiIndex};
 pub use mem::{Mem, Presence};
 
@@ -132,6 +135,14 @@ pub struct Core<M: Mem> {
     sums_ahead: SumsAhead,
     buf: Vec<u8>,
     buf2: Vec<u8>,
+    /// The merge domain joined, if any (see `domain.rs`).
+    domain: Option<DomainState>,
+}
+
+/// The 32-bit checksum of a page, as visits take it (a domain's segments are
+/// indexed by it).
+pub fn page_checksum(buf: &[u8]) -> u32 {
+    checksum(buf)
 }
 
 /// The index key and the 32-bit checksum (volatility check) of a page.
@@ -190,6 +201,7 @@ impl<M: Mem> Core<M> {
             sums_ahead: SumsAhead::default(),
             buf: vec![0; page],
             buf2: vec![0; page],
+            domain: None,
         }
     }
 
@@ -619,9 +631,20 @@ impl<M: Mem> Core<M> {
         }
         for (&f, &n) in &refs {
             assert_eq!(self.frames.refs(f), n, "frame {f} refcount");
-            c.pages_shared += 1;
-            c.pages_sharing += u64::from(n - 1);
+            if pool::is_domain(f) {
+                c.pages_sharing += u64::from(n);
+            } else {
+                c.pages_shared += 1;
+                c.pages_sharing += u64::from(n - 1);
+            }
         }
+        let (_, domain_pages) = self.frames.domain_totals();
+        let counted: u64 = refs
+            .iter()
+            .filter(|(&f, _)| pool::is_domain(f))
+            .map(|(_, &n)| u64::from(n))
+            .sum();
+        assert_eq!(domain_pages, counted, "pages on domain frames");
         let k = self.counters;
         assert_eq!(k.ksm_zero_pages, zero, "ksm_zero_pages");
         assert_eq!(
@@ -640,7 +663,9 @@ impl<M: Mem> Core<M> {
         );
         assert_eq!(
             self.frames.live() as usize,
-            refs.len() + self.frames.deferred() + self.frames.suspects(),
+            refs.keys().filter(|&&f| !pool::is_domain(f)).count()
+                + self.frames.deferred()
+                + self.frames.suspects(),
             "live frames"
         );
     }

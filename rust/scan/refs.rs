@@ -12,7 +12,7 @@
 #![forbid(unsafe_code)]
 
 use super::{Core, Mem, Presence};
-use crate::pool::{FrameId, Release};
+use crate::pool::{self, FrameId, Release};
 use crate::region::{PageRec, Region, State, ADVISED};
 
 impl<M: Mem> Core<M> {
@@ -53,7 +53,12 @@ impl<M: Mem> Core<M> {
     }
 
     pub(super) fn add_frame_ref(&mut self, f: FrameId) {
-        if self.frames.incref(f) == 1 {
+        // A domain frame's one copy is the domain's, counted once in its statistics,
+        // not by any member: every page of ours on it is a page saved.
+        if pool::is_domain(f) {
+            self.frames.incref(f);
+            self.counters.pages_sharing += 1;
+        } else if self.frames.incref(f) == 1 {
             self.counters.pages_shared += 1;
         } else {
             self.counters.pages_sharing += 1;
@@ -76,7 +81,10 @@ impl<M: Mem> Core<M> {
 
     /// Counters and stable index after a frame lost a reference.
     fn frame_ref_dropped(&mut self, f: FrameId) {
-        if self.frames.refs(f) == 0 {
+        if pool::is_domain(f) {
+            // It stays in the index with no reference (offered) until retired.
+            self.counters.pages_sharing -= 1;
+        } else if self.frames.refs(f) == 0 {
             self.counters.pages_shared -= 1;
             let h = self.frames.hash(f);
             self.stable.remove(h, f);

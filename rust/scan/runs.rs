@@ -13,7 +13,7 @@
 #![forbid(unsafe_code)]
 
 use super::{checksum_of, key_of, Core, Mem, Presence, Target};
-use crate::pool::FrameId;
+use crate::pool::{self, FrameId};
 use crate::region::State;
 
 /// Most pages merged as one run (one mapping per side).
@@ -245,7 +245,7 @@ impl<M: Mem> Core<M> {
             if was.is_some_and(|w| (f..=g).contains(&w)) {
                 break;
             }
-            let join = (1..self.max_page_sharing).contains(&self.frames.refs(g))
+            let join = self.has_room(f, g)
                 && match was {
                     Some(w) => self.mem.frame(w) == self.mem.frame(g),
                     None => key == self.frames.hash(g),
@@ -318,16 +318,13 @@ impl<M: Mem> Core<M> {
         f: FrameId,
         hash: u64,
     ) -> Option<(FrameId, Vec<Slot>)> {
-        let max = self.max_page_sharing;
-        let room = |core: &Self, g: FrameId| {
-            core.frames.exists(g)
-                && (1..max).contains(&core.frames.refs(g))
-                && core.frames.hash(g) == hash
+        let room = |core: &Self, start: FrameId, g: FrameId| {
+            core.has_room(start, g) && core.frames.hash(g) == hash
         };
         let starts: Vec<FrameId> = self
             .stable
             .get(hash)
-            .filter(|&g| g != f && room(self, g) && room(self, g + 1))
+            .filter(|&g| g != f && room(self, g, g) && room(self, g, g + 1))
             .collect();
         for g in starts {
             if self.mem.frame(g) != self.mem.frame(f) {
@@ -355,10 +352,25 @@ impl<M: Mem> Core<M> {
             return None;
         }
         let g = left.frame().checked_add(1)?;
-        (self.frames.exists(g)
-            && (1..self.max_page_sharing).contains(&self.frames.refs(g))
-            && self.frames.hash(g) == hash)
-            .then_some(g)
+        (self.has_room(left.frame(), g) && self.frames.hash(g) == hash).then_some(g)
+    }
+
+    /// Whether frame `g` can take one more page in a run of frames from `start`: a
+    /// frame in use with room left (`max_page_sharing`), or a domain frame offered or
+    /// in use with room, of the same segment as `start` (one mapping maps one segment).
+    pub(super) fn has_room(&self, start: FrameId, g: FrameId) -> bool {
+        if !self.frames.exists(g) {
+            return false;
+        }
+        let refs = self.frames.refs(g);
+        if pool::is_domain(g) {
+            pool::is_domain(start)
+                && pool::same_block(start, g)
+                && !self.frames.retired(g)
+                && refs < self.max_page_sharing
+        } else {
+            !pool::is_domain(start) && (1..self.max_page_sharing).contains(&refs)
+        }
     }
 
     /// The pairs of pages from `t` and from `o` (at least the first pair, already

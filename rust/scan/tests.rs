@@ -1419,3 +1419,116 @@ fn at_the_budget_a_stale_unstable_entry_puts_off_no_merge() {
     c.scan_full(2);
     assert!(c.counters().vma_budget_skips > 0);
 }
+
+/// `n` numbered pages advised in a core that joined a domain, scanned twice (so
+/// every page is a candidate announced to the domain).
+fn domain_member(n: usize) -> Core<FakeMem> {
+    let mut c = core_with(n);
+    c.smart_scan = false;
+    for i in 0..n {
+        c.mem.write(BASE + i * PG, &page_of(i));
+    }
+    c.join_domain();
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(2);
+    c
+}
+
+#[test]
+fn a_domain_member_announces_candidates_once_and_publishes_what_it_is_asked_for() {
+    let n = 8;
+    let mut c = domain_member(n);
+    let (announced, publish) = c.take_domain_out();
+    let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
+    assert_eq!(announced, sums, "every candidate, in address order");
+    assert!(publish.is_empty());
+    c.scan_full(1);
+    assert!(c.take_domain_out().0.is_empty(), "announced once");
+    // Asked for pages 2..6: the next visits queue them, in address order.
+    c.domain_wants(&sums[2..6]);
+    c.scan_full(1);
+    let (_, publish) = c.take_domain_out();
+    let addrs: Vec<usize> = publish.iter().map(|p| p.0).collect();
+    assert_eq!(addrs, (2..6).map(|i| BASE + i * PG).collect::<Vec<_>>());
+    assert!(publish.iter().all(|p| p.1), "owned memory");
+    // A new broker hears everything again.
+    c.domain_connected();
+    c.scan_full(1);
+    assert_eq!(c.take_domain_out().0.len(), n);
+    c.check_invariants();
+}
+
+#[test]
+fn pages_merge_onto_a_domain_segment_as_one_run_and_count_as_saved() {
+    let n = 8;
+    let mut c = domain_member(n);
+    // A segment another member published: the bytes of pages 1..7 (one differs).
+    let mut frames: Vec<Vec<u8>> = (1..7).map(page_of).collect();
+    frames[3][100] ^= 1; // page 4's bytes differ: same checksum claimed, other bytes
+    let mut sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+    sums[3] = page_checksum(&page_of(4)); // a lie (or a collision): bytes decide
+    let f0 = c.add_segment(42, &sums).unwrap();
+    assert!(crate::pool::is_domain(f0));
+    c.mem.add_segment(f0, &frames);
+    assert!(c.add_segment(42, &sums).is_none(), "taken once");
+    c.scan_full(1);
+    let k = c.counters();
+    // Pages 1,2,3 and 5,6 map frames 0,1,2 and 4,5; page 4 stays its own.
+    assert_eq!((k.pages_shared, k.pages_sharing), (0, 5));
+    for i in [1, 2, 3, 5, 6] {
+        assert!(c.mem.maps_frame(BASE + i * PG), "page {i}");
+    }
+    assert!(
+        !c.mem.maps_frame(BASE + 4 * PG),
+        "bytes differ: never mapped"
+    );
+    for i in 0..n {
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i), "page {i}");
+    }
+    assert_eq!(
+        frames_of(&c, 1, 3),
+        vec![f0, f0 + 1, f0 + 2],
+        "consecutive frames of one segment"
+    );
+    c.check_invariants();
+    // A write copies the page away; the segment's frame is never punched.
+    c.mem.write(BASE + PG, &page_of(100));
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, 4);
+    assert_eq!(c.frames().refs(f0), 0);
+    assert!(c.frames().exists(f0), "offered still");
+    // Retired: out of the index, kept while mapped; gone once nothing maps it.
+    c.retire_segment(42);
+    assert!(c.drop_unmapped_segments().is_empty());
+    c.unadvise(BASE, BASE + n * PG).unwrap();
+    assert_eq!(c.drop_unmapped_segments(), vec![(42, f0)]);
+    assert_eq!(c.counters().pages_sharing, 0);
+    for i in 2..n {
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i), "page {i}");
+    }
+    c.check_invariants();
+}
+
+#[test]
+fn leaving_the_domain_keeps_merged_pages_and_stops_new_merges() {
+    let n = 4;
+    let mut c = domain_member(n);
+    let frames: Vec<Vec<u8>> = (0..n).map(page_of).collect();
+    let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+    let f0 = c.add_segment(7, &sums[..2]).unwrap();
+    c.mem.add_segment(f0, &frames[..2]);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, 2);
+    c.leave_domain();
+    assert!(!c.in_domain());
+    assert!(
+        c.add_segment(8, &sums[2..]).is_none(),
+        "no domain, no segment"
+    );
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_sharing, 2, "merged pages stay merged");
+    for i in 0..n {
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i));
+    }
+    c.check_invariants();
+}

@@ -292,6 +292,7 @@ impl<M: Mem> Core<M> {
                 self.unstable_more.push(hash, t.addr);
             }
         }
+        self.domain_candidate(t, checksum);
         false
     }
 

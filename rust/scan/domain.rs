@@ -1,0 +1,169 @@
+//! The algorithm's side of a merge domain (no I/O: the engine carries what is
+//! collected here to and from the domain's broker).
+//!
+//! * A page that becomes a candidate (unchanged since its last visit, nothing in
+//!   either index to merge with) has its checksum **announced**, once.
+//! * A checksum the domain asks us to **publish** (another member announced it
+//!   too) makes the next visit of a page with that checksum queue the page to be
+//!   copied into a new sealed segment; pages queued in one batch are copied in
+//!   address order, so that a run of pages becomes a run of frames that the other
+//!   members map with one mapping.
+//! * A segment received from the domain enters the stable index, frame by frame,
+//!   under checksums computed by this process from the sealed bytes. From then on
+//!   a page merges onto it exactly as onto a frame of its own pool: after
+//!   write-protection and a byte-for-byte comparison (see `merge.rs`).
+//! * A retired segment (or every segment, when the domain is left) leaves the
+//!   index; its block is dropped once no page maps it.
+//!
+//! Counting: a page on a domain frame counts in `pages_sharing` (a page saved);
+//! the frame's one copy is the domain's, counted once by the domain's statistics
+//! (`pages_shared` there), by no member. So a member's figures never go negative
+//! when it is the only local user of a peer's frame.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashSet;
+
+use super::{key_of, Core, Mem, Target};
+use crate::pool::FrameId;
+
+/// Most checksums announced per batch (the rest wait for the next visit).
+const ANNOUNCE_MAX: usize = 1 << 16;
+/// Most pages queued for publishing per batch (one segment's worth).
+const PUBLISH_MAX: usize = crate::pool::BLOCK_FRAMES as usize;
+
+/// Figures of the member's domain activity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainCounters {
+    /// Checksums announced.
+    pub announced: u64,
+    /// Pages copied into segments we published.
+    pub published: u64,
+    /// Segments received (ours included) and taken into the index.
+    pub segments: u64,
+    /// Segments retired by the domain.
+    pub retired: u64,
+}
+
+/// What the core keeps of its domain.
+#[derive(Debug, Default)]
+pub struct DomainState {
+    announced: HashSet<u32>,
+    wanted: HashSet<u32>,
+    announce: Vec<u32>,
+    publish: Vec<(usize, bool, u32)>,
+    pub counters: DomainCounters,
+}
+
+impl<M: Mem> Core<M> {
+    /// Join a domain: candidates are announced from the next visit on.
+    pub fn join_domain(&mut self) {
+        if self.domain.is_none() {
+            self.domain = Some(DomainState::default());
+        }
+    }
+
+    /// Whether the core is in a domain.
+    pub fn in_domain(&self) -> bool {
+        self.domain.is_some()
+    }
+
+    /// Leave the domain: every segment leaves the index (pages on them stay merged,
+    /// their segments' blocks go once no page maps them).
+    pub fn leave_domain(&mut self) {
+        self.domain = None;
+        for id in self.frames.segment_ids() {
+            self.retire_segment(id);
+        }
+    }
+
+    /// A (new) broker: what was announced to the old one is said again.
+    pub fn domain_connected(&mut self) {
+        if let Some(d) = &mut self.domain {
+            d.announced.clear();
+            d.wanted.clear();
+        }
+    }
+
+    /// The domain asks us to publish frames of these checksums.
+    pub fn domain_wants(&mut self, sums: &[u32]) {
+        if let Some(d) = &mut self.domain {
+            d.wanted.extend(sums);
+        }
+    }
+
+    /// Checksums to announce, and pages to copy into a new segment (address, owned,
+    /// checksum), collected since the last call.
+    pub fn take_domain_out(&mut self) -> (Vec<u32>, Vec<(usize, bool, u32)>) {
+        match &mut self.domain {
+            Some(d) => {
+                d.counters.announced += d.announce.len() as u64;
+                d.counters.published += d.publish.len() as u64;
+                (
+                    std::mem::take(&mut d.announce),
+                    std::mem::take(&mut d.publish),
+                )
+            }
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// The domain's counters (zero outside a domain).
+    pub fn domain_counters(&self) -> DomainCounters {
+        self.domain.as_ref().map(|d| d.counters).unwrap_or_default()
+    }
+
+    /// Take in segment `id` whose frames have checksums `sums` (computed by this
+    /// process from the sealed bytes): its frames enter the stable index. Returns its
+    /// first frame id (the engine maps the segment's view there), or None if it is
+    /// here already, no block is left, or we are in no domain.
+    pub fn add_segment(&mut self, id: u64, sums: &[u32]) -> Option<FrameId> {
+        let d = self.domain.as_mut()?;
+        let keys: Vec<u64> = sums.iter().map(|&c| key_of(c)).collect();
+        let f0 = self.frames.add_segment(id, &keys)?;
+        for (i, &k) in keys.iter().enumerate() {
+            self.stable.push(k, f0 + i as FrameId);
+            d.wanted.remove(&(k as u32));
+        }
+        d.counters.segments += 1;
+        // New frames to merge onto: the next full scan is not a settled one.
+        self.changes += 1;
+        Some(f0)
+    }
+
+    /// Segment `id` is retired: its frames leave the index (pages on them stay).
+    pub fn retire_segment(&mut self, id: u64) {
+        let Some((f0, n)) = self.frames.retire_segment(id) else {
+            return;
+        };
+        for f in f0..f0 + n {
+            let h = self.frames.hash(f);
+            self.stable.remove(h, f);
+        }
+        if let Some(d) = &mut self.domain {
+            d.counters.retired += 1;
+        }
+    }
+
+    /// The retired segments no page maps any more, forgotten: (id, first frame id),
+    /// for the engine to unmap.
+    pub fn drop_unmapped_segments(&mut self) -> Vec<(u64, FrameId)> {
+        self.frames
+            .drop_unmapped_segments()
+            .into_iter()
+            .map(|(id, b)| (id, crate::pool::DOMAIN_BASE + b * crate::pool::BLOCK_FRAMES))
+            .collect()
+    }
+
+    /// A page with `checksum` became a candidate (nothing to merge with here): tell
+    /// the domain, or copy it into a segment if the domain asked for this checksum.
+    pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32) {
+        let Some(d) = &mut self.domain else { return };
+        if d.wanted.contains(&checksum) && d.publish.len() < PUBLISH_MAX {
+            d.wanted.remove(&checksum);
+            d.publish.push((t.addr, t.owned, checksum));
+        } else if d.announce.len() < ANNOUNCE_MAX && d.announced.insert(checksum) {
+            d.announce.push(checksum);
+        }
+    }
+}
