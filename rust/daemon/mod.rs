@@ -2,7 +2,7 @@
 //! the `ksmd` scanner thread and the userfaultfd fault thread, the knobs, and
 //! the fork handlers.
 //!
-//! Threads (DESIGN.md §4):
+//! Threads (docs/design.md, “Threads”):
 //! * the **fault thread** reads the userfaultfd. It never takes the state lock
 //!   and never the GIL: a writer blocked on a page under merge is only ever
 //!   waiting for the merger, which wakes it.
@@ -11,33 +11,42 @@
 //! * **callers** (Python threads) take the state lock per batch, with the GIL
 //!   released by the PyO3 layer.
 //!
-//! Fork (DESIGN.md §3): `prepare` takes the state lock (so the scanner is
-//! between batches and no page is write-protected) and the window lock;
-//! `parent` releases them and records the fork in the frame table; `child`
+//! Fork (docs/design.md, “Fork rule”): `prepare` takes the state lock (so the
+//! scanner is between batches and no page is write-protected) and the window
+//! lock; `parent` releases them and records the fork in the frame table; `child`
 //! rebuilds the engine: new pool, no userfaultfd (the child's copies of
 //! registered ranges are unregistered by the kernel), records forgotten and
 //! counters reset as the kernel resets a forked mm's, threads restarted lazily.
+//!
+//! This file holds the engine's lifecycle: its state and lock, ksm's own memory,
+//! `madvise`, the knobs and the statistics. The rest of `impl Engine` lives with
+//! its thread: `scanner` (ksmd, synchronous scans, what a full scan begins and
+//! ends with), `fault` (the userfaultfds, their reader threads, and following the
+//! events they log), `atfork` (the fork handlers).
 
 #![forbid(unsafe_code)]
 
 pub mod advisor;
+mod atfork;
+mod fault;
 pub mod knobs;
+mod scanner;
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::merge::{own_event_or_disturb, Event, EventLog, Events, Os, Win, Windows};
+use crate::merge::{Events, Os, Windows};
 use crate::region::{maps, Region};
-use crate::scan::{Core, Mem, Presence};
+use crate::scan::{Core, Mem};
 use crate::stats::{KsmStat, Snapshot};
 use crate::sys::mman::Mapping;
-use crate::sys::uffd::{self, Msg, Uffd};
+use crate::sys::uffd::{self, Uffd};
 use crate::sys::{self, fork};
 
 use advisor::Advisor;
+use atfork::{fork_child, fork_parent, fork_prepare};
 pub use knobs::Knobs;
 use knobs::{AdvisorMode, Value};
 
@@ -48,21 +57,8 @@ pub const MADV_UNMERGEABLE: i32 = 13;
 /// sparsely (memory is used only by frames that hold bytes).
 const FRAME_CAPACITY: u32 = 1 << 24;
 
-/// Pages per batch of a synchronous `scan()` (the lock is released between batches).
-const SYNC_BATCH: u64 = 4096;
-
 /// The userfaultfd features we need (WP_UNPOPULATED: see `sys::uffd`).
 const REQUIRED_FEATURES: u64 = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
-
-/// Events of memory ksm owns: the application's MADV_DONTNEED of a merged page
-/// (with minor faults, to give it zeros). Not UNMAP: our own remaps would raise it.
-const OWNED_EVENTS: u64 = uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_MINOR_SHMEM;
-/// Events of memory the application owns: tracking follows its munmap, mremap and
-/// MADV_DONTNEED.
-const FOREIGN_EVENTS: u64 = uffd::FEATURE_EVENT_UNMAP
-    | uffd::FEATURE_EVENT_REMAP
-    | uffd::FEATURE_EVENT_REMOVE
-    | uffd::FEATURE_MINOR_SHMEM;
 
 /// Events of the application read by the fault threads, not yet followed.
 static EVENTS: Events = Events::new();
@@ -117,19 +113,8 @@ pub struct Engine {
     settle_waiters: AtomicUsize,
 }
 
-/// The locks `prepare` takes: the engine state and the open merge windows.
-type ForkGuards = (
-    MutexGuard<'static, State>,
-    MutexGuard<'static, EventLog>,
-    MutexGuard<'static, Vec<Win>>,
-);
 /// `[start, end)` pieces of a madvise range and what they are.
 type Pieces = Vec<(usize, usize, Piece)>;
-
-thread_local! {
-    /// Locks held across `fork()` by the forking thread (prepare → parent/child).
-    static FORK_GUARDS: RefCell<Option<ForkGuards>> = const { RefCell::new(None) };
-}
 
 /// Whether merging can work in this process: probed once (it cannot change).
 fn availability() -> &'static Availability {
@@ -247,130 +232,8 @@ impl Engine {
         st
     }
 
-    /// Restart threads in a forked child (they do not survive fork). Lock-free unless
-    /// the process changed.
-    fn after_fork_check(&'static self) {
-        let me = sys::getpid();
-        if self.pid.swap(me, Ordering::AcqRel) == me {
-            return;
-        }
-        let mut st = self.lock();
-        if st.knobs.run == 1 && st.threads_pid != sys::getpid() {
-            self.start_threads(&mut st);
-        }
-    }
-
-    /// Called by Python's `os.register_at_fork(after_in_child=...)`.
-    pub fn after_fork_child(&'static self) {
-        self.after_fork_check();
-    }
-
     pub fn availability(&self) -> Availability {
         availability().clone()
-    }
-
-    fn start_threads(&'static self, st: &mut State) {
-        st.threads_pid = sys::getpid();
-        let spawned = std::thread::Builder::new()
-            .name("ksmd".into())
-            .spawn(move || self.scanner_loop());
-        if spawned.is_err() {
-            st.threads_pid = 0;
-        }
-    }
-
-    /// Open the userfaultfd of owned memory and start its reader, once per process.
-    fn ensure_uffd(st: &mut State) -> Result<Arc<Uffd>> {
-        Self::ensure_uffd_of(st, false)
-    }
-
-    /// Open the userfaultfd of foreign memory (or of owned memory) and start its
-    /// reader, once per process. Optional event features are asked for when offered;
-    /// without them ksm works as before they existed (see the README's limitations).
-    fn ensure_uffd_of(st: &mut State, foreign: bool) -> Result<Arc<Uffd>> {
-        let slot = if foreign {
-            &st.core.mem.uffd_foreign
-        } else {
-            &st.core.mem.uffd
-        };
-        if let Some(u) = slot {
-            return Ok(u.clone());
-        }
-        let offered = match availability() {
-            Availability::Unavailable(why) => {
-                return Err(Error::errno(
-                    libc::EINVAL,
-                    format!("merging is not available in this process: {why}"),
-                ))
-            }
-            Availability::Available { features, .. } => *features,
-        };
-        let wanted = if foreign {
-            FOREIGN_EVENTS
-        } else {
-            OWNED_EVENTS
-        };
-        let u = Arc::new(
-            Uffd::open(REQUIRED_FEATURES | (offered & wanted))
-                .map_err(|e| Error::os("opening userfaultfd", 0, 0, e))?,
-        );
-        let stop = st.fault_stop.clone();
-        let reader = u.clone();
-        std::thread::Builder::new()
-            .name(if foreign { "ksm-events" } else { "ksm-faults" }.into())
-            .spawn(move || fault_loop(&reader, &stop))
-            .map_err(|e| Error::os("spawning the fault thread", 0, 0, e))?;
-        if foreign {
-            st.core.mem.uffd_foreign = Some(u.clone());
-        } else {
-            st.core.mem.uffd = Some(u.clone());
-        }
-        Ok(u)
-    }
-
-    /// Follow what the application did to registered memory (events the fault
-    /// threads read): forget unmapped memory, move the records of moved memory, and
-    /// give merged pages it discarded (MADV_DONTNEED) private pages of zeros.
-    fn follow_events(st: &mut State) {
-        let events = std::mem::take(&mut EVENTS.lock().queue);
-        if events.is_empty() && st.discarded.is_empty() {
-            return;
-        }
-        for ev in events {
-            match ev {
-                Event::Unmapped { start, end } => st.core.forget_unmapped(start, end),
-                Event::Remapped { from, to, len } => {
-                    st.core.relocate(from, to, len);
-                    EVENTS.lock().relocate_removed(from, to, len);
-                }
-                Event::Removed { start, end } => st.discarded.push((start, end, Instant::now())),
-            }
-        }
-        for (start, end, seen) in std::mem::take(&mut st.discarded) {
-            // The application zaps the range only after its event was read: until then
-            // a merged page still maps its frame, and copying it would bring the
-            // discarded bytes back. Wait for the zap (a second at most: a madvise that
-            // failed after its event zaps nothing).
-            let pending = st.core.frame_mapped_in(start, end);
-            if pending && seen.elapsed() < Duration::from_secs(1) {
-                st.discarded.push((start, end, seen));
-                continue;
-            }
-            // The merged pages read zeros now, or what was written since (the fault
-            // thread fills them): copy that into anonymous pages of their own.
-            if pending || st.core.unmerge_discarded(start, end).is_ok() {
-                // Covered pages stay where they are (see `unmerge_discarded`), so their
-                // minor faults must go on being answered with zeros: until they map
-                // something anew (`map_frames` forgets the mark then).
-                let mut log = EVENTS.lock();
-                log.clear_removed(start, end);
-                for (s, e) in st.core.covered_ranges(start, end) {
-                    log.add_removed(s, e);
-                }
-            } else {
-                st.discarded.push((start, end, seen));
-            }
-        }
     }
 
     // ---- owned memory -------------------------------------------------------
@@ -637,253 +500,6 @@ impl Engine {
         Ok(())
     }
 
-    // ---- scanning -----------------------------------------------------------
-
-    /// Run `n` full scans now in the caller's thread (finishing a scan in progress first).
-    pub fn scan(&'static self, n: u64) -> Result<()> {
-        let mut st = self.lock();
-        let mut finishing = !st.core.at_scan_start();
-        let mut remaining = n;
-        while remaining > 0 || finishing {
-            if st.core.at_scan_start() {
-                self.begin_full_scan(&mut st);
-            }
-            if Self::batch(&mut st, SYNC_BATCH) {
-                self.end_full_scan(&mut st);
-                if finishing {
-                    finishing = false;
-                } else {
-                    remaining -= 1;
-                }
-            }
-            // Let stats() and the application's calls in between batches.
-            st = self.pass_lock(st);
-        }
-        Ok(())
-    }
-
-    /// One batch of `budget` pages, its CPU time charged to the scanner (for the advisor):
-    /// this thread's, and that of the threads it hashed pages on.
-    fn batch(st: &mut State, budget: u64) -> bool {
-        let t0 = sys::thread_cpu_ns();
-        let done = st.core.scan_batch(budget);
-        st.scan_cpu_ns += sys::thread_cpu_ns().saturating_sub(t0)
-            + std::mem::take(&mut st.core.mem.helper_cpu_ns);
-        done
-    }
-
-    fn begin_full_scan(&self, st: &mut State) {
-        st.scan_started = Instant::now();
-        // /proc/self/maps is parsed only when foreign memory or suspect frames need it;
-        // its line count then also gives the VMA budget (else a cheap count does).
-        let needs_maps = st.core.regions().any(|r| !r.owned) || st.core.frames().suspects() > 0;
-        let Some(vmas) = needs_maps.then(maps::read_self).and_then(Result::ok) else {
-            st.core.count_vmas_when_needed();
-            return;
-        };
-        let allowance = st.core.mem.vma_allowance_for(vmas.len() as u64);
-        st.core.set_vma_allowance(allowance);
-        Self::follow_foreign_memory(st, &vmas);
-        Self::free_unmapped_suspects(st, &vmas);
-    }
-
-    /// Free the suspect frames that no mapping in `vmas` (this process's, read from
-    /// /proc/self/maps) holds any more.
-    fn free_unmapped_suspects(st: &mut State, vmas: &[maps::Vma]) {
-        if st.core.frames().suspects() == 0 {
-            return;
-        }
-        let page = sys::page_size() as u64;
-        let inode = st.core.mem.pool.as_ref().map_or(0, |p| p.inode());
-        let pool: Vec<(u64, u64)> = vmas
-            .iter()
-            // Private mappings of the pool are merged pages (the shared one is our view).
-            .filter(|v| {
-                !v.shared && v.inode == inode && v.path.starts_with(crate::pool::POOL_PATH_PREFIX)
-            })
-            .map(|v| {
-                (
-                    v.offset / page,
-                    v.offset / page + ((v.end - v.start) as u64) / page,
-                )
-            })
-            .collect();
-        st.core.free_unmapped_suspects(|f| {
-            pool.iter()
-                .any(|&(s, e)| s <= u64::from(f) && u64::from(f) < e)
-        });
-    }
-
-    /// With nothing advised no full scan begins, yet the last users of suspect frames
-    /// are often gone just then (unadvised, unmerged, closed): look for them here, at
-    /// most once a second while some are left.
-    fn free_suspects_while_idle(st: &mut State) {
-        if st.core.frames().suspects() == 0
-            || st
-                .last_suspect_check
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        st.last_suspect_check = Some(Instant::now());
-        Self::free_suspects_now(st);
-    }
-
-    /// `free_unmapped_suspects` with the maps read now, if any frame is a suspect.
-    fn free_suspects_now(st: &mut State) {
-        if st.core.frames().suspects() > 0 {
-            if let Ok(vmas) = maps::read_self() {
-                Self::free_unmapped_suspects(st, &vmas);
-            }
-        }
-    }
-
-    /// Memory ksm does not own, as the application has it now (read once per full
-    /// scan from /proc/self/maps): each page's protection, to remap it with; pages
-    /// whose mapping is gone or is no longer anonymous private memory are forgotten
-    /// with their advice, as the kernel's advice dies with its VMA.
-    fn follow_foreign_memory(st: &mut State, vmas: &[maps::Vma]) {
-        let page = sys::page_size();
-        let mut vanished = Vec::new();
-        for r in st.core.regions_mut().filter(|r| !r.owned) {
-            let mut v = vmas.partition_point(|v| v.end <= r.start);
-            for (i, rec) in r.pages.iter_mut().enumerate() {
-                let addr = r.start + i * page;
-                while v < vmas.len() && vmas[v].end <= addr {
-                    v += 1;
-                }
-                match vmas.get(v).filter(|x| x.start <= addr && x.eligible()) {
-                    Some(x) => rec.set_prot(x.prot),
-                    None if rec.advised() => vanished.push(addr),
-                    None => {}
-                }
-            }
-        }
-        for addr in vanished {
-            st.core.forget_vanished(addr);
-        }
-        let idle: Vec<usize> = st
-            .core
-            .regions()
-            .filter(|r| !r.owned && !r.any_advised())
-            .map(|r| r.start)
-            .collect();
-        for start in idle {
-            st.core.remove_region(start);
-        }
-    }
-
-    fn end_full_scan(&self, st: &mut State) {
-        if st.knobs.advisor_mode == AdvisorMode::ScanTime {
-            let k = st.knobs;
-            let scan_ms = st.scan_started.elapsed().as_millis() as u64;
-            let cpu_ms = std::mem::take(&mut st.scan_cpu_ns) / 1_000_000;
-            st.knobs.pages_to_scan = st.advisor.step(
-                k.pages_to_scan,
-                scan_ms,
-                cpu_ms,
-                advisor::Limits {
-                    target_scan_time_s: k.advisor_target_scan_time,
-                    max_cpu: k.advisor_max_cpu,
-                    max_pages_to_scan: k.advisor_max_pages_to_scan,
-                },
-            );
-        }
-        // Frames held back since a fork: free them once no other process maps the pool.
-        // Reading every process's maps costs milliseconds, so at most once a second or
-        // every 8 full scans (which makes it deterministic for `scan()` callers).
-        st.scans_since_quiet_check += 1;
-        let due = st.scans_since_quiet_check >= 8
-            || st
-                .last_quiet_check
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        if st.core.frames().needs_quiet_check() && st.core.frames().deferred() > 0 && due {
-            st.last_quiet_check = Some(Instant::now());
-            st.scans_since_quiet_check = 0;
-            let inode = st.core.mem.pool.as_ref().map_or(0, |p| p.inode());
-            if !maps::others_map(inode, crate::pool::POOL_PATH_PREFIX, sys::getpid()) {
-                st.core.pool_quiet();
-            }
-        }
-        self.scanned.notify_all();
-    }
-
-    fn scanner_loop(&'static self) {
-        let me = sys::getpid();
-        let mut st = self.lock();
-        loop {
-            if st.threads_pid != me {
-                return;
-            }
-            let sleep = if st.knobs.run == 1 && !st.core.any_advised() {
-                Self::free_suspects_while_idle(&mut st);
-                // Nothing registered: no scans, no full_scans (the kernel's ksmd idles).
-                Some(Duration::from_millis(
-                    u64::from(st.knobs.sleep_millisecs).max(20),
-                ))
-            } else if st.knobs.run == 1 {
-                if st.core.at_scan_start() {
-                    self.begin_full_scan(&mut st);
-                }
-                let budget = u64::from(st.knobs.pages_to_scan);
-                if Self::batch(&mut st, budget) {
-                    self.end_full_scan(&mut st);
-                    if self.settle_waiters.load(Ordering::Acquire) > 0 {
-                        // Let the woken waiters look at the result before the next scan.
-                        drop(st);
-                        std::thread::sleep(Duration::from_micros(200));
-                        st = self.lock();
-                    }
-                }
-                Some(Duration::from_millis(u64::from(st.knobs.sleep_millisecs)))
-            } else {
-                None
-            };
-            st = match sleep {
-                Some(d) if d.is_zero() => self.pass_lock(st),
-                Some(d) => {
-                    self.wake
-                        .wait_timeout(st, d)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-                None => self.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
-            };
-        }
-    }
-
-    /// True once a full scan completes with nothing left to merge; waits up to
-    /// `timeout` while ksmd runs. With ksmd stopped it answers at once.
-    pub fn wait_settled(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut st = self.lock();
-        loop {
-            // Nothing advised: nothing to merge, settled by definition.
-            if st.core.settled() || !st.core.any_advised() {
-                return true;
-            }
-            if st.knobs.run != 1 {
-                return false;
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return false;
-            }
-            self.settle_waiters.fetch_add(1, Ordering::AcqRel);
-            st = match deadline {
-                None => self.scanned.wait(st).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    self.scanned
-                        .wait_timeout(st, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
-            self.settle_waiters.fetch_sub(1, Ordering::AcqRel);
-            Self::follow_events(&mut st);
-        }
-    }
-
     // ---- knobs and statistics -----------------------------------------------
 
     pub fn knobs(&self) -> Knobs {
@@ -1024,7 +640,8 @@ impl Engine {
         self.lock().knobs.merge_any
     }
 
-    /// `prctl(PR_SET_MEMORY_MERGE, on)` for the memory ksm owns (KERNEL-KSM.md §2.2):
+    /// `prctl(PR_SET_MEMORY_MERGE, on)` for the memory ksm owns (docs/kernel-contract.md,
+    /// “prctl(PR_SET_MEMORY_MERGE)”):
     /// on, every `ksm.mmap` region, existing and future, is advised mergeable; off,
     /// every region (foreign ones too) is unmerged and loses its advice. Setting the
     /// current state does nothing; if unmerging fails, merge-any stays on.
@@ -1081,170 +698,6 @@ enum Piece {
     Tracked,
     Foreign(i32),
     Never,
-}
-
-/// A fault thread: one per userfaultfd. It never takes the state lock.
-///
-/// * **Write-protect faults** inside an open merge window wait for the merger,
-///   which wakes them when it closes the window; outside every window the
-///   protection is stale (a path that could not release it): it is dropped, which
-///   also wakes the writer. Checked and acted on under the window lock, which
-///   `protect` also takes to publish a window before protecting.
-/// * **Minor faults** come from merged pages (pool mappings) without a PTE: one the
-///   application discarded with `MADV_DONTNEED` gets a private page of zeros, as
-///   anonymous memory must read after it; any other maps its frame again. Inside a
-///   window both stay write-protected, so that the merger still owns the page.
-/// * **Events** (munmap, mremap, MADV_DONTNEED of registered memory) are logged for
-///   the engine, which follows them under its lock, unless they are our own remaps
-///   (a window with its own syscall in flight). An application event touching an
-///   open window disturbs it: the merger then gives up that page. The event log
-///   is held while reading, so that once the application's munmap has returned
-///   (which waits for the read) its event is in the log (see `Os::protect`).
-fn fault_loop(u: &Uffd, stop: &AtomicBool) {
-    let page = sys::page_size();
-    let mut msgs = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        match u.wait_readable(Duration::from_millis(200)) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(_) => {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        }
-        let mut log = EVENTS.lock();
-        if u.read_available(&mut msgs).is_err() {
-            continue;
-        }
-        for m in &msgs {
-            let mut open = WINDOWS.lock();
-            match *m {
-                Msg::PageFault { addr, flags, .. } => {
-                    let a = addr as usize & !(page - 1);
-                    let in_window = open.iter().any(|w| w.start <= a && a < w.end);
-                    if flags & uffd::PAGEFAULT_FLAG_MINOR != 0 {
-                        let r = if log.is_removed(a) {
-                            u.fill_zeros(a, page, in_window)
-                        } else {
-                            u.continue_minor(a, page, in_window)
-                        };
-                        // EEXIST: another fault resolved it first.
-                        if r.is_err() {
-                            let _ = u.wake(a, page);
-                        }
-                    } else if flags & uffd::PAGEFAULT_FLAG_WP == 0 {
-                        // Missing: a page of a pool mapping over a free frame, which
-                        // reads zeros (see `Uffd::register_wp_minor`).
-                        if u.fill_zeros(a, page, in_window).is_err() {
-                            let _ = u.wake(a, page);
-                        }
-                    } else if !in_window
-                        && (flags & uffd::PAGEFAULT_FLAG_WP == 0
-                            // Once: EAGAIN means an event this thread has yet to read;
-                            // the woken writer faults again and is served after it.
-                            || u.writeprotect_once(a, page, false).is_err())
-                    {
-                        let _ = u.wake(a, page);
-                    }
-                }
-                Msg::Remove { start, end } => {
-                    let (s, e) = (start as usize, end as usize);
-                    if !own_event_or_disturb(&mut open, s, e) {
-                        log.add_removed(s, e);
-                        log.queue.push(Event::Removed { start: s, end: e });
-                    }
-                }
-                Msg::Unmap { start, end } => {
-                    let (s, e) = (start as usize, end as usize);
-                    if !own_event_or_disturb(&mut open, s, e) {
-                        log.queue.push(Event::Unmapped { start: s, end: e });
-                    }
-                }
-                Msg::Remap { from, to, len } => {
-                    let (from, to, len) = (from as usize, to as usize, len as usize);
-                    own_event_or_disturb(&mut open, from, from + len);
-                    log.queue.push(Event::Remapped { from, to, len });
-                }
-                Msg::Fork { .. } | Msg::Unknown { .. } => {}
-            }
-        }
-    }
-}
-
-// ---- fork handlers -------------------------------------------------------------
-
-fn fork_prepare() {
-    let Some(e) = ENGINE.get() else { return };
-    // The fault threads' lock order: event log, then windows.
-    let mut st = e.lock_raw();
-    let log = EVENTS.lock();
-    // A page of a pool mapping the application discarded (merged or covered) reads
-    // zeros only through our fault thread, until ksm has followed the discard; the
-    // child will have no fault thread: give such pages their zeros now.
-    for (s, end) in log.removed.clone() {
-        for a in st.core.pool_pages_in(s, end) {
-            if st.core.mem.presence(a) == Presence::Absent {
-                let _ = st.core.mem.fill_zero_page(a);
-            }
-        }
-    }
-    let w = WINDOWS.lock();
-    FORK_GUARDS.with(|g| *g.borrow_mut() = Some((st, log, w)));
-}
-
-fn fork_parent() {
-    if let Some((mut st, log, w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) {
-        // Every live frame may now be mapped by the child: never punch it while the child lives.
-        st.core.frames_mut().on_fork();
-        st.core.reserve_covered_frames();
-        drop(w);
-        drop(log);
-        drop(st);
-    }
-}
-
-fn fork_child() {
-    let Some((mut st, mut log, mut w)) = FORK_GUARDS.with(|g| g.borrow_mut().take()) else {
-        return;
-    };
-    // The child has no userfaultfd (its copies are unregistered): nothing to follow.
-    w.clear();
-    drop(w);
-    *log = EventLog::default();
-    drop(log);
-    st.discarded.clear();
-    // Threads do not survive fork; the kernel unregistered our ranges in the child's
-    // copy (no UFFD_FEATURE_EVENT_FORK). Start over with a new pool: the child must
-    // never punch a frame of the parent's pool, which the parent's pages may map.
-    st.threads_pid = 0;
-    st.fault_stop = Arc::new(AtomicBool::new(false));
-    // Nothing here can fail: the new engine allocates nothing big (its pool comes
-    // with its first frame), so the child can never be left with the parent's pool.
-    let mut core = new_core();
-    for m in st.core.mem.take_owned().into_values() {
-        core.mem.adopt(m);
-    }
-    for mut r in st.core.take_regions() {
-        r.registered = false;
-        for p in &mut r.pages {
-            // Counters start from zero in the child, as the kernel's do; pages that map
-            // the parent's frames stay known, for MADV_UNMERGEABLE.
-            // The zero pages stay counted, as the kernel adds the child's inherited ones.
-            // A private copy inside a pool mapping (`IN_POOL`) sits in a mapping of the
-            // parent's pool too: unmerged (moved to anonymous memory) as inherited pages are.
-            let state = match p.state() {
-                crate::region::State::Stable => crate::region::State::Inherited,
-                crate::region::State::Zero => crate::region::State::Zero,
-                _ if p.covered() => crate::region::State::Inherited,
-                _ => crate::region::State::Untracked,
-            };
-            *p = crate::region::PageRec::fresh(state, p.flags());
-        }
-        r.clear_covered();
-        core.add_region(r);
-    }
-    apply_knobs(&mut core, &st.knobs);
-    drop(std::mem::replace(&mut st.core, core));
 }
 
 #[cfg(test)]
