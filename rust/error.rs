@@ -22,6 +22,10 @@ pub enum Error {
     /// A knob or statistic name that does not exist.
     #[error("{0}")]
     Attribute(String),
+    /// A call that this process's state does not allow now (e.g. joining a second
+    /// merge domain); nothing changed.
+    #[error("{0}")]
+    State(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -40,6 +44,15 @@ impl Error {
             addr,
             len,
             source,
+        }
+    }
+
+    /// An OS error of an operation that is about no address range: `op: error`,
+    /// with its errno.
+    pub fn io(op: &str, e: io::Error) -> Self {
+        Error::Errno {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            msg: format!("{op}: {e}"),
         }
     }
 

@@ -15,7 +15,8 @@ import sys as _sys
 from collections.abc import Mapping
 from typing import Any, Self
 
-from . import _ksm, _publish
+from . import _domain, _ksm, _publish
+from ._domain import domain, domain_stats, join, leave, member_stats
 from ._ksm import (
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -38,11 +39,16 @@ __all__ = [
     "Ksmd",
     "__version__",
     "available",
+    "domain",
+    "domain_stats",
     "empty",
     "get_memory_merge",
+    "join",
     "ksm_stat",
     "ksmd",
+    "leave",
     "madvise",
+    "member_stats",
     "mmap",
     "scan",
     "set_memory_merge",
@@ -326,3 +332,6 @@ def zeros(shape: Any, dtype: Any = float, mergeable: bool = True) -> Any:
 # Threads do not survive fork(): restart ksmd in the child if it was running.
 _os.register_at_fork(after_in_child=_ksm._after_fork_child)
 _os.register_at_fork(after_in_child=_publish._after_fork_child)
+# A forked child is in no domain (its link was the parent's); KSM_DOMAIN joins it.
+_os.register_at_fork(after_in_child=_domain._join_from_env)
+_domain._join_from_env()

@@ -72,6 +72,14 @@ pub(super) fn fork_child() {
     *log = EventLog::default();
     drop(log);
     st.discarded.clear();
+    // The domain's thread does not exist here and its socket is the parent's
+    // conversation: drop it without a word. The child joins a domain only if it
+    // asks (the Python layer does when KSM_DOMAIN is set). Pages it inherited on
+    // segments stay correct: segments never change.
+    if let Some(link) = st.domain.take() {
+        link.abandon_in_child();
+    }
+    st.publish_failures = 0;
     // Threads do not survive fork; the kernel unregistered our ranges in the child's
     // copy (no UFFD_FEATURE_EVENT_FORK). Start over with a new pool: the child must
     // never punch a frame of the parent's pool, which the parent's pages may map.

@@ -28,9 +28,12 @@
 
 pub mod advisor;
 mod atfork;
+mod domain;
 mod fault;
 pub mod knobs;
 mod scanner;
+
+pub use domain::{MemberStats, SEGMENT_NAME};
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -94,6 +97,10 @@ struct State {
     /// Pages advised MADV_MERGEABLE that ksm never merges (shared, file-backed,
     /// hugetlb, locked, special): accepted as the kernel does, counted.
     unmergeable_pages: u64,
+    /// The merge domain joined, if any (see `domain.rs`).
+    domain: Option<crate::domain::client::Link>,
+    /// Segments that could not be built or sealed since joining.
+    publish_failures: u64,
 }
 
 /// The per-process engine.
@@ -185,6 +192,8 @@ impl Engine {
                 scan_cpu_ns: 0,
                 discarded: Vec::new(),
                 unmergeable_pages: 0,
+                domain: None,
+                publish_failures: 0,
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),

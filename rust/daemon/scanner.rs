@@ -62,6 +62,7 @@ impl Engine {
     fn batch(st: &mut State, budget: u64) -> bool {
         let t0 = sys::thread_cpu_ns();
         let done = st.core.scan_batch(budget);
+        Self::domain_exchange(st);
         st.scan_cpu_ns += sys::thread_cpu_ns().saturating_sub(t0)
             + std::mem::take(&mut st.core.mem.helper_cpu_ns);
         done
@@ -83,6 +84,7 @@ impl Engine {
     }
 
     fn end_full_scan(&self, st: &mut State) {
+        Self::domain_report(st);
         if st.knobs.advisor_mode == AdvisorMode::ScanTime {
             let k = st.knobs;
             let scan_ms = st.scan_started.elapsed().as_millis() as u64;

@@ -30,6 +30,10 @@ use super::proto::{self, DomainStats, Msg, SegUsage, BITMAP_WORDS, MAX_SUMS};
 use crate::sys::memfd::Memfd;
 use crate::sys::unix::{self, Socket};
 
+/// Full scans every member must have had with a segment before an unused one is
+/// retired.
+pub const RETIRE_AGE: u32 = 10;
+
 /// A member's number in its domain (never reused while the broker lives).
 pub type MemberId = u32;
 
@@ -44,17 +48,14 @@ pub struct Out {
 
 #[derive(Debug, Default)]
 struct Member {
+    /// The member's last report, by segment.
     usage: HashMap<u64, SegUsage>,
-    /// Full scans this member reported.
-    scans: u64,
 }
 
 #[derive(Debug)]
 struct Segment {
     frames: u32,
     sums: Vec<u32>,
-    /// Each member's scan count when the segment was handed to it.
-    seen_at: HashMap<MemberId, u64>,
 }
 
 /// The domain's bookkeeping (no I/O).
@@ -109,8 +110,7 @@ impl Hub {
             },
             segment: None,
         }];
-        for (&id, s) in &mut self.segments {
-            s.seen_at.insert(m, 0);
+        for (&id, s) in &self.segments {
             out.push(Out {
                 to: m,
                 msg: Msg::Segment {
@@ -130,9 +130,6 @@ impl Hub {
         self.members.remove(&m);
         self.candidates.retain(|_, &mut who| who != m);
         self.assigned.retain(|_, &mut who| who != m);
-        for s in self.segments.values_mut() {
-            s.seen_at.remove(&m);
-        }
     }
 
     /// A message from member `m` (already decoded). `segment`: the identity of the
@@ -167,10 +164,7 @@ impl Hub {
                 }
                 Vec::new()
             }
-            Msg::ScanDone => {
-                self.members.get_mut(&m).expect("checked").scans += 1;
-                self.retire_unused()
-            }
+            Msg::ScanDone => self.retire_unused(),
             Msg::StatsQuery => vec![Out {
                 to: m,
                 msg: Msg::Stats(self.stats()),
@@ -220,15 +214,7 @@ impl Hub {
             self.candidates.remove(&s);
             self.assigned.remove(&s);
         }
-        let seen_at = self.members.iter().map(|(&k, v)| (k, v.scans)).collect();
-        self.segments.insert(
-            id,
-            Segment {
-                frames,
-                sums,
-                seen_at,
-            },
-        );
+        self.segments.insert(id, Segment { frames, sums });
         self.members
             .keys()
             .map(|&to| Out {
@@ -258,21 +244,22 @@ impl Hub {
         (bits, pages)
     }
 
-    /// Retire the segments that nobody maps although every member has had two full
-    /// scans to merge onto them.
+    /// Retire the segments that nobody maps although every member has had
+    /// [`RETIRE_AGE`] full scans with them in its index (smart scan may pass over a
+    /// page for up to 8 visits).
     fn retire_unused(&mut self) -> Vec<Out> {
-        let dead: Vec<u64> = self
-            .segments
-            .iter()
-            .filter(|(&id, s)| {
-                let (bits, _) = self.mapped(id);
-                bits.iter().all(|&w| w == 0)
-                    && self.members.iter().all(|(m, member)| {
-                        s.seen_at.get(m).is_some_and(|&at| member.scans >= at + 2)
-                    })
-            })
-            .map(|(&id, _)| id)
-            .collect();
+        let dead: Vec<u64> =
+            self.segments
+                .keys()
+                .copied()
+                .filter(|&id| {
+                    let (bits, _) = self.mapped(id);
+                    bits.iter().all(|&w| w == 0)
+                        && self.members.values().all(|member| {
+                            member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE)
+                        })
+                })
+                .collect();
         let mut out = Vec::new();
         for id in dead {
             out.extend(self.retire(id));
@@ -411,7 +398,8 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
         let mut outs: Vec<Out> = Vec::new();
         let mut replies: Vec<(usize, Msg)> = Vec::new();
         for (i, c) in conns.iter_mut().enumerate() {
-            if !ready[i + 1] {
+            // Connections accepted above were not polled yet.
+            if ready.get(i + 1) != Some(&true) {
                 continue;
             }
             let (n, mut got) = match c.sock.recv(&mut buf) {
@@ -586,20 +574,9 @@ mod tests {
             },
             Some(7),
         );
-        let usage = |bits: u64, pages| {
-            let mut mapped = [0u64; BITMAP_WORDS];
-            mapped[0] = bits;
-            Msg::Usage {
-                segs: vec![SegUsage {
-                    id: 7,
-                    pages,
-                    mapped,
-                }],
-            }
-        };
         // a maps frames 0 and 1 (3 pages), b maps frames 1 and 2 (2 pages).
-        h.on_message(a, usage(0b011, 3), None);
-        h.on_message(b, usage(0b110, 2), None);
+        h.on_message(a, usage(7, 1, 0b011, 3), None);
+        h.on_message(b, usage(7, 1, 0b110, 2), None);
         let s = h.stats();
         assert_eq!((s.members, s.pages_shared, s.pages_sharing), (2, 3, 2));
         assert_eq!((s.live_frames, s.pool_bytes, s.segments), (3, 4 * 4096, 1));
@@ -608,8 +585,21 @@ mod tests {
         assert_eq!((s.members, s.pages_shared, s.pages_sharing), (1, 2, 1));
     }
 
+    fn usage(id: u64, age: u32, bits: u64, pages: u32) -> Msg {
+        let mut mapped = [0u64; BITMAP_WORDS];
+        mapped[0] = bits;
+        Msg::Usage {
+            segs: vec![SegUsage {
+                id,
+                pages,
+                age,
+                mapped,
+            }],
+        }
+    }
+
     #[test]
-    fn a_segment_nobody_maps_for_two_scans_is_retired() {
+    fn a_segment_every_member_had_long_enough_and_nobody_maps_is_retired() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
@@ -621,12 +611,19 @@ mod tests {
             },
             Some(1),
         );
-        assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
-        assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
+        h.on_message(a, usage(1, RETIRE_AGE, 0, 0), None);
+        assert!(
+            h.on_message(a, Msg::ScanDone, None).is_empty(),
+            "b has not reported it"
+        );
+        h.on_message(b, usage(1, RETIRE_AGE - 1, 0, 0), None);
         assert!(
             h.on_message(b, Msg::ScanDone, None).is_empty(),
-            "b had one scan"
+            "b had it too briefly"
         );
+        h.on_message(b, usage(1, RETIRE_AGE, 1, 1), None);
+        assert!(h.on_message(b, Msg::ScanDone, None).is_empty(), "b maps it");
+        h.on_message(b, usage(1, RETIRE_AGE + 1, 0, 0), None);
         let o = h.on_message(b, Msg::ScanDone, None);
         assert_eq!(o.len(), 2, "retired, both told");
         assert!(!h.has_segment(1));

@@ -54,8 +54,11 @@ impl SegmentView {
 /// What the domain said, for the engine.
 #[derive(Debug)]
 pub enum Inbound {
-    /// (Re)connected to a broker: announcements start over.
-    Connected,
+    /// Connected to a broker. `first`: the first since joining (what was queued
+    /// reaches it); else a new broker, which knows nothing of what was announced.
+    Connected {
+        first: bool,
+    },
     Segment(SegmentView),
     PleasePublish(Vec<u32>),
     Retire(u64),
@@ -326,7 +329,8 @@ impl Worker {
         sock.send(&hello.encode(), &[], false)?;
         self.sock = Some(sock);
         self.shared.connected.store(true, Ordering::Relaxed);
-        self.push(Inbound::Connected);
+        let first = self.shared.disconnects.load(Ordering::Relaxed) == 0;
+        self.push(Inbound::Connected { first });
         Ok(())
     }
 

@@ -31,7 +31,7 @@ pub const SEGMENT_FRAMES: u32 = 4096;
 pub const BITMAP_WORDS: usize = SEGMENT_FRAMES as usize / 64;
 
 /// Most segments described in one [`Msg::Usage`].
-pub const MAX_USAGE: usize = (MAX_MESSAGE - 8) / (8 + 4 + 8 * BITMAP_WORDS);
+pub const MAX_USAGE: usize = (MAX_MESSAGE - 8) / (8 + 4 + 4 + 8 * BITMAP_WORDS);
 
 /// How much of a segment one member maps: the frames it maps (one bit each) and
 /// how many of its pages map them in all.
@@ -41,6 +41,8 @@ pub struct SegUsage {
     pub id: u64,
     /// Pages of this member mapping frames of the segment.
     pub pages: u32,
+    /// Full scans this member completed with the segment in its index.
+    pub age: u32,
     /// Bit `i` set: frame `i` is mapped by at least one page of this member.
     pub mapped: [u64; BITMAP_WORDS],
 }
@@ -191,6 +193,7 @@ impl Msg {
                 for s in segs {
                     b.extend_from_slice(&s.id.to_le_bytes());
                     b.extend_from_slice(&s.pages.to_le_bytes());
+                    b.extend_from_slice(&s.age.to_le_bytes());
                     for w in &s.mapped {
                         b.extend_from_slice(&w.to_le_bytes());
                     }
@@ -305,16 +308,22 @@ pub fn decode(packet: &[u8], fds: usize) -> Result<Msg, DecodeError> {
         }
         4 => Msg::Decline { sums: r.sums()? },
         5 => {
-            let n = r.count(8 + 4 + 8 * BITMAP_WORDS, MAX_USAGE)?;
+            let n = r.count(8 + 4 + 4 + 8 * BITMAP_WORDS, MAX_USAGE)?;
             let mut segs = Vec::with_capacity(n);
             for _ in 0..n {
                 let id = r.u64()?;
                 let pages = r.u32()?;
+                let age = r.u32()?;
                 let mut mapped = [0u64; BITMAP_WORDS];
                 for w in &mut mapped {
                     *w = r.u64()?;
                 }
-                segs.push(SegUsage { id, pages, mapped });
+                segs.push(SegUsage {
+                    id,
+                    pages,
+                    age,
+                    mapped,
+                });
             }
             Msg::Usage { segs }
         }
@@ -413,6 +422,7 @@ mod tests {
                 segs: vec![SegUsage {
                     id: 77,
                     pages: 12,
+                    age: 3,
                     mapped,
                 }],
             },

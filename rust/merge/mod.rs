@@ -257,6 +257,8 @@ pub struct Os {
     scratch_regions: Vec<PageRegion>,
     /// The frame pool, created with the first frame.
     pub pool: Option<Pool>,
+    /// The merge domain's segments this process maps (frames from `DOMAIN_BASE`).
+    pub segments: crate::pool::Segments,
     frame_capacity: u32,
     pub windows: &'static Windows,
     pub events: &'static Events,
@@ -305,6 +307,16 @@ fn owned_in(owned: &BTreeMap<usize, Mapping>, addr: usize) -> Option<&Mapping> {
 }
 
 impl Os {
+    /// Serve domain frames from `f0` (a block start) from segment `seg`.
+    pub fn add_segment(&mut self, f0: FrameId, seg: crate::domain::client::SegmentView) {
+        self.segments.add(f0, seg);
+    }
+
+    /// Unmap the segment at `f0` (no page of ours maps it any more).
+    pub fn drop_segment(&mut self, f0: FrameId) {
+        self.segments.remove(f0);
+    }
+
     /// Cannot fail: it allocates nothing big (the pool comes with the first frame), so
     /// that a forked child can always rebuild its engine.
     pub fn new(frame_capacity: u32, windows: &'static Windows, events: &'static Events) -> Self {
@@ -315,6 +327,7 @@ impl Os {
             tracking: true,
             scratch_regions: Vec::new(),
             pool: None,
+            segments: crate::pool::Segments::default(),
             frame_capacity,
             windows,
             events,
@@ -721,6 +734,9 @@ impl Mem for Os {
     }
 
     fn frame(&self, f: FrameId) -> &[u8] {
+        if crate::pool::is_domain(f) {
+            return self.segments.frame(f, self.page);
+        }
         self.pool
             .as_ref()
             .expect("a frame exists only once the pool does")
@@ -739,16 +755,13 @@ impl Mem for Os {
     }
 
     fn equals_frame(&mut self, addr: usize, owned: bool, f: FrameId) -> io::Result<bool> {
-        let pool = self
-            .pool
-            .as_ref()
-            .expect("a frame exists only once the pool does");
+        let frame = self.frame(f);
         match self.owned_at(addr) {
-            Some(m) if owned => Ok(m.equals(addr - m.addr(), pool.frame(f))),
+            Some(m) if owned => Ok(m.equals(addr - m.addr(), frame)),
             _ => {
                 let mut buf = vec![0u8; self.page];
                 procmem::read_foreign(addr, &mut buf)?;
-                Ok(buf == pool.frame(f))
+                Ok(buf == frame)
             }
         }
     }
@@ -786,6 +799,10 @@ impl Mem for Os {
     }
 
     fn write_frame(&mut self, f: FrameId, data: &[u8]) -> io::Result<()> {
+        if crate::pool::is_domain(f) {
+            // Sealed: the kernel would refuse it too.
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         // The pool is created with the first frame: a process (or forked child) that
         // never merges reserves no address space for it.
         if self.pool.is_none() {
@@ -795,6 +812,10 @@ impl Mem for Os {
     }
 
     fn punch(&mut self, f: FrameId) -> io::Result<()> {
+        if crate::pool::is_domain(f) {
+            // A segment is never punched: it goes with its last mapping.
+            return Ok(());
+        }
         match &self.pool {
             Some(p) => p.punch(f),
             None => Ok(()),
@@ -802,6 +823,9 @@ impl Mem for Os {
     }
 
     fn punch_run(&mut self, f0: FrameId, n: u32) -> io::Result<()> {
+        if crate::pool::is_domain(f0) {
+            return Ok(());
+        }
         match &self.pool {
             Some(p) => p.punch_run(f0, n),
             None => Ok(()),
@@ -924,10 +948,13 @@ impl Mem for Os {
             .get(&addr)
             .filter(|w| w.len() == n * page)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let pool = self
-            .pool
-            .as_ref()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // The file and offset of the run's frames: the pool's, or one domain segment's.
+        let (fd, offset) = if crate::pool::is_domain(f0) {
+            self.segments.backing(f0, n, page)
+        } else {
+            self.pool.as_ref().map(|p| (p.fd(), p.offset(f0)))
+        }
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         // With covered pages, the run is assembled aside (the frames, with private
         // copies of the covered pages' own bytes written in) and moved over the window
         // in one step: at no moment does a covered page show another page's bytes.
@@ -935,7 +962,7 @@ impl Mem for Os {
         let scratch = if covered.is_empty() {
             None
         } else {
-            let s = Mapping::file_private(pool.fd(), pool.offset(f0), n * page)?;
+            let s = Mapping::file_private(fd, offset, n * page)?;
             scratch_populated = mman::populate_read(s.addr(), s.len()).is_ok();
             for (i, bytes) in covered {
                 s.copy_in(i * page, bytes);
@@ -953,7 +980,7 @@ impl Mem for Os {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
         let r = match scratch {
-            None => mman::map_file_fixed(w, prot, pool.fd(), pool.offset(f0)),
+            None => mman::map_file_fixed(w, prot, fd, offset),
             Some(s) => mman::move_over(s, w),
         };
         self.windows.end_own(addr, self.events);

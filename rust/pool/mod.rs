@@ -60,6 +60,8 @@ struct Block {
     pages: u64,
     /// Retired (or the domain was left): no longer in the index, kept while mapped.
     retired: bool,
+    /// Full scans completed since it entered the index.
+    age: u32,
 }
 
 /// Frame bookkeeping, no syscalls (fuzzed and unit-tested).
@@ -535,6 +537,7 @@ impl FrameTable {
                 hash: hashes.iter().map(|&h| key32(h)).collect(),
                 pages: 0,
                 retired: false,
+                age: 0,
             },
         );
         self.block_of.insert(id, b);
@@ -581,12 +584,23 @@ impl FrameTable {
         gone
     }
 
-    /// Per segment: its identity, pages of ours mapping it, and which frames they map.
-    pub fn segment_usage(&self) -> Vec<(u64, u64, Vec<bool>)> {
+    /// Per segment: its identity, pages of ours mapping it, full scans since it came,
+    /// and which frames they map.
+    pub fn segment_usage(&self) -> Vec<(u64, u64, u32, Vec<bool>)> {
         self.blocks
             .values()
-            .map(|blk| (blk.id, blk.pages, blk.refs.iter().map(|&r| r > 0).collect()))
+            .map(|blk| {
+                let mapped = blk.refs.iter().map(|&r| r > 0).collect();
+                (blk.id, blk.pages, blk.age, mapped)
+            })
             .collect()
+    }
+
+    /// A full scan ended: every segment is one scan older.
+    pub fn age_segments(&mut self) {
+        for b in self.blocks.values_mut() {
+            b.age = b.age.saturating_add(1);
+        }
     }
 
     /// Segments held, and the pages of ours mapping their frames.
@@ -647,6 +661,55 @@ fn join_domain(b: u32, i: usize) -> FrameId {
 /// A frame's index key as stored: index keys are 32-bit checksums.
 fn key32(hash: u64) -> u32 {
     u32::try_from(hash).expect("frame keys are 32-bit checksums")
+}
+
+/// The domain segments this process maps, by their first frame id: their sealed
+/// memfds and read-only views, through which their frames are compared and mapped.
+#[derive(Debug, Default)]
+pub struct Segments {
+    by_start: BTreeMap<FrameId, crate::domain::client::SegmentView>,
+}
+
+impl Segments {
+    /// Serve the frames from `f0` (a block start) from `seg`.
+    pub fn add(&mut self, f0: FrameId, seg: crate::domain::client::SegmentView) {
+        debug_assert!(is_domain(f0) && split_domain(f0).1 == 0);
+        self.by_start.insert(f0, seg);
+    }
+
+    /// Unmap the segment at `f0` and close its descriptor (pages mapping its frames
+    /// keep them: the kernel frees the segment with its last mapping).
+    pub fn remove(&mut self, f0: FrameId) {
+        self.by_start.remove(&f0);
+    }
+
+    fn at(&self, f: FrameId) -> Option<(&crate::domain::client::SegmentView, u32)> {
+        let (b, i) = split_domain(f);
+        let seg = self.by_start.get(&join_domain(b, 0))?;
+        (i < seg.frames as usize).then_some((seg, i as u32))
+    }
+
+    /// The bytes of domain frame `f`.
+    pub fn frame(&self, f: FrameId, page: usize) -> &[u8] {
+        let (seg, i) = self.at(f).expect("a domain frame of a segment we map");
+        seg.frame(i, page)
+    }
+
+    /// The descriptor and offset to map `n` frames from domain frame `f0` (all in one
+    /// segment), if they are.
+    pub fn backing(&self, f0: FrameId, n: usize, page: usize) -> Option<(i32, u64)> {
+        let (seg, i) = self.at(f0)?;
+        (i as usize + n <= seg.frames as usize)
+            .then(|| (seg.memfd.raw(), u64::from(i) * page as u64))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_start.is_empty()
+    }
 }
 
 /// The memfd holding frame bytes, and a shared view to read them.
@@ -855,7 +918,10 @@ mod tests {
         assert_eq!(t.incref(f0 + 1), 2);
         assert_eq!(t.referenced().collect::<Vec<_>>(), vec![f0 + 1]);
         assert_eq!(t.decref(f0 + 1), Release::Kept);
-        assert_eq!(t.segment_usage(), vec![(77, 1, vec![false, true, false])]);
+        assert_eq!(
+            t.segment_usage(),
+            vec![(77, 1, 0, vec![false, true, false])]
+        );
         assert_eq!(t.retire_segment(77), Some((f0, 3)));
         assert!(
             t.retired(f0) && t.drop_unmapped_segments().is_empty(),

@@ -12,6 +12,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3::{ffi, PyErr};
 
+mod domain;
+
 use crate::daemon::{knobs, Availability, Engine, MADV_MERGEABLE, MADV_UNMERGEABLE};
 use crate::error::Error;
 use crate::sys;
@@ -27,6 +29,7 @@ impl From<Error> for PyErr {
             }
             Error::Value(m) => PyValueError::new_err(m),
             Error::Attribute(m) => PyAttributeError::new_err(m),
+            Error::State(m) => pyo3::exceptions::PyRuntimeError::new_err(m),
         }
     }
 }
@@ -562,5 +565,6 @@ fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_after_fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(_inject, m)?)?;
     m.add_function(wrap_pyfunction!(_injected, m)?)?;
+    domain::register(m)?;
     Ok(())
 }

@@ -254,6 +254,7 @@ impl<M: Mem> Core<M> {
         self.unstable_more = AddrChains::new(self.page);
         self.cursor = None;
         self.frames.trim();
+        self.frames.age_segments();
         self.counters.full_scans += 1;
         self.settled = self.changes == 0;
         self.changes = 0;
@@ -298,6 +299,7 @@ impl<M: Mem> Core<M> {
             counters,
             stable,
             unstable,
+            domain,
             ..
         } = self;
         let Some(r) = regions.get_mut(&rstart) else {
@@ -323,7 +325,10 @@ impl<M: Mem> Core<M> {
             {
                 break;
             }
-            if smart && p.age() >= 3 && p.skips() > 0 {
+            // In a domain, a page that a frame of the index may take is not skipped:
+            // frames arrive from other members at any scan.
+            let offered = domain.is_some() && stable.get(key_of(p.checksum())).next().is_some();
+            if smart && p.age() >= 3 && p.skips() > 0 && !offered {
                 // `should_skip`: skipped.
                 let q = &mut r.pages[idx];
                 q.set_age(q.age().saturating_add(1));
@@ -343,7 +348,9 @@ impl<M: Mem> Core<M> {
                 && zero != Some(p.checksum())
                 && stable.get(key).next().is_none()
                 && !unstable.contains_key(&key)
-                && !(idx > 0 && r.pages[idx - 1].state() == State::Stable);
+                && !(idx > 0 && r.pages[idx - 1].state() == State::Stable)
+                // A candidate the domain has not heard of, or asks for: a visit's work.
+                && !domain.as_ref().is_some_and(|d| d.needs_visit(p.checksum()));
             if !quiet {
                 break;
             }

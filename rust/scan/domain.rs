@@ -55,6 +55,14 @@ pub struct DomainState {
     pub counters: DomainCounters,
 }
 
+impl DomainState {
+    /// Whether a candidate with `checksum` has something to do with the domain (not
+    /// announced yet, or asked for), so that its visit cannot be skipped.
+    pub(super) fn needs_visit(&self, checksum: u32) -> bool {
+        !self.announced.contains(&checksum) || self.wanted.contains(&checksum)
+    }
+}
+
 impl<M: Mem> Core<M> {
     /// Join a domain: candidates are announced from the next visit on.
     pub fn join_domain(&mut self) {

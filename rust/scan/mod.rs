@@ -553,7 +553,13 @@ impl<M: Mem> Core<M> {
                 let same_piece = match prev {
                     None => false,
                     Some(None) => cur.is_none(),
-                    Some(Some(f)) => cur == Some(f.wrapping_add(1)),
+                    // One mapping maps one file: two segments' frames are two pieces.
+                    Some(Some(f)) => {
+                        let g = f.wrapping_add(1);
+                        cur == Some(g)
+                            && pool::is_domain(f) == pool::is_domain(g)
+                            && (!pool::is_domain(f) || pool::same_block(f, g))
+                    }
                 };
                 if !same_piece {
                     pieces += 1;

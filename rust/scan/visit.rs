@@ -152,6 +152,15 @@ impl<M: Mem> Core<M> {
         if !self.smart_scan {
             return false;
         }
+        // In a domain, frames arrive from other members at any scan: a page that one
+        // of the index may take is looked at (the kernel's stable tree only grows
+        // from pages it visits, so it has no such case).
+        if self.domain.is_some() {
+            let c = self.rec(addr).map_or(0, |r| r.checksum());
+            if self.stable.get(key_of(c)).next().is_some() {
+                return false;
+            }
+        }
         let r = self.rec_mut(addr);
         let age = r.age();
         r.set_age(age.saturating_add(1));

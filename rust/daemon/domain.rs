@@ -1,0 +1,218 @@
+//! The engine's side of a merge domain: joining and leaving, and the exchange
+//! with the domain at every batch boundary (see `domain::client` for the thread
+//! that talks to the broker, `scan::domain` for what the algorithm does).
+//!
+//! Rules kept here:
+//! * Nothing blocks on the domain under the state lock: the exchange only takes
+//!   the link's inbox and fills its outbox. Dropping a link (which joins its
+//!   thread) happens after the state lock is released.
+//! * A segment taken from the domain is first checked by the link's thread
+//!   (sealed memfd of the claimed size, checksums computed from its bytes), then
+//!   its frames enter the index and its read-only view is handed to the Os.
+//! * Segments we publish are built from our own pages' bytes, read as every visit
+//!   reads them (ksm's own memory directly, other memory fault-safely), written
+//!   into a new memfd and sealed before any other process can see it. A page that
+//!   cannot be read is left out; a segment that cannot be built or sealed is not
+//!   sent (counted), and nothing else changes.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::CStr;
+
+use super::{Engine, State};
+use crate::domain::client::{Inbound, Link, LinkStats, Outbound, Spawner};
+use crate::domain::proto::{self, Msg, SegUsage, BITMAP_WORDS};
+use crate::error::{Error, Result};
+use crate::scan::{page_checksum, Mem};
+use crate::sys::memfd::Memfd;
+
+/// Name of the memfds of segments this process publishes (seen in /proc/PID/maps).
+pub const SEGMENT_NAME: &CStr = c"ksm-segment";
+
+/// What a member knows of its domain, for statistics.
+#[derive(Clone, Debug, Default)]
+pub struct MemberStats {
+    pub name: Option<String>,
+    pub link: LinkStats,
+    /// Segments this process holds (retired ones still mapped included).
+    pub segments: u64,
+    /// Pages of this process that map frames of segments.
+    pub pages: u64,
+    pub announced: u64,
+    pub published: u64,
+    /// Segments that could not be built or sealed (their pages stay as they were).
+    pub publish_failures: u64,
+    pub last_error: Option<String>,
+}
+
+impl Engine {
+    /// Join domain `name` (see the Python `ksm.join`). Joining the same name again
+    /// does nothing; another name while joined is refused.
+    pub fn join(&'static self, name: &str, spawner: Spawner) -> Result<()> {
+        if let Some(e) = proto::name_error(name) {
+            return Err(Error::Value(e));
+        }
+        let mut st = self.lock();
+        match &st.domain {
+            Some(l) if l.name() == name => return Ok(()),
+            Some(l) => {
+                return Err(Error::State(format!(
+                    "this process is in domain {:?}: call ksm.leave() before joining {name:?}",
+                    l.name()
+                )))
+            }
+            None => {}
+        }
+        if let super::Availability::Unavailable(why) = self.availability() {
+            return Err(Error::errno(
+                libc::EINVAL,
+                format!("merging is not available in this process: {why}"),
+            ));
+        }
+        let link = Link::start(name, spawner, page_checksum)
+            .map_err(|e| Error::io("joining a merge domain", e))?;
+        st.core.join_domain();
+        st.domain = Some(link);
+        st.publish_failures = 0;
+        // New frames may come: the scanner's next full scan is not a settled one.
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Leave the domain, if in one: pages merged with other members stay merged
+    /// (their frames cannot change), no new merge with them starts.
+    pub fn leave(&self) {
+        let link = {
+            let mut st = self.lock();
+            let link = st.domain.take();
+            st.core.leave_domain();
+            Self::drop_unmapped_segments(&mut st);
+            link
+        };
+        // Joins the link's thread: outside the state lock.
+        drop(link);
+    }
+
+    /// The domain joined, if any.
+    pub fn domain(&self) -> Option<String> {
+        self.lock().domain.as_ref().map(|l| l.name().to_owned())
+    }
+
+    /// This member's figures of its domain.
+    pub fn member_stats(&self) -> MemberStats {
+        let st = self.lock();
+        let (segments, pages) = st.core.frames().domain_totals();
+        let c = st.core.domain_counters();
+        MemberStats {
+            name: st.domain.as_ref().map(|l| l.name().to_owned()),
+            link: st.domain.as_ref().map(Link::stats).unwrap_or_default(),
+            segments: segments as u64,
+            pages,
+            announced: c.announced,
+            published: c.published,
+            publish_failures: st.publish_failures,
+            last_error: st.domain.as_ref().and_then(Link::last_error),
+        }
+    }
+
+    /// At a batch boundary: take in what the domain said, send what the batch found.
+    pub(super) fn domain_exchange(st: &mut State) {
+        let Some(link) = &st.domain else {
+            return;
+        };
+        for m in link.take() {
+            match m {
+                Inbound::Connected { first: true } => {}
+                Inbound::Connected { first: false } => st.core.domain_connected(),
+                Inbound::Segment(view) => {
+                    if let Some(f0) = st.core.add_segment(view.id, &view.sums) {
+                        st.core.mem.add_segment(f0, view);
+                    }
+                }
+                Inbound::PleasePublish(sums) => st.core.domain_wants(&sums),
+                Inbound::Retire(id) => st.core.retire_segment(id),
+            }
+        }
+        Self::drop_unmapped_segments(st);
+        let (announce, publish) = st.core.take_domain_out();
+        let mut out: Vec<Outbound> = announce
+            .chunks(proto::MAX_SUMS)
+            .map(|c| Outbound::Msg(Msg::Announce { sums: c.to_vec() }))
+            .collect();
+        if !publish.is_empty() {
+            match Self::build_segment(st, &publish) {
+                Ok(Some((memfd, sums))) => out.push(Outbound::Publish(memfd, sums)),
+                Ok(None) => {}
+                Err(_) => st.publish_failures += 1,
+            }
+        }
+        if let Some(link) = &st.domain {
+            link.send(out);
+        }
+    }
+
+    /// At the end of a full scan: tell the domain how much of each segment we map.
+    pub(super) fn domain_report(st: &mut State) {
+        let Some(link) = &st.domain else {
+            return;
+        };
+        let usage: Vec<SegUsage> = st
+            .core
+            .frames()
+            .segment_usage()
+            .into_iter()
+            .map(|(id, pages, age, mapped)| {
+                let mut bits = [0u64; BITMAP_WORDS];
+                for (i, _) in mapped.iter().enumerate().filter(|(_, &m)| m) {
+                    bits[i / 64] |= 1 << (i % 64);
+                }
+                SegUsage {
+                    id,
+                    pages: u32::try_from(pages).unwrap_or(u32::MAX),
+                    age,
+                    mapped: bits,
+                }
+            })
+            .collect();
+        let mut out: Vec<Outbound> = usage
+            .chunks(proto::MAX_USAGE)
+            .map(|c| Outbound::Msg(Msg::Usage { segs: c.to_vec() }))
+            .collect();
+        out.push(Outbound::Msg(Msg::ScanDone));
+        link.send(out);
+    }
+
+    /// Unmap the retired segments no page of ours maps any more.
+    fn drop_unmapped_segments(st: &mut State) {
+        for (_, f0) in st.core.drop_unmapped_segments() {
+            st.core.mem.drop_segment(f0);
+        }
+    }
+
+    /// A sealed segment holding the bytes of `pages` (address, owned, checksum) as they
+    /// are now, in that order, with their checksums; None if no page could be read.
+    fn build_segment(
+        st: &mut State,
+        pages: &[(usize, bool, u32)],
+    ) -> std::io::Result<Option<(Memfd, Vec<u32>)>> {
+        let page = st.core.page_size();
+        let mut bytes = Vec::with_capacity(pages.len() * page);
+        let mut sums = Vec::with_capacity(pages.len());
+        let mut buf = vec![0u8; page];
+        for &(addr, owned, _) in pages {
+            // Read now: the bytes may have changed since the visit. Whatever they are,
+            // a page merges onto a frame only after comparing equal to it.
+            if st.core.mem.read(addr, owned, &mut buf).is_ok() {
+                bytes.extend_from_slice(&buf);
+                sums.push(page_checksum(&buf));
+            }
+        }
+        if sums.is_empty() {
+            return Ok(None);
+        }
+        let memfd = Memfd::create_sealable(SEGMENT_NAME, bytes.len() as u64)?;
+        memfd.write_at(0, &bytes)?;
+        memfd.seal()?;
+        Ok(Some((memfd, sums)))
+    }
+}

@@ -1,0 +1,120 @@
+//! Merge domains from Python: thin wrappers (the Python layer in `ksm/__init__.py`
+//! adds the broker's command line and `KSM_DOMAIN`).
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::engine;
+use crate::domain::client::Spawner;
+use crate::domain::{place, proto};
+use crate::error::Error;
+
+fn name_arg(name: &Bound<'_, PyAny>) -> PyResult<String> {
+    if !name.is_instance_of::<pyo3::types::PyString>() {
+        return Err(PyTypeError::new_err(format!(
+            "a domain name must be a str, not {}",
+            name.get_type().name()?
+        )));
+    }
+    let s: String = name.extract()?;
+    if let Some(e) = proto::name_error(&s) {
+        return Err(Error::Value(e).into());
+    }
+    Ok(s)
+}
+
+/// Join merge domain `name`; `argv` and `env` start its broker if none runs.
+#[pyfunction]
+fn _join(
+    py: Python<'_>,
+    name: Bound<'_, PyAny>,
+    argv: Vec<String>,
+    env: Vec<String>,
+) -> PyResult<()> {
+    let name = name_arg(&name)?;
+    let e = engine()?;
+    py.allow_threads(|| e.join(&name, Spawner { argv, env }))?;
+    Ok(())
+}
+
+/// Leave the merge domain joined, if any.
+#[pyfunction]
+fn _leave(py: Python<'_>) -> PyResult<()> {
+    let e = engine()?;
+    py.allow_threads(|| e.leave());
+    Ok(())
+}
+
+/// The merge domain joined, or None.
+#[pyfunction]
+fn _domain(py: Python<'_>) -> PyResult<Option<String>> {
+    let e = engine()?;
+    Ok(py.allow_threads(|| e.domain()))
+}
+
+/// The statistics of domain `name`, asked of its broker (members 0 if none runs).
+#[pyfunction]
+fn _domain_stats<'py>(py: Python<'py>, name: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let name = name_arg(&name)?;
+    let s = py
+        .allow_threads(|| place::query_stats(&name))
+        .map_err(|e| Error::io("asking a merge domain's broker", e))?;
+    let d = PyDict::new(py);
+    d.set_item("members", s.members)?;
+    d.set_item("pages_shared", s.pages_shared)?;
+    d.set_item("pages_sharing", s.pages_sharing)?;
+    d.set_item("pool_bytes", s.pool_bytes)?;
+    d.set_item("live_frames", s.live_frames)?;
+    d.set_item("segments", s.segments)?;
+    d.set_item("segments_retired", s.segments_retired)?;
+    d.set_item("refused", s.refused)?;
+    Ok(d)
+}
+
+/// This process's figures of its domain.
+#[pyfunction]
+fn _member_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let e = engine()?;
+    let s = py.allow_threads(|| e.member_stats());
+    let d = PyDict::new(py);
+    d.set_item("domain", s.name)?;
+    d.set_item("connected", s.link.connected)?;
+    d.set_item("member", s.link.member)?;
+    d.set_item("members", s.link.members)?;
+    d.set_item("segments", s.segments)?;
+    d.set_item("pages", s.pages)?;
+    d.set_item("announced", s.announced)?;
+    d.set_item("published", s.published)?;
+    d.set_item("publish_failures", s.publish_failures)?;
+    d.set_item("refused", s.link.refused)?;
+    d.set_item("disconnects", s.link.disconnects)?;
+    d.set_item("last_error", s.last_error)?;
+    Ok(d)
+}
+
+/// Be the broker of domain `name` until its last member leaves (False if another
+/// broker runs). Started by members, in a process of its own.
+#[pyfunction]
+fn _broker(py: Python<'_>, name: Bound<'_, PyAny>) -> PyResult<bool> {
+    let name = name_arg(&name)?;
+    py.allow_threads(|| place::run_broker(&name))
+        .map_err(|e| Error::io("running a merge domain's broker", e).into())
+}
+
+/// The user's domains with a broker socket now.
+#[pyfunction]
+fn _domains(py: Python<'_>) -> Vec<String> {
+    py.allow_threads(place::list)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_join, m)?)?;
+    m.add_function(wrap_pyfunction!(_leave, m)?)?;
+    m.add_function(wrap_pyfunction!(_domain, m)?)?;
+    m.add_function(wrap_pyfunction!(_domain_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(_member_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(_broker, m)?)?;
+    m.add_function(wrap_pyfunction!(_domains, m)?)?;
+    Ok(())
+}
