@@ -5,16 +5,16 @@
 //! same bytes and maps them onto one frame of a memfd, privately, so that the
 //! kernel's own copy-on-write gives a writer its copy back. Userfaultfd
 //! write-protection closes the window between compare and remap. See
-//! DESIGN.md for the mechanism, KERNEL-KSM.md for the contract.
+//! docs/design.md for the mechanism, docs/kernel-contract.md for the contract.
 //!
 //! Layers (only `sys` calls libc; only `py` uses PyO3):
 //! `sys` → `pool`, `region` → `scan` (the algorithm, pure over [`scan::Mem`])
-//! → `merge` (the real `Mem`) → `daemon` (engine, threads, fork) → `py`.
+//! → `os` (the real `Mem`) → `daemon` (engine, threads, fork) → `py`.
 
 pub mod daemon;
 pub mod domain;
 pub mod error;
-pub mod merge;
+pub mod os;
 pub mod pool;
 #[cfg(feature = "python")]
 mod py;

@@ -1,11 +1,13 @@
-//! Statistics with the kernel's sysfs names (KERNEL-KSM.md §4), plus ours.
+//! Statistics with the kernel's sysfs names (docs/kernel-contract.md,
+//! “Statistics”), plus ours.
 
 #![forbid(unsafe_code)]
 
 /// Kernel memory per VMA that merging adds: `vm_area_struct` plus maple-tree
-/// nodes, measured at ~205 bytes per VMA on this machine kind (DESIGN.md §1), plus
-/// the `anon_vma` (104 B) and `anon_vma_chain` (64 B, `/proc/slabinfo`) that every
-/// mapping of the frame pool is given when it is made (`Uffd::prepare_anon_vma`).
+/// nodes, measured at ~205 bytes per VMA on this machine kind (docs/design.md,
+/// “VMA budget”), plus the `anon_vma` (104 B) and `anon_vma_chain` (64 B,
+/// `/proc/slabinfo`) that every mapping of the frame pool is given when it is made
+/// (`Uffd::prepare_anon_vma`).
 pub const VMA_BYTES: u64 = 380;
 
 /// Bytes a `std` hash table (hashbrown) holds for a given `capacity()` with slots of
@@ -157,7 +159,7 @@ mod tests {
     }
 }
 
-/// `/proc/self/ksm_stat` (KERNEL-KSM.md §4.3).
+/// `/proc/self/ksm_stat` (docs/kernel-contract.md, “Per-process statistics”).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KsmStat {
     pub ksm_rmap_items: u64,

@@ -459,7 +459,8 @@ def test_stat_matches_the_child(tmp_path: Path) -> None:
         s = child.stats
         assert values["ksm_rmap_items"] == s["rmap_items"]
         assert values["ksm_merging_pages"] == s.get("ksm_merging_pages", 16)
-        # Per process, the first user of each frame counts too (KERNEL-KSM.md §4.3).
+        # Per process, the first user of each frame counts too (docs/kernel-contract.md,
+        # “Per-process statistics”).
         assert values["ksm_process_profit"] == s["general_profit"] + s["pages_shared"] * ksm.PAGE_SIZE
         assert values["ksm_mergeable"] == 1
         for name, value in s.items():

@@ -1,5 +1,6 @@
 //! `knobs`: `Knobs::set` on any name and value, against the table of what each
-//! knob accepts (`knobs::KNOBS`, the kernel's ranges, KERNEL-KSM.md §3).
+//! knob accepts (`knobs::KNOBS`, the kernel's ranges, docs/kernel-contract.md,
+//! “Knobs”).
 //!
 //! Checked after every call: an unknown name is an attribute error and nothing
 //! changes; a value in the knob's range (an int in `lo..=hi`, 0/1 for on/off

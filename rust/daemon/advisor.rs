@@ -1,9 +1,10 @@
-//! The scan-time advisor (`advisor_mode = "scan-time"`, KERNEL-KSM.md §5.7): at
+//! The scan-time advisor (`advisor_mode = "scan-time"`, docs/kernel-contract.md,
+//! “Scan-time advisor”): at
 //! the end of every full scan it sets `pages_to_scan` so that one full scan takes
 //! about `advisor_target_scan_time` seconds, within `advisor_max_cpu` percent of
 //! a CPU for the scanner.
 //!
-//! The kernel's formula, with the two quirks §5.7 records fixed:
+//! The kernel's formula, with the two quirks that section records fixed:
 //! * **CPU since the advisor started, not since ksmd started.** The kernel zeroes
 //!   its saved CPU time when the mode is switched on, so its first step charges
 //!   ksmd's whole lifetime to one scan and drops `pages_to_scan` (500 → 70
@@ -13,7 +14,8 @@
 //! * **The 10 % CPU floor only when the scan is too slow.** The kernel rounds the
 //!   scan time to whole seconds and then always lifts `pages_to_scan` to what 10 %
 //!   of a CPU would scan, which pins small workloads at `advisor_max_pages_to_scan`
-//!   however long the target is (§5.7: a full scan every 65 ms for a 5 s target).
+//!   however long the target is (docs/kernel-contract.md, “Scan-time advisor”: a
+//!   full scan every 65 ms for a 5 s target).
 //!   Here scan time is measured in milliseconds and the floor applies only while
 //!   a full scan takes longer than the target, which is what it is for.
 //!
@@ -110,7 +112,8 @@ mod tests {
 
     #[test]
     fn short_scans_are_not_pinned_at_the_maximum() {
-        // §5.7's case: 128 MiB, 5 s target, each scan well under a second.
+        // The case docs/kernel-contract.md, “Scan-time advisor” records: 128 MiB,
+        // 5 s target, each scan well under a second.
         let l = Limits {
             target_scan_time_s: 5,
             ..L

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use super::{apply_knobs, new_core, Engine, State, ENGINE, EVENTS, WINDOWS};
-use crate::merge::{EventLog, Win};
+use crate::os::{EventLog, Win};
 use crate::scan::Presence;
 use crate::sys;
 

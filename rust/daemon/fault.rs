@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::{availability, Availability, Engine, State, EVENTS, REQUIRED_FEATURES, WINDOWS};
 use crate::error::{Error, Result};
-use crate::merge::{own_event_or_disturb, Event};
+use crate::os::{own_event_or_disturb, Event};
 use crate::sys;
 use crate::sys::uffd::{self, Msg, Uffd};
 

@@ -1,6 +1,6 @@
 //! The daemon's knobs, with the kernel's names, defaults and accepted ranges
-//! (KERNEL-KSM.md §3). A value outside the range is refused with a message
-//! naming the range, and nothing changes.
+//! (docs/kernel-contract.md, “Knobs”). A value outside the range is refused with
+//! a message naming the range, and nothing changes.
 //!
 //! Departures from sysfs, all on the refusing side: values arrive as Python
 //! ints (booleans for the on/off knobs), not strings, so `kstrtobool`'s "y"/"on"

@@ -40,7 +40,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::merge::{Events, Os, Windows};
+use crate::os::{Events, Os, Windows};
 use crate::region::{maps, Region};
 use crate::scan::{Core, Mem};
 use crate::stats::{KsmStat, Snapshot};
@@ -153,7 +153,15 @@ fn probe_availability() -> Availability {
 }
 
 fn new_core() -> Core<Os> {
-    let mut core = Core::new(Os::new(FRAME_CAPACITY, &WINDOWS, &EVENTS), FRAME_CAPACITY);
+    let mut core = Core::new(
+        Os::new(
+            FRAME_CAPACITY,
+            &WINDOWS,
+            &EVENTS,
+            u64::from(knobs::default_vma_reserve()),
+        ),
+        FRAME_CAPACITY,
+    );
     apply_knobs(&mut core, &Knobs::default());
     core
 }

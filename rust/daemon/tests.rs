@@ -1,7 +1,8 @@
 //! The engine against the real kernel: merging under racing writers.
 //!
-//! This is the prototype's t1 race test (DESIGN.md §1) run through the engine:
-//! a native writer thread stores counters into pages that scans keep merging.
+//! This is the prototype's t1 race test (docs/design.md, “The merge sequence”)
+//! run through the engine: a native writer thread stores counters into pages that
+//! scans keep merging.
 //! Every store is read back at once, so a store that landed on a page just
 //! before it was replaced would be seen; at the end every frame must still hold
 //! exactly the common content (a frame written through would differ).

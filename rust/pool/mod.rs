@@ -4,8 +4,8 @@
 //! fork rule); [`Pool`] is the memfd that holds the bytes, read through a
 //! `MAP_SHARED` view and written with `pwrite`.
 //!
-//! The fork rule (DESIGN.md §3): after `fork()` a child may map a frame with
-//! no PTE present, and would read zeros if the parent punched it. So a frame
+//! The fork rule (docs/design.md, “Fork rule”): after `fork()` a child may map a
+//! frame with no PTE present, and would read zeros if the parent punched it. So a frame
 //! born before the latest fork is not punched when its last mapper in this
 //! process lets go; it waits in `deferred` until no other process maps the
 //! pool (checked from /proc/*/maps by the engine), and only then is freed.

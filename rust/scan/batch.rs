@@ -38,7 +38,7 @@ const PROBE_BATCH: usize = 512;
 const PROBE_BATCH_MAX: usize = 4096;
 
 /// Most checksums taken ahead of the visits at once: enough for threads to start at a
-/// negligible cost (see `merge::Os::checksums`: each takes 1,024 at least, so at most
+/// negligible cost (see `os::Os::checksums`: each takes 1,024 at least, so at most
 /// 4 threads hash at once).
 const SUMS_AHEAD: usize = PROBE_BATCH_MAX;
 

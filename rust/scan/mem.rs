@@ -1,7 +1,7 @@
 //! What the algorithm needs of memory: the [`Mem`] trait, and [`Presence`] (what
 //! pagemap says of a page).
 //!
-//! The real implementation is the OS backend (`merge::Os`: userfaultfd, memfd, mmap);
+//! The real implementation is the OS backend (`os::Os`: userfaultfd, memfd, mmap);
 //! tests and fuzzers use [`super::fake::FakeMem`]. Contract kept by every caller in
 //! `scan`: a method that changes a mapping (`map_frames`, `zap`, `unmerge_run` of a
 //! merged page's copy) is only called inside the protect … release window of that
@@ -25,7 +25,7 @@ pub enum Presence {
 }
 
 /// The memory operations the algorithm needs. The real implementation is
-/// `merge::Os`; every method that changes a mapping is only called inside the
+/// `os::Os`; every method that changes a mapping is only called inside the
 /// protect … release window for that page.
 pub trait Mem {
     fn page_size(&self) -> usize;

@@ -112,10 +112,11 @@ pub struct Core<M: Mem> {
     /// Pages with the ADVISED flag (kept, so that ksmd can tell "nothing to do" cheaply).
     advised: u64,
     pub max_page_sharing: u32,
-    /// `smart_scan`: skip pages that keep failing to merge (docs/kernel-contract.md, “Smart scan”).
+    /// `smart_scan`: skip pages that keep failing to merge (docs/kernel-contract.md,
+    /// “Smart scan”).
     pub smart_scan: bool,
-    /// `use_zero_pages`: all-zero pages become the kernel's zero page (docs/kernel-contract.md,
-    /// “Zero pages”).
+    /// `use_zero_pages`: all-zero pages become the kernel's zero page
+    /// (docs/kernel-contract.md, “Zero pages”).
     pub use_zero_pages: bool,
     /// The checksum of an all-zero page.
     zero_checksum: u32,

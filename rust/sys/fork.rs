@@ -2,9 +2,9 @@
 //!
 //! Why: only the forking thread survives in the child, so a lock held by the
 //! scanner or fault thread at the moment of `fork()` would stay held forever
-//! there (DESIGN.md §3). The engine registers three plain functions: prepare
-//! (take the locks at a safe point), parent (release), child (release and
-//! reset the daemon state, which has no threads in the child).
+//! there (docs/design.md, “Fork rule”). The engine registers three plain
+//! functions: prepare (take the locks at a safe point), parent (release), child
+//! (release and reset the daemon state, which has no threads in the child).
 
 use std::io;
 use std::sync::OnceLock;

@@ -1,5 +1,5 @@
-//! Fault injection for tests: make chosen system calls fail with
-//! a chosen errno, every `n`-th call, so that tests can check that no write is
+//! Fault injection for tests: make chosen system calls fail with a chosen
+//! errno, every `n`-th call, so that tests can check that no write is
 //! lost, no page corrupted and no frame leaked when the kernel says no halfway.
 //! Off unless a test turns it on (`ksm._ksm._inject`); one relaxed atomic load
 //! per guarded call otherwise.

@@ -5,7 +5,7 @@
 //! crate-private and take a userfaultfd [`Window`]: proof that the range is
 //! write-protected by our context, so no write can land during the swap. The
 //! Window does not prove that the range is memory ksm tracks; that is the duty
-//! of their one caller, `merge::Os`, which only opens windows on tracked pages
+//! of their one caller, `os::Os`, which only opens windows on tracked pages
 //! (memory the application advised, and ksm's own). ksm holds no Rust
 //! reference into such memory (it copies out of it), so replacing it with the
 //! same bytes cannot invalidate a borrow.

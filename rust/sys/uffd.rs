@@ -3,7 +3,8 @@
 //! See userfaultfd(2), ioctl_userfaultfd(2) and
 //! Documentation/admin-guide/mm/userfaultfd.rst. The `userfaultfd` crate does
 //! not know `WP_UNPOPULATED`, `WP_ASYNC` or `PAGEMAP_SCAN`, so this is a small
-//! wrapper of our own. Rules proved necessary by the prototype (DESIGN.md §1):
+//! wrapper of our own. Rules proved necessary by the prototype (docs/design.md,
+//! “Userfaultfd rules”):
 //!
 //! * `UFFD_FEATURE_WP_UNPOPULATED` is required: without it write-protecting a
 //!   page with no PTE does nothing, and writes were lost.
@@ -429,7 +430,7 @@ impl Uffd {
     ///
     /// EAGAIN means an event (UNMAP, REMAP, REMOVE, FORK) is in flight and not
     /// yet read by the fault thread; it is retried here, yielding, since the
-    /// fault thread is a different thread (DESIGN.md §1).
+    /// fault thread is a different thread (docs/design.md, “Userfaultfd rules”).
     pub fn writeprotect(&self, start: usize, len: usize, on: bool) -> io::Result<()> {
         loop {
             match self.writeprotect_once(start, len, on) {

@@ -1,5 +1,6 @@
-//! The real [`Mem`]: userfaultfd write-protection, the memfd pool, pagemap,
-//! and the remapping syscalls, in the order DESIGN.md §1 proved race-free:
+//! The OS backend: [`Os`], the real [`Mem`] of the algorithm: userfaultfd
+//! write-protection, the memfd pool, pagemap, and the remapping syscalls, in the
+//! order the prototype proved race-free (docs/design.md, “The merge sequence”):
 //!
 //! 1. `UFFDIO_WRITEPROTECT` the page (a writer now blocks in the fault thread);
 //! 2. compare the page with the frame byte for byte (done by `scan::Core`);
@@ -15,14 +16,17 @@
 //! (a path that could not release it): the fault thread removes it, which also
 //! wakes the writer. The window list is checked and acted on under one lock,
 //! which `protect` also takes to publish a window before protecting.
+//!
+//! The windows and the event log shared with the fault threads are in `windows`;
+//! this file holds `Os` itself.
 
 #![forbid(unsafe_code)]
+
+mod windows;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
-
-use std::sync::{Mutex, MutexGuard};
 
 use crate::pool::{FrameId, Pool};
 use crate::region::maps;
@@ -34,209 +38,12 @@ use crate::sys::pagemap::{
 };
 use crate::sys::procmem;
 use crate::sys::uffd::{self, Uffd, Window};
+pub use windows::{own_event_or_disturb, Event, EventLog, Events, Win, Windows};
 
 /// Unmerging a run of at most this many pages copies them by hand into scratch
 /// populated beforehand: registering the scratch for `UFFDIO_COPY` (and unregistering
 /// it) costs more than the zero-filling it saves on so few pages.
 const COPY_BY_HAND_MAX: usize = 8;
-
-/// One open merge window.
-#[derive(Clone, Copy, Debug)]
-pub struct Win {
-    pub start: usize,
-    pub end: usize,
-    /// An application event (munmap, mremap, MADV_DONTNEED) touched the range while
-    /// the window was open: the merger must not replace the page any more.
-    pub disturbed: bool,
-    /// Our own remapping syscall is in flight (its UNMAP/REMOVE event is ours).
-    pub own: bool,
-}
-
-/// Ranges currently inside a merge window, shared with the fault thread.
-#[derive(Debug, Default)]
-pub struct Windows {
-    open: Mutex<Vec<Win>>,
-}
-
-impl Windows {
-    fn add(&self, s: usize, len: usize) {
-        self.lock().push(Win {
-            start: s,
-            end: s + len,
-            disturbed: false,
-            own: false,
-        });
-    }
-    /// The window at `s` ends at `end` from now on (see `Os::release_tail`).
-    fn shrink(&self, s: usize, end: usize) {
-        if let Some(w) = self.lock().iter_mut().find(|w| w.start == s) {
-            w.end = w.end.min(end);
-        }
-    }
-    fn remove(&self, s: usize) {
-        let mut v = self.lock();
-        if let Some(i) = v.iter().position(|w| w.start == s) {
-            v.swap_remove(i);
-        }
-    }
-    /// Mark our own syscall on the window at `s` as in flight; false (and nothing
-    /// marked) if an application event already disturbed the window.
-    fn begin_own(&self, s: usize) -> bool {
-        let mut v = self.lock();
-        match v.iter_mut().find(|w| w.start == s) {
-            Some(w) if !w.disturbed => {
-                w.own = true;
-                true
-            }
-            _ => false,
-        }
-    }
-    /// Our syscall on the window at `s` returned. `events` is taken first: the fault
-    /// thread holds it from reading messages until it has sorted them all, and the
-    /// syscall returned once its event was read, so the event is sorted as ours.
-    fn end_own(&self, s: usize, events: &Events) {
-        let _sorted = events.lock();
-        if let Some(w) = self.lock().iter_mut().find(|w| w.start == s) {
-            w.own = false;
-        }
-    }
-    /// The lock (also taken by the fork handlers, so that no child inherits it held).
-    /// Poisoning is ignored: the list stays valid whatever panicked.
-    pub fn lock(&self) -> MutexGuard<'_, Vec<Win>> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub const fn new() -> Self {
-        Windows {
-            open: Mutex::new(Vec::new()),
-        }
-    }
-}
-
-/// Whether `[s, e)` is an event of our own syscall in `open` (exactly a window
-/// whose own syscall is in flight); otherwise every window it touches is marked
-/// disturbed. Called by the fault thread with the window lock held.
-pub fn own_event_or_disturb(open: &mut [Win], s: usize, e: usize) -> bool {
-    if open.iter().any(|w| w.own && w.start == s && w.end == e) {
-        return true;
-    }
-    for w in open.iter_mut().filter(|w| w.start < e && s < w.end) {
-        w.disturbed = true;
-    }
-    false
-}
-
-/// What the application did to registered memory, as the fault thread read it
-/// from userfaultfd events, for the engine to follow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// `munmap` (or a mapping placed over it): the range's memory is gone.
-    Unmapped { start: usize, end: usize },
-    /// `mremap` moved `[from, from+len)` to `to`.
-    Remapped { from: usize, to: usize, len: usize },
-    /// `MADV_DONTNEED`/`MADV_REMOVE`: the range reads zeros from now on.
-    Removed { start: usize, end: usize },
-}
-
-/// Events not yet followed, and the ranges the application discarded whose merged
-/// pages still need zeros (the fault thread answers minor faults there with zeros
-/// until the engine has given those pages mappings of their own).
-#[derive(Debug, Default)]
-pub struct EventLog {
-    pub queue: Vec<Event>,
-    pub removed: Vec<(usize, usize)>,
-}
-
-impl EventLog {
-    pub fn is_removed(&self, addr: usize) -> bool {
-        self.removed.iter().any(|&(s, e)| s <= addr && addr < e)
-    }
-    /// Whether an unfollowed event says `[s, e)` was unmapped or moved away.
-    pub fn vanished(&self, s: usize, e: usize) -> bool {
-        self.queue.iter().any(|ev| match *ev {
-            Event::Unmapped { start, end } => start < e && s < end,
-            Event::Remapped { from, len, .. } => from < e && s < from + len,
-            Event::Removed { .. } => false,
-        })
-    }
-    /// Record `[s, e)` as discarded, merged with the ranges it touches (so that a
-    /// range discarded again and again is kept once).
-    pub fn add_removed(&mut self, s: usize, e: usize) {
-        let (mut s, mut e) = (s, e);
-        self.removed.retain(|&(rs, re)| {
-            let touches = rs <= e && s <= re;
-            if touches {
-                (s, e) = (s.min(rs), e.max(re));
-            }
-            !touches
-        });
-        self.removed.push((s, e));
-    }
-
-    /// The application moved `[from, from+len)` to `to` (`mremap`): its discarded
-    /// ranges move along.
-    pub fn relocate_removed(&mut self, from: usize, to: usize, len: usize) {
-        let moved: Vec<(usize, usize)> = self
-            .removed
-            .iter()
-            .filter(|&&(s, e)| s < from + len && from < e)
-            .map(|&(s, e)| (s.max(from) - from + to, e.min(from + len) - from + to))
-            .collect();
-        // What was at the destination is gone, its marks with it.
-        self.clear_removed(from, from + len);
-        self.clear_removed(to, to + len);
-        for (s, e) in moved {
-            self.add_removed(s, e);
-        }
-    }
-
-    /// Forget `[s, e)` as discarded: its merged pages were given pages of their own,
-    /// or it maps frames anew (which must never be answered with zeros).
-    pub fn clear_removed(&mut self, s: usize, e: usize) {
-        let mut kept = Vec::with_capacity(self.removed.len());
-        for &(rs, re) in &self.removed {
-            if re <= s || e <= rs {
-                kept.push((rs, re));
-                continue;
-            }
-            if rs < s {
-                kept.push((rs, s));
-            }
-            if e < re {
-                kept.push((e, re));
-            }
-        }
-        self.removed = kept;
-    }
-}
-
-/// The event log, shared by the fault threads and the engine.
-pub struct Events(Mutex<EventLog>);
-
-impl Events {
-    pub const fn new() -> Self {
-        Events(Mutex::new(EventLog {
-            queue: Vec::new(),
-            removed: Vec::new(),
-        }))
-    }
-    /// Poisoning is ignored: the log stays valid whatever panicked.
-    pub fn lock(&self) -> MutexGuard<'_, EventLog> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Default for Events {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::fmt::Debug for Events {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Events")
-    }
-}
 
 /// The operating-system side of the algorithm.
 #[derive(Debug)]
@@ -246,7 +53,7 @@ pub struct Os {
     pub uffd: Option<Arc<Uffd>>,
     /// The userfaultfd of memory the application owns (events: UNMAP, REMAP, REMOVE).
     pub uffd_foreign: Option<Arc<Uffd>>,
-    /// Write tracking (DESIGN.md §5): an asynchronous write-protect userfaultfd that
+    /// Write tracking (docs/design.md, “Write tracking”): an asynchronous write-protect userfaultfd that
     /// the unmerged pages of memory ksm owns are registered with, so that a scan
     /// learns from `PAGEMAP_SCAN` which were written instead of hashing them all.
     /// Its faults are resolved by the kernel: nothing reads it.
@@ -319,7 +126,14 @@ impl Os {
 
     /// Cannot fail: it allocates nothing big (the pool comes with the first frame), so
     /// that a forked child can always rebuild its engine.
-    pub fn new(frame_capacity: u32, windows: &'static Windows, events: &'static Events) -> Self {
+    /// `vma_reserve`: the `vma_reserve` knob's value (its default until the engine
+    /// applies its knobs).
+    pub fn new(
+        frame_capacity: u32,
+        windows: &'static Windows,
+        events: &'static Events,
+        vma_reserve: u64,
+    ) -> Self {
         Os {
             uffd: None,
             uffd_foreign: None,
@@ -339,7 +153,7 @@ impl Os {
             regions: Vec::new(),
             pagemap_scan: true,
             vmas_used: 0,
-            vma_reserve: u64::from(crate::daemon::knobs::default_vma_reserve()),
+            vma_reserve,
             vma_budget: 0,
             copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             unreadable: Mapping::inaccessible(crate::sys::page_size()).ok(),
@@ -431,7 +245,7 @@ impl Os {
         std::mem::take(&mut self.owned)
     }
 
-    /// The VMA budget (DESIGN.md §2) for a process with `used` VMAs: merging may add
+    /// The VMA budget (docs/design.md, “VMA budget”) for a process with `used` VMAs: merging may add
     /// VMAs while the process, counting what it already has, stays under
     /// vm.max_map_count minus `vma_reserve` (by default half of the limit), so that
     /// the application's own mmap/munmap/malloc never start failing because of us.
