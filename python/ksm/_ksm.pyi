@@ -19,8 +19,16 @@ __all__ = [
     "Mmap",
     "__version__",
     "_after_fork_child",
+    "_broker",
+    "_domain",
+    "_domain_stats",
+    "_domain_sync",
+    "_domains",
     "_inject",
     "_injected",
+    "_join",
+    "_leave",
+    "_member_stats",
     "_uffd_info",
     "available",
     "get_memory_merge",
@@ -327,3 +335,13 @@ def _inject(point: str, every: int, errno: int) -> None:
 
 def _injected() -> int:
     """Tests only: failures injected so far."""
+
+# Merge domains (the public functions are in ksm/_domain.py).
+def _join(name: str, argv: list[str], env: list[str]) -> None: ...
+def _leave() -> None: ...
+def _domain() -> str | None: ...
+def _domain_stats(name: str) -> dict[str, int]: ...
+def _member_stats() -> dict[str, object]: ...
+def _broker(name: str) -> bool: ...
+def _domains() -> list[str]: ...
+def _domain_sync(timeout: float = 10.0) -> bool: ...

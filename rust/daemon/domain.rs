@@ -93,6 +93,18 @@ impl Engine {
         drop(link);
     }
 
+    /// A round trip to the domain's broker (see `Link::ask_sync`), waiting at most
+    /// `timeout` without holding the state lock: the domain's statistics, or None if
+    /// in no domain or no broker answered.
+    pub fn domain_sync(&self, timeout: std::time::Duration) -> Option<proto::DomainStats> {
+        let (ticket, syncer) = {
+            let st = self.lock();
+            let link = st.domain.as_ref()?;
+            (link.ask_sync(), link.syncer())
+        };
+        syncer.wait(ticket, timeout)
+    }
+
     /// The domain joined, if any.
     pub fn domain(&self) -> Option<String> {
         self.lock().domain.as_ref().map(|l| l.name().to_owned())
@@ -115,8 +127,9 @@ impl Engine {
         }
     }
 
-    /// At a batch boundary: take in what the domain said, send what the batch found.
-    pub(super) fn domain_exchange(st: &mut State) {
+    /// Before a batch: take in what the domain said (segments enter the index before
+    /// the pages that may merge onto them are visited).
+    pub(super) fn domain_take_in(st: &mut State) {
         let Some(link) = &st.domain else {
             return;
         };
@@ -134,6 +147,13 @@ impl Engine {
             }
         }
         Self::drop_unmapped_segments(st);
+    }
+
+    /// After a batch: send what it found (candidates to announce, pages to publish).
+    pub(super) fn domain_send_out(st: &mut State) {
+        if st.domain.is_none() {
+            return;
+        }
         let (announce, publish) = st.core.take_domain_out();
         let mut out: Vec<Outbound> = announce
             .chunks(proto::MAX_SUMS)

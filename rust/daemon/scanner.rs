@@ -61,8 +61,9 @@ impl Engine {
     /// this thread's, and that of the threads it hashed pages on.
     fn batch(st: &mut State, budget: u64) -> bool {
         let t0 = sys::thread_cpu_ns();
+        Self::domain_take_in(st);
         let done = st.core.scan_batch(budget);
-        Self::domain_exchange(st);
+        Self::domain_send_out(st);
         st.scan_cpu_ns += sys::thread_cpu_ns().saturating_sub(t0)
             + std::mem::take(&mut st.core.mem.helper_cpu_ns);
         done

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,10 @@ struct Shared {
     disconnects: AtomicU64,
     /// The last error met while reaching the broker, for `domain_stats`.
     last_error: Mutex<Option<String>>,
+    /// Round trips asked for (`Link::sync`) and answered, and the broker's last answer.
+    syncs_asked: AtomicU64,
+    synced: Mutex<(u64, proto::DomainStats)>,
+    synced_cv: Condvar,
 }
 
 /// How to start a broker: the program and its arguments, and the environment.
@@ -194,6 +198,21 @@ impl Link {
             .clone()
     }
 
+    /// Ask the broker for a round trip: once answered, everything this member sent
+    /// before was handled by the broker, and everything the broker sent before its
+    /// answer (segments other members published meanwhile, requests to publish) is in
+    /// the inbox. Returns a ticket for [`Link::wait_sync`].
+    pub fn ask_sync(&self) -> u64 {
+        let t = self.shared.syncs_asked.fetch_add(1, Ordering::AcqRel) + 1;
+        self.send([Outbound::Msg(Msg::StatsQuery)]);
+        t
+    }
+
+    /// Handle for waiting on a sync without the engine's lock.
+    pub fn syncer(&self) -> Syncer {
+        Syncer(Arc::clone(&self.shared))
+    }
+
     /// In a forked child: the thread does not exist here. Close the descriptors
     /// without a word to the broker (the socket is the parent's conversation; the
     /// parent's own end stays open in the parent).
@@ -202,6 +221,30 @@ impl Link {
             // No such thread in the child: never join it.
             std::mem::forget(t);
         }
+    }
+}
+
+/// Waits for the broker's answer to a sync (see [`Link::ask_sync`]).
+#[derive(Debug)]
+pub struct Syncer(Arc<Shared>);
+
+impl Syncer {
+    /// Wait up to `timeout` for the answer to `ticket`: the domain's statistics then,
+    /// or None (no broker answered in time; the link keeps trying).
+    pub fn wait(&self, ticket: u64, timeout: Duration) -> Option<proto::DomainStats> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.0.synced.lock().unwrap_or_else(|e| e.into_inner());
+        while g.0 < ticket {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            g = self
+                .0
+                .synced_cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        // Woken by a lost connection rather than an answer.
+        self.0.connected.load(Ordering::Acquire).then_some(g.1)
     }
 }
 
@@ -335,6 +378,14 @@ impl Worker {
     }
 
     fn disconnect(&mut self) {
+        // Round trips in flight will never be answered: a new broker knows nothing of
+        // them. Their waiters learn it from the connection state.
+        {
+            let mut g = self.shared.synced.lock().unwrap_or_else(|e| e.into_inner());
+            g.0 = self.shared.syncs_asked.load(Ordering::Acquire);
+            g.1 = proto::DomainStats::default();
+            self.shared.synced_cv.notify_all();
+        }
         if self.sock.take().is_some() {
             self.shared.connected.store(false, Ordering::Relaxed);
             self.shared.members.store(0, Ordering::Relaxed);
@@ -385,6 +436,12 @@ impl Worker {
             }
             Msg::PleasePublish { sums } => self.push(Inbound::PleasePublish(sums)),
             Msg::Retire { id } => self.push(Inbound::Retire(id)),
+            Msg::Stats(st) => {
+                let mut g = self.shared.synced.lock().unwrap_or_else(|e| e.into_inner());
+                g.0 += 1;
+                g.1 = st;
+                self.shared.synced_cv.notify_all();
+            }
             other => self.refused(&format!("unexpected {other:?}")),
         }
     }

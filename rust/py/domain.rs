@@ -72,6 +72,20 @@ fn _domain_stats<'py>(py: Python<'py>, name: Bound<'py, PyAny>) -> PyResult<Boun
     Ok(d)
 }
 
+/// A round trip to the domain's broker, at most `timeout` seconds: True once
+/// answered (everything sent before was handled, everything the broker sent before
+/// is in this process's inbox, taken in at the next batch). False if in no domain or
+/// no answer came.
+#[pyfunction]
+#[pyo3(signature = (timeout = 10.0))]
+fn _domain_sync(py: Python<'_>, timeout: f64) -> PyResult<bool> {
+    let e = engine()?;
+    let t = std::time::Duration::try_from_secs_f64(timeout.max(0.0)).map_err(|_| {
+        pyo3::exceptions::PyValueError::new_err("timeout must be a finite number of seconds")
+    })?;
+    Ok(py.allow_threads(|| e.domain_sync(t)).is_some())
+}
+
 /// This process's figures of its domain.
 #[pyfunction]
 fn _member_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -114,6 +128,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_domain, m)?)?;
     m.add_function(wrap_pyfunction!(_domain_stats, m)?)?;
     m.add_function(wrap_pyfunction!(_member_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(_domain_sync, m)?)?;
     m.add_function(wrap_pyfunction!(_broker, m)?)?;
     m.add_function(wrap_pyfunction!(_domains, m)?)?;
     Ok(())

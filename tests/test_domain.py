@@ -1,0 +1,340 @@
+"""Merge domains: merging across separate interpreters of one user.
+
+Members are real processes (tests/domain_member.py) driven over pipes; a
+domain-wide step is "every member scans, then makes a round trip to the
+broker" (``ksm._ksm._domain_sync``), so what one member published has reached
+the others before their next scan. Physical sharing is checked by PFN in
+/proc/PID/pagemap where the kernel shows PFNs (root); everything else runs as
+any user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ksm
+
+MEMBER = str(Path(__file__).with_name("domain_member.py"))
+ROOT = os.geteuid() == 0
+
+pytestmark = pytest.mark.skipif(not ksm.available(), reason="merging is not available here")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSM_")}
+    env.update(extra)
+    return env
+
+
+class Member:
+    """A member process: its pages are ``pages`` pages made from ``seed``."""
+
+    def __init__(self, seed: int, pages: int, env: dict[str, str] | None = None) -> None:
+        self.p = subprocess.Popen(
+            [sys.executable, MEMBER, str(seed), str(pages)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env or clean_env(),
+        )
+        self.hello = self.read()
+        self.pid = self.p.pid
+
+    def read(self) -> dict:
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        assert line, f"member {self.p.pid} exited (status {self.p.poll()})"
+        return json.loads(line)
+
+    def __call__(self, line: str) -> dict:
+        assert self.p.stdin is not None
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        out = self.read()
+        assert "error" not in out or line.startswith("join"), out
+        return out
+
+    def kill(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait()
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self("exit")
+            except (AssertionError, BrokenPipeError):
+                pass
+            self.p.wait(timeout=30)
+        for f in (self.p.stdin, self.p.stdout):
+            if f is not None:
+                f.close()
+
+
+@pytest.fixture
+def name() -> str:
+    return "test-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def members() -> Iterator[list[Member]]:
+    made: list[Member] = []
+    yield made
+    for m in made:
+        if m.p.poll() is None:
+            m.close()
+
+
+def start(made: list[Member], n: int, seed: int, pages: int, domain: str) -> list[Member]:
+    new = [Member(seed, pages) for _ in range(n)]
+    made.extend(new)
+    for m in new:
+        assert m("join " + domain) == {"ok": True}
+    return new
+
+
+def step(group: list[Member]) -> None:
+    """One domain-wide step: every member scans once, then syncs with the broker."""
+    for m in group:
+        m("scan 1")
+        assert m("sync")["ok"]
+
+
+def settle(group: list[Member], want_sharing: int, rounds: int = 40) -> dict:
+    """Steps until the domain counts `want_sharing` pages saved (bounded)."""
+    for _ in range(rounds):
+        step(group)
+        d = group[0]("dstats")["dstats"]
+        if d["pages_sharing"] >= want_sharing:
+            # One more step: every member's report is in.
+            step(group)
+            return group[0]("dstats")["dstats"]
+    pytest.fail(f"domain never reached pages_sharing {want_sharing}: {d}")
+
+
+def test_bad_names_are_refused_and_change_nothing() -> None:
+    for bad, rule in [
+        ("", "empty"),
+        ("a/b", "'/'"),
+        ("a\0b", "NUL"),
+        (".", "'.'"),
+        ("..", "'..'"),
+        ("x" * 65, "longer than 64"),
+    ]:
+        with pytest.raises(ValueError, match=rule):
+            ksm.join(bad)
+        assert ksm.domain() is None
+    for not_str in (5, b"name", None):
+        with pytest.raises(TypeError, match="must be a str"):
+            ksm.join(not_str)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="longer than 64"):
+        ksm.domain_stats("y" * 65)
+    assert ksm.domain() is None
+
+
+def test_joining_again_is_a_noop_and_another_name_needs_leave(name: str) -> None:
+    ksm.join(name)
+    try:
+        ksm.join(name)
+        assert ksm.domain() == name
+        with pytest.raises(RuntimeError, match="leave"):
+            ksm.join(name + "-other")
+        assert ksm.domain() == name
+        assert ksm._ksm._domain_sync(10.0)
+        assert ksm.domain_stats()["members"] == 1
+        assert ksm.domain_stats(name)["members"] == 1
+    finally:
+        ksm.leave()
+    assert ksm.domain() is None
+    ksm.leave()  # leaving when in none: nothing happens
+
+
+def test_an_unknown_domain_has_no_members(name: str) -> None:
+    assert ksm.domain_stats(name) == dict.fromkeys(
+        [
+            "members",
+            "pages_shared",
+            "pages_sharing",
+            "pool_bytes",
+            "live_frames",
+            "segments",
+            "segments_retired",
+            "refused",
+        ],
+        0,
+    )
+    assert ksm.domain_stats() ["members"] == 0  # not joined: nothing
+
+
+def test_two_interpreters_share_frames_and_writes_stay_private(
+    name: str, members: list[Member]
+) -> None:
+    pages = 64
+    a, b = start(members, 2, seed=7, pages=pages, domain=name)
+    d = settle([a, b], pages)
+    assert (d["members"], d["pages_shared"], d["pages_sharing"]) == (2, pages, pages)
+    assert d["live_frames"] == pages and d["pool_bytes"] >= pages * ksm.PAGE_SIZE
+    for m in (a, b):
+        s = m("stats")
+        # Per process: every page is saved, no frame is this process's own.
+        assert (s["stats"]["pages_sharing"], s["stats"]["pages_shared"]) == (pages, 0)
+        assert s["member"]["pages"] == pages
+        assert m("check")["bad"] == []
+    if ROOT:
+        pa, pb = a("pfns")["pfns"], b("pfns")["pfns"]
+        assert all(pa) and pa == pb, "same physical frames"
+    # A write stays in the writer.
+    a("write 5 171")
+    assert a("check")["bad"] == [] and b("check")["bad"] == []
+    if ROOT:
+        pa, pb = a("pfns")["pfns"], b("pfns")["pfns"]
+        assert pa[5] != pb[5] and pa[6] == pb[6]
+    step([a, b])
+    d = b("dstats")["dstats"]
+    assert (d["pages_shared"], d["pages_sharing"]) == (pages, pages - 1)
+
+
+def test_domains_are_isolated(name: str, members: list[Member]) -> None:
+    pages = 32
+    a1, a2 = start(members, 2, seed=3, pages=pages, domain=name + "-1")
+    (b1,) = start(members, 1, seed=3, pages=pages, domain=name + "-2")
+    settle([a1, a2], pages)
+    for _ in range(3):
+        step([a1, a2, b1])
+    assert b1("stats")["stats"]["pages_sharing"] == 0
+    assert ksm.domain_stats(name + "-2")["pages_sharing"] == 0
+    if ROOT:
+        assert not set(a1("pfns")["pfns"]) & set(b1("pfns")["pfns"])
+
+
+def test_leave_keeps_contents_and_merges_nothing_new(name: str, members: list[Member]) -> None:
+    pages = 32
+    a, b = start(members, 2, seed=11, pages=pages, domain=name)
+    settle([a, b], pages)
+    a("leave")
+    assert a("stats")["domain"] is None
+    for _ in range(3):
+        step([b])
+        a("scan 1")
+    assert a("check")["bad"] == [] and b("check")["bad"] == []
+    # Still merged (segments never change), counted as before.
+    assert a("stats")["stats"]["pages_sharing"] == pages
+    d = b("dstats")["dstats"]
+    assert d["members"] == 1
+
+
+def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: list[Member]) -> None:
+    pages = 32
+    a, b = start(members, 2, seed=5, pages=pages, domain=name)
+    settle([a, b], pages)
+    (c,) = start(members, 1, seed=5, pages=pages, domain=name)
+    d = settle([a, b, c], 2 * pages)
+    assert (d["members"], d["pages_shared"], d["pages_sharing"]) == (3, pages, 2 * pages)
+    assert c("check")["bad"] == []
+
+
+def test_sigkilled_members_change_no_byte_of_the_survivors(name: str, members: list[Member]) -> None:
+    pages = 48
+    survivors = start(members, 2, seed=13, pages=pages, domain=name)
+    for round_ in range(4):
+        (victim,) = start(members, 1, seed=13, pages=pages, domain=name)
+        # Killed at a different point of the merging each round.
+        for _ in range(round_):
+            step([*survivors, victim])
+        victim("scan 1")
+        victim.kill()
+        for m in survivors:
+            assert m("check")["bad"] == []
+        step(survivors)
+        # The broker noticed: two members left (bounded wait on a condition).
+        deadline = time.monotonic() + 10
+        while survivors[0]("dstats")["dstats"]["members"] != 2:
+            assert time.monotonic() < deadline, "a killed member still counted"
+            step(survivors)
+    d = settle(survivors, pages)
+    assert d["members"] == 2
+    for m in survivors:
+        assert m("check")["bad"] == []
+
+
+def test_ksm_domain_joins_at_import(name: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import ksm; print(ksm.domain())"],
+        env=clean_env(KSM_DOMAIN=name),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == name
+    bad = subprocess.run(
+        [sys.executable, "-c", "import ksm; print(ksm.domain())"],
+        env=clean_env(KSM_DOMAIN="a/b"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert bad.stdout.strip() == "None"
+    assert "KSM_DOMAIN='a/b' not joined" in bad.stderr and "'/'" in bad.stderr
+
+
+def test_a_forked_child_keeps_its_pages_and_joins_only_with_ksm_domain(
+    name: str, members: list[Member]
+) -> None:
+    pages = 32
+    a, b = start(members, 2, seed=17, pages=pages, domain=name)
+    settle([a, b], pages)
+    # Without KSM_DOMAIN the child is in no domain (exit 0: pages right, domain None).
+    assert a("fork") == {"child": 0}
+    (c,) = [Member(17, pages, env=clean_env(KSM_DOMAIN=name))]
+    members.append(c)
+    assert c.hello["domain"] == name
+    settle([a, b, c], 2 * pages)
+    # With KSM_DOMAIN the child joins it too (its domain equals the variable).
+    assert c("fork") == {"child": 0}
+    for m in (a, b, c):
+        assert m("check")["bad"] == []
+
+
+def test_garbage_and_lies_on_the_socket_are_refused(name: str, members: list[Member]) -> None:
+    pages = 16
+    a, b = start(members, 2, seed=19, pages=pages, domain=name)
+    settle([a, b], pages)
+    path = Path(ksm._ksm._domain_dir()) / f"{name}.sock"
+    garbage = [b"", b"\xff" * 100, b"\x01\x01", bytes([2]) + (2**32 - 1).to_bytes(4, "little")]
+    for g in garbage:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(str(path))
+            s.send(g if g else b"\x00")
+    # A Publish carrying a memfd that is not sealed: a lie about its frames.
+    fd = os.memfd_create("liar")
+    os.ftruncate(fd, ksm.PAGE_SIZE)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(str(path))
+            hello = bytes([1]) + (1).to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
+            s.send(hello + bytes([len(name)]) + name.encode())
+            s.recv(65536)  # welcome
+            publish = bytes([3]) + (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
+            socket.send_fds(s, [publish], [fd])
+            # Refused: the broker hangs up on a liar.
+            s.settimeout(10)
+            while s.recv(65536):
+                pass
+    finally:
+        os.close(fd)
+    step([a, b])
+    d = a("dstats")["dstats"]
+    assert d["refused"] >= len(garbage) + 1
+    assert (d["members"], d["pages_sharing"]) == (2, pages)
+    for m in (a, b):
+        assert m("check")["bad"] == []
