@@ -1,4 +1,4 @@
-"""Hostile input for every public function and method of ``ksm`` (issue 5, item 2).
+"""Hostile input for every public function and method of ``ksm``.
 
 The property for every call: it succeeds, or it raises a documented exception
 (TypeError, ValueError, OverflowError, OSError with the right errno, BufferError,
@@ -6,8 +6,8 @@ AttributeError; IndexError for an index out of range, as the stdlib mmap) whose
 message says what was wrong; the process never crashes; and a refused call
 changes nothing (knobs, memory contents, tracked pages).
 
-The tables below name the knobs, statistics and functions of API.md with the
-ranges of KERNEL-KSM.md section 3. Entries the build does not have yet
+The tables below name the public knobs, statistics and functions with the
+ranges of docs/kernel-contract.md, "Knobs". Entries the build does not have yet
 (``hasattr`` is false) are skipped, so the harness covers them once they land.
 
 The riskiest sequences run in a fresh interpreter (``run_python``), so that a
@@ -111,7 +111,7 @@ def pages(nbytes: int) -> int:
     return -(-nbytes // PAGE)
 
 
-# ---- the daemon's knobs and statistics (API.md, KERNEL-KSM.md 3) --------------------
+# ---- the daemon's knobs and statistics (docs/kernel-contract.md, "Knobs") ---------
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Forked children and discarded pages of pool mappings (review findings).
+"""Forked children and discarded pages of pool mappings.
 
 Anonymous memory reads zeros after MADV_DONTNEED. A forked child has no userfaultfd,
 so what it reads after discarding a page that sits in a pool mapping is the frame at

@@ -1,4 +1,4 @@
-"""Reproducers for the documented limitations (README "Limitations"; issue 5, item 6).
+"""Reproducers for the documented limitations (docs/limitations.md).
 
 Each test states the kernel's behaviour and is marked ``xfail`` while ksm does
 not match it: ``strict=True`` where the demonstration is deterministic (a fix

@@ -1,5 +1,5 @@
-"""Kernel parity (issue 3): the kernel's KSM selftests translated, and the contract of
-KERNEL-KSM.md §2-§5 checked knob by knob and counter by counter.
+"""Kernel parity: the kernel's KSM selftests translated, and the contract of
+docs/kernel-contract.md checked knob by knob and counter by counter.
 
 * ``tools/testing/selftests/mm/ksm_functional_tests.c``: unmerge, unmerge of zero
   pages, unmerge after discard, PROT_NONE through ``/proc/self/mem``, merge-any
@@ -84,7 +84,7 @@ def states(m: ksm.mmap, n: int, first: int = 0) -> list[str]:
 
 
 def check_snapshot(s: dict[str, Any]) -> None:
-    """The relations every ``ksm.stats()`` snapshot must satisfy (KERNEL-KSM.md §4.1, .pyi)."""
+    """The relations every ``ksm.stats()`` snapshot must satisfy (docs/kernel-contract.md, "Statistics")."""
     assert sum(s[k] for k in TREE) == s["rmap_items"], s
     assert s["general_profit"] == (
         (s["pages_sharing"] + s["ksm_zero_pages"]) * PAGE - s["metadata_bytes"] - s["vmas_added"] * 380
@@ -323,7 +323,7 @@ def test_prot_none_pages_merge(prot_none_range: int) -> None:
 
 
 def test_merge_any_on_and_off() -> None:
-    # test_prctl() / test_prctl_unmerge() and KERNEL-KSM.md §2.2.
+    # test_prctl() / test_prctl_unmerge() and docs/kernel-contract.md, "Merge-any".
     a = page_pattern(80)
     with ksm.mmap(8 * PAGE) as advised, ksm.mmap(8 * PAGE) as existing:
         fill(advised, [a] * 8)
@@ -422,8 +422,8 @@ def test_madv_unmergeable_under_merge_any_clears_that_region_only() -> None:
 
 
 def test_counters_after_fork() -> None:
-    # test_fork_ksm_merging_page_count() and KERNEL-KSM.md §2.4: the child starts with
-    # ksm_merging_pages = ksm_rmap_items = 0 and inherits the KSM zero pages.
+    # test_fork_ksm_merging_page_count() and docs/kernel-contract.md, "Lifetime and fork":
+    # the child starts with ksm_merging_pages = ksm_rmap_items = 0 and inherits the KSM zero pages.
     a, own_pattern = page_pattern(90), page_pattern(91)
     nz, nm = 8, 8
     ksm.ksmd.use_zero_pages = 1
@@ -528,7 +528,7 @@ def test_zero_page_merge_both_ways(use_zero_pages: int) -> None:
 
 
 def test_use_zero_pages_only_affects_later_merges() -> None:
-    # KERNEL-KSM.md §3: "Only affects merges made after the change".
+    # docs/kernel-contract.md, "Knobs": use_zero_pages "only affects merges made after the change".
     n = 6
     with ksm.mmap(n * PAGE) as m:
         m[:] = bytes(n * PAGE)
@@ -550,7 +550,7 @@ def test_use_zero_pages_only_affects_later_merges() -> None:
     ("n", "m", "expected"), [(1000, 256, (4, 996, 1, 4)), (2048, 128, (16, 2032, 1, 16))]
 )
 def test_max_page_sharing_chains_and_dups(n: int, m: int, expected: tuple[int, int, int, int]) -> None:
-    # ksm_tests -M (KERNEL-KSM.md §4.1, measured 2048/128 -> 16/2032, chains 1, dups 16).
+    # ksm_tests -M (docs/kernel-contract.md, "Statistics": measured 2048/128 -> 16/2032, chains 1, dups 16).
     if m != 256:
         ksm.ksmd.max_page_sharing = m
     with ksm.mmap(n * PAGE) as buf:
@@ -574,7 +574,7 @@ def test_max_page_sharing_chains_and_dups(n: int, m: int, expected: tuple[int, i
 
 
 def test_max_page_sharing_can_change_after_run_2() -> None:
-    # KERNEL-KSM.md §3.1: after run=2, max_page_sharing (EBUSY a moment earlier) can change.
+    # docs/kernel-contract.md, "run": after run=2, max_page_sharing (EBUSY a moment earlier) can change.
     with ksm.mmap(4 * PAGE) as m:
         m[:] = page_pattern(5) * 4
         m.madvise(MERGE)
@@ -589,7 +589,7 @@ def test_max_page_sharing_can_change_after_run_2() -> None:
         ksm.ksmd.max_page_sharing = 256
 
 
-# ---- smart scan (KERNEL-KSM.md §5.6) ------------------------------------------------------
+# ---- smart scan (docs/kernel-contract.md, "Smart scan") -------------------------------------------
 
 # Pages skipped in full scans 1..23 by a page that never merges: visited in scans 1-4,
 # then skip_age() gives 1, 2, 4, 8 skips between visits (age 3, 5, 8, >8).
@@ -697,7 +697,8 @@ def test_smart_scan_off_never_skips() -> None:
 
 
 def test_pages_skipped_and_scanned_survive_run_2() -> None:
-    # KERNEL-KSM.md §3.1/§4.1: run=2 resets full_scans, never pages_scanned or pages_skipped.
+    # docs/kernel-contract.md, "run" and "Statistics": run=2 resets full_scans, never
+    # pages_scanned or pages_skipped.
     n = 8
     with ksm.mmap(2 * n * PAGE) as m:
         fill(m, [page_pattern(800 + i) for i in range(n)] + [page_pattern(1)] * n)
@@ -717,7 +718,7 @@ def test_pages_skipped_and_scanned_survive_run_2() -> None:
         ksm.ksmd.run = 0
 
 
-# ---- run (KERNEL-KSM.md §3.1) ----------------------------------------------------------------
+# ---- run (docs/kernel-contract.md, "run") -------------------------------------------------------------
 
 
 def test_run_0_keeps_merges() -> None:
@@ -765,7 +766,7 @@ def test_run_2_unmerges_zero_pages_too() -> None:
         assert z[0:2] == b"\x05\0"
 
 
-# ---- counters and profit (KERNEL-KSM.md §4) --------------------------------------------------
+# ---- counters and profit (docs/kernel-contract.md, "Statistics") ------------------------------------------
 
 
 def mixed_workload(m: ksm.mmap) -> None:
@@ -852,7 +853,7 @@ def test_profit_formulas() -> None:
 
 
 def test_profit_of_unique_pages_is_negative() -> None:
-    # KERNEL-KSM.md §4.1 measured: unique pages only cost their bookkeeping.
+    # docs/kernel-contract.md, "Statistics", measured on the kernel: unique pages only cost their bookkeeping.
     out = run_python(
         """
         import ksm
@@ -1156,7 +1157,7 @@ libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="memory mlock()ed after MADV_MERGEABLE is merged and loses VM_LOCKED "
-                "(the kernel keeps KSM pages mlocked; issue 3 says locked ranges are skipped)",
+                "(the kernel keeps KSM pages mlocked; ksm skips locked ranges)",
             ),
         ),
     ],
