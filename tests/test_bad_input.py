@@ -140,7 +140,7 @@ KNOBS: dict[str, Knob] = {
     "smart_scan": Knob(1, 0, 1, boolean=True),
     "advisor_mode": Knob("none", choices=("none", "scan-time")),
     # The kernel's kstrtoul stores these in 32 bits (silently truncating); ksm refuses
-    # what does not fit (README, knob table).
+    # what does not fit (docs/kernel-contract.md, "Knobs").
     "advisor_max_cpu": Knob(70, 0, U32),
     "advisor_min_pages_to_scan": Knob(500, 0, U32),
     "advisor_max_pages_to_scan": Knob(30000, 0, U32),

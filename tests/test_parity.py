@@ -116,8 +116,8 @@ def test_unmerge_restores_private_pages() -> None:
         assert states(m, n) == ["unmerged"] * n
         assert [maps_a_frame(m.address + i * PAGE) for i in range(n)] == [False] * n
         assert m[:] == b"\xcf" * (n * PAGE)
-        # The kernel's counters drop at ksmd's next visit, ours at once (README): after
-        # the next scan both agree.
+        # The kernel's counters drop at ksmd's next visit, ours at once (docs/kernel-contract.md,
+        # "Where ksm departs"): after the next scan both agree.
         assert ksm.ksm_stat()["ksm_merging_pages"] == before_stat["ksm_merging_pages"]
         ksm.scan(1)
         after_stat = ksm.ksm_stat()
@@ -1043,13 +1043,13 @@ def worker():
         while time.monotonic() < t_end:
             pat = page_pattern(1000 + i % 2)  # half the time the canaries' content
             # A fifth page, never advised: an munmap of exactly the range ksm is remapping
-            # in that instant is the README's remaining race (reproducer in
-            # test_limitations); this one unmaps more than any merge window.
+            # in that instant is the exact-range munmap race (docs/limitations.md; reproducer
+            # in test_limitations); this one unmaps more than any merge window.
             a = raw_mmap(5 * PAGE)
             ctypes.memmove(a, pat * 4, 4 * PAGE)
             ksm.madvise(a, 4 * PAGE, MERGE)
             # munmap: sometimes before any merge, sometimes after. mremap and DONTNEED:
-            # once merged (the README's one remaining race is such a call in the
+            # once merged (the exact-range munmap race, docs/limitations.md, is such a call in the
             # microseconds ksm remaps that very page).
             if OP == "munmap":
                 wait_scans(i % 4)
