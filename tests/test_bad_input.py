@@ -1,4 +1,4 @@
-"""Hostile input for every public function and method of ``ksm`` (issue 5, item 2).
+"""Hostile input for every public function and method of ``ksm``.
 
 The property for every call: it succeeds, or it raises a documented exception
 (TypeError, ValueError, OverflowError, OSError with the right errno, BufferError,
@@ -6,8 +6,8 @@ AttributeError; IndexError for an index out of range, as the stdlib mmap) whose
 message says what was wrong; the process never crashes; and a refused call
 changes nothing (knobs, memory contents, tracked pages).
 
-The tables below name the knobs, statistics and functions of API.md with the
-ranges of docs/kernel-contract.md, “Knobs”. Entries the build does not have yet
+The tables below name the public knobs, statistics and functions with the
+ranges of docs/kernel-contract.md, "Knobs". Entries the build does not have yet
 (``hasattr`` is false) are skipped, so the harness covers them once they land.
 
 The riskiest sequences run in a fresh interpreter (``run_python``), so that a
@@ -111,7 +111,7 @@ def pages(nbytes: int) -> int:
     return -(-nbytes // PAGE)
 
 
-# ---- the daemon's knobs and statistics (API.md, docs/kernel-contract.md, “Knobs”) ---------
+# ---- the daemon's knobs and statistics (docs/kernel-contract.md, "Knobs") ---------
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ KNOBS: dict[str, Knob] = {
     "smart_scan": Knob(1, 0, 1, boolean=True),
     "advisor_mode": Knob("none", choices=("none", "scan-time")),
     # The kernel's kstrtoul stores these in 32 bits (silently truncating); ksm refuses
-    # what does not fit (README, knob table).
+    # what does not fit (docs/kernel-contract.md, "Knobs").
     "advisor_max_cpu": Knob(70, 0, U32),
     "advisor_min_pages_to_scan": Knob(500, 0, U32),
     "advisor_max_pages_to_scan": Knob(30000, 0, U32),

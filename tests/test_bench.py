@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,9 @@ def test_small_bench_prints_rows_and_restores_knobs() -> None:
     assert line.split()[-3 if KERNEL else -1] == "4,080", line
     if KERNEL:
         assert "ksm/kernel" in out
-        assert "targets (issue 4)" in out
+        assert "targets, each a ratio measured in this run" in out
+        # Each target says why it is there.
+        assert re.search(r"PASS|MISS", out) and _bench.REASONS["identical: pages saved"] in out
         assert re.search(r"^\s+(PASS|MISS)\s+identical: pages saved within 1%", out, re.M), out
         assert "kernel KSM knobs restored" in r.stderr
     else:
@@ -148,3 +151,31 @@ def test_pairs_time_counts_when_only_the_vma_budget_stopped_merging(
     r = _bench.WorkloadResult("pairs", 262_144, mine, kernel)
     (t,) = [t for t in _bench.targets([r], budget=32_765) if t.text.startswith("pairs: no worse")]
     assert t.status == status, t.detail
+
+
+def test_every_target_states_its_reason() -> None:
+    def figures(**kw: Any) -> _bench.Figures:
+        base: dict[str, Any] = {
+            "settle_s": 1.0,
+            "settled": True,
+            "scan_after_cpu_s": 0.01,
+            "first_write_us": 3.0,
+            "unmerge_s": 0.3,
+            "pages_sharing": 1000,
+            "vmas_after": 100,
+            "vmas_per_merged_page": 0.005,
+            "metadata_per_page": 8.0,
+        }
+        return _bench.Figures(**{**base, **kw})
+
+    results = []
+    for name in _bench.WORKLOAD_HELP:
+        r = _bench.WorkloadResult(name, 262_144, figures(), figures(settle_s=4.5, scan_after_cpu_s=2.0))
+        _bench.compute_ratios(r)
+        results.append(r)
+    found = _bench.targets(results, budget=32_765)
+    assert len(found) == len(_bench.REASONS), [t.text for t in found]
+    for t in found:
+        assert t.status in ("PASS", "MISS"), t
+        assert t.reason, f"target without a reason: {t.text}"
+    assert {t.reason for t in found} == set(_bench.REASONS.values())

@@ -260,3 +260,16 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown workload" in capsys.readouterr().err
     assert main(["info"]) == 0
     assert "page size:" in capsys.readouterr().out
+
+
+def test_help_speaks_of_the_installed_commands_only() -> None:
+    # An installed user has the `ksm` command, not the repository: no make targets,
+    # no files to look up, nothing about how the project was planned.
+    texts = [run("--help").stdout]
+    commands = re.findall(r"^    (\w+)\s", texts[0], re.M)
+    assert {"demo", "top", "stat", "info", "bench", "soak"} <= set(commands), texts[0]
+    texts += [run(c, "--help").stdout for c in commands]
+    for text in texts:
+        assert text.strip(), texts
+        for word in ("make ", "README", "iss" + "ue", ".md"):
+            assert word not in text, (word, text)

@@ -1,4 +1,4 @@
-"""Extent merging on real memory (issue 4, item 2): a copied run is one mapping per copy,
+"""Extent merging on real memory: a copied run is one mapping per copy,
 and a page that differs inside it is covered, keeping its own bytes as a private copy
 inside the run's mapping, instead of splitting it.
 
@@ -168,7 +168,7 @@ def test_a_forked_child_reads_covered_pages_and_can_unmerge_them() -> None:
         mem.close()
 
 
-# ---- discarded covered pages (review findings: each read another page's bytes) ----------
+# ---- discarded covered pages (each once read another page's bytes) ---------------------
 
 
 def test_a_discarded_covered_page_over_a_free_frame_keeps_reading_zeros(owned: bool) -> None:

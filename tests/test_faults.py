@@ -1,4 +1,4 @@
-"""Fault injection (issue "Trust", item 4): system calls fail halfway through
+"""Fault injection: system calls fail halfway through
 merging and unmerging; no write may be lost, no page corrupted, no frame leaked,
 and errors surface only where the API promises them (EAGAIN from unmerge).
 

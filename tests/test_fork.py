@@ -1,6 +1,6 @@
 """fork(): parent and child keep private contents; the child starts a fresh engine.
 
-The hazard (docs/design.md, “Fork rule”): after fork a child may map a frame lazily (no PTE
+The hazard (docs/design.md, "Fork rule"): after fork a child may map a frame lazily (no PTE
 yet). If the parent then drops its last reference to that frame and the frame
 were freed, the child would read zeros. Frames must be held back while a child
 may map them.

@@ -1,4 +1,4 @@
-"""Forked children and discarded pages of pool mappings (review findings).
+"""Forked children and discarded pages of pool mappings.
 
 Anonymous memory reads zeros after MADV_DONTNEED. A forked child has no userfaultfd,
 so what it reads after discarding a page that sits in a pool mapping is the frame at
@@ -18,7 +18,8 @@ from test_extents import MADV_DONTNEED, Memory, copies
 import ksm
 
 CHILD_DISCARD = (
-    "limitation (README, Limitations: fork): a child has no userfaultfd, so MADV_DONTNEED in the child "
+    'limitation (docs/limitations.md, "Fork and discarded pages"): a child has no userfaultfd, '
+    "so MADV_DONTNEED in the child "
     "of a page still in a pool mapping reads the frame at its offset (its own old bytes, or for a covered "
     "page the bytes merged there before the fork), not zeros, until the child's ksm gives it anonymous memory"
 )

@@ -1,4 +1,4 @@
-"""Reproducers for the documented limitations (README "Limitations"; issue 5, item 6).
+"""Reproducers for the documented limitations (docs/limitations.md).
 
 Each test states the kernel's behaviour and is marked ``xfail`` while ksm does
 not match it: ``strict=True`` where the demonstration is deterministic (a fix
@@ -63,7 +63,8 @@ def _odirect_file(tmp_path: Path, pages: list[bytes]) -> int:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="limitation (README, Limitations): a page pinned for O_DIRECT/DMA can be merged while "
+    reason='limitation (docs/limitations.md, "O_DIRECT and DMA"): a page pinned for O_DIRECT/DMA '
+    "can be merged while "
     "the I/O is in flight, and the data then lands in the page that was replaced. The kernel "
     "refuses to merge pinned pages; userspace cannot see pins. Racy: it may pass.",
 )
@@ -221,7 +222,8 @@ def test_user_mode_only_read_into_a_page_under_merge_never_loses_data_silently(
 
 @pytest.mark.xfail(
     strict=False,
-    reason="limitation (README, Limitations): with a user-mode-only userfaultfd, a read(2) into a "
+    reason='limitation (docs/limitations.md, "User-mode-only userfaultfd"): with a user-mode-only '
+    "userfaultfd, a read(2) into a "
     "page inside the merge window fails with EFAULT instead of waiting. Racy: it may pass.",
 )
 def test_user_mode_only_read_into_a_page_under_merge_never_fails(user_mode_only_run: dict[str, Any]) -> None:
@@ -251,7 +253,8 @@ def test_full_mode_read_into_a_page_under_merge_waits(tmp_path: Path) -> None:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="limitation (README, Limitations): an application that unmaps advised foreign memory "
+    reason='limitation (docs/limitations.md, "The exact-range munmap race"): an application that '
+    "unmaps advised foreign memory "
     "and maps and writes new memory at the same address in the microseconds while ksm remaps that "
     "very page can have the new page replaced (the kernel checks the page table under its lock; "
     "userspace cannot). Racy: it may pass.",
@@ -308,3 +311,84 @@ def test_foreign_munmap_and_mmap_while_merging_never_clobbers_new_memory() -> No
     print(f"munmap+mmap+write of advised foreign pages under scanning: {clobbered} of {cycles} clobbered")
     assert cycles > 20
     assert clobbered == 0, f"{clobbered} of {cycles} new pages were replaced by a merge"
+
+
+# ---- merged pages are mappings of ksm's pool ------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MREMAP_MAYMOVE_FIXED = 3
+MADV_FREE, MADV_WIPEONFORK = 8, 18
+
+
+def _lone_merged_pages() -> int:
+    """Three pages of foreign memory, the first and last merged with each other (so the
+    range is three VMAs: two pool mappings with an anonymous page between)."""
+    base = raw_mmap(3 * PAGE)
+    ctypes.memmove(base, page_pattern(80) + page_pattern(81) + page_pattern(80), 3 * PAGE)
+    ksm.madvise(base, 3 * PAGE, ksm.MADV_MERGEABLE)
+    ksm.scan(2)
+    assert ksm.stats()["pages_sharing"] == 1
+    return base
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='limitation (docs/limitations.md, "mremap across merged pages"): the kernel moves any '
+    "range of one VMA; a merged page splits the range into several VMAs, so mremap fails with EFAULT",
+)
+def test_mremap_across_merged_pages_moves_them() -> None:
+    base = _lone_merged_pages()
+    dst = raw_mmap(3 * PAGE)
+    expected = ctypes.string_at(base, 3 * PAGE)
+    try:
+        moved = _libc.mremap(base, 3 * PAGE, 3 * PAGE, MREMAP_MAYMOVE_FIXED, dst)
+        err = ctypes.get_errno()
+        assert moved == dst, f"mremap failed: {os.strerror(err)}"
+        assert ctypes.string_at(dst, 3 * PAGE) == expected
+    finally:
+        ksm.madvise(base, 3 * PAGE, ksm.MADV_UNMERGEABLE)
+        raw_munmap(base, 3 * PAGE)
+        ksm.madvise(dst, 3 * PAGE, ksm.MADV_UNMERGEABLE)
+        raw_munmap(dst, 3 * PAGE)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='limitation (docs/limitations.md, "MADV_FREE and MADV_WIPEONFORK"): the kernel takes '
+    "them on anonymous memory; a merged page is a private file mapping of the pool, so EINVAL",
+)
+@pytest.mark.parametrize("advice", [MADV_FREE, MADV_WIPEONFORK], ids=["FREE", "WIPEONFORK"])
+def test_madv_free_and_wipeonfork_on_merged_pages_succeed(advice: int) -> None:
+    base = _lone_merged_pages()
+    try:
+        ret = _libc.madvise(base, PAGE, advice)
+        err = ctypes.get_errno()
+        assert ret == 0, f"madvise({advice}) on a merged page: {os.strerror(err)}"
+    finally:
+        ksm.madvise(base, 3 * PAGE, ksm.MADV_UNMERGEABLE)
+        raw_munmap(base, 3 * PAGE)
+
+
+def _vm_flags(address: int) -> list[str]:
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no VMA at {address:#x}")
+
+
+def test_ksm_memory_is_never_backed_by_huge_pages() -> None:
+    # Transparent huge pages: write-protecting or remapping 4 KiB inside a huge page
+    # splits it for good, so ksm's own memory asks for none (VmFlags "nh").
+    with ksm.mmap(4 << 20) as m:
+        assert "nh" in _vm_flags(m.address)
+        assert "hg" not in _vm_flags(m.address)

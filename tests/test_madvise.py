@@ -239,7 +239,7 @@ MADV_DONTNEED = 4
 def test_dontneed_on_a_merged_page_reads_zeros(owned: bool) -> None:
     # Anonymous private memory reads as zeros after MADV_DONTNEED (allocators such as
     # jemalloc rely on it). A merged page must not read its frame's bytes again
-    # (docs/design.md, “Hazards”: handle UFFD_EVENT_REMOVE).
+    # (docs/design.md, "Hazards": the fault thread handles UFFD_EVENT_REMOVE).
     pattern = page_pattern(31)
     m = ksm.mmap(4 * PAGE) if owned else None
     base = m.address if m is not None else raw_mmap(4 * PAGE)

@@ -1,4 +1,4 @@
-"""Stateful model test: any sequence of operations keeps every byte (issue "Trust", item 3).
+"""Stateful model test: any sequence of operations keeps every byte.
 
 Several regions live at once, owned (``ksm.mmap``) and foreign (stdlib
 ``mmap.mmap(-1, n)``, advised with ``ksm.madvise``), each checked against a

@@ -1,13 +1,11 @@
-"""Kernel parity (issue 3): the kernel's KSM selftests translated, and the contract of
-docs/kernel-contract.md (“Interfaces”, “Knobs”, “Statistics”, “Merging behaviour”) checked knob by
-knob and counter by counter.
+"""Kernel parity: the kernel's KSM selftests translated, and the contract of
+docs/kernel-contract.md checked knob by knob and counter by counter.
 
 * ``tools/testing/selftests/mm/ksm_functional_tests.c``: unmerge, unmerge of zero
   pages, unmerge after discard, PROT_NONE through ``/proc/self/mem``, merge-any
   (prctl) on and off, counters after fork.
 * ``ksm_tests.c``: zero-page mode both ways, ``max_page_sharing`` chains and dups.
-* smart scan (“Smart scan”), ``run = 2`` (“The run knob”), the counter relations and
-  profit formulas (“Statistics”).
+* smart scan (§5.6), ``run = 2`` (§3.1), the counter relations and profit formulas (§4).
 * memory ksm does not own: bytearray, stdlib private mmap, numpy; the application's
   own munmap / mremap / MADV_DONTNEED while ksm scans; locked and hugetlb ranges.
 
@@ -86,10 +84,7 @@ def states(m: ksm.mmap, n: int, first: int = 0) -> list[str]:
 
 
 def check_snapshot(s: dict[str, Any]) -> None:
-    """The relations every ``ksm.stats()`` snapshot must satisfy.
-
-    See docs/kernel-contract.md, “Global counters”, and the .pyi.
-    """
+    """The relations every ``ksm.stats()`` snapshot must satisfy (docs/kernel-contract.md, "Statistics")."""
     assert sum(s[k] for k in TREE) == s["rmap_items"], s
     assert s["general_profit"] == (
         (s["pages_sharing"] + s["ksm_zero_pages"]) * PAGE - s["metadata_bytes"] - s["vmas_added"] * 380
@@ -121,8 +116,8 @@ def test_unmerge_restores_private_pages() -> None:
         assert states(m, n) == ["unmerged"] * n
         assert [maps_a_frame(m.address + i * PAGE) for i in range(n)] == [False] * n
         assert m[:] == b"\xcf" * (n * PAGE)
-        # The kernel's counters drop at ksmd's next visit, ours at once (README): after
-        # the next scan both agree.
+        # The kernel's counters drop at ksmd's next visit, ours at once (docs/kernel-contract.md,
+        # "Where ksm departs"): after the next scan both agree.
         assert ksm.ksm_stat()["ksm_merging_pages"] == before_stat["ksm_merging_pages"]
         ksm.scan(1)
         after_stat = ksm.ksm_stat()
@@ -328,7 +323,7 @@ def test_prot_none_pages_merge(prot_none_range: int) -> None:
 
 
 def test_merge_any_on_and_off() -> None:
-    # test_prctl() / test_prctl_unmerge() and docs/kernel-contract.md, “prctl(PR_SET_MEMORY_MERGE)”.
+    # test_prctl() / test_prctl_unmerge() and docs/kernel-contract.md, "Merge-any".
     a = page_pattern(80)
     with ksm.mmap(8 * PAGE) as advised, ksm.mmap(8 * PAGE) as existing:
         fill(advised, [a] * 8)
@@ -427,7 +422,7 @@ def test_madv_unmergeable_under_merge_any_clears_that_region_only() -> None:
 
 
 def test_counters_after_fork() -> None:
-    # test_fork_ksm_merging_page_count() and docs/kernel-contract.md, “Fork and KSM pages”:
+    # test_fork_ksm_merging_page_count() and docs/kernel-contract.md, "Lifetime and fork":
     # the child starts with ksm_merging_pages = ksm_rmap_items = 0 and inherits the KSM zero pages.
     a, own_pattern = page_pattern(90), page_pattern(91)
     nz, nm = 8, 8
@@ -450,7 +445,7 @@ def test_counters_after_fork() -> None:
                 "stats": ksm.stats(),
                 "ksmd_zero": ksm.ksmd.ksm_zero_pages,
             }
-            # Write all zero pages but one: the child's own count follows (“Fork and KSM pages”, measured).
+            # Write all zero pages but one: the child's own count follows (§2.4, measured).
             for i in range(nz - 1):
                 zeros[i * PAGE] = 1
             ksm.scan(1)
@@ -533,7 +528,7 @@ def test_zero_page_merge_both_ways(use_zero_pages: int) -> None:
 
 
 def test_use_zero_pages_only_affects_later_merges() -> None:
-    # docs/kernel-contract.md, “Knobs”: "Only affects merges made after the change".
+    # docs/kernel-contract.md, "Knobs": use_zero_pages "only affects merges made after the change".
     n = 6
     with ksm.mmap(n * PAGE) as m:
         m[:] = bytes(n * PAGE)
@@ -555,8 +550,7 @@ def test_use_zero_pages_only_affects_later_merges() -> None:
     ("n", "m", "expected"), [(1000, 256, (4, 996, 1, 4)), (2048, 128, (16, 2032, 1, 16))]
 )
 def test_max_page_sharing_chains_and_dups(n: int, m: int, expected: tuple[int, int, int, int]) -> None:
-    # ksm_tests -M (docs/kernel-contract.md, “Global counters”, measured 2048/128 -> 16/2032,
-    # chains 1, dups 16).
+    # ksm_tests -M (docs/kernel-contract.md, "Statistics": measured 2048/128 -> 16/2032, chains 1, dups 16).
     if m != 256:
         ksm.ksmd.max_page_sharing = m
     with ksm.mmap(n * PAGE) as buf:
@@ -580,8 +574,7 @@ def test_max_page_sharing_chains_and_dups(n: int, m: int, expected: tuple[int, i
 
 
 def test_max_page_sharing_can_change_after_run_2() -> None:
-    # docs/kernel-contract.md, “The run knob”: after run=2, max_page_sharing (EBUSY a
-    # moment earlier) can change.
+    # docs/kernel-contract.md, "run": after run=2, max_page_sharing (EBUSY a moment earlier) can change.
     with ksm.mmap(4 * PAGE) as m:
         m[:] = page_pattern(5) * 4
         m.madvise(MERGE)
@@ -596,7 +589,7 @@ def test_max_page_sharing_can_change_after_run_2() -> None:
         ksm.ksmd.max_page_sharing = 256
 
 
-# ---- smart scan (docs/kernel-contract.md, “Smart scan”) -------------------------------------
+# ---- smart scan (docs/kernel-contract.md, "Smart scan") -------------------------------------------
 
 # Pages skipped in full scans 1..23 by a page that never merges: visited in scans 1-4,
 # then skip_age() gives 1, 2, 4, 8 skips between visits (age 3, 5, 8, >8).
@@ -704,8 +697,8 @@ def test_smart_scan_off_never_skips() -> None:
 
 
 def test_pages_skipped_and_scanned_survive_run_2() -> None:
-    # docs/kernel-contract.md, “The run knob” and “Global counters”: run=2 resets
-    # full_scans, never pages_scanned or pages_skipped.
+    # docs/kernel-contract.md, "run" and "Statistics": run=2 resets full_scans, never
+    # pages_scanned or pages_skipped.
     n = 8
     with ksm.mmap(2 * n * PAGE) as m:
         fill(m, [page_pattern(800 + i) for i in range(n)] + [page_pattern(1)] * n)
@@ -725,7 +718,7 @@ def test_pages_skipped_and_scanned_survive_run_2() -> None:
         ksm.ksmd.run = 0
 
 
-# ---- run (docs/kernel-contract.md, “The run knob”) ------------------------------------------------
+# ---- run (docs/kernel-contract.md, "run") -------------------------------------------------------------
 
 
 def test_run_0_keeps_merges() -> None:
@@ -749,7 +742,7 @@ def test_run_0_keeps_merges() -> None:
 
 
 def test_run_2_unmerges_zero_pages_too() -> None:
-    # docs/kernel-contract.md, “Zero pages”: run=2 replaces KSM zero pages with private zero-filled pages.
+    # §5.5: run=2 replaces KSM zero pages with private zero-filled pages.
     n = 8
     ksm.ksmd.use_zero_pages = 1
     with ksm.mmap(n * PAGE) as z, ksm.mmap(n * PAGE) as m:
@@ -773,7 +766,7 @@ def test_run_2_unmerges_zero_pages_too() -> None:
         assert z[0:2] == b"\x05\0"
 
 
-# ---- counters and profit (docs/kernel-contract.md, “Statistics”) -----------------------------------
+# ---- counters and profit (docs/kernel-contract.md, "Statistics") ------------------------------------------
 
 
 def mixed_workload(m: ksm.mmap) -> None:
@@ -860,7 +853,7 @@ def test_profit_formulas() -> None:
 
 
 def test_profit_of_unique_pages_is_negative() -> None:
-    # docs/kernel-contract.md, “Global counters”, measured: unique pages only cost their bookkeeping.
+    # docs/kernel-contract.md, "Statistics", measured on the kernel: unique pages only cost their bookkeeping.
     out = run_python(
         """
         import ksm
@@ -1050,13 +1043,13 @@ def worker():
         while time.monotonic() < t_end:
             pat = page_pattern(1000 + i % 2)  # half the time the canaries' content
             # A fifth page, never advised: an munmap of exactly the range ksm is remapping
-            # in that instant is the README's remaining race (reproducer in
-            # test_limitations); this one unmaps more than any merge window.
+            # in that instant is the exact-range munmap race (docs/limitations.md; reproducer
+            # in test_limitations); this one unmaps more than any merge window.
             a = raw_mmap(5 * PAGE)
             ctypes.memmove(a, pat * 4, 4 * PAGE)
             ksm.madvise(a, 4 * PAGE, MERGE)
             # munmap: sometimes before any merge, sometimes after. mremap and DONTNEED:
-            # once merged (the README's one remaining race is such a call in the
+            # once merged (the exact-range munmap race, docs/limitations.md, is such a call in the
             # microseconds ksm remaps that very page).
             if OP == "munmap":
                 wait_scans(i % 4)
@@ -1164,7 +1157,7 @@ libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="memory mlock()ed after MADV_MERGEABLE is merged and loses VM_LOCKED "
-                "(the kernel keeps KSM pages mlocked; issue 3 says locked ranges are skipped)",
+                "(the kernel keeps KSM pages mlocked; ksm skips locked ranges)",
             ),
         ),
     ],

@@ -370,7 +370,7 @@ def test_ksm_stat_names_use_the_core_fields_when_present() -> None:
         "ksm_rmap_items": 10,
         "ksm_zero_pages": 0,
         "ksm_merging_pages": 7,
-        "ksm_process_profit": 99,
+        "ksm_process_profit": 99 + 2 * ksm.PAGE_SIZE,  # the frames' first users count too
         "ksm_merge_any": 0,
         "ksm_mergeable": 1,
     }
@@ -378,6 +378,19 @@ def test_ksm_stat_names_use_the_core_fields_when_present() -> None:
     stat = _publish.ksm_stat(richer, merge_any=True)
     assert (stat["ksm_zero_pages"], stat["ksm_merging_pages"], stat["ksm_merge_any"]) == (3, 6, 1)
     assert _publish.ksm_stat({})["ksm_mergeable"] == 0
+
+
+def test_ksm_stat_from_stats_agrees_with_the_core() -> None:
+    # The figures computed from a stats() snapshot are the core's own ksm_stat().
+    page = ksm.PAGE_SIZE
+    with ksm.mmap(8 * page) as m:
+        m[:] = bytes(range(256)) * (8 * page // 256)
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(2)
+        core, derived = ksm.ksm_stat(), _publish.ksm_stat(ksm.stats(), ksm.get_memory_merge())
+        assert core["ksm_merging_pages"] >= 8
+        assert derived == {k: int(v) for k, v in core.items()}
+        m.madvise(ksm.MADV_UNMERGEABLE)
 
 
 def test_publish_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -460,7 +473,7 @@ def test_stat_matches_the_child(tmp_path: Path) -> None:
         assert values["ksm_rmap_items"] == s["rmap_items"]
         assert values["ksm_merging_pages"] == s.get("ksm_merging_pages", 16)
         # Per process, the first user of each frame counts too (docs/kernel-contract.md,
-        # “Per-process statistics”).
+        # "Per-process statistics").
         assert values["ksm_process_profit"] == s["general_profit"] + s["pages_shared"] * ksm.PAGE_SIZE
         assert values["ksm_mergeable"] == 1
         for name, value in s.items():

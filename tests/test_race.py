@@ -7,7 +7,8 @@ rest all pages are identical, so the main thread, scanning continuously, keeps
 merging them, and the next write copies the page again (COW). A store that
 landed on a page just before it was replaced would read back wrong.
 
-Runs ~4 s by default; set KSM_STRESS_SECONDS for a longer run.
+Runs ~4 s by default; set KSM_STRESS_SECONDS for a longer run, and ``-s`` to see
+how many writes raced with how many merges (docs/reliability.md, "Racing writes").
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def race(common: bytes, drive: Callable[[threading.Event, list[str]], int]) -> N
 
         merges = during["merges"] - before["merges"]
         cows = during["cows"] - before["cows"]
+        # Each counter value was stored, read back, restored and read back: 2 writes.
+        writes = 2 * sum(v & ((1 << 48) - 1) for v in last)
+        print(f"{writes:,} writes by {WRITERS} writers, {merges:,} merges, {cows:,} copies on write", end="")
+        print(f", {scans} scans")
         assert merges > 0, f"no merge happened in {scans} scans"
         assert cows > 0, f"no merged page was written in {scans} scans ({merges} merges)"
         assert (

@@ -32,7 +32,7 @@ def kernel_expected(n: int, m: int) -> tuple[int, int]:
 
 
 def test_kernel_expected_formula() -> None:
-    # The values measured on the kernel (docs/kernel-contract.md, “Global counters”).
+    # The values measured on the kernel (docs/kernel-contract.md, "Statistics").
     assert kernel_expected(262144, 256) == (1024, 261120)
     assert kernel_expected(2048, 128) == (16, 2032)
 
@@ -142,8 +142,7 @@ def test_unique_pages_never_merge(n: int) -> None:
         d = delta(before, ksm.stats(), "pages_shared", "pages_sharing", "pages_unshared", "merges")
         assert d == {"pages_shared": 0, "pages_sharing": 0, "pages_unshared": n, "merges": 0}
         # Smart scan (on by default): the 5th visit of a page that never merged skips
-        # it, which takes it out of the unstable tree (docs/kernel-contract.md,
-        # “Smart scan”, measured).
+        # it, which takes it out of the unstable tree (docs/kernel-contract.md, "Smart scan").
         ksm.scan(1)
         d = delta(before, ksm.stats(), "pages_unshared", "pages_skipped", "merges")
         assert d == {"pages_unshared": 0, "pages_skipped": n, "merges": 0}

@@ -1,6 +1,6 @@
 """The soak (``ksm soak``, ``make soak``) runs briefly here so that it cannot rot.
 
-The real run is an hour (README, Development); here a few seconds of the same
+The real run is an hour (docs/reliability.md, "Soak"); here a few seconds of the same
 mixed load must find no mismatch and no error, and must really have exercised
 what it claims: writes, merges, copies on write, regions created and closed,
 advice flips, run changes, and a check of every byte every second.

@@ -1,4 +1,4 @@
-"""Write tracking (issue 4, item 3): with ``ksmd.write_tracking`` on, a scan of
+"""Write tracking (docs/design.md, "Write tracking"): with ``ksmd.write_tracking`` on, a scan of
 ``ksm.mmap`` memory hashes only the pages written since the previous scan; a write is
 never missed, and merging still compares bytes.
 

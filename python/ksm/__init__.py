@@ -2,20 +2,21 @@
 
 Pages of identical content in memory you advise with ``MADV_MERGEABLE`` are
 replaced by one write-protected copy; a later write gets a private copy
-again, transparently. See the README for the model and its limits.
+again, transparently. ``help(ksm.ksmd)`` lists the knobs and statistics; the
+repository's docs/ folder describes the design, the kernel contract and the
+limitations.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import operator
+import contextlib as _contextlib
+import math as _math
+import operator as _operator
 import os as _os
 import sys as _sys
-from collections.abc import Mapping
-from typing import Any, Self
+import typing as _typing
 
-from . import _domain, _ksm, _publish
+from . import _domain, _knobs, _ksm, _publish
 from ._domain import domain, domain_stats, join, leave, member_stats
 from ._ksm import (
     MADV_MERGEABLE,
@@ -29,6 +30,14 @@ from ._ksm import (
     unavailable_reason,
     wait_settled,
 )
+
+if _typing.TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, Self
+
+# Only the public API in dir(ksm): helpers are imported under private names, and
+# the __future__ import's binding is dropped (the compiler flag stays).
+del annotations
 
 __version__: str = _ksm.__version__
 
@@ -50,6 +59,7 @@ __all__ = [
     "madvise",
     "member_stats",
     "mmap",
+    "mmap_of",
     "scan",
     "set_memory_merge",
     "stats",
@@ -106,7 +116,7 @@ class mmap(_ksm.Mmap):
             return
         i = _index(key, size)
         try:
-            byte = operator.index(value)
+            byte = _operator.index(value)
         except TypeError:
             raise TypeError(f"ksm.mmap item value must be an int, not {type(value).__name__}") from None
         if not 0 <= byte < 256:
@@ -171,14 +181,7 @@ def madvise(address: int, length: int, advice: int) -> None:
 
 
 class Ksmd:
-    """The daemon: knobs and statistics of ``/sys/kernel/mm/ksm/``, per process (``ksm.ksmd``).
-
-    A thin proxy of ``ksm._ksm.ksmd`` (whose docstring lists every knob with its
-    default and range, and every statistic); writing a knob also starts
-    publishing this process's statistics for ``ksm top``. An unknown name raises
-    AttributeError; a value out of range raises ValueError naming the range, and
-    nothing changes.
-    """
+    # The docstring is set below, from the table of knobs and statistics (ksm._knobs).
 
     __slots__ = ()
     _made = False
@@ -228,11 +231,25 @@ class Ksmd:
         _publish.start()  # a knob write is a use of ksm: publish for `ksm top`
 
     def __dir__(self) -> list[str]:
-        return list(dir(_ksm.ksmd))
+        return [*_knobs.KNOB_NAMES, *_knobs.STATISTIC_NAMES]
 
     def __repr__(self) -> str:
         return repr(_ksm.ksmd)
 
+
+Ksmd.__doc__ = f"""The daemon: knobs and statistics of ``/sys/kernel/mm/ksm/``, per process (``ksm.ksmd``).
+
+Same names, defaults and accepted ranges as the kernel's files, plus three
+knobs of ksm's own. Read and write them as attributes: ``ksm.ksmd.run = 1``.
+Writing a knob also starts publishing this process's statistics for
+``ksm top``. An unknown name raises AttributeError; a value out of range raises
+ValueError naming the range, a value of the wrong type TypeError, and nothing
+changes; writing a statistic raises AttributeError.
+
+{_knobs.describe()}
+
+``ksm.stats()`` gives every statistic, with ksm's own, in one consistent snapshot.
+"""
 
 ksmd = Ksmd()
 """The process's daemon."""
@@ -257,10 +274,34 @@ def vmas_per_merged_page(snapshot: Mapping[str, int] | None = None) -> float | N
     return int(s["vmas_added"]) / saved if saved else None
 
 
+def mmap_of(obj: object) -> mmap:
+    """The ``ksm.mmap`` that holds ``obj``'s memory.
+
+    ``obj`` is a ``ksm.mmap``, a ``memoryview`` of one, or a numpy array from
+    ``ksm.empty``/``ksm.zeros`` (or any view or slice of one). Use it to look at
+    an array's pages (``ksm.mmap_of(a).page_state(0)``) or advise part of it.
+
+    Raises:
+        ValueError: ``obj``'s memory is not a ``ksm.mmap``'s.
+    """
+    seen: object = obj
+    for _ in range(64):  # numpy keeps base chains short; a cycle cannot hang this
+        if isinstance(seen, mmap):
+            return seen
+        nxt = seen.obj if isinstance(seen, memoryview) else getattr(seen, "base", None)
+        if nxt is None:
+            break
+        seen = nxt
+    raise ValueError(
+        f"{type(obj).__name__} object is not backed by a ksm.mmap "
+        "(ksm.mmap_of takes a ksm.mmap, a memoryview of one, or an array from ksm.empty/ksm.zeros)"
+    )
+
+
 def _index(key: Any, size: int) -> int:
     """``key`` as an index into ``size`` bytes (negative counts from the end), like the stdlib mmap."""
     try:
-        i = operator.index(key)
+        i = _operator.index(key)
     except TypeError:
         raise TypeError(f"ksm.mmap indices must be integers or slices, not {type(key).__name__}") from None
     j = i + size if i < 0 else i
@@ -272,10 +313,10 @@ def _index(key: Any, size: int) -> int:
 def _shape(shape: Any) -> tuple[int, ...]:
     """``shape`` as a tuple of non-negative ints (numpy's rules), with a clear error."""
     try:
-        dims: tuple[int, ...] = (operator.index(shape),)
+        dims: tuple[int, ...] = (_operator.index(shape),)
     except TypeError:
         try:
-            dims = tuple(operator.index(d) for d in shape)
+            dims = tuple(_operator.index(d) for d in shape)
         except TypeError:
             raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
     if any(d < 0 for d in dims):
@@ -301,9 +342,9 @@ def _array(shape: Any, dtype: Any, mergeable: bool, zero: bool) -> Any:
     if dt.itemsize == 0:
         raise ValueError(f"dtype {dt} has itemsize 0; ksm arrays need a non-zero item size")
     # numpy's rule: the non-zero dimensions times the item size must fit in an intp.
-    if math.prod(d for d in dims if d) * dt.itemsize > _sys.maxsize:
+    if _math.prod(d for d in dims if d) * dt.itemsize > _sys.maxsize:
         raise ValueError(f"array is too big: shape {dims} of {dt} is more bytes than the address space")
-    count = math.prod(dims)
+    count = _math.prod(dims)
     buf = mmap(max(count * dt.itemsize, 1))
     try:
         if mergeable:
@@ -314,18 +355,31 @@ def _array(shape: Any, dtype: Any, mergeable: bool, zero: bool) -> Any:
         return np.frombuffer(memoryview(buf), dtype=dt, count=count).reshape(dims)
     except BaseException:
         # Not left to the traceback, which would keep the memory until it is dropped.
-        with contextlib.suppress(BufferError):
+        with _contextlib.suppress(BufferError):
             buf.close()
         raise
 
 
 def empty(shape: Any, dtype: Any = float, mergeable: bool = True) -> Any:
-    """A numpy array backed by ksm memory (contents are zero: fresh anonymous pages)."""
+    """A numpy array backed by a fresh ``ksm.mmap`` (contents are zero: fresh anonymous pages).
+
+    Args:
+        shape: an int or a sequence of ints, as for ``numpy.empty``.
+        dtype: any plain-data numpy dtype (not ``object``).
+        mergeable: advise the memory ``MADV_MERGEABLE`` at once (default True).
+
+    The array keeps its memory alive, and so does any view of it; ``ksm.mmap_of(a)``
+    gives the ``ksm.mmap`` behind it.
+
+    Raises:
+        ModuleNotFoundError: numpy is not installed (``pip install 'ksm[numpy]'``).
+        TypeError, ValueError: a bad shape or dtype, as numpy would say.
+    """
     return _array(shape, dtype, mergeable, zero=False)
 
 
 def zeros(shape: Any, dtype: Any = float, mergeable: bool = True) -> Any:
-    """A zero-filled numpy array backed by ksm memory."""
+    """A zero-filled numpy array backed by a fresh ``ksm.mmap``; the same as ``ksm.empty``."""
     return _array(shape, dtype, mergeable, zero=True)
 
 

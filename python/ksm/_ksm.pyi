@@ -162,7 +162,7 @@ class Ksmd:
       write-protection. 1 hashes each page of ksm's own memory in the scanning
       thread at its visit, as the kernel's ksmd does. The threads' CPU time
       counts as the scanner's. On a 2-core machine a second thread gains
-      little and not reliably, for more CPU (README, How it works): 1 saves
+      little and not reliably, for more CPU (docs/design.md, "Threads"): 1 saves
       that CPU there.
 
     Statistics (read-only, the kernel's definitions): ``pages_shared``,

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import _knobs
+
 FORMAT = 1
 """Version of the file format (the ``format`` key)."""
 
@@ -121,8 +123,9 @@ def ksm_stat(stats: dict[str, Any], merge_any: bool | None = None) -> dict[str, 
     are used as they are; otherwise: ``ksm_rmap_items`` = ``rmap_items``,
     ``ksm_zero_pages`` = ``ksm_zero_pages`` (0 if absent),
     ``ksm_merging_pages`` = ``pages_shared + pages_sharing`` (the process's
-    pages that map a shared frame), ``ksm_process_profit`` = ``general_profit``
-    (ksm's figures are per process already), ``ksm_merge_any`` =
+    pages that map a shared frame), ``ksm_process_profit`` = ``general_profit +
+    pages_shared * PAGE_SIZE`` (like ``general_profit``, but every merging page of
+    the process counts, first users of frames included), ``ksm_merge_any`` =
     ``get_memory_merge()`` where it exists, ``ksm_mergeable`` = 1 once any memory
     is advised.
     """
@@ -135,7 +138,10 @@ def ksm_stat(stats: dict[str, Any], merge_any: bool | None = None) -> dict[str, 
         "ksm_rmap_items": get("ksm_rmap_items", get("rmap_items", 0)),
         "ksm_zero_pages": get("ksm_zero_pages", 0),
         "ksm_merging_pages": get("ksm_merging_pages", get("pages_shared", 0) + get("pages_sharing", 0)),
-        "ksm_process_profit": get("ksm_process_profit", get("general_profit", 0)),
+        "ksm_process_profit": get(
+            "ksm_process_profit",
+            get("general_profit", 0) + get("pages_shared", 0) * os.sysconf("SC_PAGE_SIZE"),
+        ),
         "ksm_merge_any": get("ksm_merge_any", int(bool(merge_any))),
         "ksm_mergeable": get("ksm_mergeable", int(get("advised_pages", 0) > 0 or bool(merge_any))),
     }
@@ -152,18 +158,11 @@ def snapshot() -> dict[str, Any]:
         with contextlib.suppress(Exception):
             merge_any = bool(getter())
     knobs: dict[str, Any] = {}
-    for name in (
-        "run",
-        "pages_to_scan",
-        "sleep_millisecs",
-        "max_page_sharing",
-        "write_tracking",
-        "hash_threads",
-    ):
+    for name in _knobs.KNOB_NAMES:
         with contextlib.suppress(Exception):
             knobs[name] = getattr(ksm._ksm.ksmd, name)
     kernel = ksm_stat(stats, merge_any)
-    native = getattr(ksm._ksm, "ksm_stat", None)  # the core's own, once it has one (API.md)
+    native = getattr(ksm._ksm, "ksm_stat", None)  # the core's own figures, where it reports them
     if native is not None:
         with contextlib.suppress(Exception):
             kernel.update({k: int(v) for k, v in native().items()})

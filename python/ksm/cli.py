@@ -17,15 +17,15 @@ import platform
 import random
 import shutil
 import sys
-import sysconfig
 import textwrap
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ksm import _publish
+from ksm import _knobs, _publish
+from ksm._data import load_stdlib
 
 MIB = 1 << 20
 
@@ -48,21 +48,6 @@ _UFFD_FEATURES: tuple[str, ...] = (
     "POISON",
     "WP_ASYNC",
     "MOVE",
-)
-
-# The knobs `ksm info` shows: those of /sys/kernel/mm/ksm/, then two of ksm's own
-# (vma_reserve has its section); those this build lacks read "n/a".
-_KNOBS: tuple[str, ...] = (
-    "run",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "max_page_sharing",
-    "use_zero_pages",
-    "merge_across_nodes",
-    "smart_scan",
-    "advisor_mode",
-    "write_tracking",
-    "hash_threads",
 )
 
 _MAX_SCANS = 10
@@ -101,77 +86,6 @@ def _stats() -> dict[str, int]:
 
     raw: dict[str, Any] = dict(ksm.stats())
     return {k: int(v) for k, v in raw.items()}
-
-
-# --------------------------------------------------------------------------- demo data
-
-
-@dataclass
-class DataSet:
-    """The stdlib files laid out page-aligned in one buffer."""
-
-    data: bytearray
-    files: int
-    file_bytes: int
-    root: str
-
-
-def _stdlib_files(root: str) -> list[str]:
-    """Regular files under `root`, sorted by path.
-
-    Leaves out installed third-party packages (site-packages) and the build
-    configuration (config-*/, which holds a static libpython of tens of MiB that
-    would otherwise be most of the data set).
-    """
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda _e: None):
-        dirnames[:] = [
-            d
-            for d in dirnames
-            if d not in ("site-packages", "dist-packages")
-            and not (dirpath == root and d.startswith("config-"))
-        ]
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if os.path.isfile(path) and not os.path.islink(path):
-                found.append(path)
-    found.sort()
-    return found
-
-
-def load_stdlib(limit: int, page: int) -> DataSet:
-    """Up to `limit` bytes of stdlib files, each starting on a page boundary.
-
-    The last file is cut so the data set is exactly `limit` bytes when the
-    standard library is big enough; otherwise it is all of it.
-    """
-    root = sysconfig.get_paths()["stdlib"]
-    data, files, file_bytes = pack_files(_stdlib_files(root), limit, page)
-    return DataSet(data=data, files=files, file_bytes=file_bytes, root=root)
-
-
-def pack_files(paths: Iterable[str], limit: int, page: int) -> tuple[bytearray, int, int]:
-    """Up to `limit` bytes of the files at `paths`, each starting on a page boundary
-    as a page cache holds them; (data, files read, bytes of file contents)."""
-    data = bytearray()
-    files = 0
-    file_bytes = 0
-    for path in paths:
-        if len(data) >= limit:
-            break
-        try:
-            with open(path, "rb") as f:
-                content = f.read(limit - len(data))
-        except OSError:
-            continue
-        if not content:
-            continue
-        data += content
-        data += bytes(-len(data) % page)
-        files += 1
-        file_bytes += len(content)
-    del data[limit:]
-    return data, files, file_bytes
 
 
 # --------------------------------------------------------------------------- progress
@@ -708,7 +622,7 @@ def info_dict() -> dict[str, Any]:
     }
 
     knobs: dict[str, Any] = {}
-    for knob in _KNOBS:
+    for knob in _knobs.KNOB_NAMES:
         try:
             knobs[knob] = getattr(ksm.ksmd, knob)
         except AttributeError:
@@ -766,7 +680,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             mode = (
                 "user-mode-only (no permission for full mode: a read(2) into a page under merge "
-                "fails with EFAULT; the README says how to allow full mode)"
+                "fails with EFAULT; full mode needs read-write access to /dev/userfaultfd or "
+                "vm.unprivileged_userfaultfd=1)"
             )
         rows.append(("userfaultfd mode", mode))
         names = " ".join(uffd["feature_names"]) or "none"
@@ -1044,7 +959,7 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run each workload through ksm and through kernel KSM (driven through /sys/kernel/mm/ksm "
             "as root; every knob is restored afterwards) and print each figure for both, the ratio "
-            "ksm/kernel, and the targets of issue 4. Workloads: "
+            "ksm/kernel, and the targets ksm is held to, each with its reason. Workloads: "
             + "; ".join(f"{k}: {v}" for k, v in _bench.WORKLOAD_HELP.items())
             + "."
         ),
@@ -1056,7 +971,7 @@ def _parser() -> argparse.ArgumentParser:
 
     soak = sub.add_parser(
         "soak",
-        help="a long run of mixed load with every byte checked against a model (make soak)",
+        help="a long run of mixed load with every byte checked against a model",
         description=(
             "Writer threads write into owned and foreign ksm memory while ksmd scans at full speed "
             "and regions are created and closed, advice flipped, run and use_zero_pages changed; "

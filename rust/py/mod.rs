@@ -57,7 +57,14 @@ fn int_arg<T: TryFrom<i128>>(v: &Bound<'_, PyAny>, name: &str, accepts: &str) ->
 const ADDRESS: &str = "an address from 0 to 2**64-1";
 const LENGTH: &str = "a length from 0 to 2**64-1";
 
-/// Memory owned by ksm (see `ksm.mmap` in `_ksm.pyi`).
+/// Anonymous private memory owned by ksm (base class of `ksm.mmap`).
+///
+/// Memory allocated here is unmapped only by ksm, under its lock, so the scanner
+/// reads it directly: the safe, fast path for merging. The pages are
+/// `MADV_NOHUGEPAGE` (write-protecting 4 KiB inside a huge page would split it).
+/// `(length)` or `(-1, length)` like the stdlib `mmap.mmap`; the length is rounded
+/// up to whole pages. ValueError for a length that is not positive or a fileno
+/// other than -1; OSError (errno kept) if the kernel refuses the mapping.
 #[pyclass(module = "ksm._ksm", name = "Mmap", subclass)]
 pub struct Mmap {
     addr: usize,
@@ -112,12 +119,14 @@ impl Mmap {
         })
     }
 
+    /// Address of byte 0 (page aligned). ValueError once the mmap is closed.
     #[getter]
     fn address(&self) -> PyResult<usize> {
         self.check_open()?;
         Ok(self.addr)
     }
 
+    /// Whether `close()` was called.
     #[getter]
     fn closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -128,8 +137,13 @@ impl Mmap {
         Ok(self.len)
     }
 
-    /// `madvise(option, start=0, length=len-start)`, like `mmap.mmap.madvise`.
-    /// Positional only, like the stdlib's: `(option[, start[, length]])`.
+    /// Advise `[start, start+length)` of this mapping, like `mmap.mmap.madvise`.
+    ///
+    /// `madvise(option[, start[, length]])`, positional like the stdlib's: `option`
+    /// is `MADV_MERGEABLE` or `MADV_UNMERGEABLE`; `start` a byte offset, a multiple
+    /// of `PAGE_SIZE` (default 0); `length` in bytes, rounded up to pages (default:
+    /// to the end). OSError with `errno` set as `ksm.madvise` documents; ValueError
+    /// if the mmap is closed or `start` is past the end.
     #[pyo3(signature = (option, *args))]
     fn madvise(
         &self,
@@ -174,6 +188,12 @@ impl Mmap {
     }
 
     /// State of the page holding byte `offset`.
+    ///
+    /// `"merged"` (maps a shared frame), `"zero"` (dropped to the kernel's zero page
+    /// by `use_zero_pages`, not written since), `"unmerged"` (a private page: never
+    /// merged, not advised, or copied by a write since the last scan), `"volatile"`
+    /// (advised, changed since the previous visit) or `"unshared"` (advised, stable,
+    /// no twin found yet). ValueError if `offset` is out of range or the mmap closed.
     fn page_state(&self, py: Python<'_>, offset: Bound<'_, PyAny>) -> PyResult<&'static str> {
         let offset: usize = int_arg(&offset, "offset", "an offset from 0 to the length - 1")?;
         self.check_open()?;
@@ -188,6 +208,10 @@ impl Mmap {
         Ok(py.allow_threads(|| e.page_state(addr)))
     }
 
+    /// Unmap the memory (merged pages release their share of the frame).
+    ///
+    /// Closing twice does nothing. BufferError while a `memoryview` (or a numpy
+    /// array over it) is still alive.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         if self.exports.load(Ordering::Acquire) > 0 {
             return Err(PyBufferError::new_err(
@@ -257,7 +281,12 @@ impl Drop for Mmap {
 
 static ENGINE_READY: std::sync::OnceLock<&'static Engine> = std::sync::OnceLock::new();
 
-/// `ksm.ksmd`: the knobs and statistics of /sys/kernel/mm/ksm/.
+/// The daemon: the knobs and statistics of `/sys/kernel/mm/ksm/`, per process.
+///
+/// Use it as `ksm.ksmd`; `help(ksm.ksmd)` lists every knob with its default and
+/// range, and every statistic. An unknown name raises AttributeError, a value out
+/// of range ValueError naming the range, a value of the wrong type TypeError, and
+/// nothing changes.
 #[pyclass(module = "ksm._ksm", name = "Ksmd")]
 pub struct Ksmd;
 
@@ -361,6 +390,14 @@ impl Ksmd {
     }
 }
 
+/// This process's `/proc/self/ksm_stat`, as a dict, in one consistent snapshot.
+///
+/// `ksm_rmap_items` (pages with a record), `ksm_zero_pages` (pages dropped to the
+/// zero page by `use_zero_pages`), `ksm_merging_pages` (pages mapping a shared
+/// frame, first users included: `pages_shared + pages_sharing`),
+/// `ksm_process_profit` (`(ksm_merging_pages + ksm_zero_pages) * PAGE_SIZE` minus
+/// ksm's bookkeeping and the VMAs merging added), `ksm_merge_any` (bool, see
+/// `get_memory_merge`), `ksm_mergeable` (bool: some page is advised).
 #[pyfunction]
 fn ksm_stat(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let e = engine()?;
@@ -375,6 +412,13 @@ fn ksm_stat(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// Like `prctl(PR_SET_MEMORY_MERGE, enable)`, for the memory ksm owns.
+///
+/// True: every `ksm.mmap` region, existing and future, is mergeable. False: every
+/// region (advised ranges of other memory too) is unmerged and loses its advice.
+/// Setting the current state does nothing. TypeError if `enable` is not a bool or
+/// int; OSError EINVAL when merging is unavailable here, EAGAIN when merged pages
+/// could not get private copies (merge-any then stays on, nothing is lost).
 #[pyfunction]
 fn set_memory_merge(py: Python<'_>, enable: Bound<'_, PyAny>) -> PyResult<()> {
     if !enable.is_instance_of::<pyo3::types::PyInt>() {
@@ -389,12 +433,20 @@ fn set_memory_merge(py: Python<'_>, enable: Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
+/// Like `prctl(PR_GET_MEMORY_MERGE)`: whether merge-any (`set_memory_merge`) is on.
 #[pyfunction]
 fn get_memory_merge(py: Python<'_>) -> PyResult<bool> {
     let e = engine()?;
     Ok(py.allow_threads(|| e.get_memory_merge()))
 }
 
+/// `madvise(2)` for merging, on any address range of this process.
+///
+/// `advice` is `MADV_MERGEABLE` (12) or `MADV_UNMERGEABLE` (13); `address` page
+/// aligned; `length` in bytes, rounded up to pages (0 does nothing). OSError with
+/// the kernel's errno: EINVAL (unaligned, unknown advice, overflow, merging
+/// unavailable), ENOMEM (part of the range unmapped; the mapped parts were
+/// advised), EAGAIN (no memory for private copies; nothing lost).
 #[pyfunction]
 fn madvise(
     py: Python<'_>,
@@ -414,8 +466,12 @@ fn madvise(
     Ok(())
 }
 
-/// `ksm.scan(full_scans=1)` wraps this (the default lives in Python, so that an
-/// explicit None is refused).
+/// Run `full_scans` full scans now, in the calling thread (GIL released).
+///
+/// A scan already in progress (by ksmd) is finished first and not counted. A page
+/// merges on its second visit, so `scan(2)` merges what was written before. Ctrl-C
+/// stops between two full scans. `ksm.scan` gives `full_scans` its default of 1.
+// The default lives in Python, so that an explicit None is refused here.
 #[pyfunction]
 fn scan(py: Python<'_>, full_scans: Bound<'_, PyAny>) -> PyResult<()> {
     let full_scans: i64 = int_arg(&full_scans, "full_scans", "a count from 0 to 2**63-1")?;
@@ -438,6 +494,12 @@ fn scan(py: Python<'_>, full_scans: Bound<'_, PyAny>) -> PyResult<()> {
 /// How long `wait_settled` waits with the GIL released before looking for signals.
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
+/// Wait until a full scan completes with nothing changed (no merge, unmerge or new
+/// checksum).
+///
+/// `timeout` is in seconds (None: as long as ksmd runs). Returns True once settled,
+/// False when the time is up; with ksmd stopped (`run != 1`) it answers at once.
+/// ValueError for a negative or infinite timeout; Ctrl-C interrupts the wait.
 #[pyfunction]
 #[pyo3(signature = (timeout = None))]
 fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
@@ -470,6 +532,18 @@ fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
     }
 }
 
+/// Every statistic in one consistent snapshot, as a dict.
+///
+/// The kernel's (`pages_shared`, `pages_sharing`, `pages_unshared`,
+/// `pages_volatile`, `full_scans`, `pages_scanned`, `pages_skipped`,
+/// `stable_node_chains`, `stable_node_dups`, `ksm_zero_pages`, `general_profit`)
+/// and ksm's own: `rmap_items`, `frames`, `deferred_frames`, `suspect_frames`,
+/// `pool_bytes`, `merges`, `merge_failures`, `pages_hashed`, `cows`, `vmas_added`,
+/// `vmas_used`, `vma_budget`, `vma_budget_skips`, `unmergeable_pages`,
+/// `metadata_bytes`, `tracked_pages`, `advised_pages`, `settled` (bool: the last
+/// full scan changed nothing). `pages_shared + pages_sharing + pages_unshared +
+/// pages_volatile == rmap_items` in every snapshot. `general_profit` is
+/// `(pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes - vmas_added * 380`.
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let e = engine()?;
@@ -485,6 +559,10 @@ fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// Whether merging can work in this process (a userfaultfd with write-protect).
+///
+/// When False, `unavailable_reason()` says why and what to change, and
+/// `MADV_MERGEABLE` fails with EINVAL, as the kernel's madvise does without KSM.
 #[pyfunction]
 fn available() -> PyResult<bool> {
     Ok(matches!(
@@ -493,6 +571,7 @@ fn available() -> PyResult<bool> {
     ))
 }
 
+/// Why merging cannot work here and what to change, or None when it can.
 #[pyfunction]
 fn unavailable_reason() -> PyResult<Option<String>> {
     Ok(match engine()?.availability() {
@@ -501,7 +580,7 @@ fn unavailable_reason() -> PyResult<Option<String>> {
     })
 }
 
-/// `(mode, features)` of the userfaultfd, or None (for `ksm info`).
+/// `(mode, features)` of the userfaultfd, or None (for `ksm info`; not public API).
 #[pyfunction]
 fn _uffd_info() -> PyResult<Option<(&'static str, u64)>> {
     Ok(match engine()?.availability() {
@@ -529,12 +608,14 @@ fn _inject(point: &str, every: u64, errno: i32) -> PyResult<()> {
     Ok(())
 }
 
-/// Failures injected so far.
+/// Tests only: failures injected so far.
 #[pyfunction]
 fn _injected() -> u64 {
     sys::inject::fired()
 }
 
+/// Restart ksmd in a forked child if it was running (registered with
+/// `os.register_at_fork`; not public API).
 #[pyfunction]
 fn _after_fork_child() -> PyResult<()> {
     engine()?.after_fork_child();
