@@ -159,7 +159,7 @@ mod tests {
     }
 }
 
-/// `/proc/self/ksm_stat` (docs/kernel-contract.md, “Per-process statistics”).
+/// `/proc/self/ksm_stat` (docs/kernel-contract.md, "Per-process statistics").
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KsmStat {
     pub ksm_rmap_items: u64,

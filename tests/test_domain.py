@@ -68,9 +68,10 @@ class Member:
     def kill(self) -> None:
         self.p.send_signal(signal.SIGKILL)
         self.p.wait()
+        self.close()
 
     def close(self) -> None:
-        if self.p.poll() is None:
+        if self.p.poll() is None and self.p.stdin is not None and not self.p.stdin.closed:
             try:
                 self("exit")
             except (AssertionError, BrokenPipeError):
@@ -173,7 +174,7 @@ def test_an_unknown_domain_has_no_members(name: str) -> None:
         ],
         0,
     )
-    assert ksm.domain_stats() ["members"] == 0  # not joined: nothing
+    assert ksm.domain_stats()["members"] == 0  # not joined: nothing
 
 
 def test_two_interpreters_share_frames_and_writes_stay_private(

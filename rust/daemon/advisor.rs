@@ -14,7 +14,7 @@
 //! * **The 10 % CPU floor only when the scan is too slow.** The kernel rounds the
 //!   scan time to whole seconds and then always lifts `pages_to_scan` to what 10 %
 //!   of a CPU would scan, which pins small workloads at `advisor_max_pages_to_scan`
-//!   however long the target is (docs/kernel-contract.md, “Scan-time advisor”: a
+//!   however long the target is (docs/kernel-contract.md, "Scan-time advisor": a
 //!   full scan every 65 ms for a 5 s target).
 //!   Here scan time is measured in milliseconds and the floor applies only while
 //!   a full scan takes longer than the target, which is what it is for.
@@ -112,7 +112,7 @@ mod tests {
 
     #[test]
     fn short_scans_are_not_pinned_at_the_maximum() {
-        // The case docs/kernel-contract.md, “Scan-time advisor” records: 128 MiB,
+        // The case docs/kernel-contract.md, "Scan-time advisor" records: 128 MiB,
         // 5 s target, each scan well under a second.
         let l = Limits {
             target_scan_time_s: 5,

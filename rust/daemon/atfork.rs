@@ -1,6 +1,6 @@
 //! Fork handling: the `pthread_atfork` handlers (`fork_prepare`, `fork_parent`,
 //! `fork_child`) and the lazy restart of the threads in a forked child
-//! (`after_fork_check`). See docs/design.md, “Fork rule”.
+//! (`after_fork_check`). See docs/design.md, "Fork rule".
 //!
 //! Invariants: `prepare` holds the state lock (the scanner is between batches,
 //! no page is write-protected), the event log and the window lock across

@@ -1,5 +1,5 @@
 //! The daemon's knobs, with the kernel's names, defaults and accepted ranges
-//! (docs/kernel-contract.md, “Knobs”). A value outside the range is refused with
+//! (docs/kernel-contract.md, "Knobs"). A value outside the range is refused with
 //! a message naming the range, and nothing changes.
 //!
 //! Departures from sysfs, all on the refusing side: values arrive as Python

@@ -2,7 +2,7 @@
 //! the `ksmd` scanner thread and the userfaultfd fault thread, the knobs, and
 //! the fork handlers.
 //!
-//! Threads (docs/design.md, “Threads”):
+//! Threads (docs/design.md, "Threads"):
 //! * the **fault thread** reads the userfaultfd. It never takes the state lock
 //!   and never the GIL: a writer blocked on a page under merge is only ever
 //!   waiting for the merger, which wakes it.
@@ -11,7 +11,7 @@
 //! * **callers** (Python threads) take the state lock per batch, with the GIL
 //!   released by the PyO3 layer.
 //!
-//! Fork (docs/design.md, “Fork rule”): `prepare` takes the state lock (so the
+//! Fork (docs/design.md, "Fork rule"): `prepare` takes the state lock (so the
 //! scanner is between batches and no page is write-protected) and the window
 //! lock; `parent` releases them and records the fork in the frame table; `child`
 //! rebuilds the engine: new pool, no userfaultfd (the child's copies of

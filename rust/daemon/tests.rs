@@ -1,6 +1,6 @@
 //! The engine against the real kernel: merging under racing writers.
 //!
-//! This is the prototype's t1 race test (docs/design.md, “The merge sequence”)
+//! This is the prototype's t1 race test (docs/design.md, "The mechanism")
 //! run through the engine: a native writer thread stores counters into pages that
 //! scans keep merging.
 //! Every store is read back at once, so a store that landed on a page just

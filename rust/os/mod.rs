@@ -1,6 +1,6 @@
 //! The OS backend: [`Os`], the real [`Mem`] of the algorithm: userfaultfd
 //! write-protection, the memfd pool, pagemap, and the remapping syscalls, in the
-//! order the prototype proved race-free (docs/design.md, “The merge sequence”):
+//! order the prototype proved race-free (docs/design.md, "The mechanism"):
 //!
 //! 1. `UFFDIO_WRITEPROTECT` the page (a writer now blocks in the fault thread);
 //! 2. compare the page with the frame byte for byte (done by `scan::Core`);
@@ -53,7 +53,7 @@ pub struct Os {
     pub uffd: Option<Arc<Uffd>>,
     /// The userfaultfd of memory the application owns (events: UNMAP, REMAP, REMOVE).
     pub uffd_foreign: Option<Arc<Uffd>>,
-    /// Write tracking (docs/design.md, “Write tracking”): an asynchronous write-protect userfaultfd that
+    /// Write tracking (docs/design.md, "Write tracking"): an asynchronous write-protect userfaultfd that
     /// the unmerged pages of memory ksm owns are registered with, so that a scan
     /// learns from `PAGEMAP_SCAN` which were written instead of hashing them all.
     /// Its faults are resolved by the kernel: nothing reads it.
@@ -245,7 +245,7 @@ impl Os {
         std::mem::take(&mut self.owned)
     }
 
-    /// The VMA budget (docs/design.md, “VMA budget”) for a process with `used` VMAs: merging may add
+    /// The VMA budget (docs/design.md, "VMAs and the budget") for a process with `used` VMAs: merging may add
     /// VMAs while the process, counting what it already has, stays under
     /// vm.max_map_count minus `vma_reserve` (by default half of the limit), so that
     /// the application's own mmap/munmap/malloc never start failing because of us.

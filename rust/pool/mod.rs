@@ -4,7 +4,7 @@
 //! fork rule); [`Pool`] is the memfd that holds the bytes, read through a
 //! `MAP_SHARED` view and written with `pwrite`.
 //!
-//! The fork rule (docs/design.md, “Fork rule”): after `fork()` a child may map a
+//! The fork rule (docs/design.md, "Fork rule"): after `fork()` a child may map a
 //! frame with no PTE present, and would read zeros if the parent punched it. So a frame
 //! born before the latest fork is not punched when its last mapper in this
 //! process lets go; it waits in `deferred` until no other process maps the

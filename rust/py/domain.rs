@@ -116,6 +116,13 @@ fn _broker(py: Python<'_>, name: Bound<'_, PyAny>) -> PyResult<bool> {
         .map_err(|e| Error::io("running a merge domain's broker", e).into())
 }
 
+/// The directory where this user's domains meet (created private if needed).
+#[pyfunction]
+fn _domain_dir() -> PyResult<String> {
+    let d = place::dir().map_err(|e| Error::io("the merge domains' directory", e))?;
+    Ok(d.to_string_lossy().into_owned())
+}
+
 /// The user's domains with a broker socket now.
 #[pyfunction]
 fn _domains(py: Python<'_>) -> Vec<String> {
@@ -131,5 +138,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_domain_sync, m)?)?;
     m.add_function(wrap_pyfunction!(_broker, m)?)?;
     m.add_function(wrap_pyfunction!(_domains, m)?)?;
+    m.add_function(wrap_pyfunction!(_domain_dir, m)?)?;
     Ok(())
 }

@@ -116,7 +116,7 @@ pub struct Core<M: Mem> {
     /// “Smart scan”).
     pub smart_scan: bool,
     /// `use_zero_pages`: all-zero pages become the kernel's zero page
-    /// (docs/kernel-contract.md, “Zero pages”).
+    /// (docs/kernel-contract.md, "Zero pages").
     pub use_zero_pages: bool,
     /// The checksum of an all-zero page.
     zero_checksum: u32,

@@ -2,7 +2,7 @@
 //!
 //! Why: only the forking thread survives in the child, so a lock held by the
 //! scanner or fault thread at the moment of `fork()` would stay held forever
-//! there (docs/design.md, “Fork rule”). The engine registers three plain
+//! there (docs/design.md, "Fork rule"). The engine registers three plain
 //! functions: prepare (take the locks at a safe point), parent (release), child
 //! (release and reset the daemon state, which has no threads in the child).
 

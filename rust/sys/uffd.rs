@@ -430,7 +430,7 @@ impl Uffd {
     ///
     /// EAGAIN means an event (UNMAP, REMAP, REMOVE, FORK) is in flight and not
     /// yet read by the fault thread; it is retried here, yielding, since the
-    /// fault thread is a different thread (docs/design.md, “Userfaultfd rules”).
+    /// fault thread is a different thread (docs/design.md, "The mechanism").
     pub fn writeprotect(&self, start: usize, len: usize, on: bool) -> io::Result<()> {
         loop {
             match self.writeprotect_once(start, len, on) {
