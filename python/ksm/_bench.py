@@ -1000,7 +1000,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--only",
         action="append",
         metavar="WORKLOAD",
-        help=f"run only this workload (repeatable): {', '.join(WORKLOADS)}",
+        help=(
+            f"run only this workload (repeatable): {', '.join(WORKLOADS)}; or workers (worker processes "
+            "loading the same data, merged by a ksm merge domain and by kernel KSM; not in the default set)"
+        ),
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON (progress still on stderr)")
     p.add_argument("--no-kernel", action="store_true", help="measure ksm alone, leave kernel KSM untouched")
@@ -1043,6 +1046,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         size = parse_size(args.size)
     except ValueError as e:
         return fail(str(e))
+    if args.only and "workers" in args.only:
+        # Worker pools across processes: its own sizes and sides (see _workers.py).
+        from . import _workers
+
+        if not ksm.available():
+            return fail(f"merging is not available here: {ksm.unavailable_reason()}")
+        rc = _workers.bench(args, out, err)
+        args.only = [w for w in args.only if w != "workers"]
+        if not args.only:
+            return rc
     selected = list(dict.fromkeys(args.only or WORKLOADS))
     bad = [w for w in selected if w not in WORKLOADS]
     if bad:

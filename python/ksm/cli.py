@@ -336,6 +336,13 @@ def _hold(seconds: float) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import ksm
 
+    if args.workers is not None:
+        if not ksm.available():
+            print(f"ksm demo: merging is not available here: {ksm.unavailable_reason()}", file=sys.stderr)
+            return 2
+        from . import _workers
+
+        return _workers.demo(args)
     out = sys.stdout
     if not ksm.available():
         print(f"ksm demo: merging is not available here: {ksm.unavailable_reason()}", file=sys.stderr)
@@ -908,6 +915,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE.png",
         help="draw PSS, frames and pages_sharing against time to FILE (needs matplotlib: ksm[plot])",
+    )
+    demo.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=(
+            "instead: start N worker processes that each load the same data (--mib of it) into one "
+            "merge domain, merge, and show each worker's PSS before and after"
+        ),
     )
     demo.set_defaults(func=cmd_demo)
 

@@ -20,7 +20,7 @@
 use std::ffi::CStr;
 
 use super::{Engine, State};
-use crate::domain::client::{Inbound, Link, LinkStats, Outbound, Spawner};
+use crate::domain::client::{Inbound, Link, LinkStats, Outbound, SegmentView, Spawner};
 use crate::domain::proto::{self, Msg, SegUsage, BITMAP_WORDS};
 use crate::error::{Error, Result};
 use crate::scan::{page_checksum, Mem};
@@ -133,6 +133,7 @@ impl Engine {
         let Some(link) = &st.domain else {
             return;
         };
+        st.core.set_domain_connected(link.stats().connected);
         for m in link.take() {
             match m {
                 Inbound::Connected { first: true } => {}
@@ -154,14 +155,34 @@ impl Engine {
         if st.domain.is_none() {
             return;
         }
-        let (announce, publish) = st.core.take_domain_out();
-        let mut out: Vec<Outbound> = announce
+        let found = st.core.take_domain_out();
+        let mut out: Vec<Outbound> = found
+            .announce
             .chunks(proto::MAX_SUMS)
             .map(|c| Outbound::Msg(Msg::Announce { sums: c.to_vec() }))
+            .chain(
+                found
+                    .claim
+                    .chunks(proto::MAX_SUMS)
+                    .map(|c| Outbound::Msg(Msg::Claim { sums: c.to_vec() })),
+            )
             .collect();
-        if !publish.is_empty() {
-            match Self::build_segment(st, &publish) {
-                Ok(Some((memfd, sums))) => out.push(Outbound::Publish(memfd, sums)),
+        if !found.publish.is_empty() {
+            match Self::build_segment(st, &found.publish) {
+                Ok(Some((memfd, sums))) => {
+                    // Taken in at once: merging inside this process does not wait for
+                    // the broker (nor stops when none answers). The broker's copy of
+                    // it, when it comes back, is recognised and dropped.
+                    match Self::own_view(&memfd, &sums, st.core.page_size()) {
+                        Ok(view) => {
+                            if let Some(f0) = st.core.add_segment(view.id, &view.sums) {
+                                st.core.mem.add_segment(f0, view);
+                            }
+                        }
+                        Err(_) => st.publish_failures += 1,
+                    }
+                    out.push(Outbound::Publish(memfd, sums));
+                }
                 Ok(None) => {}
                 Err(_) => st.publish_failures += 1,
             }
@@ -207,6 +228,22 @@ impl Engine {
         for (_, f0) in st.core.drop_unmapped_segments() {
             st.core.mem.drop_segment(f0);
         }
+    }
+
+    /// A read-only view of a segment we just sealed, to take it in ourselves.
+    fn own_view(memfd: &Memfd, sums: &[u32], page: usize) -> std::io::Result<SegmentView> {
+        let memfd = memfd.try_clone()?;
+        let size = sums.len() * page;
+        let view = crate::sys::mman::Mapping::read_only_view(memfd.raw(), size)?;
+        let (_, id) = memfd.identity()?;
+        Ok(SegmentView {
+            id,
+            frames: sums.len() as u32,
+            sums: sums.to_vec(),
+            own: true,
+            memfd,
+            view,
+        })
     }
 
     /// A sealed segment holding the bytes of `pages` (address, owned, checksum) as they

@@ -147,6 +147,24 @@ impl Hub {
                     Vec::new()
                 }
             },
+            Msg::Claim { sums } => {
+                // Held twice by `m` itself: it publishes, unless someone has or will.
+                let ask: Vec<u32> = sums
+                    .into_iter()
+                    .filter(|s| !self.published.contains_key(s) && !self.assigned.contains_key(s))
+                    .collect();
+                for &s in &ask {
+                    self.assigned.insert(s, m);
+                    self.candidates.remove(&s);
+                }
+                ask.chunks(MAX_SUMS)
+                    .map(|c| Out {
+                        to: m,
+                        msg: Msg::PleasePublish { sums: c.to_vec() },
+                        segment: None,
+                    })
+                    .collect()
+            }
             Msg::Decline { sums } => {
                 for s in sums {
                     if self.assigned.get(&s) == Some(&m) {
@@ -558,6 +576,28 @@ mod tests {
         // A late member gets every segment.
         let (d, o) = h.join();
         assert!(o.iter().any(|x| x.to == d && x.segment == Some(99)));
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_content_held_twice_by_two_members_is_published_by_one() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        let o = h.on_message(a, Msg::Claim { sums: vec![7, 8] }, None);
+        assert_eq!(sums_of(&o, a), vec![7, 8]);
+        // b holds 7 twice too, and announces 8: nobody else is asked.
+        assert!(h
+            .on_message(b, Msg::Claim { sums: vec![7] }, None)
+            .is_empty());
+        assert!(h
+            .on_message(b, Msg::Announce { sums: vec![8] }, None)
+            .is_empty());
+        h.check_invariants();
+        // a declines 8 (its pages changed): 8 is free again for the next claim.
+        h.on_message(a, Msg::Decline { sums: vec![8] }, None);
+        let o = h.on_message(b, Msg::Claim { sums: vec![8] }, None);
+        assert_eq!(sums_of(&o, b), vec![8]);
         h.check_invariants();
     }
 

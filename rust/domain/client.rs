@@ -84,6 +84,11 @@ struct Shared {
     refused: AtomicU64,
     /// Times a connection to a broker was lost.
     disconnects: AtomicU64,
+    /// Messages and bytes sent to and received from brokers.
+    sent: AtomicU64,
+    sent_bytes: AtomicU64,
+    received: AtomicU64,
+    received_bytes: AtomicU64,
     /// The last error met while reaching the broker, for `domain_stats`.
     last_error: Mutex<Option<String>>,
     /// Round trips asked for (`Link::sync`) and answered, and the broker's last answer.
@@ -116,6 +121,10 @@ pub struct LinkStats {
     pub members: u32,
     pub refused: u64,
     pub disconnects: u64,
+    pub sent: u64,
+    pub sent_bytes: u64,
+    pub received: u64,
+    pub received_bytes: u64,
 }
 
 impl Link {
@@ -186,6 +195,10 @@ impl Link {
             members: s.members.load(Ordering::Relaxed),
             refused: s.refused.load(Ordering::Relaxed),
             disconnects: s.disconnects.load(Ordering::Relaxed),
+            sent: s.sent.load(Ordering::Relaxed),
+            sent_bytes: s.sent_bytes.load(Ordering::Relaxed),
+            received: s.received.load(Ordering::Relaxed),
+            received_bytes: s.received_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -416,6 +429,10 @@ impl Worker {
                 return;
             }
         };
+        self.shared.received.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .received_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
         let msg = match proto::decode(&buf[..n], fds.len()) {
             Ok(m) => m,
             Err(e) => return self.refused(&e.to_string()),
@@ -490,16 +507,23 @@ impl Worker {
                 .pop_front();
             let Some(item) = next else { return };
             let sock = self.sock.as_ref().expect("checked");
-            let r = match &item {
-                Outbound::Msg(m) => sock.send(&m.encode(), &[], false),
+            let (bytes, fd) = match &item {
+                Outbound::Msg(m) => (m.encode(), None),
                 Outbound::Publish(memfd, sums) => {
                     let m = Msg::Publish {
                         frames: sums.len() as u32,
                         sums: sums.clone(),
                     };
-                    sock.send(&m.encode(), &[memfd.raw()], false)
+                    (m.encode(), Some(memfd.raw()))
                 }
             };
+            let r = sock.send(&bytes, fd.as_slice(), false);
+            if r.is_ok() {
+                self.shared.sent.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .sent_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
             if let Err(e) = r {
                 self.error(format!("sending to the broker: {e}"));
                 self.disconnect();

@@ -85,6 +85,9 @@ pub enum Msg {
     Publish { frames: u32, sums: Vec<u32> },
     /// Checksums the broker asked this member to publish that it no longer holds.
     Decline { sums: Vec<u32> },
+    /// Checksums of contents this member holds twice or more itself: it may publish
+    /// them unless another member does (the broker answers with `PleasePublish`).
+    Claim { sums: Vec<u32> },
     /// How much of each segment this member maps (part of a report).
     Usage { segs: Vec<SegUsage> },
     /// A full scan ended: the report (the `Usage` messages before) is complete.
@@ -149,6 +152,7 @@ impl Msg {
             Msg::Usage { .. } => 5,
             Msg::ScanDone => 6,
             Msg::StatsQuery => 7,
+            Msg::Claim { .. } => 8,
             Msg::Welcome { .. } => 101,
             Msg::Segment { .. } => 102,
             Msg::PleasePublish { .. } => 103,
@@ -182,6 +186,7 @@ impl Msg {
             }
             Msg::Announce { sums: s }
             | Msg::Decline { sums: s }
+            | Msg::Claim { sums: s }
             | Msg::PleasePublish { sums: s } => sums(&mut b, s),
             Msg::Publish { frames, sums: s } => {
                 b.extend_from_slice(&frames.to_le_bytes());
@@ -329,6 +334,7 @@ pub fn decode(packet: &[u8], fds: usize) -> Result<Msg, DecodeError> {
         }
         6 => Msg::ScanDone,
         7 => Msg::StatsQuery,
+        8 => Msg::Claim { sums: r.sums()? },
         101 => Msg::Welcome {
             member: r.u32()?,
             members: r.u32()?,
@@ -418,6 +424,7 @@ mod tests {
                 sums: vec![9, 8],
             },
             Msg::Decline { sums: vec![] },
+            Msg::Claim { sums: vec![4, 5] },
             Msg::Usage {
                 segs: vec![SegUsage {
                     id: 77,

@@ -103,6 +103,10 @@ fn _member_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("publish_failures", s.publish_failures)?;
     d.set_item("refused", s.link.refused)?;
     d.set_item("disconnects", s.link.disconnects)?;
+    d.set_item("messages_sent", s.link.sent)?;
+    d.set_item("bytes_sent", s.link.sent_bytes)?;
+    d.set_item("messages_received", s.link.received)?;
+    d.set_item("bytes_received", s.link.received_bytes)?;
     d.set_item("last_error", s.last_error)?;
     Ok(d)
 }

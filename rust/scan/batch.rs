@@ -325,9 +325,12 @@ impl<M: Mem> Core<M> {
             {
                 break;
             }
-            // In a domain, a page that a frame of the index may take is not skipped:
-            // frames arrive from other members at any scan.
-            let offered = domain.is_some() && stable.get(key_of(p.checksum())).next().is_some();
+            // In a domain, a page that a frame of the index may take, or that the domain
+            // has not heard of or asks for, is not skipped: frames arrive from other
+            // members at any scan.
+            let offered = domain.as_ref().is_some_and(|d| {
+                d.needs_visit(p.checksum()) || stable.get(key_of(p.checksum())).next().is_some()
+            });
             if smart && p.age() >= 3 && p.skips() > 0 && !offered {
                 // `should_skip`: skipped.
                 let q = &mut r.pages[idx];

@@ -8,6 +8,12 @@
 //!   copied into a new sealed segment; pages queued in one batch are copied in
 //!   address order, so that a run of pages becomes a run of frames that the other
 //!   members map with one mapping.
+//! * Two pages of this process with the same bytes are not merged onto a frame of
+//!   the process's own pool, as outside a domain, but the same way: one is queued
+//!   for a segment, and both merge onto its frame at their next visit. So every
+//!   frame made while in a domain can be mapped by the other members. (The engine
+//!   takes its own segments in at once, without waiting for the broker: merging
+//!   inside the process goes on when no broker answers.)
 //! * A segment received from the domain enters the stable index, frame by frame,
 //!   under checksums computed by this process from the sealed bytes. From then on
 //!   a page merges onto it exactly as onto a frame of its own pool: after
@@ -45,6 +51,15 @@ pub struct DomainCounters {
     pub retired: u64,
 }
 
+/// What a batch found for the domain (see `Core::take_domain_out`).
+#[derive(Debug, Default)]
+pub struct DomainOut {
+    pub announce: Vec<u32>,
+    pub claim: Vec<u32>,
+    /// Pages to copy into a new segment: address, owned, checksum.
+    pub publish: Vec<(usize, bool, u32)>,
+}
+
 /// What the core keeps of its domain.
 #[derive(Debug, Default)]
 pub struct DomainState {
@@ -52,6 +67,13 @@ pub struct DomainState {
     wanted: HashSet<u32>,
     announce: Vec<u32>,
     publish: Vec<(usize, bool, u32)>,
+    /// Checksums queued to publish, or published and not yet taken in: queued once.
+    publishing: HashSet<u32>,
+    /// Contents this process holds twice, claimed from the domain (once), to claim.
+    claimed: HashSet<u32>,
+    claim: Vec<u32>,
+    /// Whether a broker answers now (else contents held twice are published at once).
+    connected: bool,
     pub counters: DomainCounters,
 }
 
@@ -61,10 +83,21 @@ impl DomainState {
     pub(super) fn needs_visit(&self, checksum: u32) -> bool {
         !self.announced.contains(&checksum) || self.wanted.contains(&checksum)
     }
+
+    /// Queue the page at `t` to be copied into the next segment, once per checksum.
+    fn queue(&mut self, t: Target, checksum: u32) -> bool {
+        if self.publish.len() >= PUBLISH_MAX || !self.publishing.insert(checksum) {
+            return false;
+        }
+        self.wanted.remove(&checksum);
+        self.publish.push((t.addr, t.owned, checksum));
+        true
+    }
 }
 
 impl<M: Mem> Core<M> {
-    /// Join a domain: candidates are announced from the next visit on.
+    /// Join a domain: candidates are announced from the next visit on. Until the
+    /// engine says a broker answers, contents held twice are published at once.
     pub fn join_domain(&mut self) {
         if self.domain.is_none() {
             self.domain = Some(DomainState::default());
@@ -89,6 +122,7 @@ impl<M: Mem> Core<M> {
     pub fn domain_connected(&mut self) {
         if let Some(d) = &mut self.domain {
             d.announced.clear();
+            d.claimed.clear();
             d.wanted.clear();
         }
     }
@@ -100,19 +134,20 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// Checksums to announce, and pages to copy into a new segment (address, owned,
-    /// checksum), collected since the last call.
-    pub fn take_domain_out(&mut self) -> (Vec<u32>, Vec<(usize, bool, u32)>) {
+    /// Checksums to announce, to claim, and pages to copy into a new segment
+    /// (address, owned, checksum), collected since the last call.
+    pub fn take_domain_out(&mut self) -> DomainOut {
         match &mut self.domain {
             Some(d) => {
                 d.counters.announced += d.announce.len() as u64;
                 d.counters.published += d.publish.len() as u64;
-                (
-                    std::mem::take(&mut d.announce),
-                    std::mem::take(&mut d.publish),
-                )
+                DomainOut {
+                    announce: std::mem::take(&mut d.announce),
+                    claim: std::mem::take(&mut d.claim),
+                    publish: std::mem::take(&mut d.publish),
+                }
             }
-            None => (Vec::new(), Vec::new()),
+            None => DomainOut::default(),
         }
     }
 
@@ -132,6 +167,7 @@ impl<M: Mem> Core<M> {
         for (i, &k) in keys.iter().enumerate() {
             self.stable.push(k, f0 + i as FrameId);
             d.wanted.remove(&(k as u32));
+            d.publishing.remove(&(k as u32));
         }
         d.counters.segments += 1;
         // New frames to merge onto: the next full scan is not a settled one.
@@ -167,11 +203,31 @@ impl<M: Mem> Core<M> {
     /// the domain, or copy it into a segment if the domain asked for this checksum.
     pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32) {
         let Some(d) = &mut self.domain else { return };
-        if d.wanted.contains(&checksum) && d.publish.len() < PUBLISH_MAX {
-            d.wanted.remove(&checksum);
-            d.publish.push((t.addr, t.owned, checksum));
+        if d.wanted.contains(&checksum) {
+            d.queue(t, checksum);
         } else if d.announce.len() < ANNOUNCE_MAX && d.announced.insert(checksum) {
             d.announce.push(checksum);
+        }
+    }
+
+    /// Two pages of this process hold the same bytes (an unstable-index match): in a
+    /// domain their frame is made in a segment, so that other members can map it too.
+    pub(super) fn domain_publish(&mut self, t: Target, checksum: u32) {
+        let Some(d) = &mut self.domain else { return };
+        if d.wanted.contains(&checksum) || !d.connected {
+            // Asked for, or no broker to ask: publish (merging inside the process goes
+            // on without one).
+            d.queue(t, checksum);
+        } else if d.claim.len() < ANNOUNCE_MAX && d.claimed.insert(checksum) {
+            // Another member may hold it too: the broker says who publishes it.
+            d.claim.push(checksum);
+        }
+    }
+
+    /// Whether a broker answers now (the engine says so before every batch).
+    pub fn set_domain_connected(&mut self, connected: bool) {
+        if let Some(d) = &mut self.domain {
+            d.connected = connected;
         }
     }
 }

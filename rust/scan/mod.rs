@@ -53,8 +53,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::pool::{self, FrameId, FrameTable};
 use crate::region::{PageRec, Region, State, ADVISED};
 use batch::SumsAhead;
-pub use domain::DomainCounters;
 use domain::DomainState;
+pub use domain::{DomainCounters, DomainOut};
 use index::{AddrChains, AddrIndex, MultiIndex};
 pub use mem::{Mem, Presence};
 

@@ -1438,23 +1438,24 @@ fn domain_member(n: usize) -> Core<FakeMem> {
 fn a_domain_member_announces_candidates_once_and_publishes_what_it_is_asked_for() {
     let n = 8;
     let mut c = domain_member(n);
-    let (announced, publish) = c.take_domain_out();
+    let out = c.take_domain_out();
+    let (announced, publish) = (out.announce, out.publish);
     let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
     assert_eq!(announced, sums, "every candidate, in address order");
     assert!(publish.is_empty());
     c.scan_full(1);
-    assert!(c.take_domain_out().0.is_empty(), "announced once");
+    assert!(c.take_domain_out().announce.is_empty(), "announced once");
     // Asked for pages 2..6: the next visits queue them, in address order.
     c.domain_wants(&sums[2..6]);
     c.scan_full(1);
-    let (_, publish) = c.take_domain_out();
+    let publish = c.take_domain_out().publish;
     let addrs: Vec<usize> = publish.iter().map(|p| p.0).collect();
     assert_eq!(addrs, (2..6).map(|i| BASE + i * PG).collect::<Vec<_>>());
     assert!(publish.iter().all(|p| p.1), "owned memory");
     // A new broker hears everything again.
     c.domain_connected();
     c.scan_full(1);
-    assert_eq!(c.take_domain_out().0.len(), n);
+    assert_eq!(c.take_domain_out().announce.len(), n);
     c.check_invariants();
 }
 
@@ -1530,5 +1531,69 @@ fn leaving_the_domain_keeps_merged_pages_and_stops_new_merges() {
     for i in 0..n {
         assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i));
     }
+    c.check_invariants();
+}
+
+#[test]
+fn in_a_domain_two_equal_pages_of_one_process_are_published_not_pooled() {
+    let mut c = core_with(4);
+    c.smart_scan = false;
+    for i in 0..4 {
+        c.mem.write(BASE + i * PG, &page_of(i % 2));
+    }
+    c.join_domain();
+    c.advise(BASE, BASE + 4 * PG);
+    c.scan_full(2);
+    // No broker answers: contents held twice are published at once.
+    let publish = c.take_domain_out().publish;
+    // Pages 2 and 3 found pages 0 and 1: one page of each content is queued, once.
+    let sums: Vec<u32> = publish.iter().map(|p| p.2).collect();
+    assert_eq!(
+        sums,
+        vec![page_checksum(&page_of(0)), page_checksum(&page_of(1))]
+    );
+    assert_eq!(
+        c.counters().pages_shared,
+        0,
+        "no frame of the process's own pool"
+    );
+    assert_eq!(c.frames().live(), 0);
+    // The segment comes back: all four pages merge onto its two frames.
+    let frames = vec![page_of(0), page_of(1)];
+    let f0 = c.add_segment(9, &sums).unwrap();
+    c.mem.add_segment(f0, &frames);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, 4);
+    for i in 0..4 {
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i % 2));
+    }
+    c.check_invariants();
+}
+
+#[test]
+fn with_a_broker_contents_held_twice_are_claimed_and_published_when_granted() {
+    let mut c = core_with(4);
+    c.smart_scan = false;
+    for i in 0..4 {
+        c.mem.write(BASE + i * PG, &page_of(i % 2));
+    }
+    c.join_domain();
+    c.set_domain_connected(true);
+    c.advise(BASE, BASE + 4 * PG);
+    c.scan_full(2);
+    let out = c.take_domain_out();
+    let sums = vec![page_checksum(&page_of(0)), page_checksum(&page_of(1))];
+    assert_eq!(out.claim, sums);
+    assert!(out.publish.is_empty(), "waits for the broker");
+    c.scan_full(1);
+    assert!(c.take_domain_out().claim.is_empty(), "claimed once");
+    // Granted for the first content only.
+    c.domain_wants(&sums[..1]);
+    c.scan_full(1);
+    let publish = c.take_domain_out().publish;
+    assert_eq!(
+        publish.iter().map(|p| p.2).collect::<Vec<_>>(),
+        sums[..1].to_vec()
+    );
     c.check_invariants();
 }

@@ -153,11 +153,12 @@ impl<M: Mem> Core<M> {
             return false;
         }
         // In a domain, frames arrive from other members at any scan: a page that one
-        // of the index may take is looked at (the kernel's stable tree only grows
+        // of the index may take, or that the domain has not heard of or asks for, is
+        // looked at (the kernel's stable tree only grows
         // from pages it visits, so it has no such case).
-        if self.domain.is_some() {
+        if let Some(d) = &self.domain {
             let c = self.rec(addr).map_or(0, |r| r.checksum());
-            if self.stable.get(key_of(c)).next().is_some() {
+            if d.needs_visit(c) || self.stable.get(key_of(c)).next().is_some() {
                 return false;
             }
         }
@@ -288,7 +289,12 @@ impl<M: Mem> Core<M> {
                 return false;
             }
             if let Some(other) = self.unstable_search(hash, t.addr, buf) {
-                if self.merge_pair(t, other, hash) {
+                if self.domain.is_some() {
+                    // In a domain every new frame is one the other members can map: the
+                    // page goes into a segment (built at the end of this batch), and
+                    // both pages merge onto it at their next visit.
+                    self.domain_publish(t, checksum);
+                } else if self.merge_pair(t, other, hash) {
                     return true;
                 }
             }

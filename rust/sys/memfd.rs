@@ -58,6 +58,13 @@ impl Memfd {
         Memfd { fd }
     }
 
+    /// A second descriptor of the same file (`F_DUPFD_CLOEXEC`).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Memfd {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
     /// The descriptor, to pass to another process.
     pub fn as_owned(&self) -> &OwnedFd {
         &self.fd

@@ -1,0 +1,376 @@
+"""Worker processes that load the same real data: ``ksm demo --workers N`` and
+``ksm bench --only workers`` (side by side with kernel KSM over the same kind of
+processes).
+
+Each worker is a separate interpreter (multiprocessing, spawn) that loads the
+installed Python's files page-aligned (as a cache would hold them), changes a few
+pages of its own, and answers commands over a pipe. With ksm, workers hold the
+data in ksm memory and join one merge domain; with the kernel, in anonymous
+private memory advised ``MADV_MERGEABLE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib as _hashlib
+import mmap as _mmap
+import multiprocessing as _mp
+import os as _os
+import random as _random
+import sys as _sys
+import time as _time
+import uuid as _uuid
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, TextIO
+
+from . import _data
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a worker loads and how it merges."""
+
+    mode: str  # "ksm" or "kernel"
+    index: int
+    mib: float
+    change_percent: float
+    seed: int
+    domain: str = ""
+    daemon: bool = False  # ksm: merge with ksmd (run=1) rather than on command
+    pages_to_scan: int = 10_000
+
+
+def _pss_kib(pid: int | str = "self") -> int:
+    """Proportional set size of a process (KiB), from smaps_rollup."""
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _digest(b: memoryview) -> bytes:
+    return _hashlib.blake2b(b, digest_size=16).digest()
+
+
+def _changes(npages: int, rng: _random.Random, percent: float) -> list[int]:
+    n = min(npages, round(npages * percent / 100))
+    return sorted(rng.sample(range(npages), n))
+
+
+def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in a child
+    import ksm
+
+    page = ksm.PAGE_SIZE
+    limit = max(page, int(spec.mib * MIB) // page * page)
+    data = _data.load_stdlib(limit, page).data
+    size = len(data)
+    buf: Any
+    if spec.mode == "ksm":
+        buf = ksm.mmap(size)
+    else:
+        buf = _mmap.mmap(-1, size, flags=_mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS)
+    view = memoryview(buf)
+    view[:] = data
+    rng = _random.Random(spec.seed * 1000 + spec.index)
+    changed = _changes(size // page, rng, spec.change_percent)
+    for p in changed:
+        view[p * page : (p + 1) * page] = rng.randbytes(page)
+    # A digest per page to verify against: the loaded data itself is let go, so that
+    # the worker's memory is its pages (as a worker that loaded a model would hold it).
+    digests = [_digest(view[p * page : (p + 1) * page]) for p in range(size // page)]
+    del data
+    conn.send(("loaded", size, len(changed)))
+    try:
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "advise":
+                if spec.mode == "ksm":
+                    buf.madvise(ksm.MADV_MERGEABLE)
+                    ksm.join(spec.domain)
+                    if spec.daemon:
+                        ksm.ksmd.pages_to_scan = spec.pages_to_scan
+                        ksm.ksmd.sleep_millisecs = 0
+                        ksm.ksmd.run = 1
+                else:
+                    buf.madvise(_mmap.MADV_MERGEABLE)
+                conn.send(("ok",))
+            elif cmd == "scan":
+                ksm.scan(int(args[0]))
+                ksm._ksm._domain_sync(10.0)
+                conn.send(("ok",))
+            elif cmd == "pss":
+                conn.send(("pss", _pss_kib()))
+            elif cmd == "stats":
+                s = dict(ksm.stats()) if spec.mode == "ksm" else {}
+                m = ksm.member_stats() if spec.mode == "ksm" else {}
+                conn.send(("stats", s, m))
+            elif cmd == "verify":
+                bad = sum(_digest(view[p * page : (p + 1) * page]) != d for p, d in enumerate(digests))
+                conn.send(("verify", bad))
+            elif cmd == "exit":
+                if spec.mode == "ksm":
+                    ksm.ksmd.run = 0
+                    ksm.leave()
+                conn.send(("ok",))
+                return
+    finally:
+        view.release()
+        buf.close()
+
+
+class Pool:
+    """N worker processes, each with its pipe."""
+
+    def __init__(self, specs: list[Spec]) -> None:
+        ctx = _mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for s in specs:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(child, s), daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self.loaded = [c.recv() for c in self.conns]
+
+    def ask(self, *cmd: Any) -> list[tuple[Any, ...]]:
+        for c in self.conns:
+            c.send(cmd)
+        return [c.recv() for c in self.conns]
+
+    def pss_kib(self) -> list[int]:
+        return [r[1] for r in self.ask("pss")]
+
+    def close(self) -> None:
+        for c, p in zip(self.conns, self.procs, strict=True):
+            try:
+                if p.is_alive():
+                    c.send(("exit",))
+                    c.recv()
+            except (EOFError, OSError):
+                pass
+            c.close()
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    n = min(width, done * width // max(1, total))
+    return "[" + "#" * n + "." * (width - n) + "]"
+
+
+def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``ksm demo --workers N``: N workers load the same data; merge; PSS before and after."""
+    import ksm
+
+    out = _sys.stdout if out is None else out
+    err = _sys.stderr if err is None else err
+    n: int = args.workers
+    if n < 2:
+        print("ksm demo: --workers needs at least 2 processes", file=err)
+        return 2
+    seed: int = args.seed if args.seed is not None else _random.randrange(1 << 32)
+    domain = f"demo-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
+    specs = [Spec("ksm", i, args.mib, args.change_percent, seed, domain) for i in range(n)]
+    t0 = _time.monotonic()
+    pool = Pool(specs)
+    try:
+        size = pool.loaded[0][1]
+        print(
+            f"workers: {n} processes, each loaded {size / MIB:.1f} MiB of the standard library's files "
+            f"and changed {args.change_percent:g}% of its pages (seed {seed}), in {_time.monotonic() - t0:.2f}s",
+            file=out,
+        )
+        before = pool.pss_kib()
+        pool.ask("advise")
+        t0 = _time.monotonic()
+        rounds, last, steady = 0, -1, 0
+        max_rounds = 64
+        while rounds < max_rounds:
+            pool.ask("scan", 1)
+            rounds += 1
+            d = ksm.domain_stats(domain)
+            sharing = d["pages_sharing"]
+            steady = steady + 1 if sharing == last else 0
+            last = sharing
+            want = (n - 1) * size // ksm.PAGE_SIZE
+            print(
+                f"\rmerging {_bar(sharing, want)} pages_sharing {sharing:,} after {rounds} scans",
+                end="",
+                file=err,
+                flush=True,
+            )
+            if steady >= 2 and rounds >= 4:
+                break
+        print(file=err)
+        merge_s = _time.monotonic() - t0
+        after = pool.pss_kib()
+        d = ksm.domain_stats(domain)
+        bad = sum(r[1] for r in pool.ask("verify"))
+        stats = pool.ask("stats")
+        alone = before[0]
+        rows = [(f"worker {i + 1}", b, a) for i, (b, a) in enumerate(zip(before, after, strict=True))]
+        print(f"\n{'':<12}{'PSS before':>14}{'PSS after':>14}", file=out)
+        for label, b, a in rows:
+            print(f"{label:<12}{b / 1024:>10.1f} MiB{a / 1024:>10.1f} MiB", file=out)
+        print(f"{'total':<12}{sum(before) / 1024:>10.1f} MiB{sum(after) / 1024:>10.1f} MiB", file=out)
+        print(
+            f"one process alone: {alone / 1024:.1f} MiB; {n} workers use "
+            f"{sum(after) / max(1, alone):.2f}x that after merging ({sum(before) / max(1, alone):.2f}x before)",
+            file=out,
+        )
+        msgs = sum(s[2].get("messages_sent", 0) + s[2].get("messages_received", 0) for s in stats)
+        print(
+            f"domain {domain}: {d['members']} members, pages_shared {d['pages_shared']:,}, "
+            f"pages_sharing {d['pages_sharing']:,}, segments {d['segments']} "
+            f"({d['pool_bytes'] / MIB:.1f} MiB, {d['live_frames']:,} frames live); "
+            f"{rounds} scans in {merge_s:.2f}s, {msgs:,} messages",
+            file=out,
+        )
+        print(f"verified: {n} workers, {bad:,} mismatched pages", file=out)
+        return 1 if bad else 0
+    finally:
+        pool.close()
+
+
+# --------------------------------------------------------------------------- benchmark
+
+SETTLE_QUIET_S = 1.0
+
+
+def _settle(read: Any, timeout: float) -> tuple[float, int, bool]:
+    """Poll `read()` (pages_sharing) until unchanged for SETTLE_QUIET_S: the time of its
+    last change, its value, and whether it settled before `timeout`."""
+    t0 = _time.monotonic()
+    last, changed_at = read(), t0
+    while True:
+        now = _time.monotonic()
+        if now - changed_at >= SETTLE_QUIET_S and last > 0:
+            return changed_at - t0, last, True
+        if now - t0 > timeout:
+            return now - t0, last, False
+        _time.sleep(0.02)
+        v = read()
+        if v != last:
+            last, changed_at = v, _time.monotonic()
+
+
+def _bench_one(mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any) -> dict[str, Any]:
+    import ksm
+
+    domain = f"bench-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
+    specs = [Spec(mode, i, mib, 1.0, seed, domain, daemon=True, pages_to_scan=pages_to_scan) for i in range(n)]
+    pool = Pool(specs)
+    try:
+        size = pool.loaded[0][1]
+        before = sum(pool.pss_kib())
+        if mode == "kernel":
+            k.configure(pages_to_scan)
+            k.write("run", 1)
+            read = lambda: k.num("pages_sharing")  # noqa: E731
+        else:
+            read = lambda: ksm.domain_stats(domain)["pages_sharing"]  # noqa: E731
+        pool.ask("advise")
+        settle_s, sharing, settled = _settle(read, timeout)
+        after = sum(pool.pss_kib())
+        stats = pool.ask("stats")
+        bad = sum(r[1] for r in pool.ask("verify"))
+        res: dict[str, Any] = {
+            "settle_s": settle_s,
+            "settled": settled,
+            "pages_sharing": sharing,
+            "pss_before_mib": before / 1024,
+            "pss_after_mib": after / 1024,
+            "bytes_per_worker": size,
+            "verified": bad == 0,
+        }
+        if mode == "ksm":
+            d = ksm.domain_stats(domain)
+            msgs = sum(s[2].get("messages_sent", 0) + s[2].get("messages_received", 0) for s in stats)
+            nbytes = sum(s[2].get("bytes_sent", 0) + s[2].get("bytes_received", 0) for s in stats)
+            res.update(
+                pool_mib=d["pool_bytes"] / MIB,
+                live_frames=d["live_frames"],
+                messages_per_merged_page=msgs / max(1, sharing),
+                bytes_per_merged_page=nbytes / max(1, sharing),
+            )
+        return res
+    finally:
+        pool.close()
+        if mode == "kernel":
+            k.write("run", 2)
+
+
+def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``ksm bench --only workers``: worker pools merged by ksm domains and by kernel KSM."""
+    from . import _bench
+
+    note = None if not args.no_kernel else "--no-kernel given"
+    note = note or _bench.kernel_unavailable_reason()
+    k = _bench.KernelKsm() if note is None else None
+    configs = [(4, 256.0), (16, 64.0)]
+    if getattr(args, "size", None) and args.size != "1G":
+        per = _bench.parse_size(args.size) / MIB
+        configs = [(4, per), (16, per / 4)]
+    rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    failed = False
+    try:
+        for n, mib in configs:
+            label = f"{n} workers x {mib:g} MiB"
+            print(f"workers: {label}: ksm ...", file=err, flush=True)
+            ours = _bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None)
+            theirs = None
+            if k is not None:
+                print(f"workers: {label}: kernel ...", file=err, flush=True)
+                theirs = _bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k)
+            rows.append((label, ours, theirs))
+    finally:
+        if k is not None:
+            errors = k.restore()
+            if errors:
+                print("ksm bench: kernel KSM knobs not restored: " + "; ".join(errors), file=err)
+                failed = True
+    print("\nworkers (each loads the same real data, 1% of pages changed per worker; settled =", file=out)
+    print("pages_sharing unchanged for 1 s; pages_to_scan 10000, sleep_millisecs 0 on both sides)", file=out)
+    print(f"{'':<26}{'ksm':>12}{'kernel':>12}{'ksm/kernel':>12}", file=out)
+    targets: list[tuple[bool, str]] = []
+    for label, ours, theirs in rows:
+
+        def line(name: str, key: str, fmt: str = "{:,.2f}") -> None:
+            a = ours.get(key)
+            b = theirs.get(key) if theirs else None
+            ratio = f"{a / b:.3g}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+            sa = fmt.format(a) if isinstance(a, (int, float)) else "-"
+            sb = fmt.format(b) if isinstance(b, (int, float)) else "-"
+            print(f"  {name:<24}{sa:>12}{sb:>12}{ratio:>12}", file=out)
+
+        print(label, file=out)
+        line("settle (s)", "settle_s")
+        line("pages saved", "pages_sharing", "{:,.0f}")
+        line("PSS before (MiB)", "pss_before_mib", "{:,.1f}")
+        line("PSS after (MiB)", "pss_after_mib", "{:,.1f}")
+        line("domain pool (MiB)", "pool_mib", "{:,.1f}")
+        line("messages / merged page", "messages_per_merged_page", "{:.3f}")
+        line("bytes / merged page", "bytes_per_merged_page", "{:.1f}")
+        print(f"  {'contents verified':<24}{'yes' if ours['verified'] else 'NO':>12}"
+              f"{('yes' if theirs['verified'] else 'NO') if theirs else '-':>12}", file=out)
+        failed |= not ours["verified"] or bool(theirs and not theirs["verified"])
+        if theirs:
+            sp = theirs["settle_s"] / max(1e-9, ours["settle_s"])
+            saved = ours["pages_sharing"] / max(1, theirs["pages_sharing"])
+            pss = ours["pss_after_mib"] / max(1e-9, theirs["pss_after_mib"])
+            targets.append((sp >= 1.0 and ours["settled"], f"{label}: settle at least as fast as kernel KSM (kernel/ksm = {sp:.2f}; aim 2)"))
+            targets.append((saved >= 0.99, f"{label}: pages saved >= 99% of the kernel's ({saved:.1%})"))
+            targets.append((pss <= 1.05, f"{label}: total PSS within 5% of the kernel's (ksm/kernel = {pss:.3f})"))
+    if targets:
+        print("\ntargets, each a ratio measured in this run:", file=out)
+        for ok, text in targets:
+            print(f"  {'PASS' if ok else 'MISS'}  {text}", file=out)
+    return 1 if failed else 0
