@@ -22,6 +22,7 @@
 
 pub mod advisor;
 pub mod knobs;
+mod query;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
