@@ -129,6 +129,7 @@ def uninstall_numpy_allocator() -> None:
             return
         _set(_installed[1])
         _installed = None
+        _ksm._numpy_trim()
         if _thread_hook_set:
             if threading.getprofile() is _thread_start:
                 threading.setprofile(_previous_thread_hook)
@@ -149,6 +150,11 @@ def numpy_allocator(min_bytes: int = DEFAULT_MIN_BYTES) -> Iterator[None]:
 
 def numpy_allocator_stats() -> dict[str, int]:
     return dict(_ksm._numpy_allocator_stats())
+
+
+def trim() -> int:
+    """Give back the freed blocks kept for reuse (up to 64 MiB); how many there were."""
+    return int(_ksm._numpy_trim())
 
 
 def installed() -> bool:

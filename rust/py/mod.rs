@@ -592,6 +592,12 @@ fn _numpy_set_max_live(n: Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
+/// Give back the freed blocks the numpy handler keeps for reuse; how many there were.
+#[pyfunction]
+fn _numpy_trim(py: Python<'_>) -> usize {
+    py.allow_threads(sys::npalloc::trim)
+}
+
 /// Whether `address` is the start of array data the numpy handler put in ksm memory.
 #[pyfunction]
 fn _numpy_owns(address: Bound<'_, PyAny>) -> PyResult<bool> {
@@ -611,6 +617,8 @@ fn _numpy_allocator_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("fallbacks_budget", load(&a::FALLBACKS_BUDGET))?;
     d.set_item("last_fallback_errno", load(&a::LAST_ERRNO))?;
     d.set_item("max_live_allocations", a::max_live())?;
+    d.set_item("cached_bytes", a::CACHED_BYTES.load(Ordering::Relaxed))?;
+    d.set_item("cache_hits", load(&a::CACHE_HITS))?;
     Ok(d)
 }
 
@@ -683,6 +691,7 @@ fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_numpy_set_handler, m)?)?;
     m.add_function(wrap_pyfunction!(_numpy_set_max_live, m)?)?;
     m.add_function(wrap_pyfunction!(_numpy_owns, m)?)?;
+    m.add_function(wrap_pyfunction!(_numpy_trim, m)?)?;
     m.add_function(wrap_pyfunction!(_numpy_allocator_stats, m)?)?;
     m.add_function(wrap_pyfunction!(_never_merges, m)?)?;
     m.add_function(wrap_pyfunction!(_advised_pages, m)?)?;

@@ -98,6 +98,18 @@ static LIVE: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
 /// arrays go to the default handler.
 static MAX_LIVE: AtomicUsize = AtomicUsize::new(usize::MAX);
 
+/// Freed ksm allocations kept for reuse, newest last: (address, bytes mapped). numpy
+/// makes and drops arrays of the same sizes over and over; glibc's malloc serves
+/// those from memory it keeps, which a fresh mapping (and its page faults and
+/// bookkeeping) cannot match. Kept blocks stay advised (ksmd may merge them).
+static CACHE: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+/// The most bytes the cache keeps, and the largest block it keeps (glibc's largest
+/// mmap threshold: beyond it glibc maps afresh too).
+pub const CACHE_MAX_BYTES: usize = 64 << 20;
+pub const CACHE_MAX_BLOCK: usize = 32 << 20;
+pub static CACHED_BYTES: AtomicUsize = AtomicUsize::new(0);
+pub static CACHE_HITS: AtomicU64 = AtomicU64::new(0);
+
 /// Counters, for `ksm.numpy_allocator_stats()`.
 pub static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 pub static FREES: AtomicU64 = AtomicU64::new(0);
@@ -149,9 +161,70 @@ fn default() -> Allocator {
         .0
 }
 
-/// ksm memory for `size` bytes, or None (counted) when the default must serve.
-fn ksm_alloc(size: usize) -> Option<usize> {
+fn mapped_len(size: usize) -> usize {
+    size.max(1).next_multiple_of(super::page_size())
+}
+
+/// A kept block of at least `need` bytes and at most twice that (the smallest), taken.
+fn from_cache(need: usize) -> Option<usize> {
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let (i, &(addr, len)) = c
+        .iter()
+        .enumerate()
+        .filter(|(_, &(_, len))| len >= need && len / 2 <= need)
+        .min_by_key(|(_, &(_, len))| len)?;
+    c.remove(i);
+    CACHED_BYTES.fetch_sub(len, Ordering::Relaxed);
+    CACHE_HITS.fetch_add(1, Ordering::Relaxed);
+    Some(addr)
+}
+
+/// Keep a freed block for reuse if it fits; the blocks to give back (oldest first).
+fn to_cache(addr: usize, len: usize) -> Vec<usize> {
+    if len > CACHE_MAX_BLOCK {
+        return vec![addr];
+    }
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    c.push((addr, len));
+    let mut total = CACHED_BYTES.fetch_add(len, Ordering::Relaxed) + len;
+    let mut out = Vec::new();
+    while total > CACHE_MAX_BYTES {
+        let (a, l) = c.remove(0);
+        total -= l;
+        CACHED_BYTES.fetch_sub(l, Ordering::Relaxed);
+        out.push(a);
+    }
+    out
+}
+
+/// Give every kept block back; how many there were.
+pub fn trim() -> usize {
+    let blocks = std::mem::take(&mut *CACHE.lock().unwrap_or_else(|e| e.into_inner()));
+    let n = blocks.len();
+    for (addr, len) in blocks {
+        CACHED_BYTES.fetch_sub(len, Ordering::Relaxed);
+        if let Some(h) = HOOKS.get() {
+            (h.free)(addr);
+        }
+    }
+    n
+}
+
+/// ksm memory for `size` bytes, or None (counted) when the default must serve;
+/// `zero`: the bytes must read as zeros.
+fn ksm_alloc(size: usize, zero: bool) -> Option<usize> {
     let hooks = HOOKS.get()?;
+    if let Some(addr) = from_cache(mapped_len(size)) {
+        if zero {
+            // SAFETY: a kept block is a live mapping of ours of at least `size` bytes
+            // (from_cache only hands out blocks that large) that nothing else uses.
+            unsafe { std::ptr::write_bytes(addr as *mut u8, 0, size) };
+        }
+        live(|m| m.insert(addr, size));
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(size, Ordering::Relaxed);
+        return Some(addr);
+    }
     if live_allocations() >= MAX_LIVE.load(Ordering::Relaxed) {
         FALLBACKS.fetch_add(1, Ordering::Relaxed);
         FALLBACKS_BUDGET.fetch_add(1, Ordering::Relaxed);
@@ -179,15 +252,17 @@ fn ksm_free(addr: usize) -> bool {
     };
     LIVE_BYTES.fetch_sub(size, Ordering::Relaxed);
     FREES.fetch_add(1, Ordering::Relaxed);
-    if let Some(h) = HOOKS.get() {
-        (h.free)(addr);
+    for a in to_cache(addr, mapped_len(size)) {
+        if let Some(h) = HOOKS.get() {
+            (h.free)(a);
+        }
     }
     true
 }
 
 unsafe extern "C" fn h_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
     if size >= config(ctx) {
-        if let Some(addr) = ksm_alloc(size) {
+        if let Some(addr) = ksm_alloc(size, false) {
             return addr as *mut c_void;
         }
     }
@@ -202,8 +277,8 @@ unsafe extern "C" fn h_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
 unsafe extern "C" fn h_calloc(ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
     if let Some(size) = nelem.checked_mul(elsize) {
         if size >= config(ctx) {
-            // Fresh anonymous memory reads as zeros.
-            if let Some(addr) = ksm_alloc(size) {
+            // Fresh anonymous memory reads as zeros; a kept block is cleared.
+            if let Some(addr) = ksm_alloc(size, true) {
                 return addr as *mut c_void;
             }
         }
@@ -236,8 +311,7 @@ unsafe extern "C" fn h_realloc(ctx: *mut c_void, ptr: *mut c_void, new_size: usi
             None => std::ptr::null_mut(),
         };
     };
-    let page = super::page_size();
-    let mapped = old_size.max(1).next_multiple_of(page);
+    let mapped = mapped_len(old_size);
     if new_size >= config(ctx) && new_size <= mapped {
         // Fits the pages it has: stays in place (shrinking keeps the tail pages).
         live(|m| m.insert(ptr as usize, new_size));
