@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import PAGE, run_python
 from hypothesis import given
 from hypothesis import strategies as st
 
 import ksm
 from ksm import _advise, _numpy
-
-from conftest import PAGE, run_python
 
 np = pytest.importorskip("numpy")
 try:

@@ -29,7 +29,9 @@ def parse_bytes(text: str) -> int:
     unit = t[-1:] if t[-1:] in ("k", "m", "g") else ""
     digits = t[: len(t) - len(unit)]
     if not digits.isdigit():
-        raise ValueError(f"{text!r} is not a size: it takes bytes as a whole number of 0 or more, or with K, M or G")
+        raise ValueError(
+            f"{text!r} is not a size: it takes bytes as a whole number of 0 or more, or with K, M or G"
+        )
     return int(digits) * _UNITS[unit]
 
 
@@ -43,7 +45,8 @@ def setup(environ: Mapping[str, str]) -> None:
 
     if not ksm.available():
         if any(environ.get(k) for k in ("KSM_RUN", "KSM_NUMPY")):
-            warn(f"merging is unavailable in this process, KSM_RUN and KSM_NUMPY do nothing: {ksm.unavailable_reason()}")
+            why = ksm.unavailable_reason()
+            warn(f"merging is unavailable in this process, KSM_RUN and KSM_NUMPY do nothing: {why}")
         return
     for var, knob in KNOBS:
         text = environ.get(var, "").strip()

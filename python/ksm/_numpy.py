@@ -20,6 +20,7 @@ freed (and resized) by it even after the handler is uninstalled.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -66,11 +67,13 @@ def _array_api() -> Any:
         ) from e
     version = tuple(int(p) for p in numpy.__version__.split(".")[:2] if p.isdigit())
     if version < (1, 22):
-        raise RuntimeError(f"ksm's numpy allocator needs numpy 1.22 or later (NEP 49), found {numpy.__version__}")
+        raise RuntimeError(
+            f"ksm's numpy allocator needs numpy 1.22 or later (NEP 49), found {numpy.__version__}"
+        )
     try:
-        from numpy._core import _multiarray_umath as umath
+        umath = importlib.import_module("numpy._core._multiarray_umath")
     except ImportError:
-        from numpy.core import _multiarray_umath as umath  # numpy 1.x
+        umath = importlib.import_module("numpy.core._multiarray_umath")  # numpy 1.x
     return umath._ARRAY_API
 
 

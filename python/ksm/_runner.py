@@ -173,10 +173,8 @@ def _setup(o: Options) -> bool:
         except (ValueError, TypeError) as e:
             raise BadInput(f"--domain: {e}") from None
     if not ksm.available():
-        print(
-            f"ksm run: merging is unavailable here, running the program without it: {ksm.unavailable_reason()}",
-            file=sys.stderr,
-        )
+        why = ksm.unavailable_reason()
+        print(f"ksm run: merging is unavailable here, running the program without it: {why}", file=sys.stderr)
         return False
     ksm.ksmd.run = 1
     env = {"KSM_RUN": "1"}
@@ -218,7 +216,7 @@ def _exec_script(path: str) -> Any:
     main = types.ModuleType("__main__")
     main.__file__ = full
     main.__loader__ = importlib.machinery.SourceFileLoader("__main__", full)
-    main.__builtins__ = builtins
+    main.__dict__["__builtins__"] = builtins
     main.__cached__ = None  # type: ignore[attr-defined]
     main.__spec__ = None
     with io.open_code(full) as f:

@@ -24,7 +24,10 @@
 //! `min_bytes` is made on first use and never freed. Which pointers are ksm's is
 //! recorded here (`LIVE`), so that `free` and `realloc` send a pointer the handler
 //! got from numpy's default back there. The functions do not need the GIL (numpy
-//! may call them without it) and never call into Python.
+//! may call them without it) and never call into Python. Their locks are held for a
+//! map update only, never across a call out, so a `fork()` from another thread can
+//! leave one held only if it lands inside such an update (numpy normally allocates with the
+//! GIL held, which `os.fork()` takes first).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -61,12 +64,12 @@ struct Handler {
 /// numpy's default allocator, copied out of its handler (a static of numpy's, never
 /// freed: numpy's extension is never unloaded).
 #[derive(Clone, Copy)]
-struct Default(Allocator);
+struct NumpyDefault(Allocator);
 // SAFETY: numpy's default allocator is its static, thread-safe malloc family (ctx is
 // NULL); calling it from any thread is what numpy itself does.
-unsafe impl Send for Default {}
+unsafe impl Send for NumpyDefault {}
 // SAFETY: as above; the copy is never written after it is set.
-unsafe impl Sync for Default {}
+unsafe impl Sync for NumpyDefault {}
 
 /// A handler of ours with its settings (`ctx` points at its `Config`).
 struct Ours(Handler);
@@ -90,7 +93,7 @@ pub struct Hooks {
 }
 
 static HOOKS: OnceLock<Hooks> = OnceLock::new();
-static DEFAULT: OnceLock<Default> = OnceLock::new();
+static DEFAULT: OnceLock<NumpyDefault> = OnceLock::new();
 static HANDLERS: Mutex<Option<HashMap<usize, &'static Ours>>> = Mutex::new(None);
 /// ksm allocations alive: address → bytes numpy asked for.
 static LIVE: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
@@ -387,7 +390,7 @@ fn read_default(py: Python<'_>, table: *const *const c_void) -> PyResult<()> {
     // SAFETY: numpy's default handler is a static PyDataMem_Handler of version 1 or later,
     // whose leading fields are the layout `Handler` declares.
     let a = unsafe { (*h).allocator };
-    let _ = DEFAULT.set(Default(a));
+    let _ = DEFAULT.set(NumpyDefault(a));
     Ok(())
 }
 
