@@ -88,7 +88,11 @@ def main() -> None:
                 bad = [i for i in range(pages) if m[i * PAGE : (i + 1) * PAGE] != model[i]]
                 # The child's own copy: a write here must not reach the parent.
                 m[0:PAGE] = b"\xee" * PAGE
-                os._exit(10 + min(len(bad), 100) if bad else (0 if ksm.domain() == os.environ.get("KSM_DOMAIN") else 3))
+                os._exit(
+                    10 + min(len(bad), 100)
+                    if bad
+                    else (0 if ksm.domain() == os.environ.get("KSM_DOMAIN") else 3)
+                )
             _, status = os.waitpid(pid, 0)
             answer({"child": os.waitstatus_to_exitcode(status)})
         elif cmd == "exit":

@@ -177,9 +177,7 @@ def test_an_unknown_domain_has_no_members(name: str) -> None:
     assert ksm.domain_stats()["members"] == 0  # not joined: nothing
 
 
-def test_two_interpreters_share_frames_and_writes_stay_private(
-    name: str, members: list[Member]
-) -> None:
+def test_two_interpreters_share_frames_and_writes_stay_private(name: str, members: list[Member]) -> None:
     pages = 64
     a, b = start(members, 2, seed=7, pages=pages, domain=name)
     d = settle([a, b], pages)
@@ -325,7 +323,9 @@ def test_garbage_and_lies_on_the_socket_are_refused(name: str, members: list[Mem
             hello = bytes([1]) + (1).to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
             s.send(hello + bytes([len(name)]) + name.encode())
             s.recv(65536)  # welcome
-            publish = bytes([3]) + (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
+            publish = (
+                bytes([3]) + (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
+            )
             socket.send_fds(s, [publish], [fd])
             # Refused: the broker hangs up on a liar.
             s.settimeout(10)

@@ -63,6 +63,8 @@ def test_wheel_installs_and_works_in_a_fresh_virtualenv(tmp_path: Path, python: 
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = z.read(entry_points).decode()
     assert "ksm/py.typed" in names and "ksm/_ksm.pyi" in names and "ksm/_publish.py" in names
+    # Child processes of `ksm run` are set up by this .pth, installed into site-packages.
+    assert any(n.endswith(".data/purelib/ksm_autorun.pth") for n in names), names
     assert "Requires-Python: >=3.11" in metadata
     assert "Provides-Extra: numpy" in metadata and "Provides-Extra: plot" in metadata
     assert "ksm=ksm.cli:main" in scripts.replace(" ", "")
@@ -124,3 +126,17 @@ print(json.dumps({"file": ksm.__file__, "version": ksm.__version__, "merged": me
         [str(venv / "bin" / "ksm"), "info"], cwd=work, capture_output=True, text=True, env=env, timeout=120
     )
     assert human.returncode == 0 and "not installed (pip install 'ksm[numpy]')" in human.stdout
+
+    # ksm_autorun.pth, installed into the fresh site-packages, sets a plain interpreter up.
+    auto = subprocess.run(
+        [str(vpy), "-c", "import ksm; print(ksm.ksmd.run, ksm.ksmd.pages_to_scan)"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**env, "KSM_RUN": "1", "KSM_PAGES_TO_SCAN": "222"},
+        timeout=120,
+        check=False,
+    )
+    assert auto.returncode == 0, auto.stderr
+    if result["merged"] is not None:
+        assert auto.stdout.split() == ["1", "222"], auto.stdout + auto.stderr

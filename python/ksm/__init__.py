@@ -16,7 +16,7 @@ import os as _os
 import sys as _sys
 import typing as _typing
 
-from . import _domain, _knobs, _ksm, _publish
+from . import _advise, _domain, _knobs, _ksm, _numpy, _publish
 from ._domain import domain, domain_stats, join, leave, member_stats
 from ._ksm import (
     MADV_MERGEABLE,
@@ -25,7 +25,6 @@ from ._ksm import (
     available,
     get_memory_merge,
     ksm_stat,
-    set_memory_merge,
     stats,
     unavailable_reason,
     wait_settled,
@@ -47,11 +46,13 @@ __all__ = [
     "PAGE_SIZE",
     "Ksmd",
     "__version__",
+    "advise",
     "available",
     "domain",
     "domain_stats",
     "empty",
     "get_memory_merge",
+    "install_numpy_allocator",
     "join",
     "ksm_stat",
     "ksmd",
@@ -60,10 +61,13 @@ __all__ = [
     "member_stats",
     "mmap",
     "mmap_of",
+    "numpy_allocator",
+    "numpy_allocator_stats",
     "scan",
     "set_memory_merge",
     "stats",
     "unavailable_reason",
+    "uninstall_numpy_allocator",
     "vmas_per_merged_page",
     "wait_settled",
     "zeros",
@@ -178,6 +182,106 @@ def madvise(address: int, length: int, advice: int) -> None:
     """
     _publish.start()
     _ksm.madvise(address, length, advice)
+    if advice == MADV_UNMERGEABLE and length:
+        _advise._prune()  # objects ksm.advise kept for these pages are let go
+
+
+def set_memory_merge(enable: bool) -> None:
+    """Like ``prctl(PR_SET_MEMORY_MERGE, enable)`` for the memory ksm owns.
+
+    True: every ``ksm.mmap`` region, existing and future, is mergeable.
+    False: every region (advised ones of any kind too) is unmerged and loses its
+    advice; objects ``ksm.advise`` kept alive are let go. Setting the current state
+    does nothing.
+
+    Raises:
+        TypeError: ``enable`` is not a bool or int.
+        OSError: EINVAL when merging is unavailable here; EAGAIN when merged
+            pages could not get private copies (merge-any then stays on,
+            nothing is lost).
+    """
+    _ksm.set_memory_merge(enable)
+    if not enable:
+        _advise._prune()
+
+
+def advise(obj: Any, advice: int = MADV_MERGEABLE) -> int:
+    """Advise the memory of any writable buffer: merging with no change to how it was allocated.
+
+    The whole pages inside the object's buffer are advised (its start is rounded
+    up to a page, its end down): a numpy array, a bytearray, a private
+    ``mmap.mmap``, a memoryview of any of them. With ``MADV_MERGEABLE`` the object
+    is kept alive, its buffer exported (a bytearray cannot be resized, an mmap not
+    closed), while any of those pages stays advised: until ``advise(obj,
+    MADV_UNMERGEABLE)``, ``ksm.madvise(..., MADV_UNMERGEABLE)`` over them or
+    ``ksm.set_memory_merge(False)``.
+
+    Args:
+        obj: a writable, contiguous buffer-protocol object.
+        advice: ``MADV_MERGEABLE`` (default) or ``MADV_UNMERGEABLE``.
+
+    Returns:
+        The number of whole pages advised (0 when the buffer holds no whole page).
+
+    Raises:
+        TypeError: not a buffer, or a read-only one (bytes, a read-only array).
+        ValueError: memory that can never merge (a ``MAP_SHARED`` mapping such as
+            the stdlib's default ``mmap.mmap(-1, n)``, a file mapping), saying what
+            to use instead; or a non-contiguous view.
+        OSError: as ``ksm.madvise`` (errno kept), e.g. EINVAL where merging is
+            unavailable, or for an unknown advice.
+    """
+    return _advise.advise(obj, advice)
+
+
+def install_numpy_allocator(min_bytes: int = _numpy.DEFAULT_MIN_BYTES) -> None:
+    """Put the data of numpy arrays of at least ``min_bytes`` in ksm memory, advised mergeable.
+
+    Sets ksm's handler (NEP 49, named ``"ksm"`` in ``get_handler_name()``) in the
+    current context and at the start of every thread started through ``threading``
+    from now on. Array data is page aligned, so identical arrays have identical
+    pages; smaller arrays, and any allocation ksm cannot make (out of memory, VMA
+    budget, merging unavailable), use numpy's default (counted in
+    ``numpy_allocator_stats()["fallbacks"]``). Arrays keep working after
+    ``uninstall_numpy_allocator()``. Installing again changes ``min_bytes``.
+
+    Raises:
+        ModuleNotFoundError: numpy is not installed (``pip install 'ksm[numpy]'``).
+        RuntimeError: numpy older than 1.22.
+        TypeError, ValueError: ``min_bytes`` is not an int of 0 or more.
+    """
+    _numpy.install_numpy_allocator(min_bytes)
+
+
+def uninstall_numpy_allocator() -> None:
+    """Undo ``install_numpy_allocator``: the handler it replaced is back in the context it was
+    installed in, and new threads get numpy's default. Arrays made under it stay valid."""
+    _numpy.uninstall_numpy_allocator()
+
+
+def numpy_allocator(min_bytes: int = _numpy.DEFAULT_MIN_BYTES) -> _contextlib.AbstractContextManager[None]:
+    """Context manager: ksm's numpy handler (as ``install_numpy_allocator``) inside the ``with``
+    block only, in the current context only (other threads are not affected).
+
+    Raises:
+        ModuleNotFoundError: numpy is not installed.
+        TypeError, ValueError: ``min_bytes`` is not an int of 0 or more.
+    """
+    return _numpy.numpy_allocator(min_bytes)
+
+
+def numpy_allocator_stats() -> dict[str, int]:
+    """Counters of ksm's numpy handler (all handlers and contexts of this process).
+
+    Keys: ``allocations`` (arrays given ksm memory), ``frees``, ``live_allocations``,
+    ``live_bytes`` (bytes of ksm memory arrays hold now), ``fallbacks`` (arrays of at
+    least ``min_bytes`` that got numpy's default memory because ksm's could not be
+    had), ``fallbacks_budget`` (of those, because ``max_live_allocations`` ksm
+    allocations were alive: each is a VMA, and merging needs VMAs too),
+    ``last_fallback_errno`` (errno of the last failed allocation, 0 if none),
+    ``max_live_allocations``.
+    """
+    return _numpy.numpy_allocator_stats()
 
 
 class Ksmd:

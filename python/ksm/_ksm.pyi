@@ -18,6 +18,7 @@ __all__ = [
     "Ksmd",
     "Mmap",
     "__version__",
+    "_advised_pages",
     "_after_fork_child",
     "_broker",
     "_domain",
@@ -30,6 +31,13 @@ __all__ = [
     "_join",
     "_leave",
     "_member_stats",
+    "_never_merges",
+    "_numpy_allocator_stats",
+    "_numpy_handler",
+    "_numpy_owns",
+    "_numpy_set_handler",
+    "_numpy_set_max_live",
+    "_numpy_trim",
     "_uffd_info",
     "available",
     "get_memory_merge",
@@ -347,3 +355,54 @@ def _broker(name: str) -> bool: ...
 def _domains() -> list[str]: ...
 def _domain_sync(timeout: float = 10.0) -> bool: ...
 def _domain_dir() -> str: ...
+
+# ---- no code changes: used by ksm.advise and ksm's numpy allocator -------------------
+
+def _never_merges(address: int, length: int) -> str | None:
+    """Why ``[address, address+length)`` can never merge, or None.
+
+    Returns:
+        A description (MAP_SHARED, file-backed or special memory, or not mapped), or
+        None for private anonymous memory.
+    """
+
+def _advised_pages(address: int, length: int) -> int:
+    """Pages of ``[address, address+length)`` advised ``MADV_MERGEABLE`` now."""
+
+def _numpy_handler(array_api: object, min_bytes: int) -> object:
+    """The capsule of ksm's numpy memory handler for arrays of at least ``min_bytes``.
+
+    Args:
+        array_api: numpy's ``_ARRAY_API`` capsule (its C-API table).
+        min_bytes: arrays smaller than this use numpy's default handler.
+
+    Raises:
+        TypeError: ``array_api`` is not a capsule.
+        RuntimeError: numpy's default handler cannot be read.
+    """
+
+def _numpy_set_handler(array_api: object, handler: object) -> object:
+    """``PyDataMem_SetHandler(handler)`` in the current context.
+
+    Returns:
+        The handler it replaced.
+
+    Raises:
+        TypeError: ``handler`` is not a capsule named ``"mem_handler"``.
+    """
+
+def _numpy_set_max_live(n: int) -> None:
+    """The most ksm allocations the numpy handler keeps alive at once (each is a VMA)."""
+
+def _numpy_owns(address: int) -> bool:
+    """Whether ``address`` is the start of array data the numpy handler put in ksm memory."""
+
+def _numpy_trim() -> int:
+    """Give back the freed blocks the numpy handler keeps for reuse.
+
+    Returns:
+        How many there were.
+    """
+
+def _numpy_allocator_stats() -> dict[str, int]:
+    """Counters of the numpy handler (see ``ksm.numpy_allocator_stats``)."""

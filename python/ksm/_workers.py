@@ -184,8 +184,9 @@ def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
     try:
         size = pool.loaded[0][1]
         print(
-            f"workers: {n} processes, each loaded {size / MIB:.1f} MiB of the standard library's files "
-            f"and changed {args.change_percent:g}% of its pages (seed {seed}), in {_time.monotonic() - t0:.2f}s",
+            f"workers: {n} processes, each loaded {size / MIB:.1f} MiB of the standard library's "
+            f"files and changed {args.change_percent:g}% of its pages (seed {seed}), "
+            f"in {_time.monotonic() - t0:.2f}s",
             file=out,
         )
         before = pool.pss_kib()
@@ -223,7 +224,8 @@ def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         print(f"{'total':<12}{sum(before) / 1024:>10.1f} MiB{sum(after) / 1024:>10.1f} MiB", file=out)
         print(
             f"one process alone: {alone / 1024:.1f} MiB; {n} workers use "
-            f"{sum(after) / max(1, alone):.2f}x that after merging ({sum(before) / max(1, alone):.2f}x before)",
+            f"{sum(after) / max(1, alone):.2f}x that after merging "
+            f"({sum(before) / max(1, alone):.2f}x before)",
             file=out,
         )
         msgs = sum(s[2].get("messages_sent", 0) + s[2].get("messages_received", 0) for s in stats)
@@ -262,11 +264,15 @@ def _settle(read: Any, timeout: float) -> tuple[float, int, bool]:
             last, changed_at = v, _time.monotonic()
 
 
-def _bench_one(mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any) -> dict[str, Any]:
+def _bench_one(
+    mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any
+) -> dict[str, Any]:
     import ksm
 
     domain = f"bench-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
-    specs = [Spec(mode, i, mib, 1.0, seed, domain, daemon=True, pages_to_scan=pages_to_scan) for i in range(n)]
+    specs = [
+        Spec(mode, i, mib, 1.0, seed, domain, daemon=True, pages_to_scan=pages_to_scan) for i in range(n)
+    ]
     pool = Pool(specs)
     try:
         size = pool.loaded[0][1]
@@ -343,10 +349,18 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     targets: list[tuple[bool, str]] = []
     for label, ours, theirs in rows:
 
-        def line(name: str, key: str, fmt: str = "{:,.2f}") -> None:
+        def line(
+            name: str,
+            key: str,
+            fmt: str = "{:,.2f}",
+            ours: dict[str, Any] = ours,
+            theirs: dict[str, Any] | None = theirs,
+        ) -> None:
             a = ours.get(key)
             b = theirs.get(key) if theirs else None
-            ratio = f"{a / b:.3g}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+            ratio = (
+                f"{a / b:.3g}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+            )
             sa = fmt.format(a) if isinstance(a, (int, float)) else "-"
             sb = fmt.format(b) if isinstance(b, (int, float)) else "-"
             print(f"  {name:<24}{sa:>12}{sb:>12}{ratio:>12}", file=out)
@@ -359,16 +373,26 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         line("domain pool (MiB)", "pool_mib", "{:,.1f}")
         line("messages / merged page", "messages_per_merged_page", "{:.3f}")
         line("bytes / merged page", "bytes_per_merged_page", "{:.1f}")
-        print(f"  {'contents verified':<24}{'yes' if ours['verified'] else 'NO':>12}"
-              f"{('yes' if theirs['verified'] else 'NO') if theirs else '-':>12}", file=out)
+        print(
+            f"  {'contents verified':<24}{'yes' if ours['verified'] else 'NO':>12}"
+            f"{('yes' if theirs['verified'] else 'NO') if theirs else '-':>12}",
+            file=out,
+        )
         failed |= not ours["verified"] or bool(theirs and not theirs["verified"])
         if theirs:
             sp = theirs["settle_s"] / max(1e-9, ours["settle_s"])
             saved = ours["pages_sharing"] / max(1, theirs["pages_sharing"])
             pss = ours["pss_after_mib"] / max(1e-9, theirs["pss_after_mib"])
-            targets.append((sp >= 1.0 and ours["settled"], f"{label}: settle at least as fast as kernel KSM (kernel/ksm = {sp:.2f}; aim 2)"))
+            targets.append(
+                (
+                    sp >= 1.0 and ours["settled"],
+                    f"{label}: settle at least as fast as kernel KSM (kernel/ksm = {sp:.2f}; aim 2)",
+                )
+            )
             targets.append((saved >= 0.99, f"{label}: pages saved >= 99% of the kernel's ({saved:.1%})"))
-            targets.append((pss <= 1.05, f"{label}: total PSS within 5% of the kernel's (ksm/kernel = {pss:.3f})"))
+            targets.append(
+                (pss <= 1.05, f"{label}: total PSS within 5% of the kernel's (ksm/kernel = {pss:.3f})")
+            )
     if targets:
         print("\ntargets, each a ratio measured in this run:", file=out)
         for ok, text in targets:

@@ -1,4 +1,4 @@
-"""The ``ksm`` command line: ``demo``, ``top``, ``stat``, ``info``, ``bench``, ``soak``.
+"""The ``ksm`` command line: ``demo``, ``top``, ``stat``, ``info``, ``bench``, ``soak``, ``run``.
 
 ``ksm demo`` merges several copies of real data (the installed Python standard
 library, laid out page-aligned as a page cache would hold it) and reports the
@@ -964,6 +964,13 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="the whole published record as JSON")
     stat.set_defaults(func=cmd_stat)
 
+    # Parsed by ksm._runner (main() hands it over before argparse); listed for --help.
+    sub.add_parser(
+        "run",
+        help="run a Python program with ksm set up, no code changes (ksm run --help)",
+        add_help=False,
+    )
+
     info = sub.add_parser("info", help="what this machine supports, and the effective settings")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
@@ -1002,6 +1009,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # Its own parser: everything after the program's name belongs to the program.
+        from . import _runner
+
+        return _runner.main(argv[1:])
     args = _parser().parse_args(argv)
     func = args.func
     try:

@@ -34,6 +34,7 @@ pub mod knobs;
 mod scanner;
 
 pub use domain::{MemberStats, SEGMENT_NAME};
+mod query;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};

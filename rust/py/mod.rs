@@ -622,6 +622,131 @@ fn _after_fork_child() -> PyResult<()> {
     Ok(())
 }
 
+// ---- no code changes: ksm.advise and numpy's allocator --------------------------
+
+fn errno_of(e: &Error) -> i32 {
+    e.raw_errno().unwrap_or(libc::EIO)
+}
+
+/// The numpy handler's source of memory: ksm memory, advised mergeable.
+fn numpy_alloc(len: usize) -> Result<usize, i32> {
+    let e = Engine::get().map_err(|e| errno_of(&e))?;
+    if !matches!(e.availability(), Availability::Available { .. }) {
+        return Err(libc::EINVAL);
+    }
+    let (addr, mapped) = e.alloc(len).map_err(|e| errno_of(&e))?;
+    if let Err(err) = e.madvise(addr, mapped, MADV_MERGEABLE) {
+        e.free(addr);
+        return Err(errno_of(&err));
+    }
+    Ok(addr)
+}
+
+fn numpy_free(addr: usize) {
+    if let Ok(e) = Engine::get() {
+        e.free(addr);
+    }
+}
+
+/// The capsule of ksm's numpy memory handler for arrays of at least `min_bytes`.
+#[pyfunction]
+fn _numpy_handler(
+    py: Python<'_>,
+    array_api: Bound<'_, PyAny>,
+    min_bytes: Bound<'_, PyAny>,
+) -> PyResult<PyObject> {
+    let min_bytes: usize = int_arg(&min_bytes, "min_bytes", "a size from 0 to 2**64-1 bytes")?;
+    sys::npalloc::handler(py, &array_api, min_bytes)
+}
+
+/// `PyDataMem_SetHandler(handler)` in the current context; returns the previous handler.
+#[pyfunction]
+fn _numpy_set_handler(
+    py: Python<'_>,
+    array_api: Bound<'_, PyAny>,
+    handler: Bound<'_, PyAny>,
+) -> PyResult<PyObject> {
+    sys::npalloc::set_handler(py, &array_api, &handler)
+}
+
+/// The most ksm allocations the numpy handler keeps alive at once (each is a VMA).
+#[pyfunction]
+fn _numpy_set_max_live(n: Bound<'_, PyAny>) -> PyResult<()> {
+    sys::npalloc::set_max_live(int_arg(&n, "n", "a count from 0 to 2**64-1")?);
+    Ok(())
+}
+
+/// Give back the freed blocks the numpy handler keeps for reuse; how many there were.
+#[pyfunction]
+fn _numpy_trim(py: Python<'_>) -> usize {
+    py.allow_threads(sys::npalloc::trim)
+}
+
+/// Whether `address` is the start of array data the numpy handler put in ksm memory.
+#[pyfunction]
+fn _numpy_owns(address: Bound<'_, PyAny>) -> PyResult<bool> {
+    Ok(sys::npalloc::owns(int_arg(&address, "address", ADDRESS)?))
+}
+
+#[pyfunction]
+fn _numpy_allocator_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    use sys::npalloc as a;
+    let d = PyDict::new(py);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    d.set_item("allocations", load(&a::ALLOCATIONS))?;
+    d.set_item("frees", load(&a::FREES))?;
+    d.set_item("live_allocations", a::live_allocations())?;
+    d.set_item("live_bytes", a::LIVE_BYTES.load(Ordering::Relaxed))?;
+    d.set_item("fallbacks", load(&a::FALLBACKS))?;
+    d.set_item("fallbacks_budget", load(&a::FALLBACKS_BUDGET))?;
+    d.set_item("last_fallback_errno", load(&a::LAST_ERRNO))?;
+    d.set_item("max_live_allocations", a::max_live())?;
+    d.set_item("cached_bytes", a::CACHED_BYTES.load(Ordering::Relaxed))?;
+    d.set_item("cache_hits", load(&a::CACHE_HITS))?;
+    Ok(d)
+}
+
+/// Why `[address, address+length)` can never merge (shared, file-backed or special
+/// memory, or not mapped), or None.
+#[pyfunction]
+fn _never_merges(address: Bound<'_, PyAny>, length: Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    let address: usize = int_arg(&address, "address", ADDRESS)?;
+    let length: usize = int_arg(&length, "length", LENGTH)?;
+    let end = address.saturating_add(length);
+    let vmas = crate::region::maps::read_self()
+        .map_err(|e| Error::os("reading /proc/self/maps", address, length, e))?;
+    let (covered, gap) = crate::region::maps::cover(&vmas, address, end);
+    for v in &covered {
+        if v.eligible() {
+            continue;
+        }
+        let what = if v.shared && (v.inode == 0 || v.path.starts_with("/dev/zero")) {
+            "MAP_SHARED anonymous memory (shared with other processes, which the kernel's KSM never merges either)".to_owned()
+        } else if v.shared {
+            format!("a MAP_SHARED mapping of the file {}", v.path)
+        } else if v.inode != 0 {
+            format!("a mapping of the file {} (file pages never merge)", v.path)
+        } else {
+            format!("a special mapping ({})", v.path)
+        };
+        return Ok(Some(what));
+    }
+    Ok(gap.then(|| "not mapped memory".to_owned()))
+}
+
+/// Pages of `[address, address+length)` advised MADV_MERGEABLE now.
+#[pyfunction]
+fn _advised_pages(
+    py: Python<'_>,
+    address: Bound<'_, PyAny>,
+    length: Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    let address: usize = int_arg(&address, "address", ADDRESS)?;
+    let length: usize = int_arg(&length, "length", LENGTH)?;
+    let e = engine()?;
+    Ok(py.allow_threads(|| e.advised_pages_in(address, address.saturating_add(length))))
+}
+
 #[pymodule]
 fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let e = engine()?;
@@ -647,5 +772,17 @@ fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_inject, m)?)?;
     m.add_function(wrap_pyfunction!(_injected, m)?)?;
     domain::register(m)?;
+    m.add_function(wrap_pyfunction!(_numpy_handler, m)?)?;
+    m.add_function(wrap_pyfunction!(_numpy_set_handler, m)?)?;
+    m.add_function(wrap_pyfunction!(_numpy_set_max_live, m)?)?;
+    m.add_function(wrap_pyfunction!(_numpy_owns, m)?)?;
+    m.add_function(wrap_pyfunction!(_numpy_trim, m)?)?;
+    m.add_function(wrap_pyfunction!(_numpy_allocator_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(_never_merges, m)?)?;
+    m.add_function(wrap_pyfunction!(_advised_pages, m)?)?;
+    sys::npalloc::set_hooks(sys::npalloc::Hooks {
+        alloc: numpy_alloc,
+        free: numpy_free,
+    });
     Ok(())
 }

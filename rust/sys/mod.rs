@@ -10,6 +10,8 @@ pub mod fork;
 pub mod inject;
 pub mod memfd;
 pub mod mman;
+#[cfg(feature = "python")]
+pub mod npalloc;
 pub mod pagemap;
 pub mod procmem;
 #[cfg(feature = "python")]
