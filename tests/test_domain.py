@@ -339,3 +339,90 @@ def test_garbage_and_lies_on_the_socket_are_refused(name: str, members: list[Mem
     assert (d["members"], d["pages_sharing"]) == (2, pages)
     for m in (a, b):
         assert m("check")["bad"] == []
+
+
+POOL_SCRIPT = r"""
+import json, multiprocessing as mp, sys
+import numpy as np
+
+def work(args):
+    q, go = args
+    a = np.arange(1 << 20, dtype=np.float64)          # 8 MiB, the same in every worker
+    q.put((mp.current_process().pid, a.ctypes.data, a.nbytes))
+    go.wait()
+    return float(a.sum())
+
+if __name__ == "__main__":
+    mp.set_start_method(sys.argv[1])
+    with mp.Manager() as m:
+        q, go = m.Queue(), m.Event()
+        with mp.Pool(3) as pool:
+            res = pool.map_async(work, [(q, go)] * 3, chunksize=1)
+            print(json.dumps([q.get() for _ in range(3)]), flush=True)
+            sys.stdin.readline()                        # the test has looked
+            go.set()
+            print(json.dumps(res.get()), flush=True)
+"""
+
+
+def _pfns_of(pid: int, addr: int, nbytes: int) -> list[int]:
+    page = ksm.PAGE_SIZE
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(addr // page * 8)
+        data = f.read(nbytes // page * 8)
+    return [int.from_bytes(data[i : i + 8], "little") & ((1 << 55) - 1) for i in range(0, len(data), 8)]
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+def test_an_unmodified_pool_shares_its_arrays_through_ksm_run(method: str, name: str, tmp_path: Path) -> None:
+    pytest.importorskip("numpy")
+    prog = tmp_path / "pool.py"
+    prog.write_text(POOL_SCRIPT)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ksm",
+            "run",
+            "--domain",
+            name,
+            "--numpy",
+            "--pages-to-scan",
+            "10000",
+            "--sleep-millisecs",
+            "0",
+            str(prog),
+            method,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        workers = json.loads(p.stdout.readline())
+        pages = workers[0][2] // ksm.PAGE_SIZE
+        assert pages == 2048 and all(a % ksm.PAGE_SIZE == 0 for _, a, _ in workers)
+        # Three workers, one copy: 2 x 2048 pages saved domain-wide (bounded wait on
+        # ksmd, which runs in every worker).
+        deadline = time.monotonic() + 60
+        while ksm.domain_stats(name)["pages_sharing"] < 2 * pages:
+            assert time.monotonic() < deadline, ksm.domain_stats(name)
+            time.sleep(0.05)
+        if ROOT:
+            maps = [_pfns_of(pid, addr, n) for pid, addr, n in workers]
+            assert all(maps[0]) and maps[0] == maps[1] == maps[2], "one physical copy"
+        p.stdin.write("\n")
+        p.stdin.flush()
+        sums = json.loads(p.stdout.readline())
+        assert sums == [float(sum(range(1 << 20)))] * 3, "results unchanged"
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for f in (p.stdin, p.stdout):
+            if f is not None:
+                f.close()

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-import ksm
 from ksm import _autorun
 
 np = pytest.importorskip("numpy")
@@ -282,18 +281,16 @@ def test_pandas_columns_land_in_ksm_memory(tmp_path: Path) -> None:
     assert r.stdout.strip() == "True"
 
 
-# ---- merge domains (enabled once ksm.join exists in this build) ----------------------
+# ---- merge domains ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not hasattr(ksm, "join"), reason="merge domains are not in this build")
 def test_domain_is_joined_and_exported(tmp_path: Path) -> None:
-    prog = script(tmp_path, "import os\nprint(os.environ['KSM_DOMAIN'])\n")
+    prog = script(tmp_path, "import os, ksm\nprint(os.environ['KSM_DOMAIN'], ksm.domain())\n")
     r = ksm_run("--domain", "team-a", str(prog), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "team-a"
+    assert r.stdout.strip() == "team-a team-a"
 
 
-@pytest.mark.skipif(not hasattr(ksm, "join"), reason="merge domains are not in this build")
 def test_bad_domain_name_is_bad_input(tmp_path: Path) -> None:
     marker = tmp_path / "started"
     prog = script(tmp_path, f"open({str(marker)!r}, 'w').close()\n")
@@ -302,8 +299,3 @@ def test_bad_domain_name_is_bad_input(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.skipif(hasattr(ksm, "join"), reason="merge domains are in this build")
-def test_domain_without_merge_domains_is_refused(tmp_path: Path) -> None:
-    prog = script(tmp_path, "print('started')\n")
-    r = ksm_run("--domain", "team-a", str(prog), cwd=tmp_path)
-    assert r.returncode == 2 and "merge domains" in r.stderr and r.stdout == ""

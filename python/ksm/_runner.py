@@ -165,13 +165,14 @@ def _setup(o: Options) -> bool:
     except (ValueError, TypeError) as e:
         raise BadInput(str(e)) from None
     if o.domain is not None:
-        join = getattr(ksm, "join", None)
-        if join is None:
-            raise BadInput("--domain needs merge domains (ksm.join), which this build of ksm does not have")
         try:
-            join(o.domain)
+            ksm.join(o.domain)
         except (ValueError, TypeError) as e:
             raise BadInput(f"--domain: {e}") from None
+        except OSError as e:
+            if ksm.available():
+                raise BadInput(f"--domain: {e}") from None
+            # Unavailable here: said once below, and the program runs without ksm.
     if not ksm.available():
         why = ksm.unavailable_reason()
         print(f"ksm run: merging is unavailable here, running the program without it: {why}", file=sys.stderr)
