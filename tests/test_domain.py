@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -426,3 +427,32 @@ def test_an_unmodified_pool_shares_its_arrays_through_ksm_run(method: str, name:
         for f in (p.stdin, p.stdout):
             if f is not None:
                 f.close()
+
+
+def test_ksm_top_lists_each_domain_with_its_members(name: str, members: list[Member]) -> None:
+    a, b = start(members, 2, seed=23, pages=16, domain=name)
+    settle([a, b], 16)
+    from ksm import cli
+
+    stats = cli._domain_stats_now()
+    assert stats[name]["members"] == 2 and stats[name]["pages_sharing"] == 16
+    text = cli.domains_table([], stats)
+    line = next(x for x in text.splitlines() if x.startswith(name))
+    assert line.split()[1:4] == ["2", "16", "16"]
+
+
+def test_demo_with_workers_merges_them_to_about_one_copy() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ksm", "demo", "--workers", "3", "--mib", "4", "--seed", "3"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "verified: 3 workers, 0 mismatched pages" in r.stdout
+    dom = next(x for x in r.stdout.splitlines() if x.startswith("domain "))
+    # 3 workers of 1,024 pages, 2% changed each: about 2 x 1,024 pages saved.
+    m = re.search(r"pages_sharing ([\d,]+)", dom)
+    assert m and int(m.group(1).replace(",", "")) >= 2 * 1024 * 0.95, dom
+    assert "merging [" in r.stderr

@@ -297,5 +297,3 @@ def test_bad_domain_name_is_bad_input(tmp_path: Path) -> None:
     r = ksm_run("--domain", "", str(prog), cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--domain" in r.stderr
     assert not marker.exists()
-
-

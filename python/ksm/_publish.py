@@ -167,6 +167,9 @@ def snapshot() -> dict[str, Any]:
         with contextlib.suppress(Exception):
             kernel.update({k: int(v) for k, v in native().items()})
     pid = os.getpid()
+    domain: str | None = None
+    with contextlib.suppress(Exception):
+        domain = ksm.domain()
     return {
         "format": FORMAT,
         "pid": pid,
@@ -179,6 +182,7 @@ def snapshot() -> dict[str, Any]:
         "knobs": knobs,
         "ksm_stat": kernel,
         "stats": stats,
+        "domain": domain,
     }
 
 
@@ -194,6 +198,12 @@ class Record:
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.data.get("stats", {})
         return stats
+
+    @property
+    def domain(self) -> str | None:
+        """The merge domain the process joined, if any."""
+        d = self.data.get("domain")
+        return d if isinstance(d, str) else None
 
     @property
     def command(self) -> str:

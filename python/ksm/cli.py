@@ -810,6 +810,53 @@ def top_table(records: Sequence[_publish.Record], width: int | None = None) -> s
     return "\n".join([title, "", *lines])
 
 
+def domains_table(records: Sequence[_publish.Record], stats: dict[str, dict[str, int]]) -> str:
+    """``ksm top``'s merge domains: one line per domain with its totals and its members' pids."""
+    if not stats:
+        return ""
+    header = ("DOMAIN", "MEMBERS", "SHARED", "SHARING", "SAVED MiB", "POOL MiB", "LIVE", "PIDS")
+    page = records[0].page_size if records else 4096
+    rows = []
+    for name in sorted(stats):
+        d = stats[name]
+        pids = sorted(r.pid for r in records if r.domain == name)
+        rows.append(
+            (
+                name,
+                f"{d['members']:,}",
+                f"{d['pages_shared']:,}",
+                f"{d['pages_sharing']:,}",
+                _mib_short(d["pages_sharing"] * page),
+                _mib_short(d["pool_bytes"]),
+                f"{d['live_frames']:,}",
+                " ".join(map(str, pids)) or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(["", "merge domains (totals over their members, counted like the kernel's):", *lines])
+
+
+def _domain_stats_now() -> dict[str, dict[str, int]]:
+    """Every domain of this user with a broker, and its totals (members 0: left out)."""
+    import ksm
+
+    out: dict[str, dict[str, int]] = {}
+    for name in ksm._ksm._domains():
+        try:
+            d = ksm.domain_stats(name)
+        except OSError:
+            continue
+        if d["members"] > 0:
+            out[name] = d
+    return out
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         print("ksm top: --interval must be > 0", file=sys.stderr)
@@ -824,7 +871,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     try:
         while True:
             width = shutil.get_terminal_size((120, 24)).columns if tty else None
-            table = top_table(_publish.read_all(), width)
+            records = _publish.read_all()
+            table = top_table(records, width) + domains_table(records, _domain_stats_now())
             if tty:
                 out.write("\x1b[H\x1b[2J" + table + "\n")
             else:
