@@ -7,6 +7,7 @@ hold, and answers:
 
   join NAME | leave | scan N | sync | stats | dstats | check | pfns
   write PAGE BYTE       (fill one page with BYTE, in memory and in the model)
+  inject POINT EVERY ERRNO   (make every EVERY-th call at POINT fail; 0 turns it off)
   fork                  (fork a child that checks its inherited pages and exits)
   exit
 """
@@ -95,6 +96,9 @@ def main() -> None:
                 )
             _, status = os.waitpid(pid, 0)
             answer({"child": os.waitstatus_to_exitcode(status)})
+        elif cmd == "inject":
+            ksm._ksm._inject(args[0], int(args[1]), int(args[2]))
+            answer({"ok": True})
         elif cmd == "exit":
             answer({"ok": True})
             return

@@ -37,7 +37,8 @@ def test_help_shows_the_compiled_functions_text(name: str) -> None:
 
 def test_compiled_functions_keep_their_signatures() -> None:
     assert str(inspect.signature(ksm.wait_settled)) == "(timeout=None)"
-    assert str(inspect.signature(ksm.set_memory_merge)) == "(enable)"
+    # A Python wrapper (it also lets go of objects ksm.advise keeps): same parameter.
+    assert list(inspect.signature(ksm.set_memory_merge).parameters) == ["enable"]
 
 
 def _public(cls: type) -> list[str]:

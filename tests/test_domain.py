@@ -456,3 +456,35 @@ def test_demo_with_workers_merges_them_to_about_one_copy() -> None:
     m = re.search(r"pages_sharing ([\d,]+)", dom)
     assert m and int(m.group(1).replace(",", "")) >= 2 * 1024 * 0.95, dom
     assert "merging [" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("point", "errno", "counter"),
+    [
+        ("seal", 1, "publish_failures"),  # EPERM: a segment cannot be sealed
+        ("map_segment", 12, "segments_skipped"),  # ENOMEM: a segment cannot be mapped here
+        ("send", 32, "disconnects"),  # EPIPE: the link to the broker breaks
+        ("recv", 104, "disconnects"),  # ECONNRESET
+    ],
+)
+def test_failing_domain_calls_lose_nothing_and_the_domain_recovers(
+    point: str, errno: int, counter: str, name: str, members: list[Member]
+) -> None:
+    pages = 32
+    a, b = start(members, 2, seed=29, pages=pages, domain=name)
+    for m in (a, b):
+        m(f"inject {point} 2 {errno}")
+    for _ in range(8):
+        for m in (a, b):
+            m("scan 1")
+            m("sync")
+        for m in (a, b):
+            assert m("check")["bad"] == []
+    hit = sum(m("stats")["member"][counter] for m in (a, b))
+    assert hit > 0, f"{point}: no failure was injected"
+    for m in (a, b):
+        m(f"inject {point} 0 0")
+    d = settle([a, b], pages)
+    assert (d["pages_shared"], d["pages_sharing"]) == (pages, pages)
+    for m in (a, b):
+        assert m("check")["bad"] == []

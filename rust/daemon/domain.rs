@@ -40,6 +40,8 @@ pub struct MemberStats {
     pub pages: u64,
     pub announced: u64,
     pub published: u64,
+    /// Pages moved off retired segments (compaction), to merge again.
+    pub evicted: u64,
     /// Segments that could not be built or sealed (their pages stay as they were).
     pub publish_failures: u64,
     pub last_error: Option<String>,
@@ -122,6 +124,7 @@ impl Engine {
             pages,
             announced: c.announced,
             published: c.published,
+            evicted: c.evicted,
             publish_failures: st.publish_failures,
             last_error: st.domain.as_ref().and_then(Link::last_error),
         }
@@ -144,7 +147,7 @@ impl Engine {
                     }
                 }
                 Inbound::PleasePublish(sums) => st.core.domain_wants(&sums),
-                Inbound::Retire(id) => st.core.retire_segment(id),
+                Inbound::Retire(id) => st.core.retire_segment(id, true),
             }
         }
         Self::drop_unmapped_segments(st);

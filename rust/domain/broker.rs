@@ -34,6 +34,11 @@ use crate::sys::unix::{self, Socket};
 /// retired.
 pub const RETIRE_AGE: u32 = 10;
 
+/// Dead frames (mapped by no member) that make a mostly dead segment worth
+/// compacting: its live frames are fewer than its dead ones, and at least this many
+/// are dead.
+pub const COMPACT_DEAD: u32 = 64;
+
 /// A member's number in its domain (never reused while the broker lives).
 pub type MemberId = u32;
 
@@ -262,9 +267,10 @@ impl Hub {
         (bits, pages)
     }
 
-    /// Retire the segments that nobody maps although every member has had
-    /// [`RETIRE_AGE`] full scans with them in its index (smart scan may pass over a
-    /// page for up to 8 visits).
+    /// Retire the segments that nobody maps, or whose frames are mostly mapped by
+    /// nobody (see [`COMPACT_DEAD`]), once every member has had [`RETIRE_AGE`] full
+    /// scans with them in its index (smart scan may pass over a page for up to 8
+    /// visits).
     fn retire_unused(&mut self) -> Vec<Out> {
         let dead: Vec<u64> =
             self.segments
@@ -272,7 +278,12 @@ impl Hub {
                 .copied()
                 .filter(|&id| {
                     let (bits, _) = self.mapped(id);
-                    bits.iter().all(|&w| w == 0)
+                    let live: u32 = bits.iter().map(|w| w.count_ones()).sum();
+                    let frames = self.segments[&id].frames;
+                    // Unused, or mostly dead (its memory is the whole segment's): members
+                    // move their pages off it and they merge again onto new segments.
+                    let worth = live == 0 || (frames - live >= COMPACT_DEAD && 2 * live < frames);
+                    worth
                         && self.members.values().all(|member| {
                             member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE)
                         })
@@ -668,6 +679,32 @@ mod tests {
         assert_eq!(o.len(), 2, "retired, both told");
         assert!(!h.has_segment(1));
         assert_eq!(h.stats().segments_retired, 1);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_mostly_dead_segment_is_retired_for_compaction() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let sums: Vec<u32> = (0..200).collect();
+        h.on_message(a, Msg::Publish { frames: 200, sums }, Some(3));
+        let report = |mapped: [u64; BITMAP_WORDS]| Msg::Usage {
+            segs: vec![SegUsage {
+                id: 3,
+                pages: 64,
+                age: RETIRE_AGE,
+                mapped,
+            }],
+        };
+        let mut mapped = [0u64; BITMAP_WORDS];
+        mapped[0] = u64::MAX;
+        mapped[1] = u64::MAX; // 128 live, 72 dead: kept
+        h.on_message(a, report(mapped), None);
+        assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
+        mapped[1] = 0; // 64 live, 136 dead: retired, its pages move off
+        h.on_message(a, report(mapped), None);
+        assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 1);
+        assert!(!h.has_segment(3));
         h.check_invariants();
     }
 

@@ -84,6 +84,8 @@ struct Shared {
     refused: AtomicU64,
     /// Times a connection to a broker was lost.
     disconnects: AtomicU64,
+    /// Segments that could not be mapped here (out of resources), skipped.
+    skipped: AtomicU64,
     /// Messages and bytes sent to and received from brokers.
     sent: AtomicU64,
     sent_bytes: AtomicU64,
@@ -121,6 +123,7 @@ pub struct LinkStats {
     pub members: u32,
     pub refused: u64,
     pub disconnects: u64,
+    pub skipped: u64,
     pub sent: u64,
     pub sent_bytes: u64,
     pub received: u64,
@@ -152,9 +155,9 @@ impl Link {
                     shared: s,
                     wake: wake_rx,
                     sock: None,
-                    broker: None,
                     spawned_at: None,
                     page: crate::sys::page_size(),
+                    retry: Vec::new(),
                 }
                 .run()
             })?;
@@ -195,6 +198,7 @@ impl Link {
             members: s.members.load(Ordering::Relaxed),
             refused: s.refused.load(Ordering::Relaxed),
             disconnects: s.disconnects.load(Ordering::Relaxed),
+            skipped: s.skipped.load(Ordering::Relaxed),
             sent: s.sent.load(Ordering::Relaxed),
             sent_bytes: s.sent_bytes.load(Ordering::Relaxed),
             received: s.received.load(Ordering::Relaxed),
@@ -271,6 +275,14 @@ impl Drop for Link {
     }
 }
 
+/// Why a segment was not taken.
+enum Refusal {
+    /// It is not what it claims: the broker is dropped.
+    Lie(String),
+    /// It cannot be used here now (resources): kept, to try again.
+    Here(String, Memfd),
+}
+
 struct Worker {
     name: String,
     path: PathBuf,
@@ -279,10 +291,10 @@ struct Worker {
     shared: Arc<Shared>,
     wake: Socket,
     sock: Option<Socket>,
-    /// The broker we started, to reap once it exits.
-    broker: Option<i32>,
     spawned_at: Option<Instant>,
     page: usize,
+    /// Segments that could not be mapped here yet: tried again at every wake-up.
+    retry: Vec<(Memfd, u32, u32)>,
 }
 
 impl Worker {
@@ -290,11 +302,6 @@ impl Worker {
         let mut buf = vec![0u8; proto::MAX_MESSAGE];
         let mut retry = Duration::from_millis(10);
         while !self.shared.stop.load(Ordering::Relaxed) {
-            if let Some(pid) = self.broker {
-                if unix::reap(pid) {
-                    self.broker = None;
-                }
-            }
             if self.sock.is_none() {
                 match self.connect() {
                     Ok(()) => retry = Duration::from_millis(10),
@@ -321,6 +328,7 @@ impl Worker {
             if ready[0] {
                 self.receive(&mut buf);
             }
+            self.retry_skipped();
             self.flush();
         }
     }
@@ -360,10 +368,11 @@ impl Worker {
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
                 {
                     self.spawned_at = Some(Instant::now());
+                    // The broker detaches at once (its first process exits, the broker
+                    // goes on in a child that init adopts): waiting here is brief and
+                    // leaves no zombie.
                     let pid = unix::spawn(&self.spawner.argv, &self.spawner.env)?;
-                    if let Some(old) = self.broker.replace(pid) {
-                        unix::reap(old);
-                    }
+                    unix::wait_child(pid);
                 }
                 return Err(e);
             }
@@ -448,7 +457,14 @@ impl Worker {
                 let memfd = Memfd::from_owned(fds.pop().expect("decode checked one fd"));
                 match self.check_segment(memfd, frames, publisher) {
                     Ok(seg) => self.push(Inbound::Segment(seg)),
-                    Err(e) => self.refused(&e),
+                    Err(Refusal::Lie(e)) => self.refused(&e),
+                    // Out of address space, descriptors or memory here: this segment is
+                    // not taken (its pages stay as they are), the link stays.
+                    Err(Refusal::Here(e, memfd)) => {
+                        self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                        self.error(format!("a segment could not be mapped here: {e}"));
+                        self.retry.push((memfd, frames, publisher));
+                    }
                 }
             }
             Msg::PleasePublish { sums } => self.push(Inbound::PleasePublish(sums)),
@@ -463,22 +479,38 @@ impl Worker {
         }
     }
 
+    /// Try again the segments that could not be mapped (resources may be back).
+    fn retry_skipped(&mut self) {
+        for (memfd, frames, publisher) in std::mem::take(&mut self.retry) {
+            match self.check_segment(memfd, frames, publisher) {
+                Ok(seg) => self.push(Inbound::Segment(seg)),
+                Err(Refusal::Here(_, memfd)) => self.retry.push((memfd, frames, publisher)),
+                Err(Refusal::Lie(e)) => self.refused(&e),
+            }
+        }
+    }
+
     /// A segment is taken only if the kernel guarantees its bytes never change.
     fn check_segment(
         &self,
         memfd: Memfd,
         frames: u32,
         publisher: u32,
-    ) -> Result<SegmentView, String> {
+    ) -> Result<SegmentView, Refusal> {
         let size = u64::from(frames) * self.page as u64;
         if !memfd.is_sealed_segment(size) {
-            return Err(format!(
+            return Err(Refusal::Lie(format!(
                 "a segment that is not a sealed memfd of {size} bytes"
-            ));
+            )));
         }
-        let (_, id) = memfd.identity().map_err(|e| e.to_string())?;
-        let view = Mapping::read_only_view(memfd.raw(), size as usize)
-            .map_err(|e| format!("mapping a segment: {e}"))?;
+        let (_, id) = match memfd.identity() {
+            Ok(x) => x,
+            Err(e) => return Err(Refusal::Here(e.to_string(), memfd)),
+        };
+        let view = match Mapping::read_only_view(memfd.raw(), size as usize) {
+            Ok(v) => v,
+            Err(e) => return Err(Refusal::Here(format!("mapping a segment: {e}"), memfd)),
+        };
         let sums = (0..frames)
             .map(|i| (self.sum)(view.bytes(i as usize * self.page, self.page)))
             .collect();

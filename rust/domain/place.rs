@@ -103,8 +103,10 @@ pub fn list() -> Vec<String> {
     names
 }
 
-/// Be the broker of domain `name` unless one already runs: take the domain's lock
-/// and serve until no member is left. Returns false if another broker holds it.
+/// Be the broker of domain `name` unless one already runs: take the domain's lock,
+/// leave the process that started us (see `unix::detach`), and serve until no
+/// member is left. Returns false if another broker holds the lock. Call with one
+/// thread only.
 pub fn run_broker(name: &str) -> io::Result<bool> {
     if let Some(e) = proto::name_error(name) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
@@ -120,6 +122,10 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
     if !unix::try_lock(lock.as_raw_fd())? {
         return Ok(false);
     }
+    // The member that started us waits for this first process to exit; the broker
+    // goes on in a child of it, which init adopts (never a zombie of a member). The
+    // lock is shared by both through the inherited descriptor.
+    unix::detach()?;
     super::broker::serve(&d.join(format!("{name}.sock")), name)?;
     drop(lock);
     Ok(true)

@@ -32,6 +32,7 @@ use std::collections::HashSet;
 
 use super::{key_of, Core, Mem, Target};
 use crate::pool::FrameId;
+use crate::region::State;
 
 /// Most checksums announced per batch (the rest wait for the next visit).
 const ANNOUNCE_MAX: usize = 1 << 16;
@@ -49,6 +50,9 @@ pub struct DomainCounters {
     pub segments: u64,
     /// Segments retired by the domain.
     pub retired: u64,
+    /// Pages given private copies again because their segment was retired
+    /// (compaction); they merge again onto new segments.
+    pub evicted: u64,
 }
 
 /// What a batch found for the domain (see `Core::take_domain_out`).
@@ -114,7 +118,7 @@ impl<M: Mem> Core<M> {
     pub fn leave_domain(&mut self) {
         self.domain = None;
         for id in self.frames.segment_ids() {
-            self.retire_segment(id);
+            self.retire_segment(id, false);
         }
     }
 
@@ -175,8 +179,14 @@ impl<M: Mem> Core<M> {
         Some(f0)
     }
 
-    /// Segment `id` is retired: its frames leave the index (pages on them stay).
-    pub fn retire_segment(&mut self, id: u64) {
+    /// Segment `id` is retired: its frames leave the index. With `evict` (the domain
+    /// retired it: nobody maps it, or too few of its frames are mapped to be worth
+    /// its memory), the pages of ours still on it get private copies again, so that
+    /// the kernel can free it once no member maps it; they merge again, onto new
+    /// segments, at their next visits (the domain's compaction). Without, they stay
+    /// (leaving the domain keeps merged pages merged). An unmerge that fails leaves
+    /// its pages merged: still correct, the segment then lives on.
+    pub fn retire_segment(&mut self, id: u64, evict: bool) {
         let Some((f0, n)) = self.frames.retire_segment(id) else {
             return;
         };
@@ -187,6 +197,40 @@ impl<M: Mem> Core<M> {
         if let Some(d) = &mut self.domain {
             d.counters.retired += 1;
         }
+        if evict {
+            for (s, e) in self.pages_on(f0, n) {
+                if self.unmerge_range(s, e).is_ok() {
+                    if let Some(d) = &mut self.domain {
+                        d.counters.evicted += ((e - s) / self.page) as u64;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The runs of pages mapping (or covered at) frames `f0..f0+n`, as address ranges.
+    fn pages_on(&self, f0: FrameId, n: u32) -> Vec<(usize, usize)> {
+        let page = self.page;
+        let on = |g: Option<FrameId>| g.is_some_and(|g| (f0..f0 + n).contains(&g));
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for r in self.regions.values() {
+            for (i, p) in r.pages.iter().enumerate() {
+                let g = if p.state() == State::Stable {
+                    Some(p.frame())
+                } else {
+                    r.covered_frame(i)
+                };
+                if !on(g) {
+                    continue;
+                }
+                let a = r.start + i * page;
+                match out.last_mut() {
+                    Some(last) if last.1 == a => last.1 = a + page,
+                    _ => out.push((a, a + page)),
+                }
+            }
+        }
+        out
     }
 
     /// The retired segments no page maps any more, forgotten: (id, first frame id),

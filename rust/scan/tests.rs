@@ -1499,7 +1499,7 @@ fn pages_merge_onto_a_domain_segment_as_one_run_and_count_as_saved() {
     assert_eq!(c.frames().refs(f0), 0);
     assert!(c.frames().exists(f0), "offered still");
     // Retired: out of the index, kept while mapped; gone once nothing maps it.
-    c.retire_segment(42);
+    c.retire_segment(42, false);
     assert!(c.drop_unmapped_segments().is_empty());
     c.unadvise(BASE, BASE + n * PG).unwrap();
     assert_eq!(c.drop_unmapped_segments(), vec![(42, f0)]);
@@ -1595,5 +1595,32 @@ fn with_a_broker_contents_held_twice_are_claimed_and_published_when_granted() {
         publish.iter().map(|p| p.2).collect::<Vec<_>>(),
         sums[..1].to_vec()
     );
+    c.check_invariants();
+}
+
+#[test]
+fn a_segment_the_domain_retires_gives_its_pages_back_and_they_merge_again() {
+    let n = 4;
+    let mut c = domain_member(n);
+    let frames: Vec<Vec<u8>> = (0..n).map(page_of).collect();
+    let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+    let f0 = c.add_segment(5, &sums).unwrap();
+    c.mem.add_segment(f0, &frames);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, n as u64);
+    // Retired with pages on it: they get private copies, the block goes.
+    c.retire_segment(5, true);
+    assert_eq!(c.counters().pages_sharing, 0);
+    assert_eq!(c.domain_counters().evicted, n as u64);
+    assert_eq!(c.drop_unmapped_segments(), vec![(5, f0)]);
+    for i in 0..n {
+        assert!(!c.mem.maps_frame(BASE + i * PG));
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i));
+    }
+    // A new segment of the same bytes: they merge onto it.
+    let g0 = c.add_segment(6, &sums).unwrap();
+    c.mem.add_segment(g0, &frames);
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_sharing, n as u64);
     c.check_invariants();
 }

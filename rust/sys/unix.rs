@@ -372,12 +372,28 @@ pub fn spawn(argv: &[String], env: &[String]) -> io::Result<i32> {
     }
 }
 
-/// Reap child `pid` if it has exited (`waitpid(WNOHANG)`): true once it is gone.
-pub fn reap(pid: i32) -> bool {
+/// Leave the process that started us: fork, and let the parent exit at once, so
+/// that this process (the child) is adopted by init and never becomes a zombie of a
+/// process that does not wait for it. Call only while this process has one thread
+/// (a broker, first thing): the child is a copy of the calling thread alone.
+pub fn detach() -> io::Result<()> {
+    // SAFETY: called by a process that has a single thread (documented duty above), so
+    // the child holds no lock another thread held; the parent only calls `_exit`, which
+    // is async-signal-safe and runs no destructor or atexit handler.
+    match cvt(unsafe { libc::fork() })? {
+        0 => Ok(()),
+        // SAFETY: see above; `_exit` ends the parent without touching its state.
+        _ => unsafe { libc::_exit(0) },
+    }
+}
+
+/// Wait for child `pid` to exit (`waitpid`), retrying EINTR.
+pub fn wait_child(pid: i32) {
     let mut status = 0;
-    // SAFETY: `status` is valid for writes.
-    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-    r == pid || (r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
+    let _ = retry_eintr(|| {
+        // SAFETY: `status` is valid for writes.
+        cvt(unsafe { libc::waitpid(pid, &mut status, 0) })
+    });
 }
 
 /// Take an exclusive `flock` on `fd` without waiting: false if another holds it.
