@@ -562,6 +562,14 @@ impl FrameTable {
         Some((join_domain(b, 0), blk.refs.len() as u32))
     }
 
+    /// The identity of the segment of domain frame `f` (None for the pool's frames).
+    pub fn segment_of(&self, f: FrameId) -> Option<u64> {
+        if !is_domain(f) {
+            return None;
+        }
+        self.domain(f).map(|(b, _)| b.id)
+    }
+
     /// Whether domain frame `f`'s segment is retired (no new page may map it).
     pub fn retired(&self, f: FrameId) -> bool {
         self.domain(f).is_none_or(|(b, _)| b.retired)

@@ -193,6 +193,13 @@ impl<M: Mem> Core<M> {
         for f in f0..f0 + n {
             let h = self.frames.hash(f);
             self.stable.remove(h, f);
+            if let Some(d) = &mut self.domain {
+                // Its contents are candidates to announce again (they are no longer
+                // published): a page moved off it merges again through the domain.
+                d.announced.remove(&(h as u32));
+                d.claimed.remove(&(h as u32));
+                d.publishing.remove(&(h as u32));
+            }
         }
         if let Some(d) = &mut self.domain {
             d.counters.retired += 1;

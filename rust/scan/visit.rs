@@ -323,7 +323,16 @@ impl<M: Mem> Core<M> {
             .get(hash)
             .filter(|&f| self.frames.refs(f) < max)
             .collect();
-        room.sort_unstable_by_key(|&f| std::cmp::Reverse(self.frames.refs(f)));
+        // Domain frames first, the oldest segment's (lowest identity) first: every
+        // member picks the same frame of a content published twice (two members at
+        // once, or again after a broker restarted), so that their pages share it.
+        // Then the fullest, as the kernel's chains do.
+        room.sort_unstable_by_key(|&f| {
+            (
+                self.frames.segment_of(f).unwrap_or(u64::MAX),
+                std::cmp::Reverse(self.frames.refs(f)),
+            )
+        });
         if let Some(f) = room.into_iter().find(|&f| self.mem.frame(f) == buf) {
             return StableHit::Room(f);
         }
