@@ -297,7 +297,9 @@ def stats() -> dict[str, int]:
     ``general_profit`` = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes
     - vmas_added * 380. ``pages_shared + pages_sharing + pages_unshared +
     pages_volatile == rmap_items`` in every snapshot. VMAs per merged page:
-    ``ksm.vmas_per_merged_page()``.
+    ``ksm.vmas_per_merged_page()``. In a merge domain, a page on a frame of the
+    domain counts in ``pages_sharing`` (a page saved); the frame itself is counted
+    once, by ``ksm.domain_stats()``, by no member.
     """
 
 def ksm_stat() -> dict[str, int | bool]:

@@ -544,6 +544,8 @@ fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
 /// full scan changed nothing). `pages_shared + pages_sharing + pages_unshared +
 /// pages_volatile == rmap_items` in every snapshot. `general_profit` is
 /// `(pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes - vmas_added * 380`.
+/// In a merge domain, a page on a frame of the domain counts in `pages_sharing`;
+/// the frame itself is counted once, by `ksm.domain_stats()`, by no member.
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let e = engine()?;
