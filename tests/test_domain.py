@@ -10,6 +10,7 @@ any user.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -121,7 +122,8 @@ def settle(group: list[Member], want_sharing: int, rounds: int = 40) -> dict:
             # One more step: every member's report is in.
             step(group)
             return group[0]("dstats")["dstats"]
-    pytest.fail(f"domain never reached pages_sharing {want_sharing}: {d}")
+    seen = [(m("stats")["member"], m("stats")["stats"]["pages_sharing"]) for m in group]
+    pytest.fail(f"domain never reached pages_sharing {want_sharing}: {d}; members: {seen}")
 
 
 def test_bad_names_are_refused_and_change_nothing() -> None:
@@ -400,6 +402,7 @@ def test_an_unmodified_pool_shares_its_arrays_through_ksm_run(method: str, name:
         text=True,
         env=clean_env(),
         cwd=tmp_path,
+        start_new_session=True,  # its workers are killed with it if the test fails
     )
     try:
         assert p.stdout is not None and p.stdin is not None
@@ -421,9 +424,10 @@ def test_an_unmodified_pool_shares_its_arrays_through_ksm_run(method: str, name:
         assert sums == [float(sum(range(1 << 20)))] * 3, "results unchanged"
         assert p.wait(timeout=60) == 0
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        # The whole session: the runner and whatever workers are left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
         for f in (p.stdin, p.stdout):
             if f is not None:
                 f.close()

@@ -169,10 +169,21 @@ impl Engine {
                     .chunks(proto::MAX_SUMS)
                     .map(|c| Outbound::Msg(Msg::Claim { sums: c.to_vec() })),
             )
+            .chain(
+                found
+                    .decline
+                    .chunks(proto::MAX_SUMS)
+                    .map(|c| Outbound::Msg(Msg::Decline { sums: c.to_vec() })),
+            )
             .collect();
         if !found.publish.is_empty() {
+            let asked: Vec<u32> = found.publish.iter().map(|p| p.2).collect();
             match Self::build_segment(st, &found.publish) {
                 Ok(Some((memfd, sums))) => {
+                    let decline = st.core.domain_published(&asked, Some(&sums));
+                    if !decline.is_empty() {
+                        out.push(Outbound::Msg(Msg::Decline { sums: decline }));
+                    }
                     // Taken in at once: merging inside this process does not wait for
                     // the broker (nor stops when none answers). The broker's copy of
                     // it, when it comes back, is recognised and dropped.
@@ -186,8 +197,17 @@ impl Engine {
                     }
                     out.push(Outbound::Publish(memfd, sums));
                 }
-                Ok(None) => {}
-                Err(_) => st.publish_failures += 1,
+                Ok(None) => {
+                    let decline = st.core.domain_published(&asked, Some(&[]));
+                    if !decline.is_empty() {
+                        out.push(Outbound::Msg(Msg::Decline { sums: decline }));
+                    }
+                }
+                // Not built (no memory, no seal): asked for again at a later visit.
+                Err(_) => {
+                    st.publish_failures += 1;
+                    st.core.domain_published(&asked, None);
+                }
             }
         }
         if let Some(link) = &st.domain {

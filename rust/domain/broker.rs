@@ -39,6 +39,9 @@ pub const RETIRE_AGE: u32 = 10;
 /// are dead.
 pub const COMPACT_DEAD: u32 = 64;
 
+/// Announcers of one checksum the broker remembers.
+pub const ANNOUNCERS: usize = 4;
+
 /// A member's number in its domain (never reused while the broker lives).
 pub type MemberId = u32;
 
@@ -69,8 +72,10 @@ pub struct Hub {
     page: u32,
     next_member: MemberId,
     members: BTreeMap<MemberId, Member>,
-    /// Checksum → the member that announced it first (a candidate, no frame yet).
-    candidates: HashMap<u32, MemberId>,
+    /// Checksum → the members that announced it (a candidate, no frame yet), first
+    /// first, at most [`ANNOUNCERS`]: when the member asked to publish it leaves or
+    /// declines, another is asked.
+    candidates: HashMap<u32, Vec<MemberId>>,
     /// Checksum → the member asked to publish it.
     assigned: HashMap<u32, MemberId>,
     /// Checksums of frames in live segments (a hint: no one is asked to publish them).
@@ -129,12 +134,51 @@ impl Hub {
         (m, out)
     }
 
-    /// A member left (or died): what it announced or was asked to publish is forgotten;
-    /// the segments it published stay (other members may map them).
-    pub fn leave(&mut self, m: MemberId) {
+    /// A member left (or died): what it announced is forgotten, and what it was asked
+    /// to publish is asked of another member that announced it, if two are left (the
+    /// messages returned); the segments it published stay (other members may map them).
+    pub fn leave(&mut self, m: MemberId) -> Vec<Out> {
         self.members.remove(&m);
-        self.candidates.retain(|_, &mut who| who != m);
-        self.assigned.retain(|_, &mut who| who != m);
+        let mine: Vec<u32> = self
+            .assigned
+            .iter()
+            .filter(|&(_, &who)| who == m)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in &mine {
+            self.assigned.remove(s);
+        }
+        self.candidates.retain(|_, who| {
+            who.retain(|&w| w != m);
+            !who.is_empty()
+        });
+        self.reassign(&mine)
+    }
+
+    /// Ask another announcer of each of `sums` (not the first: its page is the one
+    /// the others merge with) to publish it.
+    fn reassign(&mut self, sums: &[u32]) -> Vec<Out> {
+        let mut ask: BTreeMap<MemberId, Vec<u32>> = BTreeMap::new();
+        for &s in sums {
+            if self.published.contains_key(&s) || self.assigned.contains_key(&s) {
+                continue;
+            }
+            if let Some(&w) = self.candidates.get(&s).and_then(|who| who.get(1..)?.last()) {
+                self.assigned.insert(s, w);
+                ask.entry(w).or_default().push(s);
+            }
+        }
+        ask.into_iter()
+            .flat_map(|(to, sums)| {
+                sums.chunks(MAX_SUMS)
+                    .map(|c| Out {
+                        to,
+                        msg: Msg::PleasePublish { sums: c.to_vec() },
+                        segment: None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// A message from member `m` (already decoded). `segment`: the identity of the
@@ -154,13 +198,16 @@ impl Hub {
             },
             Msg::Claim { sums } => {
                 // Held twice by `m` itself: it publishes, unless someone has or will.
-                let ask: Vec<u32> = sums
-                    .into_iter()
-                    .filter(|s| !self.published.contains_key(s) && !self.assigned.contains_key(s))
-                    .collect();
-                for &s in &ask {
-                    self.assigned.insert(s, m);
-                    self.candidates.remove(&s);
+                let mut ask = Vec::new();
+                for s in sums {
+                    if self.published.contains_key(&s) {
+                        continue;
+                    }
+                    self.add_announcer(s, m);
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.assigned.entry(s) {
+                        e.insert(m);
+                        ask.push(s);
+                    }
                 }
                 ask.chunks(MAX_SUMS)
                     .map(|c| Out {
@@ -171,12 +218,21 @@ impl Hub {
                     .collect()
             }
             Msg::Decline { sums } => {
+                // `m` no longer holds them: another announcer is asked.
+                let mut free = Vec::new();
                 for s in sums {
+                    if let Some(who) = self.candidates.get_mut(&s) {
+                        who.retain(|&w| w != m);
+                        if who.is_empty() {
+                            self.candidates.remove(&s);
+                        }
+                    }
                     if self.assigned.get(&s) == Some(&m) {
                         self.assigned.remove(&s);
+                        free.push(s);
                     }
                 }
-                Vec::new()
+                self.reassign(&free)
             }
             Msg::Usage { segs } => {
                 let member = self.members.get_mut(&m).expect("checked");
@@ -201,21 +257,29 @@ impl Hub {
         }
     }
 
+    /// Note that `m` announced `s` (at most [`ANNOUNCERS`] are remembered).
+    fn add_announcer(&mut self, s: u32, m: MemberId) {
+        let who = self.candidates.entry(s).or_default();
+        if !who.contains(&m) && who.len() < ANNOUNCERS {
+            who.push(m);
+        }
+    }
+
     fn announce(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
         let mut ask = Vec::new();
         for &s in sums {
-            if self.published.contains_key(&s) || self.assigned.contains_key(&s) {
+            if self.published.contains_key(&s) {
                 continue;
             }
-            match self.candidates.get(&s) {
-                Some(&first) if first != m => {
-                    self.assigned.insert(s, m);
-                    ask.push(s);
-                }
-                Some(_) => {}
-                None => {
-                    self.candidates.insert(s, m);
-                }
+            self.add_announcer(s, m);
+            if self.assigned.contains_key(&s) {
+                continue;
+            }
+            // A second member holds it: that one publishes a frame of its own page.
+            let first = self.candidates.get(&s).and_then(|who| who.first()).copied();
+            if first.is_some_and(|f| f != m) {
+                self.assigned.insert(s, m);
+                ask.push(s);
             }
         }
         ask.chunks(MAX_SUMS)
@@ -350,14 +414,31 @@ impl Hub {
 
     /// Check the hub's own rules (tests and fuzzing).
     pub fn check_invariants(&self) {
-        for (s, m) in self.candidates.iter().chain(&self.assigned) {
+        for (s, who) in &self.candidates {
             assert!(
-                self.members.contains_key(m),
-                "checksum {s} held by a member gone"
+                !who.is_empty() && who.len() <= ANNOUNCERS,
+                "announcers of {s}"
+            );
+            for m in who {
+                assert!(
+                    self.members.contains_key(m),
+                    "checksum {s} held by a member gone"
+                );
+            }
+            assert!(
+                !self.published.contains_key(s),
+                "{s} published and still a candidate"
             );
         }
-        for s in self.assigned.keys() {
-            assert!(!self.published.contains_key(s) || !self.candidates.contains_key(s));
+        for (s, m) in &self.assigned {
+            assert!(
+                self.members.contains_key(m),
+                "checksum {s} assigned to a member gone"
+            );
+            assert!(
+                !self.published.contains_key(s),
+                "{s} published and still assigned"
+            );
         }
         let mut count: HashMap<u32, u32> = HashMap::new();
         for seg in self.segments.values() {
@@ -519,10 +600,18 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
         }
         drop_conns.sort_unstable();
         drop_conns.dedup();
+        let mut after_leaving = Vec::new();
         for i in drop_conns.into_iter().rev() {
             let c = conns.remove(i);
             if let Some(m) = c.member {
-                hub.leave(m);
+                after_leaving.extend(hub.leave(m));
+            }
+        }
+        // What the members that left were asked to publish, asked of others.
+        for o in after_leaving {
+            if let Some(c) = conns.iter().find(|c| c.member == Some(o.to)) {
+                // A failure shows as the connection's end at the next poll.
+                let _ = c.sock.send(&o.msg.encode(), &[], false);
             }
         }
         // Segments retired by the hub: their descriptors go (members' mappings keep
@@ -705,6 +794,33 @@ mod tests {
         h.on_message(a, report(mapped), None);
         assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 1);
         assert!(!h.has_segment(3));
+        h.check_invariants();
+    }
+
+    #[test]
+    fn what_a_leaving_member_was_asked_to_publish_is_asked_of_another() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        let (c, _) = h.join();
+        h.on_message(a, Msg::Announce { sums: vec![9] }, None);
+        assert_eq!(
+            sums_of(&h.on_message(b, Msg::Announce { sums: vec![9] }, None), b),
+            vec![9]
+        );
+        assert!(
+            h.on_message(c, Msg::Announce { sums: vec![9] }, None)
+                .is_empty(),
+            "b has it"
+        );
+        // b dies before publishing: c is asked (not a, whose page the others merge with).
+        let o = h.leave(b);
+        assert_eq!(sums_of(&o, c), vec![9]);
+        h.check_invariants();
+        // c declines (its page changed): only a is left, nobody to share with.
+        assert!(h
+            .on_message(c, Msg::Decline { sums: vec![9] }, None)
+            .is_empty());
         h.check_invariants();
     }
 

@@ -255,6 +255,7 @@ impl<M: Mem> Core<M> {
         self.cursor = None;
         self.frames.trim();
         self.frames.age_segments();
+        self.domain_end_scan();
         self.counters.full_scans += 1;
         self.settled = self.changes == 0;
         self.changes = 0;

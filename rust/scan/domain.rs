@@ -28,7 +28,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::{key_of, Core, Mem, Target};
 use crate::pool::FrameId;
@@ -60,6 +60,8 @@ pub struct DomainCounters {
 pub struct DomainOut {
     pub announce: Vec<u32>,
     pub claim: Vec<u32>,
+    /// Checksums the domain asked for that no page of ours holds any more.
+    pub decline: Vec<u32>,
     /// Pages to copy into a new segment: address, owned, checksum.
     pub publish: Vec<(usize, bool, u32)>,
 }
@@ -68,7 +70,12 @@ pub struct DomainOut {
 #[derive(Debug, Default)]
 pub struct DomainState {
     announced: HashSet<u32>,
-    wanted: HashSet<u32>,
+    /// Checksums asked for, with the full scan (count) in which they were asked.
+    wanted: HashMap<u32, u64>,
+    /// Full scans ended since joining.
+    scans: u64,
+    /// Asked-for checksums no page held for a whole full scan: to decline.
+    decline: Vec<u32>,
     announce: Vec<u32>,
     publish: Vec<(usize, bool, u32)>,
     /// Checksums queued to publish, or published and not yet taken in: queued once.
@@ -85,7 +92,7 @@ impl DomainState {
     /// Whether a candidate with `checksum` has something to do with the domain (not
     /// announced yet, or asked for), so that its visit cannot be skipped.
     pub(super) fn needs_visit(&self, checksum: u32) -> bool {
-        !self.announced.contains(&checksum) || self.wanted.contains(&checksum)
+        !self.announced.contains(&checksum) || self.wanted.contains_key(&checksum)
     }
 
     /// Queue the page at `t` to be copied into the next segment, once per checksum.
@@ -134,7 +141,8 @@ impl<M: Mem> Core<M> {
     /// The domain asks us to publish frames of these checksums.
     pub fn domain_wants(&mut self, sums: &[u32]) {
         if let Some(d) = &mut self.domain {
-            d.wanted.extend(sums);
+            let now = d.scans;
+            d.wanted.extend(sums.iter().map(|&c| (c, now)));
         }
     }
 
@@ -148,6 +156,7 @@ impl<M: Mem> Core<M> {
                 DomainOut {
                     announce: std::mem::take(&mut d.announce),
                     claim: std::mem::take(&mut d.claim),
+                    decline: std::mem::take(&mut d.decline),
                     publish: std::mem::take(&mut d.publish),
                 }
             }
@@ -254,7 +263,7 @@ impl<M: Mem> Core<M> {
     /// the domain, or copy it into a segment if the domain asked for this checksum.
     pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32) {
         let Some(d) = &mut self.domain else { return };
-        if d.wanted.contains(&checksum) {
+        if d.wanted.contains_key(&checksum) {
             d.queue(t, checksum);
         } else if d.announce.len() < ANNOUNCE_MAX && d.announced.insert(checksum) {
             d.announce.push(checksum);
@@ -265,13 +274,57 @@ impl<M: Mem> Core<M> {
     /// domain their frame is made in a segment, so that other members can map it too.
     pub(super) fn domain_publish(&mut self, t: Target, checksum: u32) {
         let Some(d) = &mut self.domain else { return };
-        if d.wanted.contains(&checksum) || !d.connected {
+        if d.wanted.contains_key(&checksum) || !d.connected {
             // Asked for, or no broker to ask: publish (merging inside the process goes
             // on without one).
             d.queue(t, checksum);
         } else if d.claim.len() < ANNOUNCE_MAX && d.claimed.insert(checksum) {
             // Another member may hold it too: the broker says who publishes it.
             d.claim.push(checksum);
+        }
+    }
+
+    /// The engine built a segment of the pages `take_domain_out` queued with checksums
+    /// `asked`, holding `built` (None: the build failed). A checksum asked and not built
+    /// is released: asked for again if the build failed (a later visit queues it),
+    /// declined if the page no longer held it (the broker may then ask another
+    /// member). Returns the checksums to decline.
+    pub fn domain_published(&mut self, asked: &[u32], built: Option<&[u32]>) -> Vec<u32> {
+        let Some(d) = &mut self.domain else {
+            return Vec::new();
+        };
+        let done: HashSet<u32> = built.unwrap_or(&[]).iter().copied().collect();
+        let mut decline = Vec::new();
+        for &c in asked {
+            if done.contains(&c) {
+                continue; // released when the segment is taken in
+            }
+            d.publishing.remove(&c);
+            if built.is_none() {
+                d.wanted.insert(c, d.scans);
+            } else {
+                decline.push(c);
+            }
+        }
+        decline
+    }
+
+    /// A full scan ended: what was asked for before it began and no page held during
+    /// it is declined (the page changed), so that the domain asks another member.
+    pub(super) fn domain_end_scan(&mut self) {
+        if let Some(d) = &mut self.domain {
+            let scans = d.scans;
+            let stale: Vec<u32> = d
+                .wanted
+                .iter()
+                .filter(|&(_, &at)| at < scans)
+                .map(|(&c, _)| c)
+                .collect();
+            for c in &stale {
+                d.wanted.remove(c);
+            }
+            d.decline.extend(stale);
+            d.scans += 1;
         }
     }
 

@@ -1624,3 +1624,49 @@ fn a_segment_the_domain_retires_gives_its_pages_back_and_they_merge_again() {
     assert_eq!(c.counters().pages_sharing, n as u64);
     c.check_invariants();
 }
+
+#[test]
+fn a_segment_that_could_not_be_built_is_asked_for_again_and_a_changed_page_declined() {
+    let n = 4;
+    let mut c = domain_member(n);
+    let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
+    c.take_domain_out();
+    c.domain_wants(&sums[..2]);
+    c.scan_full(1);
+    let asked: Vec<u32> = c.take_domain_out().publish.iter().map(|p| p.2).collect();
+    assert_eq!(asked, sums[..2].to_vec());
+    // The build failed: both are queued again at their next visits.
+    assert!(c.domain_published(&asked, None).is_empty());
+    c.scan_full(1);
+    let again: Vec<u32> = c.take_domain_out().publish.iter().map(|p| p.2).collect();
+    assert_eq!(again, asked);
+    // Built, but the second page had changed: its checksum is declined.
+    assert_eq!(
+        c.domain_published(&again, Some(&again[..1])),
+        vec![again[1]]
+    );
+    c.scan_full(1);
+    assert!(
+        c.take_domain_out().publish.is_empty(),
+        "nothing left to publish"
+    );
+    c.check_invariants();
+}
+
+#[test]
+fn what_the_domain_asks_for_and_no_page_holds_for_a_full_scan_is_declined() {
+    let n = 2;
+    let mut c = domain_member(n);
+    c.take_domain_out();
+    let gone = page_checksum(&page_of(100));
+    c.domain_wants(&[gone]);
+    c.scan_full(1);
+    assert!(
+        c.take_domain_out().decline.is_empty(),
+        "asked in the middle of a scan: one more"
+    );
+    c.scan_full(1);
+    assert_eq!(c.take_domain_out().decline, vec![gone]);
+    c.scan_full(1);
+    assert!(c.take_domain_out().decline.is_empty(), "declined once");
+}
