@@ -169,15 +169,7 @@ impl Hub {
             }
         }
         ask.into_iter()
-            .flat_map(|(to, sums)| {
-                sums.chunks(MAX_SUMS)
-                    .map(|c| Out {
-                        to,
-                        msg: Msg::PleasePublish { sums: c.to_vec() },
-                        segment: None,
-                    })
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|(to, sums)| please_publish(to, &sums))
             .collect()
     }
 
@@ -209,13 +201,7 @@ impl Hub {
                         ask.push(s);
                     }
                 }
-                ask.chunks(MAX_SUMS)
-                    .map(|c| Out {
-                        to: m,
-                        msg: Msg::PleasePublish { sums: c.to_vec() },
-                        segment: None,
-                    })
-                    .collect()
+                please_publish(m, &ask)
             }
             Msg::Decline { sums } => {
                 // `m` no longer holds them: another announcer is asked.
@@ -282,13 +268,7 @@ impl Hub {
                 ask.push(s);
             }
         }
-        ask.chunks(MAX_SUMS)
-            .map(|c| Out {
-                to: m,
-                msg: Msg::PleasePublish { sums: c.to_vec() },
-                segment: None,
-            })
-            .collect()
+        please_publish(m, &ask)
     }
 
     fn publish(&mut self, m: MemberId, id: u64, frames: u32, sums: Vec<u32>) -> Vec<Out> {
@@ -456,6 +436,17 @@ impl Hub {
             }
         }
     }
+}
+
+/// `PleasePublish` messages asking member `to` for `sums` (as many as they take).
+fn please_publish(to: MemberId, sums: &[u32]) -> Vec<Out> {
+    sums.chunks(MAX_SUMS)
+        .map(|c| Out {
+            to,
+            msg: Msg::PleasePublish { sums: c.to_vec() },
+            segment: None,
+        })
+        .collect()
 }
 
 /// How long a broker with no member waits for one before it exits.

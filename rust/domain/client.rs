@@ -354,12 +354,7 @@ impl Worker {
     fn connect(&mut self) -> io::Result<()> {
         let sock = match Socket::connect(&self.path) {
             Ok(s) => s,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
-                ) =>
-            {
+            Err(e) if super::place::no_broker(&e) => {
                 // At most one start per second from this member; a second broker
                 // started by another member at the same time finds the lock taken
                 // and exits.

@@ -131,6 +131,15 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Whether a failed connect means that no broker listens (no socket, or a socket
+/// left by one that died): one may be started.
+pub fn no_broker(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
+    )
+}
+
 /// The statistics of domain `name`, asked of its broker (members 0 if none runs).
 pub fn query_stats(name: &str) -> io::Result<DomainStats> {
     if let Some(e) = proto::name_error(name) {
@@ -139,14 +148,7 @@ pub fn query_stats(name: &str) -> io::Result<DomainStats> {
     let path = socket_path(name)?;
     let sock = match Socket::connect(&path) {
         Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
-            ) =>
-        {
-            return Ok(DomainStats::default())
-        }
+        Err(e) if no_broker(&e) => return Ok(DomainStats::default()),
         Err(e) => return Err(e),
     };
     if sock.peer_cred()?.uid != unix::euid() {
