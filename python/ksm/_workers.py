@@ -41,6 +41,9 @@ class Spec:
     domain: str = ""
     daemon: bool = False  # ksm: merge with ksmd (run=1) rather than on command
     pages_to_scan: int = 10_000
+    # "stdlib": the standard library's files; "dataset": those and site-packages' (as
+    # `ksm bench`'s dataset workload; more of them, for the larger benchmarks).
+    source: str = "stdlib"
 
 
 def _pss_kib(pid: int | str = "self") -> int:
@@ -66,7 +69,12 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
 
     page = ksm.PAGE_SIZE
     limit = max(page, int(spec.mib * MIB) // page * page)
-    data = _data.load_stdlib(limit, page).data
+    if spec.source == "dataset":
+        from . import _bench
+
+        data = _bench.load_dataset(limit, page)[0]
+    else:
+        data = _data.load_stdlib(limit, page).data
     size = len(data)
     buf: Any
     if spec.mode == "ksm":

@@ -213,13 +213,26 @@ impl Engine {
         if let Some(link) = &st.domain {
             link.send(out);
         }
+        Self::send_usage(st, false);
     }
 
     /// At the end of a full scan: tell the domain how much of each segment we map.
     pub(super) fn domain_report(st: &mut State) {
+        Self::send_usage(st, true);
+    }
+
+    /// Tell the domain how much of each segment we map: at the end of every full scan
+    /// (`scan_done`, which lets the broker age and retire segments), and after a batch
+    /// that changed it, so that the domain's figures follow merging closely.
+    fn send_usage(st: &mut State, scan_done: bool) {
         let Some(link) = &st.domain else {
             return;
         };
+        let (segments, pages) = st.core.frames().domain_totals();
+        if !scan_done && (segments as u64, pages) == st.usage_reported {
+            return;
+        }
+        st.usage_reported = (segments as u64, pages);
         let usage: Vec<SegUsage> = st
             .core
             .frames()
@@ -242,7 +255,9 @@ impl Engine {
             .chunks(proto::MAX_USAGE)
             .map(|c| Outbound::Msg(Msg::Usage { segs: c.to_vec() }))
             .collect();
-        out.push(Outbound::Msg(Msg::ScanDone));
+        if scan_done {
+            out.push(Outbound::Msg(Msg::ScanDone));
+        }
         link.send(out);
     }
 

@@ -102,6 +102,8 @@ struct State {
     domain: Option<crate::domain::client::Link>,
     /// Segments that could not be built or sealed since joining.
     publish_failures: u64,
+    /// (segments, pages on them) when the domain was last told (see `domain.rs`).
+    usage_reported: (u64, u64),
 }
 
 /// The per-process engine.
@@ -203,6 +205,7 @@ impl Engine {
                 unmergeable_pages: 0,
                 domain: None,
                 publish_failures: 0,
+                usage_reported: (0, 0),
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
