@@ -311,6 +311,7 @@ def _bench_one(
             nbytes = sum(s[2].get("bytes_sent", 0) + s[2].get("bytes_received", 0) for s in stats)
             res.update(
                 pool_mib=d["pool_bytes"] / MIB,
+                live_mib=d["live_frames"] * ksm.PAGE_SIZE / MIB,
                 live_frames=d["live_frames"],
                 messages_per_merged_page=msgs / max(1, sharing),
                 bytes_per_merged_page=nbytes / max(1, sharing),
@@ -379,6 +380,7 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         line("PSS before (MiB)", "pss_before_mib", "{:,.1f}")
         line("PSS after (MiB)", "pss_after_mib", "{:,.1f}")
         line("domain pool (MiB)", "pool_mib", "{:,.1f}")
+        line("  of it live (MiB)", "live_mib", "{:,.1f}")
         line("messages / merged page", "messages_per_merged_page", "{:.3f}")
         line("bytes / merged page", "bytes_per_merged_page", "{:.1f}")
         print(
