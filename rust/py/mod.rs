@@ -54,6 +54,21 @@ fn int_arg<T: TryFrom<i128>>(v: &Bound<'_, PyAny>, name: &str, accepts: &str) ->
         .ok_or_else(|| PyOverflowError::new_err(format!("{name} must be {accepts}, got {v}")))
 }
 
+/// A float argument, converted as PyO3 converts an `f64` (what `float()` takes),
+/// with a TypeError that names it: "argument 'timeout': must be real number, not
+/// str". (PyO3 ≥ 0.29 puts the argument's name in a note, which `str(exc)` omits.)
+fn float_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
+    v.extract::<f64>().map_err(|e| {
+        let py = v.py();
+        if !e.get_type(py).is(py.get_type::<PyTypeError>()) {
+            return e;
+        }
+        let named = PyTypeError::new_err(format!("argument '{name}': {}", e.value(py)));
+        named.set_cause(py, e.cause(py));
+        named
+    })
+}
+
 const ADDRESS: &str = "an address from 0 to 2**64-1";
 const LENGTH: &str = "a length from 0 to 2**64-1";
 
@@ -502,7 +517,8 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 /// ValueError for a negative or infinite timeout; Ctrl-C interrupts the wait.
 #[pyfunction]
 #[pyo3(signature = (timeout = None))]
-fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+fn wait_settled(py: Python<'_>, timeout: Option<Bound<'_, PyAny>>) -> PyResult<bool> {
+    let timeout = timeout.map(|t| float_arg(&t, "timeout")).transpose()?;
     let t = match timeout {
         Some(t) if !(t >= 0.0 && t.is_finite()) => {
             return Err(PyValueError::new_err(format!(
@@ -747,9 +763,9 @@ fn _advised_pages(
     Ok(py.detach(|| e.advised_pages_in(address, address.saturating_add(length))))
 }
 
-// Free-threaded CPython (3.13t, 3.14t) loads this module only when it is built for
-// that interpreter from source (the abi3 wheel does not load there); it then turns the
-// GIL back on, with a RuntimeWarning. ksm relies on the GIL: `Mmap.close()` and
+// Free-threaded CPython (3.14t) loads this module only when it is built for that
+// interpreter from source (the abi3 wheel does not load there); it then turns the GIL
+// back on, with a RuntimeWarning. ksm relies on the GIL: `Mmap.close()` and
 // `__getbuffer__` check and change the export count and the closed flag as separate
 // steps, and the numpy handler's fork safety assumes `os.fork()` holds the GIL.
 #[pymodule(gil_used = true)]
