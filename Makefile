@@ -28,9 +28,9 @@ install: venv ## Build a wheel and install it into the virtualenv
 	$(PY) -m pip install -q --force-reinstall --no-deps target/wheels/ksm-*.whl
 
 .PHONY: wheels
-wheels: venv ## Build a release wheel for every supported CPython found here; install and run each in a fresh venv
-	KSM_WHEEL_PYTHONS="$${KSM_WHEEL_PYTHONS:-$$(for v in 3.11 3.12 3.13; do \
-		for p in $$(command -v python$$v) $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v*/bin/python$$v 2>/dev/null); do \
+wheels: venv ## Build the abi3 release wheel (CPython >= 3.11); install and run it in a fresh venv of every CPython found here
+	KSM_WHEEL_PYTHONS="$${KSM_WHEEL_PYTHONS:-$$(for v in 3.11 3.12 3.13 3.14 3.13t 3.14t; do \
+		for p in $$(command -v python$$v) $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/*/bin/python$$v 2>/dev/null); do \
 			if $$p -c '' 2>/dev/null; then echo $$p; break; fi; done; done)}" \
 		$(PY) -m pytest tests/test_packaging.py -q -rA
 

@@ -34,7 +34,7 @@ fn _join(
 ) -> PyResult<()> {
     let name = name_arg(&name)?;
     let e = engine()?;
-    py.allow_threads(|| e.join(&name, Spawner { argv, env }))?;
+    py.detach(|| e.join(&name, Spawner { argv, env }))?;
     Ok(())
 }
 
@@ -42,7 +42,7 @@ fn _join(
 #[pyfunction]
 fn _leave(py: Python<'_>) -> PyResult<()> {
     let e = engine()?;
-    py.allow_threads(|| e.leave());
+    py.detach(|| e.leave());
     Ok(())
 }
 
@@ -50,7 +50,7 @@ fn _leave(py: Python<'_>) -> PyResult<()> {
 #[pyfunction]
 fn _domain(py: Python<'_>) -> PyResult<Option<String>> {
     let e = engine()?;
-    Ok(py.allow_threads(|| e.domain()))
+    Ok(py.detach(|| e.domain()))
 }
 
 /// The statistics of domain `name`, asked of its broker (members 0 if none runs).
@@ -58,7 +58,7 @@ fn _domain(py: Python<'_>) -> PyResult<Option<String>> {
 fn _domain_stats<'py>(py: Python<'py>, name: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
     let name = name_arg(&name)?;
     let s = py
-        .allow_threads(|| place::query_stats(&name))
+        .detach(|| place::query_stats(&name))
         .map_err(|e| Error::io("asking a merge domain's broker", e))?;
     let d = PyDict::new(py);
     d.set_item("members", s.members)?;
@@ -83,14 +83,14 @@ fn _domain_sync(py: Python<'_>, timeout: f64) -> PyResult<bool> {
     let t = std::time::Duration::try_from_secs_f64(timeout.max(0.0)).map_err(|_| {
         pyo3::exceptions::PyValueError::new_err("timeout must be a finite number of seconds")
     })?;
-    Ok(py.allow_threads(|| e.domain_sync(t)).is_some())
+    Ok(py.detach(|| e.domain_sync(t)).is_some())
 }
 
 /// This process's figures of its domain.
 #[pyfunction]
 fn _member_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let e = engine()?;
-    let s = py.allow_threads(|| e.member_stats());
+    let s = py.detach(|| e.member_stats());
     let d = PyDict::new(py);
     d.set_item("domain", s.name)?;
     d.set_item("connected", s.link.connected)?;
@@ -118,7 +118,7 @@ fn _member_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 fn _broker(py: Python<'_>, name: Bound<'_, PyAny>) -> PyResult<bool> {
     let name = name_arg(&name)?;
-    py.allow_threads(|| place::run_broker(&name))
+    py.detach(|| place::run_broker(&name))
         .map_err(|e| Error::io("running a merge domain's broker", e).into())
 }
 
@@ -132,7 +132,7 @@ fn _domain_dir() -> PyResult<String> {
 /// The user's domains with a broker socket now.
 #[pyfunction]
 fn _domains(py: Python<'_>) -> Vec<String> {
-    py.allow_threads(place::list)
+    py.detach(place::list)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

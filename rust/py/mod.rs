@@ -54,6 +54,21 @@ fn int_arg<T: TryFrom<i128>>(v: &Bound<'_, PyAny>, name: &str, accepts: &str) ->
         .ok_or_else(|| PyOverflowError::new_err(format!("{name} must be {accepts}, got {v}")))
 }
 
+/// A float argument, converted as PyO3 converts an `f64` (what `float()` takes),
+/// with a TypeError that names it: "argument 'timeout': must be real number, not
+/// str". (PyO3 ≥ 0.29 puts the argument's name in a note, which `str(exc)` omits.)
+fn float_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
+    v.extract::<f64>().map_err(|e| {
+        let py = v.py();
+        if !e.get_type(py).is(py.get_type::<PyTypeError>()) {
+            return e;
+        }
+        let named = PyTypeError::new_err(format!("argument '{name}': {}", e.value(py)));
+        named.set_cause(py, e.cause(py));
+        named
+    })
+}
+
 const ADDRESS: &str = "an address from 0 to 2**64-1";
 const LENGTH: &str = "a length from 0 to 2**64-1";
 
@@ -110,7 +125,7 @@ impl Mmap {
         let length = usize::try_from(length)
             .map_err(|_| PyValueError::new_err(format!("length must be positive, got {length}")))?;
         let e = engine()?;
-        let (addr, len) = py.allow_threads(|| e.alloc(length))?;
+        let (addr, len) = py.detach(|| e.alloc(length))?;
         Ok(Mmap {
             addr,
             len,
@@ -183,7 +198,7 @@ impl Mmap {
         }
         let addr = self.addr + start;
         let e = engine()?;
-        py.allow_threads(|| e.madvise(addr, length, option))?;
+        py.detach(|| e.madvise(addr, length, option))?;
         Ok(())
     }
 
@@ -205,7 +220,7 @@ impl Mmap {
         }
         let (e, page) = (engine()?, sys::page_size());
         let addr = self.addr + offset / page * page;
-        Ok(py.allow_threads(|| e.page_state(addr)))
+        Ok(py.detach(|| e.page_state(addr)))
     }
 
     /// Unmap the memory (merged pages release their share of the frame).
@@ -222,7 +237,7 @@ impl Mmap {
             return Ok(());
         }
         let (e, addr) = (engine()?, self.addr);
-        py.allow_threads(|| e.free(addr));
+        py.detach(|| e.free(addr));
         Ok(())
     }
 
@@ -273,7 +288,7 @@ impl Drop for Mmap {
             if let Some(e) = ENGINE_READY.get() {
                 // Dropped with the GIL held: release it while waiting for the engine.
                 let addr = self.addr;
-                Python::with_gil(|py| py.allow_threads(|| e.free(addr)));
+                Python::attach(|py| py.detach(|| e.free(addr)));
             }
         }
     }
@@ -305,7 +320,7 @@ const STATS: &[&str] = &[
     "general_profit",
 ];
 
-fn knob_to_py(py: Python<'_>, v: knobs::Value) -> PyResult<PyObject> {
+fn knob_to_py(py: Python<'_>, v: knobs::Value) -> PyResult<Py<PyAny>> {
     Ok(match v {
         knobs::Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
         knobs::Value::Str(s) => s.into_pyobject(py)?.into_any().unbind(),
@@ -314,14 +329,14 @@ fn knob_to_py(py: Python<'_>, v: knobs::Value) -> PyResult<PyObject> {
 
 #[pymethods]
 impl Ksmd {
-    fn __getattr__(&self, py: Python<'_>, name: &str) -> PyResult<PyObject> {
+    fn __getattr__(&self, py: Python<'_>, name: &str) -> PyResult<Py<PyAny>> {
         let e = engine()?;
-        if let Some(v) = py.allow_threads(|| e.knobs()).get(name) {
+        if let Some(v) = py.detach(|| e.knobs()).get(name) {
             return knob_to_py(py, v);
         }
         if STATS.contains(&name) {
             let v = py
-                .allow_threads(|| e.snapshot())
+                .detach(|| e.snapshot())
                 .fields()
                 .into_iter()
                 .find(|(n, _)| *n == name)
@@ -367,7 +382,7 @@ impl Ksmd {
         };
         let e = engine()?;
         let name = name.to_owned();
-        py.allow_threads(|| e.set_knob(&name, &v))?;
+        py.detach(|| e.set_knob(&name, &v))?;
         Ok(())
     }
 
@@ -401,7 +416,7 @@ impl Ksmd {
 #[pyfunction]
 fn ksm_stat(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let e = engine()?;
-    let s = py.allow_threads(|| e.ksm_stat());
+    let s = py.detach(|| e.ksm_stat());
     let d = PyDict::new(py);
     d.set_item("ksm_rmap_items", s.ksm_rmap_items)?;
     d.set_item("ksm_zero_pages", s.ksm_zero_pages)?;
@@ -429,7 +444,7 @@ fn set_memory_merge(py: Python<'_>, enable: Bound<'_, PyAny>) -> PyResult<()> {
     }
     let on = enable.is_truthy()?;
     let e = engine()?;
-    py.allow_threads(|| e.set_memory_merge(on))?;
+    py.detach(|| e.set_memory_merge(on))?;
     Ok(())
 }
 
@@ -437,7 +452,7 @@ fn set_memory_merge(py: Python<'_>, enable: Bound<'_, PyAny>) -> PyResult<()> {
 #[pyfunction]
 fn get_memory_merge(py: Python<'_>) -> PyResult<bool> {
     let e = engine()?;
-    Ok(py.allow_threads(|| e.get_memory_merge()))
+    Ok(py.detach(|| e.get_memory_merge()))
 }
 
 /// `madvise(2)` for merging, on any address range of this process.
@@ -462,7 +477,7 @@ fn madvise(
         "MADV_MERGEABLE (12) or MADV_UNMERGEABLE (13)",
     )?;
     let e = engine()?;
-    py.allow_threads(|| e.madvise(address, length, advice))?;
+    py.detach(|| e.madvise(address, length, advice))?;
     Ok(())
 }
 
@@ -481,11 +496,11 @@ fn scan(py: Python<'_>, full_scans: Bound<'_, PyAny>) -> PyResult<()> {
     let e = engine()?;
     if n == 0 {
         // Only finish a scan in progress.
-        py.allow_threads(|| e.scan(0))?;
+        py.detach(|| e.scan(0))?;
     }
     // One full scan at a time, so that Ctrl-C (a pending signal) stops a long run.
     for _ in 0..n {
-        py.allow_threads(|| e.scan(1))?;
+        py.detach(|| e.scan(1))?;
         py.check_signals()?;
     }
     Ok(())
@@ -502,7 +517,8 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 /// ValueError for a negative or infinite timeout; Ctrl-C interrupts the wait.
 #[pyfunction]
 #[pyo3(signature = (timeout = None))]
-fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+fn wait_settled(py: Python<'_>, timeout: Option<Bound<'_, PyAny>>) -> PyResult<bool> {
+    let timeout = timeout.map(|t| float_arg(&t, "timeout")).transpose()?;
     let t = match timeout {
         Some(t) if !(t >= 0.0 && t.is_finite()) => {
             return Err(PyValueError::new_err(format!(
@@ -521,7 +537,7 @@ fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
         let chunk = left.map_or(SIGNAL_CHECK, |l| l.min(SIGNAL_CHECK));
-        if py.allow_threads(|| e.wait_settled(Some(chunk))) {
+        if py.detach(|| e.wait_settled(Some(chunk))) {
             return Ok(true);
         }
         // Not settled: ksmd stopped (it will not settle by itself), or time is up.
@@ -549,7 +565,7 @@ fn wait_settled(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
 #[pyfunction]
 fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let e = engine()?;
-    let s = py.allow_threads(|| e.snapshot());
+    let s = py.detach(|| e.snapshot());
     let d = PyDict::new(py);
     for (k, v) in s.fields() {
         if k == "settled" {
@@ -656,7 +672,7 @@ fn _numpy_handler(
     py: Python<'_>,
     array_api: Bound<'_, PyAny>,
     min_bytes: Bound<'_, PyAny>,
-) -> PyResult<PyObject> {
+) -> PyResult<Py<PyAny>> {
     let min_bytes: usize = int_arg(&min_bytes, "min_bytes", "a size from 0 to 2**64-1 bytes")?;
     sys::npalloc::handler(py, &array_api, min_bytes)
 }
@@ -667,7 +683,7 @@ fn _numpy_set_handler(
     py: Python<'_>,
     array_api: Bound<'_, PyAny>,
     handler: Bound<'_, PyAny>,
-) -> PyResult<PyObject> {
+) -> PyResult<Py<PyAny>> {
     sys::npalloc::set_handler(py, &array_api, &handler)
 }
 
@@ -681,7 +697,7 @@ fn _numpy_set_max_live(n: Bound<'_, PyAny>) -> PyResult<()> {
 /// Give back the freed blocks the numpy handler keeps for reuse; how many there were.
 #[pyfunction]
 fn _numpy_trim(py: Python<'_>) -> usize {
-    py.allow_threads(sys::npalloc::trim)
+    py.detach(sys::npalloc::trim)
 }
 
 /// Whether `address` is the start of array data the numpy handler put in ksm memory.
@@ -746,10 +762,15 @@ fn _advised_pages(
     let address: usize = int_arg(&address, "address", ADDRESS)?;
     let length: usize = int_arg(&length, "length", LENGTH)?;
     let e = engine()?;
-    Ok(py.allow_threads(|| e.advised_pages_in(address, address.saturating_add(length))))
+    Ok(py.detach(|| e.advised_pages_in(address, address.saturating_add(length))))
 }
 
-#[pymodule]
+// Free-threaded CPython (3.14t) loads this module only when it is built for that
+// interpreter from source (the abi3 wheel does not load there); it then turns the GIL
+// back on, with a RuntimeWarning. ksm relies on the GIL: `Mmap.close()` and
+// `__getbuffer__` check and change the export count and the closed flag as separate
+// steps, and the numpy handler's fork safety assumes `os.fork()` holds the GIL.
+#[pymodule(gil_used = true)]
 fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let e = engine()?;
     let _ = ENGINE_READY.set(e);

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
-use pyo3::{ffi, Bound, PyAny, PyErr, PyObject, PyResult, Python};
+use pyo3::{ffi, Bound, Py, PyAny, PyErr, PyResult, Python};
 
 type MallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
 type CallocFn = unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
@@ -395,7 +395,7 @@ fn read_default(py: Python<'_>, table: *const *const c_void) -> PyResult<()> {
 }
 
 /// A new reference to the capsule of our handler for `min_bytes` (made on first use).
-pub fn handler(py: Python<'_>, api: &Bound<'_, PyAny>, min_bytes: usize) -> PyResult<PyObject> {
+pub fn handler(py: Python<'_>, api: &Bound<'_, PyAny>, min_bytes: usize) -> PyResult<Py<PyAny>> {
     let table = api_table(api)?;
     read_default(py, table)?;
     let ours: &'static Ours = {
@@ -431,7 +431,7 @@ pub fn handler(py: Python<'_>, api: &Bound<'_, PyAny>, min_bytes: usize) -> PyRe
         return Err(PyErr::fetch(py));
     }
     // SAFETY: `cap` is a new reference we own.
-    Ok(unsafe { PyObject::from_owned_ptr(py, cap) })
+    Ok(unsafe { Bound::from_owned_ptr(py, cap) }.unbind())
 }
 
 /// `PyDataMem_SetHandler(handler)` (entry 304) in the current context; returns the
@@ -440,7 +440,7 @@ pub fn set_handler(
     py: Python<'_>,
     api: &Bound<'_, PyAny>,
     handler: &Bound<'_, PyAny>,
-) -> PyResult<PyObject> {
+) -> PyResult<Py<PyAny>> {
     let table = api_table(api)?;
     // SAFETY: the check only reads the type of a live object.
     let ok = unsafe { ffi::PyCapsule_IsValid(handler.as_ptr(), CAPSULE_NAME.as_ptr()) } != 0;
@@ -462,5 +462,5 @@ pub fn set_handler(
         return Err(PyErr::fetch(py));
     }
     // SAFETY: a new reference we own.
-    Ok(unsafe { PyObject::from_owned_ptr(py, old) })
+    Ok(unsafe { Bound::from_owned_ptr(py, old) }.unbind())
 }
