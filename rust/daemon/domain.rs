@@ -291,22 +291,24 @@ impl Engine {
         pages: &[(usize, bool, u32)],
     ) -> std::io::Result<Option<(Memfd, Vec<u32>)>> {
         let page = st.core.page_size();
-        let mut bytes = Vec::with_capacity(pages.len() * page);
+        // Page by page into the file: no buffer of the segment's size (a large buffer
+        // freed again would stay in the allocator's heap, memory every member pays).
+        let memfd = Memfd::create_sealable(SEGMENT_NAME, (pages.len() * page) as u64)?;
         let mut sums = Vec::with_capacity(pages.len());
         let mut buf = vec![0u8; page];
         for &(addr, owned, _) in pages {
             // Read now: the bytes may have changed since the visit. Whatever they are,
             // a page merges onto a frame only after comparing equal to it.
             if st.core.mem.read(addr, owned, &mut buf).is_ok() {
-                bytes.extend_from_slice(&buf);
+                memfd.write_at((sums.len() * page) as u64, &buf)?;
                 sums.push(page_checksum(&buf));
             }
         }
         if sums.is_empty() {
             return Ok(None);
         }
-        let memfd = Memfd::create_sealable(SEGMENT_NAME, bytes.len() as u64)?;
-        memfd.write_at(0, &bytes)?;
+        // Pages that could not be read leave no hole: the file ends after the last.
+        memfd.set_len((sums.len() * page) as u64)?;
         memfd.seal()?;
         Ok(Some((memfd, sums)))
     }

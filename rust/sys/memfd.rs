@@ -52,6 +52,15 @@ impl Memfd {
         Ok(Memfd { fd })
     }
 
+    /// Set the file's size (`ftruncate`; before sealing only).
+    pub fn set_len(&self, size: u64) -> io::Result<()> {
+        let len =
+            libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: plain syscall on an fd we own.
+        cvt(unsafe { libc::ftruncate(self.fd.as_raw_fd(), len) })?;
+        Ok(())
+    }
+
     /// Adopt a descriptor received from another process. Nothing is assumed of it:
     /// [`Memfd::is_sealed_segment`] says whether it can be trusted to never change.
     pub fn from_owned(fd: OwnedFd) -> Self {
