@@ -55,6 +55,8 @@ pub struct FakeMem {
     /// Of `sums_ahead`, those of memory ksm owns.
     pub owned_sums_ahead: u64,
     pub most_sum_threads: usize,
+    /// Ids of frames of dropped segments that pages still map (see `drop_segment`).
+    ghosts: HashSet<FrameId>,
 }
 
 impl FakeMem {
@@ -78,6 +80,7 @@ impl FakeMem {
             sums_ahead: 0,
             owned_sums_ahead: 0,
             most_sum_threads: 0,
+            ghosts: HashSet::new(),
         }
     }
 
@@ -96,13 +99,55 @@ impl FakeMem {
         self.dirty.insert(base);
     }
 
-    /// Application view of a page.
     /// A domain segment's frames from `f0`, as sealed bytes (never written or punched).
     pub fn add_segment(&mut self, f0: FrameId, frames: &[Vec<u8>]) {
         for (i, b) in frames.iter().enumerate() {
             self.frames.insert(f0 + i as FrameId, b.clone());
         }
     }
+
+    /// The segment of `n` frames at `f0` is unmapped (the engine's `drop_segment`):
+    /// its frame ids are served no more, and may name another segment's frames later.
+    /// A page that still maps one of them (moved there behind ksm's back) keeps its
+    /// bytes, as the kernel keeps a memfd while a mapping of it lives: the page moves
+    /// to a ghost id from the top of the id space down, which ksm must never use (it
+    /// names no frame of ksm's). Returns the frames moved: (frame, ghost).
+    pub fn drop_segment(&mut self, f0: FrameId, n: u32) -> Vec<(FrameId, FrameId)> {
+        let mut moved = Vec::new();
+        for f in f0..f0 + n {
+            let Some(bytes) = self.frames.remove(&f) else {
+                continue;
+            };
+            let mut ghost = None;
+            for b in self.pages.values_mut() {
+                if let Backing::Frame { f: x, .. } = b {
+                    if *x == f {
+                        let g = *ghost.get_or_insert_with(|| {
+                            let g = FrameId::MAX - self.ghosts.len() as FrameId;
+                            self.ghosts.insert(g);
+                            g
+                        });
+                        *x = g;
+                    }
+                }
+            }
+            if let Some(g) = ghost {
+                self.frames.insert(g, bytes);
+                moved.push((f, g));
+            }
+        }
+        moved
+    }
+
+    /// Frames holding bytes that are not a domain segment's (ids below `DOMAIN_BASE`).
+    pub fn pool_frames_held(&self) -> usize {
+        self.frames
+            .keys()
+            .filter(|&&f| !crate::pool::is_domain(f))
+            .count()
+    }
+
+    /// Application view of a page.
 
     pub fn read_page(&self, base: usize) -> Vec<u8> {
         match self.pages.get(&base) {
@@ -269,6 +314,7 @@ impl Mem for FakeMem {
     }
 
     fn frame(&self, f: FrameId) -> &[u8] {
+        assert!(!self.ghosts.contains(&f), "frame of a dropped segment read");
         &self.frames[&f]
     }
 
@@ -366,6 +412,7 @@ impl Mem for FakeMem {
     ) -> io::Result<()> {
         for i in 0..n {
             let (a, f) = (addr + i * self.page, f0 + i as FrameId);
+            assert!(!self.ghosts.contains(&f), "a page mapped onto a dropped segment");
             assert!(
                 self.protected.contains(&a),
                 "remap outside the merge window"
