@@ -1097,7 +1097,7 @@ impl Harness {
                 continue;
             }
             assert!(
-                fake.read_page(a) == p.data,
+                fake.page_bytes(a) == p.data,
                 "page {a:#x} ({p:?}) reads other bytes than written"
             );
             if fake.maps_frame(a) {

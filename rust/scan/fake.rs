@@ -150,10 +150,15 @@ impl FakeMem {
     /// Application view of a page.
 
     pub fn read_page(&self, base: usize) -> Vec<u8> {
+        self.page_bytes(base).to_vec()
+    }
+
+    /// Application view of a page, without a copy.
+    pub fn page_bytes(&self, base: usize) -> &[u8] {
         match self.pages.get(&base) {
-            None => self.zero.clone(),
-            Some(Backing::Anon(v)) => v.clone(),
-            Some(Backing::Frame { f, .. }) => self.frames[f].clone(),
+            None => &self.zero,
+            Some(Backing::Anon(v)) => v,
+            Some(Backing::Frame { f, .. }) => &self.frames[f],
         }
     }
 
@@ -278,7 +283,7 @@ impl Mem for FakeMem {
 
     fn read(&mut self, addr: usize, _owned: bool, buf: &mut [u8]) -> io::Result<()> {
         self.touch(addr);
-        buf.copy_from_slice(&self.read_page(addr));
+        buf.copy_from_slice(self.page_bytes(addr));
         Ok(())
     }
 
@@ -298,7 +303,7 @@ impl Mem for FakeMem {
             for (a, o) in addrs.chunks(per).zip(out.chunks_mut(per)) {
                 s.spawn(move || {
                     for (&a, o) in a.iter().zip(o) {
-                        *o = Some(sum(&me.read_page(a)));
+                        *o = Some(sum(me.page_bytes(a)));
                     }
                 });
             }
@@ -412,15 +417,18 @@ impl Mem for FakeMem {
     ) -> io::Result<()> {
         for i in 0..n {
             let (a, f) = (addr + i * self.page, f0 + i as FrameId);
-            assert!(!self.ghosts.contains(&f), "a page mapped onto a dropped segment");
+            assert!(
+                !self.ghosts.contains(&f),
+                "a page mapped onto a dropped segment"
+            );
             assert!(
                 self.protected.contains(&a),
                 "remap outside the merge window"
             );
             match covered.iter().find(|(k, _)| *k == i) {
-                Some((_, bytes)) => assert_eq!(&self.read_page(a), bytes, "covered page changed"),
+                Some((_, bytes)) => assert_eq!(self.page_bytes(a), bytes, "covered page changed"),
                 None => assert_eq!(
-                    self.read_page(a),
+                    self.page_bytes(a),
                     self.frames[&f],
                     "remap would change contents"
                 ),
