@@ -1,5 +1,5 @@
 //! Run fuzz inputs without libFuzzer, printing each as parsed:
-//! `cargo run --release --example replay -- <merge_model|frame_table|uffd_msg> FILE...`
+//! `cargo run --release --example replay -- <TARGET> FILE...`
 //! (from fuzz/). A failing input panics with the broken assertion.
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -29,6 +29,18 @@ fn main() {
             "uffd_msg" => {
                 show::<ksm_fuzz::uffd_msg::Input>(&data);
                 ksm_fuzz::uffd_msg::run_bytes(&data);
+            }
+            "knobs" => {
+                show::<ksm_fuzz::knobs::Input>(&data);
+                ksm_fuzz::knobs::run_bytes(&data);
+            }
+            "domain_msg" => {
+                show::<ksm_fuzz::domain_msg::Input>(&data);
+                ksm_fuzz::domain_msg::run_bytes(&data);
+            }
+            "domain_hub" => {
+                show::<ksm_fuzz::domain_hub::Input>(&data);
+                ksm_fuzz::domain_hub::run_bytes(&data);
             }
             t => panic!("unknown target {t}"),
         }

@@ -44,10 +44,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 
 use arbitrary::{Arbitrary, Unstructured};
-use ksm::pool::FrameId;
+use std::collections::HashSet;
+
+use ksm::pool::{is_domain, FrameId};
 use ksm::region::{Region, State};
 use ksm::scan::fake::FakeMem;
-use ksm::scan::{Core, Mem, Presence};
+use ksm::scan::{page_checksum, Core, Mem, Presence};
 
 /// Start of the first region (a multiple of every page size used).
 const BASE: usize = 0x10_0000;
@@ -148,6 +150,35 @@ pub enum Op {
     SmartScan { on: bool },
     /// `hash_threads = 1 + n % 4` (more than 1: checksums taken ahead, on threads).
     HashThreads { n: u8 },
+    /// `join_domain()`.
+    JoinDomain,
+    /// `leave_domain()`, then the segments no page maps dropped, as the engine leaves.
+    LeaveDomain,
+    /// `domain_connected()` (a new broker: what was announced is said again), after
+    /// `take_domain_out()` as in the engine.
+    DomainConnected,
+    /// Another member's segment `1 + id % 6` arrives (`add_segment`): a frame per page
+    /// picked (the `i`-th mapped page, modulo), holding a copy of its bytes under their
+    /// checksum; with `lie` (frame `k`, pattern `p`), frame `k` holds pattern `p` under
+    /// the checksum of its page's bytes instead (a collision, or a lie the sealed bytes
+    /// do not back). If taken, the fake serves the frames from the id given.
+    AddSegment {
+        id: u8,
+        pages: Vec<u8>,
+        lie: Option<(u8, u8)>,
+    },
+    /// The domain retires segment `1 + id % 6`, or the `id`-th held (modulo) if `held`.
+    RetireSegment { id: u8, held: bool },
+    /// `domain_wants` the checksums of the pages picked (and `any`).
+    DomainWants { pages: Vec<u8>, any: Option<u32> },
+    /// `take_domain_out()`: every checksum is announced once (until a new broker or a
+    /// new join); if `echo`, the pages to publish are read now and come back as a
+    /// segment of ours (as the broker hands every member the segment, publisher
+    /// included).
+    TakeDomainOut { echo: bool },
+    /// `drop_unmapped_segments()` (the engine does it before every batch): the fake
+    /// serves those segments' frames no more.
+    DropUnmapped,
 }
 
 /// Parsed as the setup, then operations until the bytes run out (derived
@@ -189,6 +220,9 @@ pub struct ChildMem {
     pub vma_limit: Option<u64>,
     /// Successful remaps since the budget was set: each may have added up to 2 VMAs.
     pub maps_since_limit: u64,
+    /// Domain segments the fake serves, by first frame id: frames and whether the
+    /// segment was retired (no page may be mapped onto it since).
+    pub segments: BTreeMap<FrameId, (u32, bool)>,
 }
 
 impl Mem for ChildMem {
@@ -272,6 +306,18 @@ impl Mem for ChildMem {
         f0: FrameId,
         covered: &[(usize, Vec<u8>)],
     ) -> io::Result<()> {
+        if is_domain(f0) {
+            let (&s0, &(frames, retired)) = self
+                .segments
+                .range(..=f0)
+                .next_back()
+                .expect("a domain frame of a segment held");
+            assert!(
+                f0 - s0 + n as FrameId <= frames,
+                "a run of {n} frames from {f0} leaves the segment at {s0} ({frames} frames)"
+            );
+            assert!(!retired, "a page mapped onto retired segment {s0}");
+        }
         self.fake.map_frames(addr, n, prot, f0, covered)?;
         let page = self.fake.page_size();
         for i in 0..n {
@@ -342,6 +388,13 @@ pub struct Harness {
     max_sharing_ever: u32,
     /// Address span covered by range arguments, in pages (ends with the free space).
     span: usize,
+    /// Domain segments given to the core and served by the fake: id → (first
+    /// frame, frames).
+    segs: BTreeMap<u64, (FrameId, u32)>,
+    /// Checksums announced since the last join or new broker.
+    announced: HashSet<u32>,
+    /// Id of the next segment of ours.
+    next_own: u64,
 }
 
 fn pattern(p: u8, page: usize) -> Vec<u8> {
@@ -370,6 +423,7 @@ impl Harness {
             mapped: HashMap::new(),
             vma_limit: None,
             maps_since_limit: 0,
+            segments: BTreeMap::new(),
         };
         let mut core = Core::new(mem, capacity);
         core.mem.fake.tracking = s.write_tracking;
@@ -390,6 +444,9 @@ impl Harness {
             capacity,
             max_sharing_ever,
             span: na + gap + nb + 1 + nc + FREE_PAGES,
+            segs: BTreeMap::new(),
+            announced: HashSet::new(),
+            next_own: 1000,
         };
         for ri in 0..h.owned.len() {
             h.open_owned(ri);
@@ -658,7 +715,8 @@ impl Harness {
             Op::Fork => {
                 let mem = &mut self.core.mem;
                 for &a in self.pages.keys() {
-                    if mem.fake.maps_frame(a) {
+                    // A domain frame is sealed: the fake refuses any write or punch.
+                    if mem.fake.maps_frame(a) && !is_domain(mem.mapped[&a]) {
                         let f = mem.mapped[&a];
                         let bytes = mem.fake.frame(f).to_vec();
                         let old = mem.child.insert(f, Some(bytes.clone()));
@@ -675,6 +733,7 @@ impl Harness {
                     .core
                     .regions()
                     .flat_map(Region::covered_frames)
+                    .filter(|&g| !is_domain(g))
                     .collect();
                 for g in offsets {
                     let bytes = self
@@ -839,6 +898,148 @@ impl Harness {
             Op::ZeroPages { on } => self.core.use_zero_pages = on,
             Op::SmartScan { on } => self.core.smart_scan = on,
             Op::HashThreads { n } => self.core.hash_threads = 1 + usize::from(n % 4),
+            Op::JoinDomain => {
+                if !self.core.in_domain() {
+                    self.announced.clear();
+                }
+                self.core.join_domain();
+            }
+            Op::LeaveDomain => {
+                self.core.leave_domain();
+                self.announced.clear();
+                for v in self.core.mem.segments.values_mut() {
+                    v.1 = true;
+                }
+                self.drop_unmapped();
+            }
+            Op::DomainConnected => {
+                // The engine takes what a batch collected right after it, and a new
+                // broker's news before the next one: nothing is queued at a connect.
+                self.apply(&Op::TakeDomainOut { echo: false });
+                self.core.domain_connected();
+                self.announced.clear();
+            }
+            Op::AddSegment { id, ref pages, lie } => {
+                let id = 1 + u64::from(id % 6);
+                let picked = self.picked(pages);
+                if picked.is_empty() {
+                    return;
+                }
+                let mut frames: Vec<Vec<u8>> = picked
+                    .iter()
+                    .map(|&a| self.pages[&a].data.clone())
+                    .collect();
+                let sums: Vec<u32> = frames.iter().map(|b| page_checksum(b)).collect();
+                if let Some((k, p)) = lie {
+                    let k = usize::from(k) % frames.len();
+                    frames[k] = pattern(p, page);
+                    frames[k][0] ^= 0x80;
+                }
+                self.add_segment(id, &frames, &sums);
+            }
+            Op::RetireSegment { id, held } => {
+                let id = match held {
+                    true if !self.segs.is_empty() => *self
+                        .segs
+                        .keys()
+                        .nth(usize::from(id) % self.segs.len())
+                        .expect("modulo"),
+                    _ => 1 + u64::from(id % 6),
+                };
+                self.core.retire_segment(id);
+                if let Some(&(f0, _)) = self.segs.get(&id) {
+                    self.core.mem.segments.get_mut(&f0).expect("served").1 = true;
+                }
+            }
+            Op::DomainWants { ref pages, any } => {
+                let mut sums: Vec<u32> = self
+                    .picked(pages)
+                    .iter()
+                    .map(|a| page_checksum(&self.pages[a].data))
+                    .collect();
+                sums.extend(any);
+                self.core.domain_wants(&sums);
+            }
+            Op::TakeDomainOut { echo } => {
+                let (announce, publish) = self.core.take_domain_out();
+                for s in announce {
+                    assert!(self.announced.insert(s), "checksum {s:#x} announced twice");
+                }
+                // As the engine builds a segment: the pages' bytes as they are now.
+                let frames: Vec<Vec<u8>> = publish
+                    .iter()
+                    .filter(|&&(a, _, _)| self.pages.get(&a).is_some_and(|p| p.mapped))
+                    .map(|&(a, _, _)| self.core.mem.fake.read_page(a))
+                    .collect();
+                if echo && !frames.is_empty() {
+                    let sums: Vec<u32> = frames.iter().map(|b| page_checksum(b)).collect();
+                    let id = self.next_own;
+                    self.next_own += 1;
+                    self.add_segment(id, &frames, &sums);
+                }
+            }
+            Op::DropUnmapped => self.drop_unmapped(),
+        }
+    }
+
+    /// The mapped pages picked by `idx` (the `i`-th, modulo), at most 8.
+    fn picked(&self, idx: &[u8]) -> Vec<usize> {
+        let mapped: Vec<usize> = self.addrs(0, usize::MAX, |p| p.mapped);
+        if mapped.is_empty() {
+            return Vec::new();
+        }
+        idx.iter()
+            .take(8)
+            .map(|&i| mapped[usize::from(i) % mapped.len()])
+            .collect()
+    }
+
+    /// Segment `id` of `frames` under checksums `sums` offered to the core; if taken,
+    /// the fake serves its frames.
+    fn add_segment(&mut self, id: u64, frames: &[Vec<u8>], sums: &[u32]) {
+        let held = self.core.frames().segment(id).is_some();
+        match self.core.add_segment(id, sums) {
+            Some(f0) => {
+                assert!(!held && self.core.in_domain(), "segment {id} taken twice");
+                assert!(is_domain(f0), "segment {id} at pool frame {f0}");
+                let n = frames.len() as u32;
+                assert!(
+                    self.core.mem.segments.range(f0..f0 + n).next().is_none()
+                        && self
+                            .core
+                            .mem
+                            .segments
+                            .range(..f0)
+                            .next_back()
+                            .is_none_or(|(&s0, &(m, _))| s0 + m <= f0),
+                    "segment {id} at {f0} overlaps another"
+                );
+                self.core.mem.fake.add_segment(f0, frames);
+                self.core.mem.segments.insert(f0, (n, false));
+                self.segs.insert(id, (f0, n));
+            }
+            None => assert!(
+                held || !self.core.in_domain(),
+                "segment {id} refused in a domain"
+            ),
+        }
+    }
+
+    /// `drop_unmapped_segments()`, and the fake serves those segments no more (it
+    /// panics if a page still maps one of their frames).
+    fn drop_unmapped(&mut self) {
+        for (id, f0) in self.core.drop_unmapped_segments() {
+            let (g0, n) = self.segs.remove(&id).expect("a segment given");
+            assert_eq!(f0, g0, "segment {id} dropped at another frame");
+            let (_, retired) = self.core.mem.segments.remove(&f0).expect("served");
+            assert!(retired, "segment {id} dropped while not retired");
+            // Pages still on its frames were moved there behind ksm's back (no record
+            // names them): they keep their bytes, as the kernel keeps the memfd.
+            for (f, g) in self.core.mem.fake.drop_segment(f0, n) {
+                for x in self.core.mem.mapped.values_mut().filter(|x| **x == f) {
+                    *x = g;
+                }
+            }
         }
     }
 
@@ -896,13 +1097,15 @@ impl Harness {
                 continue;
             }
             assert!(
-                fake.read_page(a) == p.data,
+                fake.page_bytes(a) == p.data,
                 "page {a:#x} ({p:?}) reads other bytes than written"
             );
             if fake.maps_frame(a) {
                 let f = self.core.mem.mapped[&a];
+                // (A page moved behind ksm's back onto a dropped segment's frame keeps it:
+                // the kernel keeps the segment while it is mapped.)
                 assert!(
-                    self.core.frames().is_live(f),
+                    self.core.frames().is_live(f) || (p.loose && is_domain(f)),
                     "page {a:#x} maps frame {f}, which is free"
                 );
                 if !p.tracked {
@@ -949,8 +1152,16 @@ impl Harness {
         }
         // Free offsets reserved for a child hold no bytes but count as live.
         let reserved = self.core.mem.child.values().filter(|b| b.is_none()).count();
+        // Segments' frames are the domain's, not counted live.
+        for (&id, &(f0, n)) in &self.segs {
+            assert_eq!(
+                self.core.frames().segment(id),
+                Some((f0, n)),
+                "segment {id} forgotten without being dropped"
+            );
+        }
         assert_eq!(
-            fake.frames_held() + reserved,
+            fake.pool_frames_held() + reserved,
             self.core.frames().live() as usize,
             "frames holding bytes vs live frames"
         );
@@ -982,9 +1193,15 @@ impl Harness {
         self.apply(&Op::FreeSuspects);
         self.apply(&Op::Quiet);
         self.check();
+        self.apply(&Op::LeaveDomain);
+        self.check();
+        assert!(self.segs.is_empty(), "segments left: {:?}", self.segs);
         assert_eq!(self.core.regions().count(), 0, "regions left");
         assert_eq!(
-            (self.core.frames().live(), self.core.mem.fake.frames_held()),
+            (
+                self.core.frames().live(),
+                self.core.mem.fake.pool_frames_held()
+            ),
             (0, 0),
             "frames left when nothing is mapped"
         );
@@ -1064,6 +1281,29 @@ pub fn weighted_input(rng: &mut crate::XorShift, nops: usize) -> Input {
         let r = rng.next_u64();
         let (x, y, z) = ((r >> 8) as u8, (r >> 16) as u8, (r >> 24) as u8);
         let flag = (r >> 32) & 1 == 1;
+        // One operation in eight is a merge domain's.
+        if (r >> 61) == 0 {
+            let picks = vec![x, y, z, x.wrapping_add(1), y.wrapping_add(1)];
+            let n = 1 + (r >> 40) as usize % picks.len();
+            ops.push(match (r >> 8) % 16 {
+                0..=1 => Op::JoinDomain,
+                2 => Op::LeaveDomain,
+                3 => Op::DomainConnected,
+                4..=7 => Op::AddSegment {
+                    id: z,
+                    pages: picks[..n].to_vec(),
+                    lie: ((r >> 48) % 4 == 0).then_some((y, z)),
+                },
+                8..=9 => Op::RetireSegment { id: y, held: flag },
+                10..=11 => Op::DomainWants {
+                    pages: picks[..n].to_vec(),
+                    any: None,
+                },
+                12..=14 => Op::TakeDomainOut { echo: flag },
+                _ => Op::DropUnmapped,
+            });
+            continue;
+        }
         ops.push(match r % 100 {
             0..=19 => Op::Fill {
                 page: x,

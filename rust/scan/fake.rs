@@ -55,6 +55,8 @@ pub struct FakeMem {
     /// Of `sums_ahead`, those of memory ksm owns.
     pub owned_sums_ahead: u64,
     pub most_sum_threads: usize,
+    /// Ids of frames of dropped segments that pages still map (see `drop_segment`).
+    ghosts: HashSet<FrameId>,
 }
 
 impl FakeMem {
@@ -78,6 +80,7 @@ impl FakeMem {
             sums_ahead: 0,
             owned_sums_ahead: 0,
             most_sum_threads: 0,
+            ghosts: HashSet::new(),
         }
     }
 
@@ -96,7 +99,6 @@ impl FakeMem {
         self.dirty.insert(base);
     }
 
-    /// Application view of a page.
     /// A domain segment's frames from `f0`, as sealed bytes (never written or punched).
     pub fn add_segment(&mut self, f0: FrameId, frames: &[Vec<u8>]) {
         for (i, b) in frames.iter().enumerate() {
@@ -104,11 +106,59 @@ impl FakeMem {
         }
     }
 
+    /// The segment of `n` frames at `f0` is unmapped (the engine's `drop_segment`):
+    /// its frame ids are served no more, and may name another segment's frames later.
+    /// A page that still maps one of them (moved there behind ksm's back) keeps its
+    /// bytes, as the kernel keeps a memfd while a mapping of it lives: the page moves
+    /// to a ghost id from the top of the id space down, which ksm must never use (it
+    /// names no frame of ksm's). Returns the frames moved: (frame, ghost).
+    pub fn drop_segment(&mut self, f0: FrameId, n: u32) -> Vec<(FrameId, FrameId)> {
+        let mut moved = Vec::new();
+        for f in f0..f0 + n {
+            let Some(bytes) = self.frames.remove(&f) else {
+                continue;
+            };
+            let mut ghost = None;
+            for b in self.pages.values_mut() {
+                if let Backing::Frame { f: x, .. } = b {
+                    if *x == f {
+                        let g = *ghost.get_or_insert_with(|| {
+                            let g = FrameId::MAX - self.ghosts.len() as FrameId;
+                            self.ghosts.insert(g);
+                            g
+                        });
+                        *x = g;
+                    }
+                }
+            }
+            if let Some(g) = ghost {
+                self.frames.insert(g, bytes);
+                moved.push((f, g));
+            }
+        }
+        moved
+    }
+
+    /// Frames holding bytes that are not a domain segment's (ids below `DOMAIN_BASE`).
+    pub fn pool_frames_held(&self) -> usize {
+        self.frames
+            .keys()
+            .filter(|&&f| !crate::pool::is_domain(f))
+            .count()
+    }
+
+    /// Application view of a page.
+
     pub fn read_page(&self, base: usize) -> Vec<u8> {
+        self.page_bytes(base).to_vec()
+    }
+
+    /// Application view of a page, without a copy.
+    pub fn page_bytes(&self, base: usize) -> &[u8] {
         match self.pages.get(&base) {
-            None => self.zero.clone(),
-            Some(Backing::Anon(v)) => v.clone(),
-            Some(Backing::Frame { f, .. }) => self.frames[f].clone(),
+            None => &self.zero,
+            Some(Backing::Anon(v)) => v,
+            Some(Backing::Frame { f, .. }) => &self.frames[f],
         }
     }
 
@@ -233,7 +283,7 @@ impl Mem for FakeMem {
 
     fn read(&mut self, addr: usize, _owned: bool, buf: &mut [u8]) -> io::Result<()> {
         self.touch(addr);
-        buf.copy_from_slice(&self.read_page(addr));
+        buf.copy_from_slice(self.page_bytes(addr));
         Ok(())
     }
 
@@ -253,7 +303,7 @@ impl Mem for FakeMem {
             for (a, o) in addrs.chunks(per).zip(out.chunks_mut(per)) {
                 s.spawn(move || {
                     for (&a, o) in a.iter().zip(o) {
-                        *o = Some(sum(&me.read_page(a)));
+                        *o = Some(sum(me.page_bytes(a)));
                     }
                 });
             }
@@ -269,6 +319,7 @@ impl Mem for FakeMem {
     }
 
     fn frame(&self, f: FrameId) -> &[u8] {
+        assert!(!self.ghosts.contains(&f), "frame of a dropped segment read");
         &self.frames[&f]
     }
 
@@ -367,13 +418,17 @@ impl Mem for FakeMem {
         for i in 0..n {
             let (a, f) = (addr + i * self.page, f0 + i as FrameId);
             assert!(
+                !self.ghosts.contains(&f),
+                "a page mapped onto a dropped segment"
+            );
+            assert!(
                 self.protected.contains(&a),
                 "remap outside the merge window"
             );
             match covered.iter().find(|(k, _)| *k == i) {
-                Some((_, bytes)) => assert_eq!(&self.read_page(a), bytes, "covered page changed"),
+                Some((_, bytes)) => assert_eq!(self.page_bytes(a), bytes, "covered page changed"),
                 None => assert_eq!(
-                    self.read_page(a),
+                    self.page_bytes(a),
                     self.frames[&f],
                     "remap would change contents"
                 ),

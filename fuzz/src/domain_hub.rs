@@ -1,0 +1,613 @@
+//! `domain_hub`: the broker's bookkeeping (`ksm::domain::broker::Hub`) under
+//! random joins, leaves, announces, publishes (with segment ids, new and taken),
+//! declines, usage reports (of segments known and unknown, any age and bitmap),
+//! scan-done and statistics queries, messages only a broker sends, messages from
+//! members gone or never joined, and refusals, checked against a model.
+//!
+//! Every message a member sends goes through `encode` and `decode` first, as it
+//! does between processes, so the hub only sees what the decoder lets through.
+//!
+//! Checked after every step:
+//! * `Hub::check_invariants()` holds;
+//! * every `Out` goes to a live member; a `Segment` names a segment the hub holds
+//!   and carries its descriptor, nothing else carries one;
+//! * a join is answered with a `Welcome` (a new number, never one used before, and
+//!   the member count) and every segment the domain holds, to the new member only;
+//! * a publish of a new segment goes to every member, with its publisher; one of a
+//!   segment the hub holds, or without a descriptor, is refused and goes nowhere;
+//! * a checksum is asked to be published (`PleasePublish`) of at most one member
+//!   at a time (until it publishes it, declines it or leaves) and never of the
+//!   member that announced it first; exactly the announced checksums the model
+//!   expects are asked for (a second member announced a checksum no segment holds
+//!   and no one is asked for);
+//! * a segment is retired only if no member maps any of its frames and every
+//!   member reported it at age ≥ `RETIRE_AGE`, and after a scan-done no segment
+//!   that satisfies this is left; every member is told;
+//! * `stats()` (and the `Stats` reply) agrees with a model computed from the last
+//!   usage reports: `pages_shared` = `live_frames` = frames mapped by some member,
+//!   `pages_sharing` = Σ pages − frames mapped (per segment, never below 0),
+//!   `pool_bytes` = Σ frames × page, segments, members, retired and refused counts;
+//! * messages only a broker sends are refused (counted), and change nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use arbitrary::{Arbitrary, Unstructured};
+use ksm::domain::broker::{Hub, MemberId, Out, RETIRE_AGE};
+use ksm::domain::proto::{decode, DomainStats, Msg, SegUsage, BITMAP_WORDS, VERSION};
+
+/// Page size the hub counts with.
+const PAGE: u32 = 4096;
+/// Checksums come from a small set, so that members announce the same ones.
+const SUMS: u8 = 12;
+/// Segment ids come from a small set, so that ids are published twice and usage
+/// names segments known and unknown.
+const IDS: u8 = 6;
+
+/// Who sends: the `i`-th live member (modulo), or, if `gone`, a member that left
+/// or never joined.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub struct Who {
+    pub i: u8,
+    pub gone: bool,
+}
+
+/// One segment in a usage report: segment `seg` (an id of the small set, or any
+/// id if `any`), `pages`, `age` (mostly near `RETIRE_AGE`) and a bitmap.
+#[derive(Arbitrary, Debug, Clone)]
+pub struct Use {
+    pub seg: u8,
+    pub any: Option<u64>,
+    pub pages: u8,
+    pub age: u8,
+    pub bits: Bits,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Bits {
+    None,
+    /// `x` in word 0 (the first 64 frames).
+    Low(u64),
+    /// Frame `i` (modulo the bitmap).
+    One(u16),
+    /// `x` in every word.
+    All(u64),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Op {
+    Join,
+    Leave(Who),
+    /// Checksums `s % SUMS`.
+    Announce(Who, Vec<u8>),
+    /// A segment `seg % IDS` (the caller's identity of the sealed memfd; `None`:
+    /// the publish came without one) of frames with checksums `s % SUMS` (or
+    /// `frames` frames of checksums counted up from `first`, if `frames` is set).
+    Publish {
+        who: Who,
+        seg: Option<u8>,
+        sums: Vec<u8>,
+        frames: Option<(u8, u8)>,
+    },
+    Decline(Who, Vec<u8>),
+    Usage(Who, Vec<Use>),
+    ScanDone(Who),
+    StatsQuery(Who),
+    /// A message only a broker sends (or `Hello`, which comes before membership).
+    BrokerOnly(Who, u8),
+    /// The loop refused something (a bad peer, a malformed packet).
+    Refuse,
+}
+
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub ops: Vec<Op>,
+}
+
+impl<'a> Arbitrary<'a> for Input {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let ops = u.arbitrary_iter()?.collect::<arbitrary::Result<_>>()?;
+        Ok(Input { ops })
+    }
+
+    fn arbitrary_take_rest(mut u: Unstructured<'a>) -> arbitrary::Result<Self> {
+        let mut ops = Vec::new();
+        while !u.is_empty() {
+            ops.push(Op::arbitrary(&mut u)?);
+        }
+        Ok(Input { ops })
+    }
+}
+
+/// What the model keeps of a segment.
+#[derive(Debug, Clone)]
+struct Seg {
+    frames: u32,
+    sums: Vec<u32>,
+}
+
+/// The model of the domain.
+#[derive(Debug, Default)]
+struct Model {
+    /// Live members, in the order they joined.
+    members: BTreeSet<MemberId>,
+    /// Every number ever given.
+    ever: BTreeSet<MemberId>,
+    segs: BTreeMap<u64, Seg>,
+    /// The last report of each member, by segment.
+    usage: HashMap<MemberId, HashMap<u64, SegUsage>>,
+    /// The member that announced a checksum first (no segment holds it, no one is
+    /// asked for it at that time).
+    first: HashMap<u32, MemberId>,
+    /// The member asked to publish a checksum, until it publishes, declines or leaves.
+    asked: HashMap<u32, MemberId>,
+    retired: u64,
+    refused: u64,
+}
+
+impl Model {
+    fn published(&self, s: u32) -> bool {
+        self.segs.values().any(|g| g.sums.contains(&s))
+    }
+
+    /// Frames of segment `id` mapped by some member (the OR of the reports), and
+    /// pages mapping them (the sum of the reports).
+    fn mapped(&self, id: u64) -> ([u64; BITMAP_WORDS], u64) {
+        let mut bits = [0u64; BITMAP_WORDS];
+        let mut pages = 0;
+        for m in &self.members {
+            if let Some(u) = self.usage.get(m).and_then(|r| r.get(&id)) {
+                for (b, w) in bits.iter_mut().zip(&u.mapped) {
+                    *b |= w;
+                }
+                pages += u64::from(u.pages);
+            }
+        }
+        (bits, pages)
+    }
+
+    /// Whether segment `id` may be retired: nobody maps a frame of it and every
+    /// member reported it at age ≥ `RETIRE_AGE`.
+    fn retirable(&self, id: u64) -> bool {
+        let (bits, _) = self.mapped(id);
+        bits.iter().all(|&w| w == 0)
+            && self.members.iter().all(|m| {
+                self.usage
+                    .get(m)
+                    .and_then(|r| r.get(&id))
+                    .is_some_and(|u| u.age >= RETIRE_AGE)
+            })
+    }
+
+    fn stats(&self) -> DomainStats {
+        let mut st = DomainStats {
+            members: self.members.len() as u32,
+            segments: self.segs.len() as u32,
+            segments_retired: self.retired,
+            refused: self.refused,
+            ..Default::default()
+        };
+        for (&id, g) in &self.segs {
+            let (bits, pages) = self.mapped(id);
+            let frames: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+            st.pages_shared += frames;
+            st.live_frames += frames;
+            st.pages_sharing += pages.saturating_sub(frames);
+            st.pool_bytes += u64::from(g.frames) * u64::from(PAGE);
+        }
+        st
+    }
+
+    fn retire(&mut self, id: u64) {
+        self.segs.remove(&id).expect("a segment held");
+        for r in self.usage.values_mut() {
+            r.remove(&id);
+        }
+        self.retired += 1;
+    }
+
+    /// A checksum is no longer a candidate nor asked for once a segment holds it.
+    fn forget_published(&mut self, sums: &[u32]) {
+        for s in sums {
+            self.first.remove(s);
+            self.asked.remove(s);
+        }
+    }
+}
+
+fn sum(s: u8) -> u32 {
+    // Spread over the checksum space (the hub must not depend on small values).
+    u32::from(s % SUMS).wrapping_mul(0x9E37_79B9)
+}
+
+fn seg_id(s: u8) -> u64 {
+    1 + u64::from(s % IDS)
+}
+
+/// What a member sends, as the hub receives it: encoded and decoded.
+fn wire(m: Msg) -> Msg {
+    let b = m.encode();
+    decode(&b, m.fds()).expect("a member's message decodes")
+}
+
+struct Harness {
+    hub: Hub,
+    model: Model,
+}
+
+impl Harness {
+    fn who(&self, w: Who) -> Option<MemberId> {
+        if w.gone {
+            // A number that left, or the next one (never joined).
+            let gone: Vec<MemberId> = self
+                .model
+                .ever
+                .difference(&self.model.members)
+                .copied()
+                .collect();
+            let next = self.model.ever.last().map_or(1, |&m| m + 1);
+            return Some(if gone.is_empty() || w.i % 4 == 0 {
+                next + u32::from(w.i)
+            } else {
+                gone[usize::from(w.i) % gone.len()]
+            });
+        }
+        let v: Vec<MemberId> = self.model.members.iter().copied().collect();
+        (!v.is_empty()).then(|| v[usize::from(w.i) % v.len()])
+    }
+
+    /// Checks of every out, whatever the step.
+    fn check_outs(&self, outs: &[Out]) {
+        for o in outs {
+            assert!(
+                self.model.members.contains(&o.to),
+                "{o:?} to a member not there"
+            );
+            match (&o.msg, o.segment) {
+                (Msg::Segment { id, .. }, Some(s)) => {
+                    assert_eq!(*id, s, "a segment with another's descriptor");
+                    assert!(self.hub.has_segment(s), "segment {s} sent, not held");
+                }
+                (Msg::Segment { .. }, None) => panic!("{o:?} without its descriptor"),
+                (_, Some(_)) => panic!("{o:?} carries a descriptor"),
+                _ => {}
+            }
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Join => {
+                let before: BTreeSet<u64> = self.model.segs.keys().copied().collect();
+                let (m, outs) = self.hub.join();
+                assert!(
+                    self.model.ever.last().is_none_or(|&l| m > l),
+                    "member number {m} given again"
+                );
+                self.model.members.insert(m);
+                self.model.ever.insert(m);
+                self.check_outs(&outs);
+                assert!(outs.iter().all(|o| o.to == m), "a join told someone else");
+                assert_eq!(
+                    outs.first().map(|o| &o.msg),
+                    Some(&Msg::Welcome {
+                        member: m,
+                        members: self.model.members.len() as u32
+                    })
+                );
+                let segs: BTreeSet<u64> = outs[1..]
+                    .iter()
+                    .map(|o| match o.msg {
+                        Msg::Segment { id, frames, .. } => {
+                            assert_eq!(frames, self.model.segs[&id].frames);
+                            id
+                        }
+                        ref x => panic!("a join answered with {x:?}"),
+                    })
+                    .collect();
+                assert_eq!(outs.len() - 1, segs.len(), "a segment sent twice");
+                assert_eq!(segs, before, "a new member gets every segment");
+            }
+            Op::Leave(w) => {
+                let Some(m) = self.who(*w) else { return };
+                self.hub.leave(m);
+                if self.model.members.remove(&m) {
+                    self.model.usage.remove(&m);
+                    self.model.first.retain(|_, &mut x| x != m);
+                    self.model.asked.retain(|_, &mut x| x != m);
+                }
+            }
+            Op::Announce(w, s) => {
+                let Some(m) = self.who(*w) else { return };
+                let sums: Vec<u32> = s.iter().map(|&x| sum(x)).collect();
+                let live = self.model.members.contains(&m);
+                let (first_before, asked_before) =
+                    (self.model.first.clone(), self.model.asked.clone());
+                // The model's expectation, checksum by checksum.
+                let mut expect = Vec::new();
+                if live {
+                    for &s in &sums {
+                        if self.model.published(s) || self.model.asked.contains_key(&s) {
+                            continue;
+                        }
+                        match self.model.first.get(&s) {
+                            Some(&f) if f != m => {
+                                self.model.asked.insert(s, m);
+                                expect.push(s);
+                            }
+                            Some(_) => {}
+                            None => {
+                                self.model.first.insert(s, m);
+                            }
+                        }
+                    }
+                }
+                let outs = self.hub.on_message(m, wire(Msg::Announce { sums }), None);
+                self.check_outs(&outs);
+                let mut got = Vec::new();
+                for o in &outs {
+                    let Msg::PleasePublish { sums } = &o.msg else {
+                        panic!("an announce answered with {o:?}");
+                    };
+                    assert_eq!(o.to, m, "asked someone else than the announcer");
+                    for &s in sums {
+                        assert!(
+                            first_before.get(&s).is_some_and(|&f| f != m),
+                            "checksum {s:#x} asked of {m}, the first to announce it: {:?}",
+                            first_before.get(&s)
+                        );
+                        assert!(
+                            !asked_before.contains_key(&s) && !got.contains(&s),
+                            "checksum {s:#x} asked of {m} while asked of {:?}",
+                            asked_before.get(&s)
+                        );
+                        got.push(s);
+                    }
+                }
+                assert_eq!(got, expect, "checksums asked for");
+            }
+            Op::Publish {
+                who,
+                seg,
+                sums,
+                frames,
+            } => {
+                let Some(m) = self.who(*who) else { return };
+                let mut sums: Vec<u32> = match frames {
+                    Some((n, first)) => (0..u32::from(*n))
+                        .map(|i| sum(first.wrapping_add(i as u8)))
+                        .collect(),
+                    None => sums.iter().map(|&x| sum(x)).collect(),
+                };
+                if sums.is_empty() {
+                    sums.push(sum(0));
+                }
+                let n = sums.len() as u32;
+                let id = seg.map(seg_id);
+                let live = self.model.members.contains(&m);
+                let msg = wire(Msg::Publish {
+                    frames: n,
+                    sums: sums.clone(),
+                });
+                let outs = self.hub.on_message(m, msg, id);
+                self.check_outs(&outs);
+                match id {
+                    _ if !live => assert!(outs.is_empty()),
+                    Some(id) if !self.model.segs.contains_key(&id) => {
+                        self.model.segs.insert(
+                            id,
+                            Seg {
+                                frames: n,
+                                sums: sums.clone(),
+                            },
+                        );
+                        self.model.forget_published(&sums);
+                        let to: Vec<MemberId> = outs.iter().map(|o| o.to).collect();
+                        let all: Vec<MemberId> = self.model.members.iter().copied().collect();
+                        assert_eq!(to, all, "a segment goes to every member once");
+                        for o in &outs {
+                            assert_eq!(
+                                o.msg,
+                                Msg::Segment {
+                                    id,
+                                    frames: n,
+                                    publisher: m
+                                }
+                            );
+                        }
+                    }
+                    // A segment held already, or no descriptor: refused.
+                    _ => {
+                        assert!(outs.is_empty(), "a refused publish sent {outs:?}");
+                        self.model.refused += 1;
+                    }
+                }
+            }
+            Op::Decline(w, s) => {
+                let Some(m) = self.who(*w) else { return };
+                let sums: Vec<u32> = s.iter().map(|&x| sum(x)).collect();
+                let outs = self
+                    .hub
+                    .on_message(m, wire(Msg::Decline { sums: sums.clone() }), None);
+                assert!(outs.is_empty(), "a decline answered with {outs:?}");
+                if self.model.members.contains(&m) {
+                    for s in sums {
+                        if self.model.asked.get(&s) == Some(&m) {
+                            self.model.asked.remove(&s);
+                        }
+                    }
+                }
+            }
+            Op::Usage(w, uses) => {
+                let Some(m) = self.who(*w) else { return };
+                let segs: Vec<SegUsage> = uses
+                    .iter()
+                    .take(8)
+                    .map(|u| {
+                        let mut mapped = [0u64; BITMAP_WORDS];
+                        match u.bits {
+                            Bits::None => {}
+                            Bits::Low(x) => mapped[0] = x,
+                            Bits::One(i) => {
+                                let i = usize::from(i) % (64 * BITMAP_WORDS);
+                                mapped[i / 64] |= 1 << (i % 64);
+                            }
+                            Bits::All(x) => mapped = [x; BITMAP_WORDS],
+                        }
+                        SegUsage {
+                            id: u.any.unwrap_or(seg_id(u.seg)),
+                            pages: u32::from(u.pages),
+                            age: RETIRE_AGE - 2 + u32::from(u.age % 5),
+                            mapped,
+                        }
+                    })
+                    .collect();
+                let outs = self
+                    .hub
+                    .on_message(m, wire(Msg::Usage { segs: segs.clone() }), None);
+                assert!(outs.is_empty(), "a usage report answered with {outs:?}");
+                if self.model.members.contains(&m) {
+                    let r = self.model.usage.entry(m).or_default();
+                    for u in segs {
+                        if self.model.segs.contains_key(&u.id) {
+                            r.insert(u.id, u);
+                        }
+                    }
+                }
+            }
+            Op::ScanDone(w) => {
+                let Some(m) = self.who(*w) else { return };
+                let outs = self.hub.on_message(m, wire(Msg::ScanDone), None);
+                self.check_outs(&outs);
+                if !self.model.members.contains(&m) {
+                    assert!(outs.is_empty());
+                    return;
+                }
+                let mut retired: BTreeMap<u64, Vec<MemberId>> = BTreeMap::new();
+                for o in &outs {
+                    let Msg::Retire { id } = o.msg else {
+                        panic!("a scan-done answered with {o:?}");
+                    };
+                    retired.entry(id).or_default().push(o.to);
+                }
+                let all: Vec<MemberId> = self.model.members.iter().copied().collect();
+                for (&id, to) in &retired {
+                    assert!(
+                        self.model.segs.contains_key(&id),
+                        "segment {id} retired twice"
+                    );
+                    assert!(
+                        self.model.retirable(id),
+                        "segment {id} retired while mapped or too young for a member: {:?}",
+                        self.model.usage
+                    );
+                    assert_eq!(to, &all, "every member told of retiring {id}");
+                }
+                for &id in retired.keys() {
+                    self.model.retire(id);
+                }
+                for &id in self.model.segs.keys() {
+                    assert!(
+                        !self.model.retirable(id),
+                        "segment {id} nobody maps, old enough for all, kept"
+                    );
+                }
+            }
+            Op::StatsQuery(w) => {
+                let Some(m) = self.who(*w) else { return };
+                let outs = self.hub.on_message(m, wire(Msg::StatsQuery), None);
+                self.check_outs(&outs);
+                if self.model.members.contains(&m) {
+                    assert_eq!(
+                        outs,
+                        vec![Out {
+                            to: m,
+                            msg: Msg::Stats(self.model.stats()),
+                            segment: None
+                        }]
+                    );
+                } else {
+                    assert!(outs.is_empty());
+                }
+            }
+            Op::BrokerOnly(w, k) => {
+                let Some(m) = self.who(*w) else { return };
+                let (msg, seg) = match k % 6 {
+                    0 => (
+                        Msg::Hello {
+                            version: VERSION,
+                            page: PAGE,
+                            name: "d".into(),
+                        },
+                        None,
+                    ),
+                    1 => (
+                        Msg::Welcome {
+                            member: m,
+                            members: 1,
+                        },
+                        None,
+                    ),
+                    2 => (
+                        Msg::Segment {
+                            id: seg_id(*k),
+                            frames: 1,
+                            publisher: m,
+                        },
+                        Some(seg_id(*k)),
+                    ),
+                    3 => (
+                        Msg::PleasePublish {
+                            sums: vec![sum(*k)],
+                        },
+                        None,
+                    ),
+                    4 => (Msg::Retire { id: seg_id(*k) }, None),
+                    _ => (Msg::Stats(DomainStats::default()), None),
+                };
+                let outs = self.hub.on_message(m, wire(msg), seg);
+                assert!(outs.is_empty(), "a broker's message answered: {outs:?}");
+                if self.model.members.contains(&m) {
+                    self.model.refused += 1;
+                }
+            }
+            Op::Refuse => {
+                self.hub.refuse();
+                self.model.refused += 1;
+            }
+        }
+    }
+
+    fn check(&self) {
+        self.hub.check_invariants();
+        assert_eq!(self.hub.members(), self.model.members.len());
+        assert_eq!(
+            self.hub.segment_ids(),
+            self.model.segs.keys().copied().collect::<Vec<_>>(),
+            "segments held"
+        );
+        assert_eq!(self.hub.stats(), self.model.stats(), "statistics");
+        // At most one member is asked for a checksum, and never its first announcer.
+        for (s, m) in &self.model.asked {
+            assert_ne!(self.model.first.get(s), Some(m));
+        }
+    }
+}
+
+pub fn run(input: &Input) {
+    let mut h = Harness {
+        hub: Hub::new(PAGE),
+        model: Model::default(),
+    };
+    h.check();
+    for op in &input.ops {
+        h.apply(op);
+        h.check();
+    }
+}
+
+/// Run raw fuzzer bytes (for use without libFuzzer).
+pub fn run_bytes(data: &[u8]) {
+    if let Ok(input) = Input::arbitrary_take_rest(Unstructured::new(data)) {
+        run(&input);
+    }
+}
