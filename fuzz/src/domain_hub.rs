@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use arbitrary::{Arbitrary, Unstructured};
-use ksm::domain::broker::{Hub, MemberId, Out, RETIRE_AGE};
+use ksm::domain::broker::{Hub, MemberId, Out, ANNOUNCERS, COMPACT_DEAD, RETIRE_AGE};
 use ksm::domain::proto::{decode, DomainStats, Msg, SegUsage, BITMAP_WORDS, VERSION};
 
 /// Page size the hub counts with.
@@ -135,9 +135,9 @@ struct Model {
     segs: BTreeMap<u64, Seg>,
     /// The last report of each member, by segment.
     usage: HashMap<MemberId, HashMap<u64, SegUsage>>,
-    /// The member that announced a checksum first (no segment holds it, no one is
-    /// asked for it at that time).
-    first: HashMap<u32, MemberId>,
+    /// The members that announced a checksum (no segment holds it), first first, at
+    /// most `ANNOUNCERS`.
+    first: HashMap<u32, Vec<MemberId>>,
     /// The member asked to publish a checksum, until it publishes, declines or leaves.
     asked: HashMap<u32, MemberId>,
     retired: u64,
@@ -162,6 +162,16 @@ impl Model {
                 pages += u64::from(u.pages);
             }
         }
+        // Bits past the segment's frames are not frames: the hub drops them.
+        let frames = self.segs.get(&id).map_or(0, |g| g.frames);
+        for (i, w) in bits.iter_mut().enumerate() {
+            let first = 64 * i as u32;
+            if first >= frames {
+                *w = 0;
+            } else if frames - first < 64 {
+                *w &= (1u64 << (frames - first)) - 1;
+            }
+        }
         (bits, pages)
     }
 
@@ -169,7 +179,10 @@ impl Model {
     /// member reported it at age ≥ `RETIRE_AGE`.
     fn retirable(&self, id: u64) -> bool {
         let (bits, _) = self.mapped(id);
-        bits.iter().all(|&w| w == 0)
+        let live: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        let frames = self.segs.get(&id).map_or(0, |g| g.frames);
+        // Unused, or mostly dead (compaction).
+        (live == 0 || (frames.saturating_sub(live) >= COMPACT_DEAD && 2 * live < frames))
             && self.members.iter().all(|m| {
                 self.usage
                     .get(m)
@@ -211,6 +224,42 @@ impl Model {
             self.first.remove(s);
             self.asked.remove(s);
         }
+    }
+
+    /// `m` no longer announces `s`.
+    fn drop_announcer(&mut self, s: u32, m: MemberId) {
+        if let Some(who) = self.first.get_mut(&s) {
+            who.retain(|&x| x != m);
+            if who.is_empty() {
+                self.first.remove(&s);
+            }
+        }
+    }
+
+    /// Who is asked for `s` once its publisher left or declined: another announcer
+    /// than the first, the latest, if any.
+    fn reassign(&mut self, s: u32) -> Option<MemberId> {
+        if self.published(s) || self.asked.contains_key(&s) {
+            return None;
+        }
+        let w = *self.first.get(&s)?.get(1..)?.last()?;
+        self.asked.insert(s, w);
+        Some(w)
+    }
+
+    /// The (member, checksum) pairs asked for in `outs`, sorted.
+    fn asks(outs: &[Out]) -> Vec<(MemberId, u32)> {
+        let mut got: Vec<(MemberId, u32)> = outs
+            .iter()
+            .flat_map(|o| -> Vec<(MemberId, u32)> {
+                match &o.msg {
+                    Msg::PleasePublish { sums } => sums.iter().map(|&s| (o.to, s)).collect(),
+                    other => panic!("expected only requests to publish, got {other:?}"),
+                }
+            })
+            .collect();
+        got.sort_unstable();
+        got
     }
 }
 
@@ -309,12 +358,33 @@ impl Harness {
             }
             Op::Leave(w) => {
                 let Some(m) = self.who(*w) else { return };
-                self.hub.leave(m);
+                let outs = self.hub.leave(m);
+                self.check_outs(&outs);
+                let mut expect = Vec::new();
                 if self.model.members.remove(&m) {
                     self.model.usage.remove(&m);
-                    self.model.first.retain(|_, &mut x| x != m);
-                    self.model.asked.retain(|_, &mut x| x != m);
+                    let sums: Vec<u32> = self.model.first.keys().copied().collect();
+                    for s in sums {
+                        self.model.drop_announcer(s, m);
+                    }
+                    let mine: Vec<u32> = self
+                        .model
+                        .asked
+                        .iter()
+                        .filter(|&(_, &x)| x == m)
+                        .map(|(&s, _)| s)
+                        .collect();
+                    for &s in &mine {
+                        self.model.asked.remove(&s);
+                    }
+                    for s in mine {
+                        if let Some(w) = self.model.reassign(s) {
+                            expect.push((w, s));
+                        }
+                    }
                 }
+                expect.sort_unstable();
+                assert_eq!(Model::asks(&outs), expect, "asked again after a leave");
             }
             Op::Announce(w, s) => {
                 let Some(m) = self.who(*w) else { return };
@@ -326,18 +396,19 @@ impl Harness {
                 let mut expect = Vec::new();
                 if live {
                     for &s in &sums {
-                        if self.model.published(s) || self.model.asked.contains_key(&s) {
+                        if self.model.published(s) {
                             continue;
                         }
-                        match self.model.first.get(&s) {
-                            Some(&f) if f != m => {
-                                self.model.asked.insert(s, m);
-                                expect.push(s);
-                            }
-                            Some(_) => {}
-                            None => {
-                                self.model.first.insert(s, m);
-                            }
+                        let who = self.model.first.entry(s).or_default();
+                        if !who.contains(&m) && who.len() < ANNOUNCERS {
+                            who.push(m);
+                        }
+                        if self.model.asked.contains_key(&s) {
+                            continue;
+                        }
+                        if who[0] != m {
+                            self.model.asked.insert(s, m);
+                            expect.push(s);
                         }
                     }
                 }
@@ -351,7 +422,9 @@ impl Harness {
                     assert_eq!(o.to, m, "asked someone else than the announcer");
                     for &s in sums {
                         assert!(
-                            first_before.get(&s).is_some_and(|&f| f != m),
+                            first_before
+                                .get(&s)
+                                .is_none_or(|who| who.first() != Some(&m)),
                             "checksum {s:#x} asked of {m}, the first to announce it: {:?}",
                             first_before.get(&s)
                         );
@@ -428,14 +501,21 @@ impl Harness {
                 let outs = self
                     .hub
                     .on_message(m, wire(Msg::Decline { sums: sums.clone() }), None);
-                assert!(outs.is_empty(), "a decline answered with {outs:?}");
+                self.check_outs(&outs);
+                let mut expect = Vec::new();
                 if self.model.members.contains(&m) {
                     for s in sums {
+                        self.model.drop_announcer(s, m);
                         if self.model.asked.get(&s) == Some(&m) {
                             self.model.asked.remove(&s);
+                            if let Some(w) = self.model.reassign(s) {
+                                expect.push((w, s));
+                            }
                         }
                     }
                 }
+                expect.sort_unstable();
+                assert_eq!(Model::asks(&outs), expect, "asked again after a decline");
             }
             Op::Usage(w, uses) => {
                 let Some(m) = self.who(*w) else { return };
@@ -586,9 +666,9 @@ impl Harness {
             "segments held"
         );
         assert_eq!(self.hub.stats(), self.model.stats(), "statistics");
-        // At most one member is asked for a checksum, and never its first announcer.
-        for (s, m) in &self.model.asked {
-            assert_ne!(self.model.first.get(s), Some(m));
+        // At most one member is asked for a checksum (a map), and it is a live one.
+        for m in self.model.asked.values() {
+            assert!(self.model.members.contains(m), "asked of member {m}, gone");
         }
     }
 }

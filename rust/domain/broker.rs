@@ -222,10 +222,21 @@ impl Hub {
             }
             Msg::Usage { segs } => {
                 let member = self.members.get_mut(&m).expect("checked");
-                for u in segs {
-                    if self.segments.contains_key(&u.id) {
-                        member.usage.insert(u.id, u);
+                for mut u in segs {
+                    let Some(seg) = self.segments.get(&u.id) else {
+                        continue;
+                    };
+                    // Bits past the segment's frames are a lie: dropped, so that no
+                    // figure can count more frames than the segment has.
+                    for (i, w) in u.mapped.iter_mut().enumerate() {
+                        let first = 64 * i as u32;
+                        if first >= seg.frames {
+                            *w = 0;
+                        } else if seg.frames - first < 64 {
+                            *w &= (1u64 << (seg.frames - first)) - 1;
+                        }
                     }
+                    member.usage.insert(u.id, u);
                 }
                 Vec::new()
             }
@@ -326,7 +337,8 @@ impl Hub {
                     let frames = self.segments[&id].frames;
                     // Unused, or mostly dead (its memory is the whole segment's): members
                     // move their pages off it and they merge again onto new segments.
-                    let worth = live == 0 || (frames - live >= COMPACT_DEAD && 2 * live < frames);
+                    let worth = live == 0
+                        || (frames.saturating_sub(live) >= COMPACT_DEAD && 2 * live < frames);
                     worth
                         && self.members.values().all(|member| {
                             member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE)
