@@ -148,7 +148,6 @@ impl FakeMem {
     }
 
     /// Application view of a page.
-
     pub fn read_page(&self, base: usize) -> Vec<u8> {
         self.page_bytes(base).to_vec()
     }
