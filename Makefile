@@ -59,7 +59,7 @@ lint: dev ## Lint: rustfmt, clippy (both feature sets), ruff, mypy --strict, stu
 .PHONY: test
 test: lint ## Everything CI runs: lint, Rust tests, pytest (hypothesis profile: KSM_HYPOTHESIS_PROFILE)
 	cargo test --no-default-features
-	cd fuzz && cargo test --release -q   # the fuzz targets' logic on pseudo-random inputs
+	cd fuzz && cargo test --release -q   # the fuzz targets' logic on pseudo-random inputs, and every committed corpus input (fuzz/corpus)
 	$(VENV)/bin/python -m pytest tests -q
 
 .PHONY: fuzz
