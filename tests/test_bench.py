@@ -179,3 +179,80 @@ def test_every_target_states_its_reason() -> None:
         assert t.status in ("PASS", "MISS"), t
         assert t.reason, f"target without a reason: {t.text}"
     assert {t.reason for t in found} == set(_bench.REASONS.values())
+
+
+# --------------------------------------------------------------------------- --sweep
+
+
+def test_sweep_prints_a_row_per_size_draws_it_and_restores_knobs(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    before = knobs()
+    png = tmp_path / "sweep.png"
+    r = bench("--sweep", "--sweep-sizes", "128K,64K", "--only", "identical", "--plot", str(png))
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "ksm bench --sweep: workload identical" in out
+    rows = [x.split() for x in out.splitlines() if re.match(r"(64|128) KiB ", x)]
+    assert [row[:2] for row in rows] == [["64", "KiB"], ["128", "KiB"]], out
+    for row, saved in zip(rows, ("15", "31"), strict=True):
+        # Settle times (the kernel's "-" without it), and pages saved: all but the one
+        # page each frame keeps (16 and 32 identical pages).
+        assert re.fullmatch(">?" + NUMBER, row[3]), row
+        assert re.fullmatch(">?" + NUMBER if KERNEL else "-", row[4]), row
+        assert row[13] == saved and row[14] == (saved if KERNEL else "-"), row
+    assert "cost per GiB against the smallest size" in out
+    assert png.stat().st_size > 0
+    if KERNEL:
+        assert "kernel KSM knobs restored" in r.stderr
+    assert knobs() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--sweep", "--sweep-sizes", "lots"), "cannot parse size"),
+        (("--sweep", "--sweep-sizes", ","), "at least one size"),
+        (("--sweep", "--only", "identical", "--only", "pairs"), "one workload"),
+        (("--sweep", "--only", "workers"), "one workload"),
+        (("--plot", "x.png"), "give --sweep too"),
+    ],
+)
+def test_sweep_bad_arguments(args: tuple[str, ...], message: str) -> None:
+    before = knobs()
+    r = bench(*args, timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "ksm bench:" in r.stderr and message in r.stderr, r.stderr
+    assert knobs() == before
+
+
+def test_sweep_plot_without_matplotlib_says_what_to_install(tmp_path: Path) -> None:
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        "sys.argv = ['ksm', 'bench', '--sweep', '--sweep-sizes', '64K', '--plot', sys.argv[1]]; "
+        "runpy.run_module('ksm', run_name='__main__')"
+    )
+    png = tmp_path / "sweep.png"
+    r = subprocess.run([sys.executable, "-c", code, str(png)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--plot needs matplotlib" in r.stderr and "pip install" in r.stderr
+    assert not png.exists()
+
+
+def test_sweep_plans_more_copies_where_the_files_run_out() -> None:
+    from ksm import _sweep
+
+    page, mib = 4096, 1 << 20
+    assert _sweep.parse_sizes("1G, 64M,64M") == [64 * mib, 1 << 30]
+    # Enough files: 4 copies of a quarter of the size.
+    assert _sweep.plan(64 * mib, page, "dataset", 932 * mib) == (64 * mib, 4)
+    # 932 MiB of files for 8 GiB: 9 copies of 910 MiB (1 % of each changed).
+    size, copies = _sweep.plan(8 << 30, page, "dataset", 932 * mib)
+    assert copies == 9 and size <= 8 << 30 and size // copies <= 932 * mib and size % page == 0
+    assert _sweep.plan(1 << 30, page, "identical", None) == (1 << 30, None)
+    # The cost per GiB against the smallest size: linear is 1.00 at every size.
+    points = [
+        _sweep.SweepPoint(s, s // page, 4, ksm=_bench.Figures(settle_s=t), kernel=None)
+        for s, t in ((64 * mib, 0.1), (256 * mib, 0.4), (1 << 30, 3.2))
+    ]
+    (line,) = _sweep.linearity(points)
+    assert line.endswith("64 MiB 1.00, 256 MiB 1.00, 1 GiB 2.00"), line

@@ -37,10 +37,18 @@ How each figure is taken (same for both sides unless said):
 - *pages saved*: ``pages_sharing``; *general_profit* as each reports it.
 - *VMAs added*: lines of ``/proc/self/maps`` after settling minus before the
   madvise; *per merged page*: divided by ``pages_sharing``.
-- *metadata*: ksm: ``metadata_bytes / tracked_pages``; kernel:
+- *metadata*: ksm: ``metadata_peak_bytes / tracked_pages`` (bookkeeping at the
+  end of the settling full scan, its unstable index included, the most a scan
+  holds; ``metadata_bytes`` alone, taken while ksmd scans on, could miss the
+  unstable index); kernel:
   ``ksm_rmap_items * 64 / pages`` from ``/proc/self/ksm_stat``.
 - *verified*: SHA-1 of the buffer before the madvise, after settling and after
   the unmerge are equal.
+- *peak RSS* (JSON and ``--sweep``): the process's ``VmHWM``, reset through
+  ``/proc/self/clear_refs`` before the buffer is allocated, when the workload
+  settled, minus its RSS at the reset.
+
+``--sweep`` runs one workload at several sizes (see ``_sweep.py``).
 """
 
 from __future__ import annotations
@@ -116,6 +124,32 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (VmRSS, VmHWM), in KiB."""
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the process's peak RSS (VmHWM) to its RSS now (``clear_refs`` 5); that RSS in
+    bytes, or None where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5\n")
+    except OSError:
+        return None
+    rss = _status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak RSS since the last ``reset_peak_rss()`` (VmHWM), in bytes."""
+    hwm = _status_kib("VmHWM")
+    return None if hwm is None else hwm * 1024
+
+
 def count_vmas() -> int:
     with open("/proc/self/maps", "rb") as f:
         return sum(1 for _ in f)
@@ -189,7 +223,7 @@ def load_dataset(limit: int, page: int) -> tuple[bytearray, int]:
 class Filler:
     """Writes a workload's content into a buffer; the same seed gives the same bytes."""
 
-    def __init__(self, page: int, seed: int, dataset: bytearray | None) -> None:
+    def __init__(self, page: int, seed: int, dataset: bytearray | memoryview | None) -> None:
         self.page = page
         self.seed = seed
         self.dataset = dataset
@@ -388,6 +422,9 @@ class Figures:
     metadata_per_page: float | None = None
     vma_budget_skips: int | None = None
     metadata_before_bytes: int | None = None
+    metadata_bytes: int | None = None
+    pool_bytes: int | None = None
+    peak_rss_bytes: int | None = None
     verified: bool | None = None
     error: str | None = None
 
@@ -486,7 +523,11 @@ class KsmSide:
             "pages_sharing": int(s["pages_sharing"]),
             "pages_shared": int(s["pages_shared"]),
             "general_profit": int(s["general_profit"]),
-            "metadata_per_page": int(s["metadata_bytes"]) / tracked,
+            # The peak a full scan needs (its unstable index included): ksmd goes on
+            # scanning, so metadata_bytes alone is taken at some point of the next scan.
+            "metadata_per_page": int(s["metadata_peak_bytes"]) / tracked,
+            "metadata_bytes": int(s["metadata_bytes"]),
+            "pool_bytes": int(s["pool_bytes"]),
             "vma_budget_skips": int(s["vma_budget_skips"]),
         }
 
@@ -586,6 +627,8 @@ class KernelSide:
             "pages_shared": self.k.num("pages_shared"),
             "general_profit": self.k.num("general_profit"),
             "metadata_per_page": None if rmap_items is None else rmap_items * RMAP_ITEM_BYTES / npages,
+            "metadata_bytes": None if rmap_items is None else rmap_items * RMAP_ITEM_BYTES,
+            "pool_bytes": None,
             "vma_budget_skips": None,
         }
 
@@ -669,6 +712,7 @@ def run_one(
     # Bookkeeping kept from earlier workloads (this one's buffer has records from its
     # allocation on: they are this workload's).
     fig.metadata_before_bytes = side.metadata_bytes()
+    rss0 = reset_peak_rss()
     buf = side.alloc(size)
     view = side.view(buf)
     try:
@@ -685,6 +729,9 @@ def run_one(
         fig.settle_s = time.perf_counter() - t0
         fig.scanner_cpu_s = side.cpu_s() - cpu0
         c = side.counters(buf, npages)
+        peak = peak_rss_bytes()
+        if rss0 is not None and peak is not None:
+            fig.peak_rss_bytes = max(0, peak - rss0)
         log(
             f"{workload}/{side.name}: {'settled' if fig.settled else 'NOT settled'} after "
             f"{fig.full_scans} full scans in {fig.settle_s:.2f}s, pages_sharing {c['pages_sharing']}"
@@ -696,6 +743,9 @@ def run_one(
         fig.general_profit = int(c["general_profit"] or 0)
         mpp = c["metadata_per_page"]
         fig.metadata_per_page = None if mpp is None else float(mpp)
+        for key in ("metadata_bytes", "pool_bytes"):
+            v = c[key]
+            setattr(fig, key, None if v is None else int(v))
         skips = c["vma_budget_skips"]
         fig.vma_budget_skips = None if skips is None else int(skips)
         fig.vmas_after = count_vmas()
@@ -1030,6 +1080,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds after which a workload counts as not settled (default 300)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help=(
+            "how the cost grows with the memory merged: one workload (dataset, or the one --only "
+            "names) at each size of --sweep-sizes, through ksm and kernel KSM side by side; prints "
+            "settle time, seconds per GiB, scanner CPU, peak RSS and pages saved per size (a size "
+            "that does not fit in MemAvailable is skipped, and said so)"
+        ),
+    )
+    p.add_argument(
+        "--sweep-sizes",
+        default="64M,256M,1G,4G,8G",
+        metavar="SIZES",
+        help="comma-separated sizes of --sweep (default 64M,256M,1G,4G,8G)",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="with --sweep: draw the sweep into FILE.png (needs matplotlib: pip install 'ksm[plot]')",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -1042,6 +1113,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         print(f"ksm bench: {msg}", file=err)
         return 2
 
+    if args.sweep:
+        from . import _sweep
+
+        return _sweep.sweep(args, out, err)
+    if args.plot is not None:
+        return fail("--plot draws a sweep: give --sweep too")
     try:
         size = parse_size(args.size)
     except ValueError as e:

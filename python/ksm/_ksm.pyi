@@ -292,7 +292,10 @@ def stats() -> dict[str, int]:
     ``unmergeable_pages`` (pages advised that ksm never merges: shared,
     file-backed, hugetlb, locked or special memory; cumulative),
     ``metadata_bytes`` (our bookkeeping: records of advised memory and of all
-    ``ksm.mmap`` memory, frame table, indexes), ``tracked_pages``, ``advised_pages``,
+    ``ksm.mmap`` memory, frame table, indexes), ``metadata_peak_bytes`` (the most
+    bookkeeping a full scan needs: ``metadata_bytes``, or what the last full scan held
+    at its end, before its unstable index was given back, if that was more),
+    ``tracked_pages``, ``advised_pages``,
     ``settled`` (bool: the last full scan changed nothing).
     ``general_profit`` = (pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes
     - vmas_added * 380. ``pages_shared + pages_sharing + pages_unshared +

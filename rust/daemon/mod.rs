@@ -625,6 +625,7 @@ impl Engine {
             cows: c.cows,
             vmas_added,
             metadata_bytes,
+            metadata_peak_bytes: st.core.metadata_peak_bytes(),
             tracked_pages: tracked,
             advised_pages: st.core.advised_pages(),
             settled: st.core.settled(),

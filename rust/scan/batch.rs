@@ -250,6 +250,7 @@ impl<M: Mem> Core<M> {
         // The unstable index serves one full scan (a page's record says `Unstable`, but
         // not since which scan: entries must not outlive theirs), and its memory is
         // given back rather than kept between scans.
+        self.scan_end_metadata = self.metadata_bytes();
         self.unstable = AddrIndex::new(self.page);
         self.unstable_more = AddrChains::new(self.page);
         self.cursor = None;

@@ -138,6 +138,9 @@ pub struct Core<M: Mem> {
     buf2: Vec<u8>,
     /// The merge domain joined, if any (see `domain.rs`).
     domain: Option<DomainState>,
+    /// `metadata_bytes()` at the end of the last full scan, before its unstable index
+    /// was given back: the most that scan held (its indexes only grow during it).
+    scan_end_metadata: u64,
 }
 
 /// The 32-bit checksum of a page, as visits take it (a domain's segments are
@@ -198,6 +201,7 @@ impl<M: Mem> Core<M> {
             charges_since_count: 0,
             vma_count_due: false,
             punch_later: None,
+            scan_end_metadata: 0,
             hash_threads: 1,
             sums_ahead: SumsAhead::default(),
             buf: vec![0; page],
@@ -392,6 +396,7 @@ impl<M: Mem> Core<M> {
         if self.advised == 0 {
             self.unstable = AddrIndex::new(self.page);
             self.unstable_more = AddrChains::new(self.page);
+            self.scan_end_metadata = 0;
         }
     }
 
@@ -608,6 +613,14 @@ impl<M: Mem> Core<M> {
             + self.stable.metadata_bytes()
             + self.unstable.metadata_bytes()
             + self.unstable_more.metadata_bytes()) as u64
+    }
+
+    /// The most bookkeeping a full scan needs: `metadata_bytes()` now, or at the end
+    /// of the last full scan (when its unstable index was fullest) if that was more.
+    /// The figure held to the target of 16 bytes per tracked page: `metadata_bytes()`
+    /// alone, taken between two scans, would leave the unstable index out.
+    pub fn metadata_peak_bytes(&self) -> u64 {
+        self.metadata_bytes().max(self.scan_end_metadata)
     }
 
     /// Panics if the counters disagree with the records (tests and fuzzing).

@@ -118,6 +118,7 @@ impl<M: Mem> Core<M> {
         }
         self.unstable.clear();
         self.unstable_more.clear();
+        self.scan_end_metadata = 0;
         self.cursor = None;
         self.counters.full_scans = 0;
         self.unsettle();
