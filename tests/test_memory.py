@@ -138,8 +138,41 @@ def test_metadata_is_given_back_after_unmerge_and_close() -> None:
         assert merged["pages_sharing"] > MIXED // 4, merged
         per_page = merged["metadata_bytes"] / merged["tracked_pages"]
         assert 8 <= per_page <= 16, per_page
+        # The most a full scan held: its unstable index, fullest at its end, included.
+        peak = merged["metadata_peak_bytes"] / merged["tracked_pages"]
+        assert per_page <= peak <= 16, (per_page, peak)
         # Unadvised: its frames and index entries are gone; the records of the ksm.mmap
         # memory (8 bytes a page) stay until it is closed.
         assert (unmerged["frames"], unmerged["advised_pages"]) == (0, 0)
         assert unmerged["metadata_bytes"] == 8 * MIXED, unmerged["metadata_bytes"]
+        assert unmerged["metadata_peak_bytes"] == 8 * MIXED, unmerged["metadata_peak_bytes"]
         assert (closed["tracked_pages"], closed["metadata_bytes"]) == (0, 0), closed
+        assert closed["metadata_peak_bytes"] == 0, closed
+
+
+UNIQUE = 8192  # 32 MiB of distinct pages
+
+
+def unique_scenario() -> None:
+    """Runs in the subprocess: unique pages scanned until they sit in the unstable
+    index; prints the bookkeeping after the scans as JSON."""
+    import random
+
+    import ksm
+
+    m = ksm.mmap(UNIQUE * PAGE)
+    m[:] = random.Random(3).randbytes(UNIQUE * PAGE)
+    m.madvise(ksm.MADV_MERGEABLE)
+    ksm.scan(2)
+    print(json.dumps(ksm.stats()))
+
+
+def test_the_peak_of_bookkeeping_counts_the_unstable_index() -> None:
+    # After the second full scan every unique page went into the unstable index,
+    # which is freed when the scan ends: metadata_bytes is then the records alone,
+    # metadata_peak_bytes what the scan held at its end, the index included.
+    s = json.loads(run_python("import test_memory\ntest_memory.unique_scenario()", timeout=120))
+    assert (s["pages_sharing"], s["pages_unshared"]) == (0, UNIQUE), s
+    assert s["metadata_bytes"] == 8 * UNIQUE, s["metadata_bytes"]
+    # 8-byte records and the index's 6-byte slots at most 4 entries per 5 slots.
+    assert 8 * UNIQUE + 6 * UNIQUE < s["metadata_peak_bytes"] <= 16 * UNIQUE, s["metadata_peak_bytes"]

@@ -12,7 +12,6 @@
 
 #![forbid(unsafe_code)]
 
-use super::index::{AddrChains, AddrIndex};
 use super::visit::{skip_age, Seen};
 use super::{checksum, key_of, Core, Mem, Presence};
 use crate::region::{PageRec, State, SUM_TRACKED};
@@ -115,8 +114,11 @@ impl<M: Mem> Core<M> {
     pub fn scan_batch(&mut self, budget: u64) -> bool {
         let page = self.page;
         if self.cursor.is_none() {
-            self.unstable.clear();
-            self.unstable_more.clear();
+            // Sized for the pages that may enter it: those not merged.
+            let c = &self.counters;
+            let merged = c.pages_shared + c.pages_sharing + c.ksm_zero_pages;
+            let expect = usize::try_from(self.advised.saturating_sub(merged)).unwrap_or(0);
+            self.unstable.reset(expect);
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
@@ -251,8 +253,7 @@ impl<M: Mem> Core<M> {
         // not since which scan: entries must not outlive theirs), and its memory is
         // given back rather than kept between scans.
         self.scan_end_metadata = self.metadata_bytes();
-        self.unstable = AddrIndex::new(self.page);
-        self.unstable_more = AddrChains::new(self.page);
+        self.unstable.reset(0);
         self.cursor = None;
         self.frames.trim();
         self.frames.age_segments();
@@ -300,10 +301,13 @@ impl<M: Mem> Core<M> {
             regions,
             counters,
             stable,
+            frames,
             unstable,
             domain,
             ..
         } = self;
+        // Each page below may enter the unstable index.
+        unstable.reserve(pres.len() - i, |a| super::unstable_key(regions, page, a));
         let Some(r) = regions.get_mut(&rstart) else {
             return (0, 0);
         };
@@ -331,7 +335,8 @@ impl<M: Mem> Core<M> {
             // has not heard of or asks for, is not skipped: frames arrive from other
             // members at any scan.
             let offered = domain.as_ref().is_some_and(|d| {
-                d.needs_visit(p.checksum()) || stable.get(key_of(p.checksum())).next().is_some()
+                d.needs_visit(p.checksum())
+                    || stable.contains(key_of(p.checksum()), |f| frames.hash(f))
             });
             if smart && p.age() >= 3 && p.skips() > 0 && !offered {
                 // `should_skip`: skipped.
@@ -351,8 +356,8 @@ impl<M: Mem> Core<M> {
                 && p.sum_tracked()
                 && scanned < budget
                 && zero != Some(p.checksum())
-                && stable.get(key).next().is_none()
-                && !unstable.contains_key(&key)
+                && !stable.contains(key, |f| frames.hash(f))
+                && !unstable.may_contain(&key)
                 && !(idx > 0 && r.pages[idx - 1].state() == State::Stable)
                 // A candidate the domain has not heard of, or asks for: a visit's work.
                 && !domain.as_ref().is_some_and(|d| d.needs_visit(p.checksum()));
@@ -373,7 +378,7 @@ impl<M: Mem> Core<M> {
                 counters.pages_unshared += 1;
             }
             q.set_state(State::Unstable);
-            unstable.insert(key, from + k * page);
+            unstable.push_reserved(key, from + k * page);
             counters.pages_scanned += 1;
             scanned += 1;
             k += 1;

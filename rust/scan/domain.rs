@@ -178,7 +178,8 @@ impl<M: Mem> Core<M> {
         let keys: Vec<u64> = sums.iter().map(|&c| key_of(c)).collect();
         let f0 = self.frames.add_segment(id, &keys)?;
         for (i, &k) in keys.iter().enumerate() {
-            self.stable.push(k, f0 + i as FrameId);
+            let frames = &self.frames;
+            self.stable.push(k, f0 + i as FrameId, |f| frames.hash(f));
             d.wanted.remove(&(k as u32));
             d.publishing.remove(&(k as u32));
         }
@@ -201,7 +202,7 @@ impl<M: Mem> Core<M> {
         };
         for f in f0..f0 + n {
             let h = self.frames.hash(f);
-            self.stable.remove(h, f);
+            self.stable.remove(h, f, |f| self.frames.hash(f));
             if let Some(d) = &mut self.domain {
                 // Its contents are candidates to announce again (they are no longer
                 // published): a page moved off it merges again through the domain.

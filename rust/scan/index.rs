@@ -1,10 +1,11 @@
 //! Content-hash indexes that cost one entry per hash in the common case, in slots
 //! packed tight (they hold an entry per merged frame or unmerged page).
 
-use std::collections::{hash_map::Entry, HashMap};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::mem::size_of;
 
+use crate::pool::FrameId;
 use crate::stats::hash_table_bytes;
 
 /// The hasher of maps keyed by a content checksum (32 bits of xxh3, already
@@ -48,308 +49,401 @@ fn shrink_if_sparse<V>(m: &mut ByKey<V>) {
     }
 }
 
-/// A 32-bit index key stored with alignment 1 (see [`AddrIndex`]).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct PackedKey([u8; 4]);
+/// Bits of a page number in an [`UnstableIndex`] slot: every page below 2^47 with
+/// 4 KiB pages (the whole user address space with 4-level page tables). Pages above
+/// go to a small side table.
+const SLOT_PAGE_BITS: u32 = 35;
+/// Bits of the key kept in a slot (a tag: the rest is checked on the page's record).
+const SLOT_TAG_BITS: u32 = 48 - SLOT_PAGE_BITS;
+const SLOT_PAGE_MASK: u64 = (1 << SLOT_PAGE_BITS) - 1;
+const SLOT_EMPTY: u64 = 0;
+/// A removed entry: lookups go past it, rebuilding drops it.
+const SLOT_GONE: u64 = (1 << 48) - 1;
+/// Slots per entry at most, as a fraction: 4 entries per 5 slots.
+const LOAD_NUM: usize = 4;
+const LOAD_DEN: usize = 5;
 
-impl Hash for PackedKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u32(u32::from_le_bytes(self.0));
-    }
+/// The unstable index of one full scan: per key, the pages entered under it, as
+/// 6-byte slots of one open-addressed table (linear probing). A slot holds the
+/// page number (35 bits, plus one so that zero is empty) and 13 bits of the key;
+/// the page's record holds the whole key (an unstable page's checksum), so a slot
+/// needs no more, and every address it gives is a candidate to be checked by its
+/// record (callers do, as they always did: entries may be stale). The table is
+/// sized when a scan begins for the pages that may enter it, at most 4 entries per
+/// 5 slots: 7.5 bytes per entry, where a hash table of key and address grows by
+/// doubling (11 to 26 bytes per entry) and a second key needs a chain (13 more).
+///
+/// Growing it needs each entry's key: `key_of` reads it from the page's record
+/// (and drops the entries whose page left the index).
+#[derive(Debug)]
+pub struct UnstableIndex {
+    slots: Vec<[u8; 6]>,
+    /// Entries (not removed), and removed slots not yet reclaimed.
+    len: usize,
+    gone: usize,
+    shift: u32,
+    /// Entries whose page number needs more than `SLOT_PAGE_BITS` bits.
+    far: Vec<(u32, usize)>,
+    /// Entries the table is first allocated for (set when a scan begins).
+    expect: usize,
 }
 
-/// A page address stored as its page number in 48 bits, alignment 1 (see [`AddrIndex`]).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct PackedPage([u8; 6]);
+impl UnstableIndex {
+    /// An empty index of pages of `page` bytes (a power of two).
+    pub fn new(page: usize) -> Self {
+        assert!(page.is_power_of_two());
+        UnstableIndex {
+            slots: Vec::new(),
+            len: 0,
+            gone: 0,
+            shift: page.trailing_zeros(),
+            far: Vec::new(),
+            expect: 0,
+        }
+    }
 
-impl PackedPage {
-    fn number(self) -> u64 {
+    /// Empty it, memory included; the next table is allocated for `expect` entries.
+    pub fn reset(&mut self, expect: usize) {
+        *self = UnstableIndex {
+            expect,
+            ..UnstableIndex::new(1 << self.shift)
+        };
+    }
+
+    fn tag(key: u32) -> u64 {
+        u64::from(key) & ((1 << SLOT_TAG_BITS) - 1)
+    }
+
+    fn home(&self, key: u32) -> usize {
+        // Multiply-shift onto any table size: the key's high bits pick the slot, its
+        // low bits are the tag.
+        ((u64::from(key) * self.slots.len() as u64) >> 32) as usize
+    }
+
+    fn get(&self, i: usize) -> u64 {
         let mut b = [0; 8];
-        b[..6].copy_from_slice(&self.0);
+        b[..6].copy_from_slice(&self.slots[i]);
         u64::from_le_bytes(b)
     }
-}
 
-impl Hash for PackedPage {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.number());
-    }
-}
-
-/// Page addresses to and from [`PackedPage`].
-#[derive(Clone, Copy, Debug)]
-struct PageCodec {
-    /// log2 of the page size.
-    shift: u32,
-}
-
-impl PageCodec {
-    fn new(page: usize) -> Self {
-        assert!(page.is_power_of_two());
-        PageCodec {
-            shift: page.trailing_zeros(),
-        }
+    fn set(&mut self, i: usize, v: u64) {
+        self.slots[i].copy_from_slice(&v.to_le_bytes()[..6]);
     }
 
-    fn pack(self, addr: usize) -> PackedPage {
-        let n = (addr >> self.shift) as u64;
-        assert!(
-            n << self.shift == addr as u64 && n >> 48 == 0,
-            "address {addr:#x}"
-        );
-        let b = n.to_le_bytes();
-        PackedPage([b[0], b[1], b[2], b[3], b[4], b[5]])
+    /// The slot value of `addr` under `key`, or None if its page number is too large.
+    fn encode(&self, key: u32, addr: usize) -> Option<u64> {
+        let n = (addr >> self.shift) as u64 + 1;
+        (n < SLOT_PAGE_MASK).then_some(n | Self::tag(key) << SLOT_PAGE_BITS)
     }
 
-    fn unpack(self, p: PackedPage) -> usize {
-        (p.number() as usize) << self.shift
-    }
-}
-
-fn packed_key(h: u64) -> PackedKey {
-    PackedKey(key(h).to_le_bytes())
-}
-
-/// Per index key, one page address: the heads of the unstable index. A slot is a
-/// 4-byte key and a 6-byte page number with no padding (11 bytes with its control
-/// byte, where a `u64 → usize` map takes 17), as this index holds every unmerged page
-/// at the end of a full scan.
-#[derive(Debug)]
-pub struct AddrIndex {
-    map: HashMap<PackedKey, PackedPage, BuildHasherDefault<KeyIsHash>>,
-    codec: PageCodec,
-}
-
-impl std::fmt::Debug for PackedKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        u32::from_le_bytes(self.0).fmt(f)
-    }
-}
-
-impl std::fmt::Debug for PackedPage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.number().fmt(f)
-    }
-}
-
-impl AddrIndex {
-    /// An empty index of addresses of pages of `page` bytes (a power of two).
-    pub fn new(page: usize) -> Self {
-        AddrIndex {
-            map: HashMap::default(),
-            codec: PageCodec::new(page),
-        }
+    fn addr(&self, v: u64) -> usize {
+        (((v & SLOT_PAGE_MASK) - 1) as usize) << self.shift
     }
 
-    pub fn contains_key(&self, h: &u64) -> bool {
-        self.map.contains_key(&packed_key(*h))
+    /// Slots of a table for `entries` entries.
+    fn slots_for(entries: usize) -> usize {
+        entries * LOAD_DEN / LOAD_NUM + 1
     }
 
-    /// The address under `h`.
-    pub fn get(&self, h: &u64) -> Option<usize> {
-        self.map.get(&packed_key(*h)).map(|&p| self.codec.unpack(p))
-    }
-
-    /// Set the address under `h`; the one it replaces.
-    pub fn insert(&mut self, h: u64, addr: usize) -> Option<usize> {
-        let v = self.codec.pack(addr);
-        let old = self.map.insert(packed_key(h), v);
-        old.map(|p| self.codec.unpack(p))
-    }
-
-    /// Set the address under `h` if there is none; whether it did.
-    pub fn insert_first(&mut self, h: u64, addr: usize) -> bool {
-        let v = self.codec.pack(addr);
-        match self.map.entry(packed_key(h)) {
-            Entry::Vacant(e) => {
-                e.insert(v);
-                true
-            }
-            Entry::Occupied(_) => false,
-        }
-    }
-
-    pub fn remove(&mut self, h: &u64) -> Option<usize> {
-        let p = self.map.remove(&packed_key(*h))?;
-        Some(self.codec.unpack(p))
-    }
-
-    /// Empty it, memory included.
-    pub fn clear(&mut self) {
-        self.map = HashMap::default();
-    }
-
-    /// Bytes this index holds (its table as allocated).
-    pub fn metadata_bytes(&self) -> usize {
-        hash_table_bytes(self.map.capacity(), size_of::<(PackedKey, PackedPage)>())
-    }
-}
-
-/// Per index key, any number of page addresses (the unstable index's other pages of
-/// a key: contents seen again that could not merge, checksums shared by other
-/// bytes), as chains: the newest address of each key in `heads`, and for each
-/// address the one pushed before it under the same key in `next`. A key with one
-/// address costs one 11-byte slot and each further address one 13-byte slot, where
-/// a vector per key cost a 33-byte slot and a 32-byte allocation.
-///
-/// An address is expected under one key at most (a page enters the unstable index
-/// once per full scan). Were it pushed twice, chains could lose or borrow entries
-/// (callers check every address they get), never loop: walking one consumes it.
-#[derive(Debug)]
-pub struct AddrChains {
-    heads: HashMap<PackedKey, PackedPage, BuildHasherDefault<KeyIsHash>>,
-    next: HashMap<PackedPage, PackedPage, BuildHasherDefault<KeyIsHash>>,
-    codec: PageCodec,
-}
-
-impl AddrChains {
-    /// No chains, for pages of `page` bytes (a power of two).
-    pub fn new(page: usize) -> Self {
-        AddrChains {
-            heads: HashMap::default(),
-            next: HashMap::default(),
-            codec: PageCodec::new(page),
-        }
-    }
-
-    /// Add `addr` under `h` (after those already there).
-    pub fn push(&mut self, h: u64, addr: usize) {
-        let a = self.codec.pack(addr);
-        debug_assert!(!self.next.contains_key(&a), "{addr:#x} pushed twice");
-        if let Some(older) = self.heads.insert(packed_key(h), a) {
-            self.next.insert(a, older);
-        }
-    }
-
-    /// The addresses under `h`, the newest first (nothing taken).
-    pub fn iter(&self, h: &u64) -> impl Iterator<Item = usize> + '_ {
-        let head = self.heads.get(&packed_key(*h)).copied();
-        // Bounded: an address pushed twice could make a cycle (see above).
-        std::iter::successors(head, |a| self.next.get(a).copied())
-            .take(self.next.len() + 1)
-            .map(|a| self.codec.unpack(a))
-    }
-
-    /// Take every address under `h`, the first pushed first.
-    pub fn remove(&mut self, h: &u64) -> Option<Vec<usize>> {
-        let mut a = self.heads.remove(&packed_key(*h))?;
-        let mut out = vec![self.codec.unpack(a)];
-        while let Some(older) = self.next.remove(&a) {
-            out.push(self.codec.unpack(older));
-            a = older;
-        }
-        out.reverse();
-        Some(out)
-    }
-
-    /// Put `addrs` under `h` (in this order), after those already there.
-    pub fn insert(&mut self, h: u64, addrs: Vec<usize>) {
-        for a in addrs {
-            self.push(h, a);
-        }
-    }
-
-    /// Empty it, memory included.
-    pub fn clear(&mut self) {
-        self.heads = HashMap::default();
-        self.next = HashMap::default();
-    }
-
-    /// Bytes this index holds (its table as allocated).
-    pub fn metadata_bytes(&self) -> usize {
-        hash_table_bytes(self.heads.capacity(), size_of::<(PackedKey, PackedPage)>())
-            + hash_table_bytes(self.next.capacity(), size_of::<(PackedPage, PackedPage)>())
-    }
-}
-
-/// Values per hash: the first in `one` (no allocation), the others, rare, in `more`
-/// (in boxed slices of their exact length: a smaller slot than a vector's, and no
-/// spare room).
-#[derive(Debug)]
-pub struct MultiIndex<T> {
-    one: ByKey<T>,
-    more: ByKey<Box<[T]>>,
-}
-
-/// `f` applied to the values of a boxed slice (reallocated to its new exact length).
-fn edit<T, R>(b: &mut Box<[T]>, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
-    let mut v = std::mem::take(b).into_vec();
-    let r = f(&mut v);
-    *b = v.into_boxed_slice();
-    r
-}
-
-impl<T> Default for MultiIndex<T> {
-    fn default() -> Self {
-        MultiIndex {
-            one: ByKey::default(),
-            more: ByKey::default(),
-        }
-    }
-}
-
-impl<T: Copy + PartialEq> MultiIndex<T> {
-    pub fn push(&mut self, h: u64, v: T) {
-        let h = key(h);
-        match self.one.entry(h) {
-            Entry::Vacant(e) => {
-                e.insert(v);
-            }
-            Entry::Occupied(_) => edit(self.more.entry(h).or_default(), |m| m.push(v)),
-        }
-    }
-
-    /// The values under `h`, the first pushed first.
-    pub fn get(&self, h: u64) -> impl Iterator<Item = T> + '_ {
-        let h = key(h);
-        let more = self.more.get(&h).map_or(&[][..], |v| &v[..]);
-        self.one
-            .get(&h)
-            .copied()
-            .into_iter()
-            .chain(more.iter().copied())
-    }
-
-    /// Remove one occurrence of `v` under `h`.
-    pub fn remove(&mut self, h: u64, v: T) {
-        let h = key(h);
-        if self.one.get(&h) == Some(&v) {
-            match self.more.get_mut(&h).and_then(|m| edit(m, Vec::pop)) {
-                Some(next) => {
-                    self.one.insert(h, next);
-                }
-                None => {
-                    self.one.remove(&h);
-                    shrink_if_sparse(&mut self.one);
-                }
-            }
-        } else if let Some(m) = self.more.get_mut(&h) {
-            if let Some(i) = m.iter().position(|&x| x == v) {
-                edit(m, |m| m.swap_remove(i));
-            }
-        } else {
+    /// Room for `more` entries without growing (growing reads keys with `key_of`).
+    pub fn reserve(&mut self, more: usize, key_of: impl Fn(usize) -> Option<u32>) {
+        let need = self.len + self.gone + more;
+        if need * LOAD_DEN < self.slots.len() * LOAD_NUM {
             return;
         }
-        if self.more.get(&h).is_some_and(|m| m.is_empty()) {
-            self.more.remove(&h);
-            shrink_if_sparse(&mut self.more);
+        let entries = if self.slots.is_empty() {
+            need.max(self.expect)
+        } else {
+            // Grown by half of what it holds at least, so that growing stays rare.
+            (self.len + more).max(self.len + self.len / 2)
+        };
+        let old = std::mem::take(&mut self.slots);
+        self.slots = vec![[0; 6]; Self::slots_for(entries)];
+        self.len = 0;
+        self.gone = 0;
+        // From the start of a run of full slots, so that each key's pages keep their
+        // order (a run may wrap around the end).
+        let first = old.iter().position(|s| *s == [0; 6]).unwrap_or(0);
+        for k in 0..old.len() {
+            let s = old[(first + k) % old.len()];
+            let mut b = [0; 8];
+            b[..6].copy_from_slice(&s);
+            let v = u64::from_le_bytes(b);
+            if v == SLOT_EMPTY || v == SLOT_GONE {
+                continue;
+            }
+            let a = self.addr(v);
+            if let Some(key) = key_of(a) {
+                if Self::tag(key) == v >> SLOT_PAGE_BITS {
+                    self.place(key, v);
+                }
+            }
         }
     }
 
-    /// Every hash with more than one value, with its values.
-    pub fn groups(&self) -> impl Iterator<Item = Vec<T>> + '_ {
-        self.more.keys().map(|&h| self.get(u64::from(h)).collect())
+    fn place(&mut self, key: u32, v: u64) {
+        let n = self.slots.len();
+        let mut i = self.home(key);
+        while self.get(i) != SLOT_EMPTY {
+            i = if i + 1 == n { 0 } else { i + 1 };
+        }
+        self.set(i, v);
+        self.len += 1;
     }
 
-    /// Bytes this index holds (table slots and the slices of `more`).
+    /// Add `addr` under `key` (after those already there); room must have been
+    /// reserved (see [`Self::reserve`]).
+    pub fn push_reserved(&mut self, h: u64, addr: usize) {
+        let key = key(h);
+        match self.encode(key, addr) {
+            Some(v) => {
+                assert!(
+                    (self.len + self.gone + 1) * LOAD_DEN <= self.slots.len() * LOAD_NUM,
+                    "no room reserved"
+                );
+                self.place(key, v);
+            }
+            None => self.far.push((key, addr)),
+        }
+    }
+
+    /// Add `addr` under `key` (after those already there).
+    pub fn push(&mut self, h: u64, addr: usize, key_of: impl Fn(usize) -> Option<u32>) {
+        self.reserve(1, key_of);
+        self.push_reserved(h, addr);
+    }
+
+    /// The slots under `key`'s tag, in order (those of other keys with the same tag
+    /// included: the caller checks each page's record).
+    fn slots_of(&self, key: u32) -> impl Iterator<Item = (usize, u64)> + '_ {
+        let n = self.slots.len();
+        let tag = Self::tag(key);
+        let start = if n == 0 { 0 } else { self.home(key) };
+        (0..n)
+            .map(move |k| {
+                if start + k >= n {
+                    start + k - n
+                } else {
+                    start + k
+                }
+            })
+            .map(|i| (i, self.get(i)))
+            .take_while(|&(_, v)| v != SLOT_EMPTY)
+            .filter(move |&(_, v)| v != SLOT_GONE && v >> SLOT_PAGE_BITS == tag)
+    }
+
+    /// Whether some page may be under `key` (a hint: a page under another key with
+    /// the same 13-bit tag answers too).
+    pub fn may_contain(&self, h: &u64) -> bool {
+        let key = key(*h);
+        self.slots_of(key).next().is_some() || self.far.iter().any(|&(k, _)| k == key)
+    }
+
+    /// The pages under `key` (and some under keys with the same tag), first entered
+    /// first (those of the side table after the others).
+    pub fn candidates(&self, h: &u64) -> impl Iterator<Item = usize> + '_ {
+        let key = key(*h);
+        self.slots_of(key).map(|(_, v)| self.addr(v)).chain(
+            self.far
+                .iter()
+                .filter(move |&&(k, _)| k == key)
+                .map(|&(_, a)| a),
+        )
+    }
+
+    /// Remove `addr` from under `key`, if it is there.
+    pub fn remove(&mut self, h: &u64, addr: usize) {
+        let key = key(*h);
+        if let Some(v) = self.encode(key, addr) {
+            let at = self.slots_of(key).find(|&(_, s)| s == v).map(|(i, _)| i);
+            if let Some(i) = at {
+                self.set(i, SLOT_GONE);
+                self.len -= 1;
+                self.gone += 1;
+            }
+        } else if let Some(i) = self.far.iter().position(|&e| e == (key, addr)) {
+            self.far.swap_remove(i);
+        }
+    }
+
+    /// Entries (tests).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.len + self.far.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes this index holds (its table as allocated).
     pub fn metadata_bytes(&self) -> usize {
-        hash_table_bytes(self.one.capacity(), size_of::<(u32, T)>())
-            + hash_table_bytes(self.more.capacity(), size_of::<(u32, Box<[T]>)>())
-            + self
-                .more
-                .values()
-                .map(|v| std::mem::size_of_val::<[T]>(v))
-                .sum::<usize>()
+        self.slots.capacity() * 6 + self.far.capacity() * size_of::<(u32, usize)>()
+    }
+}
+
+/// A frame id that is no frame: an empty slot of a [`FrameIndex`].
+const FRAME_EMPTY: u32 = u32::MAX;
+/// A removed entry of a [`FrameIndex`]: lookups go past it, rebuilding drops it.
+const FRAME_GONE: u32 = u32::MAX - 1;
+
+/// The stable index: per key, the frames holding a content with that checksum, as
+/// 5-byte slots of one open-addressed table (linear probing). A slot holds the
+/// frame id and 8 bits of the key; the frame table holds each frame's whole key
+/// (`key_of`), so a slot needs no more, and lookups check it. At most 4 entries
+/// per 5 slots, grown by half: 6.25 to 9.4 bytes per frame, where a hash table of
+/// key and frame id grows by doubling (10.3 to 20.6 bytes per frame). Keys with
+/// more than one frame (`max_page_sharing` reached, or a checksum shared by other
+/// bytes) are counted in a small map, for [`FrameIndex::groups`].
+#[derive(Debug, Default)]
+pub struct FrameIndex {
+    slots: Vec<[u8; 5]>,
+    len: usize,
+    gone: usize,
+    /// Frames per key, for keys with more than one.
+    multi: ByKey<u32>,
+}
+
+impl FrameIndex {
+    fn tag(key: u32) -> u8 {
+        key as u8
+    }
+
+    fn home(&self, key: u32) -> usize {
+        ((u64::from(key) * self.slots.len() as u64) >> 32) as usize
+    }
+
+    fn frame_at(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.slots[i][..4].try_into().expect("4 bytes"))
+    }
+
+    fn set(&mut self, i: usize, f: u32, tag: u8) {
+        let b = f.to_le_bytes();
+        self.slots[i] = [b[0], b[1], b[2], b[3], tag];
+    }
+
+    /// Slots under `key`'s tag from its home (frames of other keys with the same tag
+    /// included), as (slot, frame).
+    fn slots_of(&self, key: u32) -> impl Iterator<Item = (usize, u32)> + '_ {
+        let n = self.slots.len();
+        let tag = Self::tag(key);
+        let start = if n == 0 { 0 } else { self.home(key) };
+        (0..n)
+            .map(move |k| {
+                if start + k >= n {
+                    start + k - n
+                } else {
+                    start + k
+                }
+            })
+            .map(|i| (i, self.frame_at(i), self.slots[i][4]))
+            .take_while(|&(_, f, _)| f != FRAME_EMPTY)
+            .filter(move |&(_, f, t)| f != FRAME_GONE && t == tag)
+            .map(|(i, f, _)| (i, f))
+    }
+
+    /// Rebuild for `entries` entries, each frame's key read with `key_of`.
+    fn rebuild(&mut self, entries: usize, key_of: &impl Fn(FrameId) -> u64) {
+        let old = std::mem::take(&mut self.slots);
+        self.len = 0;
+        self.gone = 0;
+        if entries == 0 {
+            return;
+        }
+        self.slots = vec![[0xFF; 5]; entries * LOAD_DEN / LOAD_NUM + 1];
+        // From the start of a run of full slots: each key's frames keep their order.
+        let first = (0..old.len())
+            .find(|&i| old[i][..4] == [0xFF; 4])
+            .unwrap_or(0);
+        for k in 0..old.len() {
+            let s = old[(first + k) % old.len()];
+            let f = u32::from_le_bytes(s[..4].try_into().expect("4 bytes"));
+            if f != FRAME_EMPTY && f != FRAME_GONE {
+                self.place(key(key_of(f)), f);
+            }
+        }
+    }
+
+    fn place(&mut self, key: u32, f: FrameId) {
+        let n = self.slots.len();
+        let mut i = self.home(key);
+        while self.frame_at(i) != FRAME_EMPTY {
+            i = if i + 1 == n { 0 } else { i + 1 };
+        }
+        self.set(i, f, Self::tag(key));
+        self.len += 1;
+    }
+
+    /// Add frame `f` under `h` (after those already there); `key_of` gives each
+    /// frame's key (the frame table's).
+    pub fn push(&mut self, h: u64, f: FrameId, key_of: impl Fn(FrameId) -> u64) {
+        assert!(f < FRAME_GONE, "frame id {f}");
+        debug_assert_eq!(key_of(f), h, "frame {f} is under its own key");
+        if (self.len + self.gone + 1) * LOAD_DEN > self.slots.len() * LOAD_NUM {
+            let entries = (self.len + 1).max(self.len + self.len / 2).max(8);
+            self.rebuild(entries, &key_of);
+        }
+        let k = key(h);
+        let already = self.get(h, &key_of).count();
+        if already > 0 {
+            *self.multi.entry(k).or_default() = u32::try_from(already + 1).unwrap_or(u32::MAX);
+        }
+        self.place(k, f);
+    }
+
+    /// The frames under `h`, the first pushed first.
+    pub fn get<'a>(
+        &'a self,
+        h: u64,
+        key_of: &'a impl Fn(FrameId) -> u64,
+    ) -> impl Iterator<Item = FrameId> + 'a {
+        self.slots_of(key(h))
+            .map(|(_, f)| f)
+            .filter(move |&f| key_of(f) == h)
+    }
+
+    /// Whether some frame is under `h`.
+    pub fn contains(&self, h: u64, key_of: impl Fn(FrameId) -> u64) -> bool {
+        self.get(h, &key_of).next().is_some()
+    }
+
+    /// Remove frame `f` from under `h`.
+    pub fn remove(&mut self, h: u64, f: FrameId, key_of: impl Fn(FrameId) -> u64) {
+        let k = key(h);
+        let Some(i) = self.slots_of(k).find(|&(_, g)| g == f).map(|(i, _)| i) else {
+            return;
+        };
+        self.set(i, FRAME_GONE, 0);
+        self.len -= 1;
+        self.gone += 1;
+        if let Some(n) = self.multi.get_mut(&k) {
+            *n -= 1;
+            if *n <= 1 {
+                self.multi.remove(&k);
+                shrink_if_sparse(&mut self.multi);
+            }
+        }
+        // Memory back once it holds an eighth of what it could (at once when empty).
+        if self.len * 8 < self.slots.len() * LOAD_NUM / LOAD_DEN || self.len == 0 {
+            self.rebuild(self.len + self.len / 2, &key_of);
+        }
+    }
+
+    /// Every key with more than one frame, with its frames.
+    pub fn groups<'a>(
+        &'a self,
+        key_of: &'a impl Fn(FrameId) -> u64,
+    ) -> impl Iterator<Item = Vec<FrameId>> + 'a {
+        self.multi
+            .keys()
+            .map(move |&k| self.get(u64::from(k), key_of).collect())
+    }
+
+    /// Bytes this index holds (its table as allocated, and the map of keys with more
+    /// than one frame).
+    pub fn metadata_bytes(&self) -> usize {
+        self.slots.capacity() * 5 + hash_table_bytes(self.multi.capacity(), size_of::<(u32, u32)>())
     }
 }
 
@@ -358,98 +452,138 @@ mod tests {
     use super::*;
 
     #[test]
-    fn values_are_kept_and_removed_per_hash() {
-        let mut ix: MultiIndex<u32> = MultiIndex::default();
-        ix.push(7, 1);
-        ix.push(7, 2);
-        ix.push(7, 3);
-        ix.push(9, 4);
-        assert_eq!(ix.get(7).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(ix.groups().count(), 1);
-        ix.remove(7, 1);
-        let mut v: Vec<_> = ix.get(7).collect();
-        v.sort_unstable();
-        assert_eq!(v, vec![2, 3]);
-        ix.remove(7, 3);
-        ix.remove(7, 2);
-        assert_eq!(ix.get(7).count(), 0);
-        assert_eq!(ix.groups().count(), 0);
-        ix.remove(9, 5); // absent: nothing happens
-        assert_eq!(ix.get(9).collect::<Vec<_>>(), vec![4]);
+    fn frames_are_kept_and_removed_per_key() {
+        // Keys 7 and 7 + 256 share a tag; the frame table says which is whose.
+        let keys: HashMap<FrameId, u64> = [(1, 7), (2, 7), (3, 7), (4, 9), (5, 7 + 256)].into();
+        let key_of = |f: FrameId| keys[&f];
+        let mut ix = FrameIndex::default();
+        for f in 1..=5 {
+            ix.push(keys[&f], f, key_of);
+        }
+        assert_eq!(ix.get(7, &key_of).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(ix.get(7 + 256, &key_of).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(ix.groups(&key_of).collect::<Vec<_>>(), vec![vec![1, 2, 3]]);
+        ix.remove(7, 1, key_of);
+        assert_eq!(ix.get(7, &key_of).collect::<Vec<_>>(), vec![2, 3]);
+        ix.remove(7, 3, key_of);
+        assert_eq!(ix.groups(&key_of).count(), 0);
+        ix.remove(7, 2, key_of);
+        assert!(!ix.contains(7, key_of));
+        ix.remove(9, 5, key_of); // not under 9: nothing happens
+        assert_eq!(ix.get(9, &key_of).collect::<Vec<_>>(), vec![4]);
+        assert!(ix.contains(7 + 256, key_of));
     }
 
     #[test]
-    fn addresses_round_trip_in_six_bytes() {
-        assert_eq!(std::mem::size_of::<(PackedKey, PackedPage)>(), 10);
-        for page in [64usize, 4096, 65536] {
-            let mut ix = AddrIndex::new(page);
-            let addrs = [0, page, 0x7fff_ffff_f000 / page * page, (1 << 47) - page];
-            for (i, &a) in addrs.iter().enumerate() {
-                assert!(ix.insert_first(i as u64 * 3 + u64::from(u32::MAX - 20), a));
-                assert!(!ix.insert_first(i as u64 * 3 + u64::from(u32::MAX - 20), a + page));
-            }
-            for (i, &a) in addrs.iter().enumerate() {
-                let h = i as u64 * 3 + u64::from(u32::MAX - 20);
-                assert!(ix.contains_key(&h));
-                assert_eq!(ix.remove(&h), Some(a));
-                assert!(!ix.contains_key(&h));
-            }
-            assert_eq!(ix.insert(5, page * 9), None);
-            assert_eq!(ix.insert(5, page * 2), Some(page * 9));
-            assert_eq!(ix.remove(&5), Some(page * 2));
-            assert_eq!(ix.remove(&5), None);
-        }
-    }
-
-    #[test]
-    fn chains_keep_addresses_per_key_in_order() {
-        let page = 4096;
-        let mut c = AddrChains::new(page);
-        assert_eq!(std::mem::size_of::<(PackedPage, PackedPage)>(), 12);
-        for i in 0..5 {
-            c.push(7, (10 + i) * page);
-            c.push(9, (100 + i) * page);
-        }
-        c.push(8, page);
-        assert_eq!(
-            c.remove(&7),
-            Some((10..15).map(|i| i * page).collect::<Vec<_>>())
-        );
-        assert_eq!(c.remove(&7), None);
-        c.insert(7, vec![3 * page, 4 * page]);
-        c.push(7, 5 * page);
-        assert_eq!(c.remove(&7), Some(vec![3 * page, 4 * page, 5 * page]));
-        assert_eq!(c.remove(&8), Some(vec![page]));
-        assert_eq!(
-            c.remove(&9),
-            Some((100..105).map(|i| i * page).collect::<Vec<_>>())
-        );
-        assert!(c.heads.is_empty() && c.next.is_empty());
-        // The same address twice under one key: no loop (a debug build refuses it).
-        if !cfg!(debug_assertions) {
-            c.push(1, page);
-            c.push(1, 2 * page);
-            c.push(1, page);
-            assert!(c.remove(&1).is_some_and(|v| v.len() <= 3));
-        }
-    }
-
-    #[test]
-    fn an_index_that_empties_gives_its_memory_back() {
-        let mut ix: MultiIndex<u32> = MultiIndex::default();
-        for h in 0..100_000u32 {
-            ix.push(u64::from(h % 50_000), h);
+    fn a_frame_index_that_empties_gives_its_memory_back() {
+        let key_of = |f: FrameId| u64::from(f % 50_000).wrapping_mul(2_654_435_761) & 0xFFFF_FFFF;
+        let mut ix = FrameIndex::default();
+        for f in 0..100_000u32 {
+            ix.push(key_of(f), f, key_of);
         }
         let full = ix.metadata_bytes();
-        assert!(full >= 50_000 * 9, "{full}");
-        for h in 0..100_000u32 {
-            ix.remove(u64::from(h % 50_000), h);
+        // 5-byte slots at most 4 entries per 5 slots, grown by half: under 9.5 bytes a
+        // frame (and the map of keys with two frames each: 50,000 of them here).
+        let slots = full - hash_table_bytes(ix.multi.capacity(), 8);
+        assert!(slots <= 100_000 * 95 / 10, "{slots}");
+        assert_eq!(ix.groups(&key_of).count(), 50_000);
+        for f in 0..100_000u32 {
+            assert!(ix.get(key_of(f), &key_of).any(|g| g == f));
+            ix.remove(key_of(f), f, key_of);
         }
-        assert_eq!(ix.get(7).count(), 0);
-        assert!(
-            ix.metadata_bytes() < 1024,
-            "{} bytes kept",
-            ix.metadata_bytes()
-        );
+        assert_eq!(ix.get(7, &key_of).count(), 0);
+        assert_eq!(ix.metadata_bytes(), 0, "bytes kept");
+    }
+
+    /// The key of each address pushed, as the page records would say (a page left
+    /// the index once it is missing).
+    fn keys(m: &HashMap<usize, u64>) -> impl Fn(usize) -> Option<u32> + '_ {
+        |a| m.get(&a).map(|&h| key(h))
+    }
+
+    #[test]
+    fn unstable_pages_are_kept_per_key_in_order_in_six_byte_slots() {
+        for page in [64usize, 4096, 65536] {
+            let mut ix = UnstableIndex::new(page);
+            let mut recs = HashMap::new();
+            // Keys sharing a tag (same low 13 bits) and a slot, keys far apart; an
+            // address too high for a slot (with small pages) goes to the side table.
+            let high = (1usize << 47) - 2 * page;
+            let entries: Vec<(u64, usize)> = (0..200usize)
+                .map(|i| {
+                    let h = match i % 4 {
+                        0 => 7,
+                        1 => 7 + (1 << 13),
+                        2 => u64::from(u32::MAX) - (i as u64 % 3),
+                        _ => (i as u64) << 20,
+                    };
+                    (h, if i == 13 { high } else { (i + 1) * page })
+                })
+                .collect();
+            for &(h, a) in &entries {
+                recs.insert(a, h);
+                ix.push(h, a, keys(&recs));
+            }
+            assert_eq!(ix.len(), entries.len());
+            for h in [7, 7 + (1 << 13), u64::from(u32::MAX)] {
+                assert!(ix.may_contain(&h));
+                // In the order pushed, those of the side table last.
+                let mut want: Vec<usize> =
+                    entries.iter().filter(|e| e.0 == h).map(|e| e.1).collect();
+                let far = ix.encode(key(h), high).is_none();
+                if let Some(i) = want.iter().position(|&a| a == high && far) {
+                    let a = want.remove(i);
+                    want.push(a);
+                }
+                // Candidates may include another key's pages with the same tag (the
+                // caller checks records); in order, and none of this key missing.
+                let got: Vec<usize> = ix.candidates(&h).filter(|a| recs[a] == h).collect();
+                assert_eq!(got, want, "page {page}, key {h}");
+            }
+            assert!(ix.candidates(&5).all(|a| recs[&a] != 5));
+            // Removal, then growth that drops pages whose record left the index.
+            let (h0, a0) = entries[0];
+            ix.remove(&h0, a0);
+            assert!(!ix.candidates(&h0).any(|a| a == a0));
+            ix.remove(&entries[13].0, high);
+            assert!(!ix.candidates(&entries[13].0).any(|a| a == high));
+            recs.remove(&a0);
+            recs.remove(&entries[1].1);
+            for i in 0..1000usize {
+                let a = (1000 + i) * page;
+                recs.insert(a, 99);
+                ix.push(99, a, keys(&recs));
+            }
+            assert_eq!(ix.candidates(&99).count(), 1000);
+            assert!(!ix.candidates(&entries[1].0).any(|a| a == entries[1].1));
+            assert_eq!(ix.len(), entries.len() - 3 + 1000);
+            let bytes = ix.metadata_bytes();
+            assert!(bytes <= ix.len() * 6 * 2, "{bytes} bytes for {}", ix.len());
+            ix.reset(0);
+            assert!(ix.is_empty() && ix.metadata_bytes() == 0);
+        }
+    }
+
+    #[test]
+    fn an_unstable_index_sized_for_its_scan_costs_under_8_bytes_an_entry() {
+        let page = 4096;
+        let n = 100_000;
+        let mut ix = UnstableIndex::new(page);
+        ix.reset(n);
+        let mut recs = HashMap::new();
+        let mut h = 1u64;
+        for i in 0..n {
+            h = h
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let k = h >> 32;
+            recs.insert((i + 1) * page, k);
+            ix.push(k, (i + 1) * page, keys(&recs));
+        }
+        for (&a, &k) in &recs {
+            assert!(ix.candidates(&k).any(|c| c == a));
+        }
+        let per = ix.metadata_bytes() as f64 / n as f64;
+        assert!(per <= 7.5 + 0.01, "{per} bytes per entry");
     }
 }

@@ -137,7 +137,7 @@ impl<M: Mem> Core<M> {
         self.mem.release(t.addr, len, false);
         for i in 0..n {
             let g = g0 + i as FrameId;
-            self.stable.push(hash, g);
+            self.stable.push(hash, g, |f| self.frames.hash(f));
             self.record_merged(t.addr + i * page, g);
         }
         self.changes += 1;
@@ -283,7 +283,7 @@ impl<M: Mem> Core<M> {
                 // Covered on both sides: the frame holds nothing anyone maps.
                 self.frames.discard(f);
             } else {
-                self.stable.push(h, f);
+                self.stable.push(h, f, |f| self.frames.hash(f));
             }
         }
         self.record_run(t.addr, f0, &run.t);

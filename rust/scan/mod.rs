@@ -55,7 +55,7 @@ use crate::region::{PageRec, Region, State, ADVISED};
 use batch::SumsAhead;
 use domain::DomainState;
 pub use domain::{DomainCounters, DomainOut};
-use index::{AddrChains, AddrIndex, MultiIndex};
+use index::{FrameIndex, UnstableIndex};
 pub use mem::{Mem, Presence};
 
 /// Counters with the kernel's names (plus ours), one consistent snapshot.
@@ -96,12 +96,10 @@ pub struct Core<M: Mem> {
     page: usize,
     regions: BTreeMap<usize, Region>,
     frames: FrameTable,
-    stable: MultiIndex<FrameId>,
-    /// The unstable index: per hash, the first page entered this full scan, and in
-    /// `unstable_more` the others (a content seen again that could not merge, or a
-    /// hash shared by other bytes): one packed slot per page, no allocation per page.
-    unstable: AddrIndex,
-    unstable_more: AddrChains,
+    stable: FrameIndex,
+    /// The unstable index: per hash, the pages entered this full scan (one 6-byte
+    /// slot per page, the key on the page's record; see [`UnstableIndex`]).
+    unstable: UnstableIndex,
     /// Next address to visit; `None` = at the start of a full scan.
     cursor: Option<usize>,
     counters: Counters,
@@ -168,6 +166,14 @@ fn key_of(c: u32) -> u64 {
     u64::from(c)
 }
 
+/// The key a page in the unstable index is under (its checksum), from its record; None
+/// if it is not in the index any more (for [`UnstableIndex`], which keeps no keys).
+fn unstable_key(regions: &BTreeMap<usize, Region>, page: usize, a: usize) -> Option<u32> {
+    let (_, r) = regions.range(..=a).next_back()?;
+    let p = r.pages.get((a - r.start) / page)?;
+    (p.state() == State::Unstable && p.advised()).then(|| p.checksum())
+}
+
 /// A page's identity in the scan: its address and its region's properties.
 #[derive(Clone, Copy)]
 struct Target {
@@ -184,9 +190,8 @@ impl<M: Mem> Core<M> {
             page,
             regions: BTreeMap::new(),
             frames: FrameTable::new(frame_capacity),
-            stable: MultiIndex::default(),
-            unstable: AddrIndex::new(page),
-            unstable_more: AddrChains::new(page),
+            stable: FrameIndex::default(),
+            unstable: UnstableIndex::new(page),
             cursor: None,
             counters: Counters::default(),
             changes: 0,
@@ -394,8 +399,7 @@ impl<M: Mem> Core<M> {
     /// (its pages are all out of it, unadvised or gone).
     fn release_if_idle(&mut self) {
         if self.advised == 0 {
-            self.unstable = AddrIndex::new(self.page);
-            self.unstable_more = AddrChains::new(self.page);
+            self.unstable.reset(0);
             self.scan_end_metadata = 0;
         }
     }
@@ -581,7 +585,8 @@ impl<M: Mem> Core<M> {
     /// frame because `max_page_sharing` was reached, and the frames holding them.
     pub fn stable_chains(&self) -> (u64, u64) {
         let (mut chains, mut dups) = (0, 0);
-        for frames in self.stable.groups() {
+        let key_of = |f| self.frames.hash(f);
+        for frames in self.stable.groups(&key_of) {
             // One bucket per 64-bit hash: group its frames by content (almost always
             // one group; a hash collision would make two).
             let mut groups: Vec<(FrameId, u64)> = Vec::new();
@@ -611,8 +616,7 @@ impl<M: Mem> Core<M> {
         (recs
             + self.frames.metadata_bytes()
             + self.stable.metadata_bytes()
-            + self.unstable.metadata_bytes()
-            + self.unstable_more.metadata_bytes()) as u64
+            + self.unstable.metadata_bytes()) as u64
     }
 
     /// The most bookkeeping a full scan needs: `metadata_bytes()` now, or at the end

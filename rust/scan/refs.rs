@@ -87,7 +87,7 @@ impl<M: Mem> Core<M> {
         } else if self.frames.refs(f) == 0 {
             self.counters.pages_shared -= 1;
             let h = self.frames.hash(f);
-            self.stable.remove(h, f);
+            self.stable.remove(h, f, |f| self.frames.hash(f));
         } else {
             self.counters.pages_sharing -= 1;
         }

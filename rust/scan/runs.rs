@@ -321,9 +321,10 @@ impl<M: Mem> Core<M> {
         let room = |core: &Self, start: FrameId, g: FrameId| {
             core.has_room(start, g) && core.frames.hash(g) == hash
         };
+        let key_of = |g| self.frames.hash(g);
         let starts: Vec<FrameId> = self
             .stable
-            .get(hash)
+            .get(hash, &key_of)
             .filter(|&g| g != f && room(self, g, g) && room(self, g, g + 1))
             .collect();
         for g in starts {

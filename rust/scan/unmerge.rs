@@ -116,8 +116,7 @@ impl<M: Mem> Core<M> {
                 self.forget(a);
             }
         }
-        self.unstable.clear();
-        self.unstable_more.clear();
+        self.unstable.reset(0);
         self.scan_end_metadata = 0;
         self.cursor = None;
         self.counters.full_scans = 0;

@@ -158,7 +158,7 @@ impl<M: Mem> Core<M> {
         // from pages it visits, so it has no such case).
         if let Some(d) = &self.domain {
             let c = self.rec(addr).map_or(0, |r| r.checksum());
-            if d.needs_visit(c) || self.stable.get(key_of(c)).next().is_some() {
+            if d.needs_visit(c) || self.stable.contains(key_of(c), |f| self.frames.hash(f)) {
                 return false;
             }
         }
@@ -263,7 +263,7 @@ impl<M: Mem> Core<M> {
                 return true;
             }
         }
-        if self.stable.get(hash).next().is_some() {
+        if self.stable.contains(hash, |f| self.frames.hash(f)) {
             if !load(self, buf) {
                 return false;
             }
@@ -284,7 +284,7 @@ impl<M: Mem> Core<M> {
                 return false;
             }
             self.counters.vma_budget_skips += 1;
-        } else if self.unstable.contains_key(&hash) {
+        } else if self.unstable.may_contain(&hash) {
             if !load(self, buf) {
                 return false;
             }
@@ -303,9 +303,9 @@ impl<M: Mem> Core<M> {
         if r.state() == State::Volatile {
             r.set_state(State::Unstable);
             self.counters.pages_unshared += 1;
-            if !self.unstable.insert_first(hash, t.addr) {
-                self.unstable_more.push(hash, t.addr);
-            }
+            let (regions, page) = (&self.regions, self.page);
+            self.unstable
+                .push(hash, t.addr, |a| super::unstable_key(regions, page, a));
         }
         self.domain_candidate(t, checksum);
         false
@@ -318,9 +318,10 @@ impl<M: Mem> Core<M> {
     /// `max_page_sharing` users), which must not cost a comparison each per page.
     fn stable_search(&self, hash: u64, buf: &[u8]) -> StableHit {
         let max = self.max_page_sharing;
+        let key_of = |f| self.frames.hash(f);
         let mut room: Vec<FrameId> = self
             .stable
-            .get(hash)
+            .get(hash, &key_of)
             .filter(|&f| self.frames.refs(f) < max)
             .collect();
         // Domain frames first, the oldest segment's (lowest identity) first: every
@@ -338,7 +339,7 @@ impl<M: Mem> Core<M> {
         }
         let full = self
             .stable
-            .get(hash)
+            .get(hash, &key_of)
             .any(|f| self.frames.refs(f) >= max && self.mem.frame(f) == buf);
         if full {
             StableHit::Full
@@ -353,45 +354,41 @@ impl<M: Mem> Core<M> {
     /// are met, so that a content many pages share costs one comparison per page,
     /// not one per page already seen.
     fn unstable_search(&mut self, hash: u64, addr: usize, buf: &[u8]) -> Option<usize> {
-        let head = self.unstable.remove(&hash)?;
-        let mut more = self.unstable_more.remove(&hash).unwrap_or_default();
+        let candidates: Vec<usize> = self.unstable.candidates(&hash).collect();
         let mut other = std::mem::take(&mut self.buf2);
         let mut found = None;
-        let kept = self.in_unstable(head, addr).then_some(head);
-        if kept.is_some() && self.same_bytes(head, buf, &mut other) {
-            found = kept;
-        }
-        let mut i = 0;
-        while found.is_none() && i < more.len() {
-            let c = more[i];
-            if !self.in_unstable(c, addr) {
-                more.swap_remove(i);
-            } else if self.same_bytes(c, buf, &mut other) {
-                found = Some(c);
-            } else {
-                i += 1;
+        for c in candidates {
+            if c == addr {
+                continue;
+            }
+            match self.unstable_key_of(c) {
+                // Left the index (merged, revisited, forgotten): dropped.
+                None => self.unstable.remove(&hash, c),
+                // Another key with the same tag.
+                Some(k) if key_of(k) != hash => {}
+                Some(_) => {
+                    if self.same_bytes(c, buf, &mut other) {
+                        found = Some(c);
+                        break;
+                    }
+                }
             }
         }
         self.buf2 = other;
-        if let Some(h) = kept.or_else(|| more.pop()) {
-            self.unstable.insert(hash, h);
-            if !more.is_empty() {
-                self.unstable_more.insert(hash, more);
-            }
-        }
         found
+    }
+
+    /// The key page `c` is under in this scan's unstable index, if it is in it.
+    fn unstable_key_of(&self, c: usize) -> Option<u32> {
+        super::unstable_key(&self.regions, self.page, c)
     }
 
     /// Whether this scan's unstable index holds a page other than `addr` under `hash`
     /// that is still in it (records only, no byte read).
     fn has_unstable_candidate(&self, hash: u64, addr: usize) -> bool {
         self.unstable
-            .get(&hash)
-            .is_some_and(|h| self.in_unstable(h, addr))
-            || self
-                .unstable_more
-                .iter(&hash)
-                .any(|c| self.in_unstable(c, addr))
+            .candidates(&hash)
+            .any(|c| self.in_unstable(c, addr) && self.unstable_key_of(c).map(key_of) == Some(hash))
     }
 
     /// Whether page `c` (not `addr`, the page looking) is in this scan's unstable index.
