@@ -306,8 +306,20 @@ impl<M: Mem> Core<M> {
             domain,
             ..
         } = self;
-        // Each page below may enter the unstable index.
-        unstable.reserve(pres.len() - i, |a| super::unstable_key(regions, page, a));
+        // Room for the pages below that may enter the unstable index (counted only
+        // when the table has too little: none where memory is merged).
+        if !unstable.has_room(pres.len() - i) {
+            let may_enter = regions.get(&rstart).map_or(0, |r| {
+                let base = (from - r.start) / page;
+                r.pages[base + i..base + pres.len()]
+                    .iter()
+                    .filter(|p| {
+                        p.advised() && matches!(p.state(), State::Volatile | State::Unstable)
+                    })
+                    .count()
+            });
+            unstable.reserve(may_enter, |a| super::unstable_key(regions, page, a));
+        }
         let Some(r) = regions.get_mut(&rstart) else {
             return (0, 0);
         };

@@ -145,12 +145,17 @@ impl UnstableIndex {
         entries * LOAD_DEN / LOAD_NUM + 1
     }
 
+    /// Whether `more` entries fit without growing.
+    pub fn has_room(&self, more: usize) -> bool {
+        more == 0 || (self.len + self.gone + more) * LOAD_DEN <= self.slots.len() * LOAD_NUM
+    }
+
     /// Room for `more` entries without growing (growing reads keys with `key_of`).
     pub fn reserve(&mut self, more: usize, key_of: impl Fn(usize) -> Option<u32>) {
-        let need = self.len + self.gone + more;
-        if need * LOAD_DEN < self.slots.len() * LOAD_NUM {
+        if self.has_room(more) {
             return;
         }
+        let need = self.len + self.gone + more;
         let entries = if self.slots.is_empty() {
             need.max(self.expect)
         } else {
@@ -287,13 +292,17 @@ impl UnstableIndex {
 const FRAME_EMPTY: u32 = u32::MAX;
 /// A removed entry of a [`FrameIndex`]: lookups go past it, rebuilding drops it.
 const FRAME_GONE: u32 = u32::MAX - 1;
+/// Frames per slot of a [`FrameIndex`] at most, as a fraction: 6 per 7 slots (fuller
+/// than the unstable index: it lives as long as the frames, and grows in small steps).
+const FRAME_LOAD_NUM: usize = 6;
+const FRAME_LOAD_DEN: usize = 7;
 
 /// The stable index: per key, the frames holding a content with that checksum, as
 /// 5-byte slots of one open-addressed table (linear probing). A slot holds the
 /// frame id and 8 bits of the key; the frame table holds each frame's whole key
-/// (`key_of`), so a slot needs no more, and lookups check it. At most 4 entries
-/// per 5 slots, grown by half: 6.25 to 9.4 bytes per frame, where a hash table of
-/// key and frame id grows by doubling (10.3 to 20.6 bytes per frame). Keys with
+/// (`key_of`), so a slot needs no more, and lookups check it. At most 6 entries
+/// per 7 slots, grown by an eighth (as the frame table): 5.8 to 6.6 bytes per frame,
+/// where a hash table of key and frame id grows by doubling (10.3 to 20.6). Keys with
 /// more than one frame (`max_page_sharing` reached, or a checksum shared by other
 /// bytes) are counted in a small map, for [`FrameIndex::groups`].
 #[derive(Debug, Default)]
@@ -351,7 +360,7 @@ impl FrameIndex {
         if entries == 0 {
             return;
         }
-        self.slots = vec![[0xFF; 5]; entries * LOAD_DEN / LOAD_NUM + 1];
+        self.slots = vec![[0xFF; 5]; entries * FRAME_LOAD_DEN / FRAME_LOAD_NUM + 1];
         // From the start of a run of full slots: each key's frames keep their order.
         let first = (0..old.len())
             .find(|&i| old[i][..4] == [0xFF; 4])
@@ -380,8 +389,8 @@ impl FrameIndex {
     pub fn push(&mut self, h: u64, f: FrameId, key_of: impl Fn(FrameId) -> u64) {
         assert!(f < FRAME_GONE, "frame id {f}");
         debug_assert_eq!(key_of(f), h, "frame {f} is under its own key");
-        if (self.len + self.gone + 1) * LOAD_DEN > self.slots.len() * LOAD_NUM {
-            let entries = (self.len + 1).max(self.len + self.len / 2).max(8);
+        if (self.len + self.gone + 1) * FRAME_LOAD_DEN > self.slots.len() * FRAME_LOAD_NUM {
+            let entries = (self.len + 1).max(self.len + self.len / 8).max(8);
             self.rebuild(entries, &key_of);
         }
         let k = key(h);
@@ -425,8 +434,8 @@ impl FrameIndex {
             }
         }
         // Memory back once it holds an eighth of what it could (at once when empty).
-        if self.len * 8 < self.slots.len() * LOAD_NUM / LOAD_DEN || self.len == 0 {
-            self.rebuild(self.len + self.len / 2, &key_of);
+        if self.len * 8 < self.slots.len() * FRAME_LOAD_NUM / FRAME_LOAD_DEN || self.len == 0 {
+            self.rebuild(self.len + self.len / 8, &key_of);
         }
     }
 
@@ -482,10 +491,10 @@ mod tests {
             ix.push(key_of(f), f, key_of);
         }
         let full = ix.metadata_bytes();
-        // 5-byte slots at most 4 entries per 5 slots, grown by half: under 9.5 bytes a
-        // frame (and the map of keys with two frames each: 50,000 of them here).
+        // 5-byte slots at most 6 entries per 7 slots, grown by an eighth: under 6.7
+        // bytes a frame (and the map of keys with two frames each: 50,000 here).
         let slots = full - hash_table_bytes(ix.multi.capacity(), 8);
-        assert!(slots <= 100_000 * 95 / 10, "{slots}");
+        assert!(slots <= 100_000 * 67 / 10, "{slots}");
         assert_eq!(ix.groups(&key_of).count(), 50_000);
         for f in 0..100_000u32 {
             assert!(ix.get(key_of(f), &key_of).any(|g| g == f));
