@@ -109,6 +109,13 @@ def size_label(b: int) -> str:
     return f"{b / MIB:.2f} MiB"
 
 
+def tick_label(b: int) -> str:
+    """A short label of a size (a plot's axis): 4 GiB for 4 GiB less a few pages."""
+    if b >= GIB:
+        return f"{b / GIB:.3g} GiB"
+    return f"{b / MIB:.3g} MiB" if b >= MIB else f"{b / 1024:.3g} KiB"
+
+
 def per_gib(seconds: float | None, size: int) -> float | None:
     return None if seconds is None or size == 0 else seconds / _gib(size)
 
@@ -261,7 +268,7 @@ def plot(points: list[SweepPoint], path: str, title: str) -> None:
             if xs:
                 ax.plot(xs, ys, style, label="ksm" if name == "ksm" else "kernel KSM")
         ax.set_xscale("log", base=2)
-        ax.set_xticks([p.size / GIB for p in done], labels=[size_label(p.size) for p in done])
+        ax.set_xticks([p.size / GIB for p in done], labels=[tick_label(p.size) for p in done])
         ax.minorticks_off()
         ax.set_xlabel("memory merged (log scale)")
         ax.set_ylabel(label)

@@ -556,9 +556,9 @@ fn wait_settled(py: Python<'_>, timeout: Option<Bound<'_, PyAny>>) -> PyResult<b
 /// and ksm's own: `rmap_items`, `frames`, `deferred_frames`, `suspect_frames`,
 /// `pool_bytes`, `merges`, `merge_failures`, `pages_hashed`, `cows`, `vmas_added`,
 /// `vmas_used`, `vma_budget`, `vma_budget_skips`, `unmergeable_pages`,
-/// `metadata_bytes`, `metadata_peak_bytes` (what the last full scan held at its end,
-/// unstable index included, if more than `metadata_bytes`), `tracked_pages`, `advised_pages`, `settled` (bool: the last
-/// full scan changed nothing). `pages_shared + pages_sharing + pages_unshared +
+/// `metadata_bytes`, `metadata_peak_bytes` (what the last full scan held at its
+/// end, unstable index included, if more than `metadata_bytes`), `tracked_pages`,
+/// `advised_pages`, `settled` (bool: the last full scan changed nothing). `pages_shared + pages_sharing + pages_unshared +
 /// pages_volatile == rmap_items` in every snapshot. `general_profit` is
 /// `(pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata_bytes - vmas_added * 380`.
 /// In a merge domain, a page on a frame of the domain counts in `pages_sharing`;
