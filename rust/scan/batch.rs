@@ -306,20 +306,6 @@ impl<M: Mem> Core<M> {
             domain,
             ..
         } = self;
-        // Room for the pages below that may enter the unstable index (counted only
-        // when the table has too little: none where memory is merged).
-        if !unstable.has_room(pres.len() - i) {
-            let may_enter = regions.get(&rstart).map_or(0, |r| {
-                let base = (from - r.start) / page;
-                r.pages[base + i..base + pres.len()]
-                    .iter()
-                    .filter(|p| {
-                        p.advised() && matches!(p.state(), State::Volatile | State::Unstable)
-                    })
-                    .count()
-            });
-            unstable.reserve(may_enter, |a| super::unstable_key(regions, page, a));
-        }
         let Some(r) = regions.get_mut(&rstart) else {
             return (0, 0);
         };
@@ -370,6 +356,8 @@ impl<M: Mem> Core<M> {
                 && zero != Some(p.checksum())
                 && !stable.contains(key, |f| frames.hash(f))
                 && !unstable.may_contain(&key)
+                // A full table (or none yet) grows at a visit, which reads the keys.
+                && unstable.has_room(1)
                 && !(idx > 0 && r.pages[idx - 1].state() == State::Stable)
                 // A candidate the domain has not heard of, or asks for: a visit's work.
                 && !domain.as_ref().is_some_and(|d| d.needs_visit(p.checksum()));
