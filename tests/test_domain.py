@@ -235,6 +235,29 @@ def test_leave_keeps_contents_and_merges_nothing_new(name: str, members: list[Me
     assert d["members"] == 1
 
 
+def test_members_starting_together_make_one_frame_of_a_content_each_holds_twice(
+    name: str, members: list[Member]
+) -> None:
+    """Contents repeated inside every member, merged before any member has heard from
+    the broker (which is still starting): one frame each in the domain, not one per
+    member, as kernel KSM keeps one page per content."""
+    pages = 32
+    group = [Member(31, pages) for _ in range(3)]
+    members.extend(group)
+    for m in group:
+        for p in range(8):  # pages 0-7: four contents, each twice
+            m(f"write {p} {p // 2 + 1}")
+    for m in group:
+        assert m("join " + name) == {"ok": True}
+    for m in group:
+        m("scan 2")  # candidates and merges inside each member, at once
+    distinct = pages - 4
+    d = settle(group, 3 * pages - distinct)
+    assert (d["pages_shared"], d["pages_sharing"]) == (distinct, 3 * pages - distinct)
+    for m in group:
+        assert m("check")["bad"] == []
+
+
 def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: list[Member]) -> None:
     pages = 32
     a, b = start(members, 2, seed=5, pages=pages, domain=name)

@@ -104,6 +104,8 @@ struct State {
     publish_failures: u64,
     /// (segments, pages on them) when the domain was last told (see `domain.rs`).
     usage_reported: (u64, u64),
+    /// The report last sent with `ScanDone` (see `domain.rs`).
+    usage_scan_done: Vec<crate::domain::proto::SegUsage>,
 }
 
 /// The per-process engine.
@@ -206,6 +208,7 @@ impl Engine {
                 domain: None,
                 publish_failures: 0,
                 usage_reported: (0, 0),
+                usage_scan_done: Vec::new(),
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),

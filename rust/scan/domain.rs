@@ -328,9 +328,14 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// Whether a broker answers now (the engine says so before every batch).
+    /// Whether a broker answers now, or may soon (the engine says so before every
+    /// batch). When it stops being expected, what was claimed and not answered is
+    /// forgotten: those contents are published here at their next visits.
     pub fn set_domain_connected(&mut self, connected: bool) {
         if let Some(d) = &mut self.domain {
+            if d.connected && !connected {
+                d.claimed.clear();
+            }
             d.connected = connected;
         }
     }
