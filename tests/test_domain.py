@@ -515,3 +515,6 @@ def test_failing_domain_calls_lose_nothing_and_the_domain_recovers(
     assert (d["pages_shared"], d["pages_sharing"]) == (pages, pages)
     for m in (a, b):
         assert m("check")["bad"] == []
+        if counter == "disconnects":
+            # Connected again: the error that broke the link is not reported as current.
+            assert m("stats")["member"]["last_error"] is None
