@@ -106,6 +106,9 @@ struct State {
     usage_reported: (u64, u64),
     /// The report last sent with `ScanDone` (see `domain.rs`).
     usage_scan_done: Vec<crate::domain::proto::SegUsage>,
+    /// Whether a full scan changed something since the allocator was last trimmed
+    /// (see `scanner.rs`).
+    trim_due: bool,
 }
 
 /// The per-process engine.
@@ -209,6 +212,7 @@ impl Engine {
                 publish_failures: 0,
                 usage_reported: (0, 0),
                 usage_scan_done: Vec::new(),
+                trim_due: false,
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
