@@ -44,6 +44,9 @@ class Spec:
     # "stdlib": the standard library's files; "dataset": those and site-packages' (as
     # `ksm bench`'s dataset workload; more of them, for the larger benchmarks).
     source: str = "stdlib"
+    # Copies of the data the worker holds (each with its own changed pages): 2 makes a
+    # process whose pages merge with each other, inside it.
+    copies: int = 1
 
 
 def _pss_kib(pid: int | str = "self") -> int:
@@ -75,14 +78,16 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
         data = _bench.load_dataset(limit, page)[0]
     else:
         data = _data.load_stdlib(limit, page).data
-    size = len(data)
+    one = len(data)
+    size = one * spec.copies
     buf: Any
     if spec.mode == "ksm":
         buf = ksm.mmap(size)
     else:
         buf = _mmap.mmap(-1, size, flags=_mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS)
     view = memoryview(buf)
-    view[:] = data
+    for c in range(spec.copies):
+        view[c * one : (c + 1) * one] = data
     rng = _random.Random(spec.seed * 1000 + spec.index)
     changed = _changes(size // page, rng, spec.change_percent)
     for p in changed:
@@ -98,7 +103,8 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
             if cmd == "advise":
                 if spec.mode == "ksm":
                     buf.madvise(ksm.MADV_MERGEABLE)
-                    ksm.join(spec.domain)
+                    if spec.domain:
+                        ksm.join(spec.domain)
                     if spec.daemon:
                         ksm.ksmd.pages_to_scan = spec.pages_to_scan
                         ksm.ksmd.sleep_millisecs = 0
@@ -109,6 +115,30 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
             elif cmd == "scan":
                 ksm.scan(int(args[0]))
                 ksm._ksm._domain_sync(10.0)
+                conn.send(("ok",))
+            elif cmd == "run":
+                ksm.ksmd.run = int(args[0])
+                conn.send(("ok",))
+            elif cmd == "scancost":
+                # CPU of a full scan of settled memory: ksmd stopped, synchronous scans
+                # in this thread (their hashing threads' CPU included), the median.
+                run = ksm.ksmd.run
+                ksm.ksmd.run = 0
+                ksm.scan(1)
+                costs = []
+                for _ in range(int(args[0])):
+                    t = _time.process_time()
+                    ksm.scan(1)
+                    costs.append(_time.process_time() - t)
+                ksm.ksmd.run = run
+                conn.send(("scancost", sorted(costs)[len(costs) // 2]))
+            elif cmd == "write":
+                # Write the pages the parent chose (the same in every worker) with bytes
+                # of this worker's own, so that they stay private.
+                wrng = _random.Random(spec.seed * 7919 + spec.index)
+                for p in args[0]:
+                    view[p * page : (p + 1) * page] = wrng.randbytes(page)
+                    digests[p] = _digest(view[p * page : (p + 1) * page])
                 conn.send(("ok",))
             elif cmd == "pss":
                 conn.send(("pss", _pss_kib()))
@@ -316,11 +346,73 @@ def _bench_one(
                 messages_per_merged_page=msgs / max(1, sharing),
                 bytes_per_merged_page=nbytes / max(1, sharing),
             )
+            res["scan_ms"] = _median([r[1] for r in pool.ask("scancost", SCAN_COST_ROUNDS)]) * 1e3
+            res.update(_compaction(pool, domain, size // ksm.PAGE_SIZE, seed))
         return res
     finally:
         pool.close()
         if mode == "kernel":
             k.write("run", 2)
+
+
+SCAN_COST_ROUNDS = 7
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _alone_scan_ms(mib: float, seed: int, pages_to_scan: int, timeout: float) -> float:
+    """CPU of a settled full scan per worker's worth of data, inside one process in no
+    domain: the process holds two copies of a worker's data (1% of each changed),
+    merged with each other."""
+    spec = Spec("ksm", 0, mib, 1.0, seed, "", daemon=True, pages_to_scan=pages_to_scan, copies=2)
+    pool = Pool([spec])
+    try:
+        pool.ask("advise")
+        _settle(lambda: pool.ask("stats")[0][1]["pages_sharing"], timeout)
+        return float(pool.ask("scancost", SCAN_COST_ROUNDS)[0][1]) * 1e3 / spec.copies
+    finally:
+        pool.close()
+
+
+def _compaction(pool: Pool, domain: str, npages: int, seed: int) -> dict[str, Any]:
+    """Every worker writes the same half of its pages (bytes of its own): frames that
+    nobody maps any more. Scans step by step (ksmd stopped, every member scans once,
+    then a round trip to the broker) until the domain's pool stops changing: the pool
+    and its live frames before the writes, and once compaction is over."""
+    import ksm
+
+    pool.ask("run", 0)
+    start = dict(ksm.domain_stats(domain))
+    chosen = sorted(_random.Random(seed).sample(range(npages), npages // 2))
+    pool.ask("write", chosen)
+    seen: list[dict[str, Any]] = []
+    # Unchanged for as many steps as a page may be passed over (smart scan) plus the
+    # broker's retirement age: over.
+    quiet = 20
+    for _ in range(200):
+        pool.ask("scan", 1)
+        seen.append(dict(ksm.domain_stats(domain)))
+        if len(seen) > quiet and all(
+            (x["pool_bytes"], x["live_frames"]) == (seen[-1]["pool_bytes"], seen[-1]["live_frames"])
+            for x in seen[-quiet:]
+        ):
+            break
+    bad = sum(r[1] for r in pool.ask("verify"))
+    first, last = start, seen[-1]
+    page = ksm.PAGE_SIZE
+    return {
+        "written_pages": len(chosen),
+        "pool_written_mib": first["pool_bytes"] / MIB,
+        "live_written_mib": first["live_frames"] * page / MIB,
+        "segments_retired": last["segments_retired"] - first["segments_retired"],
+        "pool_compacted_mib": last["pool_bytes"] / MIB,
+        "live_compacted_mib": last["live_frames"] * page / MIB,
+        "compaction_scans": len(seen) - quiet,
+        "compaction_verified": bad == 0,
+    }
 
 
 def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -341,6 +433,8 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             label = f"{n} workers x {mib:g} MiB"
             print(f"workers: {label}: ksm ...", file=err, flush=True)
             ours = _bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None)
+            print(f"workers: {label}: one process alone (no domain) ...", file=err, flush=True)
+            ours["alone_scan_ms"] = _alone_scan_ms(mib, args.seed, 10_000, args.timeout)
             theirs = None
             if k is not None:
                 print(f"workers: {label}: kernel ...", file=err, flush=True)
@@ -389,6 +483,37 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             file=out,
         )
         failed |= not ours["verified"] or bool(theirs and not theirs["verified"])
+        member, alone = ours["scan_ms"], ours["alone_scan_ms"]
+        print(
+            f"  {'settled full scan, CPU':<24}a member {member:,.2f} ms; the same data merged inside "
+            f"one process {alone:,.2f} ms: member/alone {member / max(1e-9, alone):.3g}",
+            file=out,
+        )
+        print(
+            f"  {'compaction':<24}pool {ours['pool_written_mib']:,.1f} MiB (live "
+            f"{ours['live_written_mib']:,.1f}); every worker wrote the same "
+            f"{ours['written_pages']:,} pages (half); {ours['compaction_scans']} scans later "
+            f"{ours['segments_retired']} segments retired, pool {ours['pool_compacted_mib']:,.1f} MiB "
+            f"(live {ours['live_compacted_mib']:,.1f}); contents "
+            f"{'verified' if ours['compaction_verified'] else 'WRONG'}",
+            file=out,
+        )
+        failed |= not ours["compaction_verified"]
+        targets.append(
+            (
+                member <= alone,
+                f"{label}: a settled member's full scan costs no more than inside one process "
+                f"(member/alone = {member / max(1e-9, alone):.2f})",
+            )
+        )
+        compacted = ours["pool_compacted_mib"] / max(1e-9, ours["live_compacted_mib"])
+        targets.append(
+            (
+                compacted <= 1.25,
+                f"{label}: after compaction the domain's pool holds at most 25% more than its live frames "
+                f"(pool/live = {compacted:.2f})",
+            )
+        )
         if theirs:
             sp = theirs["settle_s"] / max(1e-9, ours["settle_s"])
             saved = ours["pages_sharing"] / max(1, theirs["pages_sharing"])

@@ -144,6 +144,8 @@ impl Engine {
                     // A new broker knows nothing of our segments yet: report in full.
                     st.usage_reported = (0, 0);
                     st.usage_scan_done.clear();
+                    st.usage_aged = false;
+                    st.usage_scan_done_totals = (0, 0);
                     if !first {
                         st.core.domain_connected();
                     }
@@ -239,10 +241,18 @@ impl Engine {
             return;
         };
         let (segments, pages) = st.core.frames().domain_totals();
-        if !scan_done && (segments as u64, pages) == st.usage_reported {
+        let totals = (segments as u64, pages);
+        if scan_done {
+            // Unchanged since the last report with `ScanDone`, every age past retirement:
+            // nothing to say, nor to compute (a settled scan stays as cheap as outside a
+            // domain).
+            if st.usage_aged && totals == st.usage_scan_done_totals {
+                return;
+            }
+        } else if totals == st.usage_reported {
             return;
         }
-        st.usage_reported = (segments as u64, pages);
+        st.usage_reported = totals;
         let usage: Vec<SegUsage> = st
             .core
             .frames()
@@ -261,8 +271,12 @@ impl Engine {
                 }
             })
             .collect();
-        if scan_done && usage == st.usage_scan_done {
-            return;
+        if scan_done {
+            st.usage_aged = usage.iter().all(|u| u.age >= RETIRE_AGE);
+            st.usage_scan_done_totals = totals;
+            if usage == st.usage_scan_done {
+                return;
+            }
         }
         let mut out: Vec<Outbound> = usage
             .chunks(proto::MAX_USAGE)

@@ -106,6 +106,10 @@ struct State {
     usage_reported: (u64, u64),
     /// The report last sent with `ScanDone` (see `domain.rs`).
     usage_scan_done: Vec<crate::domain::proto::SegUsage>,
+    /// Whether every segment's age in that report had reached the retirement age, and
+    /// the (segments, pages) it was made from.
+    usage_aged: bool,
+    usage_scan_done_totals: (u64, u64),
     /// Whether a full scan changed something since the allocator was last trimmed
     /// (see `scanner.rs`).
     trim_due: bool,
@@ -212,6 +216,8 @@ impl Engine {
                 publish_failures: 0,
                 usage_reported: (0, 0),
                 usage_scan_done: Vec::new(),
+                usage_aged: false,
+                usage_scan_done_totals: (0, 0),
                 trim_due: false,
             }),
             wake: Condvar::new(),
