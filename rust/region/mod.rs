@@ -238,6 +238,11 @@ pub struct Region {
     pub prot: i32,
     /// Registered with the userfaultfd in write-protect mode.
     pub registered: bool,
+    /// Memory ksm owns registered with the synchronous userfaultfd until the scan
+    /// first reaches it, where its write tracking starts (see `Core::scan_batch`):
+    /// tracking a range costs a marker and page tables under every page, which
+    /// nothing needs before a scan has taken checksums there.
+    pub track_pending: bool,
     /// The frame offset under each covered page (`IN_POOL`), by page index (a region
     /// has fewer than 2^32 pages: its records alone would take 32 GiB).
     covered: HashMap<u32, FrameId>,
@@ -253,6 +258,7 @@ impl Region {
             owned,
             prot,
             registered: false,
+            track_pending: false,
             covered: HashMap::new(),
         }
     }
@@ -344,6 +350,7 @@ impl Region {
             owned: self.owned,
             prot: self.prot,
             registered: self.registered,
+            track_pending: self.track_pending,
             covered,
         }
     }

@@ -144,6 +144,7 @@ impl<M: Mem> Core<M> {
                 return true;
             };
             let from = cur.max(rstart);
+            self.start_tracking(rstart);
             // As many pages as the budget lets visits reach, up to `PROBE_BATCH_MAX` (as
             // many whatever `hash_threads` says, so that it changes nothing else).
             let batch = (budget - scanned).clamp(PROBE_BATCH as u64, PROBE_BATCH_MAX as u64);
@@ -234,6 +235,25 @@ impl<M: Mem> Core<M> {
         }
         self.sums_ahead.clear();
         false
+    }
+
+    /// The scan reached the region at `rstart`: start its write tracking if that was
+    /// left for now (see `Region::track_pending`). No page of it was visited yet, so no
+    /// checksum of it is trusted; a region with merged pages keeps its synchronous
+    /// registration (a merge would have moved them there anyway).
+    fn start_tracking(&mut self, rstart: usize) {
+        let page = self.page;
+        let Some(r) = self.regions.get_mut(&rstart) else {
+            return;
+        };
+        if !r.track_pending {
+            return;
+        }
+        r.track_pending = false;
+        let (s, e) = (r.start, r.end(page));
+        if !self.has_merged_pages(s, e) {
+            self.mem.retrack(s, e - s);
+        }
     }
 
     /// Run until `n` full scans have completed (finishing a scan in progress first).

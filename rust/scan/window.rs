@@ -89,6 +89,10 @@ impl<M: Mem> Core<M> {
             .filter(|r| r.owned && (r.registered || !on))
             .map(|r| (r.start, r.end(page)))
             .collect();
+        // Tracking left for the scan to start is settled here, now.
+        for r in self.regions.values_mut() {
+            r.track_pending = false;
+        }
         for (start, end) in owned {
             for (s, e) in self.unmerged_runs(start, end) {
                 self.distrust(s, e);
