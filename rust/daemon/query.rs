@@ -15,10 +15,8 @@ impl Engine {
             .map(|r| {
                 let first = (start.max(r.start) - r.start) / page;
                 let last = (end.min(r.end(page)) - r.start).div_ceil(page);
-                r.pages[first..last.min(r.pages.len())]
-                    .iter()
-                    .filter(|p| p.advised())
-                    .count()
+                r.pages
+                    .count_in(first..last.min(r.pages.len()), |p| p.advised())
             })
             .sum()
     }

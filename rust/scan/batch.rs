@@ -167,7 +167,13 @@ impl<M: Mem> Core<M> {
             // its trust now, whether or not this batch gets to visit it.
             if let Some(r) = self.regions.get_mut(&rstart) {
                 let base = (from - r.start) / page;
-                for (p, &u) in r.pages[base..base + n].iter_mut().zip(&unchanged[..n]) {
+                let untrusted = r.pages.uniform().is_some_and(|p| !p.sum_tracked());
+                let recs: &mut [PageRec] = if untrusted {
+                    &mut []
+                } else {
+                    r.pages.range_mut(base..base + n)
+                };
+                for (p, &u) in recs.iter_mut().zip(&unchanged[..n]) {
                     if !u {
                         p.clear(SUM_TRACKED);
                     }
@@ -289,7 +295,7 @@ impl<M: Mem> Core<M> {
             return false;
         };
         let base = (from - r.start) / self.page;
-        r.owned && r.pages[base..base + n].iter().all(|p| !p.in_pool_mapping())
+        r.owned && !r.pages.any_in(base..base + n, PageRec::in_pool_mapping)
     }
 
     /// From page `i` of the batch at `from` (in the region at `rstart`), the pages a

@@ -118,7 +118,12 @@ impl<M: Mem> Core<M> {
         for r in self.regions.range_mut(first..end).map(|(_, r)| r) {
             let (s, e) = (start.max(r.start), end.min(r.end(page)));
             if s < e {
-                let slice = &mut r.pages[(s - r.start) / page..(e - r.start) / page];
+                if r.pages.uniform().is_some_and(|p| !p.sum_tracked()) {
+                    continue;
+                }
+                let slice = r
+                    .pages
+                    .range_mut((s - r.start) / page..(e - r.start) / page);
                 for p in slice {
                     p.clear(SUM_TRACKED);
                 }
