@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
@@ -112,6 +112,21 @@ pub const CACHE_MAX_BYTES: usize = 64 << 20;
 pub const CACHE_MAX_BLOCK: usize = 32 << 20;
 pub static CACHED_BYTES: AtomicUsize = AtomicUsize::new(0);
 pub static CACHE_HITS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether arrays of `HUGEPAGE_MIN` bytes and more ask for transparent huge pages, as
+/// numpy's default handler does (numpy's `_set_madvise_hugepage`, read at install).
+static HUGEPAGES: AtomicBool = AtomicBool::new(true);
+/// numpy's threshold for that advice (4 MiB).
+pub const HUGEPAGE_MIN: usize = 4 << 20;
+
+pub fn set_hugepages(on: bool) {
+    HUGEPAGES.store(on, Ordering::Relaxed);
+}
+
+/// Whether an allocation of `len` bytes asks for huge pages.
+pub fn wants_hugepages(len: usize) -> bool {
+    len >= HUGEPAGE_MIN && HUGEPAGES.load(Ordering::Relaxed)
+}
 
 /// Counters, for `ksm.numpy_allocator_stats()`.
 pub static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
