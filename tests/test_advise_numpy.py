@@ -268,6 +268,32 @@ def test_large_arrays_cost_no_records_until_scanned() -> None:
     assert int(ksm.stats()["metadata_bytes"]) - meta < 4096
 
 
+@pytest.mark.parametrize("before", ["untouched", "written", "merged", "read"])
+def test_zeros_from_a_kept_block(before: str) -> None:
+    # A kept block is cleared where it may hold bytes only (pages never written read as
+    # zeros already); merged pages are cleared too, never read through to a frame.
+    size = 8 * MIB
+    with ksm.numpy_allocator(MIB):
+        a = np.empty(size, dtype=np.uint8)
+        if before == "written":
+            a[:: 3 * PAGE] = 7
+            a[-1] = 7
+        elif before == "merged":
+            shared = sharing()
+            a[:] = 5
+            ksm.scan(2)
+            assert sharing() - shared >= size // PAGE // 2
+        elif before == "read":
+            assert not a[::PAGE].any()
+        hits = ksm.numpy_allocator_stats()["cache_hits"]
+        del a
+        z = np.zeros(size, dtype=np.uint8)
+        assert ksm.numpy_allocator_stats()["cache_hits"] == hits + 1
+        assert not z.any()
+        z[1] = 1
+        assert z.sum() == 1
+
+
 def test_calloc_and_realloc() -> None:
     with ksm.numpy_allocator(MIB):
         z = np.zeros(MIB)  # calloc: zeros, also from a reused block

@@ -665,6 +665,10 @@ fn numpy_alloc(len: usize) -> Result<usize, i32> {
     Ok(addr)
 }
 
+fn numpy_nonzero(start: usize, end: usize) -> Option<Vec<(usize, usize)>> {
+    Engine::get().ok()?.maybe_nonzero_runs(start, end)
+}
+
 fn numpy_free(addr: usize) {
     if let Ok(e) = Engine::get() {
         e.free(addr);
@@ -819,6 +823,7 @@ fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sys::npalloc::set_hooks(sys::npalloc::Hooks {
         alloc: numpy_alloc,
         free: numpy_free,
+        nonzero: numpy_nonzero,
     });
     Ok(())
 }

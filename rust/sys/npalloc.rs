@@ -90,6 +90,9 @@ pub struct Hooks {
     pub alloc: fn(usize) -> Result<usize, i32>,
     /// Give back what `alloc` returned.
     pub free: fn(usize),
+    /// The runs of `[start, end)` (a kept block) that may read other than zeros, or
+    /// None if all of it may.
+    pub nonzero: fn(usize, usize) -> Option<Vec<(usize, usize)>>,
 }
 
 static HOOKS: OnceLock<Hooks> = OnceLock::new();
@@ -234,9 +237,20 @@ fn ksm_alloc(size: usize, zero: bool) -> Option<usize> {
     let hooks = HOOKS.get()?;
     if let Some(addr) = from_cache(mapped_len(size)) {
         if zero {
-            // SAFETY: a kept block is a live mapping of ours of at least `size` bytes
-            // (from_cache only hands out blocks that large) that nothing else uses.
-            unsafe { std::ptr::write_bytes(addr as *mut u8, 0, size) };
+            // Only what may hold bytes is cleared: pages never written (or given back)
+            // read as zeros already, and clearing them would fault every one in (as
+            // glibc's calloc clears only the memory it reuses).
+            let end = addr + size;
+            let runs = (hooks.nonzero)(addr, mapped_len(size) + addr).unwrap_or(vec![(addr, end)]);
+            for (s, e) in runs {
+                let (s, e) = (s.max(addr), e.min(end));
+                if s < e {
+                    // SAFETY: a kept block is a live mapping of ours of at least `size`
+                    // bytes (from_cache only hands out blocks that large) that nothing
+                    // else uses; `[s, e)` lies inside its first `size` bytes.
+                    unsafe { std::ptr::write_bytes(s as *mut u8, 0, e - s) };
+                }
+            }
         }
         live(|m| m.insert(addr, size));
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
