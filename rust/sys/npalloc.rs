@@ -83,6 +83,9 @@ struct Config {
     min_bytes: usize,
 }
 
+/// `[start, end)` address ranges.
+pub type Runs = Vec<(usize, usize)>;
+
 /// What the handler calls to get and give back ksm memory: set once by the Python layer.
 #[derive(Clone, Copy)]
 pub struct Hooks {
@@ -92,7 +95,7 @@ pub struct Hooks {
     pub free: fn(usize),
     /// The runs of `[start, end)` (a kept block) that may read other than zeros, or
     /// None if all of it may.
-    pub nonzero: fn(usize, usize) -> Option<Vec<(usize, usize)>>,
+    pub nonzero: fn(usize, usize) -> Option<Runs>,
 }
 
 static HOOKS: OnceLock<Hooks> = OnceLock::new();
