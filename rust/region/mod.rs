@@ -668,6 +668,43 @@ mod tests {
     }
 
     #[test]
+    fn records_are_created_when_one_changes_alone() {
+        let mut r = Region::new(0x10000, 1 << 18, true, 3);
+        assert_eq!(r.metadata_bytes(), 0, "a GiB of pages, no record yet");
+        r.pages.update_all(|p| p.set(ADVISED));
+        assert!(r.any_advised() && r.pages.uniform().is_some());
+        assert_eq!(r.pages.count(PageRec::advised), 1 << 18);
+        assert_eq!(r.pages.count_in(10..20, PageRec::advised), 10);
+        assert!(!r.pages.any_in(0..1 << 18, PageRec::in_pool_mapping));
+        assert!(!r.pages.any_in(5..5, PageRec::advised));
+        assert_eq!(r.pages.range(3..7).count(), 4);
+        assert_eq!(r.pages.iter().count(), 1 << 18);
+        // A lazy split keeps both halves lazy.
+        let tail = r.split_off(1 << 17, 0x1000);
+        assert_eq!((r.pages.len(), tail.pages.len()), (1 << 17, 1 << 17));
+        assert!(tail.pages.uniform().is_some_and(|p| p.advised()));
+        assert_eq!(r.metadata_bytes(), 0);
+        // One page changed: every record exists, the others as they were.
+        r.pages[5].set_state(State::Volatile);
+        assert!(r.pages.uniform().is_none());
+        assert_eq!(r.pages.capacity(), 1 << 17);
+        assert_eq!(r.pages.count(|p| p.state() == State::Volatile), 1);
+        assert_eq!(r.pages.count(PageRec::advised), 1 << 17);
+        assert!(r.pages.any_in(5..6, |p| p.state() == State::Volatile));
+        assert!(!r.pages.any_in(6..100, |p| p.state() == State::Volatile));
+        let t2 = r.split_off(4, 0x1000);
+        assert_eq!(t2.pages[1].state(), State::Volatile);
+        assert_eq!(r.pages.iter().filter(|p| p.advised()).count(), 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "record 8 of 8")]
+    fn a_lazy_record_past_the_end_panics_as_a_vec_would() {
+        let r = Region::new(0x10000, 8, true, 3);
+        let _ = r.pages[8];
+    }
+
+    #[test]
     fn covered_offsets_follow_cover_uncover_and_split() {
         let mut r = Region::new(0x10000, 8, false, 3);
         r.cover(2, 40);

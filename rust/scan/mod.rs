@@ -630,9 +630,10 @@ impl<M: Mem> Core<M> {
     }
 
     /// Bytes of our own bookkeeping (records of every region, frame table, indexes).
-    /// Unlike the kernel's, ksm's own memory (`ksm.mmap`) has its records from the
-    /// start, advised or not (8 bytes a page); the application's memory has none
-    /// until it is advised.
+    /// A region's records count from when they are created (see `Recs`: the first
+    /// change to one page); unlike the kernel's, those of ksm's own memory (`ksm.mmap`)
+    /// then stay, advised or not (8 bytes a page); the application's memory has none
+    /// once unadvised.
     pub fn metadata_bytes(&self) -> u64 {
         let recs: usize = self.regions.values().map(Region::metadata_bytes).sum();
         (recs
