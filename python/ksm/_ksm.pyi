@@ -36,6 +36,7 @@ __all__ = [
     "_numpy_handler",
     "_numpy_owns",
     "_numpy_set_handler",
+    "_numpy_set_hugepages",
     "_numpy_set_max_live",
     "_numpy_trim",
     "_uffd_info",
@@ -395,6 +396,9 @@ def _numpy_set_handler(array_api: object, handler: object) -> object:
 
 def _numpy_set_max_live(n: int) -> None:
     """The most ksm allocations the numpy handler keeps alive at once (each is a VMA)."""
+
+def _numpy_set_hugepages(on: bool) -> None:
+    """Whether the numpy handler asks for transparent huge pages for arrays of 4 MiB and more."""
 
 def _numpy_owns(address: int) -> bool:
     """Whether ``address`` is the start of array data the numpy handler put in ksm memory."""

@@ -445,20 +445,22 @@ impl Engine {
         for (start, owned) in starts {
             let u = Self::ensure_uffd_of(st, !owned)?;
             let len = st.core.region_at(start).expect("listed").len(page);
-            // Memory ksm owns is write-tracked while unmerged (where the kernel can);
-            // a merge moves the pages it protects to `u`.
-            let tracked = owned
-                && !st.core.has_merged_pages(start, start + len)
-                && st.core.mem.track(start, len);
-            if !tracked {
-                u.register_wp(start, len)
-                    .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
-            }
-            st.core
+            // Memory ksm owns is write-tracked while unmerged (where the kernel can),
+            // from the scan's first visit on (see `Region::track_pending`): until then
+            // it is registered with `u`, which costs the same whatever its size. A
+            // merge moves the pages it protects to `u`.
+            let pending = owned
+                && st.core.mem.write_tracking()
+                && !st.core.has_merged_pages(start, start + len);
+            u.register_wp(start, len)
+                .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
+            let r = st
+                .core
                 .regions_mut()
                 .find(|r| r.start == start)
-                .expect("listed")
-                .registered = true;
+                .expect("listed");
+            r.registered = true;
+            r.track_pending = pending;
         }
         Ok(())
     }

@@ -301,6 +301,40 @@ impl Os {
         self.uffd(addr)?.fill_zeros(addr, self.page, false)
     }
 
+    /// The runs of `[start, end)` that may read other than zeros: present pages but the
+    /// shared zero page, and swapped ones (a write tracker's marker shows as swapped too:
+    /// counted, to be safe). Pages with no PTE in an anonymous mapping read as zeros.
+    /// Needs `PAGEMAP_SCAN` (ENOTTY before Linux 6.7).
+    pub fn maybe_nonzero_runs(
+        &mut self,
+        start: usize,
+        end: usize,
+    ) -> io::Result<Vec<(usize, usize)>> {
+        let pagemap = self
+            .pagemap
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        if !self.pagemap_scan {
+            return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+        }
+        if pagemap.scan(start, end, false, &mut self.regions)? != end {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for r in self
+            .regions
+            .iter()
+            .filter(|r| r.categories & PAGE_IS_PFNZERO == 0)
+        {
+            let (s, e) = (r.start as usize, r.end as usize);
+            match out.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => out.push((s, e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Read pagemap for one page (for `page_state`).
     pub fn presence(&mut self, addr: usize) -> Presence {
         let mut p = [Presence::Absent];

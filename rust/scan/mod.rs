@@ -305,12 +305,8 @@ impl<M: Mem> Core<M> {
             "overlapping regions"
         );
         self.unsettle();
-        self.advised += region.pages.iter().filter(|p| p.advised()).count() as u64;
-        self.counters.ksm_zero_pages += region
-            .pages
-            .iter()
-            .filter(|p| p.state() == State::Zero)
-            .count() as u64;
+        self.advised += region.pages.count(PageRec::advised) as u64;
+        self.counters.ksm_zero_pages += region.pages.count(|p| p.state() == State::Zero) as u64;
         self.regions.insert(region.start, region);
     }
 
@@ -319,9 +315,15 @@ impl<M: Mem> Core<M> {
     pub fn remove_region(&mut self, start: usize) -> Option<Region> {
         let r = self.regions.get(&start)?;
         let n = r.pages.len();
-        self.advised -= r.pages.iter().filter(|p| p.advised()).count() as u64;
-        for i in 0..n {
-            self.forget(start + i * self.page);
+        self.advised -= r.pages.count(PageRec::advised) as u64;
+        // Records never created (nothing visited there) hold nothing to release.
+        if r.pages
+            .uniform()
+            .is_none_or(|p| p.state() != State::Untracked)
+        {
+            for i in 0..n {
+                self.forget(start + i * self.page);
+            }
         }
         if self
             .cursor
@@ -347,6 +349,19 @@ impl<M: Mem> Core<M> {
         let mut n = 0;
         for r in self.regions.values_mut() {
             let (s, e) = (start.max(r.start), end.min(r.end(page)));
+            if s >= e {
+                continue;
+            }
+            if (s, e) == (r.start, r.end(page)) {
+                // The whole region: its shared record, while there is one.
+                if let Some(fill) = r.pages.uniform() {
+                    if !fill.advised() {
+                        r.pages.update_all(|p| p.set(ADVISED));
+                        n += r.pages.len();
+                    }
+                    continue;
+                }
+            }
             for p in r
                 .pages
                 .iter_mut()
@@ -430,7 +445,20 @@ impl<M: Mem> Core<M> {
     /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the
     /// parent's), or sits in a mapping of one as a covered page.
     pub fn has_merged_pages(&self, start: usize, end: usize) -> bool {
-        self.pages_in(start, end).any(|(_, r)| r.in_pool_mapping())
+        let page = self.page;
+        let first = self
+            .regions
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        self.regions.range(first..end).any(|(_, r)| {
+            let (s, e) = (start.max(r.start), end.min(r.end(page)));
+            s < e
+                && r.pages.any_in(
+                    (s - r.start) / page..(e - r.start) / page,
+                    PageRec::in_pool_mapping,
+                )
+        })
     }
 
     /// Every (address, record) of tracked pages in `[start, end)`.
@@ -543,6 +571,10 @@ impl<M: Mem> Core<M> {
     pub fn vmas_added(&self) -> u64 {
         let mut total = 0u64;
         for r in self.regions.values() {
+            if r.pages.uniform().is_some_and(|p| !p.in_pool_mapping()) {
+                // One piece: nothing merged, nothing covered.
+                continue;
+            }
             let mut pieces = 0u64;
             let mut prev: Option<Option<u32>> = None;
             for (i, p) in r.pages.iter().enumerate() {
@@ -598,9 +630,10 @@ impl<M: Mem> Core<M> {
     }
 
     /// Bytes of our own bookkeeping (records of every region, frame table, indexes).
-    /// Unlike the kernel's, ksm's own memory (`ksm.mmap`) has its records from the
-    /// start, advised or not (8 bytes a page); the application's memory has none
-    /// until it is advised.
+    /// A region's records count from when they are created (see `Recs`: the first
+    /// change to one page); unlike the kernel's, those of ksm's own memory (`ksm.mmap`)
+    /// then stay, advised or not (8 bytes a page); the application's memory has none
+    /// once unadvised.
     pub fn metadata_bytes(&self) -> u64 {
         let recs: usize = self.regions.values().map(Region::metadata_bytes).sum();
         (recs

@@ -317,6 +317,15 @@ pub(crate) fn discard(w: &Window) -> io::Result<()> {
 /// `MADV_POPULATE_READ`: fault the pages of `[addr, addr+len)` in for reading, so
 /// that a merged page has its PTE (pointing at the frame) from the start. Read
 /// faults change no contents and never break copy-on-write.
+/// `madvise(MADV_HUGEPAGE)` over `[addr, addr+len)`: transparent huge pages where the
+/// kernel's setting allows them on request (`madvise`), as numpy asks for its large
+/// arrays. A merge inside a huge page splits it (as the kernel's ksmd does).
+pub fn hugepage(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: advice on memory the caller maps; MADV_HUGEPAGE changes no contents.
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) })?;
+    Ok(())
+}
+
 pub fn populate_read(addr: usize, len: usize) -> io::Result<()> {
     const MADV_POPULATE_READ: i32 = 22;
     // SAFETY: populating for read changes no byte of the range; an unmapped or
