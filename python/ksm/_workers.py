@@ -131,7 +131,9 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
                     ksm.scan(1)
                     costs.append(_time.process_time() - t)
                 ksm.ksmd.run = run
-                conn.send(("scancost", sorted(costs)[len(costs) // 2]))
+                with open("/proc/self/maps", "rb") as maps:
+                    vmas = sum(1 for _ in maps)
+                conn.send(("scancost", sorted(costs)[len(costs) // 2], vmas))
             elif cmd == "write":
                 # Write the pages the parent chose (the same in every worker) with bytes
                 # of this worker's own, so that they stay private.
@@ -346,7 +348,9 @@ def _bench_one(
                 messages_per_merged_page=msgs / max(1, sharing),
                 bytes_per_merged_page=nbytes / max(1, sharing),
             )
-            res["scan_ms"] = _median([r[1] for r in pool.ask("scancost", SCAN_COST_ROUNDS)]) * 1e3
+            cost = pool.ask("scancost", SCAN_COST_ROUNDS)
+            res["scan_ms"] = _median([r[1] for r in cost]) * 1e3
+            res["vmas"] = _median([r[2] for r in cost])
             res.update(_compaction(pool, domain, size // ksm.PAGE_SIZE, seed))
         return res
     finally:
@@ -363,16 +367,17 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
-def _alone_scan_ms(mib: float, seed: int, pages_to_scan: int, timeout: float) -> float:
+def _alone_scan_ms(mib: float, seed: int, pages_to_scan: int, timeout: float) -> tuple[float, int]:
     """CPU of a settled full scan per worker's worth of data, inside one process in no
-    domain: the process holds two copies of a worker's data (1% of each changed),
-    merged with each other."""
+    domain, and the process's mappings: the process holds two copies of a worker's
+    data (1% of each changed), merged with each other."""
     spec = Spec("ksm", 0, mib, 1.0, seed, "", daemon=True, pages_to_scan=pages_to_scan, copies=2)
     pool = Pool([spec])
     try:
         pool.ask("advise")
         _settle(lambda: pool.ask("stats")[0][1]["pages_sharing"], timeout)
-        return float(pool.ask("scancost", SCAN_COST_ROUNDS)[0][1]) * 1e3 / spec.copies
+        r = pool.ask("scancost", SCAN_COST_ROUNDS)[0]
+        return float(r[1]) * 1e3 / spec.copies, int(r[2])
     finally:
         pool.close()
 
@@ -434,7 +439,7 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"workers: {label}: ksm ...", file=err, flush=True)
             ours = _bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None)
             print(f"workers: {label}: one process alone (no domain) ...", file=err, flush=True)
-            ours["alone_scan_ms"] = _alone_scan_ms(mib, args.seed, 10_000, args.timeout)
+            ours["alone_scan_ms"], ours["alone_vmas"] = _alone_scan_ms(mib, args.seed, 10_000, args.timeout)
             theirs = None
             if k is not None:
                 print(f"workers: {label}: kernel ...", file=err, flush=True)
@@ -486,7 +491,8 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         member, alone = ours["scan_ms"], ours["alone_scan_ms"]
         print(
             f"  {'settled full scan, CPU':<24}a member {member:,.2f} ms; the same data merged inside "
-            f"one process {alone:,.2f} ms: member/alone {member / max(1e-9, alone):.3g}",
+            f"one process {alone:,.2f} ms (per copy): member/alone {member / max(1e-9, alone):.3g}; "
+            f"mappings: a member {ours['vmas']:,}, the process with two copies {ours['alone_vmas']:,}",
             file=out,
         )
         print(
