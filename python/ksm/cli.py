@@ -340,9 +340,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not ksm.available():
             print(f"ksm demo: merging is not available here: {ksm.unavailable_reason()}", file=sys.stderr)
             return 2
+        if args.numpy:
+            from . import _pooldemo
+
+            return _pooldemo.demo(args)
         from . import _workers
 
         return _workers.demo(args)
+    if args.numpy:
+        print("ksm demo: --numpy goes with --workers N", file=sys.stderr)
+        return 2
     out = sys.stdout
     if not ksm.available():
         print(f"ksm demo: merging is not available here: {ksm.unavailable_reason()}", file=sys.stderr)
@@ -972,6 +979,15 @@ def _parser() -> argparse.ArgumentParser:
         help=(
             "instead: start N worker processes that each load the same data (--mib of it) into one "
             "merge domain, merge, and show each worker's PSS before and after"
+        ),
+    )
+    demo.add_argument(
+        "--numpy",
+        action="store_true",
+        help=(
+            "with --workers N: run a worker-pool program that knows nothing of ksm (N workers each "
+            "load the same --mib MiB numpy table) through `ksm run --domain NAME --numpy`, and show "
+            "the workers' PSS going from N copies to about one"
         ),
     )
     demo.set_defaults(func=cmd_demo)
