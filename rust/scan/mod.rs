@@ -629,7 +629,8 @@ impl<M: Mem> Core<M> {
         (chains, dups)
     }
 
-    /// Bytes of our own bookkeeping (records of every region, frame table, indexes).
+    /// Bytes of our own bookkeeping (records of every region, frame table, indexes,
+    /// and in a merge domain the checksums announced and asked for).
     /// A region's records count from when they are created (see `Recs`: the first
     /// change to one page); unlike the kernel's, those of ksm's own memory (`ksm.mmap`)
     /// then stay, advised or not (8 bytes a page); the application's memory has none
@@ -640,7 +641,8 @@ impl<M: Mem> Core<M> {
             + self.frames.metadata_bytes()
             + self.stable.metadata_bytes()
             + self.unstable.metadata_bytes()
-            + self.unstable_more.metadata_bytes()) as u64
+            + self.unstable_more.metadata_bytes()
+            + self.domain.as_ref().map_or(0, DomainState::metadata_bytes)) as u64
     }
 
     /// Panics if the counters disagree with the records (tests and fuzzing).
