@@ -283,7 +283,7 @@ impl<M: Mem> Core<M> {
             if verify && !load(self, buf) {
                 return false;
             }
-            self.counters.vma_budget_skips += 1;
+            self.put_off(t.addr);
         } else if self.unstable.contains_key(&hash) {
             if !load(self, buf) {
                 return false;
