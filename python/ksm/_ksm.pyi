@@ -294,7 +294,8 @@ def stats() -> dict[str, int]:
     not attempt because of the budget, one page each; a page counts once per full
     scan however many merges its visit was refused, and the figure is replaced at
     the end of every full scan, never added up across scans; before the first full
-    scan completes, the scan in progress so far. ``sysctl vm.max_map_count=N`` (as
+    scan completes, the scan in progress so far; smart scan does not age pages
+    put off, so every full scan counts them all. ``sysctl vm.max_map_count=N`` (as
     root) raises the budget with the limit, at about 200 bytes of kernel memory
     per VMA: see ``ksm info``),
     ``unmergeable_pages`` (pages advised that ksm never merges: shared,

@@ -159,6 +159,7 @@ impl<M: Mem> Core<M> {
         };
         // Each side is one mapping, at most 2 VMAs, whatever the run's length.
         if !self.charge_vmas(t.addr, 2) {
+            self.keep_visiting(other);
             return false;
         }
         let mut run = self.run_of(t, o, hash);
@@ -390,6 +391,7 @@ impl<M: Mem> Core<M> {
     /// a visit may be refused a merge onto a frame, then a pair).
     pub(super) fn put_off(&mut self, addr: usize) {
         self.counters.vma_budget_skips += 1;
+        self.keep_visiting(addr);
         if self.put_off_last != Some(addr) {
             self.put_off_last = Some(addr);
             self.put_off_now += 1;
@@ -397,6 +399,15 @@ impl<M: Mem> Core<M> {
                 self.counters.vma_put_off_pages = self.put_off_now;
             }
         }
+    }
+
+    /// A page whose merge the VMA budget put off is not aged by smart scan: it did not
+    /// fail to merge (the kernel's would have merged), so every full scan visits it,
+    /// counts it in `vma_put_off_pages` and merges it once the budget has room.
+    pub(super) fn keep_visiting(&mut self, addr: usize) {
+        let p = self.rec_mut(addr);
+        p.set_age(0);
+        p.set_skips(0);
     }
 
     /// Whether the VMA budget has room for `pages` remaps (as `charge_vmas` would
