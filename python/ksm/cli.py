@@ -723,7 +723,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
     vma_bytes = vma["vm_area_struct_bytes"]
     size = (
-        f"vm_area_struct is {vma_bytes} bytes on this kernel (/proc/slabinfo) plus its share of maple-tree nodes"
+        f"vm_area_struct is {vma_bytes} bytes on this kernel (/proc/slabinfo) "
+        "plus its share of maple-tree nodes"
         if vma_bytes
         else "vm_area_struct plus its share of maple-tree nodes"
     )

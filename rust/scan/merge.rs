@@ -244,8 +244,17 @@ impl<M: Mem> Core<M> {
                 k = s;
                 break;
             }
-            let stale =
-                (s..i).find(|&j| checksum_of(self.mem.frame(f0 + j as FrameId)).0 != run.hashes[j]);
+            let stale = if t.owned {
+                // The frames hold the protected pages' bytes now (written whole): those
+                // of memory ksm owns are hashed in place, where they are mapped already
+                // (a frame just written would cost a page fault of the pool's view).
+                (s..i).find(|&j| {
+                    let read = self.mem.read(at + (j - s) * page, true, &mut a).is_ok();
+                    !(read && checksum_of(&a).0 == run.hashes[j])
+                })
+            } else {
+                (s..i).find(|&j| checksum_of(self.mem.frame(f0 + j as FrameId)).0 != run.hashes[j])
+            };
             if let Some(j) = stale {
                 k = j;
                 break;
