@@ -9,8 +9,9 @@ stops at ksm's VMA budget, so the run raises it to 1,048,576 (and ksm's
 ``vma_reserve`` is held at half of the default limit, as it starts): every merge
 is allowed, ksm and the kernel save the same pages, and the figures are the cost
 of the merges alone. ``vm.max_map_count`` and every kernel KSM knob are put back
-afterwards, on error too (kernel KSM: ``run=0``, ``pages_to_scan=100``,
-``sleep_millisecs=20`` unless they were otherwise before).
+afterwards, on error too (kernel KSM: every knob as it was, then ``run=0``,
+``pages_to_scan=100``, ``sleep_millisecs=20``); kernel KSM found running
+(``run`` not 0: something else drives it) is left alone and not measured.
 
 Per round and side: wall time from ``MADV_MERGEABLE`` until settled (ksm:
 ``stats()["settled"]``; kernel: a full scan that leaves ``pages_sharing``
@@ -78,6 +79,9 @@ def main() -> int:
     kernel_reason = None if not args.no_kernel else "--no-kernel"
     if kernel_reason is None:
         kernel_reason = _bench.kernel_unavailable_reason()
+    if kernel_reason is None and Path(f"{_bench.KSYS}/run").read_text().strip() != "0":
+        # Something else drives the kernel's KSM (another benchmark?): leave it alone.
+        kernel_reason = "kernel KSM is in use (run is not 0): not touched"
     saved_map_count = Path(MAX_MAP_COUNT).read_text().strip()
     saved_reserve = int(ksm.ksmd.vma_reserve)
     ksm_side = _bench.KsmSide(PAGES_TO_SCAN)
@@ -108,13 +112,17 @@ def main() -> int:
         ksm_side.restore()
         ksm.ksmd.vma_reserve = saved_reserve
         if kk is not None:
+            # Every knob back as it was (run=2 first unmerges what the kernel merged),
+            # then the three this run changes at their defaults, whatever happened.
             errors = kk.restore()
             for name, value in KERNEL_DEFAULTS.items():
-                if kk.saved.get(name) == value and kk.read(name) != value:
-                    with contextlib.suppress(OSError):
+                try:
+                    if kk.read(name) != value:
                         kk.write(name, value)
+                except OSError as e:
+                    errors.append(f"{name}={value}: {e}")
             for e in errors:
-                print(f"kernel KSM not restored: {e}", file=sys.stderr)
+                print(f"kernel KSM: {e}", file=sys.stderr)
         with contextlib.suppress(OSError):
             Path(MAX_MAP_COUNT).write_text(f"{saved_map_count}\n")
 
