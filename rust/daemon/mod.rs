@@ -644,6 +644,7 @@ impl Engine {
             advised_pages: st.core.advised_pages(),
             settled: st.core.settled(),
             vma_budget_skips: c.vma_budget_skips,
+            vma_budget_bytes: c.vma_put_off_pages * page,
             unmergeable_pages: st.unmergeable_pages,
             vmas_used: st.core.mem.vmas_used,
             vma_budget: st.core.mem.vma_budget,

@@ -555,7 +555,9 @@ fn wait_settled(py: Python<'_>, timeout: Option<Bound<'_, PyAny>>) -> PyResult<b
 /// `stable_node_chains`, `stable_node_dups`, `ksm_zero_pages`, `general_profit`)
 /// and ksm's own: `rmap_items`, `frames`, `deferred_frames`, `suspect_frames`,
 /// `pool_bytes`, `merges`, `merge_failures`, `pages_hashed`, `cows`, `vmas_added`,
-/// `vmas_used`, `vma_budget`, `vma_budget_skips`, `unmergeable_pages`,
+/// `vmas_used`, `vma_budget`, `vma_budget_skips`, `vma_budget_bytes` (what the
+/// merges the budget put off in the latest complete full scan would have saved,
+/// each page once), `unmergeable_pages`,
 /// `metadata_bytes`, `tracked_pages`, `advised_pages`, `settled` (bool: the last
 /// full scan changed nothing). `pages_shared + pages_sharing + pages_unshared +
 /// pages_volatile == rmap_items` in every snapshot. `general_profit` is

@@ -283,6 +283,8 @@ impl<M: Mem> Core<M> {
         self.frames.age_segments();
         self.domain_end_scan();
         self.counters.full_scans += 1;
+        self.counters.vma_put_off_pages = std::mem::take(&mut self.put_off_now);
+        self.put_off_last = None;
         self.settled = self.changes == 0;
         self.changes = 0;
     }

@@ -77,6 +77,12 @@ pub struct Counters {
     pub cows: u64,
     /// Merges not attempted because they could have passed the VMA budget.
     pub vma_budget_skips: u64,
+    /// Pages the latest complete full scan put off because of the VMA budget (before
+    /// the first full scan completes, the scan in progress so far): each would have
+    /// saved one page by merging. A page counts at most once per full scan, however
+    /// many merges its visit had refused, and the figure is replaced at the end of
+    /// every full scan, never added up across scans.
+    pub vma_put_off_pages: u64,
     /// Pages skipped by smart scan (never reset).
     pub pages_skipped: u64,
     /// Pages we turned into the kernel's zero page (`use_zero_pages`) still reading it.
@@ -128,6 +134,10 @@ pub struct Core<M: Mem> {
     /// The allowance is to be read afresh before the next charge (see
     /// `count_vmas_when_needed`).
     vma_count_due: bool,
+    /// Pages the full scan in progress put off because of the VMA budget, and the
+    /// address of the last of them (a visit refused twice counts once).
+    put_off_now: u64,
+    put_off_last: Option<usize>,
     /// Frames freed while unmerging, punched together when it ends (see `unmerge_range`).
     punch_later: Option<Vec<FrameId>>,
     /// Threads a batch's checksums are taken on, ahead of the visits (the engine sets
@@ -197,6 +207,8 @@ impl<M: Mem> Core<M> {
             vma_allowance: u64::MAX,
             charges_since_count: 0,
             vma_count_due: false,
+            put_off_now: 0,
+            put_off_last: None,
             punch_later: None,
             hash_threads: 1,
             sums_ahead: SumsAhead::default(),
