@@ -305,7 +305,7 @@ def _settle(read: Any, timeout: float) -> tuple[float, int, bool]:
 
 
 def _bench_one(
-    mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any
+    mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any, extras: bool = True
 ) -> dict[str, Any]:
     import ksm
 
@@ -348,10 +348,11 @@ def _bench_one(
                 messages_per_merged_page=msgs / max(1, sharing),
                 bytes_per_merged_page=nbytes / max(1, sharing),
             )
-            cost = pool.ask("scancost", SCAN_COST_ROUNDS)
-            res["scan_ms"] = _median([r[1] for r in cost]) * 1e3
-            res["vmas"] = _median([r[2] for r in cost])
-            res.update(_compaction(pool, domain, size // ksm.PAGE_SIZE, seed))
+            if extras:
+                cost = pool.ask("scancost", SCAN_COST_ROUNDS)
+                res["scan_ms"] = _median([r[1] for r in cost]) * 1e3
+                res["vmas"] = round(_median([r[2] for r in cost]))
+                res.update(_compaction(pool, domain, size // ksm.PAGE_SIZE, seed))
         return res
     finally:
         pool.close()
@@ -361,10 +362,27 @@ def _bench_one(
 
 SCAN_COST_ROUNDS = 7
 
+# Figures of a round that are taken as the median over rounds (the others, measured in
+# the first round only, are kept from it).
+ROUND_FIGURES = ("settle_s", "pages_sharing", "pss_before_mib", "pss_after_mib")
+
+
+def _medians(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first round's figures, with ROUND_FIGURES the medians of all rounds, every
+    round's settle time kept, and settled/verified only if so in every round."""
+    out = dict(results[0])
+    for key in ROUND_FIGURES:
+        out[key] = _median([float(r[key]) for r in results])
+    out["settle_each_s"] = [r["settle_s"] for r in results]
+    out["settled"] = all(r["settled"] for r in results)
+    out["verified"] = all(r["verified"] for r in results)
+    return out
+
 
 def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
+    import statistics
+
+    return float(statistics.median(xs))
 
 
 def _alone_scan_ms(mib: float, seed: int, pages_to_scan: int, timeout: float) -> tuple[float, int]:
@@ -424,6 +442,9 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``ksm bench --only workers``: worker pools merged by ksm domains and by kernel KSM."""
     from . import _bench
 
+    if int(getattr(args, "rounds", 1)) < 1:
+        print(f"ksm bench: --rounds takes a whole number >= 1, not {args.rounds}", file=err)
+        return 2
     note = None if not args.no_kernel else "--no-kernel given"
     note = note or _bench.kernel_unavailable_reason()
     k = _bench.KernelKsm() if note is None else None
@@ -434,16 +455,24 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
     failed = False
     try:
+        rounds = int(getattr(args, "rounds", 1))
         for n, mib in configs:
             label = f"{n} workers x {mib:g} MiB"
-            print(f"workers: {label}: ksm ...", file=err, flush=True)
-            ours = _bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None)
+            mine: list[dict[str, Any]] = []
+            kernel: list[dict[str, Any]] = []
+            # Both sides in turn, round after round: a machine whose load changes moves
+            # both; the figures are the medians of the rounds.
+            for r in range(rounds):
+                tag = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
+                print(f"workers: {label}: ksm{tag} ...", file=err, flush=True)
+                mine.append(_bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None, extras=r == 0))
+                if k is not None:
+                    print(f"workers: {label}: kernel{tag} ...", file=err, flush=True)
+                    kernel.append(_bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k))
             print(f"workers: {label}: one process alone (no domain) ...", file=err, flush=True)
+            ours = _medians(mine)
             ours["alone_scan_ms"], ours["alone_vmas"] = _alone_scan_ms(mib, args.seed, 10_000, args.timeout)
-            theirs = None
-            if k is not None:
-                print(f"workers: {label}: kernel ...", file=err, flush=True)
-                theirs = _bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k)
+            theirs = _medians(kernel) if kernel else None
             rows.append((label, ours, theirs))
     finally:
         if k is not None:
@@ -474,7 +503,11 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"  {name:<24}{sa:>12}{sb:>12}{ratio:>12}", file=out)
 
         print(label, file=out)
-        line("settle (s)", "settle_s")
+        line("settle (s)" + (", median" if len(ours["settle_each_s"]) > 1 else ""), "settle_s")
+        if len(ours["settle_each_s"]) > 1:
+            each = " ".join(f"{x:.2f}" for x in ours["settle_each_s"])
+            each_k = " ".join(f"{x:.2f}" for x in theirs["settle_each_s"]) if theirs else "-"
+            print(f"  {'  each round':<24}ksm {each}; kernel {each_k}", file=out)
         line("pages saved", "pages_sharing", "{:,.0f}")
         line("PSS before (MiB)", "pss_before_mib", "{:,.1f}")
         line("PSS after (MiB)", "pss_after_mib", "{:,.1f}")
