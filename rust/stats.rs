@@ -56,6 +56,8 @@ pub struct Snapshot {
     pub advised_pages: u64,
     pub settled: bool,
     pub vma_budget_skips: u64,
+    /// Bytes of the pages put off by the VMA budget (see `Counters::vma_put_off_pages`).
+    pub vma_budget_bytes: u64,
     pub unmergeable_pages: u64,
     pub vmas_used: u64,
     /// The most VMAs merging lets the process have: `vm.max_map_count - vma_reserve`.
@@ -93,6 +95,7 @@ impl Snapshot {
             ("tracked_pages", u(self.tracked_pages)),
             ("advised_pages", u(self.advised_pages)),
             ("vma_budget_skips", u(self.vma_budget_skips)),
+            ("vma_budget_bytes", u(self.vma_budget_bytes)),
             ("unmergeable_pages", u(self.unmergeable_pages)),
             ("vmas_used", u(self.vmas_used)),
             ("vma_budget", u(self.vma_budget)),

@@ -207,6 +207,93 @@ def test_handler_name_alignment_and_merging() -> None:
     assert ksm.numpy_allocator_stats()["live_allocations"] == 0
 
 
+def _anon_huge_kib(addr: int) -> int:
+    """``AnonHugePages`` of the mapping holding ``addr`` (kB), from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_merging_inside_transparent_huge_pages() -> None:
+    # Arrays of 4 MiB and more ask for huge pages, as numpy's own handler does; a merge
+    # maps frames over 4 KiB pages inside them, which splits the huge pages (as the
+    # kernel's ksmd does): every byte stays, every write gets its own copy.
+    size = 8 * MIB
+    pattern = (np.arange(size) % 251).astype(np.uint8)  # pages differ from each other
+    with ksm.numpy_allocator(MIB):
+        a = np.empty(size, dtype=np.uint8)
+        b = np.empty(size, dtype=np.uint8)
+    a[:] = pattern
+    b[:] = pattern
+    if _anon_huge_kib(a.ctypes.data) == 0:
+        pytest.skip("no transparent huge page here (setting or fragmentation)")
+    before = sharing()
+    ksm.scan(2)
+    assert sharing() - before >= size // PAGE - 4
+    assert _anon_huge_kib(a.ctypes.data) == 0 or _anon_huge_kib(b.ctypes.data) == 0
+    assert (a == pattern).all() and (b == pattern).all()
+    a[PAGE * 5 + 7] ^= 0xFF
+    b[-1] ^= 0xFF
+    assert a[PAGE * 5 + 7] == pattern[PAGE * 5 + 7] ^ 0xFF and b[PAGE * 5 + 7] == pattern[PAGE * 5 + 7]
+    assert b[-1] == pattern[-1] ^ 0xFF and a[-1] == pattern[-1]
+    del a, b
+    assert ksm.numpy_allocator_stats()["live_allocations"] == 0
+
+
+def test_large_arrays_cost_no_records_until_scanned() -> None:
+    # Records are created when the scan first changes a page's: making and dropping a
+    # large array costs the same whatever its size, and no write tracking starts
+    # before a scan reaches it.
+    ksm.scan(1)
+    meta = int(ksm.stats()["metadata_bytes"])
+    with ksm.numpy_allocator(MIB):
+        a = np.empty(256 * MIB, dtype=np.uint8)
+    assert ksm._ksm._numpy_owns(a.ctypes.data)
+    assert int(ksm.stats()["metadata_bytes"]) - meta < 4096
+    assert ksm._ksm._advised_pages(a.ctypes.data, a.nbytes) == a.nbytes // PAGE
+    a[:: 2 * PAGE] = 1  # half the pages written
+    ksm.scan(1)
+    assert int(ksm.stats()["metadata_bytes"]) - meta >= 8 * (a.nbytes // PAGE)
+    assert (a[:: 2 * PAGE] == 1).all() and not a[PAGE :: 2 * PAGE].any()
+    before = int(ksm.stats()["advised_pages"])
+    del a
+    assert before - int(ksm.stats()["advised_pages"]) == 256 * MIB // PAGE
+    assert int(ksm.stats()["metadata_bytes"]) - meta < 4096
+
+
+@pytest.mark.parametrize("before", ["untouched", "written", "merged", "read"])
+def test_zeros_from_a_kept_block(before: str) -> None:
+    # A kept block is cleared where it may hold bytes only (pages never written read as
+    # zeros already); merged pages are cleared too, never read through to a frame.
+    size = 8 * MIB
+    with ksm.numpy_allocator(MIB):
+        a = np.empty(size, dtype=np.uint8)
+        if before == "written":
+            a[:: 3 * PAGE] = 7
+            a[-1] = 7
+        elif before == "merged":
+            shared = sharing()
+            a[:] = 5
+            ksm.scan(2)
+            assert sharing() - shared >= size // PAGE // 2
+        elif before == "read":
+            assert not a[::PAGE].any()
+        hits = ksm.numpy_allocator_stats()["cache_hits"]
+        del a
+        z = np.zeros(size, dtype=np.uint8)
+        assert ksm.numpy_allocator_stats()["cache_hits"] == hits + 1
+        assert not z.any()
+        z[1] = 1
+        assert z.sum() == 1
+
+
 def test_calloc_and_realloc() -> None:
     with ksm.numpy_allocator(MIB):
         z = np.zeros(MIB)  # calloc: zeros, also from a reused block

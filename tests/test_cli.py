@@ -100,6 +100,11 @@ def test_info_is_readable_at_a_glance() -> None:
     budget = int(Path("/proc/sys/vm/max_map_count").read_text()) // 2
     assert re.search(rf"VMA budget:\s+{budget:,} VMAs", out), out
     assert re.search(r"drivable:\s+(yes|no) \(", out), out
+    # What lifts the budget, and its price.
+    flat = " ".join(out.split())
+    assert "sysctl vm.max_map_count=N" in flat, out
+    assert "about 200 bytes of kernel memory per VMA" in flat, out
+    assert "vma_budget_bytes" in flat, out
     assert max(len(line) for line in out.splitlines()) <= 110  # wrapped, no endless lines
 
 
@@ -136,6 +141,12 @@ def test_info_json() -> None:
     assert d["vma"]["max_map_count"] == max_map
     assert d["vma"]["budget"] == max_map // 2
     assert d["vma"]["used"] > 0
+    slab = Path("/proc/slabinfo")
+    if os.access(slab, os.R_OK):
+        sizes = {f[0]: int(f[3]) for f in (line.split() for line in slab.read_text().splitlines()[2:])}
+        assert d["vma"]["vm_area_struct_bytes"] == sizes["vm_area_struct"]
+    else:
+        assert d["vma"]["vm_area_struct_bytes"] is None
     kk = d["kernel_ksm"]
     assert kk["present"] == os.path.isdir("/sys/kernel/mm/ksm")
     if kk["drivable"]:

@@ -348,6 +348,41 @@ def test_a_raised_vma_reserve_stops_merging_at_the_budget_and_the_application_ke
         assert m[:] == b"".join(pages)
 
 
+def test_vma_budget_bytes_is_what_the_merges_put_off_would_save_once_per_full_scan() -> None:
+    limit = _max_map_count()
+    npages, headroom = 1024, 64
+    # Pairs of equal pages with a unique page between them, as above: each merged pair
+    # saves one page and costs VMAs of its own, so the budget fills after a few.
+    pages = [page_pattern(i // 4) if i % 2 == 0 else page_pattern(20_000 + i) for i in range(npages)]
+    pairs = npages // 4
+    with ksm.mmap(npages * PAGE) as m:
+        fill(m, pages)
+        ksm.ksmd.vma_reserve = limit - _vmas() - headroom
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(3)
+        s = ksm.stats()
+        merged = s["pages_sharing"]
+        assert 0 < merged < pairs, s
+        # Every pair that did not merge was put off at the latest full scan: one page
+        # each that merging would have saved.
+        assert s["vma_budget_bytes"] == (pairs - merged) * PAGE, s
+        # Put off again at every full scan, counted once: the figure is replaced, not
+        # added up, while vma_budget_skips goes on counting refusals.
+        skips = s["vma_budget_skips"]
+        ksm.scan(2)
+        s = ksm.stats()
+        assert s["pages_sharing"] == merged, s
+        assert s["vma_budget_bytes"] == (pairs - merged) * PAGE, s
+        assert s["vma_budget_skips"] >= skips + 2 * (pairs - merged), s
+        # With the reserve back at its default everything merges: nothing put off.
+        ksm.ksmd.vma_reserve = limit // 2
+        ksm.scan(2)
+        s = ksm.stats()
+        assert s["pages_sharing"] == pairs, s
+        assert s["vma_budget_bytes"] == 0, s
+        assert m[:] == b"".join(pages)
+
+
 def test_vmas_per_merged_page() -> None:
     assert ksm.vmas_per_merged_page() is None  # nothing saved
     assert ksm.vmas_per_merged_page({"pages_sharing": 0, "vmas_added": 3}) is None

@@ -27,6 +27,7 @@ CASES = [
     ("register", errno.ENOMEM),
     ("writeprotect", errno.ENOMEM),
     ("writeprotect", errno.EAGAIN),
+    ("continue", errno.EAGAIN),
     ("punch", errno.EIO),
     ("read_foreign", errno.EFAULT),
 ]

@@ -23,6 +23,7 @@ from conftest import (
 )
 
 import ksm
+from ksm import _ksm
 
 MERGE, UNMERGE = ksm.MADV_MERGEABLE, ksm.MADV_UNMERGEABLE
 
@@ -264,6 +265,56 @@ def test_dontneed_on_a_merged_page_reads_zeros(owned: bool) -> None:
         assert ctypes.string_at(base, 4) == b"new\0"
         ksm.madvise(base, 4 * PAGE, UNMERGE)
         assert ctypes.string_at(base + PAGE, 3 * PAGE) == pattern * 3
+    finally:
+        if m is not None:
+            m.close()
+        else:
+            ksm.madvise(base, 4 * PAGE, UNMERGE)
+            raw_munmap(base, 4 * PAGE)
+
+
+@pytest.mark.parametrize("owned", [True, False], ids=["ksm-memory", "application-memory"])
+def test_a_page_discarded_while_its_merge_maps_the_frame_reads_zeros(owned: bool) -> None:
+    # A merge maps the frame over the page, registers the new mapping, then gives it its
+    # PTEs (UFFDIO_CONTINUE). An application's MADV_DONTNEED landing just before that
+    # last step must still leave the page reading zeros: the fault thread logs the
+    # discard before it takes effect, and the merge drops the PTEs it gave such pages.
+    # The discard is made at exactly that point by a test hook of the fault-injection
+    # points (deterministic, no timing involved).
+    pattern = page_pattern(41)
+    m = ksm.mmap(4 * PAGE) if owned else None
+    base = m.address if m is not None else raw_mmap(4 * PAGE)
+    try:
+        # A lone pair: pages 0 and 2 equal, 1 and 3 unique.
+        pages = [pattern, page_pattern(42), pattern, page_pattern(43)]
+        ctypes.memmove(base, b"".join(pages), 4 * PAGE)
+        before = ksm.stats()
+        ksm.madvise(base, 4 * PAGE, MERGE)
+        _ksm._inject("discard_before_continue", 1, errno.EPERM)
+        try:
+            ksm.scan(2)
+        finally:
+            _ksm._inject("discard_before_continue", 0, 0)
+        assert ctypes.string_at(base, PAGE) == bytes(PAGE), "discarded page reads its frame"
+        assert ctypes.string_at(base + 2 * PAGE, PAGE) == bytes(PAGE), "discarded page reads its frame"
+        assert ctypes.string_at(base + PAGE, PAGE) == pages[1]
+        assert ctypes.string_at(base + 3 * PAGE, PAGE) == pages[3]
+        # The engine follows the discards (the pages get anonymous pages of zeros of
+        # their own); written again, they merge again.
+        ksm.scan(2)
+        assert ctypes.string_at(base, PAGE) == bytes(PAGE)
+        ctypes.memmove(base, pattern, PAGE)
+        ctypes.memmove(base + 2 * PAGE, pattern, PAGE)
+        ksm.scan(3)
+        assert delta(before, ksm.stats(), "pages_shared", "pages_sharing") == {
+            "pages_shared": 1,
+            "pages_sharing": 1,
+        }
+        assert ctypes.string_at(base, 4 * PAGE) == b"".join(pages)
+        ksm.madvise(base, 4 * PAGE, UNMERGE)
+        assert ctypes.string_at(base, 4 * PAGE) == b"".join(pages)
+        s = ksm.stats()
+        assert s["frames"] == s["pages_shared"] + s["deferred_frames"] + s["suspect_frames"], s
     finally:
         if m is not None:
             m.close()

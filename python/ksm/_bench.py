@@ -1079,6 +1079,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds after which a workload counts as not settled (default 300)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="workers: run each side N times in turn and report medians (default 1)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
         "--sweep",

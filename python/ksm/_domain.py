@@ -110,8 +110,9 @@ _STATS_KEYS = (
 def member_stats() -> dict[str, object]:
     """This process's side of its domain: whether its link to the broker is up,
     its member number, the segments it maps and the pages of it on their frames,
-    checksums announced, pages published, and the last error met reaching the
-    broker (None if none)."""
+    checksums announced, pages published, and ``last_error``: the last error met
+    reaching or talking to the broker, or mapping a segment, since the link last
+    connected (None if none)."""
     return _ksm._member_stats()
 
 

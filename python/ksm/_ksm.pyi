@@ -36,6 +36,7 @@ __all__ = [
     "_numpy_handler",
     "_numpy_owns",
     "_numpy_set_handler",
+    "_numpy_set_hugepages",
     "_numpy_set_max_live",
     "_numpy_trim",
     "_uffd_info",
@@ -289,6 +290,15 @@ def stats() -> dict[str, int]:
     (merges not attempted because they could pass the VMA budget; once the
     budget has no room for a pair, a page whose checksum matches one of the
     unstable index counts without its bytes being compared, at every scan),
+    ``vma_budget_bytes`` (the memory the merges put off by the VMA budget would
+    have saved: bytes of the pages whose merge the latest complete full scan did
+    not attempt because of the budget, one page each; a page counts once per full
+    scan however many merges its visit was refused, and the figure is replaced at
+    the end of every full scan, never added up across scans; before the first full
+    scan completes, the scan in progress so far; smart scan does not age pages
+    put off, so every full scan counts them all. ``sysctl vm.max_map_count=N`` (as
+    root) raises the budget with the limit, at about 200 bytes of kernel memory
+    per VMA: see ``ksm info``),
     ``unmergeable_pages`` (pages advised that ksm never merges: shared,
     file-backed, hugetlb, locked or special memory; cumulative),
     ``metadata_bytes`` (our bookkeeping: records of advised memory and of all
@@ -398,6 +408,9 @@ def _numpy_set_handler(array_api: object, handler: object) -> object:
 
 def _numpy_set_max_live(n: int) -> None:
     """The most ksm allocations the numpy handler keeps alive at once (each is a VMA)."""
+
+def _numpy_set_hugepages(on: bool) -> None:
+    """Whether the numpy handler asks for transparent huge pages for arrays of 4 MiB and more."""
 
 def _numpy_owns(address: int) -> bool:
     """Whether ``address`` is the start of array data the numpy handler put in ksm memory."""

@@ -87,9 +87,22 @@ def _set_max_live() -> None:
     _ksm._numpy_set_max_live(max(0, (limit - reserve) // 2))
 
 
+def _follow_hugepage_setting() -> None:
+    """Ask for huge pages for large arrays as numpy's default handler does, if it does."""
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")  # numpy 1.x
+    get = getattr(multiarray, "_get_madvise_hugepage", None)
+    if get is not None:
+        _ksm._numpy_set_hugepages(bool(get()))
+
+
 def handler(min_bytes: int = DEFAULT_MIN_BYTES) -> Any:
     """The capsule of ksm's handler for arrays of at least ``min_bytes`` (tests, advanced use)."""
-    return _ksm._numpy_handler(_array_api(), _min_bytes(min_bytes))
+    api = _array_api()
+    _follow_hugepage_setting()
+    return _ksm._numpy_handler(api, _min_bytes(min_bytes))
 
 
 def _set(h: Any) -> Any:

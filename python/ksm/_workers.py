@@ -44,6 +44,9 @@ class Spec:
     # "stdlib": the standard library's files; "dataset": those and site-packages' (as
     # `ksm bench`'s dataset workload; more of them, for the larger benchmarks).
     source: str = "stdlib"
+    # Copies of the data the worker holds (each with its own changed pages): 2 makes a
+    # process whose pages merge with each other, inside it.
+    copies: int = 1
 
 
 def _pss_kib(pid: int | str = "self") -> int:
@@ -75,14 +78,16 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
         data = _bench.load_dataset(limit, page)[0]
     else:
         data = _data.load_stdlib(limit, page).data
-    size = len(data)
+    one = len(data)
+    size = one * spec.copies
     buf: Any
     if spec.mode == "ksm":
         buf = ksm.mmap(size)
     else:
         buf = _mmap.mmap(-1, size, flags=_mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS)
     view = memoryview(buf)
-    view[:] = data
+    for c in range(spec.copies):
+        view[c * one : (c + 1) * one] = data
     rng = _random.Random(spec.seed * 1000 + spec.index)
     changed = _changes(size // page, rng, spec.change_percent)
     for p in changed:
@@ -98,7 +103,8 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
             if cmd == "advise":
                 if spec.mode == "ksm":
                     buf.madvise(ksm.MADV_MERGEABLE)
-                    ksm.join(spec.domain)
+                    if spec.domain:
+                        ksm.join(spec.domain)
                     if spec.daemon:
                         ksm.ksmd.pages_to_scan = spec.pages_to_scan
                         ksm.ksmd.sleep_millisecs = 0
@@ -109,6 +115,32 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
             elif cmd == "scan":
                 ksm.scan(int(args[0]))
                 ksm._ksm._domain_sync(10.0)
+                conn.send(("ok",))
+            elif cmd == "run":
+                ksm.ksmd.run = int(args[0])
+                conn.send(("ok",))
+            elif cmd == "scancost":
+                # CPU of a full scan of settled memory: ksmd stopped, synchronous scans
+                # in this thread (their hashing threads' CPU included), the median.
+                run = ksm.ksmd.run
+                ksm.ksmd.run = 0
+                ksm.scan(1)
+                costs = []
+                for _ in range(int(args[0])):
+                    t = _time.process_time()
+                    ksm.scan(1)
+                    costs.append(_time.process_time() - t)
+                ksm.ksmd.run = run
+                with open("/proc/self/maps", "rb") as maps:
+                    vmas = sum(1 for _ in maps)
+                conn.send(("scancost", sorted(costs)[len(costs) // 2], vmas))
+            elif cmd == "write":
+                # Write the pages the parent chose (the same in every worker) with bytes
+                # of this worker's own, so that they stay private.
+                wrng = _random.Random(spec.seed * 7919 + spec.index)
+                for p in args[0]:
+                    view[p * page : (p + 1) * page] = wrng.randbytes(page)
+                    digests[p] = _digest(view[p * page : (p + 1) * page])
                 conn.send(("ok",))
             elif cmd == "pss":
                 conn.send(("pss", _pss_kib()))
@@ -273,7 +305,7 @@ def _settle(read: Any, timeout: float) -> tuple[float, int, bool]:
 
 
 def _bench_one(
-    mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any
+    mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any, extras: bool = True
 ) -> dict[str, Any]:
     import ksm
 
@@ -316,6 +348,11 @@ def _bench_one(
                 messages_per_merged_page=msgs / max(1, sharing),
                 bytes_per_merged_page=nbytes / max(1, sharing),
             )
+            if extras:
+                cost = pool.ask("scancost", SCAN_COST_ROUNDS)
+                res["scan_ms"] = _median([r[1] for r in cost]) * 1e3
+                res["vmas"] = round(_median([r[2] for r in cost]))
+                res.update(_compaction(pool, domain, size // ksm.PAGE_SIZE, seed))
         return res
     finally:
         pool.close()
@@ -323,10 +360,91 @@ def _bench_one(
             k.write("run", 2)
 
 
+SCAN_COST_ROUNDS = 7
+
+# Figures of a round that are taken as the median over rounds (the others, measured in
+# the first round only, are kept from it).
+ROUND_FIGURES = ("settle_s", "pages_sharing", "pss_before_mib", "pss_after_mib")
+
+
+def _medians(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first round's figures, with ROUND_FIGURES the medians of all rounds, every
+    round's settle time kept, and settled/verified only if so in every round."""
+    out = dict(results[0])
+    for key in ROUND_FIGURES:
+        out[key] = _median([float(r[key]) for r in results])
+    out["settle_each_s"] = [r["settle_s"] for r in results]
+    out["settled"] = all(r["settled"] for r in results)
+    out["verified"] = all(r["verified"] for r in results)
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    import statistics
+
+    return float(statistics.median(xs))
+
+
+def _alone_scan_ms(mib: float, seed: int, pages_to_scan: int, timeout: float) -> tuple[float, int]:
+    """CPU of a settled full scan per worker's worth of data, inside one process in no
+    domain, and the process's mappings: the process holds two copies of a worker's
+    data (1% of each changed), merged with each other."""
+    spec = Spec("ksm", 0, mib, 1.0, seed, "", daemon=True, pages_to_scan=pages_to_scan, copies=2)
+    pool = Pool([spec])
+    try:
+        pool.ask("advise")
+        _settle(lambda: pool.ask("stats")[0][1]["pages_sharing"], timeout)
+        r = pool.ask("scancost", SCAN_COST_ROUNDS)[0]
+        return float(r[1]) * 1e3 / spec.copies, int(r[2])
+    finally:
+        pool.close()
+
+
+def _compaction(pool: Pool, domain: str, npages: int, seed: int) -> dict[str, Any]:
+    """Every worker writes the same half of its pages (bytes of its own): frames that
+    nobody maps any more. Scans step by step (ksmd stopped, every member scans once,
+    then a round trip to the broker) until the domain's pool stops changing: the pool
+    and its live frames before the writes, and once compaction is over."""
+    import ksm
+
+    pool.ask("run", 0)
+    start = dict(ksm.domain_stats(domain))
+    chosen = sorted(_random.Random(seed).sample(range(npages), npages // 2))
+    pool.ask("write", chosen)
+    seen: list[dict[str, Any]] = []
+    # Unchanged for as many steps as a page may be passed over (smart scan) plus the
+    # broker's retirement age: over.
+    quiet = 20
+    for _ in range(200):
+        pool.ask("scan", 1)
+        seen.append(dict(ksm.domain_stats(domain)))
+        if len(seen) > quiet and all(
+            (x["pool_bytes"], x["live_frames"]) == (seen[-1]["pool_bytes"], seen[-1]["live_frames"])
+            for x in seen[-quiet:]
+        ):
+            break
+    bad = sum(r[1] for r in pool.ask("verify"))
+    first, last = start, seen[-1]
+    page = ksm.PAGE_SIZE
+    return {
+        "written_pages": len(chosen),
+        "pool_written_mib": first["pool_bytes"] / MIB,
+        "live_written_mib": first["live_frames"] * page / MIB,
+        "segments_retired": last["segments_retired"] - first["segments_retired"],
+        "pool_compacted_mib": last["pool_bytes"] / MIB,
+        "live_compacted_mib": last["live_frames"] * page / MIB,
+        "compaction_scans": len(seen) - quiet,
+        "compaction_verified": bad == 0,
+    }
+
+
 def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``ksm bench --only workers``: worker pools merged by ksm domains and by kernel KSM."""
     from . import _bench
 
+    if int(getattr(args, "rounds", 1)) < 1:
+        print(f"ksm bench: --rounds takes a whole number >= 1, not {args.rounds}", file=err)
+        return 2
     note = None if not args.no_kernel else "--no-kernel given"
     note = note or _bench.kernel_unavailable_reason()
     k = _bench.KernelKsm() if note is None else None
@@ -337,14 +455,24 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
     failed = False
     try:
+        rounds = int(getattr(args, "rounds", 1))
         for n, mib in configs:
             label = f"{n} workers x {mib:g} MiB"
-            print(f"workers: {label}: ksm ...", file=err, flush=True)
-            ours = _bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None)
-            theirs = None
-            if k is not None:
-                print(f"workers: {label}: kernel ...", file=err, flush=True)
-                theirs = _bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k)
+            mine: list[dict[str, Any]] = []
+            kernel: list[dict[str, Any]] = []
+            # Both sides in turn, round after round: a machine whose load changes moves
+            # both; the figures are the medians of the rounds.
+            for r in range(rounds):
+                tag = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
+                print(f"workers: {label}: ksm{tag} ...", file=err, flush=True)
+                mine.append(_bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None, extras=r == 0))
+                if k is not None:
+                    print(f"workers: {label}: kernel{tag} ...", file=err, flush=True)
+                    kernel.append(_bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k))
+            print(f"workers: {label}: one process alone (no domain) ...", file=err, flush=True)
+            ours = _medians(mine)
+            ours["alone_scan_ms"], ours["alone_vmas"] = _alone_scan_ms(mib, args.seed, 10_000, args.timeout)
+            theirs = _medians(kernel) if kernel else None
             rows.append((label, ours, theirs))
     finally:
         if k is not None:
@@ -375,7 +503,11 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"  {name:<24}{sa:>12}{sb:>12}{ratio:>12}", file=out)
 
         print(label, file=out)
-        line("settle (s)", "settle_s")
+        line("settle (s)" + (", median" if len(ours["settle_each_s"]) > 1 else ""), "settle_s")
+        if len(ours["settle_each_s"]) > 1:
+            each = " ".join(f"{x:.2f}" for x in ours["settle_each_s"])
+            each_k = " ".join(f"{x:.2f}" for x in theirs["settle_each_s"]) if theirs else "-"
+            print(f"  {'  each round':<24}ksm {each}; kernel {each_k}", file=out)
         line("pages saved", "pages_sharing", "{:,.0f}")
         line("PSS before (MiB)", "pss_before_mib", "{:,.1f}")
         line("PSS after (MiB)", "pss_after_mib", "{:,.1f}")
@@ -389,6 +521,38 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             file=out,
         )
         failed |= not ours["verified"] or bool(theirs and not theirs["verified"])
+        member, alone = ours["scan_ms"], ours["alone_scan_ms"]
+        print(
+            f"  {'settled full scan, CPU':<24}a member {member:,.2f} ms; the same data merged inside "
+            f"one process {alone:,.2f} ms (per copy): member/alone {member / max(1e-9, alone):.3g}; "
+            f"mappings: a member {ours['vmas']:,}, the process with two copies {ours['alone_vmas']:,}",
+            file=out,
+        )
+        print(
+            f"  {'compaction':<24}pool {ours['pool_written_mib']:,.1f} MiB (live "
+            f"{ours['live_written_mib']:,.1f}); every worker wrote the same "
+            f"{ours['written_pages']:,} pages (half); {ours['compaction_scans']} scans later "
+            f"{ours['segments_retired']} segments retired, pool {ours['pool_compacted_mib']:,.1f} MiB "
+            f"(live {ours['live_compacted_mib']:,.1f}); contents "
+            f"{'verified' if ours['compaction_verified'] else 'WRONG'}",
+            file=out,
+        )
+        failed |= not ours["compaction_verified"]
+        targets.append(
+            (
+                member <= alone,
+                f"{label}: a settled member's full scan costs no more than inside one process "
+                f"(member/alone = {member / max(1e-9, alone):.2f})",
+            )
+        )
+        compacted = ours["pool_compacted_mib"] / max(1e-9, ours["live_compacted_mib"])
+        targets.append(
+            (
+                compacted <= 1.25,
+                f"{label}: after compaction the domain's pool holds at most 25% more than its live frames "
+                f"(pool/live = {compacted:.2f})",
+            )
+        )
         if theirs:
             sp = theirs["settle_s"] / max(1e-9, ours["settle_s"])
             saved = ours["pages_sharing"] / max(1, theirs["pages_sharing"])

@@ -340,9 +340,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not ksm.available():
             print(f"ksm demo: merging is not available here: {ksm.unavailable_reason()}", file=sys.stderr)
             return 2
+        if args.numpy:
+            from . import _pooldemo
+
+            return _pooldemo.demo(args)
         from . import _workers
 
         return _workers.demo(args)
+    if args.numpy:
+        print("ksm demo: --numpy goes with --workers N", file=sys.stderr)
+        return 2
     out = sys.stdout
     if not ksm.available():
         print(f"ksm demo: merging is not available here: {ksm.unavailable_reason()}", file=sys.stderr)
@@ -575,6 +582,17 @@ def _module_version(name: str) -> str | None:
         return None
 
 
+def _slab_object_size(name: str) -> int | None:
+    """The object size in bytes of the kernel's slab cache `name` (/proc/slabinfo, readable
+    by root), or None."""
+    text = _read_text("/proc/slabinfo")
+    for line in (text or "").splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[0] == name:
+            return _int_or_none(fields[3])
+    return None
+
+
 def info_dict() -> dict[str, Any]:
     """Everything ``ksm info`` shows, as plain data (``ksm info --json``)."""
     import ksm
@@ -605,6 +623,8 @@ def info_dict() -> dict[str, Any]:
         "reserve": reserve,
         "budget": None if max_map is None else max(max_map - reserve, 0),
         "used": _count_lines("/proc/self/maps"),
+        # What each VMA costs the kernel, for raising vm.max_map_count.
+        "vm_area_struct_bytes": _slab_object_size("vm_area_struct"),
     }
 
     ksm_dir = "/sys/kernel/mm/ksm"
@@ -708,6 +728,23 @@ def cmd_info(args: argparse.Namespace) -> int:
                 f"{vma['budget']:,} VMAs (vm.max_map_count - ksmd.vma_reserve {vma['reserve']:,}){used}",
             )
         )
+    vma_bytes = vma["vm_area_struct_bytes"]
+    size = (
+        f"vm_area_struct is {vma_bytes} bytes on this kernel (/proc/slabinfo) "
+        "plus its share of maple-tree nodes"
+        if vma_bytes
+        else "vm_area_struct plus its share of maple-tree nodes"
+    )
+    rows.append(
+        (
+            "raising the limit",
+            "merges the budget puts off are counted in stats()['vma_budget_skips'], and the memory they "
+            "would save in stats()['vma_budget_bytes']; `sysctl vm.max_map_count=N` (as root) lifts the "
+            f"budget with the limit, at about 200 bytes of kernel memory per VMA used ({size}; a VMA "
+            "merging adds also holds an anon_vma and an anon_vma_chain, 380 bytes in all, charged in "
+            "general_profit)",
+        )
+    )
     sections.append(("VMAs (each lone merged page costs up to 2)", rows))
 
     if kk["present"]:
@@ -972,6 +1009,15 @@ def _parser() -> argparse.ArgumentParser:
         help=(
             "instead: start N worker processes that each load the same data (--mib of it) into one "
             "merge domain, merge, and show each worker's PSS before and after"
+        ),
+    )
+    demo.add_argument(
+        "--numpy",
+        action="store_true",
+        help=(
+            "with --workers N: run a worker-pool program that knows nothing of ksm (N workers each "
+            "load the same --mib MiB numpy table) through `ksm run --domain NAME --numpy`, and show "
+            "the workers' PSS going from N copies to about one"
         ),
     )
     demo.set_defaults(func=cmd_demo)

@@ -93,7 +93,9 @@ pub(super) fn fork_child() {
     }
     for mut r in st.core.take_regions() {
         r.registered = false;
-        for p in &mut r.pages {
+        r.track_pending = false;
+        // (Records never created stay so: the child allocates nothing big here.)
+        r.pages.update_all(|p| {
             // Counters start from zero in the child, as the kernel's do; pages that map
             // the parent's frames stay known, for MADV_UNMERGEABLE.
             // The zero pages stay counted, as the kernel adds the child's inherited ones.
@@ -106,7 +108,7 @@ pub(super) fn fork_child() {
                 _ => crate::region::State::Untracked,
             };
             *p = crate::region::PageRec::fresh(state, p.flags());
-        }
+        });
         r.clear_covered();
         core.add_region(r);
     }

@@ -20,6 +20,7 @@
 use std::ffi::CStr;
 
 use super::{Engine, State};
+use crate::domain::broker::RETIRE_AGE;
 use crate::domain::client::{Inbound, Link, LinkStats, Outbound, SegmentView, Spawner};
 use crate::domain::proto::{self, Msg, SegUsage, BITMAP_WORDS};
 use crate::error::{Error, Result};
@@ -136,11 +137,19 @@ impl Engine {
         let Some(link) = &st.domain else {
             return;
         };
-        st.core.set_domain_connected(link.stats().connected);
+        st.core.set_domain_connected(link.broker_expected());
         for m in link.take() {
             match m {
-                Inbound::Connected { first: true } => {}
-                Inbound::Connected { first: false } => st.core.domain_connected(),
+                Inbound::Connected { first } => {
+                    // A new broker knows nothing of our segments yet: report in full.
+                    st.usage_reported = (0, 0);
+                    st.usage_scan_done.clear();
+                    st.usage_aged = false;
+                    st.usage_scan_done_totals = (0, 0);
+                    if !first {
+                        st.core.domain_connected();
+                    }
+                }
                 Inbound::Segment(view) => {
                     if let Some(f0) = st.core.add_segment(view.id, &view.sums) {
                         st.core.mem.add_segment(f0, view);
@@ -221,18 +230,29 @@ impl Engine {
         Self::send_usage(st, true);
     }
 
-    /// Tell the domain how much of each segment we map: at the end of every full scan
-    /// (`scan_done`, which lets the broker age and retire segments), and after a batch
-    /// that changed it, so that the domain's figures follow merging closely.
+    /// Tell the domain how much of each segment we map: after a batch that changed it,
+    /// so that the domain's figures follow merging closely, and at the end of a full
+    /// scan (`ScanDone`, which lets the broker age and retire segments) when the
+    /// report differs from the last one sent with `ScanDone`. Ages are reported up to
+    /// the broker's retirement age only (older is the same to it), so a settled member
+    /// sends nothing, however fast it scans.
     fn send_usage(st: &mut State, scan_done: bool) {
         let Some(link) = &st.domain else {
             return;
         };
         let (segments, pages) = st.core.frames().domain_totals();
-        if !scan_done && (segments as u64, pages) == st.usage_reported {
+        let totals = (segments as u64, pages);
+        if scan_done {
+            // Unchanged since the last report with `ScanDone`, every age past retirement:
+            // nothing to say, nor to compute (a settled scan stays as cheap as outside a
+            // domain).
+            if st.usage_aged && totals == st.usage_scan_done_totals {
+                return;
+            }
+        } else if totals == st.usage_reported {
             return;
         }
-        st.usage_reported = (segments as u64, pages);
+        st.usage_reported = totals;
         let usage: Vec<SegUsage> = st
             .core
             .frames()
@@ -246,17 +266,25 @@ impl Engine {
                 SegUsage {
                     id,
                     pages: u32::try_from(pages).unwrap_or(u32::MAX),
-                    age,
+                    age: age.min(RETIRE_AGE),
                     mapped: bits,
                 }
             })
             .collect();
+        if scan_done {
+            st.usage_aged = usage.iter().all(|u| u.age >= RETIRE_AGE);
+            st.usage_scan_done_totals = totals;
+            if usage == st.usage_scan_done {
+                return;
+            }
+        }
         let mut out: Vec<Outbound> = usage
             .chunks(proto::MAX_USAGE)
             .map(|c| Outbound::Msg(Msg::Usage { segs: c.to_vec() }))
             .collect();
         if scan_done {
             out.push(Outbound::Msg(Msg::ScanDone));
+            st.usage_scan_done = usage;
         }
         link.send(out);
     }

@@ -104,6 +104,15 @@ struct State {
     publish_failures: u64,
     /// (segments, pages on them) when the domain was last told (see `domain.rs`).
     usage_reported: (u64, u64),
+    /// The report last sent with `ScanDone` (see `domain.rs`).
+    usage_scan_done: Vec<crate::domain::proto::SegUsage>,
+    /// Whether every segment's age in that report had reached the retirement age, and
+    /// the (segments, pages) it was made from.
+    usage_aged: bool,
+    usage_scan_done_totals: (u64, u64),
+    /// Whether a full scan changed something since the allocator was last trimmed
+    /// (see `scanner.rs`).
+    trim_due: bool,
 }
 
 /// The per-process engine.
@@ -206,6 +215,10 @@ impl Engine {
                 domain: None,
                 publish_failures: 0,
                 usage_reported: (0, 0),
+                usage_scan_done: Vec::new(),
+                usage_aged: false,
+                usage_scan_done_totals: (0, 0),
+                trim_due: false,
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),
@@ -432,20 +445,22 @@ impl Engine {
         for (start, owned) in starts {
             let u = Self::ensure_uffd_of(st, !owned)?;
             let len = st.core.region_at(start).expect("listed").len(page);
-            // Memory ksm owns is write-tracked while unmerged (where the kernel can);
-            // a merge moves the pages it protects to `u`.
-            let tracked = owned
-                && !st.core.has_merged_pages(start, start + len)
-                && st.core.mem.track(start, len);
-            if !tracked {
-                u.register_wp(start, len)
-                    .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
-            }
-            st.core
+            // Memory ksm owns is write-tracked while unmerged (where the kernel can),
+            // from the scan's first visit on (see `Region::track_pending`): until then
+            // it is registered with `u`, which costs the same whatever its size. A
+            // merge moves the pages it protects to `u`.
+            let pending = owned
+                && st.core.mem.write_tracking()
+                && !st.core.has_merged_pages(start, start + len);
+            u.register_wp(start, len)
+                .map_err(|e| Error::os("UFFDIO_REGISTER", start, len, e))?;
+            let r = st
+                .core
                 .regions_mut()
                 .find(|r| r.start == start)
-                .expect("listed")
-                .registered = true;
+                .expect("listed");
+            r.registered = true;
+            r.track_pending = pending;
         }
         Ok(())
     }
@@ -630,6 +645,7 @@ impl Engine {
             advised_pages: st.core.advised_pages(),
             settled: st.core.settled(),
             vma_budget_skips: c.vma_budget_skips,
+            vma_budget_bytes: c.vma_put_off_pages * page,
             unmergeable_pages: st.unmergeable_pages,
             vmas_used: st.core.mem.vmas_used,
             vma_budget: st.core.mem.vma_budget,

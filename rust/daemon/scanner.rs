@@ -86,6 +86,14 @@ impl Engine {
 
     fn end_full_scan(&self, st: &mut State) {
         Self::domain_report(st);
+        // Merging settled after changes: the allocator's free memory goes back (the
+        // scans' buffers, freed, would stay in the threads' arenas, memory the
+        // process pays for as long as it lives; a worker pool pays it per worker).
+        if !st.core.settled() {
+            st.trim_due = true;
+        } else if std::mem::take(&mut st.trim_due) {
+            sys::release_free_heap();
+        }
         if st.knobs.advisor_mode == AdvisorMode::ScanTime {
             let k = st.knobs;
             let scan_ms = st.scan_started.elapsed().as_millis() as u64;

@@ -34,10 +34,19 @@ use crate::sys::unix::{self, Socket};
 /// retired.
 pub const RETIRE_AGE: u32 = 10;
 
-/// Dead frames (mapped by no member) that make a mostly dead segment worth
-/// compacting: its live frames are fewer than its dead ones, and at least this many
-/// are dead.
+/// Dead frames (mapped by no member) that make a segment worth compacting: more
+/// than a fifth of its frames are dead, and at least this many. A fifth keeps the
+/// domain's pool within 25 % of its live frames (as kernel KSM, which frees each
+/// page with its last user, keeps none dead) at the cost of moving the live pages
+/// of a segment that lost a fifth.
 pub const COMPACT_DEAD: u32 = 64;
+
+/// Whether a segment of `frames` frames, `live` of them mapped by some member, is
+/// worth retiring (see [`COMPACT_DEAD`]).
+pub fn worth_retiring(frames: u32, live: u32) -> bool {
+    let dead = frames.saturating_sub(live);
+    live == 0 || (dead >= COMPACT_DEAD && 5 * dead > frames)
+}
 
 /// Announcers of one checksum the broker remembers.
 pub const ANNOUNCERS: usize = 4;
@@ -322,8 +331,8 @@ impl Hub {
         (bits, pages)
     }
 
-    /// Retire the segments that nobody maps, or whose frames are mostly mapped by
-    /// nobody (see [`COMPACT_DEAD`]), once every member has had [`RETIRE_AGE`] full
+    /// Retire the segments that nobody maps, or of whose frames more than a fifth are
+    /// mapped by nobody (see [`COMPACT_DEAD`]), once every member has had [`RETIRE_AGE`] full
     /// scans with them in its index (smart scan may pass over a page for up to 8
     /// visits).
     fn retire_unused(&mut self) -> Vec<Out> {
@@ -335,11 +344,9 @@ impl Hub {
                     let (bits, _) = self.mapped(id);
                     let live: u32 = bits.iter().map(|w| w.count_ones()).sum();
                     let frames = self.segments[&id].frames;
-                    // Unused, or mostly dead (its memory is the whole segment's): members
+                    // Unused, or partly dead (its memory is the whole segment's): members
                     // move their pages off it and they merge again onto new segments.
-                    let worth = live == 0
-                        || (frames.saturating_sub(live) >= COMPACT_DEAD && 2 * live < frames);
-                    worth
+                    worth_retiring(frames, live)
                         && self.members.values().all(|member| {
                             member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE)
                         })
@@ -775,28 +782,50 @@ mod tests {
     }
 
     #[test]
-    fn a_mostly_dead_segment_is_retired_for_compaction() {
+    fn a_segment_more_than_a_fifth_dead_is_retired_for_compaction() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
-        let sums: Vec<u32> = (0..200).collect();
-        h.on_message(a, Msg::Publish { frames: 200, sums }, Some(3));
-        let report = |mapped: [u64; BITMAP_WORDS]| Msg::Usage {
-            segs: vec![SegUsage {
-                id: 3,
-                pages: 64,
-                age: RETIRE_AGE,
-                mapped,
-            }],
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 640,
+                sums: (0..640).collect(),
+            },
+            Some(3),
+        );
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 100,
+                sums: (1000..1100).collect(),
+            },
+            Some(4),
+        );
+        let usage = |id: u64, mapped: [u64; BITMAP_WORDS]| SegUsage {
+            id,
+            pages: 64,
+            age: RETIRE_AGE,
+            mapped,
         };
-        let mut mapped = [0u64; BITMAP_WORDS];
-        mapped[0] = u64::MAX;
-        mapped[1] = u64::MAX; // 128 live, 72 dead: kept
-        h.on_message(a, report(mapped), None);
+        let words = |n: usize| {
+            let mut m = [0u64; BITMAP_WORDS];
+            m[..n].iter_mut().for_each(|w| *w = u64::MAX);
+            m
+        };
+        // 4: 37 of 100 live, 63 dead: fewer than COMPACT_DEAD, kept.
+        let mut small = [0u64; BITMAP_WORDS];
+        small[0] = (1u64 << 37) - 1;
+        // 3: 512 of 640 live, 128 dead: exactly a fifth, kept.
+        let report = |m3| Msg::Usage {
+            segs: vec![usage(3, m3), usage(4, small)],
+        };
+        h.on_message(a, report(words(8)), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
-        mapped[1] = 0; // 64 live, 136 dead: retired, its pages move off
-        h.on_message(a, report(mapped), None);
+        // 3: 448 live, 192 dead: more than a fifth, retired (its pages move off).
+        h.on_message(a, report(words(7)), None);
         assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 1);
         assert!(!h.has_segment(3));
+        assert!(h.has_segment(4));
         h.check_invariants();
     }
 

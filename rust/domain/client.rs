@@ -30,6 +30,14 @@ use crate::sys::memfd::Memfd;
 use crate::sys::mman::Mapping;
 use crate::sys::unix::{self, Socket};
 
+/// How long a member without a broker waits for one (being started, by it or by
+/// another member) before it publishes the contents it holds twice on its own, so
+/// that merging inside the process goes on when no broker answers. Starting a
+/// broker takes tens of milliseconds (more on a loaded machine); members that
+/// publish on their own meanwhile each make a frame of the same content, which
+/// then stay apart for as long as pages map them.
+pub const CONNECT_GRACE: Duration = Duration::from_secs(2);
+
 /// A segment received from the domain, checked and mapped read-only.
 #[derive(Debug)]
 pub struct SegmentView {
@@ -91,8 +99,11 @@ struct Shared {
     sent_bytes: AtomicU64,
     received: AtomicU64,
     received_bytes: AtomicU64,
-    /// The last error met while reaching the broker, for `domain_stats`.
+    /// The last error met while reaching the broker, for `domain_stats` (cleared
+    /// when a connection is made).
     last_error: Mutex<Option<String>>,
+    /// When the link last had no broker (started, or lost its connection).
+    down_since: Mutex<Option<Instant>>,
     /// Round trips asked for (`Link::sync`) and answered, and the broker's last answer.
     syncs_asked: AtomicU64,
     synced: Mutex<(u64, proto::DomainStats)>,
@@ -141,6 +152,7 @@ impl Link {
         // Segments are held as descriptors: room for many.
         unix::raise_fd_limit();
         let shared = Arc::new(Shared::default());
+        *shared.down_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let (wake, wake_rx) = Socket::pair()?;
         let s = Arc::clone(&shared);
         let n = name.to_owned();
@@ -206,7 +218,21 @@ impl Link {
         }
     }
 
-    /// The last error met reaching the broker, if any.
+    /// Whether a broker answers, or may still answer soon: connected, or not for
+    /// less than [`CONNECT_GRACE`] (a broker being started, or restarted after one
+    /// died). While it may, contents held twice wait for the broker to say which
+    /// member publishes them, rather than each member publishing its own copy.
+    pub fn broker_expected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+            || self
+                .shared
+                .down_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none_or(|t| t.elapsed() < CONNECT_GRACE)
+    }
+
+    /// The last error met reaching the broker since the last connection, if any.
     pub fn last_error(&self) -> Option<String> {
         self.shared
             .last_error
@@ -389,6 +415,11 @@ impl Worker {
         sock.send(&hello.encode(), &[], false)?;
         self.sock = Some(sock);
         self.shared.connected.store(true, Ordering::Relaxed);
+        *self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         let first = self.shared.disconnects.load(Ordering::Relaxed) == 0;
         self.push(Inbound::Connected { first });
         Ok(())
@@ -404,6 +435,11 @@ impl Worker {
             self.shared.synced_cv.notify_all();
         }
         if self.sock.take().is_some() {
+            *self
+                .shared
+                .down_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             self.shared.connected.store(false, Ordering::Relaxed);
             self.shared.members.store(0, Ordering::Relaxed);
             self.shared.disconnects.fetch_add(1, Ordering::Relaxed);

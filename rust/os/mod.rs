@@ -62,6 +62,10 @@ pub struct Os {
     tracking: bool,
     /// Output room for the write tracker's `PAGEMAP_SCAN` calls (kept between calls).
     scratch_regions: Vec<PageRegion>,
+    /// The range the last `untrack_runs` for a merge took wholly out of the tracker
+    /// (None once anything may have tracked memory since): `protect` of exactly that
+    /// range knows that no page of it is tracked without asking pagemap again.
+    untracked: Option<(usize, usize)>,
     /// The frame pool, created with the first frame.
     pub pool: Option<Pool>,
     /// The merge domain's segments this process maps (frames from `DOMAIN_BASE`).
@@ -140,6 +144,7 @@ impl Os {
             tracker: None,
             tracking: true,
             scratch_regions: Vec::new(),
+            untracked: None,
             pool: None,
             segments: crate::pool::Segments::default(),
             frame_capacity,
@@ -205,6 +210,7 @@ impl Os {
     /// with no userfaultfd: register it with the tracker and write-protect it
     /// (asynchronously: a write just marks the page written). False if not tracked.
     pub fn track(&mut self, addr: usize, len: usize) -> bool {
+        self.untracked = None;
         if self.owned_at(addr).is_none() {
             return false;
         }
@@ -228,14 +234,90 @@ impl Os {
         if !merged && self.track(addr, len) {
             return;
         }
-        if let Ok(u) = self.uffd(addr) {
-            if !merged || u.register_wp_minor(addr, len).is_err() {
-                let _ = u.register_wp(addr, len);
+        let Ok(u) = self.uffd(addr) else { return };
+        let minor = merged && u.register_wp_minor(addr, len).is_ok();
+        if !minor {
+            let _ = u.register_wp(addr, len);
+        }
+        if merged && !(minor && self.prepare_merged(addr)) {
+            if let (Ok(u), Some(src)) = (self.uffd(addr), self.unreadable.as_ref()) {
+                u.prepare_anon_vma(addr, self.page, src.addr());
             }
-            if merged {
-                if let Some(src) = self.unreadable.as_ref().map(Mapping::addr) {
-                    u.prepare_anon_vma(addr, self.page, src);
+        }
+    }
+
+    /// Register the new pool mapping `[addr, addr+len)` (no PTE yet, readable, inside
+    /// its merge window) in write-protect and minor mode, then give its pages their PTEs
+    /// with one `UFFDIO_CONTINUE`, which prepares the mapping's `anon_vma` on the way:
+    /// what `populate_read`, `register_new` and `prepare_merged` do with three calls.
+    /// False, with the range registered with nothing, if that could not be done: the
+    /// caller takes the long way (a page left without a PTE must not stay registered
+    /// in minor mode, see `map_frames`).
+    ///
+    /// A page the application discards between registration and CONTINUE is logged by
+    /// the fault thread before the discard takes effect, so that CONTINUE may map its
+    /// frame again after it: such pages lose their PTE again here, and read zeros.
+    fn map_in_registered(&mut self, addr: usize, len: usize) -> bool {
+        let Ok(u) = self.uffd(addr) else {
+            return false;
+        };
+        if u.register_wp_minor(addr, len).is_err() {
+            return false;
+        }
+        if crate::sys::inject::check(crate::sys::inject::Point::DiscardBeforeContinue).is_err() {
+            if let Some(w) = self.open.get(&addr) {
+                let _ = mman::discard_in(w, addr, len);
+            }
+        }
+        let Ok(u) = self.uffd(addr) else {
+            return false;
+        };
+        if u.populate_minor(addr, len).is_err() {
+            let _ = u.unregister(addr, len);
+            return false;
+        }
+        let end = addr + len;
+        let discarded: Vec<(usize, usize)> = self
+            .events
+            .lock()
+            .removed
+            .iter()
+            .filter(|&&(s, e)| s < end && addr < e)
+            .map(|&(s, e)| (s.max(addr), e.min(end)))
+            .collect();
+        if let Some(w) = self.open.get(&addr) {
+            for (s, e) in discarded {
+                let _ = mman::discard_in(w, s, e - s);
+            }
+        }
+        true
+    }
+
+    /// Give the new pool mapping at `addr` (populated, registered in minor mode, inside
+    /// its merge window) its `anon_vma` with a `UFFDIO_CONTINUE` of its first page: the
+    /// kernel prepares the `anon_vma` of a private mapping first, then finds the PTE in
+    /// place and answers EEXIST, changing nothing (cheaper than `prepare_anon_vma`: no
+    /// page allocated, no fault taken). False if that did not happen (no minor mode).
+    ///
+    /// Had the page lost its PTE since it was populated, CONTINUE maps its frame again,
+    /// as populating did. If it lost it to the application's `MADV_DONTNEED` (logged by
+    /// the fault thread before the discard takes effect, so seen here), the page must
+    /// read zeros: its PTE is dropped again, and the fault thread answers its next
+    /// access with zeros.
+    fn prepare_merged(&mut self, addr: usize) -> bool {
+        let Ok(u) = self.uffd(addr) else {
+            return false;
+        };
+        match u.continue_minor(addr, self.page, false) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => true,
+            Err(_) => false,
+            Ok(()) => {
+                if self.events.lock().is_removed(addr) {
+                    if let Some(w) = self.open.get(&addr) {
+                        let _ = mman::discard_in(w, addr, self.page);
+                    }
                 }
+                true
             }
         }
     }
@@ -262,6 +344,7 @@ impl Os {
     /// straight with the synchronous userfaultfd that `protect` needs (best effort:
     /// `protect` registers what this leaves out).
     fn untrack_runs(&mut self, addr: usize, len: usize, for_merge: bool) -> io::Result<()> {
+        self.untracked = None;
         if self.owned_at(addr).is_none() || self.tracker.is_none() {
             return Ok(());
         }
@@ -280,6 +363,10 @@ impl Os {
                 })
             });
         self.scratch_regions = runs;
+        // Every run the tracker held in the range is unregistered: none of it is tracked.
+        if r.is_ok() && for_merge {
+            self.untracked = Some((addr, len));
+        }
         r
     }
 
@@ -299,6 +386,40 @@ impl Os {
     /// zeros, as the fault thread would on its first access (EEXIST if it has one).
     pub fn fill_zero_page(&self, addr: usize) -> io::Result<()> {
         self.uffd(addr)?.fill_zeros(addr, self.page, false)
+    }
+
+    /// The runs of `[start, end)` that may read other than zeros: present pages but the
+    /// shared zero page, and swapped ones (a write tracker's marker shows as swapped too:
+    /// counted, to be safe). Pages with no PTE in an anonymous mapping read as zeros.
+    /// Needs `PAGEMAP_SCAN` (ENOTTY before Linux 6.7).
+    pub fn maybe_nonzero_runs(
+        &mut self,
+        start: usize,
+        end: usize,
+    ) -> io::Result<Vec<(usize, usize)>> {
+        let pagemap = self
+            .pagemap
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        if !self.pagemap_scan {
+            return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+        }
+        if pagemap.scan(start, end, false, &mut self.regions)? != end {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for r in self
+            .regions
+            .iter()
+            .filter(|r| r.categories & PAGE_IS_PFNZERO == 0)
+        {
+            let (s, e) = (r.start as usize, r.end as usize);
+            match out.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => out.push((s, e)),
+            }
+        }
+        Ok(out)
     }
 
     /// Read pagemap for one page (for `page_state`).
@@ -652,6 +773,10 @@ impl Mem for Os {
     }
 
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        // A range `untrack_runs` took wholly out of the tracker for this merge needs no
+        // second look below: only `track` registers memory with the tracker, and it
+        // forgets that range.
+        let untracked = self.untracked.take() == Some((addr, len));
         // Publish the window before protecting, so that a fault raised the moment
         // protection lands is already recognised as ours.
         self.windows.add(addr, len);
@@ -683,7 +808,8 @@ impl Mem for Os {
         // in the window, else a write there could land between compare and remap.
         if let Ok(w) = r {
             let mut runs = Vec::new();
-            let tracked = self.tracker.is_some()
+            let tracked = !untracked
+                && self.tracker.is_some()
                 && self.owned_at(addr).is_some()
                 && !matches!(self.tracked_runs(addr, addr + len, &mut runs), Ok(()) if runs.is_empty());
             if tracked {
@@ -793,6 +919,7 @@ impl Mem for Os {
         if !self.windows.begin_own(addr) {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
+        let assembled = scratch.is_some();
         let r = match scratch {
             None => mman::map_file_fixed(w, prot, fd, offset),
             Some(s) => mman::move_over(s, w),
@@ -806,6 +933,9 @@ impl Mem for Os {
         // in place: an access the kernel makes for the application (`/proc/self/mem`)
         // cannot wait for a userfaultfd, and PROT_NONE pages cannot be populated.
         let len = n * self.page;
+        if !assembled && prot & libc::PROT_READ != 0 && self.map_in_registered(addr, len) {
+            return Ok(());
+        }
         // A run assembled aside was populated there (covered pages written in are
         // present too) and `mremap` moved its PTEs along; `mprotect` keeps them, but
         // without PROT_READ they cannot count as populated (as below).

@@ -555,7 +555,9 @@ fn wait_settled(py: Python<'_>, timeout: Option<Bound<'_, PyAny>>) -> PyResult<b
 /// `stable_node_chains`, `stable_node_dups`, `ksm_zero_pages`, `general_profit`)
 /// and ksm's own: `rmap_items`, `frames`, `deferred_frames`, `suspect_frames`,
 /// `pool_bytes`, `merges`, `merge_failures`, `pages_hashed`, `cows`, `vmas_added`,
-/// `vmas_used`, `vma_budget`, `vma_budget_skips`, `unmergeable_pages`,
+/// `vmas_used`, `vma_budget`, `vma_budget_skips`, `vma_budget_bytes` (what the
+/// merges the budget put off in the latest complete full scan would have saved,
+/// each page once), `unmergeable_pages`,
 /// `metadata_bytes`, `metadata_peak_bytes` (what the last full scan held at its
 /// end, unstable index included, if more than `metadata_bytes`), `tracked_pages`,
 /// `advised_pages`, `settled` (bool: the last full scan changed nothing). `pages_shared + pages_sharing + pages_unshared +
@@ -654,11 +656,20 @@ fn numpy_alloc(len: usize) -> Result<usize, i32> {
         return Err(libc::EINVAL);
     }
     let (addr, mapped) = e.alloc(len).map_err(|e| errno_of(&e))?;
+    if sys::npalloc::wants_hugepages(len) {
+        // As numpy's default handler: fewer page faults where the array is filled. Best
+        // effort (a kernel without transparent huge pages refuses; nothing changes).
+        let _ = sys::mman::hugepage(addr, mapped);
+    }
     if let Err(err) = e.madvise(addr, mapped, MADV_MERGEABLE) {
         e.free(addr);
         return Err(errno_of(&err));
     }
     Ok(addr)
+}
+
+fn numpy_nonzero(start: usize, end: usize) -> Option<Vec<(usize, usize)>> {
+    Engine::get().ok()?.maybe_nonzero_runs(start, end)
 }
 
 fn numpy_free(addr: usize) {
@@ -693,6 +704,13 @@ fn _numpy_set_handler(
 fn _numpy_set_max_live(n: Bound<'_, PyAny>) -> PyResult<()> {
     sys::npalloc::set_max_live(int_arg(&n, "n", "a count from 0 to 2**64-1")?);
     Ok(())
+}
+
+/// Whether the numpy handler asks for transparent huge pages for arrays of 4 MiB and
+/// more (numpy's own setting, `_get_madvise_hugepage()`).
+#[pyfunction]
+fn _numpy_set_hugepages(on: bool) {
+    sys::npalloc::set_hugepages(on);
 }
 
 /// Give back the freed blocks the numpy handler keeps for reuse; how many there were.
@@ -801,12 +819,14 @@ fn _ksm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_numpy_set_max_live, m)?)?;
     m.add_function(wrap_pyfunction!(_numpy_owns, m)?)?;
     m.add_function(wrap_pyfunction!(_numpy_trim, m)?)?;
+    m.add_function(wrap_pyfunction!(_numpy_set_hugepages, m)?)?;
     m.add_function(wrap_pyfunction!(_numpy_allocator_stats, m)?)?;
     m.add_function(wrap_pyfunction!(_never_merges, m)?)?;
     m.add_function(wrap_pyfunction!(_advised_pages, m)?)?;
     sys::npalloc::set_hooks(sys::npalloc::Hooks {
         alloc: numpy_alloc,
         free: numpy_free,
+        nonzero: numpy_nonzero,
     });
     Ok(())
 }

@@ -226,11 +226,221 @@ impl PageRec {
     }
 }
 
+/// The records of a region's pages, created when the first is changed on its own.
+/// Until then every page has the same record (`fill`): advising a whole region, or
+/// forgetting one nothing visited, touches that one record only, so that making and
+/// unmapping memory costs the same whatever its size (numpy's allocator makes and
+/// drops arrays of a GiB as fast as it can). A change to one page (a visit) creates
+/// them all.
+#[derive(Clone, Debug, Default)]
+pub struct Recs {
+    len: usize,
+    fill: PageRec,
+    /// Empty while every record is `fill`, else `len` records.
+    v: Vec<PageRec>,
+}
+
+impl Recs {
+    /// `len` records, all `fill`, created only when one is changed alone.
+    pub fn new(len: usize, fill: PageRec) -> Self {
+        Recs {
+            len,
+            fill,
+            v: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records allocated (0 while every record is the one `fill`).
+    pub fn capacity(&self) -> usize {
+        self.v.capacity()
+    }
+
+    /// The record every page has, while they are not created one by one.
+    pub fn uniform(&self) -> Option<PageRec> {
+        (self.v.is_empty() && self.len > 0).then_some(self.fill)
+    }
+
+    fn create(&mut self) {
+        if self.v.is_empty() && self.len > 0 {
+            self.v = vec![self.fill; self.len];
+        }
+    }
+
+    pub fn iter(&self) -> RecsIter<'_> {
+        let lazy = if self.v.is_empty() { self.len } else { 0 };
+        self.v.iter().chain(std::iter::repeat_n(&self.fill, lazy))
+    }
+
+    /// The records of pages `range` (read only: nothing is created).
+    pub fn range(&self, range: std::ops::Range<usize>) -> RecsIter<'_> {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "records {range:?} of {}",
+            self.len
+        );
+        if self.v.is_empty() {
+            self.v
+                .iter()
+                .chain(std::iter::repeat_n(&self.fill, range.end - range.start))
+        } else {
+            self.v[range]
+                .iter()
+                .chain(std::iter::repeat_n(&self.fill, 0))
+        }
+    }
+
+    /// Every record, to change one by one (creates them).
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, PageRec> {
+        self.create();
+        self.v.iter_mut()
+    }
+
+    /// The records of pages `range`, to change one by one (creates them).
+    pub fn range_mut(&mut self, range: std::ops::Range<usize>) -> &mut [PageRec] {
+        self.create();
+        &mut self.v[range]
+    }
+
+    /// Apply `f` to every record (to the one shared record while they are not created).
+    pub fn update_all(&mut self, mut f: impl FnMut(&mut PageRec)) {
+        if self.v.is_empty() {
+            f(&mut self.fill);
+        } else {
+            self.v.iter_mut().for_each(f);
+        }
+    }
+
+    /// How many records satisfy `pred`.
+    pub fn count(&self, pred: impl Fn(&PageRec) -> bool) -> usize {
+        match self.uniform() {
+            Some(r) => {
+                if pred(&r) {
+                    self.len
+                } else {
+                    0
+                }
+            }
+            None => self.v.iter().filter(|p| pred(p)).count(),
+        }
+    }
+
+    /// Whether any record of pages `range` satisfies `pred`.
+    pub fn any_in(&self, range: std::ops::Range<usize>, pred: impl Fn(&PageRec) -> bool) -> bool {
+        match self.uniform() {
+            Some(r) => {
+                assert!(range.end <= self.len, "records {range:?} of {}", self.len);
+                range.start < range.end && pred(&r)
+            }
+            None => self.v[range].iter().any(pred),
+        }
+    }
+
+    /// How many records of pages `range` satisfy `pred`.
+    pub fn count_in(
+        &self,
+        range: std::ops::Range<usize>,
+        pred: impl Fn(&PageRec) -> bool,
+    ) -> usize {
+        match self.uniform() {
+            Some(r) => {
+                assert!(range.end <= self.len, "records {range:?} of {}", self.len);
+                if pred(&r) {
+                    range.end.saturating_sub(range.start)
+                } else {
+                    0
+                }
+            }
+            None => self.v[range].iter().filter(|p| pred(p)).count(),
+        }
+    }
+
+    /// Whether any record satisfies `pred`.
+    pub fn any(&self, pred: impl Fn(&PageRec) -> bool) -> bool {
+        match self.uniform() {
+            Some(r) => pred(&r),
+            None => self.v.iter().any(pred),
+        }
+    }
+
+    /// The records from `at` on, taken away.
+    pub fn split_off(&mut self, at: usize) -> Recs {
+        assert!(at <= self.len, "split at {at} of {}", self.len);
+        let tail_len = self.len - at;
+        self.len = at;
+        if self.v.is_empty() {
+            return Recs::new(tail_len, self.fill);
+        }
+        let v = self.v.split_off(at);
+        if at == 0 {
+            // Still `at` (no) records: the shared one stands for none.
+            self.v = Vec::new();
+        }
+        Recs {
+            len: tail_len,
+            fill: self.fill,
+            v,
+        }
+    }
+
+    pub fn shrink_to_fit(&mut self) {
+        self.v.shrink_to_fit();
+    }
+}
+
+pub type RecsIter<'a> =
+    std::iter::Chain<std::slice::Iter<'a, PageRec>, std::iter::RepeatN<&'a PageRec>>;
+
+impl std::ops::Index<usize> for Recs {
+    type Output = PageRec;
+
+    fn index(&self, i: usize) -> &PageRec {
+        if self.v.is_empty() {
+            assert!(i < self.len, "record {i} of {}", self.len);
+            &self.fill
+        } else {
+            &self.v[i]
+        }
+    }
+}
+
+impl std::ops::IndexMut<usize> for Recs {
+    fn index_mut(&mut self, i: usize) -> &mut PageRec {
+        self.create();
+        &mut self.v[i]
+    }
+}
+
+impl<'a> IntoIterator for &'a Recs {
+    type Item = &'a PageRec;
+    type IntoIter = RecsIter<'a>;
+
+    fn into_iter(self) -> RecsIter<'a> {
+        self.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Recs {
+    type Item = &'a mut PageRec;
+    type IntoIter = std::slice::IterMut<'a, PageRec>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter_mut()
+    }
+}
+
 /// A tracked range.
 #[derive(Debug)]
 pub struct Region {
     pub start: usize,
-    pub pages: Vec<PageRec>,
+    pub pages: Recs,
     /// Allocated by ksm (read directly) or by the application (read fault-safely).
     pub owned: bool,
     /// Protection to use when remapping (`PROT_*`) for owned memory; foreign pages
@@ -238,6 +448,11 @@ pub struct Region {
     pub prot: i32,
     /// Registered with the userfaultfd in write-protect mode.
     pub registered: bool,
+    /// Memory ksm owns registered with the synchronous userfaultfd until the scan
+    /// first reaches it, where its write tracking starts (see `Core::scan_batch`):
+    /// tracking a range costs a marker and page tables under every page, which
+    /// nothing needs before a scan has taken checksums there.
+    pub track_pending: bool,
     /// The frame offset under each covered page (`IN_POOL`), by page index (a region
     /// has fewer than 2^32 pages: its records alone would take 32 GiB).
     covered: HashMap<u32, FrameId>,
@@ -249,10 +464,11 @@ impl Region {
         rec.set_prot(prot);
         Region {
             start,
-            pages: vec![rec; npages],
+            pages: Recs::new(npages, rec),
             owned,
             prot,
             registered: false,
+            track_pending: false,
             covered: HashMap::new(),
         }
     }
@@ -275,7 +491,7 @@ impl Region {
     }
 
     pub fn any_advised(&self) -> bool {
-        self.pages.iter().any(PageRec::advised)
+        self.pages.any(PageRec::advised)
     }
 
     /// The frame offset page `i`'s mapping covers, for a private copy inside a pool
@@ -316,9 +532,7 @@ impl Region {
     /// Forget every covered offset (a forked child's records: its pool mappings are
     /// the parent's, and it unmerges them as inherited pages).
     pub fn clear_covered(&mut self) {
-        for p in &mut self.pages {
-            p.clear(IN_POOL);
-        }
+        self.pages.update_all(|p| p.clear(IN_POOL));
         self.covered = HashMap::new();
     }
 
@@ -344,6 +558,7 @@ impl Region {
             owned: self.owned,
             prot: self.prot,
             registered: self.registered,
+            track_pending: self.track_pending,
             covered,
         }
     }
@@ -450,6 +665,43 @@ mod tests {
         );
         assert_eq!(r.covered_frames().count(), 2);
         assert_eq!(tail.covered_frame(8), Some(24));
+    }
+
+    #[test]
+    fn records_are_created_when_one_changes_alone() {
+        let mut r = Region::new(0x10000, 1 << 18, true, 3);
+        assert_eq!(r.metadata_bytes(), 0, "a GiB of pages, no record yet");
+        r.pages.update_all(|p| p.set(ADVISED));
+        assert!(r.any_advised() && r.pages.uniform().is_some());
+        assert_eq!(r.pages.count(PageRec::advised), 1 << 18);
+        assert_eq!(r.pages.count_in(10..20, PageRec::advised), 10);
+        assert!(!r.pages.any_in(0..1 << 18, PageRec::in_pool_mapping));
+        assert!(!r.pages.any_in(5..5, PageRec::advised));
+        assert_eq!(r.pages.range(3..7).count(), 4);
+        assert_eq!(r.pages.iter().count(), 1 << 18);
+        // A lazy split keeps both halves lazy.
+        let tail = r.split_off(1 << 17, 0x1000);
+        assert_eq!((r.pages.len(), tail.pages.len()), (1 << 17, 1 << 17));
+        assert!(tail.pages.uniform().is_some_and(|p| p.advised()));
+        assert_eq!(r.metadata_bytes(), 0);
+        // One page changed: every record exists, the others as they were.
+        r.pages[5].set_state(State::Volatile);
+        assert!(r.pages.uniform().is_none());
+        assert_eq!(r.pages.capacity(), 1 << 17);
+        assert_eq!(r.pages.count(|p| p.state() == State::Volatile), 1);
+        assert_eq!(r.pages.count(PageRec::advised), 1 << 17);
+        assert!(r.pages.any_in(5..6, |p| p.state() == State::Volatile));
+        assert!(!r.pages.any_in(6..100, |p| p.state() == State::Volatile));
+        let t2 = r.split_off(4, 0x1000);
+        assert_eq!(t2.pages[1].state(), State::Volatile);
+        assert_eq!(r.pages.iter().filter(|p| p.advised()).count(), 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "record 8 of 8")]
+    fn a_lazy_record_past_the_end_panics_as_a_vec_would() {
+        let r = Region::new(0x10000, 8, true, 3);
+        let _ = r.pages[8];
     }
 
     #[test]

@@ -146,6 +146,7 @@ impl<M: Mem> Core<M> {
                 return true;
             };
             let from = cur.max(rstart);
+            self.start_tracking(rstart);
             // As many pages as the budget lets visits reach, up to `PROBE_BATCH_MAX` (as
             // many whatever `hash_threads` says, so that it changes nothing else).
             let batch = (budget - scanned).clamp(PROBE_BATCH as u64, PROBE_BATCH_MAX as u64);
@@ -168,7 +169,13 @@ impl<M: Mem> Core<M> {
             // its trust now, whether or not this batch gets to visit it.
             if let Some(r) = self.regions.get_mut(&rstart) {
                 let base = (from - r.start) / page;
-                for (p, &u) in r.pages[base..base + n].iter_mut().zip(&unchanged[..n]) {
+                let untrusted = r.pages.uniform().is_some_and(|p| !p.sum_tracked());
+                let recs: &mut [PageRec] = if untrusted {
+                    &mut []
+                } else {
+                    r.pages.range_mut(base..base + n)
+                };
+                for (p, &u) in recs.iter_mut().zip(&unchanged[..n]) {
                     if !u {
                         p.clear(SUM_TRACKED);
                     }
@@ -238,6 +245,25 @@ impl<M: Mem> Core<M> {
         false
     }
 
+    /// The scan reached the region at `rstart`: start its write tracking if that was
+    /// left for now (see `Region::track_pending`). No page of it was visited yet, so no
+    /// checksum of it is trusted; a region with merged pages keeps its synchronous
+    /// registration (a merge would have moved them there anyway).
+    fn start_tracking(&mut self, rstart: usize) {
+        let page = self.page;
+        let Some(r) = self.regions.get_mut(&rstart) else {
+            return;
+        };
+        if !r.track_pending {
+            return;
+        }
+        r.track_pending = false;
+        let (s, e) = (r.start, r.end(page));
+        if !self.has_merged_pages(s, e) {
+            self.mem.retrack(s, e - s);
+        }
+    }
+
     /// Run until `n` full scans have completed (finishing a scan in progress first).
     pub fn scan_full(&mut self, n: u64) {
         if !self.at_scan_start() {
@@ -259,6 +285,8 @@ impl<M: Mem> Core<M> {
         self.frames.age_segments();
         self.domain_end_scan();
         self.counters.full_scans += 1;
+        self.counters.vma_put_off_pages = std::mem::take(&mut self.put_off_now);
+        self.put_off_last = None;
         self.settled = self.changes == 0;
         self.changes = 0;
     }
@@ -271,7 +299,7 @@ impl<M: Mem> Core<M> {
             return false;
         };
         let base = (from - r.start) / self.page;
-        r.owned && r.pages[base..base + n].iter().all(|p| !p.in_pool_mapping())
+        r.owned && !r.pages.any_in(base..base + n, PageRec::in_pool_mapping)
     }
 
     /// From page `i` of the batch at `from` (in the region at `rstart`), the pages a

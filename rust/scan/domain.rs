@@ -89,6 +89,17 @@ pub struct DomainState {
 }
 
 impl DomainState {
+    /// Bytes of the state's tables (hash sets count a control byte per slot).
+    pub(super) fn metadata_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let sums = self.announced.capacity() + self.publishing.capacity() + self.claimed.capacity();
+        sums * (size_of::<u32>() + 1)
+            + self.wanted.capacity() * (size_of::<(u32, u64)>() + 1)
+            + (self.decline.capacity() + self.announce.capacity() + self.claim.capacity())
+                * size_of::<u32>()
+            + self.publish.capacity() * size_of::<(usize, bool, u32)>()
+    }
+
     /// Whether a candidate with `checksum` has something to do with the domain (not
     /// announced yet, or asked for), so that its visit cannot be skipped.
     pub(super) fn needs_visit(&self, checksum: u32) -> bool {
@@ -329,9 +340,14 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// Whether a broker answers now (the engine says so before every batch).
+    /// Whether a broker answers now, or may soon (the engine says so before every
+    /// batch). When it stops being expected, what was claimed and not answered is
+    /// forgotten: those contents are published here at their next visits.
     pub fn set_domain_connected(&mut self, connected: bool) {
         if let Some(d) = &mut self.domain {
+            if d.connected && !connected {
+                d.claimed.clear();
+            }
             d.connected = connected;
         }
     }

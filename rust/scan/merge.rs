@@ -23,7 +23,7 @@ impl<M: Mem> Core<M> {
     /// compare again, remap with one mapping, wake.
     pub(super) fn merge_with_frame(&mut self, t: Target, f: FrameId, hash: u64) -> bool {
         let page = self.page;
-        if !self.charge_vmas(1) {
+        if !self.charge_vmas(t.addr, 1) {
             return false;
         }
         let mut f = f;
@@ -158,7 +158,8 @@ impl<M: Mem> Core<M> {
             }
         };
         // Each side is one mapping, at most 2 VMAs, whatever the run's length.
-        if !self.charge_vmas(2) {
+        if !self.charge_vmas(t.addr, 2) {
+            self.keep_visiting(other);
             return false;
         }
         let mut run = self.run_of(t, o, hash);
@@ -243,8 +244,17 @@ impl<M: Mem> Core<M> {
                 k = s;
                 break;
             }
-            let stale =
-                (s..i).find(|&j| checksum_of(self.mem.frame(f0 + j as FrameId)).0 != run.hashes[j]);
+            let stale = if t.owned {
+                // The frames hold the protected pages' bytes now (written whole): those
+                // of memory ksm owns are hashed in place, where they are mapped already
+                // (a frame just written would cost a page fault of the pool's view).
+                (s..i).find(|&j| {
+                    let read = self.mem.read(at + (j - s) * page, true, &mut a).is_ok();
+                    !(read && checksum_of(&a).0 == run.hashes[j])
+                })
+            } else {
+                (s..i).find(|&j| checksum_of(self.mem.frame(f0 + j as FrameId)).0 != run.hashes[j])
+            };
             if let Some(j) = stale {
                 k = j;
                 break;
@@ -366,21 +376,47 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// Charge the VMA budget for `pages` remaps; false (and counted) if it would pass it.
+    /// Charge the VMA budget for `pages` remaps of the visit of `addr`; false (and
+    /// counted, see `put_off`) if it would pass it.
     ///
     /// The charge (2 per page, the most a remap can add) is an upper bound: runs of
     /// pages on consecutive frames coalesce into one VMA. So when the allowance runs
     /// out, the real count is read again, at most once per 256 charges, so that a
     /// process really at its budget does not recount for every page.
-    pub(super) fn charge_vmas(&mut self, pages: u64) -> bool {
+    pub(super) fn charge_vmas(&mut self, addr: usize, pages: u64) -> bool {
         if !self.vma_room(pages) {
-            self.counters.vma_budget_skips += 1;
+            self.put_off(addr);
             return false;
         }
         let need = 2 * pages;
         self.charges_since_count += 1;
         self.vma_allowance -= need;
         true
+    }
+
+    /// The visit of `addr` put a merge off because of the VMA budget: counted in
+    /// `vma_budget_skips` for every merge refused, and once per full scan in the pages
+    /// put off (`Counters::vma_put_off_pages`: one page that merging would have saved;
+    /// a visit may be refused a merge onto a frame, then a pair).
+    pub(super) fn put_off(&mut self, addr: usize) {
+        self.counters.vma_budget_skips += 1;
+        self.keep_visiting(addr);
+        if self.put_off_last != Some(addr) {
+            self.put_off_last = Some(addr);
+            self.put_off_now += 1;
+            if self.counters.full_scans == 0 {
+                self.counters.vma_put_off_pages = self.put_off_now;
+            }
+        }
+    }
+
+    /// A page whose merge the VMA budget put off is not aged by smart scan: it did not
+    /// fail to merge (the kernel's would have merged), so every full scan visits it,
+    /// counts it in `vma_put_off_pages` and merges it once the budget has room.
+    pub(super) fn keep_visiting(&mut self, addr: usize) {
+        let p = self.rec_mut(addr);
+        p.set_age(0);
+        p.set_skips(0);
     }
 
     /// Whether the VMA budget has room for `pages` remaps (as `charge_vmas` would

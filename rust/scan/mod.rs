@@ -77,6 +77,12 @@ pub struct Counters {
     pub cows: u64,
     /// Merges not attempted because they could have passed the VMA budget.
     pub vma_budget_skips: u64,
+    /// Pages the latest complete full scan put off because of the VMA budget (before
+    /// the first full scan completes, the scan in progress so far): each would have
+    /// saved one page by merging. A page counts at most once per full scan, however
+    /// many merges its visit had refused, and the figure is replaced at the end of
+    /// every full scan, never added up across scans.
+    pub vma_put_off_pages: u64,
     /// Pages skipped by smart scan (never reset).
     pub pages_skipped: u64,
     /// Pages we turned into the kernel's zero page (`use_zero_pages`) still reading it.
@@ -126,6 +132,10 @@ pub struct Core<M: Mem> {
     /// The allowance is to be read afresh before the next charge (see
     /// `count_vmas_when_needed`).
     vma_count_due: bool,
+    /// Pages the full scan in progress put off because of the VMA budget, and the
+    /// address of the last of them (a visit refused twice counts once).
+    put_off_now: u64,
+    put_off_last: Option<usize>,
     /// Frames freed while unmerging, punched together when it ends (see `unmerge_range`).
     punch_later: Option<Vec<FrameId>>,
     /// Threads a batch's checksums are taken on, ahead of the visits (the engine sets
@@ -170,7 +180,8 @@ fn key_of(c: u32) -> u64 {
 /// if it is not in the index any more (for [`UnstableIndex`], which keeps no keys).
 fn unstable_key(regions: &BTreeMap<usize, Region>, page: usize, a: usize) -> Option<u32> {
     let (_, r) = regions.range(..=a).next_back()?;
-    let p = r.pages.get((a - r.start) / page)?;
+    let i = (a - r.start) / page;
+    let p = (i < r.pages.len()).then(|| r.pages[i])?;
     (p.state() == State::Unstable && p.advised()).then(|| p.checksum())
 }
 
@@ -205,6 +216,8 @@ impl<M: Mem> Core<M> {
             vma_allowance: u64::MAX,
             charges_since_count: 0,
             vma_count_due: false,
+            put_off_now: 0,
+            put_off_last: None,
             punch_later: None,
             scan_end_metadata: 0,
             hash_threads: 1,
@@ -314,12 +327,8 @@ impl<M: Mem> Core<M> {
             "overlapping regions"
         );
         self.unsettle();
-        self.advised += region.pages.iter().filter(|p| p.advised()).count() as u64;
-        self.counters.ksm_zero_pages += region
-            .pages
-            .iter()
-            .filter(|p| p.state() == State::Zero)
-            .count() as u64;
+        self.advised += region.pages.count(PageRec::advised) as u64;
+        self.counters.ksm_zero_pages += region.pages.count(|p| p.state() == State::Zero) as u64;
         self.regions.insert(region.start, region);
     }
 
@@ -328,9 +337,15 @@ impl<M: Mem> Core<M> {
     pub fn remove_region(&mut self, start: usize) -> Option<Region> {
         let r = self.regions.get(&start)?;
         let n = r.pages.len();
-        self.advised -= r.pages.iter().filter(|p| p.advised()).count() as u64;
-        for i in 0..n {
-            self.forget(start + i * self.page);
+        self.advised -= r.pages.count(PageRec::advised) as u64;
+        // Records never created (nothing visited there) hold nothing to release.
+        if r.pages
+            .uniform()
+            .is_none_or(|p| p.state() != State::Untracked)
+        {
+            for i in 0..n {
+                self.forget(start + i * self.page);
+            }
         }
         if self
             .cursor
@@ -356,6 +371,19 @@ impl<M: Mem> Core<M> {
         let mut n = 0;
         for r in self.regions.values_mut() {
             let (s, e) = (start.max(r.start), end.min(r.end(page)));
+            if s >= e {
+                continue;
+            }
+            if (s, e) == (r.start, r.end(page)) {
+                // The whole region: its shared record, while there is one.
+                if let Some(fill) = r.pages.uniform() {
+                    if !fill.advised() {
+                        r.pages.update_all(|p| p.set(ADVISED));
+                        n += r.pages.len();
+                    }
+                    continue;
+                }
+            }
             for p in r
                 .pages
                 .iter_mut()
@@ -439,7 +467,20 @@ impl<M: Mem> Core<M> {
     /// Whether any page of `[start, end)` maps a frame (ours or, in a child, the
     /// parent's), or sits in a mapping of one as a covered page.
     pub fn has_merged_pages(&self, start: usize, end: usize) -> bool {
-        self.pages_in(start, end).any(|(_, r)| r.in_pool_mapping())
+        let page = self.page;
+        let first = self
+            .regions
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        self.regions.range(first..end).any(|(_, r)| {
+            let (s, e) = (start.max(r.start), end.min(r.end(page)));
+            s < e
+                && r.pages.any_in(
+                    (s - r.start) / page..(e - r.start) / page,
+                    PageRec::in_pool_mapping,
+                )
+        })
     }
 
     /// Every (address, record) of tracked pages in `[start, end)`.
@@ -552,6 +593,10 @@ impl<M: Mem> Core<M> {
     pub fn vmas_added(&self) -> u64 {
         let mut total = 0u64;
         for r in self.regions.values() {
+            if r.pages.uniform().is_some_and(|p| !p.in_pool_mapping()) {
+                // One piece: nothing merged, nothing covered.
+                continue;
+            }
             let mut pieces = 0u64;
             let mut prev: Option<Option<u32>> = None;
             for (i, p) in r.pages.iter().enumerate() {
@@ -607,16 +652,19 @@ impl<M: Mem> Core<M> {
         (chains, dups)
     }
 
-    /// Bytes of our own bookkeeping (records of every region, frame table, indexes).
-    /// Unlike the kernel's, ksm's own memory (`ksm.mmap`) has its records from the
-    /// start, advised or not (8 bytes a page); the application's memory has none
-    /// until it is advised.
+    /// Bytes of our own bookkeeping (records of every region, frame table, indexes,
+    /// and in a merge domain the checksums announced and asked for).
+    /// A region's records count from when they are created (see `Recs`: the first
+    /// change to one page); unlike the kernel's, those of ksm's own memory (`ksm.mmap`)
+    /// then stay, advised or not (8 bytes a page); the application's memory has none
+    /// once unadvised.
     pub fn metadata_bytes(&self) -> u64 {
         let recs: usize = self.regions.values().map(Region::metadata_bytes).sum();
         (recs
             + self.frames.metadata_bytes()
             + self.stable.metadata_bytes()
-            + self.unstable.metadata_bytes()) as u64
+            + self.unstable.metadata_bytes()
+            + self.domain.as_ref().map_or(0, DomainState::metadata_bytes)) as u64
     }
 
     /// The most bookkeeping a full scan needs: `metadata_bytes()` now, or at the end

@@ -108,9 +108,20 @@ impl<M: Mem> Core<M> {
 
     /// Forget a whole region whose memory vanished (see `forget_vanished`).
     pub fn remove_vanished_region(&mut self, start: usize) {
-        let n = self.regions.get(&start).map_or(0, |r| r.pages.len());
-        for i in 0..n {
-            self.forget_vanished(start + i * self.page);
+        let Some(r) = self.regions.get(&start) else {
+            return;
+        };
+        let n = r.pages.len();
+        if r.pages
+            .uniform()
+            .is_some_and(|p| p.state() == State::Untracked)
+        {
+            // Records never created: nothing held, the advice goes with the region.
+            self.unsettle();
+        } else {
+            for i in 0..n {
+                self.forget_vanished(start + i * self.page);
+            }
         }
         self.remove_region(start);
     }

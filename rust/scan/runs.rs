@@ -250,15 +250,15 @@ impl<M: Mem> Core<M> {
                     Some(w) => self.mem.frame(w) == self.mem.frame(g),
                     None => key == self.frames.hash(g),
                 };
-            if join && self.present_for_run(&mut ahead, x, was) {
+            // A page to cover is probed only once a page that joins follows it (see
+            // `covers_present`): most runs end at their first cover.
+            if join
+                && self.present_for_run(&mut ahead, x, was)
+                && self.covers_present(&mut ahead, &[t.addr], n, pending)
+            {
                 run.push(Slot::Join(was));
                 pending = 0;
-            } else if !join
-                && was.is_none()
-                && pending < MAX_COVER
-                && self.can_cover_page(t, x)
-                && self.present_for_run(&mut ahead, x, None)
-            {
+            } else if !join && was.is_none() && pending < MAX_COVER && self.can_cover_page(t, x) {
                 run.push(Slot::Cover);
                 pending += 1;
             } else {
@@ -277,6 +277,26 @@ impl<M: Mem> Core<M> {
             Some(_) => Presence::File,
         };
         self.presence_ahead(ahead, x) == Some(want)
+    }
+
+    /// Whether the `pending` pages to cover before page `n` of the runs from each of
+    /// `starts` (the last `pending` slots planned) are present as a page to cover must
+    /// be (see `present_for_run`). Checked only once a page that joins follows them, as
+    /// it was checked when each was planned before: a run never ends in covered pages,
+    /// so those that stay pending are dropped unprobed.
+    fn covers_present(
+        &mut self,
+        ahead: &mut Ahead,
+        starts: &[usize],
+        n: usize,
+        pending: usize,
+    ) -> bool {
+        let page = self.page;
+        (n - pending..n).all(|k| {
+            starts
+                .iter()
+                .all(|&s| self.present_for_run(ahead, s + k * page, None))
+        })
     }
 
     /// Whether the page at `x` of run `t` may be covered (see `Slot::Cover`): read-write
@@ -421,9 +441,12 @@ impl<M: Mem> Core<M> {
                 (Some(g), Some(h)) => self.mem.frame(g) == self.mem.frame(h),
                 _ => kt == ko,
             };
+            // Pages to cover are probed only once a pair that joins follows them (see
+            // `covers_present`): a lone pair's run ends at its first cover, unprobed.
             if join
                 && self.present_for_run(&mut ahead, ta, wt)
                 && self.present_for_run(&mut ahead, oa, wo)
+                && self.covers_present(&mut ahead, &[t.addr, o.addr], n, pending)
             {
                 run.push(kt, Slot::Join(wt), Slot::Join(wo));
                 pending = 0;
@@ -433,8 +456,6 @@ impl<M: Mem> Core<M> {
                 && pending < MAX_COVER
                 && self.can_cover_page(t, ta)
                 && self.can_cover_page(o, oa)
-                && self.present_for_run(&mut ahead, ta, None)
-                && self.present_for_run(&mut ahead, oa, None)
             {
                 run.push(0, Slot::Cover, Slot::Cover);
                 pending += 1;

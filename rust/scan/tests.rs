@@ -307,6 +307,8 @@ fn merges_stop_at_the_vma_budget() {
     // A pair is charged 2 VMAs per side: a budget of 10 VMAs takes two pairs.
     assert_eq!(k.pages_shared + k.pages_sharing, 4, "budget of 10 VMAs");
     assert!(k.vma_budget_skips > 0);
+    // The three pairs left were put off at the latest full scan: one page each.
+    assert_eq!(k.vma_put_off_pages, 3);
     assert!(c.vmas_added() <= 10);
     for i in 0..10 {
         assert_eq!(c.mem.read_page(BASE + i * PG), vec![6 + (i / 2) as u8; PG]);
@@ -320,11 +322,13 @@ fn merges_stop_at_the_vma_budget() {
         c.counters().vma_budget_skips > skips,
         "still at the budget: put off again"
     );
+    assert_eq!(c.counters().vma_put_off_pages, 3, "replaced, not added up");
     c.mem.vma_allowance = 100;
     c.refresh_vma_allowance();
     c.scan_full(2);
     let k = c.counters();
     assert_eq!(k.pages_shared + k.pages_sharing, 10);
+    assert_eq!(k.vma_put_off_pages, 0);
     for i in 0..10 {
         assert_eq!(c.mem.read_page(BASE + i * PG), vec![6 + (i / 2) as u8; PG]);
     }

@@ -274,7 +274,8 @@ impl<M: Mem> Core<M> {
                 StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
             }
         }
-        if self.has_unstable_candidate(hash, t.addr) && !self.vma_room(2) {
+        let candidate = self.unstable_candidate(hash, t.addr);
+        if candidate.is_some() && !self.vma_room(2) {
             // A pair merge needs VMAs the budget no longer has: it is put off before any
             // byte is read or compared (a process at its budget would otherwise read and
             // compare every such pair at every full scan, only to refuse the merge).
@@ -283,7 +284,10 @@ impl<M: Mem> Core<M> {
             if verify && !load(self, buf) {
                 return false;
             }
-            self.counters.vma_budget_skips += 1;
+            self.put_off(t.addr);
+            if let Some(c) = candidate {
+                self.keep_visiting(c);
+            }
         } else if self.unstable.may_contain(&hash) {
             if !load(self, buf) {
                 return false;
@@ -383,12 +387,11 @@ impl<M: Mem> Core<M> {
         super::unstable_key(&self.regions, self.page, c)
     }
 
-    /// Whether this scan's unstable index holds a page other than `addr` under `hash`
-    /// that is still in it (records only, no byte read).
-    fn has_unstable_candidate(&self, hash: u64, addr: usize) -> bool {
-        self.unstable
-            .candidates(&hash)
-            .any(|c| self.in_unstable(c, addr) && self.unstable_key_of(c).map(key_of) == Some(hash))
+    /// A page of this scan's unstable index with checksum key `hash` (not `addr`).
+    fn unstable_candidate(&self, hash: u64, addr: usize) -> Option<usize> {
+        self.unstable.candidates(&hash).find(|&c| {
+            self.in_unstable(c, addr) && self.unstable_key_of(c).map(key_of) == Some(hash)
+        })
     }
 
     /// Whether page `c` (not `addr`, the page looking) is in this scan's unstable index.

@@ -89,6 +89,10 @@ impl<M: Mem> Core<M> {
             .filter(|r| r.owned && (r.registered || !on))
             .map(|r| (r.start, r.end(page)))
             .collect();
+        // Tracking left for the scan to start is settled here, now.
+        for r in self.regions.values_mut() {
+            r.track_pending = false;
+        }
         for (start, end) in owned {
             for (s, e) in self.unmerged_runs(start, end) {
                 self.distrust(s, e);
@@ -114,7 +118,12 @@ impl<M: Mem> Core<M> {
         for r in self.regions.range_mut(first..end).map(|(_, r)| r) {
             let (s, e) = (start.max(r.start), end.min(r.end(page)));
             if s < e {
-                let slice = &mut r.pages[(s - r.start) / page..(e - r.start) / page];
+                if r.pages.uniform().is_some_and(|p| !p.sum_tracked()) {
+                    continue;
+                }
+                let slice = r
+                    .pages
+                    .range_mut((s - r.start) / page..(e - r.start) / page);
                 for p in slice {
                     p.clear(SUM_TRACKED);
                 }

@@ -22,6 +22,11 @@ pub enum Point {
     Register,
     /// `UFFDIO_WRITEPROTECT` (protect and unprotect).
     WriteProtect,
+    /// `UFFDIO_CONTINUE` giving a newly merged mapping its PTEs.
+    Continue,
+    /// Not a failure: a test's stand-in for the application, which discards
+    /// (`MADV_DONTNEED`) a newly merged mapping just before that `UFFDIO_CONTINUE`.
+    DiscardBeforeContinue,
     /// `fallocate(PUNCH_HOLE)` of a freed frame.
     Punch,
     /// Reading memory ksm does not own.
@@ -42,6 +47,8 @@ pub const POINTS: &[(&str, Point)] = &[
     ("anonymous", Point::Anonymous),
     ("register", Point::Register),
     ("writeprotect", Point::WriteProtect),
+    ("continue", Point::Continue),
+    ("discard_before_continue", Point::DiscardBeforeContinue),
     ("punch", Point::Punch),
     ("read_foreign", Point::ReadForeign),
     ("send", Point::Send),
@@ -50,7 +57,7 @@ pub const POINTS: &[(&str, Point)] = &[
     ("map_segment", Point::MapSegment),
 ];
 
-const N: usize = 11;
+const N: usize = 13;
 static EVERY: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];
 static ERRNO: [AtomicI32; N] = [const { AtomicI32::new(0) }; N];
 static CALLS: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];

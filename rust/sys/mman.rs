@@ -314,9 +314,34 @@ pub(crate) fn discard(w: &Window) -> io::Result<()> {
     Ok(())
 }
 
+/// `MADV_DONTNEED` of `[addr, addr+len)`, pages of the write-protected window `w`
+/// that map a frame (a pool mapping, private): they lose their PTE, and their next
+/// access is a minor fault that the fault thread answers (zeros where the
+/// application discarded them). For a page the application discarded while its merge
+/// was mapping it again (see `Os::prepare_merged`).
+pub(crate) fn discard_in(w: &Window, addr: usize, len: usize) -> io::Result<()> {
+    if addr < w.addr() || addr + len > w.addr() + w.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the range lies inside the protected window (checked above), which ksm
+    // holds no Rust reference into; dropping PTEs of a private file mapping changes no
+    // byte of the file, and the page's next access is served by the fault thread.
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) })?;
+    Ok(())
+}
+
 /// `MADV_POPULATE_READ`: fault the pages of `[addr, addr+len)` in for reading, so
 /// that a merged page has its PTE (pointing at the frame) from the start. Read
 /// faults change no contents and never break copy-on-write.
+/// `madvise(MADV_HUGEPAGE)` over `[addr, addr+len)`: transparent huge pages where the
+/// kernel's setting allows them on request (`madvise`), as numpy asks for its large
+/// arrays. A merge inside a huge page splits it (as the kernel's ksmd does).
+pub fn hugepage(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: advice on memory the caller maps; MADV_HUGEPAGE changes no contents.
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) })?;
+    Ok(())
+}
+
 pub fn populate_read(addr: usize, len: usize) -> io::Result<()> {
     const MADV_POPULATE_READ: i32 = 22;
     // SAFETY: populating for read changes no byte of the range; an unmapped or

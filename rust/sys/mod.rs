@@ -229,6 +229,18 @@ pub fn page_size() -> usize {
     })
 }
 
+/// Give the C allocator's free memory back to the kernel (glibc's `malloc_trim`):
+/// the free chunks of every arena, the threads' ones included, which glibc only
+/// returns by itself from the top of the main heap. Elsewhere a no-op.
+pub fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointer and only advises the kernel about memory
+    // glibc's allocator holds free; it is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The process id (changes in a forked child, which is how the child notices it).
 pub fn getpid() -> i32 {
     // SAFETY: getpid has no preconditions and cannot fail.

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
@@ -83,6 +83,9 @@ struct Config {
     min_bytes: usize,
 }
 
+/// `[start, end)` address ranges.
+pub type Runs = Vec<(usize, usize)>;
+
 /// What the handler calls to get and give back ksm memory: set once by the Python layer.
 #[derive(Clone, Copy)]
 pub struct Hooks {
@@ -90,6 +93,9 @@ pub struct Hooks {
     pub alloc: fn(usize) -> Result<usize, i32>,
     /// Give back what `alloc` returned.
     pub free: fn(usize),
+    /// The runs of `[start, end)` (a kept block) that may read other than zeros, or
+    /// None if all of it may.
+    pub nonzero: fn(usize, usize) -> Option<Runs>,
 }
 
 static HOOKS: OnceLock<Hooks> = OnceLock::new();
@@ -112,6 +118,21 @@ pub const CACHE_MAX_BYTES: usize = 64 << 20;
 pub const CACHE_MAX_BLOCK: usize = 32 << 20;
 pub static CACHED_BYTES: AtomicUsize = AtomicUsize::new(0);
 pub static CACHE_HITS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether arrays of `HUGEPAGE_MIN` bytes and more ask for transparent huge pages, as
+/// numpy's default handler does (numpy's `_set_madvise_hugepage`, read at install).
+static HUGEPAGES: AtomicBool = AtomicBool::new(true);
+/// numpy's threshold for that advice (4 MiB).
+pub const HUGEPAGE_MIN: usize = 4 << 20;
+
+pub fn set_hugepages(on: bool) {
+    HUGEPAGES.store(on, Ordering::Relaxed);
+}
+
+/// Whether an allocation of `len` bytes asks for huge pages.
+pub fn wants_hugepages(len: usize) -> bool {
+    len >= HUGEPAGE_MIN && HUGEPAGES.load(Ordering::Relaxed)
+}
 
 /// Counters, for `ksm.numpy_allocator_stats()`.
 pub static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
@@ -219,9 +240,20 @@ fn ksm_alloc(size: usize, zero: bool) -> Option<usize> {
     let hooks = HOOKS.get()?;
     if let Some(addr) = from_cache(mapped_len(size)) {
         if zero {
-            // SAFETY: a kept block is a live mapping of ours of at least `size` bytes
-            // (from_cache only hands out blocks that large) that nothing else uses.
-            unsafe { std::ptr::write_bytes(addr as *mut u8, 0, size) };
+            // Only what may hold bytes is cleared: pages never written (or given back)
+            // read as zeros already, and clearing them would fault every one in (as
+            // glibc's calloc clears only the memory it reuses).
+            let end = addr + size;
+            let runs = (hooks.nonzero)(addr, mapped_len(size) + addr).unwrap_or(vec![(addr, end)]);
+            for (s, e) in runs {
+                let (s, e) = (s.max(addr), e.min(end));
+                if s < e {
+                    // SAFETY: a kept block is a live mapping of ours of at least `size`
+                    // bytes (from_cache only hands out blocks that large) that nothing
+                    // else uses; `[s, e)` lies inside its first `size` bytes.
+                    unsafe { std::ptr::write_bytes(s as *mut u8, 0, e - s) };
+                }
+            }
         }
         live(|m| m.insert(addr, size));
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);

@@ -337,6 +337,15 @@ impl Uffd {
         Ok(())
     }
 
+    /// `UFFDIO_CONTINUE` of `[start, start+len)`, a new private mapping of the frame
+    /// pool registered in minor mode whose pages have no PTE yet: each maps its frame
+    /// (read-only, copy-on-write), and the mapping gets its `anon_vma` on the way (see
+    /// `os::Os::map_frames`). Not for the fault thread (fault injection point).
+    pub fn populate_minor(&self, start: usize, len: usize) -> io::Result<()> {
+        super::inject::check(super::inject::Point::Continue)?;
+        self.continue_minor(start, len, false)
+    }
+
     /// `UFFDIO_COPY` of zeros: resolve a minor fault on a page whose contents the
     /// application discarded (`MADV_DONTNEED`) by giving it a private page of
     /// zeros, write-protected if `wp`; only where the page has no PTE (EEXIST
