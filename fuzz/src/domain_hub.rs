@@ -182,7 +182,7 @@ impl Model {
         let live: u32 = bits.iter().map(|w| w.count_ones()).sum();
         let frames = self.segs.get(&id).map_or(0, |g| g.frames);
         // Unused, or mostly dead (compaction).
-        (live == 0 || (frames.saturating_sub(live) >= COMPACT_DEAD && 5 * (frames - live) > frames))
+        (live == 0 || (frames.saturating_sub(live) >= COMPACT_DEAD && 2 * live < frames))
             && self.members.iter().all(|m| {
                 self.usage
                     .get(m)

@@ -240,8 +240,13 @@ impl Engine {
         let Some(link) = &st.domain else {
             return;
         };
-        let (segments, pages) = st.core.frames().domain_totals();
-        let totals = (segments as u64, pages);
+        // What the report is made from: the segments held, and every change of which
+        // frames our pages map (a page moving from one segment to another leaves the
+        // totals as they were, not this count).
+        let totals = (
+            st.core.frames().domain_totals().0 as u64,
+            st.core.frames().domain_changes(),
+        );
         if scan_done {
             // Unchanged since the last report with `ScanDone`, every age past retirement:
             // nothing to say, nor to compute (a settled scan stays as cheap as outside a

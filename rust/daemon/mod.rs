@@ -102,7 +102,7 @@ struct State {
     domain: Option<crate::domain::client::Link>,
     /// Segments that could not be built or sealed since joining.
     publish_failures: u64,
-    /// (segments, pages on them) when the domain was last told (see `domain.rs`).
+    /// (segments, `domain_changes`) when the domain was last told (see `domain.rs`).
     usage_reported: (u64, u64),
     /// The report last sent with `ScanDone` (see `domain.rs`).
     usage_scan_done: Vec<crate::domain::proto::SegUsage>,

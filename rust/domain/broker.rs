@@ -34,18 +34,19 @@ use crate::sys::unix::{self, Socket};
 /// retired.
 pub const RETIRE_AGE: u32 = 10;
 
-/// Dead frames (mapped by no member) that make a segment worth compacting: more
-/// than a fifth of its frames are dead, and at least this many. A fifth keeps the
-/// domain's pool within 25 % of its live frames (as kernel KSM, which frees each
-/// page with its last user, keeps none dead) at the cost of moving the live pages
-/// of a segment that lost a fifth.
+/// Dead frames (mapped by no member) that make a mostly dead segment worth
+/// compacting: its live frames are fewer than its dead ones, and at least this many
+/// are dead. (Retiring segments only a fifth dead was tried: members move their
+/// pages off a retired segment run by run, each run splitting a mapping, and a
+/// random half of the pages written put them past the VMA budget, after which
+/// nothing merged again and every new segment was retired in turn.)
 pub const COMPACT_DEAD: u32 = 64;
 
 /// Whether a segment of `frames` frames, `live` of them mapped by some member, is
 /// worth retiring (see [`COMPACT_DEAD`]).
 pub fn worth_retiring(frames: u32, live: u32) -> bool {
     let dead = frames.saturating_sub(live);
-    live == 0 || (dead >= COMPACT_DEAD && 5 * dead > frames)
+    live == 0 || (dead >= COMPACT_DEAD && dead > live)
 }
 
 /// Announcers of one checksum the broker remembers.
@@ -331,8 +332,8 @@ impl Hub {
         (bits, pages)
     }
 
-    /// Retire the segments that nobody maps, or of whose frames more than a fifth are
-    /// mapped by nobody (see [`COMPACT_DEAD`]), once every member has had [`RETIRE_AGE`] full
+    /// Retire the segments that nobody maps, or whose frames are mostly mapped by
+    /// nobody (see [`COMPACT_DEAD`]), once every member has had [`RETIRE_AGE`] full
     /// scans with them in its index (smart scan may pass over a page for up to 8
     /// visits).
     fn retire_unused(&mut self) -> Vec<Out> {
@@ -782,7 +783,7 @@ mod tests {
     }
 
     #[test]
-    fn a_segment_more_than_a_fifth_dead_is_retired_for_compaction() {
+    fn a_mostly_dead_segment_is_retired_for_compaction() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         h.on_message(
@@ -815,14 +816,14 @@ mod tests {
         // 4: 37 of 100 live, 63 dead: fewer than COMPACT_DEAD, kept.
         let mut small = [0u64; BITMAP_WORDS];
         small[0] = (1u64 << 37) - 1;
-        // 3: 512 of 640 live, 128 dead: exactly a fifth, kept.
+        // 3: 320 of 640 live, 320 dead: not mostly dead, kept.
         let report = |m3| Msg::Usage {
             segs: vec![usage(3, m3), usage(4, small)],
         };
-        h.on_message(a, report(words(8)), None);
+        h.on_message(a, report(words(5)), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
-        // 3: 448 live, 192 dead: more than a fifth, retired (its pages move off).
-        h.on_message(a, report(words(7)), None);
+        // 3: 256 live, 384 dead: retired (its pages move off).
+        h.on_message(a, report(words(4)), None);
         assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 1);
         assert!(!h.has_segment(3));
         assert!(h.has_segment(4));

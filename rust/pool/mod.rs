@@ -97,6 +97,8 @@ pub struct FrameTable {
     block_of: HashMap<u64, u32>,
     next_block: u32,
     free_blocks: Vec<u32>,
+    /// Changes to which domain frames our pages map, or how many (for usage reports).
+    domain_changes: u64,
 }
 
 /// What to do with a frame whose last reference went away.
@@ -333,6 +335,7 @@ impl FrameTable {
 
     pub fn incref(&mut self, f: FrameId) -> u32 {
         if is_domain(f) {
+            self.domain_changes += 1;
             let (b, i) = self.domain_mut(f);
             b.refs[i] += 1;
             b.pages += 1;
@@ -348,6 +351,7 @@ impl FrameTable {
     /// with its last mapping.
     pub fn decref(&mut self, f: FrameId) -> Release {
         if is_domain(f) {
+            self.domain_changes += 1;
             let (b, i) = self.domain_mut(f);
             assert!(
                 b.refs[i] > 0,
@@ -609,6 +613,12 @@ impl FrameTable {
         for b in self.blocks.values_mut() {
             b.age = b.age.saturating_add(1);
         }
+    }
+
+    /// A count that changes whenever a page of ours starts or stops mapping a domain
+    /// frame (so whenever `segment_usage` may say something new, segments aside).
+    pub fn domain_changes(&self) -> u64 {
+        self.domain_changes
     }
 
     /// Segments held, and the pages of ours mapping their frames.

@@ -227,6 +227,16 @@ impl<M: Mem> Core<M> {
         }
         if evict {
             for (s, e) in self.pages_on(f0, n) {
+                // Moving a run off splits its mapping (2 VMAs at most), and its pages then
+                // merge again (2 at most each): a run for which the VMA budget has no room
+                // stays on the retired segment (correct, and its memory goes once no page
+                // maps it). Evicting regardless put members over the budget, after which
+                // nothing merged again and the new segments were retired in turn.
+                let pages = ((e - s) / self.page) as u64;
+                if !self.vma_room(1 + pages) {
+                    continue;
+                }
+                self.vma_allowance = self.vma_allowance.saturating_sub(2);
                 if self.unmerge_range(s, e).is_ok() {
                     if let Some(d) = &mut self.domain {
                         d.counters.evicted += ((e - s) / self.page) as u64;
