@@ -432,15 +432,20 @@ def test_an_unmodified_pool_shares_its_arrays_through_ksm_run(method: str, name:
         workers = json.loads(p.stdout.readline())
         pages = workers[0][2] // ksm.PAGE_SIZE
         assert pages == 2048 and all(a % ksm.PAGE_SIZE == 0 for _, a, _ in workers)
-        # Three workers, one copy: 2 x 2048 pages saved domain-wide (bounded wait on
-        # ksmd, which runs in every worker).
+        # Three workers, about one copy: 2 x 2048 pages saved domain-wide (bounded wait
+        # on ksmd, which runs in every worker). About: on a loaded machine a content
+        # can end up published by two members, and its pages then keep two frames
+        # (docs/limitations.md, "Merge domains"); at most a few of 2,048.
+        want = 2 * pages - pages // 200
         deadline = time.monotonic() + 60
-        while ksm.domain_stats(name)["pages_sharing"] < 2 * pages:
+        while ksm.domain_stats(name)["pages_sharing"] < want:
             assert time.monotonic() < deadline, ksm.domain_stats(name).items()
             time.sleep(0.05)
         if ROOT:
             maps = [_pfns_of(pid, addr, n) for pid, addr, n in workers]
-            assert all(maps[0]) and maps[0] == maps[1] == maps[2], "one physical copy"
+            assert all(maps[0]), "every page present"
+            one = sum(a == b == c for a, b, c in zip(*maps, strict=True))
+            assert one >= pages - pages // 200, f"one physical copy: {one} of {pages} pages"
         p.stdin.write("\n")
         p.stdin.flush()
         sums = json.loads(p.stdout.readline())

@@ -33,10 +33,10 @@ use crate::sys::unix::{self, Socket};
 /// How long a member without a broker waits for one (being started, by it or by
 /// another member) before it publishes the contents it holds twice on its own, so
 /// that merging inside the process goes on when no broker answers. Starting a
-/// broker takes tens of milliseconds (more on a loaded machine); members that
-/// publish on their own meanwhile each make a frame of the same content, which
-/// then stay apart for as long as pages map them.
-pub const CONNECT_GRACE: Duration = Duration::from_secs(2);
+/// broker takes tens of milliseconds, seconds on a heavily loaded machine; members
+/// that publish on their own meanwhile each make a frame of the same content,
+/// which then stay apart for as long as pages map them.
+pub const CONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// A segment received from the domain, checked and mapped read-only.
 #[derive(Debug)]
