@@ -8,6 +8,18 @@ use std::mem::size_of;
 use crate::pool::FrameId;
 use crate::stats::hash_table_bytes;
 
+/// The slots of an open-addressed table of `n` slots in linear-probing order from
+/// `start`, wrapping around once.
+fn probe_order(start: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| {
+        if start + k >= n {
+            start + k - n
+        } else {
+            start + k
+        }
+    })
+}
+
 /// The hasher of maps keyed by a content checksum (32 bits of xxh3, already
 /// uniform) or a page number: spread over 64 bits by one multiplication (the table
 /// takes its control bits from the top).
@@ -224,14 +236,7 @@ impl UnstableIndex {
         let n = self.slots.len();
         let tag = Self::tag(key);
         let start = if n == 0 { 0 } else { self.home(key) };
-        (0..n)
-            .map(move |k| {
-                if start + k >= n {
-                    start + k - n
-                } else {
-                    start + k
-                }
-            })
+        probe_order(start, n)
             .map(|i| (i, self.get(i)))
             .take_while(|&(_, v)| v != SLOT_EMPTY)
             .filter(move |&(_, v)| v != SLOT_GONE && v >> SLOT_PAGE_BITS == tag)
@@ -338,14 +343,7 @@ impl FrameIndex {
         let n = self.slots.len();
         let tag = Self::tag(key);
         let start = if n == 0 { 0 } else { self.home(key) };
-        (0..n)
-            .map(move |k| {
-                if start + k >= n {
-                    start + k - n
-                } else {
-                    start + k
-                }
-            })
+        probe_order(start, n)
             .map(|i| (i, self.frame_at(i), self.slots[i][4]))
             .take_while(|&(_, f, _)| f != FRAME_EMPTY)
             .filter(move |&(_, f, t)| f != FRAME_GONE && t == tag)

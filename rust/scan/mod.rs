@@ -468,11 +468,7 @@ impl<M: Mem> Core<M> {
     /// parent's), or sits in a mapping of one as a covered page.
     pub fn has_merged_pages(&self, start: usize, end: usize) -> bool {
         let page = self.page;
-        let first = self
-            .regions
-            .range(..=start)
-            .next_back()
-            .map_or(start, |(&s, _)| s);
+        let first = self.first_region_key(start);
         self.regions.range(first..end).any(|(_, r)| {
             let (s, e) = (start.max(r.start), end.min(r.end(page)));
             s < e
@@ -483,15 +479,19 @@ impl<M: Mem> Core<M> {
         })
     }
 
+    /// Where the regions that may overlap `[start, ...)` begin in `regions`: the key of
+    /// the region at or before `start` (or `start` itself).
+    fn first_region_key(&self, start: usize) -> usize {
+        self.regions
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s)
+    }
+
     /// Every (address, record) of tracked pages in `[start, end)`.
     fn pages_in(&self, start: usize, end: usize) -> impl Iterator<Item = (usize, PageRec)> + '_ {
         let page = self.page;
-        let first = self
-            .regions
-            .range(..=start)
-            .next_back()
-            .map(|(&s, _)| s)
-            .unwrap_or(start);
+        let first = self.first_region_key(start);
         self.regions.range(first..end).flat_map(move |(_, r)| {
             let s = start.max(r.start);
             let e = end.min(r.end(page));

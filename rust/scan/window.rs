@@ -110,11 +110,7 @@ impl<M: Mem> Core<M> {
     /// trusted any more (one pass over each region's slice of records).
     fn distrust(&mut self, start: usize, end: usize) {
         let page = self.page;
-        let first = self
-            .regions
-            .range(..=start)
-            .next_back()
-            .map_or(start, |(&s, _)| s);
+        let first = self.first_region_key(start);
         for r in self.regions.range_mut(first..end).map(|(_, r)| r) {
             let (s, e) = (start.max(r.start), end.min(r.end(page)));
             if s < e {
