@@ -1039,6 +1039,27 @@ class _Terminated(SystemExit):
     pass
 
 
+def restore_sides(ksm_side: Any, k: Any, old_term: Any, err: TextIO, log: Callable[[str], None]) -> list[str]:
+    """Put ksm's knobs and (if driven) kernel KSM's back, with SIGINT and SIGTERM held
+    off meanwhile, then the SIGTERM handler `old_term`; says on `err` what could not be
+    restored. Returns those errors (empty on success)."""
+    errors: list[str] = []
+    prev_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ksm_side.restore()
+        if k is not None:
+            errors = k.restore()
+    finally:
+        signal.signal(signal.SIGINT, prev_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if errors:
+        print("ksm bench: could not restore kernel KSM knobs: " + "; ".join(errors), file=err)
+    elif k is not None:
+        log("kernel KSM knobs restored")
+    return errors
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     del frame
     raise _Terminated(128 + signum)
@@ -1223,19 +1244,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        prev_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            ksm_side.restore()
-            if k is not None:
-                restore_errors = k.restore()
-        finally:
-            signal.signal(signal.SIGINT, prev_int)
-            signal.signal(signal.SIGTERM, old_term)
-        if restore_errors:
-            print("ksm bench: could not restore kernel KSM knobs: " + "; ".join(restore_errors), file=err)
-        elif k is not None:
-            log("kernel KSM knobs restored")
+        restore_errors = restore_sides(ksm_side, k, old_term, err, log)
     if interrupted:
         print("interrupted", file=err)
         return 130

@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import TextIO
 
+from ._workers import _bar, _pss_kib
+
 MIB = 1 << 20
 TIMEOUT_S = 120.0
 
@@ -65,22 +67,6 @@ if __name__ == "__main__":
         sys.stdin.readline()
         print(json.dumps(list(pool.map(report, range(n)))), flush=True)
 '''
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _bar(done: float, width: int = 30) -> str:
-    n = max(0, min(width, round(done * width)))
-    return "[" + "#" * n + "." * (width - n) + "]"
 
 
 def _start(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[list[object]]]:
@@ -162,7 +148,7 @@ def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         while time.monotonic() < deadline:
             sharing = ksm.domain_stats(domain)["pages_sharing"]
             print(
-                f"\rmerging {_bar(sharing / max(1, want))} pages_sharing {sharing:,}",
+                f"\rmerging {_bar(sharing, want)} pages_sharing {sharing:,}",
                 end="",
                 file=err,
                 flush=True,

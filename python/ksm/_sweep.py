@@ -377,19 +377,7 @@ def sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        prev_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            ksm_side.restore()
-            if k is not None:
-                restore_errors = k.restore()
-        finally:
-            signal.signal(signal.SIGINT, prev_int)
-            signal.signal(signal.SIGTERM, old_term)
-        if restore_errors:
-            print("ksm bench: could not restore kernel KSM knobs: " + "; ".join(restore_errors), file=err)
-        elif k is not None:
-            log("kernel KSM knobs restored")
+        restore_errors = _bench.restore_sides(ksm_side, k, old_term, err, log)
     if interrupted:
         print("interrupted", file=err)
         return 130
