@@ -239,7 +239,7 @@ impl<M: Mem> Core<M> {
                 self.vma_allowance = self.vma_allowance.saturating_sub(2);
                 if self.unmerge_range(s, e).is_ok() {
                     if let Some(d) = &mut self.domain {
-                        d.counters.evicted += ((e - s) / self.page) as u64;
+                        d.counters.evicted += pages;
                     }
                 }
             }
