@@ -29,11 +29,12 @@
 //!   `pool_bytes` = Σ frames × page, segments, members, retired and refused counts;
 //! * messages only a broker sends are refused (counted), and change nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::{Arbitrary, Unstructured};
 use ksm::domain::broker::{Hub, MemberId, Out, ANNOUNCERS, COMPACT_DEAD, RETIRE_AGE};
 use ksm::domain::proto::{decode, DomainStats, Msg, SegUsage, BITMAP_WORDS, VERSION};
+use ksm::scan::fake::IntMap;
 
 /// Page size the hub counts with.
 const PAGE: u32 = 4096;
@@ -134,12 +135,12 @@ struct Model {
     ever: BTreeSet<MemberId>,
     segs: BTreeMap<u64, Seg>,
     /// The last report of each member, by segment.
-    usage: HashMap<MemberId, HashMap<u64, SegUsage>>,
+    usage: IntMap<MemberId, IntMap<u64, SegUsage>>,
     /// The members that announced a checksum (no segment holds it), first first, at
     /// most `ANNOUNCERS`.
-    first: HashMap<u32, Vec<MemberId>>,
+    first: IntMap<u32, Vec<MemberId>>,
     /// The member asked to publish a checksum, until it publishes, declines or leaves.
-    asked: HashMap<u32, MemberId>,
+    asked: IntMap<u32, MemberId>,
     retired: u64,
     refused: u64,
 }

@@ -44,11 +44,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 
 use arbitrary::{Arbitrary, Unstructured};
-use std::collections::HashSet;
 
 use ksm::pool::{is_domain, FrameId};
 use ksm::region::{Region, State};
-use ksm::scan::fake::FakeMem;
+use ksm::scan::fake::{FakeMem, IntMap, IntSet};
 use ksm::scan::{page_checksum, Core, Mem, Presence};
 
 /// Start of the first region (a multiple of every page size used).
@@ -212,10 +211,10 @@ pub struct ChildMem {
     /// Frames a child may read (since the last `pool_quiet`), with the bytes it would
     /// read: `None` for a free frame offset under a covered page, which must get no
     /// bytes until then.
-    pub child: HashMap<FrameId, Option<Vec<u8>>>,
+    pub child: IntMap<FrameId, Option<Vec<u8>>>,
     /// Frame given to the last successful `map_frames` at each address (meaningful
     /// while `fake.maps_frame(addr)`).
-    pub mapped: HashMap<usize, FrameId>,
+    pub mapped: IntMap<usize, FrameId>,
     /// VMA budget set by `VmaBudget` (None: no limit).
     pub vma_limit: Option<u64>,
     /// Successful remaps since the budget was set: each may have added up to 2 VMAs.
@@ -392,7 +391,7 @@ pub struct Harness {
     /// frame, frames).
     segs: BTreeMap<u64, (FrameId, u32)>,
     /// Checksums announced since the last join or new broker.
-    announced: HashSet<u32>,
+    announced: IntSet<u32>,
     /// Checksums announced again without a join, a new broker or a retirement between.
     reannounced: u64,
     /// Id of the next segment of ours.
@@ -419,10 +418,13 @@ impl Harness {
         let capacity = s
             .small_capacity
             .map_or(AMPLE_FRAMES, |c| 1 + u32::from(c % 32));
+        let mut fake = FakeMem::new(page);
+        // (Threads on every scan cost more than the checks; unit tests cover them.)
+        fake.sum_threads = false;
         let mem = ChildMem {
-            fake: FakeMem::new(page),
-            child: HashMap::new(),
-            mapped: HashMap::new(),
+            fake,
+            child: IntMap::default(),
+            mapped: IntMap::default(),
             vma_limit: None,
             maps_since_limit: 0,
             segments: BTreeMap::new(),
@@ -447,7 +449,7 @@ impl Harness {
             max_sharing_ever,
             span: na + gap + nb + 1 + nc + FREE_PAGES,
             segs: BTreeMap::new(),
-            announced: HashSet::new(),
+            announced: IntSet::default(),
             reannounced: 0,
             next_own: 1000,
         };
