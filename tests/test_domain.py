@@ -240,7 +240,8 @@ def test_members_starting_together_make_one_frame_of_a_content_each_holds_twice(
 ) -> None:
     """Contents repeated inside every member, merged before any member has heard from
     the broker (which is still starting): one frame each in the domain, not one per
-    member, as kernel KSM keeps one page per content."""
+    member, as kernel KSM keeps one page per content. And the members joining
+    together started one broker between them, not one each."""
     pages = 32
     group = [Member(31, pages) for _ in range(3)]
     members.extend(group)
@@ -256,6 +257,8 @@ def test_members_starting_together_make_one_frame_of_a_content_each_holds_twice(
     assert (d["pages_shared"], d["pages_sharing"]) == (distinct, 3 * pages - distinct)
     for m in group:
         assert m("check")["bad"] == []
+    assert [m("stats")["member"]["brokers_started"] for m in group].count(1) == 1
+    assert sum(m("stats")["member"]["brokers_started"] for m in group) == 1
 
 
 def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: list[Member]) -> None:

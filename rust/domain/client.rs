@@ -38,6 +38,10 @@ use crate::sys::unix::{self, Socket};
 /// which then stay apart for as long as pages map them.
 pub const CONNECT_GRACE: Duration = Duration::from_secs(5);
 
+/// Longest wait between tries to reach a broker while one is expected (within
+/// [`CONNECT_GRACE`] of losing it or of joining); 1 s after that.
+const EXPECTED_RETRY: Duration = Duration::from_millis(25);
+
 /// A segment received from the domain, checked and mapped read-only.
 #[derive(Debug)]
 pub struct SegmentView {
@@ -92,6 +96,8 @@ struct Shared {
     refused: AtomicU64,
     /// Times a connection to a broker was lost.
     disconnects: AtomicU64,
+    /// Brokers this member started (members that join together start one).
+    brokers_started: AtomicU64,
     /// Segments that could not be mapped here (out of resources), skipped.
     skipped: AtomicU64,
     /// Messages and bytes sent to and received from brokers.
@@ -108,6 +114,16 @@ struct Shared {
     syncs_asked: AtomicU64,
     synced: Mutex<(u64, proto::DomainStats)>,
     synced_cv: Condvar,
+}
+
+impl Shared {
+    /// How long the link has been without a broker (since it joined or lost one).
+    fn down_for(&self) -> Duration {
+        self.down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
 }
 
 /// How to start a broker: the program and its arguments, and the environment.
@@ -139,6 +155,7 @@ pub struct LinkStats {
     pub sent_bytes: u64,
     pub received: u64,
     pub received_bytes: u64,
+    pub brokers_started: u64,
 }
 
 impl Link {
@@ -168,6 +185,7 @@ impl Link {
                     wake: wake_rx,
                     sock: None,
                     spawned_at: None,
+                    start_claim: None,
                     page: crate::sys::page_size(),
                     retry: Vec::new(),
                 }
@@ -215,6 +233,7 @@ impl Link {
             sent_bytes: s.sent_bytes.load(Ordering::Relaxed),
             received: s.received.load(Ordering::Relaxed),
             received_bytes: s.received_bytes.load(Ordering::Relaxed),
+            brokers_started: s.brokers_started.load(Ordering::Relaxed),
         }
     }
 
@@ -223,13 +242,7 @@ impl Link {
     /// died). While it may, contents held twice wait for the broker to say which
     /// member publishes them, rather than each member publishing its own copy.
     pub fn broker_expected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
-            || self
-                .shared
-                .down_since
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none_or(|t| t.elapsed() < CONNECT_GRACE)
+        self.shared.connected.load(Ordering::Relaxed) || self.shared.down_for() < CONNECT_GRACE
     }
 
     /// The last error met reaching the broker since the last connection, if any.
@@ -318,6 +331,9 @@ struct Worker {
     wake: Socket,
     sock: Option<Socket>,
     spawned_at: Option<Instant>,
+    /// The start claim while this member is the one starting the broker (see
+    /// `place::claim_start`), given up once connected.
+    start_claim: Option<std::fs::File>,
     page: usize,
     /// Segments that could not be mapped here yet: tried again at every wake-up.
     retry: Vec<(Memfd, u32, u32)>,
@@ -338,7 +354,14 @@ impl Worker {
                         ));
                         let _ = unix::poll_readable(&[self.wake.raw()], retry.as_millis() as i32);
                         self.drain_wake();
-                        retry = (retry * 2).min(Duration::from_secs(1));
+                        // While a broker is expected (one starting takes ~0.1-0.3 s),
+                        // try often: members then wait for it no longer than needed.
+                        let most = if self.shared.down_for() < CONNECT_GRACE {
+                            EXPECTED_RETRY
+                        } else {
+                            Duration::from_secs(1)
+                        };
+                        retry = (retry * 2).min(most);
                         continue;
                     }
                 }
@@ -381,12 +404,19 @@ impl Worker {
         let sock = match Socket::connect(&self.path) {
             Ok(s) => s,
             Err(e) if super::place::no_broker(&e) => {
-                // At most one start per second from this member; a second broker
-                // started by another member at the same time finds the lock taken
-                // and exits.
-                if self
-                    .spawned_at
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                // One member starts the broker, the one holding the start claim
+                // (members joining together would otherwise start one each, and
+                // all but one find the broker's lock taken and exit: a Python
+                // start each, ~0.1 s of CPU); it starts one at most once a second
+                // until it connects. Were two brokers still started, the second
+                // finds the lock taken and exits.
+                if self.start_claim.is_none() {
+                    self.start_claim = super::place::claim_start(&self.name)?;
+                }
+                if self.start_claim.is_some()
+                    && self
+                        .spawned_at
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
                 {
                     self.spawned_at = Some(Instant::now());
                     // The broker detaches at once (its first process exits, the broker
@@ -394,6 +424,7 @@ impl Worker {
                     // leaves no zombie.
                     let pid = unix::spawn(&self.spawner.argv, &self.spawner.env)?;
                     unix::wait_child(pid);
+                    self.shared.brokers_started.fetch_add(1, Ordering::Relaxed);
                 }
                 return Err(e);
             }
@@ -414,6 +445,7 @@ impl Worker {
         };
         sock.send(&hello.encode(), &[], false)?;
         self.sock = Some(sock);
+        self.start_claim = None;
         self.shared.connected.store(true, Ordering::Relaxed);
         *self
             .shared

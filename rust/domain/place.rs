@@ -131,6 +131,21 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Claim the start of domain `name`'s broker: the open claim file while this process
+/// holds it (drop it to give the claim up; the kernel drops it with the process),
+/// or None if another member holds it (a broker is being started). The file is
+/// close-on-exec: the broker started does not inherit the claim.
+pub fn claim_start(name: &str) -> io::Result<Option<fs::File>> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dir()?.join(format!("{name}.start")))?;
+    Ok(unix::try_lock(f.as_raw_fd())?.then_some(f))
+}
+
 /// Whether a failed connect means that no broker listens (no socket, or a socket
 /// left by one that died): one may be started.
 pub fn no_broker(e: &io::Error) -> bool {

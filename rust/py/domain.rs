@@ -104,6 +104,7 @@ fn _member_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("publish_failures", s.publish_failures)?;
     d.set_item("refused", s.link.refused)?;
     d.set_item("disconnects", s.link.disconnects)?;
+    d.set_item("brokers_started", s.link.brokers_started)?;
     d.set_item("segments_skipped", s.link.skipped)?;
     d.set_item("messages_sent", s.link.sent)?;
     d.set_item("bytes_sent", s.link.sent_bytes)?;
