@@ -26,7 +26,9 @@
 //! * `stats()` (and the `Stats` reply) agrees with a model computed from the last
 //!   usage reports: `pages_shared` = `live_frames` = frames mapped by some member,
 //!   `pages_sharing` = Σ pages − frames mapped (per segment, never below 0),
-//!   `pool_bytes` = Σ frames × page, segments, members, retired and refused counts;
+//!   `pool_bytes` = Σ frames × page, segments, members, retired and refused counts,
+//!   where a retired segment counts on while some member reports pages on it (until
+//!   it reports none, or leaves);
 //! * messages only a broker sends are refused (counted), and change nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -141,6 +143,8 @@ struct Model {
     first: IntMap<u32, Vec<MemberId>>,
     /// The member asked to publish a checksum, until it publishes, declines or leaves.
     asked: IntMap<u32, MemberId>,
+    /// Retired segments some member still reports pages on, and their frames.
+    retiring: BTreeMap<u64, u32>,
     retired: u64,
     refused: u64,
 }
@@ -164,7 +168,9 @@ impl Model {
             }
         }
         // Bits past the segment's frames are not frames: the hub drops them.
-        let frames = self.segs.get(&id).map_or(0, |g| g.frames);
+        let frames = (self.segs.get(&id).map(|g| g.frames))
+            .or(self.retiring.get(&id).copied())
+            .unwrap_or(0);
         for (i, w) in bits.iter_mut().enumerate() {
             let first = 64 * i as u32;
             if first >= frames {
@@ -200,23 +206,43 @@ impl Model {
             refused: self.refused,
             ..Default::default()
         };
-        for (&id, g) in &self.segs {
+        let held = (self.segs.iter().map(|(&id, g)| (id, g.frames)))
+            .chain(self.retiring.iter().map(|(&id, &f)| (id, f)));
+        for (id, seg_frames) in held {
             let (bits, pages) = self.mapped(id);
             let frames: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
             st.pages_shared += frames;
             st.live_frames += frames;
             st.pages_sharing += pages.saturating_sub(frames);
-            st.pool_bytes += u64::from(g.frames) * u64::from(PAGE);
+            st.pool_bytes += u64::from(seg_frames) * u64::from(PAGE);
         }
         st
     }
 
     fn retire(&mut self, id: u64) {
-        self.segs.remove(&id).expect("a segment held");
-        for r in self.usage.values_mut() {
-            r.remove(&id);
-        }
+        let g = self.segs.remove(&id).expect("a segment held");
+        self.retiring.insert(id, g.frames);
+        self.forget_unmapped_retiring();
         self.retired += 1;
+    }
+
+    /// Retired segments no live member reports pages on are forgotten.
+    fn forget_unmapped_retiring(&mut self) {
+        let ids: Vec<u64> = self.retiring.keys().copied().collect();
+        for id in ids {
+            let mapped = self.members.iter().any(|m| {
+                self.usage
+                    .get(m)
+                    .and_then(|r| r.get(&id))
+                    .is_some_and(|u| u.pages > 0)
+            });
+            if !mapped {
+                self.retiring.remove(&id);
+                for r in self.usage.values_mut() {
+                    r.remove(&id);
+                }
+            }
+        }
     }
 
     /// A checksum is no longer a candidate nor asked for once a segment holds it.
@@ -364,6 +390,7 @@ impl Harness {
                 let mut expect = Vec::new();
                 if self.model.members.remove(&m) {
                     self.model.usage.remove(&m);
+                    self.model.forget_unmapped_retiring();
                     let sums: Vec<u32> = self.model.first.keys().copied().collect();
                     for s in sums {
                         self.model.drop_announcer(s, m);
@@ -466,7 +493,10 @@ impl Harness {
                 self.check_outs(&outs);
                 match id {
                     _ if !live => assert!(outs.is_empty()),
-                    Some(id) if !self.model.segs.contains_key(&id) => {
+                    Some(id)
+                        if !self.model.segs.contains_key(&id)
+                            && !self.model.retiring.contains_key(&id) =>
+                    {
                         self.model.segs.insert(
                             id,
                             Seg {
@@ -551,8 +581,16 @@ impl Harness {
                     for u in segs {
                         if self.model.segs.contains_key(&u.id) {
                             r.insert(u.id, u);
+                        } else if self.model.retiring.contains_key(&u.id) {
+                            // No pages on a retired segment: the member let it go.
+                            if u.pages == 0 {
+                                r.remove(&u.id);
+                            } else {
+                                r.insert(u.id, u);
+                            }
                         }
                     }
+                    self.model.forget_unmapped_retiring();
                 }
             }
             Op::ScanDone(w) => {

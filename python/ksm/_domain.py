@@ -79,7 +79,9 @@ def domain_stats(name: str | None = None) -> dict[str, int]:
     ``members`` (processes joined now), ``pages_shared`` (frames mapped by at least
     one page of some member), ``pages_sharing`` (sum over those frames of the pages
     mapping them minus one, all members together), ``pool_bytes`` (bytes of the
-    domain's segments, mapped or not), ``live_frames`` (frames in use), ``segments``,
+    domain's segments, mapped or not, and of the retired ones that pages of some
+    member still map: memory the domain still holds), ``live_frames`` (frames in
+    use), ``segments``,
     ``segments_retired`` and ``refused`` (messages the broker refused). Figures are
     those of the members' last full scans.
 

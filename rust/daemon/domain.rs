@@ -295,9 +295,25 @@ impl Engine {
     }
 
     /// Unmap the retired segments no page of ours maps any more.
+    /// The domain is told (a report of no pages on each), so that it stops counting
+    /// their memory once no member maps them.
     fn drop_unmapped_segments(st: &mut State) {
-        for (_, f0) in st.core.drop_unmapped_segments() {
+        let gone = st.core.drop_unmapped_segments();
+        for &(_, f0) in &gone {
             st.core.mem.drop_segment(f0);
+        }
+        if let (Some(link), false) = (&st.domain, gone.is_empty()) {
+            let none = |&(id, _): &(u64, crate::pool::FrameId)| SegUsage {
+                id,
+                pages: 0,
+                age: 0,
+                mapped: [0; BITMAP_WORDS],
+            };
+            link.send(gone.chunks(proto::MAX_USAGE).map(|c| {
+                Outbound::Msg(Msg::Usage {
+                    segs: c.iter().map(none).collect(),
+                })
+            }));
         }
     }
 

@@ -91,6 +91,10 @@ pub struct Hub {
     /// Checksums of frames in live segments (a hint: no one is asked to publish them).
     published: HashMap<u32, u32>,
     segments: BTreeMap<u64, Segment>,
+    /// Segments retired while some member's pages still map them, and their frames:
+    /// their memory stays until the last such page leaves them (the member then
+    /// reports the segment with no pages), so they still count in the pool.
+    retiring: BTreeMap<u64, u32>,
     retired: u64,
     refused: u64,
 }
@@ -149,6 +153,7 @@ impl Hub {
     /// messages returned); the segments it published stay (other members may map them).
     pub fn leave(&mut self, m: MemberId) -> Vec<Out> {
         self.members.remove(&m);
+        self.forget_unmapped_retiring();
         let mine: Vec<u32> = self
             .assigned
             .iter()
@@ -233,21 +238,28 @@ impl Hub {
             Msg::Usage { segs } => {
                 let member = self.members.get_mut(&m).expect("checked");
                 for mut u in segs {
-                    let Some(seg) = self.segments.get(&u.id) else {
+                    let retiring = self.retiring.get(&u.id).copied();
+                    let Some(frames) = self.segments.get(&u.id).map(|s| s.frames).or(retiring)
+                    else {
                         continue;
                     };
                     // Bits past the segment's frames are a lie: dropped, so that no
                     // figure can count more frames than the segment has.
                     for (i, w) in u.mapped.iter_mut().enumerate() {
                         let first = 64 * i as u32;
-                        if first >= seg.frames {
+                        if first >= frames {
                             *w = 0;
-                        } else if seg.frames - first < 64 {
-                            *w &= (1u64 << (seg.frames - first)) - 1;
+                        } else if frames - first < 64 {
+                            *w &= (1u64 << (frames - first)) - 1;
                         }
                     }
-                    member.usage.insert(u.id, u);
+                    if retiring.is_some() && u.pages == 0 {
+                        member.usage.remove(&u.id);
+                    } else {
+                        member.usage.insert(u.id, u);
+                    }
                 }
+                self.forget_unmapped_retiring();
                 Vec::new()
             }
             Msg::ScanDone => self.retire_unused(),
@@ -293,7 +305,8 @@ impl Hub {
     }
 
     fn publish(&mut self, m: MemberId, id: u64, frames: u32, sums: Vec<u32>) -> Vec<Out> {
-        if self.segments.contains_key(&id) {
+        // (A retired segment that pages still map is alive: no new one has its inode.)
+        if self.segments.contains_key(&id) || self.retiring.contains_key(&id) {
             self.refused += 1;
             return Vec::new();
         }
@@ -373,9 +386,10 @@ impl Hub {
                 }
             }
         }
-        for member in self.members.values_mut() {
-            member.usage.remove(&id);
-        }
+        // Its memory stays while pages of some member map it: counted on (see
+        // `retiring`) until they have all left it.
+        self.retiring.insert(id, s.frames);
+        self.forget_unmapped_retiring();
         self.retired += 1;
         self.members
             .keys()
@@ -385,6 +399,23 @@ impl Hub {
                 segment: None,
             })
             .collect()
+    }
+
+    /// Forget the retired segments that no member's pages map any more (reported so,
+    /// or their members gone).
+    fn forget_unmapped_retiring(&mut self) {
+        let members = &mut self.members;
+        self.retiring.retain(|id, _| {
+            let mapped = members
+                .values()
+                .any(|m| m.usage.get(id).is_some_and(|u| u.pages > 0));
+            if !mapped {
+                for m in members.values_mut() {
+                    m.usage.remove(id);
+                }
+            }
+            mapped
+        });
     }
 
     /// The ids of the segments the hub holds, oldest first.
@@ -401,13 +432,16 @@ impl Hub {
             refused: self.refused,
             ..Default::default()
         };
-        for (&id, s) in &self.segments {
+        // Retired segments that pages still map hold memory and share it as before.
+        let held = (self.segments.iter().map(|(&id, s)| (id, s.frames)))
+            .chain(self.retiring.iter().map(|(&id, &f)| (id, f)));
+        for (id, seg_frames) in held {
             let (bits, pages) = self.mapped(id);
             let frames: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
             st.pages_shared += frames;
             st.pages_sharing += pages.saturating_sub(frames);
             st.live_frames += frames;
-            st.pool_bytes += u64::from(s.frames) * u64::from(self.page);
+            st.pool_bytes += u64::from(seg_frames) * u64::from(self.page);
         }
         st
     }
@@ -452,8 +486,23 @@ impl Hub {
         );
         for member in self.members.values() {
             for id in member.usage.keys() {
-                assert!(self.segments.contains_key(id), "usage of a segment gone");
+                assert!(
+                    self.segments.contains_key(id) || self.retiring.contains_key(id),
+                    "usage of a segment gone"
+                );
             }
+        }
+        for id in self.retiring.keys() {
+            assert!(
+                !self.segments.contains_key(id),
+                "segment {id} retired and held"
+            );
+            assert!(
+                self.members
+                    .values()
+                    .any(|m| m.usage.get(id).is_some_and(|u| u.pages > 0)),
+                "retired segment {id} counted with no page on it"
+            );
         }
     }
 }
@@ -828,6 +877,52 @@ mod tests {
         assert!(!h.has_segment(3));
         assert!(h.has_segment(4));
         h.check_invariants();
+        // Its memory stays while pages map it: still in the pool and its live frames.
+        let st = h.stats();
+        assert_eq!((st.segments, st.segments_retired), (1, 1));
+        assert_eq!(st.pool_bytes, (640 + 100) * 4096);
+        assert_eq!(st.live_frames, 256 + 37);
+        // Fewer pages on it: still counted, by what is mapped.
+        h.on_message(a, report(words(1)), None);
+        assert_eq!(h.stats().live_frames, 64 + 37);
+        h.check_invariants();
+        // No page of the member on it any more: gone from the figures.
+        let mut none = usage(3, [0; BITMAP_WORDS]);
+        none.pages = 0;
+        h.on_message(a, Msg::Usage { segs: vec![none] }, None);
+        h.check_invariants();
+        let st = h.stats();
+        assert_eq!((st.pool_bytes, st.live_frames), (100 * 4096, 37));
+        // A report of it afterwards is of a segment unknown: ignored.
+        h.on_message(a, report(words(2)), None);
+        assert_eq!(h.stats().pool_bytes, 100 * 4096);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_retired_segment_counts_until_the_last_member_on_it_leaves() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 8,
+                sums: (0..8).collect(),
+            },
+            Some(7),
+        );
+        h.on_message(a, usage(7, RETIRE_AGE, 0b1, 1), None);
+        h.on_message(b, usage(7, RETIRE_AGE, 0b110, 2), None);
+        h.retire(7);
+        h.check_invariants();
+        assert_eq!(h.stats().pool_bytes, 8 * 4096);
+        assert_eq!(h.stats().live_frames, 3);
+        h.leave(a);
+        assert_eq!(h.stats().live_frames, 2);
+        h.leave(b);
+        h.check_invariants();
+        assert_eq!(h.stats().pool_bytes, 0);
     }
 
     #[test]
