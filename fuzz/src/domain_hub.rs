@@ -188,14 +188,16 @@ impl Model {
         let (bits, _) = self.mapped(id);
         let live: u32 = bits.iter().map(|w| w.count_ones()).sum();
         let frames = self.segs.get(&id).map_or(0, |g| g.frames);
-        // Unused, or mostly dead (compaction).
-        (live == 0 || (frames.saturating_sub(live) >= COMPACT_DEAD && 2 * live < frames))
-            && self.members.iter().all(|m| {
-                self.usage
-                    .get(m)
-                    .and_then(|r| r.get(&id))
-                    .is_some_and(|u| u.age >= RETIRE_AGE)
-            })
+        // Unused, or more than a fifth dead (compaction).
+        (live == 0 || {
+            let dead = frames.saturating_sub(live);
+            dead >= COMPACT_DEAD && 5 * dead > frames
+        }) && self.members.iter().all(|m| {
+            self.usage
+                .get(m)
+                .and_then(|r| r.get(&id))
+                .is_some_and(|u| u.age >= RETIRE_AGE)
+        })
     }
 
     fn stats(&self) -> DomainStats {

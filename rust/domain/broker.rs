@@ -34,19 +34,21 @@ use crate::sys::unix::{self, Socket};
 /// retired.
 pub const RETIRE_AGE: u32 = 10;
 
-/// Dead frames (mapped by no member) that make a mostly dead segment worth
-/// compacting: its live frames are fewer than its dead ones, and at least this many
-/// are dead. (Retiring segments only a fifth dead was tried: members move their
-/// pages off a retired segment run by run, each run splitting a mapping, and a
-/// random half of the pages written put them past the VMA budget, after which
-/// nothing merged again and every new segment was retired in turn.)
+/// Dead frames (mapped by no member) that make a partly dead segment worth
+/// compacting: more than a fifth of its frames are dead (so that the pool stays
+/// within 25 % of its live frames), and at least this many. Members move their pages
+/// off it, and those merge again onto new segments. (Compaction once churned: a
+/// member moved pages off on a stale VMA allowance and could not merge them again,
+/// and members at their budget announced contents they could not merge, so new
+/// segments nobody mapped were retired in turn, by the hundred. A member now counts
+/// its VMAs before moving pages off, and announces nothing at its budget.)
 pub const COMPACT_DEAD: u32 = 64;
 
 /// Whether a segment of `frames` frames, `live` of them mapped by some member, is
 /// worth retiring (see [`COMPACT_DEAD`]).
 pub fn worth_retiring(frames: u32, live: u32) -> bool {
     let dead = frames.saturating_sub(live);
-    live == 0 || (dead >= COMPACT_DEAD && dead > live)
+    live == 0 || (dead >= COMPACT_DEAD && 5 * dead > frames)
 }
 
 /// Announcers of one checksum the broker remembers.
@@ -865,11 +867,11 @@ mod tests {
         // 4: 37 of 100 live, 63 dead: fewer than COMPACT_DEAD, kept.
         let mut small = [0u64; BITMAP_WORDS];
         small[0] = (1u64 << 37) - 1;
-        // 3: 320 of 640 live, 320 dead: not mostly dead, kept.
+        // 3: 576 of 640 live, 64 dead: not a fifth dead, kept.
         let report = |m3| Msg::Usage {
             segs: vec![usage(3, m3), usage(4, small)],
         };
-        h.on_message(a, report(words(5)), None);
+        h.on_message(a, report(words(9)), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
         // 3: 256 live, 384 dead: retired (its pages move off).
         h.on_message(a, report(words(4)), None);

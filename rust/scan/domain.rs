@@ -83,6 +83,9 @@ pub struct DomainState {
     /// Contents this process holds twice, claimed from the domain (once), to claim.
     claimed: HashSet<u32>,
     claim: Vec<u32>,
+    /// Segments retired for compaction whose pages of ours are to move off: (first
+    /// frame, frames, the full scan at whose end they move; see `retire_segment`).
+    evict_due: Vec<(FrameId, u32, u64)>,
     /// Whether a broker answers now (else contents held twice are published at once).
     connected: bool,
     pub counters: DomainCounters,
@@ -98,6 +101,7 @@ impl DomainState {
             + (self.decline.capacity() + self.announce.capacity() + self.claim.capacity())
                 * size_of::<u32>()
             + self.publish.capacity() * size_of::<(usize, bool, u32)>()
+            + self.evict_due.capacity() * size_of::<(FrameId, u32, u64)>()
     }
 
     /// Whether a candidate with `checksum` has something to do with the domain (not
@@ -201,12 +205,11 @@ impl<M: Mem> Core<M> {
     }
 
     /// Segment `id` is retired: its frames leave the index. With `evict` (the domain
-    /// retired it: nobody maps it, or too few of its frames are mapped to be worth
-    /// its memory), the pages of ours still on it get private copies again, so that
-    /// the kernel can free it once no member maps it; they merge again, onto new
-    /// segments, at their next visits (the domain's compaction). Without, they stay
-    /// (leaving the domain keeps merged pages merged). An unmerge that fails leaves
-    /// its pages merged: still correct, the segment then lives on.
+    /// retired it: nobody maps it, or too much of it is mapped by nobody to be worth
+    /// its memory), the pages of ours still on it get private copies again at the end
+    /// of the next full scan, so that the kernel can free it once no member maps it;
+    /// they merge again, onto new segments, at their next visits (the domain's
+    /// compaction). Without, they stay (leaving the domain keeps merged pages merged).
     pub fn retire_segment(&mut self, id: u64, evict: bool) {
         let Some((f0, n)) = self.frames.retire_segment(id) else {
             return;
@@ -224,8 +227,40 @@ impl<M: Mem> Core<M> {
         }
         if let Some(d) = &mut self.domain {
             d.counters.retired += 1;
+            if evict {
+                // Not now: at the end of the first full scan that begins after this
+                // one. By then every page written before the retirement has been
+                // visited and given a mapping of its own, so the VMA budget says
+                // whether the pages moved off can merge again. (Moving pages off at
+                // once, while writes were still being found, let a member move pages
+                // off that its own writes then left no room to merge again: memory
+                // lost, not won, while other members kept the segment alive.)
+                d.evict_due.push((f0, n, d.scans + 1));
+            }
         }
-        if evict {
+    }
+
+    /// Move our pages off the segments retired for compaction whose time has come
+    /// (see `retire_segment`), as far as the VMA budget allows. An unmerge that fails
+    /// leaves its pages merged: still correct, the segment then lives on.
+    fn evict_retired_due(&mut self) {
+        let Some(d) = &mut self.domain else { return };
+        let now = d.scans;
+        let mut due = Vec::new();
+        d.evict_due.retain(|&(f0, n, at)| {
+            let ripe = at <= now;
+            if ripe {
+                due.push((f0, n));
+            }
+            !ripe
+        });
+        if due.is_empty() {
+            return;
+        }
+        // Counted afresh: a write copying a merged page away splits its mapping
+        // without a charge, so the allowance may be stale.
+        self.refresh_vma_allowance();
+        for (f0, n) in due {
             for (s, e) in self.pages_on(f0, n) {
                 // Moving a run off splits its mapping (2 VMAs at most), and its pages then
                 // merge again (2 at most each): a run for which the VMA budget has no room
@@ -283,11 +318,25 @@ impl<M: Mem> Core<M> {
 
     /// A page with `checksum` became a candidate (nothing to merge with here): tell
     /// the domain, or copy it into a segment if the domain asked for this checksum.
+    ///
+    /// A process at its VMA budget announces nothing (nor claims, below): it could not
+    /// merge onto the frame it asks for, and a segment that no member can map is
+    /// retired in turn, its pages announced again (seen as segments published and
+    /// retired by the hundred once a random half of the members' pages was written).
     pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32) {
+        let Some(d) = &self.domain else { return };
+        let wanted = d.wanted.contains_key(&checksum);
+        let fresh = !wanted && d.announce.len() < ANNOUNCE_MAX && !d.announced.contains(&checksum);
+        // (The budget is looked at only for something new to say: a settled scan
+        // passes its candidates without counting VMAs.)
+        if fresh && !self.vma_room(1) {
+            return;
+        }
         let Some(d) = &mut self.domain else { return };
-        if d.wanted.contains_key(&checksum) {
+        if wanted {
             d.queue(t, checksum);
-        } else if d.announce.len() < ANNOUNCE_MAX && d.announced.insert(checksum) {
+        } else if fresh {
+            d.announced.insert(checksum);
             d.announce.push(checksum);
         }
     }
@@ -295,13 +344,20 @@ impl<M: Mem> Core<M> {
     /// Two pages of this process hold the same bytes (an unstable-index match): in a
     /// domain their frame is made in a segment, so that other members can map it too.
     pub(super) fn domain_publish(&mut self, t: Target, checksum: u32) {
+        let Some(d) = &self.domain else { return };
+        // Asked for, or no broker to ask: publish (merging inside the process goes on
+        // without one). Else another member may hold it too: the broker says who
+        // publishes it.
+        let publish = d.wanted.contains_key(&checksum) || !d.connected;
+        let fresh = !publish && d.claim.len() < ANNOUNCE_MAX && !d.claimed.contains(&checksum);
+        if fresh && !self.vma_room(1) {
+            return;
+        }
         let Some(d) = &mut self.domain else { return };
-        if d.wanted.contains_key(&checksum) || !d.connected {
-            // Asked for, or no broker to ask: publish (merging inside the process goes
-            // on without one).
+        if publish {
             d.queue(t, checksum);
-        } else if d.claim.len() < ANNOUNCE_MAX && d.claimed.insert(checksum) {
-            // Another member may hold it too: the broker says who publishes it.
+        } else if fresh {
+            d.claimed.insert(checksum);
             d.claim.push(checksum);
         }
     }
@@ -334,6 +390,7 @@ impl<M: Mem> Core<M> {
     /// A full scan ended: what was asked for before it began and no page held during
     /// it is declined (the page changed), so that the domain asks another member.
     pub(super) fn domain_end_scan(&mut self) {
+        self.evict_retired_due();
         if let Some(d) = &mut self.domain {
             let scans = d.scans;
             let stale: Vec<u32> = d

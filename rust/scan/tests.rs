@@ -1464,6 +1464,34 @@ fn a_domain_member_announces_candidates_once_and_publishes_what_it_is_asked_for(
 }
 
 #[test]
+fn a_domain_member_at_its_vma_budget_announces_and_claims_nothing_until_it_has_room() {
+    let n = 8;
+    let mut c = core_with(n);
+    c.smart_scan = false;
+    for i in 0..n {
+        // Pages 0-5 unique, 6 and 7 the bytes of page 0 (a content held twice).
+        c.mem
+            .write(BASE + i * PG, &page_of(if i >= 6 { 0 } else { i }));
+    }
+    c.join_domain();
+    c.advise(BASE, BASE + n * PG);
+    c.mem.vma_allowance = 0;
+    c.refresh_vma_allowance();
+    c.scan_full(3);
+    let out = c.take_domain_out();
+    assert!(out.announce.is_empty(), "announced {:?}", out.announce);
+    assert!(out.claim.is_empty(), "claimed {:?}", out.claim);
+    // Room again (the engine has the budget counted afresh at each full scan): it
+    // announces.
+    c.mem.vma_allowance = 1000;
+    c.count_vmas_when_needed();
+    c.scan_full(2);
+    let out = c.take_domain_out();
+    assert!(!out.announce.is_empty() || !out.claim.is_empty());
+    c.check_invariants();
+}
+
+#[test]
 fn pages_merge_onto_a_domain_segment_as_one_run_and_count_as_saved() {
     let n = 8;
     let mut c = domain_member(n);
@@ -1612,8 +1640,14 @@ fn a_segment_the_domain_retires_gives_its_pages_back_and_they_merge_again() {
     c.mem.add_segment(f0, &frames);
     c.scan_full(1);
     assert_eq!(c.counters().pages_sharing, n as u64);
-    // Retired with pages on it: they get private copies, the block goes.
+    // Retired with pages on it: they get private copies at the end of the first full
+    // scan begun after it (writes found by then are counted in the VMA budget), and
+    // the block goes.
     c.retire_segment(5, true);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, n as u64, "not yet");
+    assert_eq!(c.domain_counters().evicted, 0);
+    c.scan_full(1);
     assert_eq!(c.counters().pages_sharing, 0);
     assert_eq!(c.domain_counters().evicted, n as u64);
     assert_eq!(c.drop_unmapped_segments(), vec![(5, f0)]);
