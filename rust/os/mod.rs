@@ -772,6 +772,16 @@ impl Mem for Os {
         self.vma_allowance_for(used)
     }
 
+    /// Moves off retired segments may use half of `vma_reserve` past the budget: the
+    /// application keeps the other half for its own mappings.
+    fn move_allowance(&mut self) -> u64 {
+        let used = maps::count_self().unwrap_or(u64::MAX);
+        let limit = maps::max_map_count().unwrap_or(65530);
+        let budget = limit.saturating_sub(self.vma_reserve);
+        let line = limit.saturating_sub(self.vma_reserve / 2);
+        line.saturating_sub(used.max(budget))
+    }
+
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {
         // A range `untrack_runs` took wholly out of the tracker for this merge needs no
         // second look below: only `track` registers memory with the tracker, and it

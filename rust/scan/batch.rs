@@ -346,7 +346,15 @@ impl<M: Mem> Core<M> {
                 k += 1;
                 continue;
             }
-            if p.state() == State::Stable && pres[k] != Presence::Anon && scanned < budget {
+            // (A page on a retired segment's frame is visited: it moves off, see
+            // `move_off_retired`.)
+            if p.state() == State::Stable
+                && pres[k] != Presence::Anon
+                && scanned < budget
+                && !(domain.is_some()
+                    && crate::pool::is_domain(p.frame())
+                    && frames.retired(p.frame()))
+            {
                 // `visit`: still maps its frame, a KSM page on its node; scanned.
                 counters.pages_scanned += 1;
                 scanned += 1;

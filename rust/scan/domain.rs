@@ -281,6 +281,11 @@ impl<M: Mem> Core<M> {
         }
     }
 
+    /// Whether `f` is a frame of a segment the domain retired (pages on it move off).
+    pub(super) fn on_retired(&self, f: FrameId) -> bool {
+        crate::pool::is_domain(f) && self.frames.retired(f)
+    }
+
     /// The runs of pages mapping (or covered at) frames `f0..f0+n`, as address ranges.
     fn pages_on(&self, f0: FrameId, n: u32) -> Vec<(usize, usize)> {
         let page = self.page;
@@ -323,13 +328,16 @@ impl<M: Mem> Core<M> {
     /// merge onto the frame it asks for, and a segment that no member can map is
     /// retired in turn, its pages announced again (seen as segments published and
     /// retired by the hundred once a random half of the members' pages was written).
-    pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32) {
+    ///
+    /// `moving`: the page is on a retired segment's frame, and moving it onto a new
+    /// frame costs no VMA (see `merge_with_frame_from`): announced whatever the budget.
+    pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32, moving: bool) {
         let Some(d) = &self.domain else { return };
         let wanted = d.wanted.contains_key(&checksum);
         let fresh = !wanted && d.announce.len() < ANNOUNCE_MAX && !d.announced.contains(&checksum);
         // (The budget is looked at only for something new to say: a settled scan
         // passes its candidates without counting VMAs.)
-        if fresh && !self.vma_room(1) {
+        if fresh && !moving && !self.vma_room(1) {
             return;
         }
         let Some(d) = &mut self.domain else { return };

@@ -74,6 +74,8 @@ pub struct FakeMem {
     pub tails_released: u64,
     /// What `vma_allowance` answers (the real count of a process).
     pub vma_allowance: u64,
+    /// What `move_allowance` answers.
+    pub move_allowance: u64,
     /// Write tracking (`probe_tracked`): anonymous pages not in `untracked` are
     /// tracked; `dirty` holds those written since their last probe.
     pub tracking: bool,
@@ -110,6 +112,7 @@ impl FakeMem {
             punch_runs: Vec::new(),
             tails_released: 0,
             vma_allowance: u64::MAX,
+            move_allowance: 0,
             tracking: false,
             untracked: IntSet::default(),
             dirty: IntSet::default(),
@@ -404,6 +407,10 @@ impl Mem for FakeMem {
 
     fn vma_allowance(&mut self) -> u64 {
         self.vma_allowance
+    }
+
+    fn move_allowance(&mut self) -> u64 {
+        self.move_allowance
     }
 
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()> {

@@ -138,6 +138,12 @@ pub trait Mem {
     /// `vma_reserve` knob minus what the process uses now); `u64::MAX` when there is
     /// no limit.
     fn vma_allowance(&mut self) -> u64;
+    /// VMAs that moving runs of pages off a retired segment may add past the budget
+    /// of `vma_allowance` (a move replaces a run's mapping with one mapping, and adds
+    /// at most 2 where the run ends inside a mapping). None by default.
+    fn move_allowance(&mut self) -> u64 {
+        0
+    }
     /// Start the merge window: write-protect (writers block until `release`).
     fn protect(&mut self, addr: usize, len: usize) -> io::Result<()>;
     /// End the merge window: unprotect (if `unprotect`) and always wake waiters.

@@ -22,13 +22,34 @@ impl<M: Mem> Core<M> {
     /// Write-protect `t` (and the run after it that matches the frames after `f`),
     /// compare again, remap with one mapping, wake.
     pub(super) fn merge_with_frame(&mut self, t: Target, f: FrameId, hash: u64) -> bool {
+        self.merge_with_frame_from(t, f, hash, None)
+    }
+
+    /// `merge_with_frame` for a page that maps frame `was` now (a frame of a retired
+    /// segment: see `move_off_retired`), or none. A run of pages moving from one run
+    /// of frames to another replaces their mapping with one mapping and adds at most
+    /// 2 VMAs (where it ends inside a mapping): charged 2 per run, past the budget if
+    /// need be (`charge_move`), so that pages leave a retired segment even when the
+    /// budget is spent.
+    pub(super) fn merge_with_frame_from(
+        &mut self,
+        t: Target,
+        f: FrameId,
+        hash: u64,
+        was: Option<FrameId>,
+    ) -> bool {
         let page = self.page;
-        if !self.charge_vmas(t.addr, 1) {
+        let charged = match was {
+            None => self.charge_vmas(t.addr, 1),
+            Some(_) => self.charge_move(t.addr),
+        };
+        if !charged {
             return false;
         }
         let mut f = f;
         let mut run = self.stable_run_of(t, f);
-        if run.len() == 1 && self.vma_allowance < TILE_BELOW_ALLOWANCE {
+        run[0] = Slot::Join(was);
+        if was.is_none() && run.len() == 1 && self.vma_allowance < TILE_BELOW_ALLOWANCE {
             // One content repeated, with the VMA budget running low: map a run of it
             // onto a tile of frames. (Not before: a tile's first run saves nothing, so
             // small counts of one content keep the kernel's figures exactly.)
@@ -442,8 +463,26 @@ impl<M: Mem> Core<M> {
         self.vma_count_due = true;
     }
 
+    /// Charge a move of a run off a retired segment (see `merge_with_frame_from`): 2
+    /// VMAs, from the budget, or past it from `Mem::move_allowance` (the rest of the
+    /// budget is charged first). False, and the move waits, when neither has room.
+    pub(super) fn charge_move(&mut self, addr: usize) -> bool {
+        if self.vma_room(1) {
+            return self.charge_vmas(addr, 1);
+        }
+        let room = *self
+            .move_allowance
+            .get_or_insert_with(|| self.mem.move_allowance());
+        if room < 2 {
+            return false;
+        }
+        self.move_allowance = Some(room - 2);
+        true
+    }
+
     /// Set the VMA budget from a count the caller already has.
     pub fn set_vma_allowance(&mut self, n: u64) {
+        self.move_allowance = None;
         self.vma_allowance = n;
         self.charges_since_count = 0;
         self.vma_count_due = false;

@@ -132,6 +132,9 @@ pub struct Core<M: Mem> {
     /// The allowance is to be read afresh before the next charge (see
     /// `count_vmas_when_needed`).
     vma_count_due: bool,
+    /// VMAs that moving pages off retired segments may still add past the budget
+    /// (`Mem::move_allowance`), asked when first needed after each count.
+    move_allowance: Option<u64>,
     /// Pages the full scan in progress put off because of the VMA budget, and the
     /// address of the last of them (a visit refused twice counts once).
     put_off_now: u64,
@@ -216,6 +219,7 @@ impl<M: Mem> Core<M> {
             vma_allowance: u64::MAX,
             charges_since_count: 0,
             vma_count_due: false,
+            move_allowance: None,
             put_off_now: 0,
             put_off_last: None,
             punch_later: None,

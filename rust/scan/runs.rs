@@ -154,7 +154,10 @@ impl<M: Mem> Core<M> {
         }
         match rec.state() {
             State::Volatile | State::Unstable => Some((key_of(rec.checksum()), None)),
-            State::Stable if merged && self.in_short_run(x, rec.frame()) => {
+            State::Stable
+                if merged
+                    && (self.in_short_run(x, rec.frame()) || self.on_retired(rec.frame())) =>
+            {
                 Some((self.frames.hash(rec.frame()), Some(rec.frame())))
             }
             _ => None,

@@ -1664,6 +1664,48 @@ fn a_segment_the_domain_retires_gives_its_pages_back_and_they_merge_again() {
 }
 
 #[test]
+fn pages_on_a_retired_segment_move_onto_a_new_one_with_no_vma_to_spare() {
+    let n = 4;
+    let mut c = domain_member(n);
+    let frames: Vec<Vec<u8>> = (0..n).map(page_of).collect();
+    let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+    let f0 = c.add_segment(5, &sums).unwrap();
+    c.mem.add_segment(f0, &frames);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, n as u64);
+    c.take_domain_out();
+    // The VMA budget is spent: nothing can get a private copy first.
+    c.mem.vma_allowance = 0;
+    c.refresh_vma_allowance();
+    c.retire_segment(5, true);
+    c.scan_full(2);
+    assert_eq!(c.domain_counters().evicted, 0);
+    assert_eq!(
+        c.counters().pages_sharing,
+        n as u64,
+        "still on the retired segment"
+    );
+    // Its contents are told to the domain all the same (moving costs no VMA).
+    assert_eq!(c.take_domain_out().announce, sums);
+    // Another member publishes them. With no room past the budget either, the pages
+    // wait; with room for a move (2 VMAs at most), they move over, one run onto one.
+    let g0 = c.add_segment(6, &sums).unwrap();
+    c.mem.add_segment(g0, &frames);
+    c.scan_full(1);
+    assert_eq!(c.rec(BASE).unwrap().frame(), f0, "no room: waits");
+    c.mem.move_allowance = 2;
+    c.count_vmas_when_needed();
+    c.scan_full(1);
+    for i in 0..n {
+        assert_eq!(c.rec(BASE + i * PG).unwrap().frame(), g0 + i as FrameId);
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i));
+    }
+    assert_eq!(c.counters().pages_sharing, n as u64);
+    assert_eq!(c.drop_unmapped_segments(), vec![(5, f0)]);
+    c.check_invariants();
+}
+
+#[test]
 fn a_segment_that_could_not_be_built_is_asked_for_again_and_a_changed_page_declined() {
     let n = 4;
     let mut c = domain_member(n);

@@ -72,6 +72,9 @@ impl<M: Mem> Core<M> {
             // already a KSM page hung on its node, nothing to do.
             Presence::Absent | Presence::File if rec.state() == State::Stable => {
                 self.counters.pages_scanned += 1;
+                if self.domain.is_some() && self.on_retired(rec.frame()) {
+                    self.move_off_retired(t, rec.frame());
+                }
                 return true;
             }
             // Still maps the parent's frame, or still the zero page: the kernel's page
@@ -311,8 +314,26 @@ impl<M: Mem> Core<M> {
             self.unstable
                 .push(hash, t.addr, |a| super::unstable_key(regions, page, a));
         }
-        self.domain_candidate(t, checksum);
+        self.domain_candidate(t, checksum, false);
         false
+    }
+
+    /// A page of ours on a frame `f` of a retired segment, not written since: onto a
+    /// frame with the same bytes in the index (a segment published since), with the
+    /// pages after it that are on retired frames too, mapping for mapping (see
+    /// `merge_with_frame_from`); else its content is told to the domain as a
+    /// candidate's is (or queued, if asked for), so that a member publishes it in a
+    /// new segment. This is how a domain compacts where no VMA is left to give the
+    /// pages private copies first.
+    fn move_off_retired(&mut self, t: Target, f: FrameId) {
+        let hash = self.frames.hash(f);
+        let buf = self.mem.frame(f).to_vec();
+        if let StableHit::Room(g) = self.stable_search(hash, &buf) {
+            if self.merge_with_frame_from(t, g, hash, Some(f)) {
+                return;
+            }
+        }
+        self.domain_candidate(t, hash as u32, true);
     }
 
     /// Frames holding exactly `buf`: one with room (the fullest), or whether all are full.
