@@ -8,6 +8,7 @@ hold, and answers:
   join NAME | leave | scan N | sync | stats | dstats | check | pfns
   write PAGE BYTE       (fill one page with BYTE, in memory and in the model)
   inject POINT EVERY ERRNO   (make every EVERY-th call at POINT fail; 0 turns it off)
+  knob NAME VALUE       (set ksm.ksmd.NAME)
   fork                  (fork a child that checks its inherited pages and exits)
   exit
 """
@@ -96,6 +97,9 @@ def main() -> None:
                 )
             _, status = os.waitpid(pid, 0)
             answer({"child": os.waitstatus_to_exitcode(status)})
+        elif cmd == "knob":
+            setattr(ksm.ksmd, args[0], int(args[1]))
+            answer({"ok": True})
         elif cmd == "inject":
             ksm._ksm._inject(args[0], int(args[1]), int(args[2]))
             answer({"ok": True})

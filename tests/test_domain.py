@@ -261,6 +261,38 @@ def test_members_starting_together_make_one_frame_of_a_content_each_holds_twice(
     assert sum(m("stats")["member"]["brokers_started"] for m in group) == 1
 
 
+def test_pages_left_on_a_retired_segment_move_onto_a_new_one_without_vma_room(
+    name: str, members: list[Member]
+) -> None:
+    """Members write the same part of their merged pages, each with bytes of its own:
+    the frames those pages left are dead. Once more than a fifth of a segment is dead
+    the domain retires it, and the pages still on it move onto a segment published
+    anew, mapping for mapping, even with the VMA budget spent (``vma_reserve`` raised
+    so that no page can get a private copy first). The pool comes down to its live
+    frames, and no byte changes."""
+    pages = 256
+    a, b = start(members, 2, seed=17, pages=pages, domain=name)
+    settle([a, b], pages)
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
+    written = range(0, 200, 2)  # 100 pages of 256: more than a fifth
+    for k, m in enumerate((a, b)):
+        assert m(f"knob vma_reserve {limit - 8}")["ok"]
+        for j, p in enumerate(written):
+            m(f"write {p} {1 + j + 100 * k}")
+    for _ in range(80):
+        step([a, b])
+        d = a("dstats")["dstats"]
+        if d["segments_retired"] and d["pool_bytes"] <= 1.25 * d["live_frames"] * ksm.PAGE_SIZE:
+            break
+    else:
+        pytest.fail(f"the pool never came down to its live frames: {d}")
+    assert d["live_frames"] == pages - len(written)
+    for m in (a, b):
+        assert m("check")["bad"] == []
+        assert m("stats")["member"]["evicted"] == 0, "no room for private copies"
+
+
 def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: list[Member]) -> None:
     pages = 32
     a, b = start(members, 2, seed=5, pages=pages, domain=name)

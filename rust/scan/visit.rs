@@ -327,10 +327,12 @@ impl<M: Mem> Core<M> {
     /// pages private copies first.
     fn move_off_retired(&mut self, t: Target, f: FrameId) {
         let hash = self.frames.hash(f);
-        let buf = self.mem.frame(f).to_vec();
-        if let StableHit::Room(g) = self.stable_search(hash, &buf) {
-            if self.merge_with_frame_from(t, g, hash, Some(f)) {
-                return;
+        if self.stable.contains(hash, |g| self.frames.hash(g)) {
+            let buf = self.mem.frame(f).to_vec();
+            if let StableHit::Room(g) = self.stable_search(hash, &buf) {
+                if self.merge_with_frame_from(t, g, hash, Some(f)) {
+                    return;
+                }
             }
         }
         self.domain_candidate(t, hash as u32, true);
