@@ -20,9 +20,10 @@
 //!   member that announced it first; exactly the announced checksums the model
 //!   expects are asked for (a second member announced a checksum no segment holds
 //!   and no one is asked for);
-//! * a segment is retired only if no member maps any of its frames and every
-//!   member reported it at age ≥ `RETIRE_AGE`, and after a scan-done no segment
-//!   that satisfies this is left; every member is told;
+//! * a scan-done retires exactly the segments every member reported at age ≥
+//!   `RETIRE_AGE` of which no frame is in use, or more than a fifth (and at least
+//!   `COMPACT_DEAD`) are not (a frame in use: mapped by some member, and not a twin
+//!   of a frame of a segment of lower id that stays); every member is told;
 //! * `stats()` (and the `Stats` reply) agrees with a model computed from the last
 //!   usage reports: `pages_shared` = `live_frames` = frames mapped by some member,
 //!   `pages_sharing` = Σ pages − frames mapped (per segment, never below 0),
@@ -182,22 +183,38 @@ impl Model {
         (bits, pages)
     }
 
-    /// Whether segment `id` may be retired: nobody maps a frame of it and every
-    /// member reported it at age ≥ `RETIRE_AGE`.
-    fn retirable(&self, id: u64) -> bool {
-        let (bits, _) = self.mapped(id);
-        let live: u32 = bits.iter().map(|w| w.count_ones()).sum();
-        let frames = self.segs.get(&id).map_or(0, |g| g.frames);
-        // Unused, or more than a fifth dead (compaction).
-        (live == 0 || {
-            let dead = frames.saturating_sub(live);
-            dead >= COMPACT_DEAD && 5 * dead > frames
-        }) && self.members.iter().all(|m| {
-            self.usage
-                .get(m)
-                .and_then(|r| r.get(&id))
-                .is_some_and(|u| u.age >= RETIRE_AGE)
-        })
+    /// The segments a scan-done retires, in id order: those every member reported at
+    /// age ≥ `RETIRE_AGE` of which no frame is in use (mapped by some member, and not
+    /// a twin: its checksum held by a segment of lower id that stays), or more than a
+    /// fifth and at least `COMPACT_DEAD` frames are not.
+    fn to_retire(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for (&id, g) in &self.segs {
+            let (bits, _) = self.mapped(id);
+            let twin = |c: u32| {
+                self.segs
+                    .range(..id)
+                    .any(|(k, h)| !out.contains(k) && h.sums.contains(&c))
+            };
+            let in_use = (0..g.frames)
+                .filter(|&i| {
+                    let i = i as usize;
+                    let mapped = i < 64 * BITMAP_WORDS && bits[i / 64] & (1 << (i % 64)) != 0;
+                    mapped && !g.sums.get(i).is_some_and(|&c| twin(c))
+                })
+                .count() as u32;
+            let dead = g.frames - in_use;
+            let old_enough = self.members.iter().all(|m| {
+                self.usage
+                    .get(m)
+                    .and_then(|r| r.get(&id))
+                    .is_some_and(|u| u.age >= RETIRE_AGE)
+            });
+            if old_enough && (in_use == 0 || (dead >= COMPACT_DEAD && 5 * dead > g.frames)) {
+                out.push(id);
+            }
+        }
+        out
     }
 
     fn stats(&self) -> DomainStats {
@@ -616,21 +633,17 @@ impl Harness {
                         self.model.segs.contains_key(&id),
                         "segment {id} retired twice"
                     );
-                    assert!(
-                        self.model.retirable(id),
-                        "segment {id} retired while mapped or too young for a member: {:?}",
-                        self.model.usage
-                    );
                     assert_eq!(to, &all, "every member told of retiring {id}");
                 }
+                let want = self.model.to_retire();
+                assert_eq!(
+                    retired.keys().copied().collect::<Vec<u64>>(),
+                    want,
+                    "segments retired (usage: {:?})",
+                    self.model.usage
+                );
                 for &id in retired.keys() {
                     self.model.retire(id);
-                }
-                for &id in self.model.segs.keys() {
-                    assert!(
-                        !self.model.retirable(id),
-                        "segment {id} nobody maps, old enough for all, kept"
-                    );
                 }
             }
             Op::StatsQuery(w) => {

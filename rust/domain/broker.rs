@@ -351,23 +351,34 @@ impl Hub {
     /// nobody (see [`COMPACT_DEAD`]), once every member has had [`RETIRE_AGE`] full
     /// scans with them in its index (smart scan may pass over a page for up to 8
     /// visits).
+    ///
+    /// A frame whose checksum a segment of lower id also holds counts as dead here (a
+    /// content published twice, by members that could not hear of each other in
+    /// time): the pages on it move onto that twin, which members find in their index
+    /// by its bytes, and the content keeps one frame, as in the kernel.
     fn retire_unused(&mut self) -> Vec<Out> {
-        let dead: Vec<u64> =
-            self.segments
-                .keys()
-                .copied()
-                .filter(|&id| {
-                    let (bits, _) = self.mapped(id);
-                    let live: u32 = bits.iter().map(|w| w.count_ones()).sum();
-                    let frames = self.segments[&id].frames;
-                    // Unused, or partly dead (its memory is the whole segment's): members
-                    // move their pages off it and they merge again onto new segments.
-                    worth_retiring(frames, live)
-                        && self.members.values().all(|member| {
-                            member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE)
-                        })
-                })
-                .collect();
+        // The checksums of the segments of lower id that stay.
+        let mut holder: HashSet<u32> = HashSet::new();
+        let mut dead: Vec<u64> = Vec::new();
+        for (&id, s) in &self.segments {
+            let (bits, _) = self.mapped(id);
+            let live = (0..s.frames as usize)
+                .filter(|&i| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1))
+                .filter(|&i| s.sums.get(i).is_none_or(|c| !holder.contains(c)))
+                .count() as u32;
+            // Unused, or partly dead (its memory is the whole segment's): members move
+            // their pages off it, onto twins or onto new segments.
+            if worth_retiring(s.frames, live)
+                && self
+                    .members
+                    .values()
+                    .all(|member| member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE))
+            {
+                dead.push(id);
+            } else {
+                holder.extend(s.sums.iter().copied());
+            }
+        }
         let mut out = Vec::new();
         for id in dead {
             out.extend(self.retire(id));
@@ -898,6 +909,64 @@ mod tests {
         // A report of it afterwards is of a segment unknown: ignored.
         h.on_message(a, report(words(2)), None);
         assert_eq!(h.stats().pool_bytes, 100 * 4096);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_segment_of_contents_another_holds_already_is_retired() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        // The same 100 contents published twice (as when two members could not hear
+        // of each other in time), plus 10 contents only segment 9 holds.
+        let twins: Vec<u32> = (0..100).collect();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 100,
+                sums: twins.clone(),
+            },
+            Some(8),
+        );
+        let mut more = twins.clone();
+        more.extend(500..510);
+        h.on_message(
+            b,
+            Msg::Publish {
+                frames: 110,
+                sums: more,
+            },
+            Some(9),
+        );
+        let all = |n: u32| {
+            let mut m = [0u64; BITMAP_WORDS];
+            for i in 0..n as usize {
+                m[i / 64] |= 1 << (i % 64);
+            }
+            m
+        };
+        let report = |id, frames| SegUsage {
+            id,
+            pages: frames,
+            age: RETIRE_AGE,
+            mapped: all(frames),
+        };
+        for m in [a, b] {
+            h.on_message(
+                m,
+                Msg::Usage {
+                    segs: vec![report(8, 100), report(9, 110)],
+                },
+                None,
+            );
+        }
+        // Every frame mapped, but 100 of segment 9's are twins of segment 8's: 9 goes
+        // (its pages move onto the twins, and its 10 others onto a new segment), 8
+        // stays.
+        let out = h.on_message(a, Msg::ScanDone, None);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|o| o.msg == Msg::Retire { id: 9 }));
+        assert!(h.has_segment(8) && !h.has_segment(9));
         h.check_invariants();
     }
 
