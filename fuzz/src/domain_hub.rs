@@ -23,7 +23,8 @@
 //! * a scan-done retires exactly the segments every member reported at age ≥
 //!   `RETIRE_AGE` of which no frame is in use, or more than a fifth (and at least
 //!   `COMPACT_DEAD`) are not (a frame in use: mapped by some member, and not a twin
-//!   of a frame of a segment of lower id that stays); every member is told;
+//!   of a frame of a segment of lower id that stays and that every member has had
+//!   as long); every member is told;
 //! * `stats()` (and the `Stats` reply) agrees with a model computed from the last
 //!   usage reports: `pages_shared` = `live_frames` = frames mapped by some member,
 //!   `pages_sharing` = Σ pages − frames mapped (per segment, never below 0),
@@ -185,16 +186,25 @@ impl Model {
 
     /// The segments a scan-done retires, in id order: those every member reported at
     /// age ≥ `RETIRE_AGE` of which no frame is in use (mapped by some member, and not
-    /// a twin: its checksum held by a segment of lower id that stays), or more than a
-    /// fifth and at least `COMPACT_DEAD` frames are not.
+    /// a twin: its checksum held by a segment of lower id that stays and that every
+    /// member reported at that age too), or more than a fifth and at least
+    /// `COMPACT_DEAD` frames are not.
     fn to_retire(&self) -> Vec<u64> {
+        let aged = |id: u64| {
+            self.members.iter().all(|m| {
+                self.usage
+                    .get(m)
+                    .and_then(|r| r.get(&id))
+                    .is_some_and(|u| u.age >= RETIRE_AGE)
+            })
+        };
         let mut out: Vec<u64> = Vec::new();
         for (&id, g) in &self.segs {
             let (bits, _) = self.mapped(id);
             let twin = |c: u32| {
                 self.segs
                     .range(..id)
-                    .any(|(k, h)| !out.contains(k) && h.sums.contains(&c))
+                    .any(|(&k, h)| !out.contains(&k) && aged(k) && h.sums.contains(&c))
             };
             let in_use = (0..g.frames)
                 .filter(|&i| {
@@ -204,13 +214,7 @@ impl Model {
                 })
                 .count() as u32;
             let dead = g.frames - in_use;
-            let old_enough = self.members.iter().all(|m| {
-                self.usage
-                    .get(m)
-                    .and_then(|r| r.get(&id))
-                    .is_some_and(|u| u.age >= RETIRE_AGE)
-            });
-            if old_enough && (in_use == 0 || (dead >= COMPACT_DEAD && 5 * dead > g.frames)) {
+            if aged(id) && (in_use == 0 || (dead >= COMPACT_DEAD && 5 * dead > g.frames)) {
                 out.push(id);
             }
         }

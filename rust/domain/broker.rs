@@ -357,7 +357,8 @@ impl Hub {
     /// time): the pages on it move onto that twin, which members find in their index
     /// by its bytes, and the content keeps one frame, as in the kernel.
     fn retire_unused(&mut self) -> Vec<Out> {
-        // The checksums of the segments of lower id that stay.
+        // The checksums of the segments of lower id that stay, and that every member
+        // has had long enough to hold them in its index (the twin a page moves onto).
         let mut holder: HashSet<u32> = HashSet::new();
         let mut dead: Vec<u64> = Vec::new();
         for (&id, s) in &self.segments {
@@ -366,16 +367,15 @@ impl Hub {
                 .filter(|&i| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1))
                 .filter(|&i| s.sums.get(i).is_none_or(|c| !holder.contains(c)))
                 .count() as u32;
+            let aged = self
+                .members
+                .values()
+                .all(|member| member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE));
             // Unused, or partly dead (its memory is the whole segment's): members move
             // their pages off it, onto twins or onto new segments.
-            if worth_retiring(s.frames, live)
-                && self
-                    .members
-                    .values()
-                    .all(|member| member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE))
-            {
+            if aged && worth_retiring(s.frames, live) {
                 dead.push(id);
-            } else {
+            } else if aged {
                 holder.extend(s.sums.iter().copied());
             }
         }

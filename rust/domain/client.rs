@@ -410,10 +410,16 @@ impl Worker {
                 // start each, ~0.1 s of CPU); it starts one at most once a second
                 // until it connects. Were two brokers still started, the second
                 // finds the lock taken and exits.
-                if self.start_claim.is_none() {
-                    self.start_claim = super::place::claim_start(&self.name)?;
-                }
-                if self.start_claim.is_some()
+                // (Should the claim file be unusable, this member starts one anyway.)
+                let claimed = self.start_claim.is_some()
+                    || match super::place::claim_start(&self.name) {
+                        Ok(c) => {
+                            self.start_claim = c;
+                            self.start_claim.is_some()
+                        }
+                        Err(_) => true,
+                    };
+                if claimed
                     && self
                         .spawned_at
                         .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))

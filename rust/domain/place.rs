@@ -112,13 +112,7 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
     }
     let d = dir()?;
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(d.join(format!("{name}.lock")))?;
+    let lock = open_lock_file(&d.join(format!("{name}.lock")))?;
     if !unix::try_lock(lock.as_raw_fd())? {
         return Ok(false);
     }
@@ -133,17 +127,23 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
 
 /// Claim the start of domain `name`'s broker: the open claim file while this process
 /// holds it (drop it to give the claim up; the kernel drops it with the process),
-/// or None if another member holds it (a broker is being started). The file is
-/// close-on-exec: the broker started does not inherit the claim.
+/// or None if another member holds it (a broker is being started). A record lock,
+/// not a `flock`: a child forked while the claim is held does not inherit it (it
+/// would keep it for its whole life, and no member could start a broker again).
 pub fn claim_start(name: &str) -> io::Result<Option<fs::File>> {
-    let f = fs::OpenOptions::new()
+    let f = open_lock_file(&dir()?.join(format!("{name}.start")))?;
+    Ok(unix::try_lock_process(f.as_raw_fd())?.then_some(f))
+}
+
+/// Open (or create: mode 0600) the lock file `path`, close-on-exec.
+fn open_lock_file(path: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
-        .open(dir()?.join(format!("{name}.start")))?;
-    Ok(unix::try_lock(f.as_raw_fd())?.then_some(f))
+        .open(path)
 }
 
 /// Whether a failed connect means that no broker listens (no socket, or a socket

@@ -83,9 +83,10 @@ pub struct DomainState {
     /// Contents this process holds twice, claimed from the domain (once), to claim.
     claimed: HashSet<u32>,
     claim: Vec<u32>,
-    /// Segments retired for compaction whose pages of ours are to move off: (first
-    /// frame, frames, the full scan at whose end they move; see `retire_segment`).
-    evict_due: Vec<(FrameId, u32, u64)>,
+    /// Segments retired for compaction whose pages of ours are to move off: (the
+    /// segment's id, the full scan at whose end they move; see `retire_segment`).
+    /// By id: a segment dropped meanwhile may have its block of frame ids reused.
+    evict_due: Vec<(u64, u64)>,
     /// Whether a broker answers now (else contents held twice are published at once).
     connected: bool,
     pub counters: DomainCounters,
@@ -101,7 +102,7 @@ impl DomainState {
             + (self.decline.capacity() + self.announce.capacity() + self.claim.capacity())
                 * size_of::<u32>()
             + self.publish.capacity() * size_of::<(usize, bool, u32)>()
-            + self.evict_due.capacity() * size_of::<(FrameId, u32, u64)>()
+            + self.evict_due.capacity() * size_of::<(u64, u64)>()
     }
 
     /// Whether a candidate with `checksum` has something to do with the domain (not
@@ -235,7 +236,7 @@ impl<M: Mem> Core<M> {
                 // once, while writes were still being found, let a member move pages
                 // off that its own writes then left no room to merge again: memory
                 // lost, not won, while other members kept the segment alive.)
-                d.evict_due.push((f0, n, d.scans + 1));
+                d.evict_due.push((id, d.scans + 1));
             }
         }
     }
@@ -247,13 +248,19 @@ impl<M: Mem> Core<M> {
         let Some(d) = &mut self.domain else { return };
         let now = d.scans;
         let mut due = Vec::new();
-        d.evict_due.retain(|&(f0, n, at)| {
+        d.evict_due.retain(|&(id, at)| {
             let ripe = at <= now;
             if ripe {
-                due.push((f0, n));
+                due.push(id);
             }
             !ripe
         });
+        // Still held (and so still retired): a segment no page maps any more is gone.
+        let due: Vec<(FrameId, u32)> = due
+            .into_iter()
+            .filter_map(|id| self.frames.segment(id))
+            .filter(|&(f0, _)| self.frames.retired(f0))
+            .collect();
         if due.is_empty() {
             return;
         }

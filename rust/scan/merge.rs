@@ -9,7 +9,8 @@
 //! a frame filled for a pair is checked against the key it was allocated with;
 //! new references are taken before old ones are dropped; every merge is charged
 //! to the VMA budget first (2 per page, an upper bound), so the budget is never
-//! passed.
+//! passed, except by moves off retired segments, which may use what
+//! `Mem::move_allowance` allows past it (half of `vma_reserve`).
 
 #![forbid(unsafe_code)]
 
@@ -464,8 +465,8 @@ impl<M: Mem> Core<M> {
     }
 
     /// Charge a move of a run off a retired segment (see `merge_with_frame_from`): 2
-    /// VMAs, from the budget, or past it from `Mem::move_allowance` (the rest of the
-    /// budget is charged first). False, and the move waits, when neither has room.
+    /// VMAs, from the budget if it has room for them, else past it from
+    /// `Mem::move_allowance`. False, and the move waits, when neither has room.
     pub(super) fn charge_move(&mut self, addr: usize) -> bool {
         if self.vma_room(1) {
             return self.charge_vmas(addr, 1);

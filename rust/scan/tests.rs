@@ -1630,16 +1630,24 @@ fn with_a_broker_contents_held_twice_are_claimed_and_published_when_granted() {
     c.check_invariants();
 }
 
-#[test]
-fn a_segment_the_domain_retires_gives_its_pages_back_and_they_merge_again() {
-    let n = 4;
+/// A domain member (see `domain_member`) whose `n` pages are merged onto segment `id`
+/// of another member, holding their bytes: the core, the frames' bytes and checksums,
+/// and the segment's first frame.
+fn member_on_segment(n: usize, id: u64) -> (Core<FakeMem>, Vec<Vec<u8>>, Vec<u32>, FrameId) {
     let mut c = domain_member(n);
     let frames: Vec<Vec<u8>> = (0..n).map(page_of).collect();
     let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
-    let f0 = c.add_segment(5, &sums).unwrap();
+    let f0 = c.add_segment(id, &sums).unwrap();
     c.mem.add_segment(f0, &frames);
     c.scan_full(1);
     assert_eq!(c.counters().pages_sharing, n as u64);
+    (c, frames, sums, f0)
+}
+
+#[test]
+fn a_segment_the_domain_retires_gives_its_pages_back_and_they_merge_again() {
+    let n = 4;
+    let (mut c, frames, sums, f0) = member_on_segment(n, 5);
     // Retired with pages on it: they get private copies at the end of the first full
     // scan begun after it (writes found by then are counted in the VMA budget), and
     // the block goes.
@@ -1664,15 +1672,32 @@ fn a_segment_the_domain_retires_gives_its_pages_back_and_they_merge_again() {
 }
 
 #[test]
-fn pages_on_a_retired_segment_move_onto_a_new_one_with_no_vma_to_spare() {
+fn a_pending_eviction_spares_a_new_segment_that_reuses_the_retired_ones_frame_ids() {
     let n = 4;
     let mut c = domain_member(n);
+    // A segment none of our pages maps, retired and dropped at once.
+    let other: Vec<Vec<u8>> = (100..100 + n).map(page_of).collect();
+    let other_sums: Vec<u32> = other.iter().map(|f| page_checksum(f)).collect();
+    let f0 = c.add_segment(5, &other_sums).unwrap();
+    c.mem.add_segment(f0, &other);
+    c.retire_segment(5, true);
+    assert_eq!(c.drop_unmapped_segments(), vec![(5, f0)]);
+    // A new segment, of our pages' bytes, in the same block: our pages merge onto it.
     let frames: Vec<Vec<u8>> = (0..n).map(page_of).collect();
     let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
-    let f0 = c.add_segment(5, &sums).unwrap();
-    c.mem.add_segment(f0, &frames);
-    c.scan_full(1);
+    let g0 = c.add_segment(6, &sums).unwrap();
+    assert_eq!(g0, f0, "the block is reused");
+    c.mem.add_segment(g0, &frames);
+    c.scan_full(3);
+    assert_eq!(c.domain_counters().evicted, 0);
     assert_eq!(c.counters().pages_sharing, n as u64);
+    c.check_invariants();
+}
+
+#[test]
+fn pages_on_a_retired_segment_move_onto_a_new_one_with_no_vma_to_spare() {
+    let n = 4;
+    let (mut c, frames, sums, f0) = member_on_segment(n, 5);
     c.take_domain_out();
     // The VMA budget is spent: nothing can get a private copy first.
     c.mem.vma_allowance = 0;

@@ -406,6 +406,22 @@ pub fn try_lock(fd: RawFd) -> io::Result<bool> {
     }
 }
 
+/// Take an exclusive record lock (`fcntl(F_SETLK)`, the whole file) on `fd` without
+/// waiting: false if another process holds it. Unlike `flock`, a forked child does
+/// not inherit it, and it goes with the process or its last descriptor of the file.
+pub fn try_lock_process(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: `flock` is a plain struct for which all zeroes is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: plain syscall on a descriptor the caller owns, with a valid `struct flock`.
+    match cvt(unsafe { libc::fcntl(fd, libc::F_SETLK, &fl as *const libc::flock) }) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// This process's effective user id.
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail and touches no memory of ours.
