@@ -280,7 +280,9 @@ def stats() -> dict[str, int]:
     ``general_profit``) and ours: ``rmap_items`` (pages with a record), ``frames`` (frames holding
     bytes), ``deferred_frames`` (kept for a forked child), ``suspect_frames`` (kept
     until no mapping holds them, after the application unmapped or moved merged memory), ``pool_bytes``
-    (memory of the frame pool), ``merges``, ``merge_failures``, ``pages_hashed`` (pages whose
+    (memory of the frame pool), ``merges`` (pages remapped onto a frame, pages moved from
+    one frame to another included: into a longer run, or off a merge domain's retired
+    segment), ``merge_failures``, ``pages_hashed`` (pages whose
     visit took a checksum, read at the visit or ahead of it; with
     ``ksmd.write_tracking`` unchanged ones are not), ``cows``
     (merged pages found written), ``vmas_added`` (VMAs merging added),

@@ -554,7 +554,8 @@ fn wait_settled(py: Python<'_>, timeout: Option<Bound<'_, PyAny>>) -> PyResult<b
 /// `pages_volatile`, `full_scans`, `pages_scanned`, `pages_skipped`,
 /// `stable_node_chains`, `stable_node_dups`, `ksm_zero_pages`, `general_profit`)
 /// and ksm's own: `rmap_items`, `frames`, `deferred_frames`, `suspect_frames`,
-/// `pool_bytes`, `merges`, `merge_failures`, `pages_hashed`, `cows`, `vmas_added`,
+/// `pool_bytes`, `merges` (pages remapped onto a frame, moves from one frame to
+/// another included), `merge_failures`, `pages_hashed`, `cows`, `vmas_added`,
 /// `vmas_used`, `vma_budget`, `vma_budget_skips`, `vma_budget_bytes` (what the
 /// merges the budget put off in the latest complete full scan would have saved,
 /// each page once), `unmergeable_pages`,
