@@ -579,6 +579,11 @@ impl FrameTable {
         self.domain(f).is_none_or(|(b, _)| b.retired)
     }
 
+    /// Whether some segment held is retired (pages of ours may still be on it).
+    pub fn any_retired(&self) -> bool {
+        self.blocks.values().any(|b| b.retired)
+    }
+
     /// Forget the retired segments no page maps any more: their ids and blocks, for
     /// the caller to unmap and close.
     pub fn drop_unmapped_segments(&mut self) -> Vec<(u64, u32)> {

@@ -338,6 +338,8 @@ impl<M: Mem> Core<M> {
             return (0, 0);
         };
         let base = (from - r.start) / page;
+        // Asked once per call, not per merged page: most scans hold no retired segment.
+        let retired_held = domain.is_some() && frames.any_retired();
         let (mut k, mut scanned) = (i, 0);
         while k < pres.len() {
             let idx = base + k;
@@ -351,7 +353,7 @@ impl<M: Mem> Core<M> {
             if p.state() == State::Stable
                 && pres[k] != Presence::Anon
                 && scanned < budget
-                && !(domain.is_some()
+                && !(retired_held
                     && crate::pool::is_domain(p.frame())
                     && frames.retired(p.frame()))
             {
