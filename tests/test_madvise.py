@@ -7,6 +7,8 @@ import errno
 import json
 import mmap as stdlib_mmap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -236,15 +238,29 @@ def test_foreign_memory_merges_with_ksm_memory() -> None:
 MADV_DONTNEED = 4
 
 
+@contextmanager
+def four_pages(owned: bool) -> Iterator[int]:
+    """Four pages of ksm memory (``ksm.mmap``) or of the application's own (an
+    anonymous mapping ksm does not own): their address; unmerged and unmapped after."""
+    m = ksm.mmap(4 * PAGE) if owned else None
+    base = m.address if m is not None else raw_mmap(4 * PAGE)
+    try:
+        yield base
+    finally:
+        if m is not None:
+            m.close()
+        else:
+            ksm.madvise(base, 4 * PAGE, UNMERGE)
+            raw_munmap(base, 4 * PAGE)
+
+
 @pytest.mark.parametrize("owned", [True, False], ids=["ksm.mmap", "foreign"])
 def test_dontneed_on_a_merged_page_reads_zeros(owned: bool) -> None:
     # Anonymous private memory reads as zeros after MADV_DONTNEED (allocators such as
     # jemalloc rely on it). A merged page must not read its frame's bytes again
     # (docs/design.md, "Hazards": the fault thread handles UFFD_EVENT_REMOVE).
     pattern = page_pattern(31)
-    m = ksm.mmap(4 * PAGE) if owned else None
-    base = m.address if m is not None else raw_mmap(4 * PAGE)
-    try:
+    with four_pages(owned) as base:
         ctypes.memmove(base, pattern * 4, 4 * PAGE)
         before = ksm.stats()
         ksm.madvise(base, 4 * PAGE, MERGE)
@@ -265,12 +281,6 @@ def test_dontneed_on_a_merged_page_reads_zeros(owned: bool) -> None:
         assert ctypes.string_at(base, 4) == b"new\0"
         ksm.madvise(base, 4 * PAGE, UNMERGE)
         assert ctypes.string_at(base + PAGE, 3 * PAGE) == pattern * 3
-    finally:
-        if m is not None:
-            m.close()
-        else:
-            ksm.madvise(base, 4 * PAGE, UNMERGE)
-            raw_munmap(base, 4 * PAGE)
 
 
 @pytest.mark.parametrize("owned", [True, False], ids=["ksm-memory", "application-memory"])
@@ -282,9 +292,7 @@ def test_a_page_discarded_while_its_merge_maps_the_frame_reads_zeros(owned: bool
     # The discard is made at exactly that point by a test hook of the fault-injection
     # points (deterministic, no timing involved).
     pattern = page_pattern(41)
-    m = ksm.mmap(4 * PAGE) if owned else None
-    base = m.address if m is not None else raw_mmap(4 * PAGE)
-    try:
+    with four_pages(owned) as base:
         # A lone pair: pages 0 and 2 equal, 1 and 3 unique.
         pages = [pattern, page_pattern(42), pattern, page_pattern(43)]
         ctypes.memmove(base, b"".join(pages), 4 * PAGE)
@@ -315,12 +323,6 @@ def test_a_page_discarded_while_its_merge_maps_the_frame_reads_zeros(owned: bool
         assert ctypes.string_at(base, 4 * PAGE) == b"".join(pages)
         s = ksm.stats()
         assert s["frames"] == s["pages_shared"] + s["deferred_frames"] + s["suspect_frames"], s
-    finally:
-        if m is not None:
-            m.close()
-        else:
-            ksm.madvise(base, 4 * PAGE, UNMERGE)
-            raw_munmap(base, 4 * PAGE)
 
 
 def test_unmapped_foreign_memory_is_forgotten() -> None:
