@@ -353,9 +353,7 @@ impl<M: Mem> Core<M> {
             if p.state() == State::Stable
                 && pres[k] != Presence::Anon
                 && scanned < budget
-                && !(retired_held
-                    && crate::pool::is_domain(p.frame())
-                    && frames.retired(p.frame()))
+                && !(retired_held && crate::pool::is_domain(p.frame()) && frames.retired(p.frame()))
             {
                 // `visit`: still maps its frame, a KSM page on its node; scanned.
                 counters.pages_scanned += 1;
