@@ -328,8 +328,8 @@ impl<M: Mem> Core<M> {
     fn move_off_retired(&mut self, t: Target, f: FrameId) {
         let hash = self.frames.hash(f);
         if self.stable.contains(hash, |g| self.frames.hash(g)) {
-            let buf = self.mem.frame(f).to_vec();
-            if let StableHit::Room(g) = self.stable_search(hash, &buf) {
+            // (The retired frame's bytes are the page's: it maps them, unwritten.)
+            if let StableHit::Room(g) = self.stable_search(hash, self.mem.frame(f)) {
                 if self.merge_with_frame_from(t, g, hash, Some(f)) {
                     return;
                 }
