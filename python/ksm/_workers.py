@@ -67,6 +67,23 @@ def _changes(npages: int, rng: _random.Random, percent: float) -> list[int]:
     return sorted(rng.sample(range(npages), n))
 
 
+def _scan_cost(rounds: int) -> float:
+    """CPU seconds of a full scan of settled memory: ksmd stopped, synchronous scans in
+    this thread (their hashing threads' CPU included), the median of `rounds`."""
+    import ksm
+
+    run = ksm.ksmd.run
+    ksm.ksmd.run = 0
+    ksm.scan(1)
+    costs = []
+    for _ in range(rounds):
+        t = _time.process_time()
+        ksm.scan(1)
+        costs.append(_time.process_time() - t)
+    ksm.ksmd.run = run
+    return sorted(costs)[len(costs) // 2]
+
+
 def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in a child
     import ksm
 
@@ -120,20 +137,15 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
                 ksm.ksmd.run = int(args[0])
                 conn.send(("ok",))
             elif cmd == "scancost":
-                # CPU of a full scan of settled memory: ksmd stopped, synchronous scans
-                # in this thread (their hashing threads' CPU included), the median.
-                run = ksm.ksmd.run
-                ksm.ksmd.run = 0
-                ksm.scan(1)
-                costs = []
-                for _ in range(int(args[0])):
-                    t = _time.process_time()
-                    ksm.scan(1)
-                    costs.append(_time.process_time() - t)
-                ksm.ksmd.run = run
                 with open("/proc/self/maps", "rb") as maps:
                     vmas = sum(1 for _ in maps)
-                conn.send(("scancost", sorted(costs)[len(costs) // 2], vmas))
+                conn.send(("scancost", _scan_cost(int(args[0])), vmas))
+            elif cmd == "leavecost":
+                # The domain's own share of a full scan: the same pages and mappings
+                # scanned in the domain, then again once this worker has left it.
+                inside = _scan_cost(int(args[0]))
+                ksm.leave()
+                conn.send(("leavecost", inside, _scan_cost(int(args[0]))))
             elif cmd == "write":
                 # Write the pages the parent chose (the same in every worker) with bytes
                 # of this worker's own, so that they stay private.
@@ -353,6 +365,9 @@ def _bench_one(
                 res["scan_ms"] = _median([r[1] for r in cost]) * 1e3
                 res["vmas"] = round(_median([r[2] for r in cost]))
                 res.update(_compaction(pool, domain, size // ksm.PAGE_SIZE, seed))
+                left = pool.ask("leavecost", SCAN_COST_ROUNDS)
+                res["compacted_scan_ms"] = _median([r[1] for r in left]) * 1e3
+                res["left_scan_ms"] = _median([r[2] for r in left]) * 1e3
         return res
     finally:
         pool.close()
@@ -538,6 +553,13 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             file=out,
         )
         failed |= not ours["compaction_verified"]
+        inside, left = ours["compacted_scan_ms"], ours["left_scan_ms"]
+        print(
+            f"  {'the domain in a scan':<24}after compaction a member's full scan takes {inside:,.2f} ms "
+            f"of CPU, {left:,.2f} ms once it left the domain (the same pages and mappings): "
+            f"member/left {inside / max(1e-9, left):.3g}",
+            file=out,
+        )
         targets.append(
             (
                 member <= alone,
