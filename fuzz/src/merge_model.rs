@@ -1054,10 +1054,19 @@ impl Harness {
                 self.core.mem.segments.insert(f0, (n, false));
                 self.segs.insert(id, (f0, n));
             }
-            None => assert!(
-                held || !self.core.in_domain(),
-                "segment {id} refused in a domain"
-            ),
+            None => {
+                assert!(
+                    held || !self.core.in_domain(),
+                    "segment {id} refused in a domain"
+                );
+                // Held retired (we left the domain, or it retired it) and offered again:
+                // back in use, as it was (the frames offered now are not taken).
+                if let Some((f0, _)) = self.core.frames().segment(id) {
+                    if !self.core.frames().retired(f0) {
+                        self.core.mem.segments.get_mut(&f0).expect("served").1 = false;
+                    }
+                }
+            }
         }
     }
 

@@ -152,9 +152,13 @@ impl Hub {
 
     /// A member left (or died): what it announced is forgotten, and what it was asked
     /// to publish is asked of another member that announced it, if two are left (the
-    /// messages returned); the segments it published stay (other members may map them).
+    /// messages returned); the segments it published stay (other members may map
+    /// them), unless its pages were the ones that made them worth keeping: those are
+    /// retired now (the members left may be settled, with no scan-done to come).
     pub fn leave(&mut self, m: MemberId) -> Vec<Out> {
-        self.members.remove(&m);
+        if self.members.remove(&m).is_none() {
+            return Vec::new();
+        }
         self.forget_unmapped_retiring();
         let mine: Vec<u32> = self
             .assigned
@@ -169,7 +173,9 @@ impl Hub {
             who.retain(|&w| w != m);
             !who.is_empty()
         });
-        self.reassign(&mine)
+        let mut out = self.reassign(&mine);
+        out.extend(self.retire_unused());
+        out
     }
 
     /// Ask another announcer of each of `sums` (not the first: its page is the one
@@ -239,10 +245,23 @@ impl Hub {
             }
             Msg::Usage { segs } => {
                 let member = self.members.get_mut(&m).expect("checked");
+                let mut out = Vec::new();
                 for mut u in segs {
                     let retiring = self.retiring.get(&u.id).copied();
                     let Some(frames) = self.segments.get(&u.id).map(|s| s.frames).or(retiring)
                     else {
+                        // A segment the domain does not hold, that `m` maps: retired
+                        // while `m` was away (a broken link, a broker started anew), or
+                        // never taken in (a publish lost). It is told again, so that
+                        // its pages move off and its memory goes, as for any retired
+                        // segment. (A publisher's own publish comes before its reports.)
+                        if u.pages > 0 {
+                            out.push(Out {
+                                to: m,
+                                msg: Msg::Retire { id: u.id },
+                                segment: None,
+                            });
+                        }
                         continue;
                     };
                     // Bits past the segment's frames are a lie: dropped, so that no
@@ -262,7 +281,7 @@ impl Hub {
                     }
                 }
                 self.forget_unmapped_retiring();
-                Vec::new()
+                out
             }
             Msg::ScanDone => self.retire_unused(),
             Msg::StatsQuery => vec![Out {
@@ -1038,5 +1057,83 @@ mod tests {
         // Messages only the broker sends are refused.
         h.on_message(b, Msg::Retire { id: 1 }, None);
         assert_eq!(h.stats().refused, 1);
+    }
+
+    #[test]
+    fn a_segment_only_a_leaving_member_mapped_is_retired_when_it_leaves() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![5],
+            },
+            Some(1),
+        );
+        h.on_message(a, usage(1, RETIRE_AGE, 1, 2), None);
+        h.on_message(b, usage(1, RETIRE_AGE, 0, 0), None);
+        assert!(h.on_message(a, Msg::ScanDone, None).is_empty(), "a maps it");
+        assert!(h.on_message(b, Msg::ScanDone, None).is_empty(), "a maps it");
+        // a exits; b has settled: its reports do not change, no scan-done comes.
+        let out = h.leave(a);
+        assert_eq!(
+            out,
+            vec![Out {
+                to: b,
+                msg: Msg::Retire { id: 1 },
+                segment: None
+            }],
+            "nobody maps segment 1 any more"
+        );
+        assert!(h.segment_ids().is_empty());
+        assert_eq!(h.leave(a), vec![], "a left already: nothing to do");
+    }
+
+    #[test]
+    fn a_member_back_from_a_broken_link_is_told_of_a_retirement_it_missed() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![5],
+            },
+            Some(1),
+        );
+        // a's link breaks (a send timeout, EPIPE): the broker lets it go.
+        h.leave(a);
+        // Meanwhile b's scan ends: only b's report counts, and b maps nothing of 1.
+        h.on_message(b, usage(1, RETIRE_AGE, 0, 0), None);
+        let o = h.on_message(b, Msg::ScanDone, None);
+        assert_eq!(
+            o,
+            vec![Out {
+                to: b,
+                msg: Msg::Retire { id: 1 },
+                segment: None
+            }]
+        );
+        // a comes back as c, still holding 1 with 3 pages on it: told to let it go
+        // (a report with no pages on it is not answered).
+        let (c, _) = h.join();
+        let o = h.on_message(c, usage(1, RETIRE_AGE, 1, 3), None);
+        assert_eq!(
+            o,
+            vec![Out {
+                to: c,
+                msg: Msg::Retire { id: 1 },
+                segment: None
+            }]
+        );
+        assert!(h.on_message(c, usage(1, RETIRE_AGE, 0, 0), None).is_empty());
+        assert_eq!(
+            h.stats().pool_bytes,
+            0,
+            "not counted: the domain does not hold it"
+        );
     }
 }

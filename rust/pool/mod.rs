@@ -97,6 +97,8 @@ pub struct FrameTable {
     block_of: HashMap<u64, u32>,
     next_block: u32,
     free_blocks: Vec<u32>,
+    /// Blocks marked retired (so that the scan asks in O(1) whether any is).
+    retired_blocks: u32,
     /// Changes to which domain frames our pages map, or how many (for usage reports).
     domain_changes: u64,
 }
@@ -563,6 +565,21 @@ impl FrameTable {
             return None;
         }
         blk.retired = true;
+        self.retired_blocks += 1;
+        Some((join_domain(b, 0), blk.refs.len() as u32))
+    }
+
+    /// Segment `id`, held retired, is live in the domain after all (offered again by
+    /// the broker after we left the domain and joined it again): back in use. Returns
+    /// its first frame id and frame count, for the caller to index its frames again.
+    pub fn unretire_segment(&mut self, id: u64) -> Option<(FrameId, u32)> {
+        let &b = self.block_of.get(&id)?;
+        let blk = self.blocks.get_mut(&b).expect("indexed");
+        if !blk.retired {
+            return None;
+        }
+        blk.retired = false;
+        self.retired_blocks -= 1;
         Some((join_domain(b, 0), blk.refs.len() as u32))
     }
 
@@ -581,24 +598,32 @@ impl FrameTable {
 
     /// Whether some segment held is retired (pages of ours may still be on it).
     pub fn any_retired(&self) -> bool {
-        self.blocks.values().any(|b| b.retired)
+        self.retired_blocks > 0
     }
 
-    /// Forget the retired segments no page maps any more: their ids and blocks, for
-    /// the caller to unmap and close.
-    pub fn drop_unmapped_segments(&mut self) -> Vec<(u64, u32)> {
-        let gone: Vec<(u64, u32)> = self
-            .blocks
+    /// The retired segments no page maps any more: (id, first frame id, frames).
+    pub fn unmapped_segments(&self) -> Vec<(u64, FrameId, u32)> {
+        self.blocks
             .iter()
             .filter(|(_, blk)| blk.retired && blk.pages == 0)
-            .map(|(&b, blk)| (blk.id, b))
-            .collect();
-        for &(id, b) in &gone {
-            self.blocks.remove(&b);
-            self.block_of.remove(&id);
-            self.free_blocks.push(b);
+            .map(|(&b, blk)| (blk.id, join_domain(b, 0), blk.refs.len() as u32))
+            .collect()
+    }
+
+    /// Forget retired segment `id` if no page maps it (its block is free for another):
+    /// whether it was, for the caller to unmap and close it.
+    pub fn drop_segment(&mut self, id: u64) -> bool {
+        let Some(&b) = self.block_of.get(&id) else {
+            return false;
+        };
+        if !self.blocks[&b].retired || self.blocks[&b].pages > 0 {
+            return false;
         }
-        gone
+        self.blocks.remove(&b);
+        self.block_of.remove(&id);
+        self.free_blocks.push(b);
+        self.retired_blocks -= 1;
+        true
     }
 
     /// Per segment: its identity, pages of ours mapping it, full scans since it came,
@@ -946,13 +971,21 @@ mod tests {
             vec![(77, 1, 0, vec![false, true, false])]
         );
         assert_eq!(t.retire_segment(77), Some((f0, 3)));
+        assert!(t.any_retired());
         assert!(
-            t.retired(f0) && t.drop_unmapped_segments().is_empty(),
+            t.retired(f0) && t.unmapped_segments().is_empty() && !t.drop_segment(77),
             "still mapped"
         );
+        // Offered again (we left the domain and joined it again): back in use.
+        assert_eq!(t.unretire_segment(77), Some((f0, 3)));
+        assert!(!t.retired(f0) && !t.any_retired());
+        assert_eq!(t.unretire_segment(77), None, "not retired");
+        assert_eq!(t.retire_segment(77), Some((f0, 3)));
         assert!(!t.decref_suspect(f0 + 1));
-        assert_eq!(t.drop_unmapped_segments(), vec![(77, 0)]);
-        assert!(!t.exists(f0));
+        assert_eq!(t.unmapped_segments(), vec![(77, f0, 3)]);
+        assert!(t.drop_segment(77));
+        assert!(!t.drop_segment(77), "gone");
+        assert!(!t.exists(f0) && !t.any_retired());
         assert_eq!(t.live(), 0, "pool frames untouched");
         // The block is used again for the next segment.
         assert_eq!(t.add_segment(78, &[5]), Some(f0));

@@ -192,7 +192,20 @@ impl<M: Mem> Core<M> {
     pub fn add_segment(&mut self, id: u64, sums: &[u32]) -> Option<FrameId> {
         let d = self.domain.as_mut()?;
         let keys: Vec<u64> = sums.iter().map(|&c| key_of(c)).collect();
-        let f0 = self.frames.add_segment(id, &keys)?;
+        let Some(f0) = self.frames.add_segment(id, &keys) else {
+            // Held already: retired when we left the domain, offered again now that we
+            // joined it again (the broker offers live segments only). Back in the index,
+            // the view we have kept serving; our pages on it stay where they are.
+            if let Some((f0, n)) = self.frames.unretire_segment(id) {
+                for f in f0..f0 + n {
+                    let frames = &self.frames;
+                    self.stable.push(frames.hash(f), f, |f| frames.hash(f));
+                }
+                d.evict_due.retain(|&(due, _)| due != id);
+                self.changes += 1;
+            }
+            return None;
+        };
         for (i, &k) in keys.iter().enumerate() {
             let frames = &self.frames;
             self.stable.push(k, f0 + i as FrameId, |f| frames.hash(f));
@@ -213,6 +226,13 @@ impl<M: Mem> Core<M> {
     /// compaction). Without, they stay (leaving the domain keeps merged pages merged).
     pub fn retire_segment(&mut self, id: u64, evict: bool) {
         let Some((f0, n)) = self.frames.retire_segment(id) else {
+            // Retired here already (we left the domain since it came) and now by the
+            // domain too: our pages on it go as from any segment the domain retired.
+            if let Some(d) = self.domain.as_mut().filter(|_| evict) {
+                if self.frames.segment(id).is_some() && !d.evict_due.iter().any(|&(s, _)| s == id) {
+                    d.evict_due.push((id, d.scans + 1));
+                }
+            }
             return;
         };
         for f in f0..f0 + n {
@@ -320,12 +340,27 @@ impl<M: Mem> Core<M> {
 
     /// The retired segments no page maps any more, forgotten: (id, first frame id),
     /// for the engine to unmap.
+    ///
+    /// A page covered inside a run onto such a segment (its own private copy in a
+    /// mapping of the segment's file, see `Slot::Cover`) still maps that file, which the
+    /// kernel would then keep whole, counted by no member: it gets a mapping of its own
+    /// first. A segment with a covered page that could not is kept, and tried again at
+    /// the next call.
     pub fn drop_unmapped_segments(&mut self) -> Vec<(u64, FrameId)> {
-        self.frames
-            .drop_unmapped_segments()
-            .into_iter()
-            .map(|(id, b)| (id, crate::pool::DOMAIN_BASE + b * crate::pool::BLOCK_FRAMES))
-            .collect()
+        let mut gone = Vec::new();
+        for (id, f0, n) in self.frames.unmapped_segments() {
+            let covered = self.pages_on(f0, n);
+            for &(s, e) in &covered {
+                // A failure leaves the page covered (correct): the segment then stays.
+                let _ = self.unmerge_range(s, e);
+            }
+            if (covered.is_empty() || self.pages_on(f0, n).is_empty())
+                && self.frames.drop_segment(id)
+            {
+                gone.push((id, f0));
+            }
+        }
+        gone
     }
 
     /// A page with `checksum` became a candidate (nothing to merge with here): tell

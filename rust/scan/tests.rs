@@ -1775,3 +1775,71 @@ fn what_the_domain_asks_for_and_no_page_holds_for_a_full_scan_is_declined() {
     c.scan_full(1);
     assert!(c.take_domain_out().decline.is_empty(), "declined once");
 }
+
+#[test]
+fn a_page_covered_on_a_retired_segment_gets_its_own_mapping_before_the_segment_goes() {
+    // A segment of pages 0, 1, (another content), 3: page 2 merges covered, its own
+    // copy inside the run's mapping of the segment's file.
+    let n = 4;
+    let mut c = domain_member(n);
+    let mut frames: Vec<Vec<u8>> = (0..n).map(page_of).collect();
+    frames[2] = page_of(100);
+    let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+    let f0 = c.add_segment(5, &sums).unwrap();
+    c.mem.add_segment(f0, &frames);
+    c.scan_full(1);
+    let covered = |c: &Core<FakeMem>| -> Vec<FrameId> {
+        c.regions
+            .values()
+            .flat_map(|r| r.covered_frames())
+            .collect()
+    };
+    assert_eq!(covered(&c), vec![f0 + 2], "page 2 covered in the run");
+    // Retired; the merged pages are written and leave it: no page maps the segment,
+    // but page 2's mapping still maps its file. It gets a mapping of its own first.
+    c.retire_segment(5, true);
+    for i in [0, 1, 3] {
+        c.mem.write(BASE + i * PG, &page_of(200 + i));
+    }
+    c.scan_full(1);
+    assert_eq!(c.drop_unmapped_segments(), vec![(5, f0)]);
+    assert!(covered(&c).is_empty());
+    assert!(!c.mem.maps_frame(BASE + 2 * PG));
+    assert_eq!(c.mem.read_page(BASE + 2 * PG), page_of(2));
+    c.check_invariants();
+}
+
+#[test]
+fn a_segment_held_since_leaving_is_used_again_when_offered_on_joining_again() {
+    let n = 4;
+    let (mut c, _, sums, f0) = member_on_segment(n, 5);
+    c.leave_domain();
+    assert!(
+        c.frames.retired(f0),
+        "left: out of the index, pages stay merged"
+    );
+    assert_eq!(c.counters().pages_sharing, n as u64);
+    c.join_domain();
+    assert_eq!(c.add_segment(5, &sums), None, "held already");
+    assert!(!c.frames.retired(f0), "offered again: in use again");
+    // Not moved off, nor announced again: its frames are in the index.
+    c.scan_full(2);
+    assert!(c.take_domain_out().announce.is_empty());
+    assert_eq!(c.rec(BASE).unwrap().frame(), f0);
+    c.check_invariants();
+}
+
+#[test]
+fn a_segment_retired_when_leaving_and_then_by_the_domain_gives_its_pages_back() {
+    let n = 4;
+    let (mut c, _, _, f0) = member_on_segment(n, 5);
+    c.leave_domain();
+    c.join_domain();
+    // The domain no longer holds it: it says so (a report of it), and our pages go.
+    c.retire_segment(5, true);
+    c.scan_full(2);
+    assert_eq!(c.domain_counters().evicted, n as u64);
+    assert_eq!(c.counters().pages_sharing, 0);
+    assert_eq!(c.drop_unmapped_segments(), vec![(5, f0)]);
+    c.check_invariants();
+}
