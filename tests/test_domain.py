@@ -42,13 +42,16 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Member:
     """A member process: its pages are ``pages`` pages made from ``seed``."""
 
-    def __init__(self, seed: int, pages: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, seed: int, pages: int, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> None:
         self.p = subprocess.Popen(
             [sys.executable, MEMBER, str(seed), str(pages)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env or clean_env(),
+            pass_fds=pass_fds,
         )
         self.hello = self.read()
         self.pid = self.p.pid
@@ -301,6 +304,42 @@ def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: lis
     d = settle([a, b, c], 2 * pages)
     assert (d["members"], d["pages_shared"], d["pages_sharing"]) == (3, pages, 2 * pages)
     assert c("check")["bad"] == []
+
+
+def brokers_of(domain: str) -> list[int]:
+    """The pids of the processes serving as `domain`'s broker."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if domain.encode() in argv and any(b"_broker" in a for a in argv):
+            pids.append(int(d.name))
+    return pids
+
+
+def test_the_broker_holds_no_descriptor_of_the_member_that_started_it(
+    name: str, members: list[Member]
+) -> None:
+    # A pipe the member inherited, as a multiprocessing worker inherits the one its
+    # parent waits on to see it exit: a broker holding it too would keep the parent
+    # waiting in Process.join() until the broker exits.
+    r, w = os.pipe()
+    try:
+        m = Member(1, 4, pass_fds=(w,))
+        members.append(m)
+        assert m("join " + name) == {"ok": True}
+        step([m])
+        assert m("stats")["member"]["brokers_started"] == 1
+        brokers = brokers_of(name)
+        assert len(brokers) == 1, brokers
+        fds = Path(f"/proc/{brokers[0]}/fd")
+        held = {os.readlink(fds / fd) for fd in os.listdir(fds)}
+        assert f"pipe:[{os.fstat(w).st_ino}]" not in held, held
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_sigkilled_members_change_no_byte_of_the_survivors(name: str, members: list[Member]) -> None:

@@ -304,9 +304,11 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
 }
 
 /// Start `argv[0]` (a path) with `argv` and `env`, in a session of its own, with
-/// stdin, stdout and stderr on /dev/null (so it holds no pipe of ours open), and
-/// return its pid. Unlike fork, posix_spawn runs no fork handler of this process
-/// (ksm's take its state lock) and copies nothing of it.
+/// stdin, stdout and stderr on /dev/null and no other descriptor of ours (so it
+/// holds no pipe of ours open: a multiprocessing worker's sentinel, say, which its
+/// parent waits on to see the worker exit), and return its pid. Unlike fork,
+/// posix_spawn runs no fork handler of this process (ksm's take its state lock) and
+/// copies nothing of it.
 pub fn spawn(argv: &[String], env: &[String]) -> io::Result<i32> {
     let cstr = |s: &String| {
         CString::new(s.as_bytes()).map_err(|_| {
@@ -355,6 +357,10 @@ pub fn spawn(argv: &[String], env: &[String]) -> io::Result<i32> {
             if r == 0 {
                 r = libc::posix_spawn_file_actions_addopen(&mut fa, fd, devnull.as_ptr(), flags, 0);
             }
+        }
+        if r == 0 {
+            // Descriptors the application left inheritable, closed in the child only.
+            r = libc::posix_spawn_file_actions_addclosefrom_np(&mut fa, 3);
         }
         if r == 0 {
             r = libc::posix_spawnattr_setflags(&mut at, libc::POSIX_SPAWN_SETSID as libc::c_short);
