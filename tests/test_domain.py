@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -304,6 +305,22 @@ def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: lis
     d = settle([a, b, c], 2 * pages)
     assert (d["members"], d["pages_shared"], d["pages_sharing"]) == (3, pages, 2 * pages)
     assert c("check")["bad"] == []
+
+
+def test_members_started_with_and_without_xdg_runtime_dir_meet(name: str, members: list[Member]) -> None:
+    # One started from a desktop session (XDG_RUNTIME_DIR set, a private directory
+    # with a path short enough for sockets), one from a service or cron job (not
+    # set): one user, one domain.
+    with tempfile.TemporaryDirectory(dir="/tmp") as runtime:
+        a = Member(1, 4, env=clean_env(XDG_RUNTIME_DIR=runtime))
+        b = Member(1, 4)
+        members.extend([a, b])
+        for m in (a, b):
+            assert m("join " + name) == {"ok": True}
+        settle([a, b], 4)
+        assert a("dstats")["dstats"]["members"] == 2
+        for m in (a, b):
+            m.close()
 
 
 def brokers_of(domain: str) -> list[int]:

@@ -2,12 +2,16 @@
 //! can enter, holding per domain its broker's socket (`NAME.sock`) and lock file
 //! (`NAME.lock`, held by the running broker, so at most one runs per domain).
 //!
-//! The directory is `$XDG_RUNTIME_DIR/ksm-domains` when that is a private
-//! directory of the user's, else `/tmp/ksm-UID`. It is created with mode 0700
-//! and refused if it exists with another owner, other permissions, or as a
-//! symbolic link: a socket there can only be reached by the user (and root),
-//! and brokers check every peer's uid on top (`SO_PEERCRED`). Domain names are
-//! therefore per user: two users' domains of one name never meet.
+//! The directory is `/run/user/UID/ksm-domains` when `/run/user/UID` (the user's
+//! runtime directory, where systemd makes one) is a private directory of the
+//! user's, else `/tmp/ksm-UID`. It depends on the user alone, never on the
+//! environment: two processes of one user, one started with `XDG_RUNTIME_DIR`
+//! and one without (a service, a cron job, `sudo -u`), meet all the same. It is
+//! created with mode 0700 and refused (the next place tried) if it exists with
+//! another owner, other permissions, or as a symbolic link: a socket there can
+//! only be reached by the user (and root), and brokers check every peer's uid on
+//! top (`SO_PEERCRED`). Domain names are therefore per user: two users' domains of
+//! one name never meet.
 
 #![forbid(unsafe_code)]
 
@@ -33,7 +37,7 @@ fn private_dir(dir: &Path) -> io::Result<()> {
             io::ErrorKind::PermissionDenied,
             format!(
                 "{} is not a private directory of uid {uid} (owner {}, mode {:o}{}): refusing \
-                 to meet other processes there; remove it or set XDG_RUNTIME_DIR",
+                 to meet other processes there; remove it",
                 dir.display(),
                 md.uid(),
                 md.mode() & 0o7777,
@@ -51,10 +55,9 @@ fn private_dir(dir: &Path) -> io::Result<()> {
 /// The user's directory of domains, created if needed and checked private.
 pub fn dir() -> io::Result<PathBuf> {
     let uid = unix::euid();
-    let candidates = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|x| x.is_absolute() && private_dir(x).is_ok())
-        .map(|x| x.join("ksm-domains"))
+    let runtime = PathBuf::from(format!("/run/user/{uid}"));
+    let candidates = (private_dir(&runtime).is_ok())
+        .then(|| runtime.join("ksm-domains"))
         .into_iter()
         .chain([PathBuf::from(format!("/tmp/ksm-{uid}"))]);
     let mut last = None;
