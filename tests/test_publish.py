@@ -535,3 +535,29 @@ def test_top_redraws_on_a_tty(tmp_path: Path) -> None:
             os.close(slave)
     assert out.count(b"\x1b[H\x1b[2J") == 2
     assert out.count(b"ksm top - ") == 2
+
+
+def test_top_counts_a_merge_domains_frames_once_in_its_totals() -> None:
+    # Two members with 100 MiB each on the frames of one domain (100 MiB of frames,
+    # a 128 MiB pool): each counts its pages as saved, the domain's copy is counted
+    # once, so 100 MiB are saved in all, 72 MiB net of the pool.
+    from ksm import _publish, cli
+
+    mib = 2**20
+    records = [
+        _publish.Record(pid, Path("-"), {"stats": {"pages_sharing": 25_600, "general_profit": 100 * mib}})
+        for pid in (101, 102)
+    ]
+    domains = {"d": {"pages_shared": 25_600, "pool_bytes": 128 * mib}}
+    title = cli.top_table(records, None, domains).splitlines()[0]
+    assert "100.0 MiB saved, general_profit 72.0 MiB" in title, title
+    title = cli.top_table(records, None).splitlines()[0]
+    assert "200.0 MiB saved, general_profit 200.0 MiB" in title, title
+
+
+def test_top_shows_a_domain_name_with_a_newline_on_one_line() -> None:
+    from ksm import cli
+
+    stats = {"a\nb": {"members": 1, "pages_shared": 0, "pages_sharing": 0, "pool_bytes": 0, "live_frames": 0}}
+    lines = cli.domains_table([], stats).splitlines()  # a blank line, a title, the header, one row
+    assert lines[-1].startswith("'a\\nb'") and len(lines) == 4, lines

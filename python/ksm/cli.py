@@ -797,8 +797,17 @@ def _mib_short(nbytes: float) -> str:
     return f"{nbytes / MIB:,.1f}"
 
 
-def top_table(records: Sequence[_publish.Record], width: int | None = None) -> str:
-    """``ksm top``'s screen: a title with the totals, then one line per process, most saved first."""
+def top_table(
+    records: Sequence[_publish.Record],
+    width: int | None = None,
+    domains: dict[str, dict[str, int]] | None = None,
+) -> str:
+    """``ksm top``'s screen: a title with the totals, then one line per process, most saved first.
+
+    A member of a merge domain counts each of its pages on a domain frame as saved (the
+    frame's one copy is the domain's): the totals take the frames of ``domains`` off
+    once, so that they are memory saved across the processes, as the kernel counts it
+    system-wide, and the profit is net of the domains' pools."""
     header = ("PID", "SHARING", "SAVED MiB", "PROFIT MiB", "FRAMES", "VMAS", "SCANS", "STATE", "COMMAND")
     rows: list[tuple[str, ...]] = []
     records = sorted(records, key=lambda r: (-int(r.stats.get("pages_sharing", 0)), r.pid))
@@ -822,6 +831,9 @@ def top_table(records: Sequence[_publish.Record], width: int | None = None) -> s
                 r.command,
             )
         )
+    for d in (domains or {}).values():
+        total_saved -= int(d["pages_shared"]) * (records[0].page_size if records else 4096)
+        total_profit -= int(d["pool_bytes"])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     fixed = sum(widths) + 2 * (len(widths))
     lines = []
@@ -847,6 +859,13 @@ def top_table(records: Sequence[_publish.Record], width: int | None = None) -> s
     return "\n".join([title, "", *lines])
 
 
+def _printable(name: str) -> str:
+    """`name` for one cell of a table: control characters and spaces shown escaped."""
+    if name.isprintable() and " " not in name:
+        return name
+    return repr(name)
+
+
 def domains_table(records: Sequence[_publish.Record], stats: dict[str, dict[str, int]]) -> str:
     """``ksm top``'s merge domains: one line per domain with its totals and its members' pids."""
     if not stats:
@@ -859,7 +878,7 @@ def domains_table(records: Sequence[_publish.Record], stats: dict[str, dict[str,
         pids = sorted(r.pid for r in records if r.domain == name)
         rows.append(
             (
-                name,
+                _printable(name),
                 f"{d['members']:,}",
                 f"{d['pages_shared']:,}",
                 f"{d['pages_sharing']:,}",
@@ -909,7 +928,8 @@ def cmd_top(args: argparse.Namespace) -> int:
         while True:
             width = shutil.get_terminal_size((120, 24)).columns if tty else None
             records = _publish.read_all()
-            table = top_table(records, width) + domains_table(records, _domain_stats_now())
+            domains = _domain_stats_now()
+            table = top_table(records, width, domains) + domains_table(records, domains)
             if tty:
                 out.write("\x1b[H\x1b[2J" + table + "\n")
             else:
