@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os as _os
 import sys as _sys
-import warnings as _warnings
 
 from . import _ksm
 
@@ -40,7 +39,10 @@ def join(name: str) -> None:
 
     Joining the name already joined does nothing. The first member starts the
     domain's broker (a small process that exits when the last member leaves);
-    nothing needs to run beforehand. Only processes that trust each other belong
+    nothing needs to run beforehand. ``join`` returns at once: the member connects
+    in the background (``member_stats()["connected"]``; until then
+    ``domain_stats()`` may not count it), and merges inside its own process
+    meanwhile. Only processes that trust each other belong
     in one domain: a member can tell by timing a write whether another member
     holds the same page.
 
@@ -124,11 +126,12 @@ def member_stats() -> dict[str, object]:
 
 def _join_from_env() -> None:
     """``KSM_DOMAIN=name``: join when ksm is imported (and in forked children).
-    A bad value or a failure warns once, naming the variable; the program runs on."""
+    A bad value or a failure is told in one line on stderr (``ksm: ignoring ...``, as
+    for the other ``KSM_*`` variables), naming the variable; the program runs on."""
     name = _os.environ.get("KSM_DOMAIN")
     if not name:
         return
     try:
         join(name)
     except (ValueError, RuntimeError, OSError) as e:
-        _warnings.warn(f"KSM_DOMAIN={name!r} not joined: {e}", RuntimeWarning, stacklevel=2)
+        print(f"ksm: ignoring KSM_DOMAIN={name!r}: {e}", file=_sys.stderr)

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import TextIO
 
-from ._workers import _bar, _pss_kib
+from ._workers import _bar, _Progress, _pss_kib
 
 MIB = 1 << 20
 TIMEOUT_S = 120.0
@@ -145,20 +145,16 @@ def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         pids = [int(str(pid)) for pid, _ in first]
         want = (n - 1) * nbytes // ksm.PAGE_SIZE
         last, since, deadline = -1, time.monotonic(), time.monotonic() + TIMEOUT_S
+        progress = _Progress(err)
         while time.monotonic() < deadline:
             sharing = ksm.domain_stats(domain)["pages_sharing"]
-            print(
-                f"\rmerging {_bar(sharing, want)} pages_sharing {sharing:,}",
-                end="",
-                file=err,
-                flush=True,
-            )
+            progress.show(f"merging {_bar(sharing, want)} pages_sharing {sharing:,}")
             if sharing != last:
                 last, since = sharing, time.monotonic()
             elif sharing > 0 and time.monotonic() - since >= 1.0:
                 break
             time.sleep(0.1)
-        print(file=err)
+        progress.done()
         merged_pss = sum(_pss_kib(pid) for pid in pids)
         d = ksm.domain_stats(domain)
         again, status = _finish(p)

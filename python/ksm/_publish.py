@@ -3,7 +3,8 @@
 Every process that uses ksm (its first ``ksm.mmap``, ``ksm.madvise`` or knob
 write on ``ksm.ksmd``) starts a daemon thread that writes its statistics, about
 once a second, to ``/dev/shm/ksm-<pid>.json`` (written to a temporary file and
-renamed, so a reader never sees half a file), and removes the file at exit.
+renamed, so a reader never sees half a file), and removes the file at exit (a
+process killed by a signal cannot: see stale files below).
 The kernel keeps the same figures in ``/proc/<pid>/ksm_stat``; a userspace
 merger has to publish them itself.
 

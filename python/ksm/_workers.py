@@ -218,6 +218,29 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * n + "." * (width - n) + "]"
 
 
+class _Progress:
+    """A progress line: redrawn in place on a terminal; elsewhere (a pipe, a log) a
+    line of its own each time it changes."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err = err
+        self.tty = err.isatty()
+        self.last = ""
+
+    def show(self, line: str) -> None:
+        if self.tty:
+            self.err.write("\r" + line + "\x1b[K")
+        elif line != self.last:
+            self.err.write(line + "\n")
+        self.last = line
+        self.err.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.err.write("\n")
+            self.err.flush()
+
+
 def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``ksm demo --workers N``: N workers load the same data; merge; PSS before and after."""
     import ksm
@@ -246,6 +269,7 @@ def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         t0 = _time.monotonic()
         rounds, last, steady = 0, -1, 0
         max_rounds = 64
+        progress = _Progress(err)
         while rounds < max_rounds:
             pool.ask("scan", 1)
             rounds += 1
@@ -254,15 +278,10 @@ def demo(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
             steady = steady + 1 if sharing == last else 0
             last = sharing
             want = (n - 1) * size // ksm.PAGE_SIZE
-            print(
-                f"\rmerging {_bar(sharing, want)} pages_sharing {sharing:,} after {rounds} scans",
-                end="",
-                file=err,
-                flush=True,
-            )
+            progress.show(f"merging {_bar(sharing, want)} pages_sharing {sharing:,} after {rounds} scans")
             if steady >= 2 and rounds >= 4:
                 break
-        print(file=err)
+        progress.done()
         merge_s = _time.monotonic() - t0
         after = pool.pss_kib()
         d = ksm.domain_stats(domain)
