@@ -39,6 +39,13 @@ const ANNOUNCE_MAX: usize = 1 << 16;
 /// Most pages queued for publishing per batch (one segment's worth).
 const PUBLISH_MAX: usize = crate::pool::BLOCK_FRAMES as usize;
 
+/// Batches pages queued to publish wait for more before their segment is built
+/// (unless the queue fills a segment, a full scan ends, or no broker answers): a
+/// segment per batch made ~100-frame segments at the default `pages_to_scan`,
+/// each a descriptor and a mapping in every member, and a place where runs of
+/// merged pages must break.
+pub(super) const PUBLISH_WAIT_BATCHES: u32 = 16;
+
 /// Figures of the member's domain activity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DomainCounters {
@@ -78,6 +85,9 @@ pub struct DomainState {
     decline: Vec<u32>,
     announce: Vec<u32>,
     publish: Vec<(usize, bool, u32)>,
+    /// The full scan in which the first page of `publish` was queued, and the batches
+    /// it has waited since (see `PUBLISH_WAIT_BATCHES`).
+    publish_since: (u64, u32),
     /// Checksums queued to publish, or published and not yet taken in: queued once.
     publishing: HashSet<u32>,
     /// Contents this process holds twice, claimed from the domain (once), to claim.
@@ -117,8 +127,28 @@ impl DomainState {
             return false;
         }
         self.wanted.remove(&checksum);
+        if self.publish.is_empty() {
+            self.publish_since = (self.scans, 0);
+        }
         self.publish.push((t.addr, t.owned, checksum));
         true
+    }
+
+    /// Whether the pages queued to publish go into a segment now (see
+    /// `PUBLISH_WAIT_BATCHES`); counts a batch waited if not.
+    fn publish_due(&mut self) -> bool {
+        if self.publish.is_empty() {
+            return false;
+        }
+        let (scan, waited) = self.publish_since;
+        let due = self.publish.len() >= PUBLISH_MAX
+            || !self.connected
+            || scan != self.scans
+            || waited >= PUBLISH_WAIT_BATCHES;
+        if !due {
+            self.publish_since.1 += 1;
+        }
+        due
     }
 }
 
@@ -163,20 +193,41 @@ impl<M: Mem> Core<M> {
     }
 
     /// Checksums to announce, to claim, and pages to copy into a new segment
-    /// (address, owned, checksum), collected since the last call.
+    /// (address, owned, checksum), collected since the last call: the pages once
+    /// enough have been queued or have waited long enough (see
+    /// `PUBLISH_WAIT_BATCHES`), and only those still advised here (a page let go
+    /// meanwhile is not read: its checksum is asked for again, or declined).
     pub fn take_domain_out(&mut self) -> DomainOut {
-        match &mut self.domain {
-            Some(d) => {
-                d.counters.announced += d.announce.len() as u64;
-                d.counters.published += d.publish.len() as u64;
-                DomainOut {
-                    announce: std::mem::take(&mut d.announce),
-                    claim: std::mem::take(&mut d.claim),
-                    decline: std::mem::take(&mut d.decline),
-                    publish: std::mem::take(&mut d.publish),
-                }
+        let Some(d) = &mut self.domain else {
+            return DomainOut::default();
+        };
+        let mut publish = match d.publish_due() {
+            true => std::mem::take(&mut d.publish),
+            false => Vec::new(),
+        };
+        let page = self.page;
+        let regions = &self.regions;
+        publish.retain_mut(|(addr, owned, c)| {
+            let here = regions
+                .range(..=*addr)
+                .next_back()
+                .map(|(_, r)| r)
+                .filter(|r| *addr < r.end(page) && r.pages[(*addr - r.start) / page].advised());
+            if let Some(r) = here {
+                *owned = r.owned;
+                return true;
             }
-            None => DomainOut::default(),
+            d.publishing.remove(c);
+            d.wanted.insert(*c, d.scans);
+            false
+        });
+        d.counters.announced += d.announce.len() as u64;
+        d.counters.published += publish.len() as u64;
+        DomainOut {
+            announce: std::mem::take(&mut d.announce),
+            claim: std::mem::take(&mut d.claim),
+            decline: std::mem::take(&mut d.decline),
+            publish,
         }
     }
 

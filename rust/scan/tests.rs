@@ -1,3 +1,4 @@
+use super::domain::PUBLISH_WAIT_BATCHES;
 use super::fake::FakeMem;
 use super::runs::MAX_TILE;
 use super::*;
@@ -1841,5 +1842,66 @@ fn a_segment_retired_when_leaving_and_then_by_the_domain_gives_its_pages_back() 
     assert_eq!(c.domain_counters().evicted, n as u64);
     assert_eq!(c.counters().pages_sharing, 0);
     assert_eq!(c.drop_unmapped_segments(), vec![(5, f0)]);
+    c.check_invariants();
+}
+
+#[test]
+fn pages_to_publish_wait_a_few_batches_for_more_and_go_together() {
+    let n = 64;
+    let mut c = domain_member(n);
+    c.set_domain_connected(true);
+    c.take_domain_out();
+    let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
+    c.domain_wants(&sums);
+    // One page a batch: each is queued, none is published before the queue has
+    // waited `PUBLISH_WAIT_BATCHES` batches.
+    let mut batches = 0;
+    let publish = loop {
+        assert!(!c.scan_batch(1), "the scan ended first");
+        batches += 1;
+        let p = c.take_domain_out().publish;
+        if !p.is_empty() {
+            break p;
+        }
+    };
+    assert_eq!(batches, PUBLISH_WAIT_BATCHES as usize + 1);
+    assert_eq!(
+        publish.len(),
+        batches,
+        "every page queued so far, in one segment"
+    );
+    // The end of a full scan publishes what waits, however little.
+    c.scan_batch(1);
+    assert!(c.take_domain_out().publish.is_empty());
+    while !c.scan_batch(1) {}
+    assert_eq!(c.take_domain_out().publish.len(), n - batches);
+}
+
+#[test]
+fn a_page_let_go_while_waiting_to_be_published_is_not_read_and_is_asked_for_again() {
+    let n = 4;
+    let mut c = domain_member(n);
+    c.set_domain_connected(true);
+    c.take_domain_out();
+    let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
+    c.domain_wants(&sums[..2]);
+    c.scan_batch(2);
+    assert!(c.take_domain_out().publish.is_empty(), "waits");
+    // The application lets page 0 go (no longer mergeable) before the segment is built.
+    c.unadvise(BASE, BASE + PG).unwrap();
+    while !c.scan_batch(1) {}
+    let publish = c.take_domain_out().publish;
+    assert_eq!(
+        publish.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![BASE + PG]
+    );
+    // Asked for again: no page holds it through a whole full scan, so it is
+    // declined (the domain asks another member).
+    let mut declined = Vec::new();
+    for _ in 0..2 {
+        c.scan_full(1);
+        declined.extend(c.take_domain_out().decline);
+    }
+    assert_eq!(declined, vec![sums[0]]);
     c.check_invariants();
 }
