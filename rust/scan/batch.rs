@@ -332,8 +332,11 @@ impl<M: Mem> Core<M> {
             frames,
             unstable,
             domain,
+            vma_allowance,
             ..
         } = self;
+        // (See `DomainState::needs_visit`: the allowance as last counted.)
+        let vma_room = *vma_allowance >= 2;
         let Some(r) = regions.get_mut(&rstart) else {
             return (0, 0);
         };
@@ -369,7 +372,7 @@ impl<M: Mem> Core<M> {
             // has not heard of or asks for, is not skipped: frames arrive from other
             // members at any scan.
             let offered = domain.as_ref().is_some_and(|d| {
-                d.needs_visit(p.checksum())
+                d.needs_visit(p.checksum(), vma_room)
                     || stable.contains(key_of(p.checksum()), |f| frames.hash(f))
             });
             if smart && p.age() >= 3 && p.skips() > 0 && !offered {
@@ -396,7 +399,7 @@ impl<M: Mem> Core<M> {
                 && unstable.has_room(1)
                 && !(idx > 0 && r.pages[idx - 1].state() == State::Stable)
                 // A candidate the domain has not heard of, or asks for: a visit's work.
-                && !domain.as_ref().is_some_and(|d| d.needs_visit(p.checksum()));
+                && !domain.as_ref().is_some_and(|d| d.needs_visit(p.checksum(), vma_room));
             if !quiet {
                 break;
             }

@@ -1905,3 +1905,30 @@ fn a_page_let_go_while_waiting_to_be_published_is_not_read_and_is_asked_for_agai
     assert_eq!(declined, vec![sums[0]]);
     c.check_invariants();
 }
+
+#[test]
+fn a_member_at_its_vma_budget_skips_pages_it_cannot_announce_as_smart_scan_does() {
+    let n = 8;
+    let mut c = core_with(n);
+    c.smart_scan = true;
+    for i in 0..n {
+        c.mem.write(BASE + i * PG, &page_of(i));
+    }
+    c.join_domain();
+    c.advise(BASE, BASE + n * PG);
+    // No VMA to spare: nothing is announced, so nothing can merge through the domain.
+    c.mem.vma_allowance = 0;
+    c.refresh_vma_allowance();
+    c.scan_full(8);
+    assert!(c.take_domain_out().announce.is_empty());
+    assert!(
+        c.counters().pages_skipped > 0,
+        "unique pages the domain cannot hear of are skipped, as in no domain"
+    );
+    // With room again, they are announced at their next visits.
+    c.mem.vma_allowance = 1 << 20;
+    c.refresh_vma_allowance();
+    c.scan_full(8);
+    assert_eq!(c.take_domain_out().announce.len(), n);
+    c.check_invariants();
+}

@@ -161,7 +161,9 @@ impl<M: Mem> Core<M> {
         // from pages it visits, so it has no such case).
         if let Some(d) = &self.domain {
             let c = self.rec(addr).map_or(0, |r| r.checksum());
-            if d.needs_visit(c) || self.stable.contains(key_of(c), |f| self.frames.hash(f)) {
+            if d.needs_visit(c, self.vma_allowance >= 2)
+                || self.stable.contains(key_of(c), |f| self.frames.hash(f))
+            {
                 return false;
             }
         }
