@@ -545,7 +545,9 @@ def test_top_counts_a_merge_domains_frames_once_in_its_totals() -> None:
 
     mib = 2**20
     records = [
-        _publish.Record(pid, Path("-"), {"stats": {"pages_sharing": 25_600, "general_profit": 100 * mib}})
+        _publish.Record(
+            pid, Path("-"), {"domain": "d", "stats": {"pages_sharing": 25_600, "general_profit": 100 * mib}}
+        )
         for pid in (101, 102)
     ]
     domains = {"d": {"pages_shared": 25_600, "pool_bytes": 128 * mib}}
@@ -553,6 +555,9 @@ def test_top_counts_a_merge_domains_frames_once_in_its_totals() -> None:
     assert "100.0 MiB saved, general_profit 72.0 MiB" in title, title
     title = cli.top_table(records, None).splitlines()[0]
     assert "200.0 MiB saved, general_profit 200.0 MiB" in title, title
+    # A domain none of whose members is listed takes nothing off.
+    title = cli.top_table(records, None, {"other": domains["d"]}).splitlines()[0]
+    assert "200.0 MiB saved" in title, title
 
 
 def test_top_shows_a_domain_name_with_a_newline_on_one_line() -> None:

@@ -831,9 +831,12 @@ def top_table(
                 r.command,
             )
         )
-    for d in (domains or {}).values():
-        total_saved -= int(d["pages_shared"]) * (records[0].page_size if records else 4096)
-        total_profit -= int(d["pool_bytes"])
+    for name, d in (domains or {}).items():
+        # (Only a domain whose members are listed: a member that does not publish
+        # its figures counted nothing to take off.)
+        if any(r.domain == name for r in records):
+            total_saved -= int(d["pages_shared"]) * records[0].page_size
+            total_profit -= int(d["pool_bytes"])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     fixed = sum(widths) + 2 * (len(widths))
     lines = []

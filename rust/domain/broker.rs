@@ -154,7 +154,8 @@ impl Hub {
     /// to publish is asked of another member that announced it, if two are left (the
     /// messages returned); the segments it published stay (other members may map
     /// them), unless its pages were the ones that made them worth keeping: those are
-    /// retired now (the members left may be settled, with no scan-done to come).
+    /// retired now, if members are left (they may be settled, with no scan-done to
+    /// come).
     pub fn leave(&mut self, m: MemberId) -> Vec<Out> {
         if self.members.remove(&m).is_none() {
             return Vec::new();
@@ -174,7 +175,11 @@ impl Hub {
             !who.is_empty()
         });
         let mut out = self.reassign(&mine);
-        out.extend(self.retire_unused());
+        // (With no member left, nothing is retired: a member joining before the
+        // broker's idle end gets the segments again, those it still holds too.)
+        if !self.members.is_empty() {
+            out.extend(self.retire_unused());
+        }
         out
     }
 
@@ -273,6 +278,15 @@ impl Hub {
                         } else if frames - first < 64 {
                             *w &= (1u64 << (frames - first)) - 1;
                         }
+                    }
+                    // Retired while `m` was away (it reports pages on it, and had not):
+                    // told now, as above.
+                    if retiring.is_some() && u.pages > 0 && !member.usage.contains_key(&u.id) {
+                        out.push(Out {
+                            to: m,
+                            msg: Msg::Retire { id: u.id },
+                            segment: None,
+                        });
                     }
                     if retiring.is_some() && u.pages == 0 {
                         member.usage.remove(&u.id);
@@ -560,6 +574,19 @@ struct Conn {
     member: Option<MemberId>,
 }
 
+/// How often a broker renews the times of its socket, lock file and directory, so
+/// that a cleaner of old files in /tmp (systemd-tmpfiles removes what has not
+/// changed for 10 days) never removes a live broker's: a member finding no socket
+/// would start a second broker, and the domain would be split in two.
+const KEEP_FILES: Duration = Duration::from_secs(3600);
+
+/// Renew `path`'s change time (its mode set again, unchanged).
+fn keep(path: &Path) {
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        let _ = std::fs::set_permissions(path, md.permissions());
+    }
+}
+
 /// Run the broker of the domain whose socket is `sock_path` until no member has
 /// been connected for a while. `lock` is the descriptor of the domain's lock file,
 /// which the caller holds (`flock`) for as long as this runs: at most one broker
@@ -574,10 +601,19 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
     let mut fds: HashMap<u64, Memfd> = HashMap::new();
     let mut conns: Vec<Conn> = Vec::new();
     let mut idle_since = Some(Instant::now());
+    let mut kept = Instant::now();
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     loop {
         if hub.members() == 0 && idle_since.is_some_and(|t| t.elapsed() >= IDLE_EXIT) {
             break;
+        }
+        if kept.elapsed() >= KEEP_FILES {
+            keep(sock_path);
+            keep(&sock_path.with_extension("lock"));
+            if let Some(d) = sock_path.parent() {
+                keep(d);
+            }
+            kept = Instant::now();
         }
         let mut watch = vec![listener.raw()];
         watch.extend(conns.iter().map(|c| c.sock.raw()));
@@ -1092,6 +1128,28 @@ mod tests {
     }
 
     #[test]
+    fn the_last_member_leaving_retires_nothing_for_the_next_one_to_join() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![5],
+            },
+            Some(1),
+        );
+        h.on_message(a, usage(1, RETIRE_AGE, 1, 2), None);
+        assert!(h.leave(a).is_empty());
+        assert_eq!(h.segment_ids(), vec![1]);
+        // A member joining before the broker's idle end (a worker restarted) gets it.
+        let (_, welcome) = h.join();
+        assert!(welcome
+            .iter()
+            .any(|o| matches!(o.msg, Msg::Segment { id: 1, .. })));
+    }
+
+    #[test]
     fn a_member_back_from_a_broken_link_is_told_of_a_retirement_it_missed() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
@@ -1134,6 +1192,41 @@ mod tests {
             h.stats().pool_bytes,
             0,
             "not counted: the domain does not hold it"
+        );
+    }
+
+    #[test]
+    fn a_member_back_from_a_broken_link_is_told_of_a_retirement_others_still_map() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![5],
+            },
+            Some(1),
+        );
+        // a's link breaks: dropped. Segment 1 is retired while b still maps it.
+        h.leave(a);
+        h.on_message(b, usage(1, RETIRE_AGE, 1, 1), None);
+        assert_eq!(h.retire(1).len(), 1, "told to b only");
+        // a comes back as c, still holding 1 with pages on it: told now, once.
+        let (c, _) = h.join();
+        let o = h.on_message(c, usage(1, RETIRE_AGE, 1, 3), None);
+        assert_eq!(
+            o,
+            vec![Out {
+                to: c,
+                msg: Msg::Retire { id: 1 },
+                segment: None
+            }]
+        );
+        assert!(h.on_message(c, usage(1, RETIRE_AGE, 1, 2), None).is_empty());
+        assert!(
+            h.on_message(b, usage(1, RETIRE_AGE, 1, 1), None).is_empty(),
+            "b knows"
         );
     }
 }

@@ -2,16 +2,18 @@
 //! can enter, holding per domain its broker's socket (`NAME.sock`) and lock file
 //! (`NAME.lock`, held by the running broker, so at most one runs per domain).
 //!
-//! The directory is `/run/user/UID/ksm-domains` when `/run/user/UID` (the user's
-//! runtime directory, where systemd makes one) is a private directory of the
-//! user's, else `/tmp/ksm-UID`. It depends on the user alone, never on the
-//! environment: two processes of one user, one started with `XDG_RUNTIME_DIR`
-//! and one without (a service, a cron job, `sudo -u`), meet all the same. It is
-//! created with mode 0700 and refused (the next place tried) if it exists with
-//! another owner, other permissions, or as a symbolic link: a socket there can
-//! only be reached by the user (and root), and brokers check every peer's uid on
-//! top (`SO_PEERCRED`). Domain names are therefore per user: two users' domains of
-//! one name never meet.
+//! The directory is `/tmp/ksm-UID`, whatever the environment or the session: two
+//! processes of one user, one started from a desktop session (`XDG_RUNTIME_DIR`
+//! set, `/run/user/UID` there) and one from a service, a cron job or `sudo -u`
+//! (neither), meet all the same, and a domain lives on across logins and logouts
+//! (systemd removes `/run/user/UID`, sockets and all, at a user's last logout). It
+//! is created with mode 0700 and refused if it exists with another owner, other
+//! permissions, or as a symbolic link: a socket there can only be reached by the
+//! user (and root), and brokers check every peer's uid on top (`SO_PEERCRED`).
+//! Domain names are therefore per user: two users' domains of one name never
+//! meet. (Another user who makes `/tmp/ksm-UID` first denies the user its
+//! domains, with an error that says so; a service with a private `/tmp`
+//! meets only processes that share it.)
 
 #![forbid(unsafe_code)]
 
@@ -24,9 +26,6 @@ use std::time::Duration;
 
 use super::proto::{self, DomainStats, Msg};
 use crate::sys::unix::{self, Socket};
-
-/// Longest socket path (`sun_path` holds 108 bytes with the NUL).
-const MAX_PATH: usize = 107;
 
 /// Whether `dir` is a directory (not a link) of ours that nobody else may enter.
 fn private_dir(dir: &Path) -> io::Result<()> {
@@ -54,32 +53,14 @@ fn private_dir(dir: &Path) -> io::Result<()> {
 
 /// The user's directory of domains, created if needed and checked private.
 pub fn dir() -> io::Result<PathBuf> {
-    let uid = unix::euid();
-    let runtime = PathBuf::from(format!("/run/user/{uid}"));
-    let candidates = (private_dir(&runtime).is_ok())
-        .then(|| runtime.join("ksm-domains"))
-        .into_iter()
-        .chain([PathBuf::from(format!("/tmp/ksm-{uid}"))]);
-    let mut last = None;
-    for d in candidates {
-        // Room for "/NAME.sock" with the longest name.
-        if d.as_os_str().len() + 1 + 64 + 5 > MAX_PATH {
-            continue;
-        }
-        match fs::DirBuilder::new().mode(0o700).create(&d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                last = Some(e);
-                continue;
-            }
-        }
-        match private_dir(&d) {
-            Ok(()) => return Ok(d),
-            Err(e) => last = Some(e),
-        }
+    let d = PathBuf::from(format!("/tmp/ksm-{}", unix::euid()));
+    match fs::DirBuilder::new().mode(0o700).create(&d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
-    Err(last.unwrap_or_else(|| io::Error::other("no directory for merge domains")))
+    private_dir(&d)?;
+    Ok(d)
 }
 
 /// The socket path of domain `name` (a name already checked by `proto::name_error`).

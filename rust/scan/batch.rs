@@ -333,10 +333,13 @@ impl<M: Mem> Core<M> {
             unstable,
             domain,
             vma_allowance,
+            vma_count_due,
             ..
         } = self;
-        // (See `DomainState::needs_visit`: the allowance as last counted.)
-        let vma_room = *vma_allowance >= 2;
+        // (See `DomainState::needs_visit`: the allowance as last counted, or a count
+        // due: a full scan began, and the first page with something to announce
+        // counts the VMAs again.)
+        let vma_room = *vma_allowance >= 2 || *vma_count_due;
         let Some(r) = regions.get_mut(&rstart) else {
             return (0, 0);
         };

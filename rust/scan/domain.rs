@@ -5,9 +5,9 @@
 //!   either index to merge with) has its checksum **announced**, once.
 //! * A checksum the domain asks us to **publish** (another member announced it
 //!   too) makes the next visit of a page with that checksum queue the page to be
-//!   copied into a new sealed segment; pages queued in one batch are copied in
-//!   address order, so that a run of pages becomes a run of frames that the other
-//!   members map with one mapping.
+//!   copied into a new sealed segment; pages queued together (over up to
+//!   `PUBLISH_WAIT_BATCHES` batches) are copied in address order, so that a run of
+//!   pages becomes a run of frames that the other members map with one mapping.
 //! * Two pages of this process with the same bytes are not merged onto a frame of
 //!   the process's own pool, as outside a domain, but the same way: one is queued
 //!   for a segment, and both merge onto its frame at their next visit. So every
@@ -36,7 +36,7 @@ use crate::region::State;
 
 /// Most checksums announced per batch (the rest wait for the next visit).
 const ANNOUNCE_MAX: usize = 1 << 16;
-/// Most pages queued for publishing per batch (one segment's worth).
+/// Most pages queued for publishing at a time (one segment's worth).
 const PUBLISH_MAX: usize = crate::pool::BLOCK_FRAMES as usize;
 
 /// Batches pages queued to publish wait for more before their segment is built
@@ -211,13 +211,29 @@ impl<M: Mem> Core<M> {
             false => Vec::new(),
         };
         let page = self.page;
-        let regions = &self.regions;
+        let (regions, frames) = (&self.regions, &self.frames);
         publish.retain_mut(|(addr, owned, c)| {
+            // Still advised, with the checksum it was queued under, and not merged
+            // meanwhile (a segment with its bytes may have come), unless it is moving
+            // off a retired segment's frame (see `move_off_retired`).
             let here = regions
                 .range(..=*addr)
                 .next_back()
                 .map(|(_, r)| r)
-                .filter(|r| *addr < r.end(page) && r.pages[(*addr - r.start) / page].advised());
+                .filter(|r| *addr < r.end(page))
+                .filter(|r| {
+                    let p = r.pages[(*addr - r.start) / page];
+                    p.advised()
+                        && match p.state() {
+                            State::Stable => {
+                                let f = p.frame();
+                                crate::pool::is_domain(f)
+                                    && frames.retired(f)
+                                    && frames.hash(f) == u64::from(*c)
+                            }
+                            _ => p.checksum() == *c,
+                        }
+                });
             if let Some(r) = here {
                 *owned = r.owned;
                 return true;
@@ -255,9 +271,12 @@ impl<M: Mem> Core<M> {
             if let Some((f0, n)) = self.frames.unretire_segment(id) {
                 for f in f0..f0 + n {
                     let frames = &self.frames;
-                    self.stable.push(frames.hash(f), f, |f| frames.hash(f));
+                    let k = frames.hash(f);
+                    self.stable.push(k, f, |f| frames.hash(f));
+                    d.wanted.remove(&(k as u32));
+                    d.publishing.remove(&(k as u32));
                 }
-                d.evict_due.retain(|&(due, _)| due != id);
+                d.evict_due.retain(|&(seg, _)| seg != id);
                 self.changes += 1;
             }
             return None;

@@ -1932,3 +1932,41 @@ fn a_member_at_its_vma_budget_skips_pages_it_cannot_announce_as_smart_scan_does(
     assert_eq!(c.take_domain_out().announce.len(), n);
     c.check_invariants();
 }
+
+#[test]
+fn a_member_back_under_its_vma_budget_announces_again() {
+    let n = 64;
+    let mut c = core_with(n);
+    c.mem.tracking = true;
+    c.smart_scan = false;
+    for i in 0..n {
+        c.mem.write(BASE + i * PG, &page_of(i));
+    }
+    c.join_domain();
+    c.advise(BASE, BASE + n * PG);
+    for _ in 0..2 {
+        c.count_vmas_when_needed();
+        c.scan_full(1);
+    }
+    assert_eq!(c.take_domain_out().announce.len(), n);
+    // At its budget; the second half is written (new contents, unannounced).
+    c.mem.vma_allowance = 0;
+    c.refresh_vma_allowance();
+    for i in n / 2..n {
+        c.mem.write(BASE + i * PG, &page_of(1000 + i));
+    }
+    for _ in 0..4 {
+        c.count_vmas_when_needed();
+        c.scan_full(1);
+    }
+    assert!(c.take_domain_out().announce.is_empty());
+    // VMAs freed elsewhere: the engine marks the count due at each full scan's start.
+    c.mem.vma_allowance = 1 << 20;
+    let mut announced = 0;
+    for _ in 0..6 {
+        c.count_vmas_when_needed();
+        c.scan_full(1);
+        announced += c.take_domain_out().announce.len();
+    }
+    assert_eq!(announced, n / 2, "stale allowance {}", c.vma_allowance);
+}

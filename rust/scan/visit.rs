@@ -161,7 +161,7 @@ impl<M: Mem> Core<M> {
         // from pages it visits, so it has no such case).
         if let Some(d) = &self.domain {
             let c = self.rec(addr).map_or(0, |r| r.checksum());
-            if d.needs_visit(c, self.vma_allowance >= 2)
+            if d.needs_visit(c, self.vma_allowance >= 2 || self.vma_count_due)
                 || self.stable.contains(key_of(c), |f| self.frames.hash(f))
             {
                 return false;
