@@ -122,6 +122,9 @@ impl<M: Mem> Core<M> {
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
+        if let Some(d) = &mut self.domain {
+            d.batch_budget = budget;
+        }
         // Whatever a batch that ended early (a panic) left is no snapshot of this one's.
         self.sums_ahead.clear();
         // With more than one hash thread, checksums are taken ahead of the visits; for

@@ -88,6 +88,8 @@ pub struct DomainState {
     /// The full scan in which the first page of `publish` was queued, and the batches
     /// it has waited since (see `PUBLISH_WAIT_BATCHES`).
     publish_since: (u64, u32),
+    /// The page budget of the latest batch (`pages_to_scan`).
+    pub(super) batch_budget: u64,
     /// Checksums queued to publish, or published and not yet taken in: queued once.
     publishing: HashSet<u32>,
     /// Contents this process holds twice, claimed from the domain (once), to claim.
@@ -146,7 +148,11 @@ impl DomainState {
             return false;
         }
         let (scan, waited) = self.publish_since;
+        // Batches of a segment's worth of pages or more make full segments anyway, and
+        // publish at once (held, 4 workers of 256 MiB at `pages_to_scan` 10,000 ended
+        // with 17 of 172,906 pages fewer shared than the kernel; why is not known).
         let due = self.publish.len() >= PUBLISH_MAX
+            || self.batch_budget >= PUBLISH_MAX as u64
             || !self.connected
             || scan != self.scans
             || waited >= PUBLISH_WAIT_BATCHES;
