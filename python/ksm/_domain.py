@@ -116,7 +116,9 @@ _STATS_KEYS = (
 
 def member_stats() -> dict[str, object]:
     """This process's side of its domain: whether its link to the broker is up,
-    its member number, the segments it maps and the pages of it on their frames,
+    its member number, ``members`` (how many the domain had when this process
+    connected: ``domain_stats()["members"]`` is the count now), the segments it
+    maps and the pages of it on their frames,
     checksums announced, pages published, ``brokers_started`` (brokers this process
     started: members that join together start one between them), and
     ``last_error``: the last error met reaching or talking to the broker, or mapping
