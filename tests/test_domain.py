@@ -294,7 +294,18 @@ def test_pages_left_on_a_retired_segment_move_onto_a_new_one_without_vma_room(
     assert d["live_frames"] == pages - len(written)
     for m in (a, b):
         assert m("check")["bad"] == []
-        assert m("stats")["member"]["evicted"] == 0, "no room for private copies"
+        member = m("stats")["member"]
+        assert member["evicted"] == 0, "no room for private copies"
+        # Every segment file the member maps is one it holds: a retired segment it
+        # let go is unmapped whole (a mapping left on it, a covered page's say, would
+        # keep the whole file's memory alive, counted in no pool figure).
+        assert len(segment_files(m.pid)) == member["segments"], segment_files(m.pid)
+
+
+def segment_files(pid: int) -> set[int]:
+    """The inodes of the domain segments process `pid` maps (its views and its pages)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {int(line.split()[4]) for line in f if "ksm-segment" in line}
 
 
 def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: list[Member]) -> None:
