@@ -302,6 +302,31 @@ def test_pages_left_on_a_retired_segment_move_onto_a_new_one_without_vma_room(
         assert len(segment_files(m.pid)) == member["segments"], segment_files(m.pid)
 
 
+def test_a_member_that_never_scans_does_not_hold_up_compaction(name: str, members: list[Member]) -> None:
+    # KSM_DOMAIN joins every Python process started with it: a multiprocessing parent
+    # or resource tracker is a member that holds no memory and may never scan.
+    pages = 128
+    a, b = start(members, 2, seed=19, pages=pages, domain=name)
+    (idle,) = start(members, 1, seed=19, pages=1, domain=name)
+    assert idle("sync")["ok"]  # connected (it never scans)
+    settle([a, b], pages)
+    assert a("dstats")["dstats"]["members"] == 3
+    # Each member writes 120 of its pages with bytes of its own: those frames die.
+    for k, m in enumerate((a, b)):
+        for p in range(120):
+            m(f"write {p} {1 + p + 120 * k}")
+    for _ in range(60):
+        step([a, b])
+        d = a("dstats")["dstats"]
+        live = d["live_frames"]
+        if d["segments_retired"] and live == pages - 120 and d["pool_bytes"] <= 1.25 * live * ksm.PAGE_SIZE:
+            break
+    else:
+        pytest.fail(f"the pool never came down while a member never scanned: {d}")
+    for m in (a, b):
+        assert m("check")["bad"] == []
+
+
 def segment_files(pid: int) -> set[int]:
     """The inodes of the domain segments process `pid` maps (its views and its pages)."""
     with open(f"/proc/{pid}/maps") as f:

@@ -140,6 +140,9 @@ struct Model {
     segs: BTreeMap<u64, Seg>,
     /// The last report of each member, by segment.
     usage: IntMap<MemberId, IntMap<u64, SegUsage>>,
+    /// Members that have reported (a usage report or a scan-done): only they have a
+    /// say in what is retired.
+    active: BTreeSet<MemberId>,
     /// The members that announced a checksum (no segment holds it), first first, at
     /// most `ANNOUNCERS`.
     first: IntMap<u32, Vec<MemberId>>,
@@ -190,13 +193,19 @@ impl Model {
     /// member reported at that age too), or more than a fifth and at least
     /// `COMPACT_DEAD` frames are not.
     fn to_retire(&self) -> Vec<u64> {
+        if !self.members.iter().any(|m| self.active.contains(m)) {
+            return Vec::new();
+        }
         let aged = |id: u64| {
-            self.members.iter().all(|m| {
-                self.usage
-                    .get(m)
-                    .and_then(|r| r.get(&id))
-                    .is_some_and(|u| u.age >= RETIRE_AGE)
-            })
+            self.members
+                .iter()
+                .filter(|m| self.active.contains(m))
+                .all(|m| {
+                    self.usage
+                        .get(m)
+                        .and_then(|r| r.get(&id))
+                        .is_some_and(|u| u.age >= RETIRE_AGE)
+                })
         };
         let mut out: Vec<u64> = Vec::new();
         for (&id, g) in &self.segs {
@@ -451,6 +460,7 @@ impl Harness {
                 let mut outs: Vec<Out> = outs;
                 if self.model.members.remove(&m) {
                     self.model.usage.remove(&m);
+                    self.model.active.remove(&m);
                     self.model.forget_unmapped_retiring();
                     let sums: Vec<u32> = self.model.first.keys().copied().collect();
                     for s in sums {
@@ -672,6 +682,7 @@ impl Harness {
                 }
                 assert_eq!(outs, expect, "a usage report's answer");
                 if self.model.members.contains(&m) {
+                    self.model.active.insert(m);
                     let r = self.model.usage.entry(m).or_default();
                     for u in segs {
                         if self.model.segs.contains_key(&u.id) {
@@ -696,6 +707,7 @@ impl Harness {
                     assert!(outs.is_empty());
                     return;
                 }
+                self.model.active.insert(m);
                 let rest = self.retired_as_expected(outs);
                 assert!(rest.is_empty(), "a scan-done answered with {rest:?}");
             }

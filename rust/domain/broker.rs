@@ -70,6 +70,10 @@ pub struct Out {
 struct Member {
     /// The member's last report, by segment.
     usage: HashMap<u64, SegUsage>,
+    /// It has reported at least once (a usage report or a scan's end): a member
+    /// that never scans (a process that joined through `KSM_DOMAIN` and holds no
+    /// memory, such as a multiprocessing parent) has no say in what is retired.
+    active: bool,
 }
 
 #[derive(Debug)]
@@ -250,6 +254,7 @@ impl Hub {
             }
             Msg::Usage { segs } => {
                 let member = self.members.get_mut(&m).expect("checked");
+                member.active = true;
                 let mut out = Vec::new();
                 for mut u in segs {
                     let retiring = self.retiring.get(&u.id).copied();
@@ -297,7 +302,10 @@ impl Hub {
                 self.forget_unmapped_retiring();
                 out
             }
-            Msg::ScanDone => self.retire_unused(),
+            Msg::ScanDone => {
+                self.members.get_mut(&m).expect("checked").active = true;
+                self.retire_unused()
+            }
             Msg::StatsQuery => vec![Out {
                 to: m,
                 msg: Msg::Stats(self.stats()),
@@ -389,7 +397,14 @@ impl Hub {
     /// content published twice, by members that could not hear of each other in
     /// time): the pages on it move onto that twin, which members find in their index
     /// by its bytes, and the content keeps one frame, as in the kernel.
+    ///
+    /// Only members that have reported count: one that never scans maps nothing, and
+    /// waiting for its reports held every segment forever. With no such member,
+    /// nothing is retired.
     fn retire_unused(&mut self) -> Vec<Out> {
+        if !self.members.values().any(|m| m.active) {
+            return Vec::new();
+        }
         // The checksums of the segments of lower id that stay, and that every member
         // has had long enough to hold them in its index (the twin a page moves onto).
         let mut holder: HashSet<u32> = HashSet::new();
@@ -403,6 +418,7 @@ impl Hub {
             let aged = self
                 .members
                 .values()
+                .filter(|member| member.active)
                 .all(|member| member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE));
             // Unused, or partly dead (its memory is the whole segment's): members move
             // their pages off it, onto twins or onto new segments.
@@ -879,6 +895,8 @@ mod tests {
             },
             Some(1),
         );
+        // b has scanned (so it has a say), but not reported segment 1 yet.
+        assert!(h.on_message(b, Msg::ScanDone, None).is_empty());
         h.on_message(a, usage(1, RETIRE_AGE, 0, 0), None);
         assert!(
             h.on_message(a, Msg::ScanDone, None).is_empty(),
@@ -1228,5 +1246,39 @@ mod tests {
             h.on_message(b, usage(1, RETIRE_AGE, 1, 1), None).is_empty(),
             "b knows"
         );
+    }
+
+    #[test]
+    fn a_member_that_never_reports_has_no_say_in_what_is_retired() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (_idle, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![5],
+            },
+            Some(1),
+        );
+        h.on_message(a, usage(1, RETIRE_AGE, 0, 0), None);
+        let o = h.on_message(a, Msg::ScanDone, None);
+        assert_eq!(o.len(), 2, "retired, told to both: {o:?}");
+        // With no member that has reported, nothing is retired (a member that just
+        // joined may be about to map it).
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        let (b, _) = h.join();
+        h.on_message(
+            a,
+            Msg::Publish {
+                frames: 1,
+                sums: vec![5],
+            },
+            Some(1),
+        );
+        assert!(h.leave(a).is_empty(), "b has not reported yet");
+        assert_eq!(h.segment_ids(), vec![1]);
+        assert!(h.on_message(b, usage(1, 0, 1, 1), None).is_empty());
     }
 }
