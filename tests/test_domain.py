@@ -89,8 +89,14 @@ class Member:
 
 
 @pytest.fixture
-def name() -> str:
-    return "test-" + uuid.uuid4().hex[:12]
+def name() -> Iterator[str]:
+    """A new domain name; its files in the meeting place are removed afterwards (the
+    name is never used again, so a broker still ending its idle time loses nothing)."""
+    name = "test-" + uuid.uuid4().hex[:12]
+    yield name
+    place = Path(f"/tmp/ksm-{os.geteuid()}")
+    for ext in ("lock", "start", "sock"):
+        (place / f"{name}.{ext}").unlink(missing_ok=True)
 
 
 @pytest.fixture
