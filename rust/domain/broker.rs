@@ -266,11 +266,7 @@ impl Hub {
                         // its pages move off and its memory goes, as for any retired
                         // segment. (A publisher's own publish comes before its reports.)
                         if u.pages > 0 {
-                            out.push(Out {
-                                to: m,
-                                msg: Msg::Retire { id: u.id },
-                                segment: None,
-                            });
+                            out.push(retire_to(m, u.id));
                         }
                         continue;
                     };
@@ -287,11 +283,7 @@ impl Hub {
                     // Retired while `m` was away (it reports pages on it, and had not):
                     // told now, as above.
                     if retiring.is_some() && u.pages > 0 && !member.usage.contains_key(&u.id) {
-                        out.push(Out {
-                            to: m,
-                            msg: Msg::Retire { id: u.id },
-                            segment: None,
-                        });
+                        out.push(retire_to(m, u.id));
                     }
                     if retiring.is_some() && u.pages == 0 {
                         member.usage.remove(&u.id);
@@ -453,14 +445,7 @@ impl Hub {
         self.retiring.insert(id, s.frames);
         self.forget_unmapped_retiring();
         self.retired += 1;
-        self.members
-            .keys()
-            .map(|&to| Out {
-                to,
-                msg: Msg::Retire { id },
-                segment: None,
-            })
-            .collect()
+        self.members.keys().map(|&to| retire_to(to, id)).collect()
     }
 
     /// Forget the retired segments that no member's pages map any more (reported so,
@@ -566,6 +551,15 @@ impl Hub {
                 "retired segment {id} counted with no page on it"
             );
         }
+    }
+}
+
+/// Tell member `to` that segment `id` is retired.
+fn retire_to(to: MemberId, id: u64) -> Out {
+    Out {
+        to,
+        msg: Msg::Retire { id },
+        segment: None,
     }
 }
 
