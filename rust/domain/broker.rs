@@ -793,14 +793,7 @@ mod tests {
         assert!(h
             .on_message(c, Msg::Announce { sums: vec![2] }, None)
             .is_empty());
-        let o = h.on_message(
-            b,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![2],
-            },
-            Some(99),
-        );
+        let o = publish(&mut h, b, 99, vec![2]);
         let to: Vec<_> = o.iter().map(|x| x.to).collect();
         assert_eq!(to, vec![a, b, c]);
         assert!(o.iter().all(|x| x.segment == Some(99)));
@@ -844,14 +837,7 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 4,
-                sums: vec![1, 2, 3, 4],
-            },
-            Some(7),
-        );
+        publish(&mut h, a, 7, vec![1, 2, 3, 4]);
         // a maps frames 0 and 1 (3 pages), b maps frames 1 and 2 (2 pages).
         h.on_message(a, usage(7, 1, 0b011, 3), None);
         h.on_message(b, usage(7, 1, 0b110, 2), None);
@@ -861,6 +847,12 @@ mod tests {
         h.leave(b);
         let s = h.stats();
         assert_eq!((s.members, s.pages_shared, s.pages_sharing), (1, 2, 1));
+    }
+
+    /// Member `m` publishes segment `id` of frames with checksums `sums`.
+    fn publish(h: &mut Hub, m: MemberId, id: u64, sums: Vec<u32>) -> Vec<Out> {
+        let frames = sums.len() as u32;
+        h.on_message(m, Msg::Publish { frames, sums }, Some(id))
     }
 
     fn usage(id: u64, age: u32, bits: u64, pages: u32) -> Msg {
@@ -881,14 +873,7 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![5],
-            },
-            Some(1),
-        );
+        publish(&mut h, a, 1, vec![5]);
         // b has scanned (so it has a say), but not reported segment 1 yet.
         assert!(h.on_message(b, Msg::ScanDone, None).is_empty());
         h.on_message(a, usage(1, RETIRE_AGE, 0, 0), None);
@@ -915,22 +900,8 @@ mod tests {
     fn a_mostly_dead_segment_is_retired_for_compaction() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 640,
-                sums: (0..640).collect(),
-            },
-            Some(3),
-        );
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 100,
-                sums: (1000..1100).collect(),
-            },
-            Some(4),
-        );
+        publish(&mut h, a, 3, (0..640).collect());
+        publish(&mut h, a, 4, (1000..1100).collect());
         let usage = |id: u64, mapped: [u64; BITMAP_WORDS]| SegUsage {
             id,
             pages: 64,
@@ -987,24 +958,10 @@ mod tests {
         // The same 100 contents published twice (as when two members could not hear
         // of each other in time), plus 10 contents only segment 9 holds.
         let twins: Vec<u32> = (0..100).collect();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 100,
-                sums: twins.clone(),
-            },
-            Some(8),
-        );
+        publish(&mut h, a, 8, twins.clone());
         let mut more = twins.clone();
         more.extend(500..510);
-        h.on_message(
-            b,
-            Msg::Publish {
-                frames: 110,
-                sums: more,
-            },
-            Some(9),
-        );
+        publish(&mut h, b, 9, more);
         let all = |n: u32| {
             let mut m = [0u64; BITMAP_WORDS];
             for i in 0..n as usize {
@@ -1042,14 +999,7 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 8,
-                sums: (0..8).collect(),
-            },
-            Some(7),
-        );
+        publish(&mut h, a, 7, (0..8).collect());
         h.on_message(a, usage(7, RETIRE_AGE, 0b1, 1), None);
         h.on_message(b, usage(7, RETIRE_AGE, 0b110, 2), None);
         h.retire(7);
@@ -1112,29 +1062,14 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![5],
-            },
-            Some(1),
-        );
+        publish(&mut h, a, 1, vec![5]);
         h.on_message(a, usage(1, RETIRE_AGE, 1, 2), None);
         h.on_message(b, usage(1, RETIRE_AGE, 0, 0), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty(), "a maps it");
         assert!(h.on_message(b, Msg::ScanDone, None).is_empty(), "a maps it");
         // a exits; b has settled: its reports do not change, no scan-done comes.
         let out = h.leave(a);
-        assert_eq!(
-            out,
-            vec![Out {
-                to: b,
-                msg: Msg::Retire { id: 1 },
-                segment: None
-            }],
-            "nobody maps segment 1 any more"
-        );
+        assert_eq!(out, vec![retire_to(b, 1)], "nobody maps segment 1 any more");
         assert!(h.segment_ids().is_empty());
         assert_eq!(h.leave(a), vec![], "a left already: nothing to do");
     }
@@ -1143,14 +1078,7 @@ mod tests {
     fn the_last_member_leaving_retires_nothing_for_the_next_one_to_join() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![5],
-            },
-            Some(1),
-        );
+        publish(&mut h, a, 1, vec![5]);
         h.on_message(a, usage(1, RETIRE_AGE, 1, 2), None);
         assert!(h.leave(a).is_empty());
         assert_eq!(h.segment_ids(), vec![1]);
@@ -1166,39 +1094,18 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![5],
-            },
-            Some(1),
-        );
+        publish(&mut h, a, 1, vec![5]);
         // a's link breaks (a send timeout, EPIPE): the broker lets it go.
         h.leave(a);
         // Meanwhile b's scan ends: only b's report counts, and b maps nothing of 1.
         h.on_message(b, usage(1, RETIRE_AGE, 0, 0), None);
         let o = h.on_message(b, Msg::ScanDone, None);
-        assert_eq!(
-            o,
-            vec![Out {
-                to: b,
-                msg: Msg::Retire { id: 1 },
-                segment: None
-            }]
-        );
+        assert_eq!(o, vec![retire_to(b, 1)]);
         // a comes back as c, still holding 1 with 3 pages on it: told to let it go
         // (a report with no pages on it is not answered).
         let (c, _) = h.join();
         let o = h.on_message(c, usage(1, RETIRE_AGE, 1, 3), None);
-        assert_eq!(
-            o,
-            vec![Out {
-                to: c,
-                msg: Msg::Retire { id: 1 },
-                segment: None
-            }]
-        );
+        assert_eq!(o, vec![retire_to(c, 1)]);
         assert!(h.on_message(c, usage(1, RETIRE_AGE, 0, 0), None).is_empty());
         assert_eq!(
             h.stats().pool_bytes,
@@ -1212,14 +1119,7 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![5],
-            },
-            Some(1),
-        );
+        publish(&mut h, a, 1, vec![5]);
         // a's link breaks: dropped. Segment 1 is retired while b still maps it.
         h.leave(a);
         h.on_message(b, usage(1, RETIRE_AGE, 1, 1), None);
@@ -1227,14 +1127,7 @@ mod tests {
         // a comes back as c, still holding 1 with pages on it: told now, once.
         let (c, _) = h.join();
         let o = h.on_message(c, usage(1, RETIRE_AGE, 1, 3), None);
-        assert_eq!(
-            o,
-            vec![Out {
-                to: c,
-                msg: Msg::Retire { id: 1 },
-                segment: None
-            }]
-        );
+        assert_eq!(o, vec![retire_to(c, 1)]);
         assert!(h.on_message(c, usage(1, RETIRE_AGE, 1, 2), None).is_empty());
         assert!(
             h.on_message(b, usage(1, RETIRE_AGE, 1, 1), None).is_empty(),
@@ -1247,14 +1140,7 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (_idle, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![5],
-            },
-            Some(1),
-        );
+        publish(&mut h, a, 1, vec![5]);
         h.on_message(a, usage(1, RETIRE_AGE, 0, 0), None);
         let o = h.on_message(a, Msg::ScanDone, None);
         assert_eq!(o.len(), 2, "retired, told to both: {o:?}");
@@ -1263,14 +1149,7 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        h.on_message(
-            a,
-            Msg::Publish {
-                frames: 1,
-                sums: vec![5],
-            },
-            Some(1),
-        );
+        publish(&mut h, a, 1, vec![5]);
         assert!(h.leave(a).is_empty(), "b has not reported yet");
         assert_eq!(h.segment_ids(), vec![1]);
         assert!(h.on_message(b, usage(1, 0, 1, 1), None).is_empty());
