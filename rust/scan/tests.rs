@@ -1428,14 +1428,21 @@ fn at_the_budget_a_stale_unstable_entry_puts_off_no_merge() {
 /// `n` numbered pages advised in a core that joined a domain, scanned twice (so
 /// every page is a candidate announced to the domain).
 fn domain_member(n: usize) -> Core<FakeMem> {
+    let mut c = joined(n, false, |i| i);
+    c.scan_full(2);
+    c
+}
+
+/// `n` pages, page `i` holding `page_of(content(i))`, in a domain, advised, not
+/// scanned yet; smart scan as `smart` says.
+fn joined(n: usize, smart: bool, content: impl Fn(usize) -> usize) -> Core<FakeMem> {
     let mut c = core_with(n);
-    c.smart_scan = false;
+    c.smart_scan = smart;
     for i in 0..n {
-        c.mem.write(BASE + i * PG, &page_of(i));
+        c.mem.write(BASE + i * PG, &page_of(content(i)));
     }
     c.join_domain();
     c.advise(BASE, BASE + n * PG);
-    c.scan_full(2);
     c
 }
 
@@ -1467,15 +1474,8 @@ fn a_domain_member_announces_candidates_once_and_publishes_what_it_is_asked_for(
 #[test]
 fn a_domain_member_at_its_vma_budget_announces_and_claims_nothing_until_it_has_room() {
     let n = 8;
-    let mut c = core_with(n);
-    c.smart_scan = false;
-    for i in 0..n {
-        // Pages 0-5 unique, 6 and 7 the bytes of page 0 (a content held twice).
-        c.mem
-            .write(BASE + i * PG, &page_of(if i >= 6 { 0 } else { i }));
-    }
-    c.join_domain();
-    c.advise(BASE, BASE + n * PG);
+    // Pages 0-5 unique, 6 and 7 the bytes of page 0 (a content held twice).
+    let mut c = joined(n, false, |i| if i >= 6 { 0 } else { i });
     c.mem.vma_allowance = 0;
     c.refresh_vma_allowance();
     c.scan_full(3);
@@ -1569,13 +1569,7 @@ fn leaving_the_domain_keeps_merged_pages_and_stops_new_merges() {
 
 #[test]
 fn in_a_domain_two_equal_pages_of_one_process_are_published_not_pooled() {
-    let mut c = core_with(4);
-    c.smart_scan = false;
-    for i in 0..4 {
-        c.mem.write(BASE + i * PG, &page_of(i % 2));
-    }
-    c.join_domain();
-    c.advise(BASE, BASE + 4 * PG);
+    let mut c = joined(4, false, |i| i % 2);
     c.scan_full(2);
     // No broker answers: contents held twice are published at once.
     let publish = c.take_domain_out().publish;
@@ -1605,14 +1599,8 @@ fn in_a_domain_two_equal_pages_of_one_process_are_published_not_pooled() {
 
 #[test]
 fn with_a_broker_contents_held_twice_are_claimed_and_published_when_granted() {
-    let mut c = core_with(4);
-    c.smart_scan = false;
-    for i in 0..4 {
-        c.mem.write(BASE + i * PG, &page_of(i % 2));
-    }
-    c.join_domain();
+    let mut c = joined(4, false, |i| i % 2);
     c.set_domain_connected(true);
-    c.advise(BASE, BASE + 4 * PG);
     c.scan_full(2);
     let out = c.take_domain_out();
     let sums = vec![page_checksum(&page_of(0)), page_checksum(&page_of(1))];
@@ -1909,13 +1897,7 @@ fn a_page_let_go_while_waiting_to_be_published_is_not_read_and_is_asked_for_agai
 #[test]
 fn a_member_at_its_vma_budget_skips_pages_it_cannot_announce_as_smart_scan_does() {
     let n = 8;
-    let mut c = core_with(n);
-    c.smart_scan = true;
-    for i in 0..n {
-        c.mem.write(BASE + i * PG, &page_of(i));
-    }
-    c.join_domain();
-    c.advise(BASE, BASE + n * PG);
+    let mut c = joined(n, true, |i| i);
     // No VMA to spare: nothing is announced, so nothing can merge through the domain.
     c.mem.vma_allowance = 0;
     c.refresh_vma_allowance();
