@@ -596,6 +596,12 @@ impl FrameTable {
         self.domain(f).is_none_or(|(b, _)| b.retired)
     }
 
+    /// Whether `f` is a frame of a retired segment (pages on it move off); false for
+    /// the pool's frames.
+    pub fn on_retired(&self, f: FrameId) -> bool {
+        is_domain(f) && self.retired(f)
+    }
+
     /// Whether some segment held is retired (pages of ours may still be on it).
     pub fn any_retired(&self) -> bool {
         self.retired_blocks > 0

@@ -328,6 +328,7 @@ impl<M: Mem> Core<M> {
             self.smart_scan,
             self.use_zero_pages.then_some(self.zero_checksum),
         );
+        let vma_room = self.vma_room_known();
         let Core {
             regions,
             counters,
@@ -335,14 +336,8 @@ impl<M: Mem> Core<M> {
             frames,
             unstable,
             domain,
-            vma_allowance,
-            vma_count_due,
             ..
         } = self;
-        // (See `DomainState::needs_visit`: the allowance as last counted, or a count
-        // due: a full scan began, and the first page with something to announce
-        // counts the VMAs again.)
-        let vma_room = *vma_allowance >= 2 || *vma_count_due;
         let Some(r) = regions.get_mut(&rstart) else {
             return (0, 0);
         };
@@ -362,7 +357,7 @@ impl<M: Mem> Core<M> {
             if p.state() == State::Stable
                 && pres[k] != Presence::Anon
                 && scanned < budget
-                && !(retired_held && crate::pool::is_domain(p.frame()) && frames.retired(p.frame()))
+                && !(retired_held && frames.on_retired(p.frame()))
             {
                 // `visit`: still maps its frame, a KSM page on its node; scanned.
                 counters.pages_scanned += 1;

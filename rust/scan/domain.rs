@@ -232,10 +232,8 @@ impl<M: Mem> Core<M> {
                     p.advised()
                         && match p.state() {
                             State::Stable => {
-                                let f = p.frame();
-                                crate::pool::is_domain(f)
-                                    && frames.retired(f)
-                                    && frames.hash(f) == u64::from(*c)
+                                frames.on_retired(p.frame())
+                                    && frames.hash(p.frame()) == u64::from(*c)
                             }
                             _ => p.checksum() == *c,
                         }
@@ -387,11 +385,6 @@ impl<M: Mem> Core<M> {
                 }
             }
         }
-    }
-
-    /// Whether `f` is a frame of a segment the domain retired (pages on it move off).
-    pub(super) fn on_retired(&self, f: FrameId) -> bool {
-        crate::pool::is_domain(f) && self.frames.retired(f)
     }
 
     /// The runs of pages mapping (or covered at) frames `f0..f0+n`, as address ranges.

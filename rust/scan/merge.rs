@@ -441,6 +441,13 @@ impl<M: Mem> Core<M> {
         p.set_skips(0);
     }
 
+    /// Whether the VMA budget may have room for a page's merge, without counting:
+    /// the allowance as last counted, or a count due (a full scan began, and the
+    /// first `vma_room` counts again). See `DomainState::needs_visit`.
+    pub(super) fn vma_room_known(&self) -> bool {
+        self.vma_allowance >= 2 || self.vma_count_due
+    }
+
     /// Whether the VMA budget has room for `pages` remaps (as `charge_vmas` would
     /// charge them), the real count read again as `charge_vmas` says; nothing charged.
     pub(super) fn vma_room(&mut self, pages: u64) -> bool {

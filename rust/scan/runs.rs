@@ -156,7 +156,8 @@ impl<M: Mem> Core<M> {
             State::Volatile | State::Unstable => Some((key_of(rec.checksum()), None)),
             State::Stable
                 if merged
-                    && (self.in_short_run(x, rec.frame()) || self.on_retired(rec.frame())) =>
+                    && (self.in_short_run(x, rec.frame())
+                        || self.frames.on_retired(rec.frame())) =>
             {
                 Some((self.frames.hash(rec.frame()), Some(rec.frame())))
             }

@@ -72,7 +72,7 @@ impl<M: Mem> Core<M> {
             // already a KSM page hung on its node, nothing to do.
             Presence::Absent | Presence::File if rec.state() == State::Stable => {
                 self.counters.pages_scanned += 1;
-                if self.domain.is_some() && self.on_retired(rec.frame()) {
+                if self.domain.is_some() && self.frames.on_retired(rec.frame()) {
                     self.move_off_retired(t, rec.frame());
                 }
                 return true;
@@ -161,7 +161,7 @@ impl<M: Mem> Core<M> {
         // from pages it visits, so it has no such case).
         if let Some(d) = &self.domain {
             let c = self.rec(addr).map_or(0, |r| r.checksum());
-            if d.needs_visit(c, self.vma_allowance >= 2 || self.vma_count_due)
+            if d.needs_visit(c, self.vma_room_known())
                 || self.stable.contains(key_of(c), |f| self.frames.hash(f))
             {
                 return false;
