@@ -145,6 +145,38 @@ def test_dontneed_on_a_covered_page_reads_zeros_where_its_offset_holds_a_frame(o
         mem.close()
 
 
+def test_writes_to_merged_pages_change_no_mapping(owned: bool) -> None:
+    # Every other page of copy 0 written after merging: each keeps its private copy
+    # where the write put it, inside the run's mapping (covered), so a write adds no
+    # mapping (two per page would soon reach the application's vm.max_map_count).
+    pages = copies({}, 2)
+    mem = Memory(owned, 2)
+    try:
+        mem.merge(pages, 3)
+        before = [mem.copy_mappings(c) for c in range(2)]
+        assert all(len(m) == 1 for m in before), before
+        for i in range(0, N, 2):
+            ctypes.memmove(mem.addr(0, i) + 1, b"w", 1)
+            pages[0][i] = pages[0][i][:1] + b"w" + pages[0][i][2:]
+        ksm.scan(2)
+        assert [mem.copy_mappings(c) for c in range(2)] == before
+        s = ksm.stats()
+        assert (s["pages_shared"], s["pages_sharing"]) == (N, N // 2)
+        mem.check(pages)
+        # Its frame still holds the original bytes (copy 1 maps it): a discard reads
+        # zeros, never those bytes.
+        assert libc.madvise(mem.addr(0, 4), PAGE, MADV_DONTNEED) == 0
+        assert ctypes.string_at(mem.addr(0, 4), PAGE) == bytes(PAGE)
+        pages[0][4] = bytes(PAGE)
+        ksm.scan(2)
+        mem.check(pages)
+        ksm.madvise(mem.base, mem.length, UNMERGE)
+        mem.check(pages)
+        assert not any(pool for _, _, pool in mappings(mem.base, mem.length))
+    finally:
+        mem.close()
+
+
 def test_a_forked_child_reads_covered_pages_and_can_unmerge_them() -> None:
     pages = copies({(1, 10): page_pattern(9)}, 2)
     mem = Memory(True, 2)

@@ -195,3 +195,37 @@ def test_a_write_before_a_merge_window_that_ends_short_is_not_forgotten() -> Non
         s = ksm.stats()
         assert s["pages_sharing"] == n - 1, "every identical pair merged (all but the 700th)"
         assert s["settled"]
+
+
+def test_a_merged_page_copied_away_by_a_write_is_hashed_again_only_when_written() -> None:
+    # Written after merging, a page keeps its private copy inside the frame's mapping
+    # (no mapping changes). Once it held still between two scans, its writes are
+    # tracked through write-protection, as the tracker tracks anonymous memory.
+    ksm.ksmd.smart_scan = 0
+    with ksm.mmap(2 * N * PAGE) as m:
+        want = [page_pattern(2000 + i % N) for i in range(2 * N)]
+        m[:] = b"".join(want)
+        m.madvise(ksm.MADV_MERGEABLE)
+        ksm.scan(3)
+        assert ksm.stats()["pages_sharing"] == N
+        for i in range(0, N, 2):
+            m[i * PAGE] ^= 0xFF
+            want[i] = bytes([want[i][0] ^ 0xFF]) + want[i][1:]
+        # Seen copied away, held still, write-protected, hashed under protection.
+        ksm.scan(4)
+        assert ksm.stats()["pages_sharing"] == N // 2
+        h = hashed()
+        ksm.scan(2)
+        assert hashed() == h, "copies that held still are not hashed again"
+        m[4 * PAGE + 9] ^= 1
+        want[4] = want[4][:9] + bytes([want[4][9] ^ 1]) + want[4][10:]
+        ksm.scan(1)
+        assert hashed() == h + 1, "the copy written again is hashed again"
+        # Made equal to page 6's original bytes: it merges onto that frame.
+        m[4 * PAGE : 5 * PAGE] = page_pattern(2006)
+        want[4] = page_pattern(2006)
+        ksm.scan(2)
+        assert ksm.stats()["pages_sharing"] == N // 2 + 1
+        assert m.page_state(4 * PAGE) == "merged"
+        for i in range(2 * N):
+            assert m[i * PAGE : (i + 1) * PAGE] == want[i], f"page {i}"

@@ -241,14 +241,19 @@ impl Mem for ChildMem {
         out: &mut [Presence],
         tracked: &mut [bool],
         unchanged: &mut [bool],
+        frames: bool,
     ) -> io::Result<()> {
-        self.fake.probe_tracked(addr, out, tracked, unchanged)
+        self.fake
+            .probe_tracked(addr, out, tracked, unchanged, frames)
     }
     fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {
         self.fake.untrack(addr, len)
     }
     fn retrack(&mut self, addr: usize, len: usize) {
         self.fake.retrack(addr, len)
+    }
+    fn track_covered(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        self.fake.track_covered(addr, len)
     }
     fn write_tracking(&self) -> bool {
         self.fake.write_tracking()

@@ -17,7 +17,6 @@ use std::sync::{Arc, MutexGuard};
 
 use super::{apply_knobs, new_core, Engine, State, ENGINE, EVENTS, WINDOWS};
 use crate::os::{EventLog, Win};
-use crate::scan::Presence;
 use crate::sys;
 
 /// The locks `prepare` takes: the engine state and the open merge windows.
@@ -35,16 +34,18 @@ thread_local! {
 pub(super) fn fork_prepare() {
     let Some(e) = ENGINE.get() else { return };
     // The fault threads' lock order: event log, then windows.
-    let mut st = e.lock_raw();
+    let st = e.lock_raw();
     let log = EVENTS.lock();
     // A page of a pool mapping the application discarded (merged or covered) reads
     // zeros only through our fault thread, until ksm has followed the discard; the
     // child will have no fault thread: give such pages their zeros now.
+    // The fill takes only a page with no PTE, or with the marker a discard leaves in
+    // place of a write-protected one (a covered page whose writes are tracked, see
+    // `Mem::track_covered`), which pagemap shows as swapped; a page there (present
+    // or swapped) is EEXIST, left as it is.
     for (s, end) in log.removed.clone() {
         for a in st.core.pool_pages_in(s, end) {
-            if st.core.mem.presence(a) == Presence::Absent {
-                let _ = st.core.mem.fill_zero_page(a);
-            }
+            let _ = st.core.mem.fill_zero_page(a);
         }
     }
     let w = WINDOWS.lock();

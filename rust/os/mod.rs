@@ -34,7 +34,7 @@ use crate::scan::{Mem, Presence};
 use crate::sys::mman::{self, Mapping};
 use crate::sys::pagemap::{
     PageRegion, Pagemap, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
-    PAGE_IS_WPALLOWED, PM_FILE, PM_PRESENT, PM_SWAP,
+    PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN, PM_FILE, PM_PRESENT, PM_SWAP,
 };
 use crate::sys::procmem;
 use crate::sys::uffd::{self, Uffd, Window};
@@ -404,7 +404,7 @@ impl Os {
         if !self.pagemap_scan {
             return Err(io::Error::from_raw_os_error(libc::ENOTTY));
         }
-        if pagemap.scan(start, end, false, &mut self.regions)? != end {
+        if pagemap.scan(start, end, 0, &mut self.regions)? != end {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
         let mut out: Vec<(usize, usize)> = Vec::new();
@@ -429,15 +429,17 @@ impl Os {
         p[0]
     }
 
-    /// `probe`; `file`: tell pages mapping a file (a frame) from anonymous ones.
-    fn probe_with(&mut self, addr: usize, out: &mut [Presence], file: bool) -> io::Result<()> {
+    /// `probe`; `extra`: the categories also asked of `PAGEMAP_SCAN` (`PAGE_IS_FILE`
+    /// to tell pages mapping a file, a frame, from anonymous ones), left in
+    /// `self.regions`.
+    fn probe_with(&mut self, addr: usize, out: &mut [Presence], extra: u64) -> io::Result<()> {
         let end = addr + out.len() * self.page;
         let pagemap = self
             .pagemap
             .as_ref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         if self.pagemap_scan {
-            match pagemap.scan(addr, end, file, &mut self.regions) {
+            match pagemap.scan(addr, end, extra, &mut self.regions) {
                 Ok(walk_end) if walk_end == end => {
                     out.fill(Presence::Absent);
                     for r in &self.regions {
@@ -502,11 +504,11 @@ impl Mem for Os {
     }
 
     fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
-        self.probe_with(addr, out, true)
+        self.probe_with(addr, out, PAGE_IS_FILE)
     }
 
     fn probe_anonymous(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
-        self.probe_with(addr, out, false)
+        self.probe_with(addr, out, 0)
     }
 
     fn probe_tracked(
@@ -515,6 +517,7 @@ impl Mem for Os {
         out: &mut [Presence],
         tracked: &mut [bool],
         unchanged: &mut [bool],
+        frames: bool,
     ) -> io::Result<()> {
         tracked.fill(false);
         unchanged.fill(false);
@@ -528,14 +531,27 @@ impl Mem for Os {
             }
             _ => false,
         };
-        let r = self.probe_with(addr, out, false);
+        // A page in a pool mapping is in a VMA registered with the synchronous
+        // userfaultfd: `take_written` passed it over, and it is not `WPALLOWED` below.
+        // A private copy there (see `Mem::track_covered`) is tracked while its PTE stays
+        // write-protected: a write to it faults first, and the fault thread unprotects.
+        let extra = if frames {
+            PAGE_IS_FILE | PAGE_IS_WRITTEN
+        } else {
+            0
+        };
+        let r = self.probe_with(addr, out, extra);
         if took && r.is_ok() && self.pagemap_scan {
             for reg in &self.regions {
                 let (s, e) = (
                     (reg.start as usize - addr) / self.page,
                     (reg.end as usize - addr) / self.page,
                 );
-                if reg.categories & PAGE_IS_WPALLOWED != 0 {
+                let c = reg.categories;
+                let protected_copy = frames
+                    && c & (PAGE_IS_WPALLOWED | PAGE_IS_FILE | PAGE_IS_WRITTEN | PAGE_IS_PRESENT)
+                        == PAGE_IS_PRESENT;
+                if c & PAGE_IS_WPALLOWED != 0 || protected_copy {
                     tracked[s..e].fill(true);
                 }
             }
@@ -569,6 +585,15 @@ impl Mem for Os {
 
     fn untrack_for_merge(&mut self, addr: usize, len: usize) -> io::Result<()> {
         self.untrack_runs(addr, len, true)
+    }
+
+    fn track_covered(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        if !self.tracking || !self.pagemap_scan || self.owned_at(addr).is_none() {
+            return Ok(());
+        }
+        // Not a window: a write from now on faults, and the fault thread unprotects
+        // the page at once (its writer goes on); `probe_tracked` then sees it written.
+        self.uffd(addr)?.writeprotect(addr, len, true)
     }
 
     fn retrack(&mut self, addr: usize, len: usize) {

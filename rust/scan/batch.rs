@@ -154,9 +154,14 @@ impl<M: Mem> Core<M> {
             // many whatever `hash_threads` says, so that it changes nothing else).
             let batch = (budget - scanned).clamp(PROBE_BATCH as u64, PROBE_BATCH_MAX as u64);
             let n = ((rend - from) / page).min(batch as usize);
-            let probed = if self.only_anonymous(rstart, from, n) {
-                self.mem
-                    .probe_tracked(from, &mut pres[..n], &mut tracked[..n], &mut unchanged[..n])
+            let probed = if let Some(frames) = self.tracked_probe(rstart, from, n) {
+                self.mem.probe_tracked(
+                    from,
+                    &mut pres[..n],
+                    &mut tracked[..n],
+                    &mut unchanged[..n],
+                    frames,
+                )
             } else {
                 tracked[..n].fill(false);
                 unchanged[..n].fill(false);
@@ -292,6 +297,20 @@ impl<M: Mem> Core<M> {
         self.put_off_last = None;
         self.settled = self.changes == 0;
         self.changes = 0;
+    }
+
+    /// How the `n` pages from `from` (in the region at `rstart`) are probed: `None`
+    /// without write tracking (memory ksm does not own, or where every page maps a
+    /// frame: nothing there to track), else whether some page may map a frame (see
+    /// `Mem::probe_tracked`).
+    fn tracked_probe(&self, rstart: usize, from: usize, n: usize) -> Option<bool> {
+        let r = self.regions.get(&rstart).filter(|r| r.owned)?;
+        let base = (from - r.start) / self.page;
+        let unmerged = |p: &PageRec| !matches!(p.state(), State::Stable | State::Inherited);
+        if !r.pages.any_in(base..base + n, unmerged) {
+            return None;
+        }
+        Some(!self.only_anonymous(rstart, from, n))
     }
 
     /// Whether the `n` pages from `from` (in the region at `rstart`) are all in

@@ -67,6 +67,8 @@ pub struct FakeMem {
     pub fail_map: bool,
     /// Fail `unmerge_run` (simulates ENOMEM for the private copies).
     pub fail_unmerge: bool,
+    /// Pages `unmerge_run` gave an anonymous mapping of their own.
+    pub unmerged: u64,
     pub punched: u64,
     /// Every `punch_run` call: (first frame, frames).
     pub punch_runs: Vec<(FrameId, u32)>,
@@ -108,6 +110,7 @@ impl FakeMem {
             zero: vec![0; page],
             fail_map: false,
             fail_unmerge: false,
+            unmerged: 0,
             punched: 0,
             punch_runs: Vec::new(),
             tails_released: 0,
@@ -284,6 +287,7 @@ impl Mem for FakeMem {
         out: &mut [Presence],
         tracked: &mut [bool],
         unchanged: &mut [bool],
+        _frames: bool,
     ) -> io::Result<()> {
         self.probe(addr, out)?;
         for i in 0..out.len() {
@@ -308,6 +312,16 @@ impl Mem for FakeMem {
     fn untrack(&mut self, addr: usize, len: usize) -> io::Result<()> {
         for a in (addr..addr + len).step_by(self.page) {
             self.untracked.insert(a);
+        }
+        Ok(())
+    }
+
+    fn track_covered(&mut self, addr: usize, len: usize) -> io::Result<()> {
+        if self.tracking {
+            for a in (addr..addr + len).step_by(self.page) {
+                self.untracked.remove(&a);
+                self.dirty.remove(&a);
+            }
         }
         Ok(())
     }
@@ -419,6 +433,9 @@ impl Mem for FakeMem {
         }
         for a in (addr..addr + len).step_by(self.page) {
             self.protected.insert(a);
+            // As the Os: closing the window unprotects every page of it, so a covered
+            // page `track_covered` protected is not tracked any more.
+            self.untracked.insert(a);
         }
         Ok(())
     }
@@ -508,6 +525,7 @@ impl Mem for FakeMem {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
         for a in (addr..addr + len).step_by(self.page) {
+            self.unmerged += 1;
             if self.pages.contains_key(&a) {
                 let v = self.read_page(a);
                 self.pages.insert(a, Backing::Anon(v));

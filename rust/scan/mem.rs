@@ -37,20 +37,27 @@ pub trait Mem {
     fn probe_anonymous(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
         self.probe(addr, out)
     }
-    /// `probe_anonymous` with write tracking: per page whether it is tracked (its
-    /// writes are recorded) and, if so, whether it is unchanged since the previous
+    /// `probe` of ksm's own memory with write tracking: per page whether it is tracked
+    /// (its writes are recorded) and, if so, whether it is unchanged since the previous
     /// call for it (and from now on, until the next call, every write is recorded).
-    /// Without write tracking nothing is tracked.
+    /// `frames`: whether some of the pages may map a frame (else all are known to be
+    /// anonymous, as for `probe_anonymous`). A page mapping a frame is never tracked:
+    /// its writes fault to ksm. Without write tracking nothing is tracked.
     fn probe_tracked(
         &mut self,
         addr: usize,
         out: &mut [Presence],
         tracked: &mut [bool],
         unchanged: &mut [bool],
+        frames: bool,
     ) -> io::Result<()> {
         tracked.fill(false);
         unchanged.fill(false);
-        self.probe_anonymous(addr, out)
+        if frames {
+            self.probe(addr, out)
+        } else {
+            self.probe_anonymous(addr, out)
+        }
     }
     /// Stop tracking writes to `[addr, addr+len)`, anonymous pages about to be
     /// write-protected for a merge (which needs the synchronous userfaultfd).
@@ -66,6 +73,15 @@ pub trait Mem {
     /// and left anonymous (it failed, or dropped them to the zero page), or memory
     /// already registered when the `write_tracking` knob is switched back on.
     fn retrack(&mut self, _addr: usize, _len: usize) {}
+    /// Track writes to `[addr, addr+len)`, private copies in a pool mapping (pages of
+    /// ksm's own memory written after they were merged, `covered`), which the tracker
+    /// cannot take (a mapping has one userfaultfd): write-protect them through the
+    /// synchronous userfaultfd, so that `probe_tracked` finds them unchanged until a
+    /// write faults and the fault thread unprotects them. Only for copies whose
+    /// content held still between two visits: their next write costs a fault.
+    fn track_covered(&mut self, _addr: usize, _len: usize) -> io::Result<()> {
+        Ok(())
+    }
     /// Whether write tracking is wanted (the `write_tracking` knob).
     fn write_tracking(&self) -> bool {
         false

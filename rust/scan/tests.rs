@@ -110,6 +110,63 @@ fn written_merged_pages_unmerge_and_free_the_frame() {
 }
 
 #[test]
+fn a_written_merged_page_stays_in_place_and_its_writes_are_tracked_once_it_holds_still() {
+    let n = 8;
+    let mut c = core_with(2 * n);
+    c.mem.tracking = true;
+    c.smart_scan = false; // every page visited at every scan
+    for i in 0..n {
+        fill(&mut c, i, 50 + i as u8);
+        fill(&mut c, n + i, 50 + i as u8);
+    }
+    c.advise(BASE, BASE + 2 * n * PG);
+    c.scan_full(3);
+    assert_eq!(c.counters().pages_sharing, n as u64);
+    let frames = c.mem.frames_held();
+    // Copied away by a write: the copy stays inside the mapping (no mapping changes).
+    let x = BASE + 2 * PG;
+    c.mem.write(x, &[1]);
+    c.scan_full(1);
+    assert_eq!(c.mem.unmerged, 0, "no page given a mapping of its own");
+    assert!(c.rec(x).unwrap().covered());
+    assert_eq!(c.counters().pages_sharing, n as u64 - 1);
+    assert_eq!(c.counters().cows, 1);
+    // Held still: after one more visit it is write-protected, after another its
+    // checksum is taken under protection; from then on it is not hashed again.
+    c.scan_full(2);
+    let hashed = c.counters().pages_hashed;
+    c.scan_full(2);
+    assert_eq!(
+        c.counters().pages_hashed,
+        hashed,
+        "a covered page that holds still"
+    );
+    // Written again: seen at the next scan.
+    c.mem.write(x + 1, &[2]);
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_hashed, hashed + 1);
+    // The other copy written too: the frame has no page left and is freed.
+    c.mem.write(BASE + (n + 2) * PG, &[3]);
+    c.scan_full(1);
+    assert_eq!(c.mem.frames_held(), frames - 1, "frame punched");
+    // Made equal to another page, the covered copy merges with it.
+    let sharing = c.counters().pages_sharing;
+    c.mem.write(x, &vec![50 + 5; PG]);
+    c.scan_full(3);
+    assert_eq!(c.counters().pages_sharing, sharing + 1);
+    c.check_invariants();
+    for i in 0..2 * n {
+        let mut want = vec![50 + (i % n) as u8; PG];
+        match i {
+            2 => want = vec![55; PG],
+            _ if i == n + 2 => want[0] = 3,
+            _ => {}
+        }
+        assert_eq!(c.mem.read_page(BASE + i * PG), want, "page {i}");
+    }
+}
+
+#[test]
 fn unique_pages_never_merge_and_stay_unshared() {
     let mut c = core_with(8);
     for i in 0..8 {

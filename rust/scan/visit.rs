@@ -96,18 +96,19 @@ impl<M: Mem> Core<M> {
         match rec.state() {
             State::Stable => {
                 // Copied away by a write: leave the stable tree, the checksum starts over.
-                // The private copy sits in a VMA that still maps the frame's offset
-                // (MADV_DONTNEED would bring the frame back), so first give the page an
-                // anonymous mapping of its own: only then can the frame be freed and
-                // reused without this page ever seeing another page's bytes.
-                if self.mem.unmerge_run(addr, self.page, prot, owned).is_err() {
-                    self.counters.pages_scanned += 1;
-                    return true; // retried at the next visit; nothing is lost meanwhile
-                }
+                // The private copy stays where the write put it, inside the mapping of
+                // the frame's offset: a covered page (`IN_POOL`), as one a run covers,
+                // so that a write changes no mapping and adds no VMA (giving each
+                // written page an anonymous mapping of its own took two VMAs per page,
+                // up to the application's `vm.max_map_count`). The frame may be freed
+                // and its offset reused: a discard of the page reads zeros through the
+                // fault thread, never the offset's new bytes (docs/design.md, "Extent
+                // merging").
                 self.counters.cows += 1;
                 self.changes += 1;
-                self.drop_frame_ref(rec.frame());
                 *self.rec_mut(addr) = PageRec::fresh(State::Volatile, rec.flags());
+                self.cover(addr, rec.frame());
+                self.drop_frame_ref(rec.frame());
             }
             State::Inherited => {
                 // A forked child's copy of a merged page, written: it sits in a VMA mapping
@@ -224,6 +225,13 @@ impl<M: Mem> Core<M> {
                 rec.set_checksum(checksum);
                 self.changes += 1;
                 return false;
+            }
+            // Unchanged since the previous visit, and a private copy in a pool mapping,
+            // which the tracker cannot take: its writes are tracked from now on
+            // through write-protection (`Mem::track_covered`). Its checksum is trusted
+            // only once taken again under that protection, at its next visit.
+            if !tracked && rec.covered() && self.mem.write_tracking() {
+                let _ = self.mem.track_covered(t.addr, self.page);
             }
             (hash, checksum)
         };

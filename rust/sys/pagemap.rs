@@ -50,7 +50,10 @@ impl Pagemap {
 /// `PAGEMAP_SCAN` categories (Linux 6.7, include/uapi/linux/fs.h).
 /// In a VMA registered with an asynchronous write-protect userfaultfd (write tracking).
 pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
-/// Written since it was last write-protected (only meaningful with `PAGE_IS_WPALLOWED`).
+/// A present page whose PTE is not write-protected by a userfaultfd: in a
+/// `PAGE_IS_WPALLOWED` VMA, written since it was last write-protected; in a VMA
+/// registered with a synchronous userfaultfd in write-protect mode, written (or
+/// unprotected) since it was last write-protected, as a write to it faults first.
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
@@ -103,22 +106,24 @@ impl Pagemap {
     /// FILE/PRESENT/SWAPPED/PFNZERO/WPALLOWED categories (pages in no run are absent).
     /// Unlike plain pagemap it tells the shared zero page apart (`PAGE_IS_PFNZERO`)
     /// without privileges: such a page was only read, never written, and holds no memory.
-    /// Without `file`, `PAGE_IS_FILE` is not asked for: the kernel then need not look
-    /// at each page's `struct page` (most of the walk's cost where pages are present).
+    /// `extra`: the categories also asked for, of `PAGE_IS_FILE` and `PAGE_IS_WRITTEN`.
+    /// Without `PAGE_IS_FILE` the kernel need not look at each page's `struct page`
+    /// (most of the walk's cost where pages are present).
     /// Returns `(regions, walk_end)`; ENOTTY on kernels before 6.7.
     pub fn scan(
         &self,
         start: usize,
         end: usize,
-        file: bool,
+        extra: u64,
         out: &mut Vec<PageRegion>,
     ) -> io::Result<usize> {
+        debug_assert_eq!(extra & !(PAGE_IS_FILE | PAGE_IS_WRITTEN), 0);
         let ret = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_WPALLOWED;
         let query = Query {
             flags: 0,
             mask: 0,
             anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            ret: ret | if file { PAGE_IS_FILE } else { 0 },
+            ret: ret | extra,
         };
         self.pm_scan(start, end, query, out)
     }
@@ -219,7 +224,7 @@ mod tests {
         m.copy_in(2 * page, &[1]); // write fault: a private page
         let pm = Pagemap::open().unwrap();
         let mut regions = Vec::new();
-        match pm.scan(m.addr(), m.addr() + m.len(), true, &mut regions) {
+        match pm.scan(m.addr(), m.addr() + m.len(), PAGE_IS_FILE, &mut regions) {
             Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
                 eprintln!("skipped: PAGEMAP_SCAN needs Linux 6.7");
             }
