@@ -32,6 +32,10 @@ fn hashed_by_visit(p: PageRec, pres: Presence, unchanged: bool, smart: bool) -> 
 /// Fewest pages a batch probes at a time (unless the region ends first).
 const PROBE_BATCH: usize = 512;
 
+/// Where pages map frames, a batch is probed with write tracking only if at least
+/// one page in this many is unmerged (see `Core::tracked_probe`).
+const TRACKED_PROBE_SHARE: usize = 16;
+
 /// Most pages a batch probes at a time, budget allowing: enough for checksums taken
 /// ahead of the visits to be shared between threads (see `Core::sum_ahead`).
 const PROBE_BATCH_MAX: usize = 4096;
@@ -154,7 +158,8 @@ impl<M: Mem> Core<M> {
             // many whatever `hash_threads` says, so that it changes nothing else).
             let batch = (budget - scanned).clamp(PROBE_BATCH as u64, PROBE_BATCH_MAX as u64);
             let n = ((rend - from) / page).min(batch as usize);
-            let probed = if let Some(frames) = self.tracked_probe(rstart, from, n) {
+            let tracking = self.tracked_probe(rstart, from, n);
+            let probed = if let Some(frames) = tracking {
                 self.mem.probe_tracked(
                     from,
                     &mut pres[..n],
@@ -222,6 +227,7 @@ impl<M: Mem> Core<M> {
                         pres: pres[i - 1],
                         tracked: tracked[i - 1],
                         unchanged: unchanged[i - 1],
+                        tracking: tracking.is_some(),
                     };
                     let merges = self.counters.merges;
                     if rec.advised() && self.visit(addr, seen) {
@@ -300,17 +306,22 @@ impl<M: Mem> Core<M> {
     }
 
     /// How the `n` pages from `from` (in the region at `rstart`) are probed: `None`
-    /// without write tracking (memory ksm does not own, or where every page maps a
-    /// frame: nothing there to track), else whether some page may map a frame (see
-    /// `Mem::probe_tracked`).
+    /// without write tracking, else whether some page may map a frame (see
+    /// `Mem::probe_tracked`). Not tracked: memory ksm does not own, and where pages
+    /// map frames, a batch with fewer than `n / TRACKED_PROBE_SHARE` unmerged pages
+    /// (none, once merged memory has settled). There tracking takes a second walk of
+    /// the batch's mappings (`PAGEMAP_SCAN` passes over a pool mapping when it takes
+    /// what was written), which costs more than it saves: a merged region with 1 %
+    /// of its pages changed has a few dozen unmerged pages per batch, smart scan
+    /// skips most of them, and a merge domain's member has ~600 mappings per batch.
     fn tracked_probe(&self, rstart: usize, from: usize, n: usize) -> Option<bool> {
         let r = self.regions.get(&rstart).filter(|r| r.owned)?;
+        if self.only_anonymous(rstart, from, n) {
+            return Some(false);
+        }
         let base = (from - r.start) / self.page;
         let unmerged = |p: &PageRec| !matches!(p.state(), State::Stable | State::Inherited);
-        if !r.pages.any_in(base..base + n, unmerged) {
-            return None;
-        }
-        Some(!self.only_anonymous(rstart, from, n))
+        (r.pages.count_in(base..base + n, unmerged) * TRACKED_PROBE_SHARE >= n).then_some(true)
     }
 
     /// Whether the `n` pages from `from` (in the region at `rstart`) are all in

@@ -30,6 +30,9 @@ pub(super) struct Seen {
     pub(super) tracked: bool,
     /// Tracked, and not written since the previous probe.
     pub(super) unchanged: bool,
+    /// The batch was probed with write tracking (see `Core::tracked_probe`): a
+    /// covered page that held still is worth tracking (see `Mem::track_covered`).
+    pub(super) tracking: bool,
 }
 
 /// The kernel's `skip_age`: how many visits a page that failed to merge `age`
@@ -142,7 +145,7 @@ impl<M: Mem> Core<M> {
         }
         let ahead = self.sums_ahead.take(addr, self.page);
         let mut buf = std::mem::take(&mut self.buf);
-        self.visit_content(t, &mut buf, (trusted, ahead), seen.tracked);
+        self.visit_content(t, &mut buf, (trusted, ahead), seen);
         self.buf = buf;
         true
     }
@@ -192,13 +195,13 @@ impl<M: Mem> Core<M> {
     /// index, the unstable index. With `trusted` (see `visit`), the checksum is not
     /// taken again, with `ahead` it was taken ahead of the visit in this batch (see
     /// `sum_ahead`); either way the bytes are read only if some index holds a
-    /// candidate. `tracked` says whether a checksum taken now stays trustworthy.
+    /// candidate. `seen.tracked` says whether a checksum taken now stays trustworthy.
     fn visit_content(
         &mut self,
         t: Target,
         buf: &mut [u8],
         (trusted, ahead): (bool, Option<u32>),
-        tracked: bool,
+        seen: Seen,
     ) -> bool {
         let (hash, checksum) = if trusted {
             let c = self.rec(t.addr).expect("tracked").checksum();
@@ -216,7 +219,7 @@ impl<M: Mem> Core<M> {
             };
             self.counters.pages_hashed += 1;
             let rec = self.rec_mut(t.addr);
-            if tracked {
+            if seen.tracked {
                 rec.set(SUM_TRACKED);
             } else {
                 rec.clear(SUM_TRACKED);
@@ -230,7 +233,7 @@ impl<M: Mem> Core<M> {
             // which the tracker cannot take: its writes are tracked from now on
             // through write-protection (`Mem::track_covered`). Its checksum is trusted
             // only once taken again under that protection, at its next visit.
-            if !tracked && rec.covered() && self.mem.write_tracking() {
+            if seen.tracking && !seen.tracked && rec.covered() && self.mem.write_tracking() {
                 let _ = self.mem.track_covered(t.addr, self.page);
             }
             (hash, checksum)
