@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -399,6 +400,26 @@ def test_the_broker_holds_no_descriptor_of_the_member_that_started_it(
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_no_file_of_a_domain_outlives_its_broker(name: str, members: list[Member]) -> None:
+    # The start claim goes once its holder connected, the socket and the lock file go
+    # with the broker: a meeting place used under many names does not fill up.
+    m = Member(1, 4)
+    members.append(m)
+    assert m("join " + name) == {"ok": True}
+    step([m])
+    place = Path(ksm._ksm._domain_dir())
+    assert sorted(p.name for p in place.glob(f"{name}.*")) == [f"{name}.lock", f"{name}.sock"]
+    (broker,) = brokers_of(name)
+    exited = os.pidfd_open(broker)
+    try:
+        m.close()
+        # It leaves when its last member did, after its idle time.
+        assert select.select([exited], [], [], 30)[0], "the broker did not exit"
+    finally:
+        os.close(exited)
+    assert sorted(p.name for p in place.glob(f"{name}.*")) == []
 
 
 def test_sigkilled_members_change_no_byte_of_the_survivors(name: str, members: list[Member]) -> None:

@@ -333,7 +333,7 @@ struct Worker {
     spawned_at: Option<Instant>,
     /// The start claim while this member is the one starting the broker (see
     /// `place::claim_start`), given up once connected.
-    start_claim: Option<std::fs::File>,
+    start_claim: Option<super::place::Held>,
     page: usize,
     /// Segments that could not be mapped here yet: tried again at every wake-up.
     retry: Vec<(Memfd, u32, u32)>,

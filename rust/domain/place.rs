@@ -1,6 +1,10 @@
 //! Where a user's merge domains meet: one directory per user that only the user
 //! can enter, holding per domain its broker's socket (`NAME.sock`) and lock file
-//! (`NAME.lock`, held by the running broker, so at most one runs per domain).
+//! (`NAME.lock`, held by the running broker, so at most one runs per domain), and
+//! while a member starts a broker, its start claim (`NAME.start`). Whoever holds a
+//! lock file removes it before giving the lock up, and whoever takes one checks that
+//! the path still names the file it locked (else it opens the path again): so no
+//! file outlives its domain's broker, and the lock stays one per name.
 //!
 //! The directory is `/tmp/ksm-UID`, whatever the environment or the session: two
 //! processes of one user, one started from a desktop session (`XDG_RUNTIME_DIR`
@@ -19,7 +23,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -96,17 +100,66 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
     }
     let d = dir()?;
-    let lock = open_lock_file(&d.join(format!("{name}.lock")))?;
-    if !unix::try_lock(lock.as_raw_fd())? {
+    let Some(lock) = Held::take(d.join(format!("{name}.lock")), unix::try_lock)? else {
         return Ok(false);
-    }
+    };
     // The member that started us waits for this first process to exit; the broker
     // goes on in a child of it, which init adopts (never a zombie of a member). The
-    // lock is shared by both through the inherited descriptor.
+    // lock is shared by both through the inherited descriptor (the first process
+    // ends with `_exit`: it neither removes the file nor gives the lock up).
     unix::detach()?;
-    super::broker::serve(&d.join(format!("{name}.sock")), name)?;
+    let served = super::broker::serve(&d.join(format!("{name}.sock")), name);
+    // The socket is gone (serve removed it): now the lock file, still held.
     drop(lock);
-    Ok(true)
+    served.map(|()| true)
+}
+
+/// A lock file held (see the module's doc): dropped, it is removed, then unlocked.
+pub struct Held {
+    path: PathBuf,
+    file: fs::File,
+}
+
+impl Held {
+    /// Open (or create) `path` and take its lock with `lock` (false: another holds
+    /// it, then None), making sure the lock is on the file the path names: a holder
+    /// before may have removed it between our open and our lock.
+    fn take(path: PathBuf, lock: fn(RawFd) -> io::Result<bool>) -> io::Result<Option<Held>> {
+        // Each retry needs another holder to give a lock up between our open and our
+        // lock: a handful at most.
+        for _ in 0..1000 {
+            let file = open_lock_file(&path)?;
+            if !lock(file.as_raw_fd())? {
+                return Ok(None);
+            }
+            if names(&path, &file) {
+                return Ok(Some(Held { path, file }));
+            }
+            // Removed (and perhaps made anew) meanwhile: not the domain's lock any
+            // more. Closing it gives our lock on it up; nothing to remove.
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("{} kept being replaced while it was locked", path.display()),
+        ))
+    }
+}
+
+/// Whether `path` names `file` (not another file, nor nothing).
+fn names(path: &Path, file: &fs::File) -> bool {
+    match (fs::symlink_metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if names(&self.path, &self.file) {
+            let _ = fs::remove_file(&self.path);
+        }
+        // The lock goes with the descriptor, closed after this.
+    }
 }
 
 /// Claim the start of domain `name`'s broker: the open claim file while this process
@@ -114,9 +167,8 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
 /// or None if another member holds it (a broker is being started). A record lock,
 /// not a `flock`: a child forked while the claim is held does not inherit it (it
 /// would keep it for its whole life, and no member could start a broker again).
-pub fn claim_start(name: &str) -> io::Result<Option<fs::File>> {
-    let f = open_lock_file(&dir()?.join(format!("{name}.start")))?;
-    Ok(unix::try_lock_process(f.as_raw_fd())?.then_some(f))
+pub fn claim_start(name: &str) -> io::Result<Option<Held>> {
+    Held::take(dir()?.join(format!("{name}.start")), unix::try_lock_process)
 }
 
 /// Open (or create: mode 0600) the lock file `path`, close-on-exec.
@@ -173,5 +225,37 @@ pub fn query_stats(name: &str) -> io::Result<DomainStats> {
             _ => Ok(DomainStats::default()),
         },
         None => Ok(DomainStats::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_file_is_one_per_path_and_removed_when_given_up() {
+        let d = std::env::temp_dir().join(format!("ksm-place-test-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        let path = d.join("x.lock");
+        let a = Held::take(path.clone(), unix::try_lock)
+            .unwrap()
+            .expect("free");
+        assert!(path.exists());
+        assert!(
+            Held::take(path.clone(), unix::try_lock).unwrap().is_none(),
+            "held by another"
+        );
+        // A descriptor opened before the holder let go is of a removed file then: the
+        // path no longer names it, so a lock taken on it would not count.
+        let stale = open_lock_file(&path).unwrap();
+        drop(a);
+        assert!(!path.exists(), "removed when given up");
+        assert!(!names(&path, &stale));
+        let b = Held::take(path.clone(), unix::try_lock)
+            .unwrap()
+            .expect("free again");
+        assert!(names(&path, &b.file) && !names(&path, &stale));
+        drop(b);
+        fs::remove_dir(&d).unwrap();
     }
 }
