@@ -46,6 +46,10 @@ pub const IN_POOL: u8 = 1 << 4;
 /// `checksum` was taken while the page's writes were tracked (an asynchronous
 /// write-protect userfaultfd): while the tracker reports no write, it still holds.
 pub const SUM_TRACKED: u8 = 1 << 5;
+/// A pair merge of the page would have made a short run: it was put off to the end
+/// of the full scan (see `Core::merge_deferred`), where it is tried again unless a
+/// longer run took the page meanwhile. Cleared there, whatever became of the page.
+pub const DEFERRED: u8 = 1 << 6;
 
 /// The page's place in the algorithm (kernel: no rmap_item / in no tree /
 /// unstable tree / stable tree).

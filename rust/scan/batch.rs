@@ -148,7 +148,12 @@ impl<M: Mem> Core<M> {
                 .or_else(|| self.regions.range(cur..).next())
                 .map(|(_, r)| (r.start, r.end(page)));
             let Some((rstart, rend)) = next else {
+                // Every page visited: the pairs put off, then the scan's end.
                 self.sums_ahead.clear();
+                let (_, done) = self.merge_deferred(budget - scanned);
+                if !done {
+                    return false;
+                }
                 self.end_full_scan();
                 return true;
             };
@@ -289,6 +294,8 @@ impl<M: Mem> Core<M> {
     }
 
     fn end_full_scan(&mut self) {
+        self.deferred = 0;
+        self.deferred_at = None;
         // The unstable index serves one full scan (a page's record says `Unstable`, but
         // not since which scan: entries must not outlive theirs), and its memory is
         // given back rather than kept between scans.

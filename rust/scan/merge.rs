@@ -17,7 +17,7 @@
 use super::runs::{joined_prefix, Slot, MIN_TILE, TILE_BELOW_ALLOWANCE};
 use super::{checksum_of, Core, Mem, Target};
 use crate::pool::FrameId;
-use crate::region::{PageRec, State, SUM_TRACKED};
+use crate::region::{PageRec, State, DEFERRED, SUM_TRACKED};
 
 impl<M: Mem> Core<M> {
     /// Write-protect `t` (and the run after it that matches the frames after `f`),
@@ -185,6 +185,10 @@ impl<M: Mem> Core<M> {
             return false;
         }
         let mut run = self.run_of(t, o, hash);
+        if self.defer(t.addr, o.addr, run.len()) {
+            self.refund_vmas(2);
+            return false;
+        }
         let in_place = match run.len() {
             1 => self.frame_in_place(t.addr, o.addr),
             _ => None,
@@ -367,7 +371,7 @@ impl<M: Mem> Core<M> {
         self.uncover(addr);
         let r = self.rec_mut(addr);
         let was_unstable = r.state() == State::Unstable;
-        *r = PageRec::fresh(State::Stable, r.flags() & !SUM_TRACKED);
+        *r = PageRec::fresh(State::Stable, r.flags() & !(SUM_TRACKED | DEFERRED));
         r.set_stable(f);
         if was_unstable {
             self.counters.pages_unshared -= 1;
@@ -414,6 +418,12 @@ impl<M: Mem> Core<M> {
         self.charges_since_count += 1;
         self.vma_allowance -= need;
         true
+    }
+
+    /// What `charge_vmas(_, pages)` took, given back: the merge was not attempted.
+    fn refund_vmas(&mut self, pages: u64) {
+        self.charges_since_count -= 1;
+        self.vma_allowance += 2 * pages;
     }
 
     /// The visit of `addr` put a merge off because of the VMA budget: counted in

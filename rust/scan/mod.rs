@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 mod batch;
+mod defer;
 mod domain;
 pub mod fake;
 mod index;
@@ -138,6 +139,10 @@ pub struct Core<M: Mem> {
     /// Pages the full scan in progress put off because of the VMA budget, and the
     /// address of the last of them (a visit refused twice counts once).
     put_off_now: u64,
+    /// Pages of this full scan whose pair merge was put off to its end (`DEFERRED`).
+    deferred: usize,
+    /// While the full scan's end works through them: the address to go on from.
+    deferred_at: Option<usize>,
     put_off_last: Option<usize>,
     /// Frames freed while unmerging, punched together when it ends (see `unmerge_range`).
     punch_later: Option<Vec<FrameId>>,
@@ -221,6 +226,8 @@ impl<M: Mem> Core<M> {
             vma_count_due: false,
             move_allowance: None,
             put_off_now: 0,
+            deferred: 0,
+            deferred_at: None,
             put_off_last: None,
             punch_later: None,
             scan_end_metadata: 0,

@@ -633,6 +633,81 @@ fn a_page_merged_alone_moves_into_a_copied_run() {
 }
 
 #[test]
+fn a_content_repeated_inside_a_copy_is_left_to_the_copies_run() {
+    // Page 9 repeats page 3 in both copies: in the first copy the two pair up before
+    // the second copy's run reaches them. Put off to the end of the scan, that pair
+    // makes no frame of its own (which the run would take the pages from, and free).
+    let n = 16;
+    let mut c = core_with(2 * (n + 1));
+    for copy in 0..2 {
+        for i in 0..n {
+            let b = if i == 9 { 40 + 3 } else { 40 + i as u8 };
+            fill(&mut c, copy * (n + 1) + i, b);
+        }
+        fill(&mut c, copy * (n + 1) + n, 1 + copy as u8);
+    }
+    c.advise(BASE, BASE + 2 * (n + 1) * PG);
+    c.scan_full(2);
+    assert_eq!(
+        c.mem.punched, 0,
+        "no frame made for the repeat and given up"
+    );
+    let a = frames_of(&c, 0, n);
+    assert!(a.windows(2).all(|w| w[1] == w[0] + 1), "one run: {a:?}");
+    assert_eq!(frames_of(&c, n + 1, n), a);
+    let k = c.counters();
+    assert_eq!(
+        (k.pages_shared, k.pages_sharing),
+        (n as u64, n as u64),
+        "{k:?}"
+    );
+    c.scan_full(1);
+    assert!(c.settled(), "nothing left for a later scan");
+    c.check_invariants();
+    for copy in 0..2 {
+        for i in 0..n {
+            let b = if i == 9 { 43 } else { 40 + i as u8 };
+            assert_eq!(
+                c.mem.read_page(BASE + (copy * (n + 1) + i) * PG),
+                vec![b; PG]
+            );
+        }
+    }
+}
+
+#[test]
+fn pairs_put_off_merge_at_the_end_of_their_full_scan_within_the_batch_budget() {
+    // Page i pairs with page 39 - i: lone pairs (one-page runs), put off to the end
+    // of the scan, which works through them one page per batch here.
+    let n = 40;
+    let mut c = core_with(n);
+    for i in 0..n {
+        fill(&mut c, i, 1 + i.min(n - 1 - i) as u8);
+    }
+    c.advise(BASE, BASE + n * PG);
+    let mut batches = 0;
+    for _ in 0..2 {
+        while !c.scan_batch(1) {
+            batches += 1;
+        }
+    }
+    let k = c.counters();
+    assert_eq!(k.full_scans, 2);
+    assert_eq!((k.pages_shared, k.pages_sharing), (20, 20), "{k:?}");
+    assert!(
+        batches > 2 * n,
+        "the end of the scan took batches of its own: {batches}"
+    );
+    c.check_invariants();
+    for i in 0..n {
+        assert_eq!(
+            c.mem.read_page(BASE + i * PG),
+            vec![1 + i.min(n - 1 - i) as u8; PG]
+        );
+    }
+}
+
+#[test]
 fn a_page_in_a_run_stays_there() {
     // A and B are merged as one run; C matches B's first half only, then its own
     // content, then B's second half again. C's runs must not pull B's pages out of

@@ -196,7 +196,7 @@ impl<M: Mem> Core<M> {
     /// taken again, with `ahead` it was taken ahead of the visit in this batch (see
     /// `sum_ahead`); either way the bytes are read only if some index holds a
     /// candidate. `seen.tracked` says whether a checksum taken now stays trustworthy.
-    fn visit_content(
+    pub(super) fn visit_content(
         &mut self,
         t: Target,
         buf: &mut [u8],
