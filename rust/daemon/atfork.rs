@@ -108,7 +108,8 @@ pub(super) fn fork_child() {
                 _ if p.covered() => crate::region::State::Inherited,
                 _ => crate::region::State::Untracked,
             };
-            *p = crate::region::PageRec::fresh(state, p.flags());
+            // (A pair put off by the parent's scan is not the child's.)
+            *p = crate::region::PageRec::fresh(state, p.flags() & !crate::region::DEFERRED);
         });
         r.clear_covered();
         core.add_region(r);

@@ -52,7 +52,7 @@ use std::io;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::pool::{self, FrameId, FrameTable};
-use crate::region::{PageRec, Region, State, ADVISED};
+use crate::region::{PageRec, Region, State, ADVISED, DEFERRED};
 use batch::SumsAhead;
 use domain::DomainState;
 pub use domain::{DomainCounters, DomainOut};
@@ -699,6 +699,10 @@ impl<M: Mem> Core<M> {
         let mut zero = 0u64;
         for r in self.regions.values() {
             for p in &r.pages {
+                assert!(
+                    self.deferred > 0 || !p.has(DEFERRED),
+                    "a page marked DEFERRED with no pair put off"
+                );
                 match p.state() {
                     State::Untracked | State::Inherited => continue,
                     State::Zero => {

@@ -119,6 +119,8 @@ impl<M: Mem> Core<M> {
         self.unstable.reset(0);
         self.scan_end_metadata = 0;
         self.cursor = None;
+        // (Pages still marked `DEFERRED` are cleared by the next end of a full scan.)
+        self.deferred_at = None;
         self.counters.full_scans = 0;
         self.unsettle();
         Ok(())
