@@ -66,6 +66,12 @@ class Memory:
             for i, want in enumerate(run):
                 assert ctypes.string_at(self.addr(c, i), PAGE) == want, f"copy {c} page {i}"
 
+    def unmerge(self, pages: list[list[bytes]]) -> None:
+        """Unadvise the range: every byte kept, and no page left in a pool mapping."""
+        ksm.madvise(self.base, self.length, UNMERGE)
+        self.check(pages)
+        assert not any(pool for _, _, pool in mappings(self.base, self.length))
+
     def copy_mappings(self, copy: int) -> list[tuple[int, int, bool]]:
         return mappings(self.addr(copy, 0), N * PAGE)
 
@@ -107,9 +113,7 @@ def test_a_copied_run_with_changed_pages_is_one_mapping_per_copy(owned: bool) ->
         mem.check(pages)
         ksm.scan(2)
         mem.check(pages)
-        ksm.madvise(mem.base, mem.length, UNMERGE)
-        mem.check(pages)
-        assert not any(pool for _, _, pool in mappings(mem.base, mem.length))
+        mem.unmerge(pages)
     finally:
         mem.close()
 
@@ -170,9 +174,7 @@ def test_writes_to_merged_pages_change_no_mapping(owned: bool) -> None:
         pages[0][4] = bytes(PAGE)
         ksm.scan(2)
         mem.check(pages)
-        ksm.madvise(mem.base, mem.length, UNMERGE)
-        mem.check(pages)
-        assert not any(pool for _, _, pool in mappings(mem.base, mem.length))
+        mem.unmerge(pages)
     finally:
         mem.close()
 
