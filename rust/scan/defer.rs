@@ -89,6 +89,11 @@ impl<M: Mem> Core<M> {
                 continue;
             }
             tried += 1;
+            // Out of the unstable index until this step puts it back, as at a visit
+            // (every path of the step expects that: dropping it to the zero page
+            // counts it out of `rmap_items` only, for one).
+            self.counters.pages_unshared -= 1;
+            self.rec_mut(addr).set_state(State::Volatile);
             // Its visit's content step again, with the checksum it took (its bytes are
             // read, and compared under protection, only against a candidate).
             let t = {

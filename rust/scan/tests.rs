@@ -708,6 +708,33 @@ fn pairs_put_off_merge_at_the_end_of_their_full_scan_within_the_batch_budget() {
 }
 
 #[test]
+fn a_pair_put_off_keeps_the_counters_whatever_the_end_of_the_scan_does_with_it() {
+    // Two pages of zeros pair up (use_zero_pages off) and are put off; then
+    // use_zero_pages is switched on, so the end of the scan drops them to the zero
+    // page instead: counted out of the unstable index as at a visit.
+    let n = 8;
+    let mut c = core_with(n);
+    for i in 0..n {
+        fill(&mut c, i, if i == 1 || i == 6 { 0 } else { 10 + i as u8 });
+    }
+    c.advise(BASE, BASE + n * PG);
+    c.scan_full(1);
+    let end = BASE + n * PG;
+    while c.cursor != Some(end) {
+        assert!(!c.scan_batch(1), "the scan ended before its end phase");
+    }
+    assert!(c.deferred > 0, "the pair of zeros was put off");
+    c.use_zero_pages = true;
+    while !c.scan_batch(1) {}
+    c.check_invariants();
+    assert_eq!(c.counters().ksm_zero_pages, 2);
+    for i in 0..n {
+        let b = if i == 1 || i == 6 { 0 } else { 10 + i as u8 };
+        assert_eq!(c.mem.read_page(BASE + i * PG), vec![b; PG]);
+    }
+}
+
+#[test]
 fn a_page_in_a_run_stays_there() {
     // A and B are merged as one run; C matches B's first half only, then its own
     // content, then B's second half again. C's runs must not pull B's pages out of
