@@ -9,11 +9,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod covered;
 pub mod maps;
 
-use std::collections::HashMap;
-
 use crate::pool::FrameId;
+use covered::Covered;
 
 /// What ksm knows about one page (the kernel's rmap_item, compacted to 8 bytes).
 ///
@@ -21,7 +21,8 @@ use crate::pool::FrameId;
 /// its checksum at the previous visit (only an unmerged page has one worth keeping;
 /// `Inherited` and `Zero` pages keep neither). A covered page (`IN_POOL`) needs both
 /// a checksum and the frame offset its mapping covers: the offset lives in its
-/// region's side map ([`Region::covered_frame`]); such pages are few.
+/// region's side map ([`Region::covered_frame`]), by runs: a run of covered pages
+/// of one pool mapping takes 12 bytes there, however long.
 ///
 /// `bits`, from the low end: state (3 bits), flags (8 bits: `ADVISED`, the
 /// protection, `IN_POOL`, `SUM_TRACKED`), smart-scan age (4 bits, saturating:
@@ -459,7 +460,7 @@ pub struct Region {
     pub track_pending: bool,
     /// The frame offset under each covered page (`IN_POOL`), by page index (a region
     /// has fewer than 2^32 pages: its records alone would take 32 GiB).
-    covered: HashMap<u32, FrameId>,
+    covered: Covered,
 }
 
 impl Region {
@@ -473,7 +474,7 @@ impl Region {
             prot,
             registered: false,
             track_pending: false,
-            covered: HashMap::new(),
+            covered: Covered::default(),
         }
     }
 
@@ -504,7 +505,7 @@ impl Region {
         if !self.pages[i].covered() {
             return None;
         }
-        let g = self.covered.get(&index(i)).copied();
+        let g = self.covered.get(index(i));
         debug_assert!(g.is_some(), "covered page {i} without its offset");
         g
     }
@@ -521,39 +522,26 @@ impl Region {
             return;
         }
         self.pages[i].clear(IN_POOL);
-        if self.covered.remove(&index(i)).is_some()
-            && self.covered.len() * 4 < self.covered.capacity()
-        {
-            self.covered.shrink_to(self.covered.len() * 2);
-        }
+        self.covered.remove(index(i));
     }
 
     /// Every frame offset under a covered page.
     pub fn covered_frames(&self) -> impl Iterator<Item = FrameId> + '_ {
-        self.covered.values().copied()
+        self.covered.frames()
     }
 
     /// Forget every covered offset (a forked child's records: its pool mappings are
     /// the parent's, and it unmerges them as inherited pages).
     pub fn clear_covered(&mut self) {
         self.pages.update_all(|p| p.clear(IN_POOL));
-        self.covered = HashMap::new();
+        self.covered = Covered::default();
     }
 
     /// Split off the pages from index `at` on into a region of their own. The head
     /// gives back the room of the records it no longer has (bookkeeping is counted by
     /// capacity, see `metadata_bytes`).
     pub fn split_off(&mut self, at: usize, page: usize) -> Region {
-        let at32 = index(at);
-        let mut covered = HashMap::new();
-        self.covered.retain(|&i, &mut g| {
-            if i < at32 {
-                return true;
-            }
-            covered.insert(i - at32, g);
-            false
-        });
-        self.covered.shrink_to_fit();
+        let covered = self.covered.split_off(index(at));
         let pages = self.pages.split_off(at);
         self.pages.shrink_to_fit();
         Region {
@@ -569,11 +557,7 @@ impl Region {
 
     /// Bytes of bookkeeping: the records (by capacity) and the side map.
     pub fn metadata_bytes(&self) -> usize {
-        self.pages.capacity() * std::mem::size_of::<PageRec>()
-            + crate::stats::hash_table_bytes(
-                self.covered.capacity(),
-                std::mem::size_of::<(u32, FrameId)>(),
-            )
+        self.pages.capacity() * std::mem::size_of::<PageRec>() + self.covered.metadata_bytes()
     }
 }
 
