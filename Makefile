@@ -45,12 +45,13 @@ fmt: venv ## Format Rust and Python code
 	$(VENV)/bin/ruff check --fix python tests benches
 
 .PHONY: lint
-lint: dev ## Lint: rustfmt, clippy (both feature sets), ruff, mypy --strict, stubtest
+lint: dev ## Lint: rustfmt, clippy (both feature sets, and the fuzz crate), ruff, mypy --strict, stubtest
 	@! git grep -nE '^(<<<<<<<|>>>>>>>)( |$$)' -- . || { echo "merge conflict markers left (above)"; exit 1; }
 	cargo fmt --check
 	cargo fmt --check --manifest-path fuzz/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --no-default-features --all-targets -- -D warnings
+	cd fuzz && cargo clippy --release --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 	$(VENV)/bin/mypy --strict python

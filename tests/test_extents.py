@@ -97,6 +97,8 @@ def test_a_copied_run_with_changed_pages_is_one_mapping_per_copy(owned: bool) ->
         mem.merge(pages, 2)
         s = ksm.stats()
         assert (s["pages_shared"], s["pages_sharing"]) == (N - 3, N - 3)
+        # The frame offsets under the covered pages hold no frame, and no memory.
+        assert (s["frames"], s["pool_bytes"]) == (N - 3, (N - 3) * PAGE)
         for c in range(2):
             maps = mem.copy_mappings(c)
             assert len(maps) == 1 and maps[0][2], f"copy {c}: {maps}"

@@ -353,7 +353,7 @@ impl Harness {
                 .copied()
                 .collect();
             let next = self.model.ever.last().map_or(1, |&m| m + 1);
-            return Some(if gone.is_empty() || w.i % 4 == 0 {
+            return Some(if gone.is_empty() || w.i.is_multiple_of(4) {
                 next + u32::from(w.i)
             } else {
                 gone[usize::from(w.i) % gone.len()]

@@ -39,8 +39,11 @@ pub fn drive(seed: u64, iters: u64, max_len: usize, f: fn(&[u8])) {
     }
 }
 
+/// A fuzz target's entry point: one input's bytes.
+pub type Target = fn(&[u8]);
+
 /// Every target's `run_bytes`, by name (as in `fuzz_targets/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("domain_hub", domain_hub::run_bytes),
     ("domain_msg", domain_msg::run_bytes),
     ("frame_table", frame_table::run_bytes),

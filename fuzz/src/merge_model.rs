@@ -319,7 +319,7 @@ impl Mem for ChildMem {
         prot: i32,
         f0: FrameId,
         covered: &[(usize, Vec<u8>)],
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         if is_domain(f0) {
             let (&s0, &(frames, retired)) = self
                 .segments
@@ -332,7 +332,7 @@ impl Mem for ChildMem {
             );
             assert!(!retired, "a page mapped onto retired segment {s0}");
         }
-        self.fake.map_frames(addr, n, prot, f0, covered)?;
+        let filled = self.fake.map_frames(addr, n, prot, f0, covered)?;
         let page = self.fake.page_size();
         for i in 0..n {
             self.mapped.insert(addr + i * page, f0 + i as FrameId);
@@ -347,7 +347,7 @@ impl Mem for ChildMem {
                 self.move_slack
             );
         }
-        Ok(())
+        Ok(filled)
     }
     fn unmerge_run(&mut self, addr: usize, len: usize, prot: i32, owned: bool) -> io::Result<()> {
         self.fake.unmerge_run(addr, len, prot, owned)
@@ -1335,7 +1335,7 @@ pub fn weighted_input(rng: &mut crate::XorShift, nops: usize) -> Input {
         let flag = (r >> 32) & 1 == 1;
         // One operation in eight is a merge domain's.
         if (r >> 61) == 0 {
-            let picks = vec![x, y, z, x.wrapping_add(1), y.wrapping_add(1)];
+            let picks = [x, y, z, x.wrapping_add(1), y.wrapping_add(1)];
             let n = 1 + (r >> 40) as usize % picks.len();
             ops.push(match (r >> 8) % 16 {
                 0..=1 => Op::JoinDomain,
@@ -1344,7 +1344,7 @@ pub fn weighted_input(rng: &mut crate::XorShift, nops: usize) -> Input {
                 4..=7 => Op::AddSegment {
                     id: z,
                     pages: picks[..n].to_vec(),
-                    lie: ((r >> 48) % 4 == 0).then_some((y, z)),
+                    lie: (r >> 48).is_multiple_of(4).then_some((y, z)),
                 },
                 8..=9 => Op::RetireSegment { id: y, held: flag },
                 10..=11 => Op::DomainWants {

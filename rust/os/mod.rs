@@ -118,6 +118,31 @@ fn owned_in(owned: &BTreeMap<usize, Mapping>, addr: usize) -> Option<&Mapping> {
 }
 
 impl Os {
+    /// Put the covered pages' own bytes into `scratch` (a private mapping of frames
+    /// that nothing reads yet) with `UFFDIO_COPY`, through the userfaultfd of memory
+    /// ksm owns (whose events leave the scratch's unmapping alone). `Ok(false)` if not
+    /// every page could be placed: the caller copies them all by hand then (over a
+    /// page placed here, the same bytes). An error if the scratch could not leave the
+    /// userfaultfd: a fault there would wait for a fault thread that does not answer
+    /// for it, so the scratch must be dropped untouched (the merge fails, nothing
+    /// changed).
+    fn place_covered(&self, scratch: &Mapping, covered: &[(usize, Vec<u8>)]) -> io::Result<bool> {
+        let page = self.page;
+        let Some(u) = self.uffd.as_ref() else {
+            return Ok(false);
+        };
+        if u.register_missing(scratch.addr(), scratch.len()).is_err() {
+            return Ok(false);
+        }
+        let placed = covered.iter().all(|(i, bytes)| {
+            bytes.len() == page
+                && u.copy(scratch.addr() + i * page, bytes.as_ptr() as usize, page)
+                    .is_ok()
+        });
+        u.unregister(scratch.addr(), scratch.len())?;
+        Ok(placed)
+    }
+
     /// Serve domain frames from `f0` (a block start) from segment `seg`.
     pub fn add_segment(&mut self, f0: FrameId, seg: crate::domain::client::SegmentView) {
         self.segments.add(f0, seg);
@@ -916,7 +941,7 @@ impl Mem for Os {
         prot: i32,
         f0: FrameId,
         covered: &[(usize, Vec<u8>)],
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let page = self.page;
         let w = self
             .open
@@ -934,12 +959,19 @@ impl Mem for Os {
         // copies of the covered pages' own bytes written in) and moved over the window
         // in one step: at no moment does a covered page show another page's bytes.
         let mut scratch_populated = false;
+        let mut filled = false;
         let scratch = if covered.is_empty() {
             None
         } else {
             let s = Mapping::file_private(fd, offset, n * page)?;
+            // The covered pages' bytes go in first, as anonymous pages the kernel fills
+            // (`UFFDIO_COPY` into a private mapping of a memfd fills no hole of the
+            // file): populating first would give each covered slot whose frame is free
+            // a page of the pool (to be punched again), then a copy-on-write fault.
+            let placed = self.place_covered(&s, covered)?;
+            filled = !placed;
             scratch_populated = mman::populate_read(s.addr(), s.len()).is_ok();
-            for (i, bytes) in covered {
+            for (i, bytes) in covered.iter().filter(|_| !placed) {
                 s.copy_in(i * page, bytes);
             }
             if prot != libc::PROT_READ | libc::PROT_WRITE {
@@ -969,7 +1001,7 @@ impl Mem for Os {
         // cannot wait for a userfaultfd, and PROT_NONE pages cannot be populated.
         let len = n * self.page;
         if !assembled && prot & libc::PROT_READ != 0 && self.map_in_registered(addr, len) {
-            return Ok(());
+            return Ok(filled);
         }
         // A run assembled aside was populated there (covered pages written in are
         // present too) and `mremap` moved its PTEs along; `mprotect` keeps them, but
@@ -977,7 +1009,7 @@ impl Mem for Os {
         let populated = (scratch_populated && prot & libc::PROT_READ != 0)
             || mman::populate_read(addr, len).is_ok();
         self.register_new(addr, len, populated);
-        Ok(())
+        Ok(filled)
     }
 
     fn zap(&mut self, addr: usize) -> io::Result<()> {

@@ -482,7 +482,7 @@ impl Mem for FakeMem {
         _prot: i32,
         f0: FrameId,
         covered: &[(usize, Vec<u8>)],
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         for i in 0..n {
             let (a, f) = (addr + i * self.page, f0 + i as FrameId);
             assert!(
@@ -517,7 +517,8 @@ impl Mem for FakeMem {
             };
             self.pages.insert(addr + i * self.page, b);
         }
-        Ok(())
+        // As the Os copying covered bytes by hand: the caller punches free frames there.
+        Ok(!covered.is_empty())
     }
 
     fn unmerge_run(&mut self, addr: usize, len: usize, _prot: i32, _owned: bool) -> io::Result<()> {

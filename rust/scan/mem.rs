@@ -171,7 +171,9 @@ pub trait Mem {
     /// Map frames `f0..f0+npages` privately over the (protected) pages from `addr`,
     /// with one mapping (so a run of merged pages is one VMA). The pages `covered`
     /// names (index in the run, and their bytes now) keep their own bytes as private
-    /// copies inside that mapping.
+    /// copies inside that mapping. `Ok(true)` if that may have given the holes of free
+    /// frames under covered pages memory of the pool (their bytes written over the
+    /// frames by hand), for the caller to punch.
     fn map_frames(
         &mut self,
         addr: usize,
@@ -179,7 +181,7 @@ pub trait Mem {
         prot: i32,
         f0: FrameId,
         covered: &[(usize, Vec<u8>)],
-    ) -> io::Result<()>;
+    ) -> io::Result<bool>;
     /// Drop the (protected, anonymous, all-zero) page at `addr` (`MADV_DONTNEED`):
     /// it reads zeros from the kernel's zero page afterwards, holding no memory.
     fn zap(&mut self, addr: usize) -> io::Result<()>;

@@ -107,13 +107,13 @@ impl<M: Mem> Core<M> {
             covered.retain(|&(i, _)| i < k);
         }
         let len = k * page;
-        if self.mem.map_frames(t.addr, k, t.prot, f, &covered).is_err() {
+        let Ok(filled) = self.mem.map_frames(t.addr, k, t.prot, f, &covered) else {
             self.release_failed(t.addr, len);
             self.counters.merge_failures += 1;
             return false;
-        }
+        };
         self.mem.release(t.addr, len, false);
-        self.record_run(t.addr, f, &run);
+        self.record_run(t.addr, f, &run, filled);
         self.changes += 1;
         true
     }
@@ -303,10 +303,11 @@ impl<M: Mem> Core<M> {
             o_cov.retain(|&(i, _)| i < k);
         }
         let (n, len) = (k, k * page);
-        if self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov).is_err() {
+        let Ok(t_filled) = self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov) else {
             return fail(self, &[t.addr, o.addr], n);
-        }
-        let other_ok = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov).is_ok();
+        };
+        let other = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov);
+        let other_ok = other.is_ok();
         self.mem.release(t.addr, len, false);
         if other_ok {
             self.mem.release(o.addr, len, false);
@@ -322,9 +323,9 @@ impl<M: Mem> Core<M> {
                 self.stable.push(h, f, |f| self.frames.hash(f));
             }
         }
-        self.record_run(t.addr, f0, &run.t);
-        if other_ok {
-            self.record_run(o.addr, f0, &run.o);
+        self.record_run(t.addr, f0, &run.t, t_filled);
+        if let Ok(o_filled) = other {
+            self.record_run(o.addr, f0, &run.o, o_filled);
         }
         self.changes += 1;
         if !other_ok {
@@ -382,8 +383,9 @@ impl<M: Mem> Core<M> {
     /// The pages from `start` map frames `f0, f0+1, …` now, or cover them (see
     /// `Slot`). New references are taken before old ones are dropped, so that no
     /// frame of the run is freed on the way. A covered offset whose frame is free is
-    /// punched: assembling the run may have given that hole memory.
-    fn record_run(&mut self, start: usize, f0: FrameId, run: &[Slot]) {
+    /// punched if assembling the run may have given that hole memory (`filled`, as
+    /// `Mem::map_frames` said).
+    fn record_run(&mut self, start: usize, f0: FrameId, run: &[Slot], filled: bool) {
         for (i, &slot) in run.iter().enumerate() {
             let (a, g) = (start + i * self.page, f0 + i as FrameId);
             match slot {
@@ -394,7 +396,7 @@ impl<M: Mem> Core<M> {
         for (i, &slot) in run.iter().enumerate() {
             match slot {
                 Slot::Join(Some(old)) => self.drop_frame_ref(old),
-                Slot::Cover if !self.frames.is_live(f0 + i as FrameId) => {
+                Slot::Cover if filled && !self.frames.is_live(f0 + i as FrameId) => {
                     let _ = self.mem.punch(f0 + i as FrameId);
                 }
                 Slot::Join(None) | Slot::Cover => {}
