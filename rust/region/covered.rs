@@ -233,6 +233,16 @@ impl Covered {
             .flat_map(|r| (0..r.len).map(move |k| r.frame + k))
     }
 
+    /// The runs of covered pages, `(first page, pages, offset under the first)`, in
+    /// no particular order; runs that continue each other may come apart.
+    pub fn runs(&self) -> impl Iterator<Item = (u32, u32, FrameId)> + '_ {
+        self.runs
+            .iter()
+            .chain(&self.recent)
+            .filter(|r| r.len > 0)
+            .map(|r| (r.first, r.len, r.frame))
+    }
+
     /// Split off the pages from index `at` on, renumbered from 0.
     pub fn split_off(&mut self, at: u32) -> Covered {
         self.compact();

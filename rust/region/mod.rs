@@ -530,6 +530,14 @@ impl Region {
         self.covered.frames()
     }
 
+    /// The runs of covered pages: `(first page index, pages, frame offset under the
+    /// first)`, in no particular order.
+    pub fn covered_runs(&self) -> impl Iterator<Item = (usize, usize, FrameId)> + '_ {
+        self.covered
+            .runs()
+            .map(|(i, n, g)| (i as usize, n as usize, g))
+    }
+
     /// Forget every covered offset (a forked child's records: its pool mappings are
     /// the parent's, and it unmerges them as inherited pages).
     pub fn clear_covered(&mut self) {

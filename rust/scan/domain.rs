@@ -366,8 +366,8 @@ impl<M: Mem> Core<M> {
         // Counted afresh: a write copying a merged page away splits its mapping
         // without a charge, so the allowance may be stale.
         self.refresh_vma_allowance();
-        for (f0, n) in due {
-            for (s, e) in self.pages_on(f0, n) {
+        for runs in self.pages_on(&due, false) {
+            for (s, e) in runs {
                 // Moving a run off splits its mapping (2 VMAs at most), and its pages then
                 // merge again (2 at most each): a run for which the VMA budget has no room
                 // stays on the retired segment (correct, and its memory goes once no page
@@ -387,26 +387,64 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// The runs of pages mapping (or covered at) frames `f0..f0+n`, as address ranges.
-    fn pages_on(&self, f0: FrameId, n: u32) -> Vec<(usize, usize)> {
+    /// For each of `segs` (a segment's first frame id and frames; segments are
+    /// apart), the runs of pages mapping one of its frames or covered at one, as
+    /// address ranges in address order. One pass over the records for all of them;
+    /// with `covered_only` (no page is merged onto those segments: their blocks count
+    /// no page) over the covered runs only, so that segments a covered page keeps
+    /// cost little to look at again before every batch.
+    fn pages_on(&self, segs: &[(FrameId, u32)], covered_only: bool) -> Vec<Vec<(usize, usize)>> {
         let page = self.page;
-        let on = |g: Option<FrameId>| g.is_some_and(|g| (f0..f0 + n).contains(&g));
-        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut order: Vec<usize> = (0..segs.len()).collect();
+        order.sort_unstable_by_key(|&k| segs[k].0);
+        let end = |k: usize| u64::from(segs[k].0) + u64::from(segs[k].1);
+        // (segment, first address, end address) of each piece found.
+        let mut found: Vec<(usize, usize, usize)> = Vec::new();
         for r in self.regions.values() {
+            if covered_only {
+                for (i, n, g) in r.covered_runs() {
+                    // Pages i..i+n cover offsets g..g+n: their part on each segment.
+                    let (g, n64) = (u64::from(g), n as u64);
+                    let mut o = order.partition_point(|&k| end(k) <= g);
+                    while let Some(&k) = order.get(o) {
+                        let f0 = u64::from(segs[k].0);
+                        if f0 >= g + n64 {
+                            break;
+                        }
+                        let (lo, hi) = (f0.max(g) - g, end(k).min(g + n64) - g);
+                        let a = r.start + (i + lo as usize) * page;
+                        found.push((k, a, a + (hi - lo) as usize * page));
+                        o += 1;
+                    }
+                }
+                continue;
+            }
+            if r.pages.uniform().is_some_and(|p| !p.in_pool_mapping()) {
+                continue; // nothing merged, nothing covered
+            }
             for (i, p) in r.pages.iter().enumerate() {
                 let g = if p.state() == State::Stable {
                     Some(p.frame())
                 } else {
                     r.covered_frame(i)
                 };
-                if !on(g) {
+                let Some(g) = g else { continue };
+                let o = order.partition_point(|&k| segs[k].0 <= g);
+                let Some(&k) = o.checked_sub(1).and_then(|o| order.get(o)) else {
                     continue;
+                };
+                if u64::from(g) < end(k) {
+                    let a = r.start + i * page;
+                    found.push((k, a, a + page));
                 }
-                let a = r.start + i * page;
-                match out.last_mut() {
-                    Some(last) if last.1 == a => last.1 = a + page,
-                    _ => out.push((a, a + page)),
-                }
+            }
+        }
+        found.sort_unstable();
+        let mut out: Vec<Vec<(usize, usize)>> = vec![Vec::new(); segs.len()];
+        for (k, s, e) in found {
+            match out[k].last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => out[k].push((s, e)),
             }
         }
         out
@@ -421,16 +459,22 @@ impl<M: Mem> Core<M> {
     /// first. A segment with a covered page that could not is kept, and tried again at
     /// the next call.
     pub fn drop_unmapped_segments(&mut self) -> Vec<(u64, FrameId)> {
-        let mut gone = Vec::new();
-        for (id, f0, n) in self.frames.unmapped_segments() {
-            let covered = self.pages_on(f0, n);
-            for &(s, e) in &covered {
+        let unmapped = self.frames.unmapped_segments();
+        if unmapped.is_empty() {
+            return Vec::new();
+        }
+        let segs: Vec<(FrameId, u32)> = unmapped.iter().map(|&(_, f0, n)| (f0, n)).collect();
+        let mut covered = self.pages_on(&segs, true);
+        if covered.iter().any(|v| !v.is_empty()) {
+            for &(s, e) in covered.iter().flatten() {
                 // A failure leaves the page covered (correct): the segment then stays.
                 let _ = self.unmerge_range(s, e);
             }
-            if (covered.is_empty() || self.pages_on(f0, n).is_empty())
-                && self.frames.drop_segment(id)
-            {
+            covered = self.pages_on(&segs, true);
+        }
+        let mut gone = Vec::new();
+        for (&(id, f0, _), left) in unmapped.iter().zip(&covered) {
+            if left.is_empty() && self.frames.drop_segment(id) {
                 gone.push((id, f0));
             }
         }

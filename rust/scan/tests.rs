@@ -1957,6 +1957,99 @@ fn a_page_covered_on_a_retired_segment_gets_its_own_mapping_before_the_segment_g
     c.check_invariants();
 }
 
+/// A domain member of 8 pages: pages 0..4 merged onto segment 5, pages 4..8 onto
+/// segment 6, each run covering one page whose bytes differ (2 and 5); segment 7
+/// holds nothing of ours. The core and the segments' (id, first frame id).
+fn member_on_three_segments() -> (Core<FakeMem>, Vec<(u64, FrameId)>) {
+    let mut c = domain_member(8);
+    let mut segs = Vec::new();
+    for (id, pages, odd) in [(5, 0..4, 2), (6, 4..8, 5), (7, 100..104, 0)] {
+        let frames: Vec<Vec<u8>> = pages
+            .map(|i| page_of(if i == odd { 300 + i } else { i }))
+            .collect();
+        let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+        let f0 = c.add_segment(id, &sums).unwrap();
+        c.mem.add_segment(f0, &frames);
+        segs.push((id, f0));
+    }
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, 6);
+    assert_eq!(covered_offsets(&c), vec![segs[0].1 + 2, segs[1].1 + 1]);
+    (c, segs)
+}
+
+/// Every frame offset under a covered page, sorted.
+fn covered_offsets(c: &Core<FakeMem>) -> Vec<FrameId> {
+    let mut v: Vec<FrameId> = c
+        .regions
+        .values()
+        .flat_map(|r| r.covered_frames())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Each of the 8 pages of `member_on_three_segments` maps no frame and holds its bytes.
+fn check_given_back(c: &Core<FakeMem>) {
+    assert!(covered_offsets(c).is_empty());
+    for i in 0..8 {
+        assert!(!c.mem.maps_frame(BASE + i * PG), "page {i}");
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i), "page {i}");
+    }
+}
+
+#[test]
+fn segments_retired_together_are_given_back_and_dropped_together() {
+    let (mut c, segs) = member_on_three_segments();
+    // All three retired for compaction: the pages of both runs (covered ones too) move
+    // off at the end of the first full scan begun after, in one go, and the segments
+    // are dropped together.
+    for (id, _) in &segs {
+        c.retire_segment(*id, true);
+    }
+    assert_eq!(
+        c.drop_unmapped_segments(),
+        vec![segs[2]],
+        "nothing of ours on 7"
+    );
+    c.scan_full(2);
+    assert_eq!(c.domain_counters().evicted, 8);
+    assert_eq!(c.counters().pages_sharing, 0);
+    let mut gone = c.drop_unmapped_segments();
+    gone.sort_unstable();
+    assert_eq!(gone, vec![segs[0], segs[1]]);
+    check_given_back(&c);
+    assert!(c.drop_unmapped_segments().is_empty());
+    c.check_invariants();
+}
+
+#[test]
+fn covered_pages_on_several_unmapped_segments_get_their_own_mappings_together() {
+    let (mut c, segs) = member_on_three_segments();
+    // Retired without eviction (as on leaving), then every merged page written: no
+    // page is merged onto 5 or 6, but all 8 sit in mappings of their files (a write
+    // leaves a merged page covered in place). They get mappings of their own and both
+    // segments go, in one call.
+    for (id, _) in &segs {
+        c.retire_segment(*id, false);
+    }
+    for i in [0, 1, 3, 4, 6, 7] {
+        c.mem.write(BASE + i * PG, &page_of(i));
+    }
+    c.scan_full(1);
+    assert_eq!(c.counters().pages_sharing, 0);
+    let mut all: Vec<FrameId> = (0..4)
+        .flat_map(|k| [segs[0].1 + k, segs[1].1 + k])
+        .collect();
+    all.sort_unstable();
+    assert_eq!(covered_offsets(&c), all);
+    let mut gone = c.drop_unmapped_segments();
+    gone.sort_unstable();
+    assert_eq!(gone, segs);
+    check_given_back(&c);
+    c.check_invariants();
+}
+
 #[test]
 fn a_segment_held_since_leaving_is_used_again_when_offered_on_joining_again() {
     let n = 4;
