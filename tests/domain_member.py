@@ -2,8 +2,9 @@
 stdin/stdout, one command per line, one JSON answer per line (never timers).
 
 It holds ``PAGES`` pages of ksm memory with content made from a seed (the same
-seed gives the same bytes in every member), plus a model of what every page must
-hold, and answers:
+seed gives the same bytes in every member), in ``COPIES`` copies (argument 3,
+default 1: page ``i`` holds what page ``i % (PAGES // COPIES)`` of one copy
+does), plus a model of what every page must hold, and answers:
 
   join NAME | leave | scan N | sync | stats | dstats | check | pfns
   write PAGE BYTE       (fill one page with BYTE, in memory and in the model)
@@ -43,8 +44,9 @@ def pfns(addr: int, n: int) -> list[int]:
 
 def main() -> None:
     seed, pages = int(sys.argv[1]), int(sys.argv[2])
+    copies = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     m = ksm.mmap(pages * PAGE)
-    model = [page_bytes(seed, i) for i in range(pages)]
+    model = [page_bytes(seed, i % (pages // copies)) for i in range(pages)]
     for i, b in enumerate(model):
         m[i * PAGE : (i + 1) * PAGE] = b
     m.madvise(ksm.MADV_MERGEABLE)

@@ -42,13 +42,19 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 class Member:
-    """A member process: its pages are ``pages`` pages made from ``seed``."""
+    """A member process: its pages are ``pages`` pages made from ``seed``, in
+    ``copies`` copies of the same bytes."""
 
     def __init__(
-        self, seed: int, pages: int, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+        self,
+        seed: int,
+        pages: int,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        copies: int = 1,
     ) -> None:
         self.p = subprocess.Popen(
-            [sys.executable, MEMBER, str(seed), str(pages)],
+            [sys.executable, MEMBER, str(seed), str(pages), str(copies)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -348,6 +354,29 @@ def test_a_late_member_merges_onto_what_the_domain_holds(name: str, members: lis
     d = settle([a, b, c], 2 * pages)
     assert (d["members"], d["pages_shared"], d["pages_sharing"]) == (3, pages, 2 * pages)
     assert c("check")["bad"] == []
+
+
+def test_pages_merged_before_joining_are_shared_with_the_members(name: str, members: list[Member]) -> None:
+    # Two copies of 32 pages merged inside one process, on frames of its own pool,
+    # before it joins; then a member holding one copy joins too.
+    half = 32
+    a = Member(seed=13, pages=2 * half, copies=2)
+    members.append(a)
+    a("scan 2")
+    s = a("stats")["stats"]
+    assert (s["pages_shared"], s["pages_sharing"]) == (half, half)
+    assert a("join " + name) == {"ok": True}
+    (b,) = start(members, 1, seed=13, pages=half, domain=name)
+    # Both copies of the first and the one of the second end on the same 32 domain
+    # frames: 96 pages on 32 frames, the first member's own frames given back.
+    d = settle([a, b], 2 * half)
+    assert (d["members"], d["pages_shared"], d["pages_sharing"]) == (2, half, 2 * half)
+    s = a("stats")["stats"]
+    assert (s["pages_shared"], s["pages_sharing"]) == (0, 2 * half)
+    assert a("check")["bad"] == [] and b("check")["bad"] == []
+    if ROOT:
+        pa, pb = a("pfns")["pfns"], b("pfns")["pfns"]
+        assert all(pb) and pa[:half] == pb and pa[half:] == pb, "same physical frames"
 
 
 def test_members_started_with_and_without_xdg_runtime_dir_meet(name: str, members: list[Member]) -> None:

@@ -42,7 +42,9 @@ def join(name: str) -> None:
     nothing needs to run beforehand. ``join`` returns at once: the member connects
     in the background (``member_stats()["connected"]``; until then
     ``domain_stats()`` may not count it), and merges inside its own process
-    meanwhile. Only processes that trust each other belong
+    meanwhile. Pages merged before joining move onto the domain's frames at
+    later scans where another member holds the same bytes (joining first saves
+    that work). Only processes that trust each other belong
     in one domain: a member can tell by timing a write whether another member
     holds the same page.
 

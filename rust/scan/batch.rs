@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+use super::domain::private_movable;
 use super::visit::{skip_age, Seen};
 use super::{checksum, key_of, Core, Mem, Presence};
 use crate::region::{PageRec, State, SUM_TRACKED};
@@ -123,6 +124,7 @@ impl<M: Mem> Core<M> {
             let merged = c.pages_shared + c.pages_sharing + c.ksm_zero_pages;
             let expect = usize::try_from(self.advised.saturating_sub(merged)).unwrap_or(0);
             self.unstable.reset(expect);
+            self.domain_begin_scan();
             self.cursor = Some(0);
         }
         let mut scanned = 0u64;
@@ -381,6 +383,7 @@ impl<M: Mem> Core<M> {
         let base = (from - r.start) / page;
         // Asked once per call, not per merged page: most scans hold no retired segment.
         let retired_held = domain.is_some() && frames.any_retired();
+        let private_now = domain.as_ref().is_some_and(|d| d.private_now);
         let (mut k, mut scanned) = (i, 0);
         while k < pres.len() {
             let idx = base + k;
@@ -389,12 +392,13 @@ impl<M: Mem> Core<M> {
                 k += 1;
                 continue;
             }
-            // (A page on a retired segment's frame is visited: it moves off, see
-            // `move_off_retired`.)
+            // (A page on a retired segment's frame is visited, and in some scans one on
+            // a frame of our own pool: it moves off, see `move_off`.)
             if p.state() == State::Stable
                 && pres[k] != Presence::Anon
                 && scanned < budget
                 && !(retired_held && frames.on_retired(p.frame()))
+                && !(private_now && private_movable(frames, p.frame()))
             {
                 // `visit`: still maps its frame, a KSM page on its node; scanned.
                 counters.pages_scanned += 1;

@@ -20,6 +20,13 @@
 //!   write-protection and a byte-for-byte comparison (see `merge.rs`).
 //! * A retired segment (or every segment, when the domain is left) leaves the
 //!   index; its block is dropped once no page maps it.
+//! * Pages merged before joining are on frames of the process's own pool, which no
+//!   other member can map. In a domain they move onto domain frames as pages on a
+//!   retired segment do: their contents are announced, and once a segment with the
+//!   same bytes is in the index, runs of them move onto it (see `moves_off`). They
+//!   are looked at only in full scans after something that may let them move (the
+//!   join, a segment taken in, the domain asking for a content, a new broker), so a
+//!   settled member does not visit them.
 //!
 //! Counting: a page on a domain frame counts in `pages_sharing` (a page saved);
 //! the frame's one copy is the domain's, counted once by the domain's statistics
@@ -31,7 +38,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{key_of, Core, Mem, Target};
-use crate::pool::FrameId;
+use crate::pool::{self, FrameId, FrameTable};
 use crate::region::State;
 
 /// Most checksums announced per batch (the rest wait for the next visit).
@@ -101,6 +108,12 @@ pub struct DomainState {
     evict_due: Vec<(u64, u64)>,
     /// Whether a broker answers now (else contents held twice are published at once).
     connected: bool,
+    /// Something happened that may let pages on frames of our own pool move onto
+    /// domain frames: the next full scan visits them (see `Core::moves_off`).
+    private_due: bool,
+    /// This full scan visits pages on frames of our own pool (`private_due` when it
+    /// began, and some such frame was in use).
+    pub(super) private_now: bool,
     pub counters: DomainCounters,
 }
 
@@ -126,6 +139,17 @@ impl DomainState {
     /// a random half of 4 × 256 MiB was written).
     pub(super) fn needs_visit(&self, checksum: u32, vma_room: bool) -> bool {
         (vma_room && !self.announced.contains(&checksum)) || self.wanted.contains_key(&checksum)
+    }
+
+    /// Whether a page on frame `f` moves off it in this full scan (see
+    /// `Core::moves_off`): a frame of our own pool, in a scan that looks at them.
+    pub(super) fn moves_private(&self, frames: &FrameTable, f: FrameId) -> bool {
+        self.private_now && private_movable(frames, f)
+    }
+
+    /// A full scan begins: whether it visits pages on frames of our own pool.
+    pub(super) fn begin_scan(&mut self, private_in_use: bool) {
+        self.private_now = std::mem::take(&mut self.private_due) && private_in_use;
     }
 
     /// Queue the page at `t` to be copied into the next segment, once per checksum.
@@ -163,12 +187,50 @@ impl DomainState {
     }
 }
 
+/// Whether a page merged onto frame `f` of our own pool may move onto a domain
+/// frame: not a domain frame, nor one of a tile (consecutive frames of one content,
+/// which map a repeated content with one mapping per run; one domain frame per
+/// content would take a mapping per page).
+pub(super) fn private_movable(frames: &FrameTable, f: FrameId) -> bool {
+    if pool::is_domain(f) {
+        return false;
+    }
+    let h = frames.hash(f);
+    let same = |g: Option<FrameId>| {
+        g.is_some_and(|g| !pool::is_domain(g) && frames.is_live(g) && frames.hash(g) == h)
+    };
+    !same(f.checked_sub(1)) && !same(f.checked_add(1))
+}
+
 impl<M: Mem> Core<M> {
     /// Join a domain: candidates are announced from the next visit on. Until the
     /// engine says a broker answers, contents held twice are published at once.
+    /// Pages merged before are looked at in the next full scan (see `moves_off`).
     pub fn join_domain(&mut self) {
         if self.domain.is_none() {
-            self.domain = Some(DomainState::default());
+            self.domain = Some(DomainState {
+                private_due: true,
+                ..DomainState::default()
+            });
+        }
+    }
+
+    /// Whether a merged page on frame `f` is visited to move off it onto a domain
+    /// frame (see `move_off`): a frame of a retired segment, or in a domain, in a full
+    /// scan that looks at them, a frame of our own pool (not a tile's).
+    pub(super) fn moves_off(&self, f: FrameId) -> bool {
+        self.frames.on_retired(f)
+            || self
+                .domain
+                .as_ref()
+                .is_some_and(|d| d.moves_private(&self.frames, f))
+    }
+
+    /// A full scan begins (see `DomainState::begin_scan`).
+    pub(super) fn domain_begin_scan(&mut self) {
+        let private_in_use = self.counters.pages_shared > 0;
+        if let Some(d) = &mut self.domain {
+            d.begin_scan(private_in_use);
         }
     }
 
@@ -192,6 +254,7 @@ impl<M: Mem> Core<M> {
             d.announced.clear();
             d.claimed.clear();
             d.wanted.clear();
+            d.private_due = true;
         }
     }
 
@@ -200,6 +263,8 @@ impl<M: Mem> Core<M> {
         if let Some(d) = &mut self.domain {
             let now = d.scans;
             d.wanted.extend(sums.iter().map(|&c| (c, now)));
+            // A page on a frame of our own pool may hold it.
+            d.private_due = true;
         }
     }
 
@@ -221,7 +286,7 @@ impl<M: Mem> Core<M> {
         publish.retain_mut(|(addr, owned, c)| {
             // Still advised, with the checksum it was queued under, and not merged
             // meanwhile (a segment with its bytes may have come), unless it is moving
-            // off a retired segment's frame (see `move_off_retired`).
+            // off a retired segment's frame or one of our own pool (see `move_off`).
             let here = regions
                 .range(..=*addr)
                 .next_back()
@@ -232,7 +297,7 @@ impl<M: Mem> Core<M> {
                     p.advised()
                         && match p.state() {
                             State::Stable => {
-                                frames.on_retired(p.frame())
+                                (frames.on_retired(p.frame()) || private_movable(frames, p.frame()))
                                     && frames.hash(p.frame()) == u64::from(*c)
                             }
                             _ => p.checksum() == *c,
@@ -292,6 +357,8 @@ impl<M: Mem> Core<M> {
             d.publishing.remove(&(k as u32));
         }
         d.counters.segments += 1;
+        // Pages on frames of our own pool may move onto it.
+        d.private_due = true;
         // New frames to merge onto: the next full scan is not a settled one.
         self.changes += 1;
         Some(f0)
@@ -483,6 +550,8 @@ impl<M: Mem> Core<M> {
 
     /// A page with `checksum` became a candidate (nothing to merge with here): tell
     /// the domain, or copy it into a segment if the domain asked for this checksum.
+    /// Whether the domain has been told, or the page is queued or its content being
+    /// published (false: an announcement or a queue was full, or no VMA room).
     ///
     /// A process at its VMA budget announces nothing (nor claims, below): it could not
     /// merge onto the frame it asks for, and a segment that no member can map is
@@ -491,21 +560,34 @@ impl<M: Mem> Core<M> {
     ///
     /// `moving`: the page is on a retired segment's frame, and moving it onto a new
     /// frame costs no VMA (see `merge_with_frame_from`): announced whatever the budget.
-    pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32, moving: bool) {
-        let Some(d) = &self.domain else { return };
+    pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32, moving: bool) -> bool {
+        let Some(d) = &self.domain else { return false };
         let wanted = d.wanted.contains_key(&checksum);
         let fresh = !wanted && d.announce.len() < ANNOUNCE_MAX && !d.announced.contains(&checksum);
         // (The budget is looked at only for something new to say: a settled scan
         // passes its candidates without counting VMAs.)
         if fresh && !moving && !self.vma_room(1) {
-            return;
+            return false;
         }
-        let Some(d) = &mut self.domain else { return };
+        let Some(d) = &mut self.domain else {
+            return false;
+        };
         if wanted {
-            d.queue(t, checksum);
+            d.queue(t, checksum) || d.publishing.contains(&checksum)
         } else if fresh {
             d.announced.insert(checksum);
             d.announce.push(checksum);
+            true
+        } else {
+            d.announced.contains(&checksum)
+        }
+    }
+
+    /// A page on frame `f` of our own pool could not be said to the domain for want
+    /// of room in a queue: the next full scan looks at such pages again.
+    pub(super) fn private_again(&mut self) {
+        if let Some(d) = &mut self.domain {
+            d.private_due = true;
         }
     }
 

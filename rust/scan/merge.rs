@@ -27,11 +27,11 @@ impl<M: Mem> Core<M> {
     }
 
     /// `merge_with_frame` for a page that maps frame `was` now (a frame of a retired
-    /// segment: see `move_off_retired`), or none. A run of pages moving from one run
-    /// of frames to another replaces their mapping with one mapping and adds at most
-    /// 2 VMAs (where it ends inside a mapping): charged 2 per run, past the budget if
-    /// need be (`charge_move`), so that pages leave a retired segment even when the
-    /// budget is spent.
+    /// segment, or of our own pool in a domain: see `move_off`), or none. A run of
+    /// pages moving from one run of frames to another replaces their mapping with one
+    /// mapping and adds at most 2 VMAs (where it ends inside a mapping): charged 2 per
+    /// run, off a retired segment past the budget if need be (`charge_move`), so that
+    /// pages leave a retired segment even when the budget is spent.
     pub(super) fn merge_with_frame_from(
         &mut self,
         t: Target,
@@ -41,8 +41,8 @@ impl<M: Mem> Core<M> {
     ) -> bool {
         let page = self.page;
         let charged = match was {
-            None => self.charge_vmas(t.addr, 1),
-            Some(_) => self.charge_move(t.addr),
+            Some(w) if self.frames.on_retired(w) => self.charge_move(t.addr),
+            _ => self.charge_vmas(t.addr, 1),
         };
         if !charged {
             return false;

@@ -2050,6 +2050,112 @@ fn covered_pages_on_several_unmapped_segments_get_their_own_mappings_together() 
     c.check_invariants();
 }
 
+/// Two copies of 8 pages (page `i` and `8 + i` hold `page_of(i)`) merged onto frames
+/// of the process's own pool, then the domain joined: the core and the 8 checksums.
+fn merged_before_joining() -> (Core<FakeMem>, Vec<u32>) {
+    let mut c = core_with(16);
+    for i in 0..16 {
+        c.mem.write(BASE + i * PG, &page_of(i % 8));
+    }
+    c.advise(BASE, BASE + 16 * PG);
+    c.scan_full(2);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (8, 8));
+    assert!(frames_of(&c, 0, 16)
+        .iter()
+        .all(|&f| !crate::pool::is_domain(f)));
+    c.join_domain();
+    let sums = (0..8).map(|i| page_checksum(&page_of(i))).collect();
+    (c, sums)
+}
+
+#[test]
+fn pages_merged_before_joining_move_onto_a_segment_of_their_bytes() {
+    let (mut c, sums) = merged_before_joining();
+    // The first full scan in the domain announces their contents.
+    c.scan_full(1);
+    let mut announced = c.take_domain_out().announce;
+    announced.sort_unstable();
+    let mut want = sums.clone();
+    want.sort_unstable();
+    assert_eq!(announced, want);
+    // Another member publishes them: both copies move onto its frames, a run each,
+    // and our pool's frames are freed.
+    let own = frames_of(&c, 0, 8);
+    let punched = c.mem.punched;
+    let frames: Vec<Vec<u8>> = (0..8).map(page_of).collect();
+    let f0 = c.add_segment(5, &sums).unwrap();
+    c.mem.add_segment(f0, &frames);
+    c.scan_full(1);
+    let on: Vec<FrameId> = (0..8).map(|i| f0 + i).collect();
+    assert_eq!(frames_of(&c, 0, 8), on);
+    assert_eq!(frames_of(&c, 8, 8), on);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (0, 16));
+    assert!(own.iter().all(|&f| !c.frames().is_live(f)));
+    assert_eq!(c.mem.punched - punched, 8, "our pool's frames given back");
+    assert_eq!(c.mem.frames_held(), 8, "the segment's alone");
+    for i in 0..16 {
+        assert!(c.mem.maps_frame(BASE + i * PG), "page {i}");
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i % 8), "page {i}");
+    }
+    c.scan_full(2);
+    assert!(c.settled());
+    c.check_invariants();
+}
+
+#[test]
+fn a_content_merged_before_joining_is_published_when_the_domain_asks_for_it() {
+    let (mut c, sums) = merged_before_joining();
+    c.scan_full(1);
+    c.take_domain_out();
+    // Settled, nothing new: the pages on our own frames are not visited.
+    c.scan_full(1);
+    assert!(!c.domain.as_ref().unwrap().private_now);
+    // Asked for the first four: the next full scan visits them and queues pages of
+    // the first copy to be copied into a segment.
+    c.domain_wants(&sums[..4]);
+    c.scan_full(1);
+    let mut published: Vec<(usize, u32)> = c
+        .take_domain_out()
+        .publish
+        .into_iter()
+        .map(|(a, _, sum)| (a, sum))
+        .collect();
+    published.sort_unstable();
+    let want: Vec<(usize, u32)> = (0..4).map(|i| (BASE + i * PG, sums[i])).collect();
+    assert_eq!(published, want);
+    // The segment made of them comes back: both copies' first four pages move onto
+    // it, the other four stay on our own frames.
+    let frames: Vec<Vec<u8>> = (0..4).map(page_of).collect();
+    let f0 = c.add_segment(9, &sums[..4]).unwrap();
+    c.mem.add_segment(f0, &frames);
+    c.scan_full(1);
+    let on: Vec<FrameId> = (0..4).map(|i| f0 + i).collect();
+    assert_eq!(frames_of(&c, 0, 4), on);
+    assert_eq!(frames_of(&c, 8, 4), on);
+    assert!(frames_of(&c, 4, 4)
+        .iter()
+        .all(|&f| !crate::pool::is_domain(f)));
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (4, 12));
+    for i in 0..16 {
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i % 8), "page {i}");
+    }
+    c.check_invariants();
+}
+
+#[test]
+fn a_tile_of_our_own_pool_stays_in_a_domain() {
+    let mut t = crate::pool::FrameTable::new(16);
+    let lone = t.alloc(7).unwrap();
+    let tile = t.alloc_run(&[9, 9, 9]).unwrap();
+    let run = t.alloc_run(&[10, 11]).unwrap();
+    assert!(super::domain::private_movable(&t, lone));
+    assert!((tile..tile + 3).all(|f| !super::domain::private_movable(&t, f)));
+    assert!((run..run + 2).all(|f| super::domain::private_movable(&t, f)));
+}
+
 #[test]
 fn a_segment_held_since_leaving_is_used_again_when_offered_on_joining_again() {
     let n = 4;

@@ -12,7 +12,7 @@
 #![forbid(unsafe_code)]
 
 use super::{checksum_of, key_of, Core, Mem, Presence, Target};
-use crate::pool::FrameId;
+use crate::pool::{self, FrameId};
 use crate::region::{PageRec, State, SUM_TRACKED};
 
 /// Result of looking a content up in the stable index.
@@ -75,8 +75,8 @@ impl<M: Mem> Core<M> {
             // already a KSM page hung on its node, nothing to do.
             Presence::Absent | Presence::File if rec.state() == State::Stable => {
                 self.counters.pages_scanned += 1;
-                if self.domain.is_some() && self.frames.on_retired(rec.frame()) {
-                    self.move_off_retired(t, rec.frame());
+                if self.domain.is_some() && self.moves_off(rec.frame()) {
+                    self.move_off(t, rec.frame());
                 }
                 return true;
             }
@@ -331,24 +331,32 @@ impl<M: Mem> Core<M> {
         false
     }
 
-    /// A page of ours on a frame `f` of a retired segment, not written since: onto a
-    /// frame with the same bytes in the index (a segment published since), with the
-    /// pages after it that are on retired frames too, mapping for mapping (see
-    /// `merge_with_frame_from`); else its content is told to the domain as a
-    /// candidate's is (or queued, if asked for), so that a member publishes it in a
-    /// new segment. This is how a domain compacts where no VMA is left to give the
-    /// pages private copies first.
-    fn move_off_retired(&mut self, t: Target, f: FrameId) {
+    /// A page of ours on a frame `f` of a retired segment, or of our own pool while in
+    /// a domain (see `moves_off`), not written since: onto a frame with the same bytes
+    /// in the index (a segment published since; for a page on our own pool, a domain
+    /// frame, within the VMA budget), with the pages after it that are to move too,
+    /// mapping for mapping (see `merge_with_frame_from`); else its content is told to
+    /// the domain as a candidate's is (or queued, if asked for), so that a member
+    /// publishes it in a new segment. This is how a domain compacts where no VMA is
+    /// left to give the pages private copies first, and how pages merged before
+    /// joining come to be shared with the other members.
+    fn move_off(&mut self, t: Target, f: FrameId) {
+        let retired = self.frames.on_retired(f);
         let hash = self.frames.hash(f);
         if self.stable.contains(hash, |g| self.frames.hash(g)) {
-            // (The retired frame's bytes are the page's: it maps them, unwritten.)
+            // (The frame's bytes are the page's: it maps them, unwritten.)
             if let StableHit::Room(g) = self.stable_search(hash, self.mem.frame(f)) {
-                if self.merge_with_frame_from(t, g, hash, Some(f)) {
+                // Domain frames are found first: a private one means none has room.
+                let onto = retired || (pool::is_domain(g) && self.vma_room(1));
+                if onto && self.merge_with_frame_from(t, g, hash, Some(f)) {
                     return;
                 }
             }
         }
-        self.domain_candidate(t, hash as u32, true);
+        let said = self.domain_candidate(t, hash as u32, retired);
+        if !retired && !said && self.vma_room_known() {
+            self.private_again();
+        }
     }
 
     /// Frames holding exactly `buf`: one with room (the fullest), or whether all are full.
