@@ -243,13 +243,18 @@ impl<M: Mem> Core<M> {
                     // A merge remaps pages, often the run of pages after this one (a run
                     // only ever extends forward from the page visited): what the batch's
                     // probe said of them is stale. Probe them again at once (else `visit`
-                    // would probe each on its own). Should that fail, the stale answers
-                    // stay: `visit` looks again at a merged page.
+                    // would probe each on its own): the pages after this one on the
+                    // frames after its, the run just mapped. (Not every page in a pool
+                    // mapping after it: where pages move from one run of frames to
+                    // another, that was the rest of the batch at every move.) Should
+                    // that fail, the stale answers stay: `visit` looks again at a merged
+                    // page.
                     if self.counters.merges != merges && i < n {
+                        let run = self.pool_offset(addr);
                         let j = (i..n)
                             .find(|&j| {
-                                self.rec(from + j * page)
-                                    .is_none_or(|r| !r.in_pool_mapping())
+                                let want = run.and_then(|g| g.checked_add((j + 1 - i) as u32));
+                                want.is_none() || self.pool_offset(from + j * page) != want
                             })
                             .unwrap_or(n);
                         let mut fresh = [Presence::Absent; PROBE_BATCH_MAX];

@@ -37,6 +37,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::runs::MIN_TILE;
 use super::{key_of, Core, Mem, Target};
 use crate::pool::{self, FrameId, FrameTable};
 use crate::region::State;
@@ -188,18 +189,23 @@ impl DomainState {
 }
 
 /// Whether a page merged onto frame `f` of our own pool may move onto a domain
-/// frame: not a domain frame, nor one of a tile (consecutive frames of one content,
-/// which map a repeated content with one mapping per run; one domain frame per
-/// content would take a mapping per page).
+/// frame: not a domain frame, nor one of a tile (at least `MIN_TILE` consecutive
+/// frames of one content, which map a repeated content with one mapping per run;
+/// one domain frame per content would take a mapping per page).
 pub(super) fn private_movable(frames: &FrameTable, f: FrameId) -> bool {
     if pool::is_domain(f) {
         return false;
     }
     let h = frames.hash(f);
-    let same = |g: Option<FrameId>| {
-        g.is_some_and(|g| !pool::is_domain(g) && frames.is_live(g) && frames.hash(g) == h)
-    };
-    !same(f.checked_sub(1)) && !same(f.checked_add(1))
+    let same = |g: FrameId| !pool::is_domain(g) && frames.is_live(g) && frames.hash(g) == h;
+    let reach = MIN_TILE as FrameId - 1;
+    let below = (1..=reach)
+        .take_while(|&k| f.checked_sub(k).is_some_and(same))
+        .count();
+    let above = (1..=reach)
+        .take_while(|&k| f.checked_add(k).is_some_and(same))
+        .count();
+    below + 1 + above < MIN_TILE
 }
 
 impl<M: Mem> Core<M> {

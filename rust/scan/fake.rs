@@ -70,6 +70,8 @@ pub struct FakeMem {
     /// Pages `unmerge_run` gave an anonymous mapping of their own.
     pub unmerged: u64,
     pub punched: u64,
+    /// Pages whose presence `probe` (or `probe_tracked`) was asked for.
+    pub probed: u64,
     /// Every `punch_run` call: (first frame, frames).
     pub punch_runs: Vec<(FrameId, u32)>,
     /// Merge windows shrunk (`release_tail`): runs ended under protection.
@@ -112,6 +114,7 @@ impl FakeMem {
             fail_unmerge: false,
             unmerged: 0,
             punched: 0,
+            probed: 0,
             punch_runs: Vec::new(),
             tails_released: 0,
             vma_allowance: u64::MAX,
@@ -270,6 +273,7 @@ impl Mem for FakeMem {
     }
 
     fn probe(&mut self, addr: usize, out: &mut [Presence]) -> io::Result<()> {
+        self.probed += out.len() as u64;
         for (i, o) in out.iter_mut().enumerate() {
             *o = match self.pages.get(&(addr + i * self.page)) {
                 None => Presence::Absent,

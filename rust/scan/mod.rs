@@ -309,6 +309,17 @@ impl<M: Mem> Core<M> {
         &mut r.pages[(addr - r.start) / page]
     }
 
+    /// The frame offset under the page at `addr` if it is in a pool mapping of ours:
+    /// its frame if merged, the offset it covers if covered.
+    fn pool_offset(&self, addr: usize) -> Option<FrameId> {
+        let r = self.region_at(addr)?;
+        let i = (addr - r.start) / self.page;
+        match r.pages[i].state() {
+            State::Stable => Some(r.pages[i].frame()),
+            _ => r.covered_frame(i),
+        }
+    }
+
     /// The frame offset the mapping of a covered page covers (see `IN_POOL`).
     fn in_pool(&self, addr: usize) -> Option<FrameId> {
         let r = self.region_at(addr)?;

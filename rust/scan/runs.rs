@@ -155,7 +155,7 @@ impl<M: Mem> Core<M> {
         match rec.state() {
             State::Volatile | State::Unstable => Some((key_of(rec.checksum()), None)),
             State::Stable
-                if merged && (self.in_short_run(x, rec.frame()) || self.moves_off(rec.frame())) =>
+                if merged && (self.moves_off(rec.frame()) || self.in_short_run(x, rec.frame())) =>
             {
                 Some((self.frames.hash(rec.frame()), Some(rec.frame())))
             }

@@ -2146,14 +2146,56 @@ fn a_content_merged_before_joining_is_published_when_the_domain_asks_for_it() {
 }
 
 #[test]
+fn pages_moving_run_by_run_are_probed_again_only_where_a_run_moved() {
+    // 2 copies of 1,024 pages merged before joining (one batch), then the domain
+    // offers their contents in segments of 4 frames: the pages move 4 at a time
+    // (a run never crosses segments), 512 moves in the batch. After each, the pages
+    // it remapped are probed again, not the rest of the batch: 36,352 pages probed
+    // in the moving scan (most of them the block of 64 that planning each run
+    // probes), where probing the rest of the batch after each move made 559,616.
+    let n = 1024;
+    let mut c = core_with(2 * n);
+    for i in 0..2 * n {
+        c.mem.write(BASE + i * PG, &page_of(i % n));
+    }
+    c.advise(BASE, BASE + 2 * n * PG);
+    c.scan_full(2);
+    assert_eq!(c.counters().pages_shared, n as u64);
+    c.join_domain();
+    c.scan_full(1);
+    for s in 0..n / 4 {
+        let frames: Vec<Vec<u8>> = (4 * s..4 * s + 4).map(page_of).collect();
+        let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+        let f0 = c.add_segment(100 + s as u64, &sums).unwrap();
+        c.mem.add_segment(f0, &frames);
+    }
+    let probed = c.mem.probed;
+    c.scan_full(1);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (0, 2 * n as u64));
+    assert!(
+        c.mem.probed - probed < 64 * n as u64,
+        "{} pages probed",
+        c.mem.probed - probed
+    );
+    for i in 0..2 * n {
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i % n), "page {i}");
+    }
+    c.check_invariants();
+}
+
+#[test]
 fn a_tile_of_our_own_pool_stays_in_a_domain() {
-    let mut t = crate::pool::FrameTable::new(16);
+    use super::domain::private_movable;
+    use super::runs::MIN_TILE;
+    let mut t = crate::pool::FrameTable::new(64);
     let lone = t.alloc(7).unwrap();
-    let tile = t.alloc_run(&[9, 9, 9]).unwrap();
-    let run = t.alloc_run(&[10, 11]).unwrap();
-    assert!(super::domain::private_movable(&t, lone));
-    assert!((tile..tile + 3).all(|f| !super::domain::private_movable(&t, f)));
-    assert!((run..run + 2).all(|f| super::domain::private_movable(&t, f)));
+    let tile = t.alloc_run(&[9; MIN_TILE]).unwrap();
+    // One content on a few consecutive frames (a run over repeated pages) is no tile.
+    let run = t.alloc_run(&[10, 11, 11, 12]).unwrap();
+    assert!(private_movable(&t, lone));
+    assert!((tile..tile + MIN_TILE as FrameId).all(|f| !private_movable(&t, f)));
+    assert!((run..run + 4).all(|f| private_movable(&t, f)));
 }
 
 #[test]

@@ -343,7 +343,15 @@ impl<M: Mem> Core<M> {
     fn move_off(&mut self, t: Target, f: FrameId) {
         let retired = self.frames.on_retired(f);
         let hash = self.frames.hash(f);
-        if self.stable.contains(hash, |g| self.frames.hash(g)) {
+        // A page of our own pool can only move onto a domain frame: with none of its
+        // key in the index, no byte is compared (its own frame is there).
+        let key_of = |g| self.frames.hash(g);
+        let found = if retired {
+            self.stable.contains(hash, key_of)
+        } else {
+            self.stable.get(hash, &key_of).any(pool::is_domain)
+        };
+        if found {
             // (The frame's bytes are the page's: it maps them, unwritten.)
             if let StableHit::Room(g) = self.stable_search(hash, self.mem.frame(f)) {
                 // Domain frames are found first: a private one means none has room.
