@@ -25,8 +25,8 @@
 //!   retired segment do: their contents are announced, and once a segment with the
 //!   same bytes is in the index, runs of them move onto it (see `moves_off`). They
 //!   are looked at only in full scans after something that may let them move (the
-//!   join, a segment taken in, the domain asking for a content, a new broker), so a
-//!   settled member does not visit them.
+//!   join, a segment taken in that holds one of their contents, the domain asking
+//!   for one, a new broker), so a settled member does not visit them.
 //!
 //! Counting: a page on a domain frame counts in `pages_sharing` (a page saved);
 //! the frame's one copy is the domain's, counted once by the domain's statistics
@@ -266,11 +266,17 @@ impl<M: Mem> Core<M> {
 
     /// The domain asks us to publish frames of these checksums.
     pub fn domain_wants(&mut self, sums: &[u32]) {
-        if let Some(d) = &mut self.domain {
-            let now = d.scans;
-            d.wanted.extend(sums.iter().map(|&c| (c, now)));
-            // A page on a frame of our own pool may hold it.
-            d.private_due = true;
+        let Some(d) = &mut self.domain else { return };
+        let now = d.scans;
+        d.wanted.extend(sums.iter().map(|&c| (c, now)));
+        // A page on a frame of our own pool may hold one of them.
+        if self.counters.pages_shared > 0 && !d.private_due {
+            let hash_of = |f| self.frames.hash(f);
+            d.private_due = sums.iter().any(|&c| {
+                self.stable
+                    .get(key_of(c), &hash_of)
+                    .any(|f| !pool::is_domain(f))
+            });
         }
     }
 
@@ -356,15 +362,19 @@ impl<M: Mem> Core<M> {
             }
             return None;
         };
+        // Pages on frames of our own pool may move onto it if it holds their content.
+        let private = self.counters.pages_shared > 0;
         for (i, &k) in keys.iter().enumerate() {
             let frames = &self.frames;
-            self.stable.push(k, f0 + i as FrameId, |f| frames.hash(f));
+            let hash_of = |f| frames.hash(f);
+            if private && !d.private_due {
+                d.private_due = self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f));
+            }
+            self.stable.push(k, f0 + i as FrameId, hash_of);
             d.wanted.remove(&(k as u32));
             d.publishing.remove(&(k as u32));
         }
         d.counters.segments += 1;
-        // Pages on frames of our own pool may move onto it.
-        d.private_due = true;
         // New frames to merge onto: the next full scan is not a settled one.
         self.changes += 1;
         Some(f0)

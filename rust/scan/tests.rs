@@ -2109,9 +2109,18 @@ fn a_content_merged_before_joining_is_published_when_the_domain_asks_for_it() {
     let (mut c, sums) = merged_before_joining();
     c.scan_full(1);
     c.take_domain_out();
-    // Settled, nothing new: the pages on our own frames are not visited.
+    // Settled, nothing new: the pages on our own frames are not visited; nor after a
+    // segment of other contents, or a request for them.
     c.scan_full(1);
     assert!(!c.domain.as_ref().unwrap().private_now);
+    let other: Vec<Vec<u8>> = (50..54).map(page_of).collect();
+    let other_sums: Vec<u32> = other.iter().map(|f| page_checksum(f)).collect();
+    let g0 = c.add_segment(8, &other_sums).unwrap();
+    c.mem.add_segment(g0, &other);
+    c.domain_wants(&other_sums);
+    c.scan_full(1);
+    assert!(!c.domain.as_ref().unwrap().private_now);
+    c.take_domain_out();
     // Asked for the first four: the next full scan visits them and queues pages of
     // the first copy to be copied into a segment.
     c.domain_wants(&sums[..4]);
