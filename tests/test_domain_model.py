@@ -52,8 +52,8 @@ class DomainMachine(RuleBasedStateMachine):
     @rule()
     def step_all(self) -> None:
         # A domain-wide step over the members in the domain; one that left scans alone.
-        step([m for m, joined in zip(self.members, self.joined) if joined])
-        for m, joined in zip(self.members, self.joined):
+        step([m for m, joined in zip(self.members, self.joined, strict=True) if joined])
+        for m, joined in zip(self.members, self.joined, strict=True):
             if not joined:
                 m("scan 1")
 
