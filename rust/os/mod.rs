@@ -971,8 +971,10 @@ impl Mem for Os {
             let placed = self.place_covered(&s, covered)?;
             filled = !placed;
             scratch_populated = mman::populate_read(s.addr(), s.len()).is_ok();
-            for (i, bytes) in covered.iter().filter(|_| !placed) {
-                s.copy_in(i * page, bytes);
+            if !placed {
+                for (i, bytes) in covered {
+                    s.copy_in(i * page, bytes);
+                }
             }
             if prot != libc::PROT_READ | libc::PROT_WRITE {
                 mman::protect_owned(&s, prot)?;

@@ -126,7 +126,15 @@ impl Covered {
                 frame: g,
             },
         );
-        if self.recent.len() > RECENT_MIN.max(self.runs.len().isqrt()) {
+        self.compact_if_due();
+    }
+
+    /// Rebuild `runs` once `recent` outgrew the square root of its length, or a
+    /// quarter of it is empty runs.
+    fn compact_if_due(&mut self) {
+        if self.empty > RECENT_MIN.max(self.runs.len() / 4)
+            || self.recent.len() > RECENT_MIN.max(self.runs.len().isqrt())
+        {
             self.compact();
         }
     }
@@ -164,11 +172,7 @@ impl Covered {
                     self.recent.insert(at, tail);
                 }
             }
-            if self.empty > RECENT_MIN.max(self.runs.len() / 4)
-                || self.recent.len() > RECENT_MIN.max(self.runs.len().isqrt())
-            {
-                self.compact();
-            }
+            self.compact_if_due();
             return Some(g);
         }
         let (k, g) = find(&self.recent, i)?;
@@ -227,10 +231,7 @@ impl Covered {
 
     /// Every frame offset under a covered page.
     pub fn frames(&self) -> impl Iterator<Item = FrameId> + '_ {
-        self.runs
-            .iter()
-            .chain(&self.recent)
-            .flat_map(|r| (0..r.len).map(move |k| r.frame + k))
+        self.runs().flat_map(|(_, n, g)| (0..n).map(move |k| g + k))
     }
 
     /// The runs of covered pages, `(first page, pages, offset under the first)`, in

@@ -12,7 +12,6 @@
 
 #![forbid(unsafe_code)]
 
-use super::domain::private_movable;
 use super::visit::{skip_age, Seen};
 use super::{checksum, key_of, Core, Mem, Presence};
 use crate::region::{PageRec, State, SUM_TRACKED};
@@ -388,7 +387,7 @@ impl<M: Mem> Core<M> {
         let base = (from - r.start) / page;
         // Asked once per call, not per merged page: most scans hold no retired segment.
         let retired_held = domain.is_some() && frames.any_retired();
-        let private_now = domain.as_ref().is_some_and(|d| d.private_now);
+        let private = domain.as_ref().filter(|d| d.private_now);
         let (mut k, mut scanned) = (i, 0);
         while k < pres.len() {
             let idx = base + k;
@@ -403,7 +402,7 @@ impl<M: Mem> Core<M> {
                 && pres[k] != Presence::Anon
                 && scanned < budget
                 && !(retired_held && frames.on_retired(p.frame()))
-                && !(private_now && private_movable(frames, p.frame()))
+                && !private.is_some_and(|d| d.moves_private(frames, p.frame()))
             {
                 // `visit`: still maps its frame, a KSM page on its node; scanned.
                 counters.pages_scanned += 1;

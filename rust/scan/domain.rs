@@ -232,6 +232,14 @@ impl<M: Mem> Core<M> {
                 .is_some_and(|d| d.moves_private(&self.frames, f))
     }
 
+    /// Whether a frame of our own pool holds index key `k` (pages on it may move onto
+    /// a domain frame of that content).
+    fn own_frame_under(&self, k: u64) -> bool {
+        let hash_of = |f| self.frames.hash(f);
+        let own = self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f));
+        own
+    }
+
     /// A full scan begins (see `DomainState::begin_scan`).
     pub(super) fn domain_begin_scan(&mut self) {
         let private_in_use = self.counters.pages_shared > 0;
@@ -266,18 +274,15 @@ impl<M: Mem> Core<M> {
 
     /// The domain asks us to publish frames of these checksums.
     pub fn domain_wants(&mut self, sums: &[u32]) {
+        let Some(d) = &self.domain else { return };
+        // A page on a frame of our own pool may hold one of them.
+        let private = !d.private_due
+            && self.counters.pages_shared > 0
+            && sums.iter().any(|&c| self.own_frame_under(key_of(c)));
         let Some(d) = &mut self.domain else { return };
         let now = d.scans;
         d.wanted.extend(sums.iter().map(|&c| (c, now)));
-        // A page on a frame of our own pool may hold one of them.
-        if self.counters.pages_shared > 0 && !d.private_due {
-            let hash_of = |f| self.frames.hash(f);
-            d.private_due = sums.iter().any(|&c| {
-                self.stable
-                    .get(key_of(c), &hash_of)
-                    .any(|f| !pool::is_domain(f))
-            });
-        }
+        d.private_due |= private;
     }
 
     /// Checksums to announce, to claim, and pages to copy into a new segment
@@ -362,15 +367,18 @@ impl<M: Mem> Core<M> {
             }
             return None;
         };
-        // Pages on frames of our own pool may move onto it if it holds their content.
-        let private = self.counters.pages_shared > 0;
+        // Pages on frames of our own pool may move onto it if it holds their content
+        // (asked before its frames enter the index).
+        let private = !d.private_due
+            && self.counters.pages_shared > 0
+            && keys.iter().any(|&k| self.own_frame_under(k));
+        let Some(d) = &mut self.domain else {
+            return None;
+        };
+        d.private_due |= private;
         for (i, &k) in keys.iter().enumerate() {
             let frames = &self.frames;
-            let hash_of = |f| frames.hash(f);
-            if private && !d.private_due {
-                d.private_due = self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f));
-            }
-            self.stable.push(k, f0 + i as FrameId, hash_of);
+            self.stable.push(k, f0 + i as FrameId, |f| frames.hash(f));
             d.wanted.remove(&(k as u32));
             d.publishing.remove(&(k as u32));
         }
