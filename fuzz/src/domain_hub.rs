@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::{Arbitrary, Unstructured};
-use ksm::domain::broker::{Hub, MemberId, Out, ANNOUNCERS, COMPACT_DEAD, RETIRE_AGE};
+use ksm::domain::broker::{Hub, MemberId, Out, ANNOUNCERS, COMPACT_DEAD, RETIRE_AGE, TWIN_RUN_MAX};
 use ksm::domain::proto::{decode, DomainStats, Msg, SegUsage, BITMAP_WORDS, VERSION};
 use ksm::scan::fake::IntMap;
 
@@ -190,7 +190,9 @@ impl Model {
     /// The segments a scan-done retires, in id order: those every member reported at
     /// age ≥ `RETIRE_AGE` of which no frame is in use (mapped by some member, and not
     /// a twin: its checksum held by a segment of lower id that stays and that every
-    /// member reported at that age too), or more than a fifth and at least
+    /// member reported at that age too, unless held in place: one of at most
+    /// `TWIN_RUN_MAX` twins in a row between frames that are none), or more than a
+    /// fifth and at least
     /// `COMPACT_DEAD` frames are not.
     fn to_retire(&self) -> Vec<u64> {
         if !self.members.iter().any(|m| self.active.contains(m)) {
@@ -215,11 +217,20 @@ impl Model {
                     .range(..id)
                     .any(|(&k, h)| !out.contains(&k) && aged(k) && h.sums.contains(&c))
             };
+            let is_twin = |i: usize| g.sums.get(i).is_some_and(|&c| twin(c));
+            // A twin held in place: in a run of at most `TWIN_RUN_MAX` twins with a
+            // frame that is none on either side.
+            let in_place = |i: usize| {
+                let n = g.frames as usize;
+                let lo = (0..=i).rev().find(|&j| !is_twin(j));
+                let hi = (i..n).find(|&j| !is_twin(j));
+                matches!((lo, hi), (Some(lo), Some(hi)) if hi - lo - 1 <= TWIN_RUN_MAX)
+            };
             let in_use = (0..g.frames)
                 .filter(|&i| {
                     let i = i as usize;
                     let mapped = i < 64 * BITMAP_WORDS && bits[i / 64] & (1 << (i % 64)) != 0;
-                    mapped && !g.sums.get(i).is_some_and(|&c| twin(c))
+                    mapped && (!is_twin(i) || in_place(i))
                 })
                 .count() as u32;
             let dead = g.frames - in_use;
@@ -312,7 +323,7 @@ impl Model {
             .iter()
             .flat_map(|o| -> Vec<(MemberId, u32)> {
                 match &o.msg {
-                    Msg::PleasePublish { sums } => sums.iter().map(|&s| (o.to, s)).collect(),
+                    Msg::PleasePublish { sums, .. } => sums.iter().map(|&s| (o.to, s)).collect(),
                     other => panic!("expected only requests to publish, got {other:?}"),
                 }
             })
@@ -517,7 +528,7 @@ impl Harness {
                 self.check_outs(&outs);
                 let mut got = Vec::new();
                 for o in &outs {
-                    let Msg::PleasePublish { sums } = &o.msg else {
+                    let Msg::PleasePublish { sums, .. } = &o.msg else {
                         panic!("an announce answered with {o:?}");
                     };
                     assert_eq!(o.to, m, "asked someone else than the announcer");
@@ -756,6 +767,7 @@ impl Harness {
                     ),
                     3 => (
                         Msg::PleasePublish {
+                            members: 1,
                             sums: vec![sum(*k)],
                         },
                         None,

@@ -110,7 +110,10 @@ pub enum Built {
         frames: u16,
         publisher: u32,
     },
-    PleasePublish(Sums),
+    PleasePublish {
+        members: u32,
+        sums: Sums,
+    },
     Retire {
         id: u64,
     },
@@ -184,8 +187,9 @@ impl Built {
                 frames: 1 + u32::from(*frames) % SEGMENT_FRAMES,
                 publisher: *publisher,
             },
-            Built::PleasePublish(s) => Msg::PleasePublish {
-                sums: s.list(MAX_SUMS),
+            Built::PleasePublish { members, sums } => Msg::PleasePublish {
+                members: *members,
+                sums: sums.list(MAX_SUMS),
             },
             Built::Retire { id } => Msg::Retire { id: *id },
             Built::Stats {
@@ -270,7 +274,7 @@ fn decode_checked(packet: &[u8], fds: usize) -> Option<Msg> {
     assert_eq!(m.encode(), packet, "encode(decode(p)) != p for {m:?}");
     match &m {
         Msg::Hello { name, .. } => assert!(name.len() <= 255),
-        Msg::Announce { sums } | Msg::Decline { sums } | Msg::PleasePublish { sums } => {
+        Msg::Announce { sums } | Msg::Decline { sums } | Msg::PleasePublish { sums, .. } => {
             assert!(sums.len() <= MAX_SUMS)
         }
         Msg::Publish { frames, sums } => {

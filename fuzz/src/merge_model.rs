@@ -169,8 +169,13 @@ pub enum Op {
     },
     /// The domain retires segment `1 + id % 6`, or the `id`-th held (modulo) if `held`.
     RetireSegment { id: u8, held: bool },
-    /// `domain_wants` the checksums of the pages picked (and `any`).
-    DomainWants { pages: Vec<u8>, any: Option<u32> },
+    /// `domain_wants` the checksums of the pages picked (and `any`), in a domain of
+    /// `members` (with 4 or more, repeats between pages published are published too).
+    DomainWants {
+        pages: Vec<u8>,
+        any: Option<u32>,
+        members: u8,
+    },
     /// `take_domain_out()`: every checksum is announced once (until a new broker or a
     /// new join); if `echo`, the pages to publish are read now and come back as a
     /// segment of ours (as the broker hands every member the segment, publisher
@@ -982,19 +987,22 @@ impl Harness {
                     self.core.mem.segments.get_mut(&f0).expect("served").1 = true;
                 }
             }
-            Op::DomainWants { ref pages, any } => {
+            Op::DomainWants {
+                ref pages,
+                any,
+                members,
+            } => {
                 let mut sums: Vec<u32> = self
                     .picked(pages)
                     .iter()
                     .map(|a| page_checksum(&self.pages[a].data))
                     .collect();
                 sums.extend(any);
-                self.core.domain_wants(&sums);
+                self.core.domain_wants(u32::from(members), &sums);
             }
             Op::TakeDomainOut { echo } => {
                 let out = self.core.take_domain_out();
-                let (announce, publish) = (out.announce, out.publish);
-                let asked: Vec<u32> = publish.iter().map(|p| p.2).collect();
+                let (announce, publish, asked) = (out.announce, out.publish, out.asked);
                 for s in announce {
                     // Announcing a checksum again costs a message, never a byte: the
                     // model counts it (an efficiency property, not one of correctness).
@@ -1350,6 +1358,7 @@ pub fn weighted_input(rng: &mut crate::XorShift, nops: usize) -> Input {
                 10..=11 => Op::DomainWants {
                     pages: picks[..n].to_vec(),
                     any: None,
+                    members: y % 40,
                 },
                 12..=14 => Op::TakeDomainOut { echo: flag },
                 _ => Op::DropUnmapped,

@@ -155,7 +155,7 @@ impl Engine {
                         st.core.mem.add_segment(f0, view);
                     }
                 }
-                Inbound::PleasePublish(sums) => st.core.domain_wants(&sums),
+                Inbound::PleasePublish(members, sums) => st.core.domain_wants(members, &sums),
                 Inbound::Retire(id) => st.core.retire_segment(id, true),
             }
         }
@@ -186,7 +186,7 @@ impl Engine {
             )
             .collect();
         if !found.publish.is_empty() {
-            let asked: Vec<u32> = found.publish.iter().map(|p| p.2).collect();
+            let asked = found.asked;
             match Self::build_segment(st, &found.publish) {
                 Ok(Some((memfd, sums))) => {
                     let decline = st.core.domain_published(&asked, Some(&sums));

@@ -72,7 +72,8 @@ pub enum Inbound {
         first: bool,
     },
     Segment(SegmentView),
-    PleasePublish(Vec<u32>),
+    /// Publish frames of these checksums, in a domain of this many members.
+    PleasePublish(u32, Vec<u32>),
     Retire(u64),
 }
 
@@ -536,7 +537,10 @@ impl Worker {
                     }
                 }
             }
-            Msg::PleasePublish { sums } => self.push(Inbound::PleasePublish(sums)),
+            Msg::PleasePublish { members, sums } => {
+                self.shared.members.store(members, Ordering::Relaxed);
+                self.push(Inbound::PleasePublish(members, sums));
+            }
             Msg::Retire { id } => self.push(Inbound::Retire(id)),
             Msg::Stats(st) => {
                 let mut g = self.shared.synced.lock().unwrap_or_else(|e| e.into_inner());

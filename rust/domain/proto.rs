@@ -15,14 +15,14 @@
 #![forbid(unsafe_code)]
 
 /// The protocol's version: a broker and a member of different versions refuse each other.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Largest packet (seqpacket sockets refuse messages over the socket's send
 /// buffer, about 208 KiB by default; this stays well below).
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Most checksums in one message.
-pub const MAX_SUMS: usize = (MAX_MESSAGE - 8) / 4;
+/// Most checksums in one message (after its tag, a count and one more `u32`).
+pub const MAX_SUMS: usize = (MAX_MESSAGE - 12) / 4;
 
 /// Frames a segment holds at most (and the frame ids a member gives each segment).
 pub const SEGMENT_FRAMES: u32 = 4096;
@@ -104,7 +104,9 @@ pub enum Msg {
         publisher: u32,
     },
     /// Publish frames with these checksums (another member holds the same candidates).
-    PleasePublish { sums: Vec<u32> },
+    /// `members`: how many members the domain has (it sets how many repeated pages a
+    /// segment holds in place, see `broker::twin_run_max`).
+    PleasePublish { members: u32, sums: Vec<u32> },
     /// Nobody maps this segment any more: forget it (pages still on it keep it).
     Retire { id: u64 },
     /// Reply to `StatsQuery`.
@@ -184,10 +186,13 @@ impl Msg {
                 b.push(name.len() as u8);
                 b.extend_from_slice(name.as_bytes());
             }
-            Msg::Announce { sums: s }
-            | Msg::Decline { sums: s }
-            | Msg::Claim { sums: s }
-            | Msg::PleasePublish { sums: s } => sums(&mut b, s),
+            Msg::Announce { sums: s } | Msg::Decline { sums: s } | Msg::Claim { sums: s } => {
+                sums(&mut b, s)
+            }
+            Msg::PleasePublish { members, sums: s } => {
+                b.extend_from_slice(&members.to_le_bytes());
+                sums(&mut b, s);
+            }
             Msg::Publish { frames, sums: s } => {
                 b.extend_from_slice(&frames.to_le_bytes());
                 sums(&mut b, s);
@@ -352,7 +357,10 @@ pub fn decode(packet: &[u8], fds: usize) -> Result<Msg, DecodeError> {
                 publisher,
             }
         }
-        103 => Msg::PleasePublish { sums: r.sums()? },
+        103 => Msg::PleasePublish {
+            members: r.u32()?,
+            sums: r.sums()?,
+        },
         104 => Msg::Retire { id: r.u64()? },
         105 => {
             let members = r.u32()?;
@@ -445,6 +453,7 @@ mod tests {
                 publisher: 2,
             },
             Msg::PleasePublish {
+                members: 16,
                 sums: vec![u32::MAX],
             },
             Msg::Retire { id: u64::MAX },
@@ -467,6 +476,22 @@ mod tests {
             let b = m.encode();
             assert!(b.len() <= MAX_MESSAGE);
             assert_eq!(decode(&b, m.fds()), Ok(m.clone()));
+        }
+    }
+
+    #[test]
+    fn lists_of_the_most_checksums_fit_a_packet() {
+        let full = vec![7u32; MAX_SUMS];
+        for m in [
+            Msg::Announce { sums: full.clone() },
+            Msg::PleasePublish {
+                members: u32::MAX,
+                sums: full.clone(),
+            },
+        ] {
+            let b = m.encode();
+            assert!(b.len() <= MAX_MESSAGE, "{} bytes", b.len());
+            assert_eq!(decode(&b, 0), Ok(m));
         }
     }
 

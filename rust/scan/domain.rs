@@ -39,6 +39,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::runs::MIN_TILE;
 use super::{key_of, Core, Mem, Target};
+use crate::domain::broker::twin_run_max;
 use crate::pool::{self, FrameId, FrameTable};
 use crate::region::State;
 
@@ -79,6 +80,9 @@ pub struct DomainOut {
     pub decline: Vec<u32>,
     /// Pages to copy into a new segment: address, owned, checksum.
     pub publish: Vec<(usize, bool, u32)>,
+    /// The checksums of `publish` that were queued (not repeats held in place, see
+    /// `Core::with_twins`): what `domain_published` is told was asked.
+    pub asked: Vec<u32>,
 }
 
 /// What the core keeps of its domain.
@@ -109,6 +113,8 @@ pub struct DomainState {
     evict_due: Vec<(u64, u64)>,
     /// Whether a broker answers now (else contents held twice are published at once).
     connected: bool,
+    /// Members of the domain, as the broker last said.
+    members: u32,
     /// Something happened that may let pages on frames of our own pool move onto
     /// domain frames: the next full scan visits them (see `Core::moves_off`).
     private_due: bool,
@@ -272,8 +278,8 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// The domain asks us to publish frames of these checksums.
-    pub fn domain_wants(&mut self, sums: &[u32]) {
+    /// The domain, of `members` members, asks us to publish frames of these checksums.
+    pub fn domain_wants(&mut self, members: u32, sums: &[u32]) {
         let Some(d) = &self.domain else { return };
         // A page on a frame of our own pool may hold one of them.
         let private = !d.private_due
@@ -281,6 +287,7 @@ impl<M: Mem> Core<M> {
             && sums.iter().any(|&c| self.own_frame_under(key_of(c)));
         let Some(d) = &mut self.domain else { return };
         let now = d.scans;
+        d.members = members;
         d.wanted.extend(sums.iter().map(|&c| (c, now)));
         d.private_due |= private;
     }
@@ -328,6 +335,11 @@ impl<M: Mem> Core<M> {
             d.wanted.insert(*c, d.scans);
             false
         });
+        let asked = publish.iter().map(|p| p.2).collect();
+        let publish = self.with_twins(publish);
+        let Some(d) = &mut self.domain else {
+            return DomainOut::default();
+        };
         d.counters.announced += d.announce.len() as u64;
         d.counters.published += publish.len() as u64;
         DomainOut {
@@ -335,7 +347,82 @@ impl<M: Mem> Core<M> {
             claim: std::mem::take(&mut d.claim),
             decline: std::mem::take(&mut d.decline),
             publish,
+            asked,
         }
+    }
+
+    /// `publish` in address order, with the repeats between its pages held in place
+    /// (see `broker::twin_run_max`): where at most `twin_run_max` pages lie between
+    /// two pages of it in one region, and each of them holds a content published or
+    /// queued already (merged onto a domain frame, or unmerged with a checksum queued
+    /// here or with a domain frame in the index), they are copied into the segment
+    /// too, in place. Another member's run of the data then maps them with the pages
+    /// around them, one mapping, instead of breaking twice to map the frames made
+    /// where those contents first occurred.
+    fn with_twins(&self, mut publish: Vec<(usize, bool, u32)>) -> Vec<(usize, bool, u32)> {
+        publish.sort_unstable_by_key(|p| p.0);
+        let Some(d) = &self.domain else {
+            return publish;
+        };
+        let most = twin_run_max(d.members);
+        if most == 0 || publish.len() < 2 {
+            return publish;
+        }
+        let page = self.page;
+        let hash_of = |f| self.frames.hash(f);
+        let zero = self.use_zero_pages.then_some(self.zero_checksum);
+        // The checksum page `i` of `r` would be copied under, if it is such a repeat.
+        let repeat = |r: &crate::region::Region, i: usize| -> Option<u32> {
+            let p = r.pages[i];
+            if !p.advised() || p.covered() {
+                return None;
+            }
+            let c = match p.state() {
+                State::Stable => {
+                    let f = p.frame();
+                    (pool::is_domain(f) && !self.frames.retired(f))
+                        .then(|| self.frames.hash(f) as u32)?
+                }
+                State::Volatile | State::Unstable => {
+                    let c = p.checksum();
+                    let known = d.publishing.contains(&c)
+                        || self.stable.get(key_of(c), &hash_of).any(pool::is_domain);
+                    known.then_some(c)?
+                }
+                _ => return None,
+            };
+            (zero != Some(c)).then_some(c)
+        };
+        let mut out = Vec::with_capacity(publish.len());
+        for (k, &here) in publish.iter().enumerate() {
+            out.push(here);
+            let Some(&(next, _, _)) = publish.get(k + 1) else {
+                break;
+            };
+            // (Sorted; a page queued twice, under two checksums, repeats its address.)
+            let gap = ((next - here.0) / page).saturating_sub(1);
+            if gap == 0 || gap > most {
+                continue;
+            }
+            let Some(r) = self.region_at(here.0).filter(|r| next < r.end(page)) else {
+                continue;
+            };
+            let first = (here.0 - r.start) / page + 1;
+            // (A segment holds at most `PUBLISH_MAX` frames, the queue's size.)
+            if publish.len() + (out.len() - k - 1) + gap > PUBLISH_MAX {
+                continue;
+            }
+            let twins: Option<Vec<u32>> = (first..first + gap).map(|i| repeat(r, i)).collect();
+            if let Some(twins) = twins {
+                out.extend(
+                    twins
+                        .into_iter()
+                        .enumerate()
+                        .map(|(j, c)| (here.0 + (j + 1) * page, r.owned, c)),
+                );
+            }
+        }
+        out
     }
 
     /// The domain's counters (zero outside a domain).

@@ -1617,7 +1617,7 @@ fn a_domain_member_announces_candidates_once_and_publishes_what_it_is_asked_for(
     c.scan_full(1);
     assert!(c.take_domain_out().announce.is_empty(), "announced once");
     // Asked for pages 2..6: the next visits queue them, in address order.
-    c.domain_wants(&sums[2..6]);
+    c.domain_wants(2, &sums[2..6]);
     c.scan_full(1);
     let publish = c.take_domain_out().publish;
     let addrs: Vec<usize> = publish.iter().map(|p| p.0).collect();
@@ -1627,6 +1627,67 @@ fn a_domain_member_announces_candidates_once_and_publishes_what_it_is_asked_for(
     c.domain_connected();
     c.scan_full(1);
     assert_eq!(c.take_domain_out().announce.len(), n);
+    c.check_invariants();
+}
+
+/// Contents of the pages of `repeats_*` tests: pages 4-5 repeat pages 1-2 (a run of 2
+/// between pages published), pages 8-13 repeat pages 0-3 and 1-2 (a run of 6).
+const WITH_REPEATS: [usize; 15] = [0, 1, 2, 3, 1, 2, 6, 7, 0, 1, 2, 3, 1, 2, 14];
+
+#[test]
+fn repeats_between_pages_a_member_publishes_are_held_again_in_place_in_a_large_domain() {
+    let unique = [0usize, 1, 2, 3, 6, 7, 14];
+    let sums: Vec<u32> = unique.iter().map(|&i| page_checksum(&page_of(i))).collect();
+    let at = |i: usize| BASE + i * PG;
+    for (members, twins) in [
+        (2u32, vec![]),
+        (16, vec![4, 5]),
+        (40, vec![4, 5, 8, 9, 10, 11, 12, 13]),
+    ] {
+        let mut c = joined(WITH_REPEATS.len(), false, |i| WITH_REPEATS[i]);
+        c.set_domain_connected(true);
+        c.scan_full(2);
+        let _ = c.take_domain_out();
+        c.domain_wants(members, &sums);
+        c.scan_full(1);
+        let out = c.take_domain_out();
+        let mut want: Vec<usize> = [0, 1, 2, 3, 6, 7, 14].into_iter().chain(twins).collect();
+        want.sort_unstable();
+        let addrs: Vec<usize> = out.publish.iter().map(|p| p.0).collect();
+        assert_eq!(
+            addrs,
+            want.iter().map(|&i| at(i)).collect::<Vec<_>>(),
+            "{members} members"
+        );
+        // Each page under its own bytes' checksum; only the pages asked for are `asked`.
+        for &(a, _, c) in &out.publish {
+            assert_eq!(c, page_checksum(&page_of(WITH_REPEATS[(a - BASE) / PG])));
+        }
+        assert_eq!(out.asked, sums, "{members} members");
+        c.check_invariants();
+    }
+}
+
+#[test]
+fn a_segment_holding_repeats_in_place_is_mapped_in_one_run() {
+    // Another member's segment of pages 0-7, pages 4-5 held again in place: pages 0-7
+    // of ours map frames f0.. f0 + 7 in order (without the repeats, pages 4-5 would map
+    // the frames of pages 1-2: two more mappings).
+    let mut c = joined(WITH_REPEATS.len(), false, |i| WITH_REPEATS[i]);
+    c.scan_full(2);
+    let frames: Vec<Vec<u8>> = (0..8).map(|i| page_of(WITH_REPEATS[i])).collect();
+    let sums: Vec<u32> = frames.iter().map(|f| page_checksum(f)).collect();
+    let f0 = c.add_segment(3, &sums).unwrap();
+    c.mem.add_segment(f0, &frames);
+    c.scan_full(2);
+    for i in 0..8 {
+        let r = c.rec(BASE + i * PG).unwrap();
+        assert_eq!(
+            (r.state(), r.frame()),
+            (State::Stable, f0 + i as FrameId),
+            "page {i}"
+        );
+    }
     c.check_invariants();
 }
 
@@ -1768,7 +1829,7 @@ fn with_a_broker_contents_held_twice_are_claimed_and_published_when_granted() {
     c.scan_full(1);
     assert!(c.take_domain_out().claim.is_empty(), "claimed once");
     // Granted for the first content only.
-    c.domain_wants(&sums[..1]);
+    c.domain_wants(2, &sums[..1]);
     c.scan_full(1);
     let publish = c.take_domain_out().publish;
     assert_eq!(
@@ -1884,7 +1945,7 @@ fn a_segment_that_could_not_be_built_is_asked_for_again_and_a_changed_page_decli
     let mut c = domain_member(n);
     let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
     c.take_domain_out();
-    c.domain_wants(&sums[..2]);
+    c.domain_wants(2, &sums[..2]);
     c.scan_full(1);
     let asked: Vec<u32> = c.take_domain_out().publish.iter().map(|p| p.2).collect();
     assert_eq!(asked, sums[..2].to_vec());
@@ -1912,7 +1973,7 @@ fn what_the_domain_asks_for_and_no_page_holds_for_a_full_scan_is_declined() {
     let mut c = domain_member(n);
     c.take_domain_out();
     let gone = page_checksum(&page_of(100));
-    c.domain_wants(&[gone]);
+    c.domain_wants(2, &[gone]);
     c.scan_full(1);
     assert!(
         c.take_domain_out().decline.is_empty(),
@@ -2115,13 +2176,13 @@ fn a_content_merged_before_joining_is_published_when_the_domain_asks_for_it() {
     let other_sums: Vec<u32> = other.iter().map(|f| page_checksum(f)).collect();
     let g0 = c.add_segment(8, &other_sums).unwrap();
     c.mem.add_segment(g0, &other);
-    c.domain_wants(&other_sums);
+    c.domain_wants(2, &other_sums);
     c.scan_full(1);
     assert!(!c.domain.as_ref().unwrap().private_now);
     c.take_domain_out();
     // Asked for the first four: the next full scan visits them and queues pages of
     // the first copy to be copied into a segment.
-    c.domain_wants(&sums[..4]);
+    c.domain_wants(2, &sums[..4]);
     c.scan_full(1);
     let mut published: Vec<(usize, u32)> = c
         .take_domain_out()
@@ -2247,7 +2308,7 @@ fn pages_to_publish_wait_a_few_batches_for_more_and_go_together() {
     c.set_domain_connected(true);
     c.take_domain_out();
     let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
-    c.domain_wants(&sums);
+    c.domain_wants(2, &sums);
     // One page a batch: each is queued, none is published before the queue has
     // waited `PUBLISH_WAIT_BATCHES` batches.
     let mut batches = 0;
@@ -2279,7 +2340,7 @@ fn a_page_let_go_while_waiting_to_be_published_is_not_read_and_is_asked_for_agai
     c.set_domain_connected(true);
     c.take_domain_out();
     let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
-    c.domain_wants(&sums[..2]);
+    c.domain_wants(2, &sums[..2]);
     c.scan_batch(2);
     assert!(c.take_domain_out().publish.is_empty(), "waits");
     // The application lets page 0 go (no longer mergeable) before the segment is built.
