@@ -530,7 +530,8 @@ def test_garbage_and_lies_on_the_socket_are_refused(name: str, members: list[Mem
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.connect(str(path))
-            hello = bytes([1]) + (1).to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
+            # Hello: tag 1, protocol version 2, page size, the domain's name.
+            hello = bytes([1]) + (2).to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
             s.send(hello + bytes([len(name)]) + name.encode())
             s.recv(65536)  # welcome
             publish = (

@@ -921,6 +921,21 @@ mod tests {
         }
     }
 
+    /// A report of segment `id` at the retirement age, each of its `frames` frames
+    /// mapped by one page.
+    fn aged_all_mapped(id: u64, frames: u32) -> SegUsage {
+        let mut mapped = [0u64; BITMAP_WORDS];
+        for i in 0..frames as usize {
+            mapped[i / 64] |= 1 << (i % 64);
+        }
+        SegUsage {
+            id,
+            pages: frames,
+            age: RETIRE_AGE,
+            mapped,
+        }
+    }
+
     #[test]
     fn a_segment_every_member_had_long_enough_and_nobody_maps_is_retired() {
         let mut h = Hub::new(4096);
@@ -1015,19 +1030,7 @@ mod tests {
         let mut more = twins.clone();
         more.extend(500..510);
         publish(&mut h, b, 9, more);
-        let all = |n: u32| {
-            let mut m = [0u64; BITMAP_WORDS];
-            for i in 0..n as usize {
-                m[i / 64] |= 1 << (i % 64);
-            }
-            m
-        };
-        let report = |id, frames| SegUsage {
-            id,
-            pages: frames,
-            age: RETIRE_AGE,
-            mapped: all(frames),
-        };
+        let report = aged_all_mapped;
         for m in [a, b] {
             h.on_message(
                 m,
@@ -1066,19 +1069,7 @@ mod tests {
             sums.extend(own);
             let frames = sums.len() as u32;
             publish(&mut h, b, 9, sums);
-            let all = |n: u32| {
-                let mut m = [0u64; BITMAP_WORDS];
-                for i in 0..n as usize {
-                    m[i / 64] |= 1 << (i % 64);
-                }
-                m
-            };
-            let report = |id, frames| SegUsage {
-                id,
-                pages: frames,
-                age: RETIRE_AGE,
-                mapped: all(frames),
-            };
+            let report = aged_all_mapped;
             for m in [a, b] {
                 let segs = vec![report(8, 80), report(9, frames)];
                 h.on_message(m, Msg::Usage { segs }, None);
