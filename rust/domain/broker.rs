@@ -68,8 +68,9 @@ pub const TWIN_RUN_MAX: usize = 8;
 /// each, 1,440 of them at repeats, and scanned at twice the cost per page of one
 /// process holding the same data). A run of `n` repeated pages is held again where
 /// it saves at least 8 mappings per frame (`2 × members ≥ 8 × n`): in a domain of 16
-/// members, repeats of up to 4 pages (1,237 frames, 0.5 % of the pages saved); in one
-/// of 4, single pages; of fewer, none.
+/// members, repeats of up to 4 pages (measured with 16 × 64 MiB: ~280 frames more,
+/// 0.1 % of the pages saved, a member's mappings 12–14 % fewer); in one of 4, single
+/// pages; of fewer, none.
 pub fn twin_run_max(members: u32) -> usize {
     (members as usize / 4).min(TWIN_RUN_MAX)
 }
