@@ -41,7 +41,7 @@ use super::runs::MIN_TILE;
 use super::{key_of, Core, Mem, Target};
 use crate::domain::broker::twin_run_max;
 use crate::pool::{self, FrameId, FrameTable};
-use crate::region::State;
+use crate::region::{Region, State};
 
 /// Most checksums announced per batch (the rest wait for the next visit).
 const ANNOUNCE_MAX: usize = 1 << 16;
@@ -238,11 +238,17 @@ impl<M: Mem> Core<M> {
                 .is_some_and(|d| d.moves_private(&self.frames, f))
     }
 
-    /// Whether a frame of our own pool holds index key `k` (pages on it may move onto
-    /// a domain frame of that content).
-    fn own_frame_under(&self, k: u64) -> bool {
+    /// Whether contents under index keys `keys` (a segment taken in, or asked for) may
+    /// let pages on frames of our own pool move, where the next full scan does not
+    /// look at them anyway: a frame of our pool in use holds one of those keys.
+    fn private_may_move(&self, keys: impl IntoIterator<Item = u64>) -> bool {
         let hash_of = |f| self.frames.hash(f);
-        let own = self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f));
+        let due = self.domain.as_ref().is_none_or(|d| d.private_due);
+        let own = !due
+            && self.counters.pages_shared > 0
+            && keys
+                .into_iter()
+                .any(|k| self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f)));
         own
     }
 
@@ -280,11 +286,8 @@ impl<M: Mem> Core<M> {
 
     /// The domain, of `members` members, asks us to publish frames of these checksums.
     pub fn domain_wants(&mut self, members: u32, sums: &[u32]) {
-        let Some(d) = &self.domain else { return };
         // A page on a frame of our own pool may hold one of them.
-        let private = !d.private_due
-            && self.counters.pages_shared > 0
-            && sums.iter().any(|&c| self.own_frame_under(key_of(c)));
+        let private = self.private_may_move(sums.iter().map(|&c| key_of(c)));
         let Some(d) = &mut self.domain else { return };
         let now = d.scans;
         d.members = members;
@@ -372,7 +375,7 @@ impl<M: Mem> Core<M> {
         let hash_of = |f| self.frames.hash(f);
         let zero = self.use_zero_pages.then_some(self.zero_checksum);
         // The checksum page `i` of `r` would be copied under, if it is such a repeat.
-        let repeat = |r: &crate::region::Region, i: usize| -> Option<u32> {
+        let repeat = |r: &Region, i: usize| -> Option<u32> {
             let p = r.pages[i];
             if !p.advised() || p.covered() {
                 return None;
@@ -456,9 +459,7 @@ impl<M: Mem> Core<M> {
         };
         // Pages on frames of our own pool may move onto it if it holds their content
         // (asked before its frames enter the index).
-        let private = !d.private_due
-            && self.counters.pages_shared > 0
-            && keys.iter().any(|&k| self.own_frame_under(k));
+        let private = self.private_may_move(keys.iter().copied());
         let Some(d) = &mut self.domain else {
             return None;
         };

@@ -306,10 +306,11 @@ impl<M: Mem> Core<M> {
         let Ok(t_filled) = self.mem.map_frames(t.addr, n, t.prot, f0, &t_cov) else {
             return fail(self, &[t.addr, o.addr], n);
         };
-        let other = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov);
-        let other_ok = other.is_ok();
+        // Whether the other side's mapping may have filled free frames' holes; None if
+        // it failed (that side stays as it was).
+        let o_filled = self.mem.map_frames(o.addr, n, o.prot, f0, &o_cov).ok();
         self.mem.release(t.addr, len, false);
-        if other_ok {
+        if o_filled.is_some() {
             self.mem.release(o.addr, len, false);
         } else {
             self.release_failed(o.addr, len);
@@ -324,13 +325,11 @@ impl<M: Mem> Core<M> {
             }
         }
         self.record_run(t.addr, f0, &run.t, t_filled);
-        if let Ok(o_filled) = other {
-            self.record_run(o.addr, f0, &run.o, o_filled);
+        match o_filled {
+            Some(filled) => self.record_run(o.addr, f0, &run.o, filled),
+            None => self.counters.merge_failures += 1,
         }
         self.changes += 1;
-        if !other_ok {
-            self.counters.merge_failures += 1;
-        }
         true
     }
 

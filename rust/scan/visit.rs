@@ -344,14 +344,10 @@ impl<M: Mem> Core<M> {
         let retired = self.frames.on_retired(f);
         let hash = self.frames.hash(f);
         // A page of our own pool can only move onto a domain frame: with none of its
-        // key in the index, no byte is compared (its own frame is there).
+        // key in the index, no byte is compared (its own frame is there). A retired
+        // frame is out of the index: `stable_search` finds what there is.
         let key_of = |g| self.frames.hash(g);
-        let found = if retired {
-            self.stable.contains(hash, key_of)
-        } else {
-            self.stable.get(hash, &key_of).any(pool::is_domain)
-        };
-        if found {
+        if retired || self.stable.get(hash, &key_of).any(pool::is_domain) {
             // (The frame's bytes are the page's: it maps them, unwritten.)
             if let StableHit::Room(g) = self.stable_search(hash, self.mem.frame(f)) {
                 // Domain frames are found first: a private one means none has room.
