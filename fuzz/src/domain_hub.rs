@@ -1,5 +1,5 @@
 //! `domain_hub`: the broker's bookkeeping (`ksm::domain::broker::Hub`) under
-//! random joins, leaves, announces, publishes (with segment ids, new and taken),
+//! random joins, leaves, announces, claims, the clock's ticks, publishes (with segment ids, new and taken),
 //! declines, usage reports (of segments known and unknown, any age and bitmap),
 //! scan-done and statistics queries, messages only a broker sends, messages from
 //! members gone or never joined, and refusals, checked against a model.
@@ -20,6 +20,12 @@
 //!   member that announced it first; exactly the announced checksums the model
 //!   expects are asked for (a second member announced a checksum no segment holds
 //!   and no one is asked for);
+//! * a claim (a content one member holds twice) is asked of the claimer at once,
+//!   unless the domain is gathering members (several, the latest joined less than
+//!   `CLAIM_HOLD_MS` ago) and no other member announced it: then it is held, and
+//!   asked of the claimer at the first tick after the gathering ends, unless another
+//!   member announced or claimed it meanwhile (asked of that one), or it was
+//!   published, or the claimer declined it or left;
 //! * a scan-done retires exactly the segments every member reported at age ≥
 //!   `RETIRE_AGE` of which no frame is in use, or more than a fifth (and at least
 //!   `COMPACT_DEAD`) are not (a frame in use: mapped by some member, and not a twin
@@ -36,7 +42,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::{Arbitrary, Unstructured};
-use ksm::domain::broker::{Hub, MemberId, Out, ANNOUNCERS, COMPACT_DEAD, RETIRE_AGE, TWIN_RUN_MAX};
+use ksm::domain::broker::{
+    Hub, MemberId, Out, ANNOUNCERS, CLAIM_HOLD_MS, COMPACT_DEAD, RETIRE_AGE, TWIN_RUN_MAX,
+};
 use ksm::domain::proto::{decode, DomainStats, Msg, SegUsage, BITMAP_WORDS, VERSION};
 use ksm::scan::fake::IntMap;
 
@@ -84,6 +92,10 @@ pub enum Op {
     Leave(Who),
     /// Checksums `s % SUMS`.
     Announce(Who, Vec<u8>),
+    /// Checksums `s % SUMS` held twice by the member.
+    Claim(Who, Vec<u8>),
+    /// The broker's clock moves on by `ms × 8` milliseconds.
+    Tick(u8),
     /// A segment `seg % IDS` (the caller's identity of the sealed memfd; `None`:
     /// the publish came without one) of frames with checksums `s % SUMS` (or
     /// `frames` frames of checksums counted up from `first`, if `frames` is set).
@@ -152,6 +164,11 @@ struct Model {
     retiring: BTreeMap<u64, u32>,
     retired: u64,
     refused: u64,
+    /// Claims held while the domain gathers members: checksum → claimer.
+    held: BTreeMap<u32, MemberId>,
+    /// The clock, and when the latest member joined.
+    now: u64,
+    joined: u64,
 }
 
 impl Model {
@@ -288,11 +305,25 @@ impl Model {
         }
     }
 
-    /// A checksum is no longer a candidate nor asked for once a segment holds it.
+    /// A checksum is no longer a candidate, asked for nor held once a segment holds it.
     fn forget_published(&mut self, sums: &[u32]) {
         for s in sums {
             self.first.remove(s);
             self.asked.remove(s);
+            self.held.remove(s);
+        }
+    }
+
+    /// Several members, the latest of which joined less than `CLAIM_HOLD_MS` ago.
+    fn gathering(&self) -> bool {
+        self.members.len() > 1 && self.now < self.joined + CLAIM_HOLD_MS
+    }
+
+    /// `m` announces `s` (no segment holds it): remembered, at most `ANNOUNCERS`.
+    fn add_announcer(&mut self, s: u32, m: MemberId) {
+        let who = self.first.entry(s).or_default();
+        if !who.contains(&m) && who.len() < ANNOUNCERS {
+            who.push(m);
         }
     }
 
@@ -441,6 +472,7 @@ impl Harness {
                 );
                 self.model.members.insert(m);
                 self.model.ever.insert(m);
+                self.model.joined = self.model.now;
                 self.check_outs(&outs);
                 assert!(outs.iter().all(|o| o.to == m), "a join told someone else");
                 assert_eq!(
@@ -472,6 +504,7 @@ impl Harness {
                 if self.model.members.remove(&m) {
                     self.model.usage.remove(&m);
                     self.model.active.remove(&m);
+                    self.model.held.retain(|_, &mut c| c != m);
                     self.model.forget_unmapped_retiring();
                     let sums: Vec<u32> = self.model.first.keys().copied().collect();
                     for s in sums {
@@ -511,14 +544,12 @@ impl Harness {
                         if self.model.published(s) {
                             continue;
                         }
-                        let who = self.model.first.entry(s).or_default();
-                        if !who.contains(&m) && who.len() < ANNOUNCERS {
-                            who.push(m);
-                        }
+                        self.model.add_announcer(s, m);
                         if self.model.asked.contains_key(&s) {
                             continue;
                         }
-                        if who[0] != m {
+                        if self.model.first[&s][0] != m {
+                            self.model.held.remove(&s);
                             self.model.asked.insert(s, m);
                             expect.push(s);
                         }
@@ -549,6 +580,59 @@ impl Harness {
                     }
                 }
                 assert_eq!(got, expect, "checksums asked for");
+            }
+            Op::Claim(w, s) => {
+                let Some(m) = self.who(*w) else { return };
+                let sums: Vec<u32> = s.iter().map(|&x| sum(x)).collect();
+                let mut expect = Vec::new();
+                if self.model.members.contains(&m) {
+                    let gathering = self.model.gathering();
+                    for &s in &sums {
+                        if self.model.published(s) {
+                            continue;
+                        }
+                        let others = self
+                            .model
+                            .first
+                            .get(&s)
+                            .is_some_and(|who| who.iter().any(|&x| x != m));
+                        self.model.add_announcer(s, m);
+                        if self.model.asked.contains_key(&s) {
+                            continue;
+                        }
+                        match self.model.held.get(&s) {
+                            Some(&c) if c == m => continue,
+                            None if gathering && !others => {
+                                self.model.held.insert(s, m);
+                                continue;
+                            }
+                            _ => {}
+                        }
+                        self.model.held.remove(&s);
+                        self.model.asked.insert(s, m);
+                        expect.push((m, s));
+                    }
+                }
+                let outs = self.hub.on_message(m, wire(Msg::Claim { sums }), None);
+                self.check_outs(&outs);
+                expect.sort_unstable();
+                assert_eq!(Model::asks(&outs), expect, "asked after a claim");
+            }
+            Op::Tick(ms) => {
+                self.model.now += u64::from(*ms) * 8;
+                let outs = self.hub.tick(self.model.now);
+                self.check_outs(&outs);
+                let mut expect = Vec::new();
+                if !self.model.gathering() {
+                    for (s, m) in std::mem::take(&mut self.model.held) {
+                        if !self.model.published(s) && !self.model.asked.contains_key(&s) {
+                            self.model.asked.insert(s, m);
+                            expect.push((m, s));
+                        }
+                    }
+                }
+                expect.sort_unstable();
+                assert_eq!(Model::asks(&outs), expect, "asked at a tick");
             }
             Op::Publish {
                 who,
@@ -621,6 +705,9 @@ impl Harness {
                 if self.model.members.contains(&m) {
                     for s in sums {
                         self.model.drop_announcer(s, m);
+                        if self.model.held.get(&s) == Some(&m) {
+                            self.model.held.remove(&s);
+                        }
                         if self.model.asked.get(&s) == Some(&m) {
                             self.model.asked.remove(&s);
                             if let Some(w) = self.model.reassign(s) {
@@ -797,6 +884,11 @@ impl Harness {
             "segments held"
         );
         assert_eq!(self.hub.stats(), self.model.stats(), "statistics");
+        assert_eq!(
+            self.hub.holding(),
+            !self.model.held.is_empty(),
+            "claims held"
+        );
         // At most one member is asked for a checksum (a map), and it is a live one.
         for m in self.model.asked.values() {
             assert!(self.model.members.contains(m), "asked of member {m}, gone");

@@ -78,6 +78,23 @@ pub fn twin_run_max(members: u32) -> usize {
 /// Announcers of one checksum the broker remembers.
 pub const ANNOUNCERS: usize = 4;
 
+/// How long after the latest member joined a content that one member holds twice
+/// (a claim) waits, in a domain of several members, for another member to announce
+/// it, in milliseconds (see [`Hub::tick`]).
+///
+/// Whoever publishes a content decides where its frame sits. A member that scans
+/// ahead of the others (it joined first, or its scan began first) finds the contents
+/// it holds twice before anyone else announces anything: claimed at once, their first
+/// occurrences all went into segments of its own, in a few hundred short ranges,
+/// while the rest of the data was published by the second member to announce it.
+/// Every member's data then mapped both, alternating at each such range (measured,
+/// 16 members of 64 MiB of stdlib data: ~950 of ~1,800 boundaries in a member's
+/// mappings of its data). Held for a moment, those contents are announced by the
+/// members behind too, and published with the rest, in order. A member left alone
+/// with such a content (nobody else holds it) publishes it once the domain stopped
+/// gathering members; a domain of one member does not wait.
+pub const CLAIM_HOLD_MS: u64 = 500;
+
 /// A member's number in its domain (never reused while the broker lives).
 pub type MemberId = u32;
 
@@ -127,6 +144,14 @@ pub struct Hub {
     retiring: BTreeMap<u64, u32>,
     retired: u64,
     refused: u64,
+    /// Checksums claimed (held twice by one member) while the domain gathers members:
+    /// the claimer, asked to publish once the domain stops gathering unless another
+    /// member announces the checksum first (see [`CLAIM_HOLD_MS`]).
+    held: BTreeMap<u32, MemberId>,
+    /// Milliseconds on the broker's clock, as the last [`Hub::tick`] said.
+    now_ms: u64,
+    /// When the latest member joined, on that clock.
+    joined_ms: u64,
 }
 
 impl Hub {
@@ -155,6 +180,7 @@ impl Hub {
     pub fn join(&mut self) -> (MemberId, Vec<Out>) {
         let m = self.next_member;
         self.next_member += 1;
+        self.joined_ms = self.now_ms;
         self.members.insert(m, Member::default());
         let mut out = vec![Out {
             to: m,
@@ -198,6 +224,7 @@ impl Hub {
         for s in &mine {
             self.assigned.remove(s);
         }
+        self.held.retain(|_, &mut who| who != m);
         self.candidates.retain(|_, who| {
             who.retain(|&w| w != m);
             !who.is_empty()
@@ -245,21 +272,7 @@ impl Hub {
                     Vec::new()
                 }
             },
-            Msg::Claim { sums } => {
-                // Held twice by `m` itself: it publishes, unless someone has or will.
-                let mut ask = Vec::new();
-                for s in sums {
-                    if self.published.contains_key(&s) {
-                        continue;
-                    }
-                    self.add_announcer(s, m);
-                    if let std::collections::hash_map::Entry::Vacant(e) = self.assigned.entry(s) {
-                        e.insert(m);
-                        ask.push(s);
-                    }
-                }
-                please_publish(m, self.members.len(), &ask)
-            }
+            Msg::Claim { sums } => self.claim(m, &sums),
             Msg::Decline { sums } => {
                 // `m` no longer holds them: another announcer is asked.
                 let mut free = Vec::new();
@@ -273,6 +286,9 @@ impl Hub {
                     if self.assigned.get(&s) == Some(&m) {
                         self.assigned.remove(&s);
                         free.push(s);
+                    }
+                    if self.held.get(&s) == Some(&m) {
+                        self.held.remove(&s);
                     }
                 }
                 self.reassign(&free)
@@ -344,6 +360,71 @@ impl Hub {
         }
     }
 
+    /// Contents `m` holds twice itself: it publishes them, unless someone has or will.
+    /// While the domain gathers members, one nobody else announced is held (see
+    /// [`CLAIM_HOLD_MS`]); a second member claiming it is asked at once, as a second
+    /// announcer would be.
+    fn claim(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
+        let gathering = self.gathering();
+        let mut ask = Vec::new();
+        for &s in sums {
+            if self.published.contains_key(&s) {
+                continue;
+            }
+            let others = self
+                .candidates
+                .get(&s)
+                .is_some_and(|who| who.iter().any(|&w| w != m));
+            self.add_announcer(s, m);
+            if self.assigned.contains_key(&s) {
+                continue;
+            }
+            match self.held.get(&s) {
+                Some(&c) if c == m => continue,
+                None if gathering && !others => {
+                    self.held.insert(s, m);
+                    continue;
+                }
+                _ => {}
+            }
+            self.held.remove(&s);
+            self.assigned.insert(s, m);
+            ask.push(s);
+        }
+        please_publish(m, self.members.len(), &ask)
+    }
+
+    /// Whether claims wait (see [`CLAIM_HOLD_MS`]): several members, the latest of
+    /// which joined a moment ago.
+    fn gathering(&self) -> bool {
+        self.members.len() > 1 && self.now_ms < self.joined_ms.saturating_add(CLAIM_HOLD_MS)
+    }
+
+    /// Whether some claim waits for the domain to stop gathering members.
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// The broker's clock says `now_ms` (never going back): once the domain stops
+    /// gathering members, the claims held are asked of their claimers.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Out> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if self.held.is_empty() || self.gathering() {
+            return Vec::new();
+        }
+        let mut ask: BTreeMap<MemberId, Vec<u32>> = BTreeMap::new();
+        for (s, m) in std::mem::take(&mut self.held) {
+            if !self.published.contains_key(&s) && !self.assigned.contains_key(&s) {
+                self.assigned.insert(s, m);
+                ask.entry(m).or_default().push(s);
+            }
+        }
+        let members = self.members.len();
+        ask.into_iter()
+            .flat_map(|(to, sums)| please_publish(to, members, &sums))
+            .collect()
+    }
+
     fn announce(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
         let mut ask = Vec::new();
         for &s in sums {
@@ -357,6 +438,7 @@ impl Hub {
             // A second member holds it: that one publishes a frame of its own page.
             let first = self.candidates.get(&s).and_then(|who| who.first()).copied();
             if first.is_some_and(|f| f != m) {
+                self.held.remove(&s);
                 self.assigned.insert(s, m);
                 ask.push(s);
             }
@@ -374,6 +456,7 @@ impl Hub {
             *self.published.entry(s).or_insert(0) += 1;
             self.candidates.remove(&s);
             self.assigned.remove(&s);
+            self.held.remove(&s);
         }
         self.segments.insert(id, Segment { frames, sums });
         self.members
@@ -550,6 +633,16 @@ impl Hub {
                 "{s} published and still assigned"
             );
         }
+        for (s, m) in &self.held {
+            assert!(
+                self.members.contains_key(m),
+                "checksum {s} held for a member gone"
+            );
+            assert!(
+                !self.published.contains_key(s) && !self.assigned.contains_key(s),
+                "{s} held and published or assigned"
+            );
+        }
         let mut count: HashMap<u32, u32> = HashMap::new();
         for seg in self.segments.values() {
             for &s in &seg.sums {
@@ -628,6 +721,17 @@ fn please_publish(to: MemberId, members: usize, sums: &[u32]) -> Vec<Out> {
         .collect()
 }
 
+/// Send messages that carry no descriptor (requests to publish, retirements) outside
+/// the loop's round of answers: a failure shows as the connection's end at the next
+/// poll.
+fn send_plain(conns: &[Conn], outs: Vec<Out>) {
+    for o in outs {
+        if let Some(c) = conns.iter().find(|c| c.member == Some(o.to)) {
+            let _ = c.sock.send(&o.msg.encode(), &[], false);
+        }
+    }
+}
+
 /// How long a broker with no member waits for one before it exits.
 const IDLE_EXIT: Duration = Duration::from_secs(2);
 
@@ -666,8 +770,11 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
     let mut conns: Vec<Conn> = Vec::new();
     let mut idle_since = Some(Instant::now());
     let mut kept = Instant::now();
+    let started = Instant::now();
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     loop {
+        // Claims held while the domain gathered members, asked for once it stopped.
+        send_plain(&conns, hub.tick(started.elapsed().as_millis() as u64));
         if hub.members() == 0 && idle_since.is_some_and(|t| t.elapsed() >= IDLE_EXIT) {
             break;
         }
@@ -681,7 +788,13 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
         }
         let mut watch = vec![listener.raw()];
         watch.extend(conns.iter().map(|c| c.sock.raw()));
-        let ready = unix::poll_readable(&watch, 200)?;
+        // A claim held is asked for within a tenth of the hold.
+        let wait = if hub.holding() {
+            CLAIM_HOLD_MS / 10
+        } else {
+            200
+        };
+        let ready = unix::poll_readable(&watch, wait as i32)?;
         if ready[0] {
             if let Ok(s) = listener.accept() {
                 // Only the user's own processes (the directory is the user's alone; this
@@ -800,12 +913,7 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
             }
         }
         // What the members that left were asked to publish, asked of others.
-        for o in after_leaving {
-            if let Some(c) = conns.iter().find(|c| c.member == Some(o.to)) {
-                // A failure shows as the connection's end at the next poll.
-                let _ = c.sock.send(&o.msg.encode(), &[], false);
-            }
-        }
+        send_plain(&conns, after_leaving);
         // Segments retired by the hub: their descriptors go (members' mappings keep
         // the pages that still map them).
         let live: HashSet<u64> = hub.segment_ids().into_iter().collect();
@@ -869,6 +977,8 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
+        // (The domain gathered its members: claims are asked for at once.)
+        h.tick(CLAIM_HOLD_MS);
         let o = h.on_message(a, Msg::Claim { sums: vec![7, 8] }, None);
         assert_eq!(sums_of(&o, a), vec![7, 8]);
         // b holds 7 twice too, and announces 8: nobody else is asked.
@@ -883,6 +993,64 @@ mod tests {
         h.on_message(a, Msg::Decline { sums: vec![8] }, None);
         let o = h.on_message(b, Msg::Claim { sums: vec![8] }, None);
         assert_eq!(sums_of(&o, b), vec![8]);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_claim_waits_while_members_join_for_another_to_announce_it() {
+        let mut h = Hub::new(4096);
+        let (a, _) = h.join();
+        // Alone in its domain, a member publishes what it holds twice at once.
+        assert_eq!(
+            sums_of(&h.on_message(a, Msg::Claim { sums: vec![5] }, None), a),
+            vec![5]
+        );
+        h.tick(100);
+        let (b, _) = h.join();
+        // b joined a moment ago: a's claims wait.
+        assert!(h
+            .on_message(
+                a,
+                Msg::Claim {
+                    sums: vec![7, 8, 9]
+                },
+                None
+            )
+            .is_empty());
+        assert!(h.holding());
+        h.check_invariants();
+        // b announces 7 (it holds it once) and claims 8 (twice): b publishes both,
+        // with the rest of what it announces, as the second member to hold them.
+        let o = h.on_message(b, Msg::Announce { sums: vec![7] }, None);
+        assert_eq!(sums_of(&o, b), vec![7]);
+        let o = h.on_message(b, Msg::Claim { sums: vec![8] }, None);
+        assert_eq!(sums_of(&o, b), vec![8]);
+        h.check_invariants();
+        // Still gathering: nothing is asked.
+        assert!(h.tick(100 + CLAIM_HOLD_MS - 1).is_empty());
+        // The domain stopped gathering: a publishes what nobody else announced.
+        let o = h.tick(100 + CLAIM_HOLD_MS);
+        assert_eq!(sums_of(&o, a), vec![9]);
+        assert!(sums_of(&o, b).is_empty() && !h.holding());
+        h.check_invariants();
+        // Once gathered, a claim is asked for at once; a late member restarts the wait.
+        assert_eq!(
+            sums_of(&h.on_message(b, Msg::Claim { sums: vec![10] }, None), b),
+            vec![10]
+        );
+        let (c, _) = h.join();
+        assert!(h
+            .on_message(c, Msg::Claim { sums: vec![11] }, None)
+            .is_empty());
+        // A claimer that leaves, or declines, takes its held claim with it.
+        h.leave(c);
+        assert!(!h.holding());
+        assert!(h
+            .on_message(a, Msg::Claim { sums: vec![12] }, None)
+            .is_empty());
+        h.on_message(a, Msg::Decline { sums: vec![12] }, None);
+        assert!(!h.holding());
+        assert!(h.tick(10_000).is_empty());
         h.check_invariants();
     }
 
