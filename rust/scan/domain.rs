@@ -45,6 +45,10 @@ use crate::region::{Region, State};
 
 /// Most checksums announced per batch (the rest wait for the next visit).
 const ANNOUNCE_MAX: usize = 1 << 16;
+/// A page queued to be published: its address, whether ksm owns its memory, and the
+/// checksum it is published under.
+pub type Queued = (usize, bool, u32);
+
 /// Most pages queued for publishing at a time (one segment's worth).
 const PUBLISH_MAX: usize = crate::pool::BLOCK_FRAMES as usize;
 
@@ -79,7 +83,7 @@ pub struct DomainOut {
     /// Checksums the domain asked for that no page of ours holds any more.
     pub decline: Vec<u32>,
     /// Pages to copy into a new segment: address, owned, checksum.
-    pub publish: Vec<(usize, bool, u32)>,
+    pub publish: Vec<Queued>,
     /// The checksums of `publish` that were queued (not repeats held in place, see
     /// `Core::with_twins`): what `domain_published` is told was asked.
     pub asked: Vec<u32>,
@@ -96,7 +100,7 @@ pub struct DomainState {
     /// Asked-for checksums no page held for a whole full scan: to decline.
     decline: Vec<u32>,
     announce: Vec<u32>,
-    publish: Vec<(usize, bool, u32)>,
+    publish: Vec<Queued>,
     /// The full scan in which the first page of `publish` was queued, and the batches
     /// it has waited since (see `PUBLISH_WAIT_BATCHES`).
     publish_since: (u64, u32),
@@ -133,7 +137,7 @@ impl DomainState {
             + self.wanted.capacity() * (size_of::<(u32, u64)>() + 1)
             + (self.decline.capacity() + self.announce.capacity() + self.claim.capacity())
                 * size_of::<u32>()
-            + self.publish.capacity() * size_of::<(usize, bool, u32)>()
+            + self.publish.capacity() * size_of::<Queued>()
             + self.evict_due.capacity() * size_of::<(u64, u64)>()
     }
 
@@ -338,11 +342,19 @@ impl<M: Mem> Core<M> {
             d.wanted.insert(*c, d.scans);
             false
         });
-        let asked = publish.iter().map(|p| p.2).collect();
-        let publish = self.with_twins(publish);
+        let queued: Vec<u32> = publish.iter().map(|p| p.2).collect();
+        let (publish, mut rest) = self.with_twins(publish);
         let Some(d) = &mut self.domain else {
             return DomainOut::default();
         };
+        // What did not fit this segment, for lack of room once repeats were held in
+        // place, stays queued for the next one (still `publishing`): asked, not yet.
+        let later: HashSet<u32> = rest.iter().map(|p| p.2).collect();
+        let asked = queued.into_iter().filter(|c| !later.contains(c)).collect();
+        if !rest.is_empty() {
+            rest.append(&mut d.publish);
+            d.publish = rest;
+        }
         d.counters.announced += d.announce.len() as u64;
         d.counters.published += publish.len() as u64;
         DomainOut {
@@ -362,14 +374,21 @@ impl<M: Mem> Core<M> {
     /// too, in place. Another member's run of the data then maps them with the pages
     /// around them, one mapping, instead of breaking twice to map the frames made
     /// where those contents first occurred.
-    fn with_twins(&self, mut publish: Vec<(usize, bool, u32)>) -> Vec<(usize, bool, u32)> {
+    ///
+    /// A segment holds at most `PUBLISH_MAX` frames, the queue's size: the pages that
+    /// no longer fit once repeats are held are returned apart, to be queued for the
+    /// next segment. (Held only where room was left, a full queue, which a scan of a
+    /// segment's worth of pages per batch makes every time, held none: 16 members of
+    /// 64 MiB of stdlib data published their first segments without them, and a
+    /// member's data broke at ~220 short repeats more.)
+    fn with_twins(&self, mut publish: Vec<Queued>) -> (Vec<Queued>, Vec<Queued>) {
         publish.sort_unstable_by_key(|p| p.0);
         let Some(d) = &self.domain else {
-            return publish;
+            return (publish, Vec::new());
         };
         let most = twin_run_max(d.members);
         if most == 0 || publish.len() < 2 {
-            return publish;
+            return (publish, Vec::new());
         }
         let page = self.page;
         let hash_of = |f| self.frames.hash(f);
@@ -398,6 +417,9 @@ impl<M: Mem> Core<M> {
         };
         let mut out = Vec::with_capacity(publish.len());
         for (k, &here) in publish.iter().enumerate() {
+            if out.len() == PUBLISH_MAX {
+                return (out, publish[k..].to_vec());
+            }
             out.push(here);
             let Some(&(next, _, _)) = publish.get(k + 1) else {
                 break;
@@ -411,8 +433,8 @@ impl<M: Mem> Core<M> {
                 continue;
             };
             let first = (here.0 - r.start) / page + 1;
-            // (A segment holds at most `PUBLISH_MAX` frames, the queue's size.)
-            if publish.len() + (out.len() - k - 1) + gap > PUBLISH_MAX {
+            // Room for them (the next page then starts the next segment if need be).
+            if out.len() + gap > PUBLISH_MAX {
                 continue;
             }
             let twins: Option<Vec<u32>> = (first..first + gap).map(|i| repeat(r, i)).collect();
@@ -425,7 +447,7 @@ impl<M: Mem> Core<M> {
                 );
             }
         }
-        out
+        (out, Vec::new())
     }
 
     /// The domain's counters (zero outside a domain).

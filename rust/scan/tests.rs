@@ -1669,6 +1669,48 @@ fn repeats_between_pages_a_member_publishes_are_held_again_in_place_in_a_large_d
 }
 
 #[test]
+fn repeats_are_held_in_place_in_a_full_segment_and_what_no_longer_fits_goes_into_the_next() {
+    // Every tenth page repeats the page before it; more unique contents are asked for
+    // than a segment holds, so the queue is full.
+    let most = crate::pool::BLOCK_FRAMES as usize;
+    let n = most + most / 8;
+    let content = |i: usize| if i % 10 == 5 { i - 1 } else { i };
+    let sums: Vec<u32> = (0..n)
+        .filter(|i| i % 10 != 5)
+        .map(|i| page_checksum(&page_of(i)))
+        .collect();
+    let mut c = joined(n, false, content);
+    c.set_domain_connected(true);
+    c.scan_full(2);
+    let _ = c.take_domain_out();
+    c.domain_wants(16, &sums);
+    c.scan_full(1);
+    let first = c.take_domain_out();
+    // A full segment of pages 0, 1, 2, ... in order, the repeats among them.
+    let pages: Vec<usize> = first.publish.iter().map(|p| (p.0 - BASE) / PG).collect();
+    let odd = pages.iter().enumerate().find(|&(i, &p)| i != p);
+    assert_eq!(
+        (pages.len(), odd),
+        (most, None),
+        "{:?}",
+        &pages[..pages.len().min(40)]
+    );
+    let repeats = (0..most).filter(|i| i % 10 == 5).count();
+    // Asked: the pages queued that it holds, not the repeats, nor what did not fit.
+    assert_eq!(first.asked.len(), most - repeats);
+    assert_eq!(first.asked[..], sums[..most - repeats]);
+    // The pages that did not fit go into the next segment, with their repeats.
+    let next = c.take_domain_out();
+    let queued = most; // the queue held a segment's worth of pages
+    let last = (0..n).filter(|i| i % 10 != 5).nth(queued - 1).unwrap();
+    let pages: Vec<usize> = next.publish.iter().map(|p| (p.0 - BASE) / PG).collect();
+    let odd = pages.iter().enumerate().find(|&(i, &p)| most + i != p);
+    assert_eq!((pages.len(), odd), (last + 1 - most, None));
+    assert_eq!(next.asked[..], sums[most - repeats..queued]);
+    c.check_invariants();
+}
+
+#[test]
 fn a_segment_holding_repeats_in_place_is_mapped_in_one_run() {
     // Another member's segment of pages 0-7, pages 4-5 held again in place: pages 0-7
     // of ours map frames f0.. f0 + 7 in order (without the repeats, pages 4-5 would map
