@@ -242,15 +242,26 @@ impl Hub {
     /// Ask another announcer of each of `sums` (not the first: its page is the one
     /// the others merge with) to publish it.
     fn reassign(&mut self, sums: &[u32]) -> Vec<Out> {
+        let picks: Vec<(u32, MemberId)> = sums
+            .iter()
+            .filter_map(|&s| {
+                let who = self.candidates.get(&s)?;
+                who.get(1..)?.last().map(|&w| (s, w))
+            })
+            .collect();
+        self.assign_all(picks)
+    }
+
+    /// Assign each checksum of `picks` to its member, unless it is published or
+    /// assigned already, and ask each member for its checksums.
+    fn assign_all(&mut self, picks: impl IntoIterator<Item = (u32, MemberId)>) -> Vec<Out> {
         let mut ask: BTreeMap<MemberId, Vec<u32>> = BTreeMap::new();
-        for &s in sums {
+        for (s, w) in picks {
             if self.published.contains_key(&s) || self.assigned.contains_key(&s) {
                 continue;
             }
-            if let Some(&w) = self.candidates.get(&s).and_then(|who| who.get(1..)?.last()) {
-                self.assigned.insert(s, w);
-                ask.entry(w).or_default().push(s);
-            }
+            self.assigned.insert(s, w);
+            ask.entry(w).or_default().push(s);
         }
         let members = self.members.len();
         ask.into_iter()
@@ -413,17 +424,8 @@ impl Hub {
         if self.held.is_empty() || self.gathering() {
             return Vec::new();
         }
-        let mut ask: BTreeMap<MemberId, Vec<u32>> = BTreeMap::new();
-        for (s, m) in std::mem::take(&mut self.held) {
-            if !self.published.contains_key(&s) && !self.assigned.contains_key(&s) {
-                self.assigned.insert(s, m);
-                ask.entry(m).or_default().push(s);
-            }
-        }
-        let members = self.members.len();
-        ask.into_iter()
-            .flat_map(|(to, sums)| please_publish(to, members, &sums))
-            .collect()
+        let held = std::mem::take(&mut self.held);
+        self.assign_all(held)
     }
 
     fn announce(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
