@@ -439,7 +439,10 @@ def test_no_file_of_a_domain_outlives_its_broker(name: str, members: list[Member
     assert m("join " + name) == {"ok": True}
     step([m])
     place = Path(ksm._ksm._domain_dir())
-    assert sorted(p.name for p in place.glob(f"{name}.*")) == [f"{name}.lock", f"{name}.sock"]
+    # (Each version of the protocol meets under its own files: NAME.vN.*.)
+    sock = Path(ksm._ksm._domain_socket(name))
+    assert sock.parent == place and sock.name.startswith(f"{name}.v")
+    assert sorted(p.name for p in place.glob(f"{name}.*")) == [sock.with_suffix(".lock").name, sock.name]
     (broker,) = brokers_of(name)
     exited = os.pidfd_open(broker)
     try:
@@ -518,7 +521,7 @@ def test_garbage_and_lies_on_the_socket_are_refused(name: str, members: list[Mem
     pages = 16
     a, b = start(members, 2, seed=19, pages=pages, domain=name)
     settle([a, b], pages)
-    path = Path(ksm._ksm._domain_dir()) / f"{name}.sock"
+    path = Path(ksm._ksm._domain_socket(name))
     garbage = [b"", b"\xff" * 100, b"\x01\x01", bytes([2]) + (2**32 - 1).to_bytes(4, "little")]
     for g in garbage:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:

@@ -1,7 +1,12 @@
 //! Where a user's merge domains meet: one directory per user that only the user
-//! can enter, holding per domain its broker's socket (`NAME.sock`) and lock file
-//! (`NAME.lock`, held by the running broker, so at most one runs per domain), and
-//! while a member starts a broker, its start claim (`NAME.start`). Whoever holds a
+//! can enter, holding per domain its broker's socket (`NAME.vN.sock`) and lock file
+//! (`NAME.vN.lock`, held by the running broker, so at most one runs per domain), and
+//! while a member starts a broker, its start claim (`NAME.vN.start`), where `N` is
+//! the protocol's version (`proto::VERSION`): processes of two versions of ksm never
+//! speak to each other, so each version has its own broker for a name, and a
+//! process of a new version joins its domain while processes of the old one, still
+//! running, go on sharing among themselves (with one socket per name, the new one
+//! was refused at its `Hello` until the old broker exited). Whoever holds a
 //! lock file removes it before giving the lock up, and whoever takes one checks that
 //! the path still names the file it locked (else it opens the path again): so no
 //! file outlives its domain's broker, and the lock stays one per name.
@@ -67,12 +72,18 @@ pub fn dir() -> io::Result<PathBuf> {
     Ok(d)
 }
 
-/// The socket path of domain `name` (a name already checked by `proto::name_error`).
-pub fn socket_path(name: &str) -> io::Result<PathBuf> {
-    Ok(dir()?.join(format!("{name}.sock")))
+/// The name of domain `name`'s file of `kind` ("sock", "lock" or "start") in the
+/// user's directory: this version's (see the module's doc).
+fn file_name(name: &str, kind: &str) -> String {
+    format!("{name}.v{}.{kind}", proto::VERSION)
 }
 
-/// The domains that have a broker socket now (some may be stale).
+/// The socket path of domain `name` (a name already checked by `proto::name_error`).
+pub fn socket_path(name: &str) -> io::Result<PathBuf> {
+    Ok(dir()?.join(file_name(name, "sock")))
+}
+
+/// The domains that have a broker socket of this version now (some may be stale).
 pub fn list() -> Vec<String> {
     let Ok(d) = dir() else {
         return Vec::new();
@@ -83,7 +94,7 @@ pub fn list() -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let n = e.file_name().into_string().ok()?;
-            n.strip_suffix(".sock").map(str::to_owned)
+            n.strip_suffix(&file_name("", "sock")).map(str::to_owned)
         })
         .filter(|n| proto::name_error(n).is_none())
         .collect();
@@ -100,7 +111,7 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
     }
     let d = dir()?;
-    let Some(lock) = Held::take(d.join(format!("{name}.lock")), unix::try_lock)? else {
+    let Some(lock) = Held::take(d.join(file_name(name, "lock")), unix::try_lock)? else {
         return Ok(false);
     };
     // The member that started us waits for this first process to exit; the broker
@@ -108,7 +119,7 @@ pub fn run_broker(name: &str) -> io::Result<bool> {
     // lock is shared by both through the inherited descriptor (the first process
     // ends with `_exit`: it neither removes the file nor gives the lock up).
     unix::detach()?;
-    let served = super::broker::serve(&d.join(format!("{name}.sock")), name);
+    let served = super::broker::serve(&d.join(file_name(name, "sock")), name);
     // The socket is gone (serve removed it): now the lock file, still held.
     drop(lock);
     served.map(|()| true)
@@ -168,7 +179,10 @@ impl Drop for Held {
 /// not a `flock`: a child forked while the claim is held does not inherit it (it
 /// would keep it for its whole life, and no member could start a broker again).
 pub fn claim_start(name: &str) -> io::Result<Option<Held>> {
-    Held::take(dir()?.join(format!("{name}.start")), unix::try_lock_process)
+    Held::take(
+        dir()?.join(file_name(name, "start")),
+        unix::try_lock_process,
+    )
 }
 
 /// Open (or create: mode 0600) the lock file `path`, close-on-exec.
@@ -231,6 +245,35 @@ pub fn query_stats(name: &str) -> io::Result<DomainStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_version_meets_under_its_own_files_and_lists_only_its_own() {
+        let name = format!("place-test-{}", std::process::id());
+        let sock = socket_path(&name).unwrap();
+        let v = proto::VERSION;
+        assert_eq!(
+            sock.file_name().unwrap().to_str().unwrap(),
+            format!("{name}.v{v}.sock")
+        );
+        // A broker of another version under the same name (its socket, with the suffix
+        // of version 1 and of a later one) is not this version's domain.
+        let d = dir().unwrap();
+        let others = [
+            d.join(format!("{name}.sock")),
+            d.join(format!("{name}.v{}.sock", v + 1)),
+        ];
+        for p in &others {
+            fs::write(p, b"").unwrap();
+        }
+        let listed = list().contains(&name);
+        fs::write(&sock, b"").unwrap();
+        let listed_ours = list().contains(&name);
+        for p in others.iter().chain([&sock]) {
+            fs::remove_file(p).unwrap();
+        }
+        assert!(!listed, "another version's socket listed");
+        assert!(listed_ours, "this version's socket not listed");
+    }
 
     #[test]
     fn a_held_lock_file_is_one_per_path_and_removed_when_given_up() {

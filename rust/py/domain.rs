@@ -130,6 +130,14 @@ fn _domain_dir() -> PyResult<String> {
     Ok(d.to_string_lossy().into_owned())
 }
 
+/// The path of domain `name`'s broker socket (this version's; it may not exist).
+#[pyfunction]
+fn _domain_socket(name: Bound<'_, PyAny>) -> PyResult<String> {
+    let name = name_arg(&name)?;
+    let p = place::socket_path(&name).map_err(|e| Error::io("the merge domains' directory", e))?;
+    Ok(p.to_string_lossy().into_owned())
+}
+
 /// The user's domains with a broker socket now.
 #[pyfunction]
 fn _domains(py: Python<'_>) -> Vec<String> {
@@ -146,5 +154,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_broker, m)?)?;
     m.add_function(wrap_pyfunction!(_domains, m)?)?;
     m.add_function(wrap_pyfunction!(_domain_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(_domain_socket, m)?)?;
     Ok(())
 }
