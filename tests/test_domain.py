@@ -102,8 +102,8 @@ def name() -> Iterator[str]:
     name = "test-" + uuid.uuid4().hex[:12]
     yield name
     place = Path(f"/tmp/ksm-{os.geteuid()}")
-    for ext in ("lock", "start", "sock"):
-        (place / f"{name}.{ext}").unlink(missing_ok=True)
+    for f in place.glob(f"{name}.*"):
+        f.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -221,6 +221,39 @@ def test_two_interpreters_share_frames_and_writes_stay_private(name: str, member
     step([a, b])
     d = b("dstats")["dstats"]
     assert (d["pages_shared"], d["pages_sharing"]) == (pages, pages - 1)
+
+
+def test_a_broker_of_another_version_under_the_same_name_keeps_no_member_out(
+    name: str, members: list[Member]
+) -> None:
+    # Brokers of other versions of ksm under this name (the layout of the files
+    # before they carried the version, and a later version's): they accept a
+    # connection and hang up at once, as a broker refuses a Hello of another version.
+    place = Path(ksm._ksm._domain_dir())
+    others = [place / f"{name}.sock", place / f"{name}.v999.sock"]
+    listeners = []
+    try:
+        for path in others:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.bind(str(path))
+            s.listen(16)
+            s.setblocking(False)
+            listeners.append(s)
+        pages = 32
+        a, b = start(members, 2, seed=29, pages=pages, domain=name)
+        d = settle([a, b], pages)
+        assert (d["members"], d["pages_sharing"]) == (2, pages)
+        assert a("check")["bad"] == [] and b("check")["bad"] == []
+        # Nobody knocked at the other versions' doors.
+        for s in listeners:
+            with pytest.raises(BlockingIOError):
+                s.accept()
+        assert name in ksm._ksm._domains()
+    finally:
+        for s in listeners:
+            s.close()
+        for path in others:
+            path.unlink(missing_ok=True)
 
 
 def test_domains_are_isolated(name: str, members: list[Member]) -> None:
