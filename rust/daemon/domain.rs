@@ -24,7 +24,7 @@ use crate::domain::broker::RETIRE_AGE;
 use crate::domain::client::{Inbound, Link, LinkStats, Outbound, SegmentView, Spawner};
 use crate::domain::proto::{self, Msg, SegUsage, BITMAP_WORDS};
 use crate::error::{Error, Result};
-use crate::scan::{page_checksum, Mem};
+use crate::scan::{page_checksum, Mem, Queued};
 use crate::sys::memfd::Memfd;
 
 /// Name of the memfds of segments this process publishes (seen in /proc/PID/maps).
@@ -337,7 +337,7 @@ impl Engine {
     /// are now, in that order, with their checksums; None if no page could be read.
     fn build_segment(
         st: &mut State,
-        pages: &[(usize, bool, u32)],
+        pages: &[Queued],
     ) -> std::io::Result<Option<(Memfd, Vec<u32>)>> {
         let page = st.core.page_size();
         // Page by page into the file: no buffer of the segment's size (a large buffer

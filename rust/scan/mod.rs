@@ -55,7 +55,7 @@ use crate::pool::{self, FrameId, FrameTable};
 use crate::region::{PageRec, Region, State, ADVISED, DEFERRED};
 use batch::SumsAhead;
 use domain::DomainState;
-pub use domain::{DomainCounters, DomainOut};
+pub use domain::{DomainCounters, DomainOut, Queued};
 use index::{FrameIndex, UnstableIndex};
 pub use mem::{Mem, Presence};
 
