@@ -20,12 +20,11 @@
 //!   member that announced it first; exactly the announced checksums the model
 //!   expects are asked for (a second member announced a checksum no segment holds
 //!   and no one is asked for);
-//! * a claim (a content one member holds twice) is asked of the claimer at once,
-//!   unless the domain is gathering members (several, the latest joined less than
-//!   `CLAIM_HOLD_MS` ago) and no other member announced it: then it is held, and
-//!   asked of the claimer at the first tick after the gathering ends, unless another
-//!   member announced or claimed it meanwhile (asked of that one), or it was
-//!   published, or the claimer declined it or left;
+//! * a claim (a content one member holds twice) is asked of the claimer at once in
+//!   a domain of one member, or if another member announced it; else it is held,
+//!   and asked of the claimer at the first tick `CLAIM_HOLD_MS` or more after the
+//!   claim, unless another member announced or claimed it meanwhile (asked of that
+//!   one), or it was published, or the claimer declined it or left;
 //! * a scan-done retires exactly the segments every member reported at age ≥
 //!   `RETIRE_AGE` of which no frame is in use, or more than a fifth (and at least
 //!   `COMPACT_DEAD`) are not (a frame in use: mapped by some member, and not a twin
@@ -94,7 +93,7 @@ pub enum Op {
     Announce(Who, Vec<u8>),
     /// Checksums `s % SUMS` held twice by the member.
     Claim(Who, Vec<u8>),
-    /// The broker's clock moves on by `ms × 8` milliseconds.
+    /// The broker's clock moves on by `ms × 16` milliseconds.
     Tick(u8),
     /// A segment `seg % IDS` (the caller's identity of the sealed memfd; `None`:
     /// the publish came without one) of frames with checksums `s % SUMS` (or
@@ -164,11 +163,10 @@ struct Model {
     retiring: BTreeMap<u64, u32>,
     retired: u64,
     refused: u64,
-    /// Claims held while the domain gathers members: checksum → claimer.
-    held: BTreeMap<u32, MemberId>,
-    /// The clock, and when the latest member joined.
+    /// Claims held: checksum → the claimer and when it claimed.
+    held: BTreeMap<u32, (MemberId, u64)>,
+    /// The clock.
     now: u64,
-    joined: u64,
 }
 
 impl Model {
@@ -312,11 +310,6 @@ impl Model {
             self.asked.remove(s);
             self.held.remove(s);
         }
-    }
-
-    /// Several members, the latest of which joined less than `CLAIM_HOLD_MS` ago.
-    fn gathering(&self) -> bool {
-        self.members.len() > 1 && self.now < self.joined + CLAIM_HOLD_MS
     }
 
     /// `m` announces `s` (no segment holds it): remembered, at most `ANNOUNCERS`.
@@ -472,7 +465,6 @@ impl Harness {
                 );
                 self.model.members.insert(m);
                 self.model.ever.insert(m);
-                self.model.joined = self.model.now;
                 self.check_outs(&outs);
                 assert!(outs.iter().all(|o| o.to == m), "a join told someone else");
                 assert_eq!(
@@ -504,7 +496,7 @@ impl Harness {
                 if self.model.members.remove(&m) {
                     self.model.usage.remove(&m);
                     self.model.active.remove(&m);
-                    self.model.held.retain(|_, &mut c| c != m);
+                    self.model.held.retain(|_, &mut (c, _)| c != m);
                     self.model.forget_unmapped_retiring();
                     let sums: Vec<u32> = self.model.first.keys().copied().collect();
                     for s in sums {
@@ -586,7 +578,7 @@ impl Harness {
                 let sums: Vec<u32> = s.iter().map(|&x| sum(x)).collect();
                 let mut expect = Vec::new();
                 if self.model.members.contains(&m) {
-                    let gathering = self.model.gathering();
+                    let wait = self.model.members.len() > 1;
                     for &s in &sums {
                         if self.model.published(s) {
                             continue;
@@ -601,9 +593,9 @@ impl Harness {
                             continue;
                         }
                         match self.model.held.get(&s) {
-                            Some(&c) if c == m => continue,
-                            None if gathering && !others => {
-                                self.model.held.insert(s, m);
+                            Some(&(c, _)) if c == m => continue,
+                            None if wait && !others => {
+                                self.model.held.insert(s, (m, self.model.now));
                                 continue;
                             }
                             _ => {}
@@ -619,16 +611,23 @@ impl Harness {
                 assert_eq!(Model::asks(&outs), expect, "asked after a claim");
             }
             Op::Tick(ms) => {
-                self.model.now += u64::from(*ms) * 8;
+                self.model.now += u64::from(*ms) * 16;
                 let outs = self.hub.tick(self.model.now);
                 self.check_outs(&outs);
+                let now = self.model.now;
+                let due: Vec<(u32, MemberId)> = self
+                    .model
+                    .held
+                    .iter()
+                    .filter(|&(_, &(_, since))| now >= since + CLAIM_HOLD_MS)
+                    .map(|(&s, &(m, _))| (s, m))
+                    .collect();
                 let mut expect = Vec::new();
-                if !self.model.gathering() {
-                    for (s, m) in std::mem::take(&mut self.model.held) {
-                        if !self.model.published(s) && !self.model.asked.contains_key(&s) {
-                            self.model.asked.insert(s, m);
-                            expect.push((m, s));
-                        }
+                for (s, m) in due {
+                    self.model.held.remove(&s);
+                    if !self.model.published(s) && !self.model.asked.contains_key(&s) {
+                        self.model.asked.insert(s, m);
+                        expect.push((m, s));
                     }
                 }
                 expect.sort_unstable();
@@ -705,7 +704,7 @@ impl Harness {
                 if self.model.members.contains(&m) {
                     for s in sums {
                         self.model.drop_announcer(s, m);
-                        if self.model.held.get(&s) == Some(&m) {
+                        if self.model.held.get(&s).is_some_and(|&(c, _)| c == m) {
                             self.model.held.remove(&s);
                         }
                         if self.model.asked.get(&s) == Some(&m) {

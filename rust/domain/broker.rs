@@ -79,9 +79,9 @@ pub fn twin_run_max(members: u32) -> usize {
 /// Announcers of one checksum the broker remembers.
 pub const ANNOUNCERS: usize = 4;
 
-/// How long after the latest member joined a content that one member holds twice
-/// (a claim) waits, in a domain of several members, for another member to announce
-/// it, in milliseconds (see [`Hub::tick`]).
+/// How long a content that one member holds twice (a claim) waits, in a domain of
+/// several members, for another member to announce it, in milliseconds (see
+/// [`Hub::tick`]).
 ///
 /// Whoever publishes a content decides where its frame sits. A member that scans
 /// ahead of the others (it joined first, or its scan began first) finds the contents
@@ -91,10 +91,14 @@ pub const ANNOUNCERS: usize = 4;
 /// Every member's data then mapped both, alternating at each such range (measured,
 /// 16 members of 64 MiB of stdlib data: ~950 of ~1,800 boundaries in a member's
 /// mappings of its data). Held for a moment, those contents are announced by the
-/// members behind too, and published with the rest, in order. A member left alone
-/// with such a content (nobody else holds it) publishes it once the domain stopped
-/// gathering members; a domain of one member does not wait.
-pub const CLAIM_HOLD_MS: u64 = 500;
+/// members behind too, and published with the rest, in order. Members behind may be
+/// seconds behind: workers that join when they start (`KSM_DOMAIN`) and then load
+/// their data finish loading over a second or more on a busy machine (measured, 16
+/// such workers of 64 MiB: with claims held only while members were joining, a
+/// member's data mapped 1,000–1,750 segment mappings, against ~700 when all start
+/// together). A member left alone with such a content (nobody else holds it)
+/// publishes it once the wait is over; a domain of one member does not wait.
+pub const CLAIM_HOLD_MS: u64 = 2000;
 
 /// A member's number in its domain (never reused while the broker lives).
 pub type MemberId = u32;
@@ -145,14 +149,12 @@ pub struct Hub {
     retiring: BTreeMap<u64, u32>,
     retired: u64,
     refused: u64,
-    /// Checksums claimed (held twice by one member) while the domain gathers members:
-    /// the claimer, asked to publish once the domain stops gathering unless another
-    /// member announces the checksum first (see [`CLAIM_HOLD_MS`]).
-    held: BTreeMap<u32, MemberId>,
+    /// Checksums claimed (held twice by one member) that no other member announced:
+    /// the claimer and when it claimed, asked to publish once the claim has waited
+    /// [`CLAIM_HOLD_MS`] unless another member announces the checksum first.
+    held: BTreeMap<u32, (MemberId, u64)>,
     /// Milliseconds on the broker's clock, as the last [`Hub::tick`] said.
     now_ms: u64,
-    /// When the latest member joined, on that clock.
-    joined_ms: u64,
 }
 
 impl Hub {
@@ -181,7 +183,6 @@ impl Hub {
     pub fn join(&mut self) -> (MemberId, Vec<Out>) {
         let m = self.next_member;
         self.next_member += 1;
-        self.joined_ms = self.now_ms;
         self.members.insert(m, Member::default());
         let mut out = vec![Out {
             to: m,
@@ -225,7 +226,7 @@ impl Hub {
         for s in &mine {
             self.assigned.remove(s);
         }
-        self.held.retain(|_, &mut who| who != m);
+        self.held.retain(|_, &mut (who, _)| who != m);
         self.candidates.retain(|_, who| {
             who.retain(|&w| w != m);
             !who.is_empty()
@@ -299,7 +300,7 @@ impl Hub {
                         self.assigned.remove(&s);
                         free.push(s);
                     }
-                    if self.held.get(&s) == Some(&m) {
+                    if self.held.get(&s).is_some_and(|&(who, _)| who == m) {
                         self.held.remove(&s);
                     }
                 }
@@ -373,11 +374,11 @@ impl Hub {
     }
 
     /// Contents `m` holds twice itself: it publishes them, unless someone has or will.
-    /// While the domain gathers members, one nobody else announced is held (see
+    /// In a domain of several members, one nobody else announced waits (see
     /// [`CLAIM_HOLD_MS`]); a second member claiming it is asked at once, as a second
     /// announcer would be.
     fn claim(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
-        let gathering = self.gathering();
+        let wait = self.members.len() > 1;
         let mut ask = Vec::new();
         for &s in sums {
             if self.published.contains_key(&s) {
@@ -392,9 +393,9 @@ impl Hub {
                 continue;
             }
             match self.held.get(&s) {
-                Some(&c) if c == m => continue,
-                None if gathering && !others => {
-                    self.held.insert(s, m);
+                Some(&(c, _)) if c == m => continue,
+                None if wait && !others => {
+                    self.held.insert(s, (m, self.now_ms));
                     continue;
                 }
                 _ => {}
@@ -406,26 +407,26 @@ impl Hub {
         please_publish(m, self.members.len(), &ask)
     }
 
-    /// Whether claims wait (see [`CLAIM_HOLD_MS`]): several members, the latest of
-    /// which joined a moment ago.
-    fn gathering(&self) -> bool {
-        self.members.len() > 1 && self.now_ms < self.joined_ms.saturating_add(CLAIM_HOLD_MS)
-    }
-
-    /// Whether some claim waits for the domain to stop gathering members.
+    /// Whether some claim waits for another member to announce its content.
     pub fn holding(&self) -> bool {
         !self.held.is_empty()
     }
 
-    /// The broker's clock says `now_ms` (never going back): once the domain stops
-    /// gathering members, the claims held are asked of their claimers.
+    /// The broker's clock says `now_ms` (never going back): the claims that have
+    /// waited [`CLAIM_HOLD_MS`] are asked of their claimers.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Out> {
         self.now_ms = self.now_ms.max(now_ms);
-        if self.held.is_empty() || self.gathering() {
-            return Vec::new();
+        let now = self.now_ms;
+        let due: Vec<(u32, MemberId)> = self
+            .held
+            .iter()
+            .filter(|&(_, &(_, since))| now >= since.saturating_add(CLAIM_HOLD_MS))
+            .map(|(&s, &(m, _))| (s, m))
+            .collect();
+        for (s, _) in &due {
+            self.held.remove(s);
         }
-        let held = std::mem::take(&mut self.held);
-        self.assign_all(held)
+        self.assign_all(due)
     }
 
     fn announce(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
@@ -636,7 +637,7 @@ impl Hub {
                 "{s} published and still assigned"
             );
         }
-        for (s, m) in &self.held {
+        for (s, (m, _)) in &self.held {
             assert!(
                 self.members.contains_key(m),
                 "checksum {s} held for a member gone"
@@ -776,7 +777,7 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
     let started = Instant::now();
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     loop {
-        // Claims held while the domain gathered members, asked for once it stopped.
+        // Claims that waited long enough for another member, asked of their claimers.
         send_plain(&conns, hub.tick(started.elapsed().as_millis() as u64));
         if hub.members() == 0 && idle_since.is_some_and(|t| t.elapsed() >= IDLE_EXIT) {
             break;
@@ -791,13 +792,8 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
         }
         let mut watch = vec![listener.raw()];
         watch.extend(conns.iter().map(|c| c.sock.raw()));
-        // A claim held is asked for within a tenth of the hold.
-        let wait = if hub.holding() {
-            CLAIM_HOLD_MS / 10
-        } else {
-            200
-        };
-        let ready = unix::poll_readable(&watch, wait as i32)?;
+        // (A claim that has waited is asked for within a tenth of its wait.)
+        let ready = unix::poll_readable(&watch, (CLAIM_HOLD_MS / 10) as i32)?;
         if ready[0] {
             if let Ok(s) = listener.accept() {
                 // Only the user's own processes (the directory is the user's alone; this
@@ -980,9 +976,11 @@ mod tests {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         let (b, _) = h.join();
-        // (The domain gathered its members: claims are asked for at once.)
-        h.tick(CLAIM_HOLD_MS);
-        let o = h.on_message(a, Msg::Claim { sums: vec![7, 8] }, None);
+        // Nobody else announced them: asked of a once its claim has waited.
+        assert!(h
+            .on_message(a, Msg::Claim { sums: vec![7, 8] }, None)
+            .is_empty());
+        let o = h.tick(CLAIM_HOLD_MS);
         assert_eq!(sums_of(&o, a), vec![7, 8]);
         // b holds 7 twice too, and announces 8: nobody else is asked.
         assert!(h
@@ -992,35 +990,35 @@ mod tests {
             .on_message(b, Msg::Announce { sums: vec![8] }, None)
             .is_empty());
         h.check_invariants();
-        // a declines 8 (its pages changed): 8 is free again for the next claim.
+        // a declines 8 (its pages changed): 8 is free again for the next claim, b's
+        // (asked once it has waited: nobody else holds 8 now).
         h.on_message(a, Msg::Decline { sums: vec![8] }, None);
-        let o = h.on_message(b, Msg::Claim { sums: vec![8] }, None);
+        assert!(h
+            .on_message(b, Msg::Claim { sums: vec![8] }, None)
+            .is_empty());
+        let o = h.tick(2 * CLAIM_HOLD_MS);
         assert_eq!(sums_of(&o, b), vec![8]);
         h.check_invariants();
     }
 
     #[test]
-    fn a_claim_waits_while_members_join_for_another_to_announce_it() {
+    fn a_claim_waits_for_another_member_to_announce_it() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         // Alone in its domain, a member publishes what it holds twice at once.
-        assert_eq!(
-            sums_of(&h.on_message(a, Msg::Claim { sums: vec![5] }, None), a),
-            vec![5]
-        );
-        h.tick(100);
+        let o = h.on_message(a, Msg::Claim { sums: vec![5] }, None);
+        assert_eq!(sums_of(&o, a), vec![5]);
         let (b, _) = h.join();
-        // b joined a moment ago: a's claims wait.
-        assert!(h
-            .on_message(
-                a,
-                Msg::Claim {
-                    sums: vec![7, 8, 9]
-                },
-                None
-            )
-            .is_empty());
-        assert!(h.holding());
+        h.tick(100);
+        // With another member, a's claims wait.
+        let o = h.on_message(
+            a,
+            Msg::Claim {
+                sums: vec![7, 8, 9],
+            },
+            None,
+        );
+        assert!(o.is_empty() && h.holding());
         h.check_invariants();
         // b announces 7 (it holds it once) and claims 8 (twice): b publishes both,
         // with the rest of what it announces, as the second member to hold them.
@@ -1029,23 +1027,25 @@ mod tests {
         let o = h.on_message(b, Msg::Claim { sums: vec![8] }, None);
         assert_eq!(sums_of(&o, b), vec![8]);
         h.check_invariants();
-        // Still gathering: nothing is asked.
+        // A claim of later waits from its own time.
+        h.tick(600);
+        let o = h.on_message(b, Msg::Claim { sums: vec![10] }, None);
+        assert!(o.is_empty());
+        // Not waited long enough yet: nothing is asked.
         assert!(h.tick(100 + CLAIM_HOLD_MS - 1).is_empty());
-        // The domain stopped gathering: a publishes what nobody else announced.
+        // a's has: a publishes what nobody else announced; b's still waits.
         let o = h.tick(100 + CLAIM_HOLD_MS);
         assert_eq!(sums_of(&o, a), vec![9]);
-        assert!(sums_of(&o, b).is_empty() && !h.holding());
+        assert!(sums_of(&o, b).is_empty() && h.holding());
+        let o = h.tick(600 + CLAIM_HOLD_MS);
+        assert_eq!(sums_of(&o, b), vec![10]);
+        assert!(!h.holding());
         h.check_invariants();
-        // Once gathered, a claim is asked for at once; a late member restarts the wait.
-        assert_eq!(
-            sums_of(&h.on_message(b, Msg::Claim { sums: vec![10] }, None), b),
-            vec![10]
-        );
+        // A claimer that leaves, or declines, takes its claim with it.
         let (c, _) = h.join();
         assert!(h
             .on_message(c, Msg::Claim { sums: vec![11] }, None)
             .is_empty());
-        // A claimer that leaves, or declines, takes its held claim with it.
         h.leave(c);
         assert!(!h.holding());
         assert!(h
@@ -1053,7 +1053,7 @@ mod tests {
             .is_empty());
         h.on_message(a, Msg::Decline { sums: vec![12] }, None);
         assert!(!h.holding());
-        assert!(h.tick(10_000).is_empty());
+        assert!(h.tick(100_000).is_empty());
         h.check_invariants();
     }
 
