@@ -95,8 +95,8 @@ pub const ANNOUNCERS: usize = 4;
 /// seconds behind: workers that join when they start (`KSM_DOMAIN`) and then load
 /// their data finish loading over a second or more on a busy machine (measured, 16
 /// such workers of 64 MiB: with claims held only while members were joining, a
-/// member's data mapped 1,000–1,750 segment mappings, against ~700 when all start
-/// together). A member left alone with such a content (nobody else holds it)
+/// member's data mapped 1,000–1,750 segment mappings, with the wait counted from the
+/// claim 680–780). A member left alone with such a content (nobody else holds it)
 /// publishes it once the wait is over; a domain of one member does not wait.
 pub const CLAIM_HOLD_MS: u64 = 2000;
 
