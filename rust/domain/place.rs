@@ -255,8 +255,8 @@ mod tests {
             sock.file_name().unwrap().to_str().unwrap(),
             format!("{name}.v{v}.sock")
         );
-        // A broker of another version under the same name (its socket, with the suffix
-        // of version 1 and of a later one) is not this version's domain.
+        // A broker of another version under the same name (its socket in the layout of
+        // before files carried the version, or a later version's) is not this version's.
         let d = dir().unwrap();
         let others = [
             d.join(format!("{name}.sock")),
