@@ -227,8 +227,8 @@ def test_a_broker_of_another_version_under_the_same_name_keeps_no_member_out(
     name: str, members: list[Member]
 ) -> None:
     # Brokers of other versions of ksm under this name (the layout of the files
-    # before they carried the version, and a later version's): they accept a
-    # connection and hang up at once, as a broker refuses a Hello of another version.
+    # before they carried the version, and a later version's), that never answer: a
+    # member that knocked would wait in their backlog and never join.
     place = Path(ksm._ksm._domain_dir())
     others = [place / f"{name}.sock", place / f"{name}.v999.sock"]
     listeners = []
