@@ -254,13 +254,15 @@ impl Hub {
     }
 
     /// Assign each checksum of `picks` to its member, unless it is published or
-    /// assigned already, and ask each member for its checksums.
+    /// assigned already (a claim of it waits no more), and ask each member for its
+    /// checksums.
     fn assign_all(&mut self, picks: impl IntoIterator<Item = (u32, MemberId)>) -> Vec<Out> {
         let mut ask: BTreeMap<MemberId, Vec<u32>> = BTreeMap::new();
         for (s, w) in picks {
             if self.published.contains_key(&s) || self.assigned.contains_key(&s) {
                 continue;
             }
+            self.held.remove(&s);
             self.assigned.insert(s, w);
             ask.entry(w).or_default().push(s);
         }
@@ -379,7 +381,7 @@ impl Hub {
     /// announcer would be.
     fn claim(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
         let wait = self.members.len() > 1;
-        let mut ask = Vec::new();
+        let mut picks = Vec::new();
         for &s in sums {
             if self.published.contains_key(&s) {
                 continue;
@@ -393,18 +395,15 @@ impl Hub {
                 continue;
             }
             match self.held.get(&s) {
-                Some(&(c, _)) if c == m => continue,
+                // Claimed by `m` already: it waits on.
+                Some(&(c, _)) if c == m => {}
                 None if wait && !others => {
                     self.held.insert(s, (m, self.now_ms));
-                    continue;
                 }
-                _ => {}
+                _ => picks.push((s, m)),
             }
-            self.held.remove(&s);
-            self.assigned.insert(s, m);
-            ask.push(s);
         }
-        please_publish(m, self.members.len(), &ask)
+        self.assign_all(picks)
     }
 
     /// Whether some claim waits for another member to announce its content.
@@ -417,20 +416,19 @@ impl Hub {
     pub fn tick(&mut self, now_ms: u64) -> Vec<Out> {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
-        let due: Vec<(u32, MemberId)> = self
-            .held
-            .iter()
-            .filter(|&(_, &(_, since))| now >= since.saturating_add(CLAIM_HOLD_MS))
-            .map(|(&s, &(m, _))| (s, m))
-            .collect();
-        for (s, _) in &due {
-            self.held.remove(s);
-        }
+        let mut due: Vec<(u32, MemberId)> = Vec::new();
+        self.held.retain(|&s, &mut (m, since)| {
+            let waited = now >= since.saturating_add(CLAIM_HOLD_MS);
+            if waited {
+                due.push((s, m));
+            }
+            !waited
+        });
         self.assign_all(due)
     }
 
     fn announce(&mut self, m: MemberId, sums: &[u32]) -> Vec<Out> {
-        let mut ask = Vec::new();
+        let mut picks = Vec::new();
         for &s in sums {
             if self.published.contains_key(&s) {
                 continue;
@@ -442,12 +440,10 @@ impl Hub {
             // A second member holds it: that one publishes a frame of its own page.
             let first = self.candidates.get(&s).and_then(|who| who.first()).copied();
             if first.is_some_and(|f| f != m) {
-                self.held.remove(&s);
-                self.assigned.insert(s, m);
-                ask.push(s);
+                picks.push((s, m));
             }
         }
-        please_publish(m, self.members.len(), &ask)
+        self.assign_all(picks)
     }
 
     fn publish(&mut self, m: MemberId, id: u64, frames: u32, sums: Vec<u32>) -> Vec<Out> {
