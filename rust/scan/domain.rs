@@ -248,12 +248,10 @@ impl<M: Mem> Core<M> {
     fn private_may_move(&self, keys: impl IntoIterator<Item = u64>) -> bool {
         let hash_of = |f| self.frames.hash(f);
         let due = self.domain.as_ref().is_none_or(|d| d.private_due);
-        let own = !due
-            && self.counters.pages_shared > 0
+        !due && self.counters.pages_shared > 0
             && keys
                 .into_iter()
-                .any(|k| self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f)));
-        own
+                .any(|k| self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f)))
     }
 
     /// A full scan begins (see `DomainState::begin_scan`).
@@ -342,19 +340,21 @@ impl<M: Mem> Core<M> {
             d.wanted.insert(*c, d.scans);
             false
         });
-        let queued: Vec<u32> = publish.iter().map(|p| p.2).collect();
-        let (publish, mut rest) = self.with_twins(publish);
+        publish.sort_unstable_by_key(|p| p.0);
+        let held = self.with_twins(&publish);
+        let taken = held.as_ref().map_or(publish.len(), |h| h.1);
         let Some(d) = &mut self.domain else {
             return DomainOut::default();
         };
         // What did not fit this segment, for lack of room once repeats were held in
         // place, stays queued for the next one (still `publishing`): asked, not yet.
-        let later: HashSet<u32> = rest.iter().map(|p| p.2).collect();
-        let asked = queued.into_iter().filter(|c| !later.contains(c)).collect();
+        let mut rest = publish.split_off(taken);
+        let asked = publish.iter().map(|p| p.2).collect();
         if !rest.is_empty() {
             rest.append(&mut d.publish);
             d.publish = rest;
         }
+        let publish = held.map_or(publish, |h| h.0);
         d.counters.announced += d.announce.len() as u64;
         d.counters.published += publish.len() as u64;
         DomainOut {
@@ -366,7 +366,7 @@ impl<M: Mem> Core<M> {
         }
     }
 
-    /// `publish` in address order, with the repeats between its pages held in place
+    /// `publish` (in address order), with the repeats between its pages held in place
     /// (see `broker::twin_run_max`): where at most `twin_run_max` pages lie between
     /// two pages of it in one region, and each of them holds a content published or
     /// queued already (merged onto a domain frame, or unmerged with a checksum queued
@@ -375,20 +375,18 @@ impl<M: Mem> Core<M> {
     /// around them, one mapping, instead of breaking twice to map the frames made
     /// where those contents first occurred.
     ///
-    /// A segment holds at most `PUBLISH_MAX` frames, the queue's size: the pages that
-    /// no longer fit once repeats are held are returned apart, to be queued for the
-    /// next segment. (Held only where room was left, a full queue, which a scan of a
+    /// None if no repeat is held in this domain (`publish` goes as it is). A segment
+    /// holds at most `PUBLISH_MAX` frames, the queue's size: also returns how many
+    /// pages of `publish` it holds; the others no longer fit once repeats are held,
+    /// and are queued for the next segment. (Held only where room was left, a full queue, which a scan of a
     /// segment's worth of pages per batch makes every time, held none: 16 members of
     /// 64 MiB of stdlib data published their first segments without them, and a
     /// member's data broke at ~220 short repeats more.)
-    fn with_twins(&self, mut publish: Vec<Queued>) -> (Vec<Queued>, Vec<Queued>) {
-        publish.sort_unstable_by_key(|p| p.0);
-        let Some(d) = &self.domain else {
-            return (publish, Vec::new());
-        };
+    fn with_twins(&self, publish: &[Queued]) -> Option<(Vec<Queued>, usize)> {
+        let d = self.domain.as_ref()?;
         let most = twin_run_max(d.members);
         if most == 0 || publish.len() < 2 {
-            return (publish, Vec::new());
+            return None;
         }
         let page = self.page;
         let hash_of = |f| self.frames.hash(f);
@@ -418,7 +416,7 @@ impl<M: Mem> Core<M> {
         let mut out = Vec::with_capacity(publish.len());
         for (k, &here) in publish.iter().enumerate() {
             if out.len() == PUBLISH_MAX {
-                return (out, publish[k..].to_vec());
+                return Some((out, k));
             }
             out.push(here);
             let Some(&(next, _, _)) = publish.get(k + 1) else {
@@ -447,7 +445,7 @@ impl<M: Mem> Core<M> {
                 );
             }
         }
-        (out, Vec::new())
+        Some((out, publish.len()))
     }
 
     /// The domain's counters (zero outside a domain).
