@@ -48,6 +48,15 @@ pub struct MemberStats {
     pub last_error: Option<String>,
 }
 
+/// Rung by the domain's thread when something arrives (a segment, a request to
+/// publish): a scanner that pauses between full scans (see `Engine::idle_pause`)
+/// starts its next batch at once.
+fn ring_scanner() {
+    if let Some(e) = super::ENGINE.get() {
+        e.wake.notify_all();
+    }
+}
+
 impl Engine {
     /// Join domain `name` (see the Python `ksm.join`). Joining the same name again
     /// does nothing; another name while joined is refused.
@@ -72,7 +81,7 @@ impl Engine {
                 format!("merging is not available in this process: {why}"),
             ));
         }
-        let link = Link::start(name, spawner, page_checksum)
+        let link = Link::start(name, spawner, page_checksum, ring_scanner)
             .map_err(|e| Error::io("joining a merge domain", e))?;
         st.core.join_domain();
         st.domain = Some(link);

@@ -113,6 +113,9 @@ struct State {
     /// Whether a full scan changed something since the allocator was last trimmed
     /// (see `scanner.rs`).
     trim_due: bool,
+    /// Full scans in a row that changed nothing in a merge domain (see
+    /// `Engine::idle_pause`).
+    idle_scans: u32,
 }
 
 /// The per-process engine.
@@ -219,6 +222,7 @@ impl Engine {
                 usage_aged: false,
                 usage_scan_done_totals: (0, 0),
                 trim_due: false,
+                idle_scans: 0,
             }),
             wake: Condvar::new(),
             scanned: Condvar::new(),

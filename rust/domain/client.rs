@@ -161,8 +161,14 @@ pub struct LinkStats {
 
 impl Link {
     /// Join domain `name` (checked): start the thread, which connects (starting a
-    /// broker with `spawner` if none runs) and says hello.
-    pub fn start(name: &str, spawner: Spawner, sum: fn(&[u8]) -> u32) -> io::Result<Link> {
+    /// broker with `spawner` if none runs) and says hello. `bell` is rung after
+    /// anything is put in the inbox (see `Link::take`), from the link's thread.
+    pub fn start(
+        name: &str,
+        spawner: Spawner,
+        sum: fn(&[u8]) -> u32,
+        bell: fn(),
+    ) -> io::Result<Link> {
         if let Some(e) = proto::name_error(name) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
         }
@@ -182,6 +188,7 @@ impl Link {
                     path,
                     spawner,
                     sum,
+                    bell,
                     shared: s,
                     wake: wake_rx,
                     sock: None,
@@ -219,6 +226,16 @@ impl Link {
     /// What arrived since the last call.
     pub fn take(&self) -> Vec<Inbound> {
         std::mem::take(&mut *self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether something arrived that `take` has not taken yet.
+    pub fn has_inbound(&self) -> bool {
+        !self
+            .shared
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     pub fn stats(&self) -> LinkStats {
@@ -328,6 +345,8 @@ struct Worker {
     path: PathBuf,
     spawner: Spawner,
     sum: fn(&[u8]) -> u32,
+    /// Rung after each push to the inbox.
+    bell: fn(),
     shared: Arc<Shared>,
     wake: Socket,
     sock: Option<Socket>,
@@ -491,6 +510,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(m);
+        (self.bell)();
     }
 
     fn refused(&mut self, why: &str) {
