@@ -38,7 +38,12 @@ U32 = "0 .. 2**32-1"
 KNOBS: tuple[Knob, ...] = (
     Knob("run", "0", "0, 1, 2", "0 stop and keep merges, 1 run, 2 stop and unmerge everything"),
     Knob("pages_to_scan", "100", U32, "pages per batch (refused while advisor_mode is 'scan-time')"),
-    Knob("sleep_millisecs", "20", U32, "pause between batches"),
+    Knob(
+        "sleep_millisecs",
+        "20",
+        U32,
+        "pause between batches (in a merge domain, at least 1-20 ms after full scans that changed nothing)",
+    ),
     Knob(
         "max_page_sharing",
         "256",

@@ -125,7 +125,9 @@ class Ksmd:
       (which also resets ``full_scans``).
     - ``pages_to_scan`` (100; 0..2**32-1): pages per batch. Refused (ValueError)
       while ``advisor_mode`` is ``"scan-time"``, which sets it.
-    - ``sleep_millisecs`` (20; 0..2**32-1): pause between batches.
+    - ``sleep_millisecs`` (20; 0..2**32-1): pause between batches. In a merge
+      domain, after full scans that changed nothing, the next full scan waits at
+      least 1 ms, doubling up to 20 ms, unless something arrives from the domain.
     - ``max_page_sharing`` (256; 2..2**31-1): most pages per frame; a content with
       more users gets more frames (``stable_node_chains``/``stable_node_dups``).
       Changeable only while ``pages_shared`` is 0 (OSError EBUSY).
