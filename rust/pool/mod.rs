@@ -64,6 +64,59 @@ struct Block {
     age: u32,
 }
 
+/// The blocks held, by block number: a vector, since block numbers are handed out
+/// from 0 up and reused, so that a domain frame's block is one index away (every
+/// visit of a page on a domain frame asks for it; a map's search was measurable).
+#[derive(Debug, Default, Clone)]
+struct Blocks(Vec<Option<Block>>);
+
+impl Blocks {
+    fn get(&self, b: u32) -> Option<&Block> {
+        self.0.get(b as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, b: u32) -> Option<&mut Block> {
+        self.0.get_mut(b as usize)?.as_mut()
+    }
+
+    fn insert(&mut self, b: u32, blk: Block) {
+        let i = b as usize;
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(blk);
+    }
+
+    fn remove(&mut self, b: u32) {
+        if let Some(slot) = self.0.get_mut(b as usize) {
+            *slot = None;
+        }
+        while matches!(self.0.last(), Some(None)) {
+            self.0.pop();
+        }
+    }
+
+    /// (block number, block), by block number.
+    fn iter(&self) -> impl Iterator<Item = (u32, &Block)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(b, blk)| Some((b as u32, blk.as_ref()?)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Block> {
+        self.0.iter().flatten()
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Block> {
+        self.0.iter_mut().flatten()
+    }
+
+    fn len(&self) -> usize {
+        self.values().count()
+    }
+}
+
 /// Frame bookkeeping, no syscalls (fuzzed and unit-tested).
 #[derive(Debug, Default, Clone)]
 pub struct FrameTable {
@@ -93,7 +146,7 @@ pub struct FrameTable {
     quiet_epoch: u32,
     live: u32,
     /// Domain segments by block number, and block numbers by segment identity.
-    blocks: BTreeMap<u32, Block>,
+    blocks: Blocks,
     block_of: HashMap<u64, u32>,
     next_block: u32,
     free_blocks: Vec<u32>,
@@ -308,7 +361,7 @@ impl FrameTable {
     /// The block of domain frame `f` and its index there.
     fn domain(&self, f: FrameId) -> Option<(&Block, usize)> {
         let (b, i) = split_domain(f);
-        let blk = self.blocks.get(&b)?;
+        let blk = self.blocks.get(b)?;
         (i < blk.refs.len()).then_some((blk, i))
     }
 
@@ -316,7 +369,7 @@ impl FrameTable {
         let (b, i) = split_domain(f);
         let blk = self
             .blocks
-            .get_mut(&b)
+            .get_mut(b)
             .expect("a domain frame of a block we hold");
         (blk, i)
     }
@@ -510,7 +563,7 @@ impl FrameTable {
     /// Frames with at least one reference (the pool's, then the domain's).
     pub fn referenced(&self) -> impl Iterator<Item = FrameId> + '_ {
         let pool = (0..self.refs.len() as u32).filter(|&f| self.refs[f as usize] > 0);
-        let domain = self.blocks.iter().flat_map(|(&b, blk)| {
+        let domain = self.blocks.iter().flat_map(|(b, blk)| {
             (0..blk.refs.len())
                 .filter(|&i| blk.refs[i] > 0)
                 .map(move |i| join_domain(b, i))
@@ -553,14 +606,15 @@ impl FrameTable {
     /// The first frame id and frame count of segment `id`, if here.
     pub fn segment(&self, id: u64) -> Option<(FrameId, u32)> {
         let &b = self.block_of.get(&id)?;
-        Some((join_domain(b, 0), self.blocks[&b].refs.len() as u32))
+        let blk = self.blocks.get(b).expect("indexed");
+        Some((join_domain(b, 0), blk.refs.len() as u32))
     }
 
     /// Mark segment `id` retired (out of the index: the caller removes its frames
     /// from it). Returns its first frame id and frame count.
     pub fn retire_segment(&mut self, id: u64) -> Option<(FrameId, u32)> {
         let &b = self.block_of.get(&id)?;
-        let blk = self.blocks.get_mut(&b).expect("indexed");
+        let blk = self.blocks.get_mut(b).expect("indexed");
         if blk.retired {
             return None;
         }
@@ -574,7 +628,7 @@ impl FrameTable {
     /// its first frame id and frame count, for the caller to index its frames again.
     pub fn unretire_segment(&mut self, id: u64) -> Option<(FrameId, u32)> {
         let &b = self.block_of.get(&id)?;
-        let blk = self.blocks.get_mut(&b).expect("indexed");
+        let blk = self.blocks.get_mut(b).expect("indexed");
         if !blk.retired {
             return None;
         }
@@ -612,7 +666,7 @@ impl FrameTable {
         self.blocks
             .iter()
             .filter(|(_, blk)| blk.retired && blk.pages == 0)
-            .map(|(&b, blk)| (blk.id, join_domain(b, 0), blk.refs.len() as u32))
+            .map(|(b, blk)| (blk.id, join_domain(b, 0), blk.refs.len() as u32))
             .collect()
     }
 
@@ -622,10 +676,11 @@ impl FrameTable {
         let Some(&b) = self.block_of.get(&id) else {
             return false;
         };
-        if !self.blocks[&b].retired || self.blocks[&b].pages > 0 {
+        let blk = self.blocks.get(b).expect("indexed");
+        if !blk.retired || blk.pages > 0 {
             return false;
         }
-        self.blocks.remove(&b);
+        self.blocks.remove(b);
         self.block_of.remove(&id);
         self.free_blocks.push(b);
         self.retired_blocks -= 1;

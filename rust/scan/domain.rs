@@ -465,6 +465,8 @@ impl<M: Mem> Core<M> {
             // joined it again (the broker offers live segments only). Back in the index,
             // the view we have kept serving; our pages on it stay where they are.
             if let Some((f0, n)) = self.frames.unretire_segment(id) {
+                let frames = &self.frames;
+                self.stable.reserve(n as usize, |f| frames.hash(f));
                 for f in f0..f0 + n {
                     let frames = &self.frames;
                     let k = frames.hash(f);
@@ -484,6 +486,8 @@ impl<M: Mem> Core<M> {
             return None;
         };
         d.private_due |= private;
+        let frames = &self.frames;
+        self.stable.reserve(keys.len(), |f| frames.hash(f));
         for (i, &k) in keys.iter().enumerate() {
             let frames = &self.frames;
             self.stable.push(k, f0 + i as FrameId, |f| frames.hash(f));
