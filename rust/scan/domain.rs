@@ -36,7 +36,9 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 
+use super::index::KeyIsHash;
 use super::runs::MIN_TILE;
 use super::{key_of, Core, Mem, Target};
 use crate::domain::broker::twin_run_max;
@@ -89,11 +91,18 @@ pub struct DomainOut {
     pub asked: Vec<u32>,
 }
 
+/// A set of this process's own content checksums (32 bits of xxh3, already uniform:
+/// hashed by one multiplication, as the indexes' keys are, where the default
+/// hasher's SipHash took a measurable share of a member's scan, which asks for
+/// every unmerged page whether it was announced).
+type Sums = HashSet<u32, BuildHasherDefault<KeyIsHash>>;
+
 /// What the core keeps of its domain.
 #[derive(Debug, Default)]
 pub struct DomainState {
-    announced: HashSet<u32>,
+    announced: Sums,
     /// Checksums asked for, with the full scan (count) in which they were asked.
+    /// (Keys the broker sent: hashed with the default, keyed hasher.)
     wanted: HashMap<u32, u64>,
     /// Full scans ended since joining.
     scans: u64,
@@ -107,9 +116,9 @@ pub struct DomainState {
     /// The page budget of the latest batch (`pages_to_scan`).
     pub(super) batch_budget: u64,
     /// Checksums queued to publish, or published and not yet taken in: queued once.
-    publishing: HashSet<u32>,
+    publishing: Sums,
     /// Contents this process holds twice, claimed from the domain (once), to claim.
-    claimed: HashSet<u32>,
+    claimed: Sums,
     claim: Vec<u32>,
     /// Segments retired for compaction whose pages of ours are to move off: (the
     /// segment's id, the full scan at whose end they move; see `retire_segment`).
