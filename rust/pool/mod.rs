@@ -65,8 +65,9 @@ struct Block {
 }
 
 /// The blocks held, by block number: a vector, since block numbers are handed out
-/// from 0 up and reused, so that a domain frame's block is one index away (every
-/// visit of a page on a domain frame asks for it; a map's search was measurable).
+/// from 0 up and reused, so that a domain frame's block is one index away (its key,
+/// references and room are looked up many times a scan; an ordered map's search
+/// was measurable).
 #[derive(Debug, Default, Clone)]
 struct Blocks(Vec<Option<Block>>);
 

@@ -477,7 +477,6 @@ impl<M: Mem> Core<M> {
                 let frames = &self.frames;
                 self.stable.reserve(n as usize, |f| frames.hash(f));
                 for f in f0..f0 + n {
-                    let frames = &self.frames;
                     let k = frames.hash(f);
                     self.stable.push(k, f, |f| frames.hash(f));
                     d.wanted.remove(&(k as u32));
