@@ -1,8 +1,9 @@
 //! `domain_hub`: the broker's bookkeeping (`ksm::domain::broker::Hub`) under
-//! random joins, leaves, announces, claims, the clock's ticks, publishes (with segment ids, new and taken),
-//! declines, usage reports (of segments known and unknown, any age and bitmap),
-//! scan-done and statistics queries, messages only a broker sends, messages from
-//! members gone or never joined, and refusals, checked against a model.
+//! random joins, leaves, announces, claims, the clock's ticks, publishes (with
+//! segment ids, new and taken), declines, usage reports (of segments known and
+//! unknown, any age and bitmap), scan-done and statistics queries, messages only a
+//! broker sends, messages from members gone or never joined, and refusals, checked
+//! against a model.
 //!
 //! Every message a member sends goes through `encode` and `decode` first, as it
 //! does between processes, so the hub only sees what the decoder lets through.

@@ -513,11 +513,13 @@ impl Hub {
         let mut dead: Vec<u64> = Vec::new();
         for (&id, s) in &self.segments {
             let (bits, _) = self.mapped(id);
-            let twin = |i: usize| s.sums.get(i).is_some_and(|c| holder.contains(c));
-            let in_place = in_place_twins(s.frames as usize, twin);
+            let twins: Vec<bool> = (0..s.frames as usize)
+                .map(|i| s.sums.get(i).is_some_and(|c| holder.contains(c)))
+                .collect();
+            let in_place = in_place_twins(&twins);
             let live = (0..s.frames as usize)
                 .filter(|&i| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1))
-                .filter(|&i| !twin(i) || in_place[i])
+                .filter(|&i| !twins[i] || in_place[i])
                 .count() as u32;
             let aged = self
                 .members
@@ -676,18 +678,19 @@ impl Hub {
     }
 }
 
-/// Of the `frames` frames of a segment, which of those `twin` says hold a content
-/// published before are repeats held in place (see [`twin_run_max`]): in a run of at
-/// most [`TWIN_RUN_MAX`] such frames, with a frame of another content on each side.
-fn in_place_twins(frames: usize, twin: impl Fn(usize) -> bool) -> Vec<bool> {
+/// Of a segment's frames, which of those `twins` marks (holding a content published
+/// before) are repeats held in place (see [`twin_run_max`]): in a run of at most
+/// [`TWIN_RUN_MAX`] such frames, with a frame of another content on each side.
+fn in_place_twins(twins: &[bool]) -> Vec<bool> {
+    let frames = twins.len();
     let mut out = vec![false; frames];
     let mut i = 0;
     while i < frames {
-        if !twin(i) {
+        if !twins[i] {
             i += 1;
             continue;
         }
-        let end = (i..frames).find(|&j| !twin(j)).unwrap_or(frames);
+        let end = (i..frames).find(|&j| !twins[j]).unwrap_or(frames);
         if i > 0 && end < frames && end - i <= TWIN_RUN_MAX {
             out[i..end].fill(true);
         }
@@ -1251,9 +1254,9 @@ mod tests {
 
     #[test]
     fn in_place_twins_are_short_runs_between_other_contents() {
-        let twin = |pat: &'static str| move |i: usize| pat.as_bytes()[i] == b't';
-        let got = |pat: &'static str| {
-            in_place_twins(pat.len(), twin(pat))
+        let got = |pat: &str| {
+            let twins: Vec<bool> = pat.bytes().map(|b| b == b't').collect();
+            in_place_twins(&twins)
                 .iter()
                 .map(|&b| if b { 'y' } else { '.' })
                 .collect::<String>()
@@ -1262,8 +1265,7 @@ mod tests {
         // At either end of the segment: not between other contents.
         assert_eq!(got("ttoot"), ".....");
         let long = "o".to_string() + &"t".repeat(TWIN_RUN_MAX + 1) + "o";
-        let long: &'static str = Box::leak(long.into_boxed_str());
-        assert!(!got(long).contains('y'));
+        assert!(!got(&long).contains('y'));
     }
 
     #[test]

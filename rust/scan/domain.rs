@@ -387,10 +387,10 @@ impl<M: Mem> Core<M> {
     /// None if no repeat is held in this domain (`publish` goes as it is). A segment
     /// holds at most `PUBLISH_MAX` frames, the queue's size: also returns how many
     /// pages of `publish` it holds; the others no longer fit once repeats are held,
-    /// and are queued for the next segment. (Held only where room was left, a full queue, which a scan of a
-    /// segment's worth of pages per batch makes every time, held none: 16 members of
-    /// 64 MiB of stdlib data published their first segments without them, and a
-    /// member's data broke at ~220 short repeats more.)
+    /// and are queued for the next segment. (Held only where room was left, a full
+    /// queue, which a scan of a segment's worth of pages per batch makes every time,
+    /// held none: 16 members of 64 MiB of stdlib data published their first segments
+    /// without them, and a member's data broke at ~220 short repeats more.)
     fn with_twins(&self, publish: &[Queued]) -> Option<(Vec<Queued>, usize)> {
         let d = self.domain.as_ref()?;
         let most = twin_run_max(d.members);
@@ -497,7 +497,6 @@ impl<M: Mem> Core<M> {
         let frames = &self.frames;
         self.stable.reserve(keys.len(), |f| frames.hash(f));
         for (i, &k) in keys.iter().enumerate() {
-            let frames = &self.frames;
             self.stable.push(k, f0 + i as FrameId, |f| frames.hash(f));
             d.wanted.remove(&(k as u32));
             d.publishing.remove(&(k as u32));
