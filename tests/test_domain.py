@@ -566,10 +566,12 @@ def test_garbage_and_lies_on_the_socket_are_refused(name: str, members: list[Mem
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.connect(str(path))
-            # Hello: tag 1, protocol version 2, page size, the domain's name.
-            hello = bytes([1]) + (2).to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
+            # Hello: tag 1, this protocol's version (the socket's name says it:
+            # NAME.vN.sock), page size, the domain's name.
+            version = int(path.name[len(name) + 2 :].split(".")[0])
+            hello = bytes([1]) + version.to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
             s.send(hello + bytes([len(name)]) + name.encode())
-            s.recv(65536)  # welcome
+            assert s.recv(65536), "hello refused: the lie below would not be heard"
             publish = (
                 bytes([3]) + (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
             )
