@@ -385,9 +385,7 @@ def _bench_one(
                 bytes_per_merged_page=nbytes / max(1, sharing),
             )
             if extras:
-                cost = pool.ask("scancost", SCAN_COST_ROUNDS)
-                res["scan_ms"] = _median([r[1] for r in cost]) * 1e3
-                res["vmas"] = round(_median([r[2] for r in cost]))
+                res.update(_scan_costs(pool, mib, seed, pages_to_scan, timeout))
                 left = pool.ask("leavecost", SCAN_COST_ROUNDS)
                 res["domain_scan_ms"] = _median([r[1] for r in left]) * 1e3
                 res["left_scan_ms"] = _median([r[2] for r in left]) * 1e3
@@ -424,19 +422,46 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _alone_scan_ms(mib: float, seed: int, pages_to_scan: int, timeout: float) -> tuple[float, int]:
-    """CPU of a settled full scan per worker's worth of data, inside one process in no
-    domain, and the process's mappings: the process holds two copies of a worker's
-    data (1% of each changed), merged with each other."""
+def _scan_costs(pool: Pool, mib: float, seed: int, pages_to_scan: int, timeout: float) -> dict[str, Any]:
+    """CPU of a settled member's full scan against the same data merged inside one
+    process, and both sides' mappings.
+
+    The one process (no domain) holds two copies of a worker's data (1% of each
+    changed), merged with each other; it is started once the members have settled.
+    Then every ksmd is stopped and the scans are taken one at a time, round after
+    round: the one process, then each member in turn. So no scan shares the CPUs with
+    another scan or a ksmd, and both sides see the same moments of the machine's load
+    (measured minutes apart, the one-process side alone moved by half between runs).
+    Each figure is a median: over rounds for the one process (per copy), over members
+    and rounds for a member."""
     spec = Spec("ksm", 0, mib, 1.0, seed, "", daemon=True, pages_to_scan=pages_to_scan, copies=2)
-    pool = Pool([spec])
+    alone = Pool([spec])
     try:
-        pool.ask("advise")
-        _settle(lambda: pool.ask("stats")[0][1]["pages_sharing"], timeout)
-        r = pool.ask("scancost", SCAN_COST_ROUNDS)[0]
-        return float(r[1]) * 1e3 / spec.copies, int(r[2])
+        alone.ask("advise")
+        _settle(lambda: alone.ask("stats")[0][1]["pages_sharing"], timeout)
+        alone.ask("run", 0)
+        pool.ask("run", 0)
+        member: list[float] = []
+        member_vmas: list[int] = []
+        one: list[float] = []
+        one_vmas: list[int] = []
+        for _ in range(SCAN_COST_ROUNDS):
+            r = alone.ask("scancost", 1)[0]
+            one.append(float(r[1]) / spec.copies)
+            one_vmas.append(int(r[2]))
+            for c in pool.conns:
+                c.send(("scancost", 1))
+                r = c.recv()
+                member.append(float(r[1]))
+                member_vmas.append(int(r[2]))
+        return {
+            "scan_ms": _median(member) * 1e3,
+            "vmas": round(_median([float(v) for v in member_vmas])),
+            "alone_scan_ms": _median(one) * 1e3,
+            "alone_vmas": round(_median([float(v) for v in one_vmas])),
+        }
     finally:
-        pool.close()
+        alone.close()
 
 
 def _compaction(pool: Pool, domain: str, npages: int, seed: int) -> dict[str, Any]:
@@ -508,9 +533,7 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 if k is not None:
                     print(f"workers: {label}: kernel{tag} ...", file=err, flush=True)
                     kernel.append(_bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k))
-            print(f"workers: {label}: one process alone (no domain) ...", file=err, flush=True)
             ours = _medians(mine)
-            ours["alone_scan_ms"], ours["alone_vmas"] = _alone_scan_ms(mib, args.seed, 10_000, args.timeout)
             theirs = _medians(kernel) if kernel else None
             rows.append((label, ours, theirs))
     finally:
