@@ -74,9 +74,17 @@ impl Engine {
     /// this thread's, and that of the threads it hashed pages on.
     fn batch(st: &mut State, budget: u64) -> bool {
         let t0 = sys::thread_cpu_ns();
-        Self::domain_take_in(st);
-        let done = st.core.scan_batch(budget);
-        Self::domain_send_out(st);
+        let mut budget = budget;
+        let done = loop {
+            Self::domain_take_in(st);
+            let done = st.core.scan_batch(budget);
+            Self::domain_send_out(st);
+            // Ended early to publish a segment's worth of pages: the rest of the batch.
+            match st.core.take_publish_cut() {
+                Some(left) if !done && left > 0 && left < budget => budget = left,
+                _ => break done,
+            }
+        };
         st.scan_cpu_ns += sys::thread_cpu_ns().saturating_sub(t0)
             + std::mem::take(&mut st.core.mem.helper_cpu_ns);
         done

@@ -130,6 +130,10 @@ impl<M: Mem> Core<M> {
         if let Some(d) = &mut self.domain {
             d.batch_budget = budget;
         }
+        // The batch ends early when the queue of pages to publish fills during it (not
+        // when it was full already: nothing took it out, as when the core is driven
+        // without an engine).
+        let cut_when_full = !self.publish_queue_full();
         // Whatever a batch that ended early (a panic) left is no snapshot of this one's.
         self.sums_ahead.clear();
         // With more than one hash thread, checksums are taken ahead of the visits; for
@@ -261,6 +265,18 @@ impl<M: Mem> Core<M> {
                         if j > i && self.mem.probe(from + i * page, fresh).is_ok() {
                             pres[i..j].copy_from_slice(fresh);
                         }
+                    }
+                    // A segment's worth of pages queued to publish: end the batch here,
+                    // so that they go out now (members wait for them) and the pages
+                    // after this one can be queued in turn. Else the visits after it,
+                    // queueing nothing, left what was asked of this member to the next
+                    // full scan, and at its end declined what was asked before this one
+                    // began: asked again of another member, a full scan of its later.
+                    if cut_when_full && self.publish_queue_full() && scanned < budget {
+                        self.cursor = Some(from + i * page);
+                        self.sums_ahead.clear();
+                        self.publish_cut = Some(budget - scanned);
+                        return false;
                     }
                 }
             }

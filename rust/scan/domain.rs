@@ -174,7 +174,15 @@ impl DomainState {
 
     /// Queue the page at `t` to be copied into the next segment, once per checksum.
     fn queue(&mut self, t: Target, checksum: u32) -> bool {
-        if self.publish.len() >= PUBLISH_MAX || !self.publishing.insert(checksum) {
+        if self.publish.len() >= PUBLISH_MAX {
+            // Held here, no room: still asked for (declined only once a whole full scan
+            // found no page holding it, see `Core::domain_end_scan`).
+            if let Some(at) = self.wanted.get_mut(&checksum) {
+                *at = self.scans;
+            }
+            return false;
+        }
+        if !self.publishing.insert(checksum) {
             return false;
         }
         self.wanted.remove(&checksum);
@@ -261,6 +269,22 @@ impl<M: Mem> Core<M> {
             && keys
                 .into_iter()
                 .any(|k| self.stable.get(k, &hash_of).any(|f| !pool::is_domain(f)))
+    }
+
+    /// Whether a segment's worth of pages is queued to publish: the batch ends at
+    /// this page, so that they go out now and the visits after it can queue more
+    /// (see `Core::scan_batch`).
+    pub(super) fn publish_queue_full(&self) -> bool {
+        self.domain
+            .as_ref()
+            .is_some_and(|d| d.publish.len() >= PUBLISH_MAX)
+    }
+
+    /// The budget left of the latest batch, if it ended early because a segment's
+    /// worth of pages was queued to publish (taken: the engine publishes them and goes
+    /// on with the batch).
+    pub fn take_publish_cut(&mut self) -> Option<u64> {
+        self.publish_cut.take()
     }
 
     /// A full scan begins (see `DomainState::begin_scan`).

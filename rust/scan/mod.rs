@@ -150,6 +150,9 @@ pub struct Core<M: Mem> {
     /// it from the `hash_threads` knob); 1: each page is hashed by its visit.
     pub hash_threads: usize,
     sums_ahead: SumsAhead,
+    /// The budget the latest batch left, when it ended early to publish a full
+    /// segment's worth of queued pages (see `take_publish_cut`).
+    publish_cut: Option<u64>,
     buf: Vec<u8>,
     buf2: Vec<u8>,
     /// The merge domain joined, if any (see `domain.rs`).
@@ -233,6 +236,7 @@ impl<M: Mem> Core<M> {
             scan_end_metadata: 0,
             hash_threads: 1,
             sums_ahead: SumsAhead::default(),
+            publish_cut: None,
             buf: vec![0; page],
             buf2: vec![0; page],
             domain: None,

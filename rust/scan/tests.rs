@@ -1711,6 +1711,71 @@ fn repeats_are_held_in_place_in_a_full_segment_and_what_no_longer_fits_goes_into
 }
 
 #[test]
+fn a_batch_ends_when_a_segment_is_queued_so_that_the_rest_is_queued_in_the_same_scan() {
+    let most = crate::pool::BLOCK_FRAMES as usize;
+    let n = most + most / 2;
+    let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
+    let mut c = joined(n, false, |i| i);
+    c.set_domain_connected(true);
+    c.scan_full(2);
+    let _ = c.take_domain_out();
+    c.domain_wants(2, &sums);
+    // The batch stops at the page that filled the queue, with the budget it left.
+    assert!(!c.scan_batch(u64::MAX), "the batch ended early");
+    assert!(c.take_publish_cut().is_some_and(|left| left > 0));
+    assert!(c.take_publish_cut().is_none(), "taken once");
+    let first = c.take_domain_out();
+    let pages: Vec<usize> = first.publish.iter().map(|p| (p.0 - BASE) / PG).collect();
+    assert_eq!(pages, (0..most).collect::<Vec<_>>());
+    // The rest of the same full scan queues the rest.
+    assert!(c.scan_batch(u64::MAX), "the full scan ended");
+    assert!(c.take_publish_cut().is_none());
+    let next = c.take_domain_out();
+    let pages: Vec<usize> = next.publish.iter().map(|p| (p.0 - BASE) / PG).collect();
+    assert_eq!(pages, (most..n).collect::<Vec<_>>());
+    assert!(first.decline.is_empty() && next.decline.is_empty());
+    c.check_invariants();
+}
+
+#[test]
+fn a_checksum_asked_for_is_not_declined_while_its_page_waits_for_room_in_the_queue() {
+    // Asked for during a full scan, after its pages were visited: the next full scan is
+    // the one that must find them. Nothing takes the queue out during it (a core driven
+    // without an engine), so the pages after a segment's worth wait for room: they
+    // still hold their checksums, and are not declined at that scan's end.
+    let most = crate::pool::BLOCK_FRAMES as usize;
+    let n = most + 64;
+    let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
+    let mut c = joined(n, false, |i| i);
+    c.set_domain_connected(true);
+    c.scan_full(2);
+    let _ = c.take_domain_out();
+    assert!(
+        !c.scan_batch(n as u64 - 1),
+        "the last page is left, the scan goes on"
+    );
+    c.domain_wants(2, &sums[..n - 1]);
+    while !c.scan_batch(1) {}
+    let _ = c.take_domain_out();
+    c.scan_full(1);
+    let out = c.take_domain_out();
+    assert!(out.decline.is_empty(), "{} declined", out.decline.len());
+    assert_eq!(out.publish.len(), most);
+    // The next full scan queues the rest.
+    c.scan_full(1);
+    let rest: Vec<u32> = c.take_domain_out().publish.iter().map(|p| p.2).collect();
+    let queued: std::collections::HashSet<u32> = out.publish.iter().map(|p| p.2).collect();
+    let want: Vec<u32> = sums[..n - 1]
+        .iter()
+        .copied()
+        .filter(|s| !queued.contains(s))
+        .collect();
+    assert_eq!(want.len(), n - 1 - most);
+    assert_eq!(rest, want);
+    c.check_invariants();
+}
+
+#[test]
 fn a_segment_holding_repeats_in_place_is_mapped_in_one_run() {
     // Another member's segment of pages 0-7, pages 4-5 held again in place: pages 0-7
     // of ours map frames f0.. f0 + 7 in order (without the repeats, pages 4-5 would map
