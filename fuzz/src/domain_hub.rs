@@ -30,7 +30,9 @@
 //!   `RETIRE_AGE` of which no frame is in use, or more than a fifth (and at least
 //!   `COMPACT_DEAD`) are not (a frame in use: mapped by some member, and not a twin
 //!   of a frame of a segment of lower id that stays and that every member has had
-//!   as long); every member is told;
+//!   as long) while the frames no member maps are more than a `COMPACT_WASTE_DIV`-th
+//!   of those mapped, or some of its mapped frames are such twins; every member is
+//!   told;
 //! * `stats()` (and the `Stats` reply) agrees with a model computed from the last
 //!   usage reports: `pages_shared` = `live_frames` = frames mapped by some member,
 //!   `pages_sharing` = Σ pages − frames mapped (per segment, never below 0),
@@ -43,7 +45,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::{Arbitrary, Unstructured};
 use ksm::domain::broker::{
-    Hub, MemberId, Out, ANNOUNCERS, CLAIM_HOLD_MS, COMPACT_DEAD, RETIRE_AGE, TWIN_RUN_MAX,
+    Hub, MemberId, Out, ANNOUNCERS, CLAIM_HOLD_MS, COMPACT_DEAD, COMPACT_WASTE_DIV, RETIRE_AGE,
+    TWIN_RUN_MAX,
 };
 use ksm::domain::proto::{decode, DomainStats, Msg, SegUsage, BITMAP_WORDS, VERSION};
 use ksm::scan::fake::IntMap;
@@ -209,7 +212,9 @@ impl Model {
     /// member reported at that age too, unless held in place: one of at most
     /// `TWIN_RUN_MAX` twins in a row between frames that are none), or more than a
     /// fifth and at least
-    /// `COMPACT_DEAD` frames are not.
+    /// `COMPACT_DEAD` frames are not, while the segments' frames that no member maps
+    /// are more than a `COMPACT_WASTE_DIV`-th of those mapped or some of its mapped
+    /// frames are twins (not held in place).
     fn to_retire(&self) -> Vec<u64> {
         if !self.members.iter().any(|m| self.active.contains(m)) {
             return Vec::new();
@@ -225,6 +230,15 @@ impl Model {
                         .is_some_and(|u| u.age >= RETIRE_AGE)
                 })
         };
+        // Frames mapped by no member in all the segments, against those mapped: partly
+        // dead segments are compacted only above a twentieth (or for their twins).
+        let (mut all, mut on) = (0u64, 0u64);
+        for (&id, g) in &self.segs {
+            let (bits, _) = self.mapped(id);
+            all += u64::from(g.frames);
+            on += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        }
+        let compact = (all - on) * COMPACT_WASTE_DIV > on;
         let mut out: Vec<u64> = Vec::new();
         for (&id, g) in &self.segs {
             let (bits, _) = self.mapped(id);
@@ -242,15 +256,14 @@ impl Model {
                 let hi = (i..n).find(|&j| !is_twin(j));
                 matches!((lo, hi), (Some(lo), Some(hi)) if hi - lo - 1 <= TWIN_RUN_MAX)
             };
-            let in_use = (0..g.frames)
-                .filter(|&i| {
-                    let i = i as usize;
-                    let mapped = i < 64 * BITMAP_WORDS && bits[i / 64] & (1 << (i % 64)) != 0;
-                    mapped && (!is_twin(i) || in_place(i))
-                })
+            let mapped = |i: usize| i < 64 * BITMAP_WORDS && bits[i / 64] & (1 << (i % 64)) != 0;
+            let in_use = (0..g.frames as usize)
+                .filter(|&i| mapped(i) && (!is_twin(i) || in_place(i)))
                 .count() as u32;
+            let twin_dead = (0..g.frames as usize).any(|i| mapped(i) && is_twin(i) && !in_place(i));
             let dead = g.frames - in_use;
-            if aged(id) && (in_use == 0 || (dead >= COMPACT_DEAD && 5 * dead > g.frames)) {
+            let partly = dead >= COMPACT_DEAD && 5 * dead > g.frames && (twin_dead || compact);
+            if aged(id) && (in_use == 0 || partly) {
                 out.push(id);
             }
         }
