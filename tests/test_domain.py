@@ -11,6 +11,7 @@ any user.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -554,37 +555,49 @@ def test_garbage_and_lies_on_the_socket_are_refused(name: str, members: list[Mem
     pages = 16
     a, b = start(members, 2, seed=19, pages=pages, domain=name)
     settle([a, b], pages)
+    before_segments = a("dstats")["dstats"]["segments"]
     path = Path(ksm._ksm._domain_socket(name))
     garbage = [b"", b"\xff" * 100, b"\x01\x01", bytes([2]) + (2**32 - 1).to_bytes(4, "little")]
     for g in garbage:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.connect(str(path))
             s.send(g if g else b"\x00")
-    # A Publish carrying a memfd that is not sealed: a lie about its frames.
-    fd = os.memfd_create("liar")
-    os.ftruncate(fd, ksm.PAGE_SIZE)
+    # Two Publish lies, each carrying one page whose checksum is said to be 5: a memfd
+    # that is not sealed, and a sealed one whose page's bytes do not have that checksum.
+    plain = os.memfd_create("liar")
+    os.ftruncate(plain, ksm.PAGE_SIZE)
+    sealed = os.memfd_create("liar-sealed", os.MFD_ALLOW_SEALING)
+    os.write(sealed, b"\x07" * ksm.PAGE_SIZE)
+    seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, seals)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            s.connect(str(path))
-            # Hello: tag 1, this protocol's version (the socket's name says it:
-            # NAME.vN.sock), page size, the domain's name.
-            version = int(path.name[len(name) + 2 :].split(".")[0])
-            hello = bytes([1]) + version.to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
-            s.send(hello + bytes([len(name)]) + name.encode())
-            assert s.recv(65536), "hello refused: the lie below would not be heard"
-            publish = (
-                bytes([3]) + (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
-            )
-            socket.send_fds(s, [publish], [fd])
-            # Refused: the broker hangs up on a liar.
-            s.settimeout(10)
-            while s.recv(65536):
-                pass
+        for fd in (plain, sealed):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(str(path))
+                # Hello: tag 1, this protocol's version (the socket's name says it:
+                # NAME.vN.sock), page size, the domain's name.
+                version = int(path.name[len(name) + 2 :].split(".")[0])
+                hello = bytes([1]) + version.to_bytes(2, "little") + ksm.PAGE_SIZE.to_bytes(4, "little")
+                s.send(hello + bytes([len(name)]) + name.encode())
+                assert s.recv(65536), "hello refused: the lie below would not be heard"
+                publish = (
+                    bytes([3])
+                    + (1).to_bytes(4, "little")
+                    + (1).to_bytes(4, "little")
+                    + (5).to_bytes(4, "little")
+                )
+                socket.send_fds(s, [publish], [fd])
+                # Refused: the broker hangs up on a liar.
+                s.settimeout(10)
+                while s.recv(65536):
+                    pass
     finally:
-        os.close(fd)
+        os.close(plain)
+        os.close(sealed)
     step([a, b])
     d = a("dstats")["dstats"]
-    assert d["refused"] >= len(garbage) + 1
+    assert d["refused"] >= len(garbage) + 2
+    assert d["segments"] == before_segments, "no segment of a liar was passed on"
     assert (d["members"], d["pages_sharing"]) == (2, pages)
     for m in (a, b):
         assert m("check")["bad"] == []

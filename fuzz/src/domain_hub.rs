@@ -491,8 +491,14 @@ impl Harness {
                 let segs: BTreeSet<u64> = outs[1..]
                     .iter()
                     .map(|o| match o.msg {
-                        Msg::Segment { id, frames, .. } => {
+                        Msg::Segment {
+                            id,
+                            frames,
+                            ref sums,
+                            ..
+                        } => {
                             assert_eq!(frames, self.model.segs[&id].frames);
+                            assert_eq!(sums, &self.model.segs[&id].sums, "its checksums");
                             id
                         }
                         ref x => panic!("a join answered with {x:?}"),
@@ -695,7 +701,8 @@ impl Harness {
                                 Msg::Segment {
                                     id,
                                     frames: n,
-                                    publisher: m
+                                    publisher: m,
+                                    sums: sums.clone(),
                                 }
                             );
                         }
@@ -862,6 +869,7 @@ impl Harness {
                             id: seg_id(*k),
                             frames: 1,
                             publisher: m,
+                            sums: vec![*k as u32],
                         },
                         Some(seg_id(*k)),
                     ),

@@ -109,6 +109,7 @@ pub enum Built {
         id: u64,
         frames: u16,
         publisher: u32,
+        seed: u32,
     },
     PleasePublish {
         members: u32,
@@ -182,11 +183,16 @@ impl Built {
                 id,
                 frames,
                 publisher,
-            } => Msg::Segment {
-                id: *id,
-                frames: 1 + u32::from(*frames) % SEGMENT_FRAMES,
-                publisher: *publisher,
-            },
+                seed,
+            } => {
+                let frames = 1 + u32::from(*frames) % SEGMENT_FRAMES;
+                Msg::Segment {
+                    id: *id,
+                    frames,
+                    publisher: *publisher,
+                    sums: (0..frames).map(|i| i.wrapping_mul(*seed | 1)).collect(),
+                }
+            }
             Built::PleasePublish { members, sums } => Msg::PleasePublish {
                 members: *members,
                 sums: sums.list(MAX_SUMS),
@@ -282,8 +288,9 @@ fn decode_checked(packet: &[u8], fds: usize) -> Option<Msg> {
             assert_eq!(sums.len(), *frames as usize, "one checksum per frame");
         }
         Msg::Usage { segs } => assert!(segs.len() <= MAX_USAGE),
-        Msg::Segment { frames, .. } => {
-            assert!((1..=SEGMENT_FRAMES).contains(frames), "{frames} frames")
+        Msg::Segment { frames, sums, .. } => {
+            assert!((1..=SEGMENT_FRAMES).contains(frames), "{frames} frames");
+            assert_eq!(sums.len(), *frames as usize, "one checksum per frame");
         }
         _ => {}
     }

@@ -7,8 +7,9 @@
 //!   the link's inbox and fills its outbox. Dropping a link (which joins its
 //!   thread) happens after the state lock is released.
 //! * A segment taken from the domain is first checked by the link's thread
-//!   (sealed memfd of the claimed size, checksums computed from its bytes), then
-//!   its frames enter the index and its read-only view is handed to the Os.
+//!   (sealed memfd of the claimed size; its checksums, which the broker checked
+//!   against its bytes, are keys only), then its frames enter the index and its
+//!   read-only view is handed to the Os.
 //! * Segments we publish are built from our own pages' bytes, read as every visit
 //!   reads them (ksm's own memory directly, other memory fault-safely), written
 //!   into a new memfd and sealed before any other process can see it. A page that
@@ -81,7 +82,7 @@ impl Engine {
                 format!("merging is not available in this process: {why}"),
             ));
         }
-        let link = Link::start(name, spawner, page_checksum, ring_scanner)
+        let link = Link::start(name, spawner, ring_scanner)
             .map_err(|e| Error::io("joining a merge domain", e))?;
         st.core.join_domain();
         st.domain = Some(link);

@@ -9,8 +9,10 @@
 //!
 //! What arrives is checked here before the engine sees it: a segment must be a
 //! memfd with every seal (so its bytes can never change, whoever holds it) and
-//! the size it claims; its frames' checksums are computed here from its bytes,
-//! never taken from a message. A broker that sends something malformed is
+//! the size it claims. Its frames' checksums come with it: the broker checked
+//! them against the sealed bytes, and here they are only the keys the engine
+//! indexes its frames by, hints like everything another process says (a page is
+//! remapped onto a frame only once their bytes compare equal). A broker that sends something malformed is
 //! dropped and a new one found. When the broker dies, the member keeps its
 //! merged pages and segments, and the thread connects again, starting a new
 //! broker if none runs.
@@ -48,7 +50,8 @@ pub struct SegmentView {
     /// Its identity (inode number), as this process sees it.
     pub id: u64,
     pub frames: u32,
-    /// The checksum of each frame, computed here from its bytes.
+    /// The checksum of each frame, as the broker sent them (checked there against the
+    /// sealed bytes; a hint here, see the module's comment).
     pub sums: Vec<u32>,
     /// Whether this member published it.
     pub own: bool,
@@ -163,12 +166,7 @@ impl Link {
     /// Join domain `name` (checked): start the thread, which connects (starting a
     /// broker with `spawner` if none runs) and says hello. `bell` is rung after
     /// anything is put in the inbox (see `Link::take`), from the link's thread.
-    pub fn start(
-        name: &str,
-        spawner: Spawner,
-        sum: fn(&[u8]) -> u32,
-        bell: fn(),
-    ) -> io::Result<Link> {
+    pub fn start(name: &str, spawner: Spawner, bell: fn()) -> io::Result<Link> {
         if let Some(e) = proto::name_error(name) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
         }
@@ -187,7 +185,6 @@ impl Link {
                     name: n,
                     path,
                     spawner,
-                    sum,
                     bell,
                     shared: s,
                     wake: wake_rx,
@@ -337,14 +334,13 @@ enum Refusal {
     /// It is not what it claims: the broker is dropped.
     Lie(String),
     /// It cannot be used here now (resources): kept, to try again.
-    Here(String, Memfd),
+    Here(String, Memfd, Vec<u32>),
 }
 
 struct Worker {
     name: String,
     path: PathBuf,
     spawner: Spawner,
-    sum: fn(&[u8]) -> u32,
     /// Rung after each push to the inbox.
     bell: fn(),
     shared: Arc<Shared>,
@@ -356,7 +352,7 @@ struct Worker {
     start_claim: Option<super::place::Held>,
     page: usize,
     /// Segments that could not be mapped here yet: tried again at every wake-up.
-    retry: Vec<(Memfd, u32, u32)>,
+    retry: Vec<(Memfd, u32, u32, Vec<u32>)>,
 }
 
 impl Worker {
@@ -542,18 +538,21 @@ impl Worker {
                 self.shared.members.store(members, Ordering::Relaxed);
             }
             Msg::Segment {
-                frames, publisher, ..
+                frames,
+                publisher,
+                sums,
+                ..
             } => {
                 let memfd = Memfd::from_owned(fds.pop().expect("decode checked one fd"));
-                match self.check_segment(memfd, frames, publisher) {
+                match self.check_segment(memfd, frames, publisher, sums) {
                     Ok(seg) => self.push(Inbound::Segment(seg)),
                     Err(Refusal::Lie(e)) => self.refused(&e),
                     // Out of address space, descriptors or memory here: this segment is
                     // not taken (its pages stay as they are), the link stays.
-                    Err(Refusal::Here(e, memfd)) => {
+                    Err(Refusal::Here(e, memfd, sums)) => {
                         self.shared.skipped.fetch_add(1, Ordering::Relaxed);
                         self.error(format!("a segment could not be mapped here: {e}"));
-                        self.retry.push((memfd, frames, publisher));
+                        self.retry.push((memfd, frames, publisher, sums));
                     }
                 }
             }
@@ -574,10 +573,12 @@ impl Worker {
 
     /// Try again the segments that could not be mapped (resources may be back).
     fn retry_skipped(&mut self) {
-        for (memfd, frames, publisher) in std::mem::take(&mut self.retry) {
-            match self.check_segment(memfd, frames, publisher) {
+        for (memfd, frames, publisher, sums) in std::mem::take(&mut self.retry) {
+            match self.check_segment(memfd, frames, publisher, sums) {
                 Ok(seg) => self.push(Inbound::Segment(seg)),
-                Err(Refusal::Here(_, memfd)) => self.retry.push((memfd, frames, publisher)),
+                Err(Refusal::Here(_, memfd, sums)) => {
+                    self.retry.push((memfd, frames, publisher, sums))
+                }
                 Err(Refusal::Lie(e)) => self.refused(&e),
             }
         }
@@ -589,6 +590,7 @@ impl Worker {
         memfd: Memfd,
         frames: u32,
         publisher: u32,
+        sums: Vec<u32>,
     ) -> Result<SegmentView, Refusal> {
         let size = u64::from(frames) * self.page as u64;
         if !memfd.is_sealed_segment(size) {
@@ -598,15 +600,18 @@ impl Worker {
         }
         let (_, id) = match memfd.identity() {
             Ok(x) => x,
-            Err(e) => return Err(Refusal::Here(e.to_string(), memfd)),
+            Err(e) => return Err(Refusal::Here(e.to_string(), memfd, sums)),
         };
         let view = match Mapping::read_only_view(memfd.raw(), size as usize) {
             Ok(v) => v,
-            Err(e) => return Err(Refusal::Here(format!("mapping a segment: {e}"), memfd)),
+            Err(e) => {
+                return Err(Refusal::Here(
+                    format!("mapping a segment: {e}"),
+                    memfd,
+                    sums,
+                ))
+            }
         };
-        let sums = (0..frames)
-            .map(|i| (self.sum)(view.bytes(i as usize * self.page, self.page)))
-            .collect();
         Ok(SegmentView {
             id,
             frames,

@@ -15,7 +15,7 @@
 #![forbid(unsafe_code)]
 
 /// The protocol's version: a broker and a member of different versions refuse each other.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// Largest packet (seqpacket sockets refuse messages over the socket's send
 /// buffer, about 208 KiB by default; this stays well below).
@@ -97,11 +97,15 @@ pub enum Msg {
     // Broker → member.
     /// Reply to `Hello`: the member's number in the domain and how many there are.
     Welcome { member: u32, members: u32 },
-    /// A segment (one descriptor) of `frames` frames, published by member `publisher`.
+    /// A segment (one descriptor) of `frames` frames, published by member `publisher`,
+    /// with its frames' checksums (the broker checked them against the sealed bytes;
+    /// to a member they are keys for its index, hints as every claim: a page is
+    /// remapped only after its bytes compare equal to the frame's).
     Segment {
         id: u64,
         frames: u32,
         publisher: u32,
+        sums: Vec<u32>,
     },
     /// Publish frames with these checksums (another member holds the same candidates).
     /// `members`: how many members the domain has (it sets how many repeated pages a
@@ -218,10 +222,12 @@ impl Msg {
                 id,
                 frames,
                 publisher,
+                sums: s,
             } => {
                 b.extend_from_slice(&id.to_le_bytes());
                 b.extend_from_slice(&frames.to_le_bytes());
                 b.extend_from_slice(&publisher.to_le_bytes());
+                sums(&mut b, s);
             }
             Msg::Retire { id } => b.extend_from_slice(&id.to_le_bytes()),
             Msg::Stats(s) => {
@@ -348,13 +354,15 @@ pub fn decode(packet: &[u8], fds: usize) -> Result<Msg, DecodeError> {
             let id = r.u64()?;
             let frames = r.u32()?;
             let publisher = r.u32()?;
-            if frames == 0 || frames > SEGMENT_FRAMES {
+            let sums = r.sums()?;
+            if frames == 0 || frames > SEGMENT_FRAMES || sums.len() != frames as usize {
                 return Err(DecodeError::BadLength);
             }
             Msg::Segment {
                 id,
                 frames,
                 publisher,
+                sums,
             }
         }
         103 => Msg::PleasePublish {
@@ -451,6 +459,7 @@ mod tests {
                 id: 5,
                 frames: 4096,
                 publisher: 2,
+                sums: (0..4096).collect(),
             },
             Msg::PleasePublish {
                 members: 16,
@@ -511,13 +520,25 @@ mod tests {
         let mut b = vec![2u8];
         b.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&b, 0), Err(DecodeError::BadLength));
-        // A segment of 0 frames, or of more than a segment holds.
-        for frames in [0u32, SEGMENT_FRAMES + 1] {
+        // A segment of 0 frames, or of more than a segment holds (one checksum each),
+        // or with a checksum more or fewer than its frames.
+        for (frames, n) in [
+            (0u32, 0u32),
+            (SEGMENT_FRAMES + 1, SEGMENT_FRAMES + 1),
+            (2, 1),
+            (2, 3),
+        ] {
             let mut b = vec![102u8];
             b.extend_from_slice(&1u64.to_le_bytes());
             b.extend_from_slice(&frames.to_le_bytes());
             b.extend_from_slice(&0u32.to_le_bytes());
-            assert_eq!(decode(&b, 1), Err(DecodeError::BadLength));
+            b.extend_from_slice(&n.to_le_bytes());
+            (0..n).for_each(|c| b.extend_from_slice(&c.to_le_bytes()));
+            assert_eq!(
+                decode(&b, 1),
+                Err(DecodeError::BadLength),
+                "{frames} frames, {n} sums"
+            );
         }
         assert_eq!(decode(&[200], 0), Err(DecodeError::UnknownTag(200)));
         assert_eq!(decode(&[], 0), Err(DecodeError::Empty));

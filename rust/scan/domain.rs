@@ -15,9 +15,10 @@
 //!   takes its own segments in at once, without waiting for the broker: merging
 //!   inside the process goes on when no broker answers.)
 //! * A segment received from the domain enters the stable index, frame by frame,
-//!   under checksums computed by this process from the sealed bytes. From then on
-//!   a page merges onto it exactly as onto a frame of its own pool: after
-//!   write-protection and a byte-for-byte comparison (see `merge.rs`).
+//!   under the checksums it came with (the broker checked them against the sealed
+//!   bytes; here a wrong one could only make a frame unfindable or a compare fail).
+//!   From then on a page merges onto it exactly as onto a frame of its own pool:
+//!   after write-protection and a byte-for-byte comparison (see `merge.rs`).
 //! * A retired segment (or every segment, when the domain is left) leaves the
 //!   index; its block is dropped once no page maps it.
 //! * Pages merged before joining are on frames of the process's own pool, which no
@@ -486,8 +487,8 @@ impl<M: Mem> Core<M> {
         self.domain.as_ref().map(|d| d.counters).unwrap_or_default()
     }
 
-    /// Take in segment `id` whose frames have checksums `sums` (computed by this
-    /// process from the sealed bytes): its frames enter the stable index. Returns its
+    /// Take in segment `id` whose frames have checksums `sums` (as the segment came,
+    /// see the module's comment): its frames enter the stable index. Returns its
     /// first frame id (the engine maps the segment's view there), or None if it is
     /// here already, no block is left, or we are in no domain.
     pub fn add_segment(&mut self, id: u64, sums: &[u32]) -> Option<FrameId> {
