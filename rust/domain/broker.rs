@@ -1183,34 +1183,41 @@ mod tests {
         h.check_invariants();
     }
 
+    /// A usage report of segment `id`: 64 pages on the frames `mapped`, held for
+    /// `RETIRE_AGE` scans.
+    fn aged_usage(id: u64, mapped: [u64; BITMAP_WORDS]) -> SegUsage {
+        SegUsage {
+            id,
+            pages: 64,
+            age: RETIRE_AGE,
+            mapped,
+        }
+    }
+
+    /// A frame bitmap with the first `n` words' frames mapped.
+    fn first_words(n: usize) -> [u64; BITMAP_WORDS] {
+        let mut m = [0u64; BITMAP_WORDS];
+        m[..n].iter_mut().for_each(|w| *w = u64::MAX);
+        m
+    }
+
     #[test]
     fn a_mostly_dead_segment_is_retired_for_compaction() {
         let mut h = Hub::new(4096);
         let (a, _) = h.join();
         publish(&mut h, a, 3, (0..640).collect());
         publish(&mut h, a, 4, (1000..1100).collect());
-        let usage = |id: u64, mapped: [u64; BITMAP_WORDS]| SegUsage {
-            id,
-            pages: 64,
-            age: RETIRE_AGE,
-            mapped,
-        };
-        let words = |n: usize| {
-            let mut m = [0u64; BITMAP_WORDS];
-            m[..n].iter_mut().for_each(|w| *w = u64::MAX);
-            m
-        };
         // 4: 37 of 100 live, 63 dead: fewer than COMPACT_DEAD, kept.
         let mut small = [0u64; BITMAP_WORDS];
         small[0] = (1u64 << 37) - 1;
         // 3: 576 of 640 live, 64 dead: not a fifth dead, kept.
         let report = |m3| Msg::Usage {
-            segs: vec![usage(3, m3), usage(4, small)],
+            segs: vec![aged_usage(3, m3), aged_usage(4, small)],
         };
-        h.on_message(a, report(words(9)), None);
+        h.on_message(a, report(first_words(9)), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
         // 3: 256 live, 384 dead: retired (its pages move off).
-        h.on_message(a, report(words(4)), None);
+        h.on_message(a, report(first_words(4)), None);
         assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 1);
         assert!(!h.has_segment(3));
         assert!(h.has_segment(4));
@@ -1221,18 +1228,18 @@ mod tests {
         assert_eq!(st.pool_bytes, (640 + 100) * 4096);
         assert_eq!(st.live_frames, 256 + 37);
         // Fewer pages on it: still counted, by what is mapped.
-        h.on_message(a, report(words(1)), None);
+        h.on_message(a, report(first_words(1)), None);
         assert_eq!(h.stats().live_frames, 64 + 37);
         h.check_invariants();
         // No page of the member on it any more: gone from the figures.
-        let mut none = usage(3, [0; BITMAP_WORDS]);
+        let mut none = aged_usage(3, [0; BITMAP_WORDS]);
         none.pages = 0;
         h.on_message(a, Msg::Usage { segs: vec![none] }, None);
         h.check_invariants();
         let st = h.stats();
         assert_eq!((st.pool_bytes, st.live_frames), (100 * 4096, 37));
         // A report of it afterwards is of a segment unknown: ignored.
-        h.on_message(a, report(words(2)), None);
+        h.on_message(a, report(first_words(2)), None);
         assert_eq!(h.stats().pool_bytes, 100 * 4096);
         h.check_invariants();
     }
@@ -1243,30 +1250,19 @@ mod tests {
         let (a, _) = h.join();
         publish(&mut h, a, 3, (0..4096).collect());
         publish(&mut h, a, 4, (10_000..10_100).collect());
-        let usage = |id: u64, mapped: [u64; BITMAP_WORDS]| SegUsage {
-            id,
-            pages: 64,
-            age: RETIRE_AGE,
-            mapped,
-        };
-        let words = |n: usize| {
-            let mut m = [0u64; BITMAP_WORDS];
-            m[..n].iter_mut().for_each(|w| *w = u64::MAX);
-            m
-        };
         // 4: 30 of 100 live (70 dead: worth compacting on its own), but the pool wastes
         // 70 frames against 4,126 live: kept.
         let mut some = [0u64; BITMAP_WORDS];
         some[0] = (1u64 << 30) - 1;
         let report = |m3| Msg::Usage {
-            segs: vec![usage(3, m3), usage(4, some)],
+            segs: vec![aged_usage(3, m3), aged_usage(4, some)],
         };
-        h.on_message(a, report(words(64)), None);
+        h.on_message(a, report(first_words(64)), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
         assert!(h.has_segment(4));
         // 3 loses a quarter of its live frames (1,024 dead, a twentieth and more of the
         // 3,102 live): both are retired.
-        h.on_message(a, report(words(48)), None);
+        h.on_message(a, report(first_words(48)), None);
         assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 2);
         assert!(!h.has_segment(3) && !h.has_segment(4));
         h.check_invariants();
