@@ -12,10 +12,10 @@
 //! the size it claims. Its frames' checksums come with it: the broker checked
 //! them against the sealed bytes, and here they are only the keys the engine
 //! indexes its frames by, hints like everything another process says (a page is
-//! remapped onto a frame only once their bytes compare equal). A broker that sends something malformed is
-//! dropped and a new one found. When the broker dies, the member keeps its
-//! merged pages and segments, and the thread connects again, starting a new
-//! broker if none runs.
+//! remapped onto a frame only once their bytes compare equal). A broker that
+//! sends something malformed is dropped and a new one found. When the broker
+//! dies, the member keeps its merged pages and segments, and the thread connects
+//! again, starting a new broker if none runs.
 
 #![forbid(unsafe_code)]
 
