@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,13 +66,14 @@ class Member:
         self.hello = self.read()
         self.pid = self.p.pid
 
-    def read(self) -> dict:
+    def read(self) -> dict[str, Any]:
         assert self.p.stdout is not None
         line = self.p.stdout.readline()
         assert line, f"member {self.p.pid} exited (status {self.p.poll()})"
-        return json.loads(line)
+        out: dict[str, Any] = json.loads(line)
+        return out
 
-    def __call__(self, line: str) -> dict:
+    def __call__(self, line: str) -> dict[str, Any]:
         assert self.p.stdin is not None
         self.p.stdin.write(line + "\n")
         self.p.stdin.flush()
@@ -131,7 +133,7 @@ def step(group: list[Member]) -> None:
         assert m("sync")["ok"]
 
 
-def settle(group: list[Member], want_sharing: int, rounds: int = 40) -> dict:
+def settle(group: list[Member], want_sharing: int, rounds: int = 40) -> dict[str, Any]:
     """Steps until the domain counts `want_sharing` pages saved (bounded)."""
     for _ in range(rounds):
         step(group)
@@ -139,7 +141,8 @@ def settle(group: list[Member], want_sharing: int, rounds: int = 40) -> dict:
         if d["pages_sharing"] >= want_sharing:
             # One more step: every member's report is in.
             step(group)
-            return group[0]("dstats")["dstats"]
+            final: dict[str, Any] = group[0]("dstats")["dstats"]
+            return final
     seen = [(m("stats")["member"], m("stats")["stats"]["pages_sharing"]) for m in group]
     pytest.fail(f"domain never reached pages_sharing {want_sharing}: {d}; members: {seen}")
 
