@@ -79,9 +79,10 @@ impl Engine {
             Self::domain_take_in(st);
             let done = st.core.scan_batch(budget);
             Self::domain_send_out(st);
-            // Ended early to publish a segment's worth of pages: the rest of the batch.
+            // Ended early to publish a segment's worth of pages: the rest of the batch
+            // (if the part done counted some pages, so that the loop ends).
             match st.core.take_publish_cut() {
-                Some(left) if !done && left > 0 && left < budget => budget = left,
+                Some(left) if left < budget => budget = left,
                 _ => break done,
             }
         };

@@ -44,11 +44,13 @@ pub const RETIRE_AGE: u32 = 10;
 /// its VMAs before moving pages off, and announces nothing at its budget.)
 pub const COMPACT_DEAD: u32 = 64;
 
-/// Whether a segment of `frames` frames, `live` of them mapped by some member, is
-/// worth retiring (see [`COMPACT_DEAD`]).
-pub fn worth_retiring(frames: u32, live: u32) -> bool {
+/// Whether a segment of `frames` frames, `live` of them in use (mapped by some member,
+/// and not a twin, see `Hub::retire_unused`), is worth retiring: unused, or partly
+/// dead (see [`COMPACT_DEAD`]) where `compacting` (the pool wastes more than
+/// [`COMPACT_WASTE_DIV`] allows, or some of its dead frames are twins).
+pub fn worth_retiring(frames: u32, live: u32, compacting: bool) -> bool {
     let dead = frames.saturating_sub(live);
-    live == 0 || (dead >= COMPACT_DEAD && 5 * dead > frames)
+    live == 0 || (compacting && dead >= COMPACT_DEAD && 5 * dead > frames)
 }
 
 /// Frames of the domain's segments that no member maps, as a share of those mapped,
@@ -65,15 +67,15 @@ pub const COMPACT_WASTE_DIV: u64 = 20;
 /// checksums `sums` (a member that claims otherwise is refused: its segment is not
 /// passed on). Read once here, by the broker, instead of by every member that takes
 /// the segment in (that hashing was 9 % of the CPU samples while 16 members of 64 MiB
-/// settled).
-fn sums_hold(seg: &Memfd, size: u64, page: u32, sums: &[u32]) -> bool {
+/// settled). An error is the broker's (mapping the segment: address space, memory),
+/// not a lie of the member's.
+fn sums_hold(seg: &Memfd, size: u64, page: u32, sums: &[u32]) -> io::Result<bool> {
     let page = page as usize;
-    let Ok(view) = crate::sys::mman::Mapping::read_only_view(seg.raw(), size as usize) else {
-        return false;
-    };
-    sums.iter()
+    let view = crate::sys::mman::Mapping::read_only_view(seg.raw(), size as usize)?;
+    Ok(sums
+        .iter()
         .enumerate()
-        .all(|(i, &c)| crate::scan::page_checksum(view.bytes(i * page, page)) == c)
+        .all(|(i, &c)| crate::scan::page_checksum(view.bytes(i * page, page)) == c))
 }
 
 /// Most pages in a row whose contents have a frame already that a publisher copies
@@ -518,10 +520,11 @@ impl Hub {
     }
 
     /// Retire the segments that nobody maps, or whose frames are mostly mapped by
-    /// nobody (see [`COMPACT_DEAD`]; while the pool holds more than a twentieth more
-    /// than its live frames, see [`COMPACT_WASTE_DIV`], or some of them are twins,
-    /// below), once every member has had [`RETIRE_AGE`] full scans with them in its
-    /// index (smart scan may pass over a page for up to 8 visits).
+    /// nobody (see [`COMPACT_DEAD`]; while the frames nobody maps in the segments
+    /// held, retired ones aside, are more than a twentieth of those mapped, see
+    /// [`COMPACT_WASTE_DIV`], or some of them are twins, below), once every member
+    /// has had [`RETIRE_AGE`] full scans with them in its index (smart scan may pass
+    /// over a page for up to 8 visits).
     ///
     /// A frame whose checksum a segment of lower id also holds counts as dead here (a
     /// content published twice, by members that could not hear of each other in
@@ -570,8 +573,7 @@ impl Hub {
                 .all(|member| member.usage.get(&id).is_some_and(|u| u.age >= RETIRE_AGE));
             // Unused, or partly dead (its memory is the whole segment's): members move
             // their pages off it, onto twins or onto new segments.
-            let worth = live == 0 || (worth_retiring(s.frames, live) && (twin_dead || compact));
-            if aged && worth {
+            if aged && worth_retiring(s.frames, live, twin_dead || compact) {
                 dead.push(id);
             } else if aged {
                 holder.extend(s.sums.iter().copied());
@@ -898,14 +900,18 @@ pub fn serve(sock_path: &Path, name: &str) -> io::Result<()> {
                     let seg = Memfd::from_owned(got.pop().expect("decode checked one fd"));
                     let size = u64::from(frames) * u64::from(page);
                     let id = seg.identity().map(|(_, ino)| ino).ok();
+                    // Sealed, of the size it claims, new, and holding the bytes its
+                    // checksums say: every member may map it, and index it by them. (Not
+                    // checked for want of resources here, it is passed on all the same:
+                    // to members its checksums are hints, and no page is remapped but
+                    // onto bytes compared equal.)
+                    let honest = |id| {
+                        seg.is_sealed_segment(size)
+                            && !hub.has_segment(id)
+                            && sums_hold(&seg, size, page, &sums).unwrap_or(true)
+                    };
                     match id {
-                        // Sealed, of the size it claims, new, and holding the bytes its
-                        // checksums say: every member may map it, and index it by them.
-                        Some(id)
-                            if seg.is_sealed_segment(size)
-                                && !hub.has_segment(id)
-                                && sums_hold(&seg, size, page, &sums) =>
-                        {
+                        Some(id) if honest(id) => {
                             outs.extend(hub.on_message(m, Msg::Publish { frames, sums }, Some(id)));
                             fds.insert(id, seg);
                         }

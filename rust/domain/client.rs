@@ -329,12 +329,21 @@ impl Drop for Link {
     }
 }
 
+/// A segment the broker sent, as it came: its descriptor, frame count, publisher
+/// and its frames' checksums.
+struct Offer {
+    memfd: Memfd,
+    frames: u32,
+    publisher: u32,
+    sums: Vec<u32>,
+}
+
 /// Why a segment was not taken.
 enum Refusal {
     /// It is not what it claims: the broker is dropped.
     Lie(String),
     /// It cannot be used here now (resources): kept, to try again.
-    Here(String, Memfd, Vec<u32>),
+    Here(String, Offer),
 }
 
 struct Worker {
@@ -352,7 +361,7 @@ struct Worker {
     start_claim: Option<super::place::Held>,
     page: usize,
     /// Segments that could not be mapped here yet: tried again at every wake-up.
-    retry: Vec<(Memfd, u32, u32, Vec<u32>)>,
+    retry: Vec<Offer>,
 }
 
 impl Worker {
@@ -544,15 +553,21 @@ impl Worker {
                 ..
             } => {
                 let memfd = Memfd::from_owned(fds.pop().expect("decode checked one fd"));
-                match self.check_segment(memfd, frames, publisher, sums) {
+                let offer = Offer {
+                    memfd,
+                    frames,
+                    publisher,
+                    sums,
+                };
+                match self.check_segment(offer) {
                     Ok(seg) => self.push(Inbound::Segment(seg)),
                     Err(Refusal::Lie(e)) => self.refused(&e),
                     // Out of address space, descriptors or memory here: this segment is
                     // not taken (its pages stay as they are), the link stays.
-                    Err(Refusal::Here(e, memfd, sums)) => {
+                    Err(Refusal::Here(e, offer)) => {
                         self.shared.skipped.fetch_add(1, Ordering::Relaxed);
                         self.error(format!("a segment could not be mapped here: {e}"));
-                        self.retry.push((memfd, frames, publisher, sums));
+                        self.retry.push(offer);
                     }
                 }
             }
@@ -573,45 +588,37 @@ impl Worker {
 
     /// Try again the segments that could not be mapped (resources may be back).
     fn retry_skipped(&mut self) {
-        for (memfd, frames, publisher, sums) in std::mem::take(&mut self.retry) {
-            match self.check_segment(memfd, frames, publisher, sums) {
+        for offer in std::mem::take(&mut self.retry) {
+            match self.check_segment(offer) {
                 Ok(seg) => self.push(Inbound::Segment(seg)),
-                Err(Refusal::Here(_, memfd, sums)) => {
-                    self.retry.push((memfd, frames, publisher, sums))
-                }
+                Err(Refusal::Here(_, offer)) => self.retry.push(offer),
                 Err(Refusal::Lie(e)) => self.refused(&e),
             }
         }
     }
 
     /// A segment is taken only if the kernel guarantees its bytes never change.
-    fn check_segment(
-        &self,
-        memfd: Memfd,
-        frames: u32,
-        publisher: u32,
-        sums: Vec<u32>,
-    ) -> Result<SegmentView, Refusal> {
-        let size = u64::from(frames) * self.page as u64;
-        if !memfd.is_sealed_segment(size) {
+    fn check_segment(&self, offer: Offer) -> Result<SegmentView, Refusal> {
+        let size = u64::from(offer.frames) * self.page as u64;
+        if !offer.memfd.is_sealed_segment(size) {
             return Err(Refusal::Lie(format!(
                 "a segment that is not a sealed memfd of {size} bytes"
             )));
         }
-        let (_, id) = match memfd.identity() {
+        let (_, id) = match offer.memfd.identity() {
             Ok(x) => x,
-            Err(e) => return Err(Refusal::Here(e.to_string(), memfd, sums)),
+            Err(e) => return Err(Refusal::Here(e.to_string(), offer)),
         };
-        let view = match Mapping::read_only_view(memfd.raw(), size as usize) {
+        let view = match Mapping::read_only_view(offer.memfd.raw(), size as usize) {
             Ok(v) => v,
-            Err(e) => {
-                return Err(Refusal::Here(
-                    format!("mapping a segment: {e}"),
-                    memfd,
-                    sums,
-                ))
-            }
+            Err(e) => return Err(Refusal::Here(format!("mapping a segment: {e}"), offer)),
         };
+        let Offer {
+            memfd,
+            frames,
+            publisher,
+            sums,
+        } = offer;
         Ok(SegmentView {
             id,
             frames,
