@@ -136,6 +136,7 @@ impl<M: Mem> Core<M> {
         let cut_when_full = !self.publish_queue_full();
         // Whatever a batch that ended early (a panic) left is no snapshot of this one's.
         self.sums_ahead.clear();
+        self.mapped_runs.clear();
         // With more than one hash thread, checksums are taken ahead of the visits; for
         // memory ksm does not own always (it is read many pages per system call then).
         let threads = self.hash_threads > 1;
@@ -240,19 +241,24 @@ impl<M: Mem> Core<M> {
                         tracking: tracking.is_some(),
                     };
                     let merges = self.counters.merges;
+                    self.mapped_runs.clear();
                     if rec.advised() && self.visit(addr, seen) {
                         scanned += 1;
                     }
                     // A merge remaps pages, often the run of pages after this one (a run
                     // only ever extends forward from the page visited): what the batch's
-                    // probe said of them is stale. Probe them again at once (else `visit`
-                    // would probe each on its own): the pages after this one on the
-                    // frames after its, the run just mapped. (Not every page in a pool
-                    // mapping after it: where pages move from one run of frames to
-                    // another, that was the rest of the batch at every move.) Should
-                    // that fail, the stale answers stay: `visit` looks again at a merged
-                    // page.
-                    if self.counters.merges != merges && i < n {
+                    // probe said of them is stale. Where the visit mapped runs, their
+                    // pages are known without a probe (see `known_after_merge`); else
+                    // they are probed again at once (else `visit` would probe each on
+                    // its own): the pages after this one on the frames after its, the
+                    // run just mapped. (Not every page in a pool mapping after it:
+                    // where pages move from one run of frames to another, that was the
+                    // rest of the batch at every move.) Should that fail, the stale
+                    // answers stay: `visit` looks again at a merged page.
+                    let known = self.counters.merges != merges
+                        && i < n
+                        && self.known_after_merge(addr, from, &mut pres[..n]);
+                    if self.counters.merges != merges && i < n && !known {
                         let run = self.pool_offset(addr);
                         let j = (i..n)
                             .find(|&j| {
@@ -284,6 +290,40 @@ impl<M: Mem> Core<M> {
         }
         self.sums_ahead.clear();
         false
+    }
+
+    /// After the visit of `addr` merged: if it mapped a run from `addr` (`record_run`),
+    /// the presence of the batch's pages (from `from`) that the visit's runs mapped,
+    /// set without a probe, and true; false if the batch must probe again.
+    ///
+    /// A page of such a run whose record is `Stable` maps its frame now: it was
+    /// remapped just now, under protection (a run only takes a page already merged
+    /// to move it, see `stable_run_of`), so a probe would find it a page of a file, or
+    /// no page if its PTE could not be put in place (the same for a merged page, see
+    /// `pass_stretch`). A write since (copy-on-write) shows at the next full scan, as
+    /// one just after a probe would. A covered page keeps the private copy the batch
+    /// probed. Pages past a run were not touched: their probe stands.
+    fn known_after_merge(&mut self, addr: usize, from: usize, pres: &mut [Presence]) -> bool {
+        let page = self.page;
+        if !self.mapped_runs.iter().any(|&(s, _)| s == addr) {
+            return false;
+        }
+        let first = (addr - from) / page + 1;
+        let runs = std::mem::take(&mut self.mapped_runs);
+        for &(start, len) in &runs {
+            let end = start + len * page;
+            let lo = start.max(from + first * page);
+            let hi = end.min(from + pres.len() * page);
+            let mut a = lo;
+            while a < hi {
+                if self.rec(a).is_some_and(|p| p.state() == State::Stable) {
+                    pres[(a - from) / page] = Presence::File;
+                }
+                a += page;
+            }
+        }
+        self.mapped_runs = runs;
+        true
     }
 
     /// The scan reached the region at `rstart`: start its write tracking if that was

@@ -385,6 +385,7 @@ impl<M: Mem> Core<M> {
     /// punched if assembling the run may have given that hole memory (`filled`, as
     /// `Mem::map_frames` said).
     fn record_run(&mut self, start: usize, f0: FrameId, run: &[Slot], filled: bool) {
+        self.mapped_runs.push((start, run.len()));
         for (i, &slot) in run.iter().enumerate() {
             let (a, g) = (start + i * self.page, f0 + i as FrameId);
             match slot {

@@ -153,6 +153,10 @@ pub struct Core<M: Mem> {
     /// The budget the latest batch left, when it ended early to publish a full
     /// segment's worth of queued pages (see `take_publish_cut`).
     publish_cut: Option<u64>,
+    /// The runs `record_run` mapped since the batch last took them (first page,
+    /// pages): what a batch knows of its pages' presence after a visit merged (see
+    /// `scan_batch`).
+    mapped_runs: Vec<(usize, usize)>,
     buf: Vec<u8>,
     buf2: Vec<u8>,
     /// The merge domain joined, if any (see `domain.rs`).
@@ -237,6 +241,7 @@ impl<M: Mem> Core<M> {
             hash_threads: 1,
             sums_ahead: SumsAhead::default(),
             publish_cut: None,
+            mapped_runs: Vec::new(),
             buf: vec![0; page],
             buf2: vec![0; page],
             domain: None,

@@ -2527,3 +2527,34 @@ fn a_member_back_under_its_vma_budget_announces_again() {
     }
     assert_eq!(announced, n / 2, "stale allowance {}", c.vma_allowance);
 }
+
+#[test]
+fn a_run_just_mapped_is_not_probed_again() {
+    // Two copies of 1,024 numbered pages in one batch: the merging scan maps them as
+    // one run. The pages after the visit that merged are known to map their frames:
+    // the batch goes on over them without probing them again. Probed: the batch's
+    // 2,048 pages and the blocks of 64 that planning the run probes on both sides
+    // (2,048); 5,119 when the run was probed again after its first page.
+    let n = 1024;
+    let mut c = core_with(2 * n);
+    for i in 0..2 * n {
+        c.mem.write(BASE + i * PG, &page_of(i % n));
+    }
+    c.advise(BASE, BASE + 2 * n * PG);
+    c.scan_full(1);
+    let probed = c.mem.probed;
+    c.scan_full(1);
+    let k = c.counters();
+    assert_eq!((k.pages_shared, k.pages_sharing), (n as u64, n as u64));
+    let now = c.mem.probed - probed;
+    assert!(now <= 4 * n as u64, "{now} pages probed");
+    c.scan_full(1);
+    assert_eq!(
+        (c.counters().pages_shared, c.counters().pages_sharing),
+        (n as u64, n as u64)
+    );
+    for i in 0..2 * n {
+        assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i % n), "page {i}");
+    }
+    c.check_invariants();
+}
