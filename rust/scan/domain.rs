@@ -41,7 +41,7 @@ use std::hash::BuildHasherDefault;
 
 use super::index::KeyIsHash;
 use super::runs::MIN_TILE;
-use super::{key_of, Core, Mem, Target};
+use super::{key_of, unstable_key, Core, Mem, Target};
 use crate::domain::broker::twin_run_max;
 use crate::pool::{self, FrameId, FrameTable};
 use crate::region::{Region, State};
@@ -324,11 +324,38 @@ impl<M: Mem> Core<M> {
     pub fn domain_wants(&mut self, members: u32, sums: &[u32]) {
         // A page on a frame of our own pool may hold one of them.
         let private = self.private_may_move(sums.iter().map(|&c| key_of(c)));
+        // A page this full scan put into the unstable index under one of them is queued
+        // now: it was a candidate at its visit (it held still since the visit before),
+        // which announced it. Else it would wait for its next visit, a full scan later,
+        // and the members that asked with it (its bytes are read, and checked by the
+        // broker, when the segment is built; see `take_domain_out`).
+        let found: Vec<(Target, u32)> = sums
+            .iter()
+            .filter_map(|&c| {
+                let a = self
+                    .unstable
+                    .candidates(&key_of(c))
+                    .find(|&a| unstable_key(&self.regions, self.page, a) == Some(c))?;
+                let r = self.region_at(a)?;
+                let prot = r.prot_of((a - r.start) / self.page);
+                Some((
+                    Target {
+                        addr: a,
+                        owned: r.owned,
+                        prot,
+                    },
+                    c,
+                ))
+            })
+            .collect();
         let Some(d) = &mut self.domain else { return };
         let now = d.scans;
         d.members = members;
         d.wanted.extend(sums.iter().map(|&c| (c, now)));
         d.private_due |= private;
+        for (t, c) in found {
+            d.queue(t, c);
+        }
     }
 
     /// Checksums to announce, to claim, and pages to copy into a new segment

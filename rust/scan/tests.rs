@@ -1739,10 +1739,12 @@ fn a_batch_ends_when_a_segment_is_queued_so_that_the_rest_is_queued_in_the_same_
 
 #[test]
 fn a_checksum_asked_for_is_not_declined_while_its_page_waits_for_room_in_the_queue() {
-    // Asked for during a full scan, after its pages were visited: the next full scan is
-    // the one that must find them. Nothing takes the queue out during it (a core driven
-    // without an engine), so the pages after a segment's worth wait for room: they
-    // still hold their checksums, and are not declined at that scan's end.
+    // Asked for during a full scan, after its pages were visited: those pages are in
+    // the scan's unstable index, and are queued at once, as many as the queue holds (a
+    // segment's worth). Nothing takes the queue out during the scan (a core driven
+    // without an engine), so the others wait for room: they still hold their
+    // checksums, and are not declined at that scan's end; the next full scan queues
+    // them.
     let most = crate::pool::BLOCK_FRAMES as usize;
     let n = most + 64;
     let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
@@ -1755,16 +1757,17 @@ fn a_checksum_asked_for_is_not_declined_while_its_page_waits_for_room_in_the_que
         "the last page is left, the scan goes on"
     );
     c.domain_wants(2, &sums[..n - 1]);
+    assert!(c.publish_queue_full(), "queued at the ask");
     while !c.scan_batch(1) {}
-    let _ = c.take_domain_out();
-    c.scan_full(1);
     let out = c.take_domain_out();
     assert!(out.decline.is_empty(), "{} declined", out.decline.len());
     assert_eq!(out.publish.len(), most);
+    let queued: std::collections::HashSet<u32> = out.publish.iter().map(|p| p.2).collect();
     // The next full scan queues the rest.
     c.scan_full(1);
-    let rest: Vec<u32> = c.take_domain_out().publish.iter().map(|p| p.2).collect();
-    let queued: std::collections::HashSet<u32> = out.publish.iter().map(|p| p.2).collect();
+    let out = c.take_domain_out();
+    assert!(out.decline.is_empty(), "{} declined", out.decline.len());
+    let rest: Vec<u32> = out.publish.iter().map(|p| p.2).collect();
     let want: Vec<u32> = sums[..n - 1]
         .iter()
         .copied()
