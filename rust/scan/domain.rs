@@ -348,6 +348,43 @@ impl<M: Mem> Core<M> {
                 ))
             })
             .collect();
+        // An ask that comes just after a full scan began finds the index emptied: the
+        // records still say which pages were candidates with which checksums (one
+        // pass over them, for the checksums not found above).
+        let mut found = found;
+        if found.len() < sums.len() {
+            let mut missing: HashSet<u32> = sums.iter().copied().collect();
+            for (_, c) in &found {
+                missing.remove(c);
+            }
+            // A bit per checksum's low bits, looked at first: most records hold none of
+            // the few checksums missing, and a bit costs less than a hash look-up.
+            let mut bits = [0u64; 64];
+            for &c in &missing {
+                bits[(c as usize >> 6) & 63] |= 1 << (c & 63);
+            }
+            let maybe = |c: u32| bits[(c as usize >> 6) & 63] & (1 << (c & 63)) != 0;
+            let page = self.page;
+            for r in self.regions.values() {
+                if missing.is_empty() {
+                    break;
+                }
+                for (i, p) in r.pages.iter().enumerate() {
+                    if p.state() == State::Unstable
+                        && maybe(p.checksum())
+                        && p.advised()
+                        && missing.remove(&p.checksum())
+                    {
+                        let t = Target {
+                            addr: r.start + i * page,
+                            owned: r.owned,
+                            prot: r.prot_of(i),
+                        };
+                        found.push((t, p.checksum()));
+                    }
+                }
+            }
+        }
         let Some(d) = &mut self.domain else { return };
         let now = d.scans;
         d.members = members;

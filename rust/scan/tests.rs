@@ -1717,7 +1717,9 @@ fn a_batch_ends_when_a_segment_is_queued_so_that_the_rest_is_queued_in_the_same_
     let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
     let mut c = joined(n, false, |i| i);
     c.set_domain_connected(true);
-    c.scan_full(2);
+    // Asked for before the pages are candidates (one full scan hashed them): the next
+    // full scan's visits queue them.
+    c.scan_full(1);
     let _ = c.take_domain_out();
     c.domain_wants(2, &sums);
     // The batch stops at the page that filled the queue, with the budget it left.
@@ -2413,8 +2415,11 @@ fn a_segment_retired_when_leaving_and_then_by_the_domain_gives_its_pages_back() 
 
 #[test]
 fn pages_to_publish_wait_a_few_batches_for_more_and_go_together() {
+    // Asked for before the pages are candidates (one full scan hashed them): the next
+    // full scan's visits queue them, one a batch here.
     let n = 64;
-    let mut c = domain_member(n);
+    let mut c = joined(n, false, |i| i);
+    c.scan_full(1);
     c.set_domain_connected(true);
     c.take_domain_out();
     let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
@@ -2559,5 +2564,23 @@ fn a_run_just_mapped_is_not_probed_again() {
     for i in 0..2 * n {
         assert_eq!(c.mem.read_page(BASE + i * PG), page_of(i % n), "page {i}");
     }
+    c.check_invariants();
+}
+
+#[test]
+fn pages_asked_for_just_after_a_full_scan_began_are_queued_at_once() {
+    // The ask comes once the next full scan has begun (its unstable index emptied, one
+    // page visited again): the records still say which pages were candidates under
+    // those checksums, and they are queued now, not at their visits later in the scan.
+    let n = 8;
+    let mut c = domain_member(n);
+    let _ = c.take_domain_out();
+    let sums: Vec<u32> = (0..n).map(|i| page_checksum(&page_of(i))).collect();
+    assert!(!c.scan_batch(1), "the full scan goes on");
+    c.domain_wants(2, &sums[2..6]);
+    // No broker to wait for: what is queued goes out at once.
+    c.set_domain_connected(false);
+    let publish: Vec<u32> = c.take_domain_out().publish.iter().map(|p| p.2).collect();
+    assert_eq!(publish, sums[2..6]);
     c.check_invariants();
 }
