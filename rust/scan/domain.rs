@@ -4,8 +4,9 @@
 //! * A page that becomes a candidate (unchanged since its last visit, nothing in
 //!   either index to merge with) has its checksum **announced**, once.
 //! * A checksum the domain asks us to **publish** (another member announced it
-//!   too) makes the next visit of a page with that checksum queue the page to be
-//!   copied into a new sealed segment; pages queued together (over up to
+//!   too) queues a page with that checksum to be copied into a new sealed
+//!   segment: at once if a visit found the page a candidate (its record says so),
+//!   else at the next visit of such a page; pages queued together (over up to
 //!   `PUBLISH_WAIT_BATCHES` batches) are copied in address order, so that a run of
 //!   pages becomes a run of frames that the other members map with one mapping.
 //! * Two pages of this process with the same bytes are not merged onto a frame of
