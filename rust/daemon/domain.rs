@@ -148,7 +148,15 @@ impl Engine {
             return;
         };
         st.core.set_domain_connected(link.broker_expected());
+        // Consecutive asks to publish are taken in together: each call may read every
+        // page record once (see `Core::domain_wants`).
+        let mut wants: Option<(u32, Vec<u32>)> = None;
         for m in link.take() {
+            if !matches!(m, Inbound::PleasePublish(..)) {
+                if let Some((members, sums)) = wants.take() {
+                    st.core.domain_wants(members, &sums);
+                }
+            }
             match m {
                 Inbound::Connected { first } => {
                     // A new broker knows nothing of our segments yet: report in full.
@@ -165,9 +173,18 @@ impl Engine {
                         st.core.mem.add_segment(f0, view);
                     }
                 }
-                Inbound::PleasePublish(members, sums) => st.core.domain_wants(members, &sums),
+                Inbound::PleasePublish(members, sums) => match &mut wants {
+                    Some((m, all)) => {
+                        *m = members;
+                        all.extend(sums);
+                    }
+                    None => wants = Some((members, sums)),
+                },
                 Inbound::Retire(id) => st.core.retire_segment(id, true),
             }
+        }
+        if let Some((members, sums)) = wants {
+            st.core.domain_wants(members, &sums);
         }
         Self::drop_unmapped_segments(st);
     }
