@@ -324,13 +324,16 @@ impl<M: Mem> Core<M> {
     /// The domain, of `members` members, asks us to publish frames of these checksums.
     pub fn domain_wants(&mut self, members: u32, sums: &[u32]) {
         // A page on a frame of our own pool may hold one of them.
+        if self.domain.is_none() {
+            return;
+        }
         let private = self.private_may_move(sums.iter().map(|&c| key_of(c)));
         // A page this full scan put into the unstable index under one of them is queued
         // now: it was a candidate at its visit (it held still since the visit before),
         // which announced it. Else it would wait for its next visit, a full scan later,
         // and the members that asked with it (its bytes are read, and checked by the
         // broker, when the segment is built; see `take_domain_out`).
-        let found: Vec<(Target, u32)> = sums
+        let mut found: Vec<(Target, u32)> = sums
             .iter()
             .filter_map(|&c| {
                 let a = self
@@ -352,7 +355,6 @@ impl<M: Mem> Core<M> {
         // An ask that comes just after a full scan began finds the index emptied: the
         // records still say which pages were candidates with which checksums (one
         // pass over them, for the checksums not found above).
-        let mut found = found;
         if found.len() < sums.len() {
             let mut missing: HashSet<u32> = sums.iter().copied().collect();
             for (_, c) in &found {
