@@ -1,7 +1,7 @@
 """A merge domain settling at given ksmd knobs (by default the kernel's defaults).
 
     python benches/domain_knobs.py [--workers 4] [--mib 16] [--pages-to-scan 100]
-                                   [--sleep-ms 20] [--rounds 3]
+                                   [--sleep-ms 20] [--rounds 3] [--kernel]
 
 ``--workers`` processes (multiprocessing, spawn) each load the same ``--mib`` MiB of the
 standard library's files into ``ksm.mmap`` memory, change 1 % of its pages, then, all at
@@ -11,11 +11,18 @@ once, advise it, join one domain and run ksmd at ``--pages-to-scan`` and
 95 % and 99 % of its final value. ``ksm bench --only workers`` measures the same at
 ``pages_to_scan=10000`` and no sleep, side by side with kernel KSM; this one shows what
 a domain does at the knobs most users leave as they are.
+
+``--kernel`` (root): the same rounds through kernel KSM too, alternating with ksm's: each
+worker advises a private anonymous copy ``MADV_MERGEABLE`` and the kernel's one ksmd
+runs at the same knobs (every knob of ``/sys/kernel/mm/ksm`` is restored afterwards).
+The knobs do not mean the same work: the kernel's ksmd scans ``--pages-to-scan`` pages
+of all the workers per wake-up, each ksm member its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import multiprocessing as mp
 import os
 import random
@@ -23,6 +30,7 @@ import statistics
 import sys
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 import ksm
 
@@ -30,11 +38,16 @@ QUIET_S = 4.0
 
 
 def worker(conn: Connection, index: int, mib: float, domain: str, pages: int, sleep_ms: int) -> None:
+    """A worker of ksm's side (``domain``) or of the kernel's (``domain`` empty)."""
     from ksm import _data
 
     page = ksm.PAGE_SIZE
     data = _data.load_stdlib(int(mib * 2**20), page).data
-    m = ksm.mmap(len(data))
+    m = (
+        ksm.mmap(len(data))
+        if domain
+        else mmap.mmap(-1, len(data), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    )
     m[:] = data
     rng = random.Random(index)
     n = len(data) // page
@@ -42,6 +55,12 @@ def worker(conn: Connection, index: int, mib: float, domain: str, pages: int, sl
         m[p * page : (p + 1) * page] = rng.randbytes(page)
     conn.send("loaded")
     conn.recv()
+    if not domain:
+        m.madvise(mmap.MADV_MERGEABLE)
+        conn.send("running")
+        conn.recv()
+        conn.send("done")
+        return
     m.madvise(ksm.MADV_MERGEABLE)
     ksm.join(domain)
     ksm.ksmd.pages_to_scan = pages
@@ -54,8 +73,9 @@ def worker(conn: Connection, index: int, mib: float, domain: str, pages: int, sl
     conn.send("done")
 
 
-def one_round(args: argparse.Namespace) -> tuple[float, float, float, int]:
-    domain = f"knobs-{os.getpid()}-{time.monotonic_ns()}"
+def one_round(args: argparse.Namespace, kernel: Any = None) -> tuple[float, float, float, int]:
+    """One round of ksm's side, or of the kernel's with ``kernel`` (a ``KernelKsm``)."""
+    domain = "" if kernel else f"knobs-{os.getpid()}-{time.monotonic_ns()}"
     ctx = mp.get_context("spawn")
     conns = []
     for i in range(args.workers):
@@ -66,15 +86,22 @@ def one_round(args: argparse.Namespace) -> tuple[float, float, float, int]:
         conns.append(parent)
     for c in conns:
         c.recv()
+    if kernel:
+        # Stopped and unmerged (the scan starts afresh), then the knobs.
+        kernel.write("run", 2)
+        kernel.write("pages_to_scan", args.pages_to_scan)
+        kernel.write("sleep_millisecs", args.sleep_ms)
     t0 = time.monotonic()
     for c in conns:
         c.send("go")
     for c in conns:
         c.recv()
+    if kernel:
+        kernel.write("run", 1)
     seen: list[tuple[float, int]] = []
     last, changed = -1, t0
     while time.monotonic() - changed < QUIET_S and time.monotonic() - t0 < args.timeout:
-        v = ksm.domain_stats(domain)["pages_sharing"]
+        v = kernel.num("pages_sharing") if kernel else ksm.domain_stats(domain)["pages_sharing"]
         if v != last:
             last, changed = v, time.monotonic()
             seen.append((changed - t0, v))
@@ -83,6 +110,8 @@ def one_round(args: argparse.Namespace) -> tuple[float, float, float, int]:
         c.send("end")
     for c in conns:
         c.recv()
+    if kernel:
+        kernel.write("run", 2)
     t95 = next(t for t, v in seen if v >= 0.95 * last)
     t99 = next(t for t, v in seen if v >= 0.99 * last)
     return changed - t0, t95, t99, last
@@ -96,23 +125,38 @@ def main() -> int:
     p.add_argument("--sleep-ms", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--kernel", action="store_true", help="also through kernel KSM (root), alternating")
     args = p.parse_args()
     print(
         f"{args.workers} workers x {args.mib:g} MiB, pages_to_scan {args.pages_to_scan}, "
         f"sleep_millisecs {args.sleep_ms}"
     )
-    rows = []
-    for r in range(args.rounds):
-        settle, t95, t99, sharing = one_round(args)
-        rows.append((settle, t95, t99))
-        print(
-            f"round {r + 1}: settled {settle:.2f} s, 95% at {t95:.2f} s, 99% at {t99:.2f} s, "
-            f"pages_sharing {sharing:,}"
-        )
-        sys.stdout.flush()
-    med = [statistics.median(x) for x in zip(*rows, strict=True)]
-    print(f"medians: settled {med[0]:.2f} s, 95% at {med[1]:.2f} s, 99% at {med[2]:.2f} s")
-    return 0
+    from ksm._bench import KernelKsm
+
+    k = KernelKsm() if args.kernel else None
+    sides = ["ksm", "kernel"] if k else ["ksm"]
+    rows: dict[str, list[tuple[float, float, float]]] = {side: [] for side in sides}
+    try:
+        for r in range(args.rounds):
+            for side in sides:
+                settle, t95, t99, sharing = one_round(args, k if side == "kernel" else None)
+                rows[side].append((settle, t95, t99))
+                print(
+                    f"round {r + 1} {side:>6}: settled {settle:.2f} s, 95% at {t95:.2f} s, "
+                    f"99% at {t99:.2f} s, pages_sharing {sharing:,}"
+                )
+                sys.stdout.flush()
+    finally:
+        errors = k.restore() if k else []
+    for side in sides:
+        med = [statistics.median(x) for x in zip(*rows[side], strict=True)]
+        print(f"medians {side:>6}: settled {med[0]:.2f} s, 95% at {med[1]:.2f} s, 99% at {med[2]:.2f} s")
+    if k:
+        ratio = statistics.median(x[0] for x in rows["kernel"]) / statistics.median(x[0] for x in rows["ksm"])
+        print(f"settle kernel/ksm: {ratio:.2f}")
+    for e in errors:
+        print(f"kernel KSM: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
