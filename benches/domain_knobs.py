@@ -73,11 +73,19 @@ def worker(conn: Connection, index: int, mib: float, domain: str, pages: int, sl
     conn.send("done")
 
 
+def ask_all(conns: list[Connection], msg: str) -> None:
+    """Send ``msg`` to every worker, then wait for each one's answer."""
+    for c in conns:
+        c.send(msg)
+    for c in conns:
+        c.recv()
+
+
 def one_round(args: argparse.Namespace, kernel: Any = None) -> tuple[float, float, float, int]:
     """One round of ksm's side, or of the kernel's with ``kernel`` (a ``KernelKsm``)."""
     domain = "" if kernel else f"knobs-{os.getpid()}-{time.monotonic_ns()}"
     ctx = mp.get_context("spawn")
-    conns = []
+    conns: list[Connection] = []
     for i in range(args.workers):
         parent, child = ctx.Pipe()
         ctx.Process(
@@ -92,10 +100,7 @@ def one_round(args: argparse.Namespace, kernel: Any = None) -> tuple[float, floa
         kernel.write("pages_to_scan", args.pages_to_scan)
         kernel.write("sleep_millisecs", args.sleep_ms)
     t0 = time.monotonic()
-    for c in conns:
-        c.send("go")
-    for c in conns:
-        c.recv()
+    ask_all(conns, "go")
     if kernel:
         kernel.write("run", 1)
     seen: list[tuple[float, int]] = []
@@ -106,10 +111,7 @@ def one_round(args: argparse.Namespace, kernel: Any = None) -> tuple[float, floa
             last, changed = v, time.monotonic()
             seen.append((changed - t0, v))
         time.sleep(0.05)
-    for c in conns:
-        c.send("end")
-    for c in conns:
-        c.recv()
+    ask_all(conns, "end")
     if kernel:
         kernel.write("run", 2)
     t95 = next(t for t, v in seen if v >= 0.95 * last)
