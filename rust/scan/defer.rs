@@ -21,7 +21,7 @@
 #![forbid(unsafe_code)]
 
 use super::visit::Seen;
-use super::{Core, Mem, Presence, Target};
+use super::{Core, Mem, Presence};
 use crate::region::{State, DEFERRED};
 
 /// A pair run shorter than this many pages is put off to the end of the full scan:
@@ -96,14 +96,7 @@ impl<M: Mem> Core<M> {
             self.rec_mut(addr).set_state(State::Volatile);
             // Its visit's content step again, with the checksum it took (its bytes are
             // read, and compared under protection, only against a candidate).
-            let t = {
-                let r = self.region_at(addr).expect("tracked");
-                Target {
-                    addr,
-                    owned: r.owned,
-                    prot: r.prot_of((addr - r.start) / page),
-                }
-            };
+            let t = self.target_at(addr).expect("tracked");
             let seen = Seen {
                 pres: Presence::Anon,
                 tracked: false,

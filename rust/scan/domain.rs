@@ -42,7 +42,7 @@ use std::hash::BuildHasherDefault;
 
 use super::index::KeyIsHash;
 use super::runs::MIN_TILE;
-use super::{key_of, unstable_key, Core, Mem, Target};
+use super::{key_of, Core, Mem, Target};
 use crate::domain::broker::twin_run_max;
 use crate::pool::{self, FrameId, FrameTable};
 use crate::region::{Region, State};
@@ -323,10 +323,10 @@ impl<M: Mem> Core<M> {
 
     /// The domain, of `members` members, asks us to publish frames of these checksums.
     pub fn domain_wants(&mut self, members: u32, sums: &[u32]) {
-        // A page on a frame of our own pool may hold one of them.
         if self.domain.is_none() {
             return;
         }
+        // A page on a frame of our own pool may hold one of them.
         let private = self.private_may_move(sums.iter().map(|&c| key_of(c)));
         // A page this full scan put into the unstable index under one of them is queued
         // now: it was a candidate at its visit (it held still since the visit before),
@@ -336,20 +336,8 @@ impl<M: Mem> Core<M> {
         let mut found: Vec<(Target, u32)> = sums
             .iter()
             .filter_map(|&c| {
-                let a = self
-                    .unstable
-                    .candidates(&key_of(c))
-                    .find(|&a| unstable_key(&self.regions, self.page, a) == Some(c))?;
-                let r = self.region_at(a)?;
-                let prot = r.prot_of((a - r.start) / self.page);
-                Some((
-                    Target {
-                        addr: a,
-                        owned: r.owned,
-                        prot,
-                    },
-                    c,
-                ))
+                let a = self.unstable_candidate(key_of(c), None)?;
+                Some((self.target_at(a)?, c))
             })
             .collect();
         // An ask that comes just after a full scan began finds the index emptied: the
@@ -368,6 +356,7 @@ impl<M: Mem> Core<M> {
             }
             let maybe = |c: u32| bits[(c as usize >> 6) & 63] & (1 << (c & 63)) != 0;
             let page = self.page;
+            let mut at: Vec<(usize, u32)> = Vec::new();
             for r in self.regions.values() {
                 if missing.is_empty() {
                     break;
@@ -378,15 +367,14 @@ impl<M: Mem> Core<M> {
                         && p.advised()
                         && missing.remove(&p.checksum())
                     {
-                        let t = Target {
-                            addr: r.start + i * page,
-                            owned: r.owned,
-                            prot: r.prot_of(i),
-                        };
-                        found.push((t, p.checksum()));
+                        at.push((r.start + i * page, p.checksum()));
                     }
                 }
             }
+            found.extend(
+                at.into_iter()
+                    .filter_map(|(a, c)| Some((self.target_at(a)?, c))),
+            );
         }
         let Some(d) = &mut self.domain else { return };
         let now = d.scans;

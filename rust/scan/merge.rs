@@ -171,14 +171,7 @@ impl<M: Mem> Core<M> {
     /// (one VMA per run instead of one per page).
     pub(super) fn merge_pair(&mut self, t: Target, other: usize, hash: u64) -> bool {
         let page = self.page;
-        let o = {
-            let r = self.region_at(other).expect("tracked");
-            Target {
-                addr: other,
-                owned: r.owned,
-                prot: r.prot_of((other - r.start) / page),
-            }
-        };
+        let o = self.target_at(other).expect("tracked");
         // Each side is one mapping, at most 2 VMAs, whatever the run's length.
         if !self.charge_vmas(t.addr, 2) {
             self.keep_visiting(other);

@@ -298,6 +298,16 @@ impl<M: Mem> Core<M> {
             .filter(|r| addr < r.end(page))
     }
 
+    /// The page at `addr` with its region's properties (ownership, protection there).
+    fn target_at(&self, addr: usize) -> Option<Target> {
+        let r = self.region_at(addr)?;
+        Some(Target {
+            addr,
+            owned: r.owned,
+            prot: r.prot_of((addr - r.start) / self.page),
+        })
+    }
+
     fn region_at_mut(&mut self, addr: usize) -> Option<&mut Region> {
         let page = self.page;
         self.regions

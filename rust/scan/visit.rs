@@ -56,11 +56,7 @@ impl<M: Mem> Core<M> {
             && rec.sum_tracked()
             && matches!(rec.state(), State::Volatile | State::Unstable);
         let pres = seen.pres;
-        let (owned, prot) = {
-            let r = self.region_at(addr).expect("tracked");
-            (r.owned, r.prot_of((addr - r.start) / self.page))
-        };
-        let t = Target { addr, owned, prot };
+        let t = self.target_at(addr).expect("tracked");
         // The batch probed presence ahead of the cursor; a run merged since then made
         // later pages merged ones: look again before taking one for a written copy.
         let mut pres = pres;
@@ -116,7 +112,11 @@ impl<M: Mem> Core<M> {
             State::Inherited => {
                 // A forked child's copy of a merged page, written: it sits in a VMA mapping
                 // the parent's pool, so it gets an anonymous mapping first (as above).
-                if self.mem.unmerge_run(addr, self.page, prot, owned).is_err() {
+                if self
+                    .mem
+                    .unmerge_run(addr, self.page, t.prot, t.owned)
+                    .is_err()
+                {
                     return false;
                 }
                 self.counters.rmap_items += 1;
@@ -290,7 +290,7 @@ impl<M: Mem> Core<M> {
                 StableHit::Room(_) | StableHit::Full | StableHit::Miss => {}
             }
         }
-        let candidate = self.unstable_candidate(hash, t.addr);
+        let candidate = self.unstable_candidate(hash, Some(t.addr));
         if candidate.is_some() && !self.vma_room(2) {
             // A pair merge needs VMAs the budget no longer has: it is put off before any
             // byte is read or compared (a process at its budget would otherwise read and
@@ -435,19 +435,12 @@ impl<M: Mem> Core<M> {
         super::unstable_key(&self.regions, self.page, c)
     }
 
-    /// A page of this scan's unstable index with checksum key `hash` (not `addr`).
-    fn unstable_candidate(&self, hash: u64, addr: usize) -> Option<usize> {
-        self.unstable.candidates(&hash).find(|&c| {
-            self.in_unstable(c, addr) && self.unstable_key_of(c).map(key_of) == Some(hash)
-        })
-    }
-
-    /// Whether page `c` (not `addr`, the page looking) is in this scan's unstable index.
-    fn in_unstable(&self, c: usize, addr: usize) -> bool {
-        c != addr
-            && self
-                .rec(c)
-                .is_some_and(|r| r.state() == State::Unstable && r.advised())
+    /// A page of this scan's unstable index with checksum key `hash` (not `not`, the
+    /// page looking, if any).
+    pub(super) fn unstable_candidate(&self, hash: u64, not: Option<usize>) -> Option<usize> {
+        self.unstable
+            .candidates(&hash)
+            .find(|&c| Some(c) != not && self.unstable_key_of(c).map(key_of) == Some(hash))
     }
 
     /// Whether page `c` holds `buf` (read into `scratch`).
