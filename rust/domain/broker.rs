@@ -78,6 +78,11 @@ fn sums_hold(seg: &Memfd, size: u64, page: u32, sums: &[u32]) -> io::Result<bool
         .all(|(i, &c)| crate::scan::page_checksum(view.bytes(i * page, page)) == c))
 }
 
+/// How many frames a usage bitmap says are mapped.
+fn frames_in(bits: &[u64; BITMAP_WORDS]) -> u64 {
+    bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
 /// Most pages in a row whose contents have a frame already that a publisher copies
 /// into its segment again, in place (see [`twin_run_max`]).
 pub const TWIN_RUN_MAX: usize = 8;
@@ -547,14 +552,13 @@ impl Hub {
         let usage: Vec<[u64; BITMAP_WORDS]> =
             self.segments.keys().map(|&id| self.mapped(id).0).collect();
         // The pool's frames that nobody maps, against those mapped (see COMPACT_WASTE_DIV).
-        let (all, mapped) =
-            self.segments
-                .values()
-                .zip(&usage)
-                .fold((0, 0), |(all, mapped), (s, bits)| {
-                    let n: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
-                    (all + u64::from(s.frames), mapped + n)
-                });
+        let (all, mapped) = self
+            .segments
+            .values()
+            .zip(&usage)
+            .fold((0, 0), |(all, mapped), (s, bits)| {
+                (all + u64::from(s.frames), mapped + frames_in(bits))
+            });
         let compact = all.saturating_sub(mapped) * COMPACT_WASTE_DIV > mapped;
         for ((&id, s), bits) in self.segments.iter().zip(&usage) {
             let twins: Vec<bool> = (0..s.frames as usize)
@@ -643,7 +647,7 @@ impl Hub {
             .chain(self.retiring.iter().map(|(&id, &f)| (id, f)));
         for (id, seg_frames) in held {
             let (bits, pages) = self.mapped(id);
-            let frames: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+            let frames = frames_in(&bits);
             st.pages_shared += frames;
             st.pages_sharing += pages.saturating_sub(frames);
             st.live_frames += frames;
@@ -1200,10 +1204,13 @@ mod tests {
         }
     }
 
-    /// A frame bitmap with the first `n` words' frames mapped.
-    fn first_words(n: usize) -> [u64; BITMAP_WORDS] {
+    /// A frame bitmap with the first `n` frames mapped.
+    fn first_frames(n: usize) -> [u64; BITMAP_WORDS] {
         let mut m = [0u64; BITMAP_WORDS];
-        m[..n].iter_mut().for_each(|w| *w = u64::MAX);
+        m[..n / 64].iter_mut().for_each(|w| *w = u64::MAX);
+        if n % 64 != 0 {
+            m[n / 64] = (1u64 << (n % 64)) - 1;
+        }
         m
     }
 
@@ -1214,16 +1221,15 @@ mod tests {
         publish(&mut h, a, 3, (0..640).collect());
         publish(&mut h, a, 4, (1000..1100).collect());
         // 4: 37 of 100 live, 63 dead: fewer than COMPACT_DEAD, kept.
-        let mut small = [0u64; BITMAP_WORDS];
-        small[0] = (1u64 << 37) - 1;
+        let small = first_frames(37);
         // 3: 576 of 640 live, 64 dead: not a fifth dead, kept.
         let report = |m3| Msg::Usage {
             segs: vec![aged_usage(3, m3), aged_usage(4, small)],
         };
-        h.on_message(a, report(first_words(9)), None);
+        h.on_message(a, report(first_frames(576)), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
         // 3: 256 live, 384 dead: retired (its pages move off).
-        h.on_message(a, report(first_words(4)), None);
+        h.on_message(a, report(first_frames(256)), None);
         assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 1);
         assert!(!h.has_segment(3));
         assert!(h.has_segment(4));
@@ -1234,7 +1240,7 @@ mod tests {
         assert_eq!(st.pool_bytes, (640 + 100) * 4096);
         assert_eq!(st.live_frames, 256 + 37);
         // Fewer pages on it: still counted, by what is mapped.
-        h.on_message(a, report(first_words(1)), None);
+        h.on_message(a, report(first_frames(64)), None);
         assert_eq!(h.stats().live_frames, 64 + 37);
         h.check_invariants();
         // No page of the member on it any more: gone from the figures.
@@ -1245,7 +1251,7 @@ mod tests {
         let st = h.stats();
         assert_eq!((st.pool_bytes, st.live_frames), (100 * 4096, 37));
         // A report of it afterwards is of a segment unknown: ignored.
-        h.on_message(a, report(first_words(2)), None);
+        h.on_message(a, report(first_frames(128)), None);
         assert_eq!(h.stats().pool_bytes, 100 * 4096);
         h.check_invariants();
     }
@@ -1258,17 +1264,16 @@ mod tests {
         publish(&mut h, a, 4, (10_000..10_100).collect());
         // 4: 30 of 100 live (70 dead: worth compacting on its own), but the pool wastes
         // 70 frames against 4,126 live: kept.
-        let mut some = [0u64; BITMAP_WORDS];
-        some[0] = (1u64 << 30) - 1;
+        let some = first_frames(30);
         let report = |m3| Msg::Usage {
             segs: vec![aged_usage(3, m3), aged_usage(4, some)],
         };
-        h.on_message(a, report(first_words(64)), None);
+        h.on_message(a, report(first_frames(4096)), None);
         assert!(h.on_message(a, Msg::ScanDone, None).is_empty());
         assert!(h.has_segment(4));
         // 3 loses a quarter of its live frames (1,024 dead, a twentieth and more of the
         // 3,102 live): both are retired.
-        h.on_message(a, report(first_words(48)), None);
+        h.on_message(a, report(first_frames(3072)), None);
         assert_eq!(h.on_message(a, Msg::ScanDone, None).len(), 2);
         assert!(!h.has_segment(3) && !h.has_segment(4));
         h.check_invariants();
