@@ -303,26 +303,25 @@ impl<M: Mem> Core<M> {
     /// `pass_stretch`). A write since (copy-on-write) shows at the next full scan, as
     /// one just after a probe would. A covered page keeps the private copy the batch
     /// probed. Pages past a run were not touched: their probe stands.
-    fn known_after_merge(&mut self, addr: usize, from: usize, pres: &mut [Presence]) -> bool {
+    fn known_after_merge(&self, addr: usize, from: usize, pres: &mut [Presence]) -> bool {
         let page = self.page;
         if !self.mapped_runs.iter().any(|&(s, _)| s == addr) {
             return false;
         }
         let first = (addr - from) / page + 1;
-        let runs = std::mem::take(&mut self.mapped_runs);
-        for &(start, len) in &runs {
-            let end = start + len * page;
+        for &(start, len) in &self.mapped_runs {
             let lo = start.max(from + first * page);
-            let hi = end.min(from + pres.len() * page);
-            let mut a = lo;
-            while a < hi {
-                if self.rec(a).is_some_and(|p| p.state() == State::Stable) {
+            let hi = (start + len * page).min(from + pres.len() * page);
+            // A run lies in one region: its records are read from there.
+            let Some(r) = self.region_at(lo).filter(|_| lo < hi) else {
+                continue;
+            };
+            for a in (lo..hi.min(r.end(page))).step_by(page) {
+                if r.pages[(a - r.start) / page].state() == State::Stable {
                     pres[(a - from) / page] = Presence::File;
                 }
-                a += page;
             }
         }
-        self.mapped_runs = runs;
         true
     }
 
