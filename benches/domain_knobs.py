@@ -3,14 +3,14 @@
     python benches/domain_knobs.py [--workers 4] [--mib 16] [--pages-to-scan 100]
                                    [--sleep-ms 20] [--rounds 3] [--kernel]
 
-``--workers`` processes (multiprocessing, spawn) each load the same ``--mib`` MiB of the
-standard library's files into ``ksm.mmap`` memory, change 1 % of its pages, then, all at
-once, advise it, join one domain and run ksmd at ``--pages-to-scan`` and
-``--sleep-ms``. Printed per round, and as medians: seconds from then until the domain's
-``pages_sharing`` last changed (settled: unchanged for 4 s), and until it first reached
-95 % and 99 % of its final value. ``ksm bench --only workers`` measures the same at
-``pages_to_scan=10000`` and no sleep, side by side with kernel KSM; this one shows what
-a domain does at the knobs most users leave as they are.
+``--workers`` processes (``ksm bench --only workers``'s: multiprocessing, spawn) each
+load the same ``--mib`` MiB of the standard library's files into ``ksm.mmap`` memory and
+change 1 % of its pages, then, all at once, advise it, join one domain and run ksmd at
+``--pages-to-scan`` and ``--sleep-ms``. Printed per round, and as medians: seconds from
+then until the domain's ``pages_sharing`` last changed (settled: unchanged for 4 s), and
+until it first reached 95 % and 99 % of its final value. ``ksm bench --only workers``
+measures the same at ``pages_to_scan=10000`` and no sleep, side by side with kernel KSM;
+this one shows what a domain does at the knobs most users leave as they are.
 
 ``--kernel`` (root): the same rounds through kernel KSM too, alternating with ksm's: each
 worker advises a private anonymous copy ``MADV_MERGEABLE`` and the kernel's one ksmd
@@ -22,98 +22,68 @@ of all the workers per wake-up, each ksm member its own.
 from __future__ import annotations
 
 import argparse
-import mmap
-import multiprocessing as mp
 import os
-import random
 import statistics
 import sys
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 import ksm
+from ksm._bench import KernelKsm
+from ksm._workers import Pool, Spec
 
 QUIET_S = 4.0
 
 
-def worker(conn: Connection, index: int, mib: float, domain: str, pages: int, sleep_ms: int) -> None:
-    """A worker of ksm's side (``domain``) or of the kernel's (``domain`` empty)."""
-    from ksm import _data
-
-    page = ksm.PAGE_SIZE
-    data = _data.load_stdlib(int(mib * 2**20), page).data
-    m = (
-        ksm.mmap(len(data))
-        if domain
-        else mmap.mmap(-1, len(data), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    )
-    m[:] = data
-    rng = random.Random(index)
-    n = len(data) // page
-    for p in rng.sample(range(n), n // 100):
-        m[p * page : (p + 1) * page] = rng.randbytes(page)
-    conn.send("loaded")
-    conn.recv()
-    if not domain:
-        m.madvise(mmap.MADV_MERGEABLE)
-        conn.send("running")
-        conn.recv()
-        conn.send("done")
-        return
-    m.madvise(ksm.MADV_MERGEABLE)
-    ksm.join(domain)
-    ksm.ksmd.pages_to_scan = pages
-    ksm.ksmd.sleep_millisecs = sleep_ms
-    ksm.ksmd.run = 1
-    conn.send("running")
-    conn.recv()
-    ksm.ksmd.run = 0
-    ksm.leave()
-    conn.send("done")
-
-
-def ask_all(conns: list[Connection], msg: str) -> None:
-    """Send ``msg`` to every worker, then wait for each one's answer."""
-    for c in conns:
-        c.send(msg)
-    for c in conns:
-        c.recv()
-
-
-def one_round(args: argparse.Namespace, kernel: Any = None) -> tuple[float, float, float, int]:
-    """One round of ksm's side, or of the kernel's with ``kernel`` (a ``KernelKsm``)."""
+def one_round(
+    args: argparse.Namespace, seed: int, kernel: KernelKsm | None
+) -> tuple[float, float, float, int]:
+    """One round of ksm's side, or of the kernel's with ``kernel``."""
+    mode = "kernel" if kernel else "ksm"
     domain = "" if kernel else f"knobs-{os.getpid()}-{time.monotonic_ns()}"
-    ctx = mp.get_context("spawn")
-    conns: list[Connection] = []
-    for i in range(args.workers):
-        parent, child = ctx.Pipe()
-        ctx.Process(
-            target=worker, args=(child, i, args.mib, domain, args.pages_to_scan, args.sleep_ms), daemon=True
-        ).start()
-        conns.append(parent)
-    for c in conns:
-        c.recv()
-    if kernel:
-        # Stopped and unmerged (the scan starts afresh), then the knobs.
-        kernel.write("run", 2)
-        kernel.write("pages_to_scan", args.pages_to_scan)
-        kernel.write("sleep_millisecs", args.sleep_ms)
-    t0 = time.monotonic()
-    ask_all(conns, "go")
-    if kernel:
-        kernel.write("run", 1)
-    seen: list[tuple[float, int]] = []
-    last, changed = -1, t0
-    while time.monotonic() - changed < QUIET_S and time.monotonic() - t0 < args.timeout:
-        v = kernel.num("pages_sharing") if kernel else ksm.domain_stats(domain)["pages_sharing"]
-        if v != last:
-            last, changed = v, time.monotonic()
-            seen.append((changed - t0, v))
-        time.sleep(0.05)
-    ask_all(conns, "end")
-    if kernel:
-        kernel.write("run", 2)
+    knobs = (args.pages_to_scan, args.sleep_ms)
+    specs = [
+        Spec(
+            mode,
+            i,
+            args.mib,
+            1.0,
+            seed,
+            domain,
+            daemon=True,
+            pages_to_scan=knobs[0],
+            sleep_millisecs=knobs[1],
+        )
+        for i in range(args.workers)
+    ]
+    pool = Pool(specs)
+    try:
+        if kernel:
+            # Stopped and unmerged (the scan starts afresh), then the knobs.
+            kernel.write("run", 2)
+            kernel.write("pages_to_scan", args.pages_to_scan)
+            kernel.write("sleep_millisecs", args.sleep_ms)
+        t0 = time.monotonic()
+        pool.ask("advise")
+        if kernel:
+            kernel.write("run", 1)
+        read: Any = (
+            (lambda: kernel.num("pages_sharing"))
+            if kernel
+            else (lambda: ksm.domain_stats(domain)["pages_sharing"])
+        )
+        seen: list[tuple[float, int]] = []
+        last, changed = -1, t0
+        while time.monotonic() - changed < QUIET_S and time.monotonic() - t0 < args.timeout:
+            v = read()
+            if v != last:
+                last, changed = v, time.monotonic()
+                seen.append((changed - t0, v))
+            time.sleep(0.05)
+    finally:
+        pool.close()
+        if kernel:
+            kernel.write("run", 2)
     t95 = next(t for t, v in seen if v >= 0.95 * last)
     t99 = next(t for t, v in seen if v >= 0.99 * last)
     return changed - t0, t95, t99, last
@@ -126,6 +96,7 @@ def main() -> int:
     p.add_argument("--pages-to-scan", type=int, default=100)
     p.add_argument("--sleep-ms", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120)
     p.add_argument("--kernel", action="store_true", help="also through kernel KSM (root), alternating")
     args = p.parse_args()
@@ -133,15 +104,13 @@ def main() -> int:
         f"{args.workers} workers x {args.mib:g} MiB, pages_to_scan {args.pages_to_scan}, "
         f"sleep_millisecs {args.sleep_ms}"
     )
-    from ksm._bench import KernelKsm
-
     k = KernelKsm() if args.kernel else None
     sides = ["ksm", "kernel"] if k else ["ksm"]
     rows: dict[str, list[tuple[float, float, float]]] = {side: [] for side in sides}
     try:
         for r in range(args.rounds):
             for side in sides:
-                settle, t95, t99, sharing = one_round(args, k if side == "kernel" else None)
+                settle, t95, t99, sharing = one_round(args, args.seed, k if side == "kernel" else None)
                 rows[side].append((settle, t95, t99))
                 print(
                     f"round {r + 1} {side:>6}: settled {settle:.2f} s, 95% at {t95:.2f} s, "

@@ -41,6 +41,7 @@ class Spec:
     domain: str = ""
     daemon: bool = False  # ksm: merge with ksmd (run=1) rather than on command
     pages_to_scan: int = 10_000
+    sleep_millisecs: int = 0  # ksm: ksmd's sleep between batches
     # "stdlib": the standard library's files; "dataset": those and site-packages' (as
     # `ksm bench`'s dataset workload; more of them, for the larger benchmarks).
     source: str = "stdlib"
@@ -124,7 +125,7 @@ def _worker(conn: Connection, spec: Spec) -> None:  # pragma: no cover - runs in
                         ksm.join(spec.domain)
                     if spec.daemon:
                         ksm.ksmd.pages_to_scan = spec.pages_to_scan
-                        ksm.ksmd.sleep_millisecs = 0
+                        ksm.ksmd.sleep_millisecs = spec.sleep_millisecs
                         ksm.ksmd.run = 1
                 else:
                     buf.madvise(_mmap.MADV_MERGEABLE)
