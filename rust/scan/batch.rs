@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+use super::index::PairFilter;
 use super::visit::{skip_age, Seen};
 use super::{checksum, key_of, Core, Mem, Presence};
 use crate::region::{PageRec, State, SUM_TRACKED};
@@ -113,6 +114,35 @@ impl SumsAhead {
 }
 
 impl<M: Mem> Core<M> {
+    /// The unstable index of the full scan that begins: for the `expect` pages not
+    /// merged; outside a domain, only for those whose checksum another of them held
+    /// too (see `PairFilter`: the others cannot pair in this scan). In a domain every
+    /// candidate goes in: the domain asks for pages by checksum, found in the index.
+    fn begin_unstable_index(&mut self, expect: usize) {
+        self.filter_peak = 0;
+        if self.domain.is_some() {
+            self.unstable.reset(expect);
+            return;
+        }
+        // The pages not merged that this scan visits: smart scan skips those it skipped
+        // before while their skips last (see `should_skip`).
+        let smart = self.smart_scan;
+        let keys = self.regions.values().flat_map(move |r| {
+            r.pages
+                .iter()
+                .filter(move |p| {
+                    p.advised()
+                        && matches!(p.state(), State::Volatile | State::Unstable)
+                        && !(smart && p.age() >= 3 && p.skips() > 0)
+                })
+                .map(|p| p.checksum())
+        });
+        let (pairs, through, transient) = PairFilter::build(keys);
+        self.unstable.reset_filtered(through, pairs);
+        // The table of keys met once lived only while the filter was built.
+        self.filter_peak = self.metadata_bytes() + transient as u64;
+    }
+
     /// Visit up to `budget` pages (the kernel's batch). Returns `true` when a full
     /// scan completed during this call (a batch never runs past the end of a scan).
     pub fn scan_batch(&mut self, budget: u64) -> bool {
@@ -122,7 +152,7 @@ impl<M: Mem> Core<M> {
             let c = &self.counters;
             let merged = c.pages_shared + c.pages_sharing + c.ksm_zero_pages;
             let expect = usize::try_from(self.advised.saturating_sub(merged)).unwrap_or(0);
-            self.unstable.reset(expect);
+            self.begin_unstable_index(expect);
             self.domain_begin_scan();
             self.cursor = Some(0);
         }
@@ -360,7 +390,7 @@ impl<M: Mem> Core<M> {
         // The unstable index serves one full scan (a page's record says `Unstable`, but
         // not since which scan: entries must not outlive theirs), and its memory is
         // given back rather than kept between scans.
-        self.scan_end_metadata = self.metadata_bytes();
+        self.scan_end_metadata = self.metadata_bytes().max(self.filter_peak);
         self.unstable.reset(0);
         self.cursor = None;
         self.frames.trim();
@@ -502,7 +532,7 @@ impl<M: Mem> Core<M> {
                 && !stable.contains(key, |f| frames.hash(f))
                 && !unstable.may_contain(&key)
                 // A full table (or none yet) grows at a visit, which reads the keys.
-                && unstable.has_room(1)
+                && (!unstable.admits(&key) || unstable.has_room(1))
                 && !(idx > 0 && r.pages[idx - 1].state() == State::Stable)
                 // A candidate the domain has not heard of, or asks for: a visit's work.
                 && !domain.as_ref().is_some_and(|d| d.needs_visit(p.checksum(), vma_room));

@@ -98,6 +98,108 @@ pub struct UnstableIndex {
     far: Vec<(u32, usize)>,
     /// Entries the table is first allocated for (set when a scan begins).
     expect: usize,
+    /// The keys that may pair in this scan (every key when off).
+    pairs: PairFilter,
+}
+
+/// The checksum keys that more than one page not merged held when a full scan
+/// began, as one bit per cell of a table of `2^bits` cells (a key's cell: its high
+/// bits), set where two or more of those keys fell.
+///
+/// A page enters the unstable index only at a visit that finds its checksum the
+/// same as at its previous visit, so two pages that pair in a full scan both held
+/// their checksum when it began: a page whose key had no other is left out of the
+/// index (it stays `Unstable`, as the kernel's unstable tree would hold it, and
+/// counts in `pages_unshared` the same). Its slot cost 7.5 bytes; the table costs
+/// 4 to 8 one-bit cells per key, 0.5 to 1 byte per page the scan visits not merged
+/// (as much again while it is built), and lets through the keys whose cell another
+/// key shares (an eighth to a quarter of unique keys). Pages that smart scan skips
+/// in this scan are left out of it (they do not enter the index either). A page
+/// whose checksum came by another way during the scan (a merged page written and
+/// found unmerged) misses at most that scan's pairing: its next scan's table has
+/// its key.
+#[derive(Debug)]
+pub struct PairFilter {
+    twice: Vec<u64>,
+    bits: u32,
+    /// Off: every key goes through.
+    off: bool,
+}
+
+impl Default for PairFilter {
+    /// Off.
+    fn default() -> Self {
+        PairFilter {
+            twice: Vec::new(),
+            bits: 0,
+            off: true,
+        }
+    }
+}
+
+impl PairFilter {
+    /// The cell of `key` in a table of `2^bits` cells.
+    fn cell(key: u32, bits: u32) -> usize {
+        if bits == 0 {
+            0
+        } else {
+            (key >> (32 - bits)) as usize
+        }
+    }
+
+    /// The filter of `keys`; with how many of them it lets through and the bytes of
+    /// the second table it used while being built (of the keys met once, freed
+    /// before it returns). No key: no table, and nothing goes through.
+    pub fn build(keys: impl Iterator<Item = u32> + Clone) -> (Self, usize, usize) {
+        let n = keys.clone().count();
+        if n == 0 {
+            let none = PairFilter {
+                off: false,
+                ..PairFilter::default()
+            };
+            return (none, 0, 0);
+        }
+        // 4 to 8 cells per key, at least 64, at most 2^32.
+        let bits = (n.max(16) * 4).next_power_of_two().trailing_zeros().min(32);
+        let words = (1usize << bits).div_ceil(64);
+        let mut once = vec![0u64; words];
+        let mut twice = vec![0u64; words];
+        let mut through = 0;
+        for k in keys {
+            let c = Self::cell(k, bits);
+            let (w, b) = (c / 64, 1u64 << (c % 64));
+            if twice[w] & b != 0 {
+                through += 1;
+            } else if once[w] & b != 0 {
+                twice[w] |= b;
+                through += 2;
+            } else {
+                once[w] |= b;
+            }
+        }
+        let transient = once.capacity() * 8;
+        let f = PairFilter {
+            twice,
+            bits,
+            off: false,
+        };
+        (f, through, transient)
+    }
+
+    fn admits_key(&self, key: u32) -> bool {
+        if self.off {
+            return true;
+        }
+        if self.twice.is_empty() {
+            return false;
+        }
+        let c = Self::cell(key, self.bits);
+        self.twice[c / 64] & (1 << (c % 64)) != 0
+    }
+
+    pub fn metadata_bytes(&self) -> usize {
+        self.twice.capacity() * 8
+    }
 }
 
 impl UnstableIndex {
@@ -111,15 +213,31 @@ impl UnstableIndex {
             shift: page.trailing_zeros(),
             far: Vec::new(),
             expect: 0,
+            pairs: PairFilter::default(),
         }
     }
 
     /// Empty it, memory included; the next table is allocated for `expect` entries.
+    /// Every key may enter it.
     pub fn reset(&mut self, expect: usize) {
+        self.reset_filtered(expect, PairFilter::default());
+    }
+
+    /// Empty it, memory included; the next table is allocated for `expect` entries,
+    /// and only keys that `pairs` lets through may enter it (see [`Self::admits`]).
+    pub fn reset_filtered(&mut self, expect: usize, pairs: PairFilter) {
         *self = UnstableIndex {
             expect,
+            pairs,
             ..UnstableIndex::new(1 << self.shift)
         };
+    }
+
+    /// Whether a page under `h` goes into the index: false only for a key that no
+    /// other page held when the scan began (see [`PairFilter`]), which no page can
+    /// pair with in this scan.
+    pub fn admits(&self, h: &u64) -> bool {
+        self.pairs.admits_key(key(*h))
     }
 
     fn tag(key: u32) -> u64 {
@@ -208,10 +326,13 @@ impl UnstableIndex {
         self.len += 1;
     }
 
-    /// Add `addr` under `key` (after those already there); room must have been
-    /// reserved (see [`Self::reserve`]).
+    /// Add `addr` under `key` (after those already there), if the index admits the
+    /// key; room must have been reserved (see [`Self::reserve`]).
     pub fn push_reserved(&mut self, h: u64, addr: usize) {
         let key = key(h);
+        if !self.pairs.admits_key(key) {
+            return;
+        }
         match self.encode(key, addr) {
             Some(v) => {
                 assert!(
@@ -224,8 +345,11 @@ impl UnstableIndex {
         }
     }
 
-    /// Add `addr` under `key` (after those already there).
+    /// Add `addr` under `key` (after those already there), if the index admits the key.
     pub fn push(&mut self, h: u64, addr: usize, key_of: impl Fn(usize) -> Option<u32>) {
+        if !self.admits(&h) {
+            return;
+        }
         self.reserve(1, key_of);
         self.push_reserved(h, addr);
     }
@@ -246,6 +370,9 @@ impl UnstableIndex {
     /// the same 13-bit tag answers too).
     pub fn may_contain(&self, h: &u64) -> bool {
         let key = key(*h);
+        if !self.pairs.admits_key(key) {
+            return false;
+        }
         self.slots_of(key).next().is_some() || self.far.iter().any(|&(k, _)| k == key)
     }
 
@@ -253,12 +380,17 @@ impl UnstableIndex {
     /// first (those of the side table after the others).
     pub fn candidates(&self, h: &u64) -> impl Iterator<Item = usize> + '_ {
         let key = key(*h);
-        self.slots_of(key).map(|(_, v)| self.addr(v)).chain(
-            self.far
-                .iter()
-                .filter(move |&&(k, _)| k == key)
-                .map(|&(_, a)| a),
-        )
+        // No page under a key the index does not admit is in it.
+        let admitted = self.pairs.admits_key(key);
+        self.slots_of(key)
+            .take_while(move |_| admitted)
+            .map(|(_, v)| self.addr(v))
+            .chain(
+                self.far
+                    .iter()
+                    .filter(move |&&(k, _)| k == key)
+                    .map(|&(_, a)| a),
+            )
     }
 
     /// Remove `addr` from under `key`, if it is there.
@@ -289,7 +421,9 @@ impl UnstableIndex {
 
     /// Bytes this index holds (its table as allocated).
     pub fn metadata_bytes(&self) -> usize {
-        self.slots.capacity() * 6 + self.far.capacity() * size_of::<(u32, usize)>()
+        self.slots.capacity() * 6
+            + self.far.capacity() * size_of::<(u32, usize)>()
+            + self.pairs.metadata_bytes()
     }
 }
 
@@ -467,6 +601,29 @@ impl FrameIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pair_filter_lets_through_keys_held_twice_and_the_index_takes_no_other() {
+        // 4 keys: cells of 6 bits (64 cells), the keys' top 6 bits 4, 8, 8, 12.
+        let keys = [0x1000_0000u32, 0x2000_0000, 0x2000_0001, 0x3000_0000];
+        let (f, through, transient) = PairFilter::build(keys.iter().copied());
+        assert_eq!(through, 2);
+        assert_eq!(transient, 8);
+        assert!(f.admits_key(0x2000_0000) && f.admits_key(0x2000_0001));
+        assert!(!f.admits_key(0x1000_0000) && !f.admits_key(0x3000_0000));
+        let mut ix = UnstableIndex::new(4096);
+        ix.reset_filtered(through, f);
+        let none = |_: usize| None;
+        ix.push(0x1000_0000, 0x1000, none);
+        ix.push(0x2000_0000, 0x2000, none);
+        assert!(!ix.may_contain(&0x1000_0000));
+        assert_eq!(ix.candidates(&0x1000_0000).count(), 0);
+        assert_eq!(ix.candidates(&0x2000_0000).collect::<Vec<_>>(), [0x2000]);
+        // Unfiltered, every key goes in.
+        ix.reset(4);
+        ix.push(0x1000_0000, 0x1000, none);
+        assert_eq!(ix.candidates(&0x1000_0000).collect::<Vec<_>>(), [0x1000]);
+    }
 
     #[test]
     fn frames_are_kept_and_removed_per_key() {

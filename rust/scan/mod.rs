@@ -164,6 +164,9 @@ pub struct Core<M: Mem> {
     /// `metadata_bytes()` at the end of the last full scan, before its unstable index
     /// was given back: the most that scan held (its indexes only grow during it).
     scan_end_metadata: u64,
+    /// Bookkeeping while this full scan's `PairFilter` was built (its transient table
+    /// included): part of the scan's peak.
+    filter_peak: u64,
 }
 
 /// The 32-bit checksum of a page, as visits take it (a domain's segments are
@@ -238,6 +241,7 @@ impl<M: Mem> Core<M> {
             put_off_last: None,
             punch_later: None,
             scan_end_metadata: 0,
+            filter_peak: 0,
             hash_threads: 1,
             sums_ahead: SumsAhead::default(),
             publish_cut: None,
