@@ -42,13 +42,14 @@ How each figure is taken (same for both sides unless said):
   holds; ``metadata_bytes`` alone, taken while ksmd scans on, could miss the
   unstable index); kernel:
   ``ksm_rmap_items * 64 / pages`` from ``/proc/self/ksm_stat``.
-- *metadata, half then written*: ksm only, after the first write and before
-  the unmerge: one byte changed in half of the pages (a seeded
+- *metadata, half then written*: ksm only, after the unmerge: advised and
+  merged again (``ksm.scan(1)`` until settled), then one byte changed in half
+  of the pages (a seeded
   random half, the worst spread for bookkeeping: merged pages written at random
   leave written pages inside frame mappings one by one), then ``ksm.scan(1)``
   until settled, then ``metadata_peak_bytes / tracked_pages`` as above. The
-  kernel's stays 64 bytes per ``rmap_item``. The contents verified after the
-  unmerge are those of after the writes.
+  kernel's stays 64 bytes per ``rmap_item``. The contents are verified after
+  the writes' scans and their unmerge too.
 - *verified*: SHA-1 of the buffer before the madvise, after settling and after
   the unmerge are equal.
 - *peak RSS* (JSON and ``--sweep``): the process's ``VmHWM``, reset through
@@ -466,6 +467,7 @@ class KsmSide:
         self.pages_to_scan = pages_to_scan
         self.saved = {k: int(getattr(ksm.ksmd, k)) for k in ("run", "pages_to_scan", "sleep_millisecs")}
         self._scan_mark = 0
+        self._skips_mark = 0
 
     def restore(self) -> None:
         for k in ("pages_to_scan", "sleep_millisecs", "run"):
@@ -485,7 +487,10 @@ class KsmSide:
         self.ksm.ksmd.run = 0
         self.ksm.ksmd.pages_to_scan = self.pages_to_scan
         self.ksm.ksmd.sleep_millisecs = 0
-        self._scan_mark = int(self.ksm.stats()["full_scans"])
+        s = self.ksm.stats()
+        self._scan_mark = int(s["full_scans"])
+        # The process's count goes on from earlier workloads and phases: this one's.
+        self._skips_mark = int(s["vma_budget_skips"])
         buf.madvise(self.ksm.MADV_MERGEABLE)
 
     def unadvise(self, buf: Any) -> None:
@@ -537,7 +542,7 @@ class KsmSide:
             "metadata_per_page": int(s["metadata_peak_bytes"]) / tracked,
             "metadata_bytes": int(s["metadata_bytes"]),
             "pool_bytes": int(s["pool_bytes"]),
-            "vma_budget_skips": int(s["vma_budget_skips"]),
+            "vma_budget_skips": int(s["vma_budget_skips"]) - self._skips_mark,
         }
 
     def metadata_bytes(self) -> int | None:
@@ -775,15 +780,20 @@ def run_one(
             fig.vmas_per_merged_page = fig.vmas_added / fig.pages_sharing
         merged_ok = _digest(view) == before
         fig.first_write_us, fig.first_write_pages = first_write_us(side, buf, view, page)
-        if side.name == "ksm":
-            write_half(view, page, filler.seed, workload)
-            before = _digest(view)
-            fig.metadata_written_per_page = side.metadata_settled_after_writes(max_scans)
-            merged_ok = merged_ok and _digest(view) == before
         t0 = time.perf_counter()
         side.unadvise(buf)
         fig.unmerge_s = time.perf_counter() - t0
         fig.verified = merged_ok and _digest(view) == before
+        if side.name == "ksm":
+            # Merged again, then half of it written (after the unmerge, which is
+            # measured on the merged workload as on the kernel's side).
+            side.advise(buf)
+            side.metadata_settled_after_writes(max_scans)
+            write_half(view, page, filler.seed, workload)
+            written = _digest(view)
+            fig.metadata_written_per_page = side.metadata_settled_after_writes(max_scans)
+            side.unadvise(buf)
+            fig.verified = fig.verified and _digest(view) == written
     finally:
         view.release()
         side.close(buf)

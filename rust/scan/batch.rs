@@ -138,7 +138,13 @@ impl<M: Mem> Core<M> {
                 .map(|p| p.checksum())
         });
         let (pairs, through, transient) = PairFilter::build(keys);
-        self.unstable.reset_filtered(through, pairs);
+        if through.saturating_mul(4) > expect.saturating_mul(3) {
+            // Most keys held twice (pairs the VMA budget keeps apart, say): the filter
+            // would save little of the index and cost its bits on top.
+            self.unstable.reset(expect);
+        } else {
+            self.unstable.reset_filtered(through, pairs);
+        }
         // The table of keys met once lived only while the filter was built.
         self.filter_peak = self.metadata_bytes() + transient as u64;
     }
