@@ -23,6 +23,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CStr;
 use std::io;
 
+mod free;
+use free::FreeIds;
+
 use crate::sys::memfd::Memfd;
 use crate::sys::mman::Mapping;
 
@@ -131,7 +134,7 @@ pub struct FrameTable {
     exposed: Vec<u64>,
     /// Free ids below the end of the table (the free ids at its end are dropped, the
     /// table shrinks instead).
-    free: BTreeSet<FrameId>,
+    free: FreeIds,
     /// The frame handed out last (allocation continues after it).
     last: Option<FrameId>,
     deferred: Vec<FrameId>,
@@ -188,12 +191,7 @@ impl FrameTable {
         let want = self.last.map_or(0, |l| l.wrapping_add(1));
         // The next free frame after the last one, else the lowest free one (free frames
         // tend to form runs, so allocation stays consecutive), else a new one at the end.
-        let reuse = self
-            .free
-            .range(want..)
-            .next()
-            .or_else(|| self.free.iter().next())
-            .copied();
+        let reuse = self.free.next_from(want).or_else(|| self.free.next_from(0));
         let f = match reuse {
             Some(f) => f,
             None => u32::try_from(self.refs.len())
@@ -211,7 +209,7 @@ impl FrameTable {
         if i == self.refs.len() {
             self.push_id();
         } else {
-            let was_free = self.free.remove(&f);
+            let was_free = self.free.remove(f);
             debug_assert!(was_free, "frame {f} handed out twice");
         }
         self.refs[i] = 0;
@@ -277,7 +275,7 @@ impl FrameTable {
             return None;
         }
         let usable = |t: &Self, f0: u32| {
-            fits_capacity(f0) && (f0..f0 + n).all(|f| f >= len || t.free.contains(&f))
+            fits_capacity(f0) && (f0..f0 + n).all(|f| f >= len || t.free.contains(f))
         };
         let after = self
             .last
@@ -303,7 +301,7 @@ impl FrameTable {
     fn free_stretch(&self, n: u32) -> Option<FrameId> {
         let len = u32::try_from(self.refs.len()).ok()?;
         let (mut start, mut count, mut prev) = (0, 0, None::<u32>);
-        for &f in self.free.iter().take(4096) {
+        for f in self.free.iter().take(4096) {
             if prev.is_some_and(|p| p + 1 == f) {
                 count += 1;
             } else {
@@ -316,11 +314,8 @@ impl FrameTable {
         }
         // The free ids at the end of the table, looked at from the back (at most n).
         let mut tail = len;
-        for &f in self.free.range(..len).rev().take(n as usize) {
-            if f + 1 != tail {
-                break;
-            }
-            tail = f;
+        while tail > 0 && len - tail < n && self.free.contains(tail - 1) {
+            tail -= 1;
         }
         (tail < len && tail.checked_add(n)? <= self.capacity).then_some(tail)
     }
@@ -339,7 +334,7 @@ impl FrameTable {
     /// Whether [`FrameTable::alloc_at`] can hand out `f`: free, or past the end of the
     /// table (within capacity).
     pub fn is_free(&self, f: FrameId) -> bool {
-        f < self.capacity && (!self.exists(f) || self.free.contains(&f))
+        f < self.capacity && (!self.exists(f) || self.free.contains(f))
     }
 
     /// Whether `f` is handed out now (referenced, being merged, deferred or suspect).
@@ -347,7 +342,7 @@ impl FrameTable {
         if is_domain(f) {
             return self.exists(f);
         }
-        self.exists(f) && !self.free.contains(&f)
+        self.exists(f) && !self.free.contains(f)
     }
 
     /// Whether `f` was ever handed out (its counts can be asked for); a domain frame:
@@ -502,13 +497,13 @@ impl FrameTable {
     /// index); it calls this once it is done. Ids past the end count as free.
     pub fn trim(&mut self) {
         let mut len = self.refs.len();
-        while len > 0 && self.free.last() == Some(&(len as FrameId - 1)) {
-            self.free.pop_last();
+        while len > 0 && self.free.contains(len as FrameId - 1) {
             len -= 1;
         }
         if len == self.refs.len() {
             return;
         }
+        self.free.truncate(len);
         self.refs.truncate(len);
         self.hash.truncate(len);
         self.exposed.truncate(len.div_ceil(64));
@@ -539,7 +534,7 @@ impl FrameTable {
         }
         // Past the end of the table (it shrank): the id is free all the same.
         self.grow_to(f);
-        if self.free.remove(&f) {
+        if self.free.remove(f) {
             self.live += 1;
             self.deferred.push(f);
         }
@@ -735,7 +730,7 @@ impl FrameTable {
         self.refs.capacity() * 4
             + self.hash.capacity() * 4
             + self.exposed.capacity() * 8
-            + self.free.len() * 16
+            + self.free.metadata_bytes()
             + self.deferred.capacity() * 4
             + self.suspects.capacity() * 4
             + self.mapped_elsewhere.len() * 16

@@ -2,11 +2,11 @@
 //!
 //! A covered page (`IN_POOL`) lies inside a mapping of the frame pool, so the
 //! offset under it goes up by one from page to page for as long as the mapping
-//! lasts: neighbouring covered pages of one mapping make one run of 12 bytes
-//! (first page, length, first offset) however long. A page written inside a merged
-//! copy is covered, so memory whose merged pages are then written has up to one
-//! covered page in two; pages written at random there average two pages a run,
-//! 6 bytes a page, where a hash map took ~18 bytes each.
+//! lasts: neighbouring covered pages of one mapping make one run of 10 bytes
+//! (first page, first offset, length up to 65,535 pages). A page written inside a
+//! merged copy is covered, so memory whose merged pages are then written has up to
+//! one covered page in two; pages written at random there average two pages a run,
+//! 5 bytes a page, where a hash map took ~18 bytes each (and 12-byte runs 6).
 //!
 //! The runs live in two sorted vectors: `runs`, rebuilt by [`Covered::compact`],
 //! and `recent`, the runs added since, held to about the square root of `runs`'
@@ -20,22 +20,41 @@
 use crate::pool::FrameId;
 
 /// Pages `first .. first + len` of the region cover frame offsets
-/// `frame .. frame + len`.
+/// `frame .. frame + len`. 10 bytes: a run holds at most `MAX_LEN` pages (a longer
+/// stretch is several runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, packed(2))]
 struct Run {
     first: u32,
-    len: u32,
     frame: FrameId,
+    len: u16,
+}
+
+/// Most pages in a run.
+const MAX_LEN: u32 = u16::MAX as u32;
+
+/// A run length known to be no longer than a run's (a part of one).
+fn part(n: u32) -> u16 {
+    u16::try_from(n).expect("a part of a run")
 }
 
 impl Run {
+    fn len(&self) -> u32 {
+        u32::from(self.len)
+    }
+
     fn end(&self) -> u32 {
-        self.first + self.len
+        self.first + self.len()
     }
 
     /// `frame + len`: the offset page `end()` would cover to continue the run.
     fn frame_end(&self) -> Option<FrameId> {
-        self.frame.checked_add(self.len)
+        self.frame.checked_add(self.len())
+    }
+
+    /// Whether one more page fits.
+    fn has_room(&self) -> bool {
+        self.len() < MAX_LEN
     }
 }
 
@@ -63,7 +82,7 @@ fn last_at_or_before(v: &[Run], i: u32) -> Option<usize> {
 fn find(v: &[Run], i: u32) -> Option<(usize, FrameId)> {
     let k = last_at_or_before(v, i)?;
     let r = v[k];
-    (i - r.first < r.len).then(|| (k, r.frame + (i - r.first)))
+    (i - r.first < r.len()).then(|| (k, r.frame + (i - r.first)))
 }
 
 /// Page `i` (held by no run) joins a run of `v` that it continues at either end
@@ -73,14 +92,23 @@ fn extend(v: &mut [Run], i: u32, g: FrameId) -> bool {
     if let Some(p) = k.checked_sub(1) {
         let prev = v[p];
         let next_clear = v.get(k).is_none_or(|n| n.first > i);
-        if prev.len > 0 && prev.end() == i && prev.frame_end() == Some(g) && next_clear {
+        if prev.len > 0
+            && prev.has_room()
+            && prev.end() == i
+            && prev.frame_end() == Some(g)
+            && next_clear
+        {
             v[p].len += 1;
             return true;
         }
     }
     if let Some(next) = v.get(k).copied() {
         let prev_clear = k == 0 || v[k - 1].end() <= i;
-        if next.len > 0 && next.first == i + 1 && g.checked_add(1) == Some(next.frame) && prev_clear
+        if next.len > 0
+            && next.has_room()
+            && next.first == i + 1
+            && g.checked_add(1) == Some(next.frame)
+            && prev_clear
         {
             v[k] = Run {
                 first: i,
@@ -155,7 +183,7 @@ impl Covered {
             let r = self.runs[k];
             let tail = Run {
                 first: i + 1,
-                len: r.end() - i - 1,
+                len: part(r.end() - i - 1),
                 frame: g.wrapping_add(1),
             };
             if i == r.first {
@@ -165,7 +193,7 @@ impl Covered {
                     self.empty += 1;
                 }
             } else {
-                self.runs[k].len = i - r.first;
+                self.runs[k].len = part(i - r.first);
                 if tail.len > 0 {
                     // Its pages after `i` go to `recent`, in order.
                     let at = self.recent.partition_point(|x| x.first < tail.first);
@@ -179,12 +207,12 @@ impl Covered {
         self.pages -= 1;
         let r = self.recent[k];
         let head = Run {
-            len: i - r.first,
+            len: part(i - r.first),
             ..r
         };
         let tail = Run {
             first: i + 1,
-            len: r.end() - i - 1,
+            len: part(r.end() - i - 1),
             frame: g.wrapping_add(1),
         };
         match (head.len, tail.len) {
@@ -217,7 +245,11 @@ impl Covered {
             };
             let r = *r.expect("peeked");
             match out.last_mut() {
-                Some(last) if last.end() == r.first && last.frame_end() == Some(r.frame) => {
+                Some(last)
+                    if last.end() == r.first
+                        && last.frame_end() == Some(r.frame)
+                        && last.len() + r.len() <= MAX_LEN =>
+                {
                     last.len += r.len;
                 }
                 _ => out.push(r),
@@ -241,7 +273,7 @@ impl Covered {
             .iter()
             .chain(&self.recent)
             .filter(|r| r.len > 0)
-            .map(|r| (r.first, r.len, r.frame))
+            .map(|r| (r.first, r.len(), r.frame))
     }
 
     /// Split off the pages from index `at` on, renumbered from 0.
@@ -256,18 +288,18 @@ impl Covered {
                     0,
                     Run {
                         first: at,
-                        len: last.len - cut,
+                        len: part(last.len() - cut),
                         frame: last.frame + cut,
                     },
                 );
-                last.len = cut;
+                last.len = part(cut);
             }
         }
         for r in &mut tail {
             r.first -= at;
         }
         self.runs.shrink_to_fit();
-        let moved: usize = tail.iter().map(|r| r.len as usize).sum();
+        let moved: usize = tail.iter().map(|r| r.len() as usize).sum();
         self.pages -= moved;
         Covered {
             runs: tail,
@@ -314,7 +346,7 @@ mod tests {
         assert_eq!(c.runs.len() + c.recent.len(), 1);
         assert_eq!(c.get(600), Some(5600));
         c.compact();
-        assert_eq!(c.metadata_bytes(), 12);
+        assert_eq!(c.metadata_bytes(), 10);
         // Backwards too, and a run is cut where the offsets jump.
         let mut c = Covered::default();
         for i in (0..10).rev() {
@@ -326,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn half_the_pages_at_random_cost_about_6_bytes_each() {
+    fn half_the_pages_at_random_cost_about_5_bytes_each() {
         // A 128 MiB copy with one page in two written at random: ~8,192 runs of
         // 16,384 pages.
         let mut c = Covered::default();
@@ -343,7 +375,27 @@ mod tests {
         }
         c.compact();
         let per_page = c.metadata_bytes() as f64 / n as f64;
-        assert!((5.0..7.0).contains(&per_page), "{per_page} bytes a page");
+        assert!((4.0..6.0).contains(&per_page), "{per_page} bytes a page");
+    }
+
+    #[test]
+    fn a_stretch_longer_than_a_run_holds_is_two_runs() {
+        let mut c = Covered::default();
+        for i in 0..70_000 {
+            c.insert(i, 1_000 + i);
+        }
+        c.compact();
+        assert_eq!(c.runs.len(), 2);
+        assert_eq!(c.runs[0].len(), MAX_LEN);
+        for i in [0, 65_534, 65_535, 65_536, 69_999] {
+            assert_eq!(c.get(i), Some(1_000 + i));
+        }
+        assert_eq!((c.len(), c.frames().count()), (70_000, 70_000));
+        assert_eq!(c.remove(65_535), Some(66_535));
+        c.compact();
+        let tail = c.split_off(66_000);
+        assert_eq!((c.len(), tail.len()), (65_999, 4_000));
+        assert_eq!(tail.get(3_999), Some(70_999));
     }
 
     #[test]

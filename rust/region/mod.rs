@@ -22,7 +22,7 @@ use covered::Covered;
 /// `Inherited` and `Zero` pages keep neither). A covered page (`IN_POOL`) needs both
 /// a checksum and the frame offset its mapping covers: the offset lives in its
 /// region's side map ([`Region::covered_frame`]), by runs: a run of covered pages
-/// of one pool mapping takes 12 bytes there, however long.
+/// of one pool mapping takes 10 bytes there (up to 65,535 pages a run).
 ///
 /// `bits`, from the low end: state (3 bits), flags (8 bits: `ADVISED`, the
 /// protection, `IN_POOL`, `SUM_TRACKED`), smart-scan age (4 bits, saturating:
