@@ -124,7 +124,11 @@ impl Blocks {
 /// Frame bookkeeping, no syscalls (fuzzed and unit-tested).
 #[derive(Debug, Default, Clone)]
 pub struct FrameTable {
-    refs: Vec<u32>,
+    /// Each frame's reference count, `MANY` for counts of `MANY` and more (in `many`).
+    refs: Vec<u16>,
+    /// Reference counts of `MANY` and more (a content `max_page_sharing` lets many
+    /// pages share): 2 bytes per frame instead of 4 for every other.
+    many: HashMap<FrameId, u32>,
     /// Each frame's index key: a 32-bit checksum (the scanner's `key_of`), widened
     /// to `u64` at the interface.
     hash: Vec<u32>,
@@ -159,6 +163,9 @@ pub struct FrameTable {
     /// Changes to which domain frames our pages map, or how many (for usage reports).
     domain_changes: u64,
 }
+
+/// A reference count kept in `FrameTable::many`.
+const MANY: u16 = u16::MAX;
 
 /// What to do with a frame whose last reference went away.
 #[derive(Debug, PartialEq, Eq)]
@@ -374,7 +381,33 @@ impl FrameTable {
         if is_domain(f) {
             return self.domain(f).map_or(0, |(b, i)| b.refs[i]);
         }
-        self.refs[f as usize]
+        self.pool_refs(f)
+    }
+
+    fn pool_refs(&self, f: FrameId) -> u32 {
+        match self.refs[f as usize] {
+            MANY => self.many[&f],
+            r => u32::from(r),
+        }
+    }
+
+    fn set_pool_refs(&mut self, f: FrameId, n: u32) {
+        let was_many = self.refs[f as usize] == MANY;
+        match u16::try_from(n) {
+            Ok(small) if small < MANY => {
+                self.refs[f as usize] = small;
+                if was_many {
+                    self.many.remove(&f);
+                    if self.many.len() * 4 < self.many.capacity() {
+                        self.many.shrink_to(self.many.len() * 2);
+                    }
+                }
+            }
+            _ => {
+                self.refs[f as usize] = MANY;
+                self.many.insert(f, n);
+            }
+        }
     }
 
     pub fn hash(&self, f: FrameId) -> u64 {
@@ -392,9 +425,9 @@ impl FrameTable {
             b.pages += 1;
             return b.refs[i];
         }
-        let r = &mut self.refs[f as usize];
-        *r += 1;
-        *r
+        let n = self.pool_refs(f) + 1;
+        self.set_pool_refs(f, n);
+        n
     }
 
     /// Drop one reference; on the last one, say whether the frame can be punched.
@@ -412,10 +445,10 @@ impl FrameTable {
             b.pages -= 1;
             return Release::Kept;
         }
-        let r = &mut self.refs[f as usize];
-        assert!(*r > 0, "frame {f} released more often than referenced");
-        *r -= 1;
-        if *r > 0 {
+        let n = self.pool_refs(f);
+        assert!(n > 0, "frame {f} released more often than referenced");
+        self.set_pool_refs(f, n - 1);
+        if n > 1 {
             return Release::Kept;
         }
         if self.mapped_elsewhere.remove(&f) {
@@ -444,10 +477,10 @@ impl FrameTable {
             self.decref(f);
             return false;
         }
-        let r = &mut self.refs[f as usize];
-        assert!(*r > 0, "frame {f} released more often than referenced");
-        *r -= 1;
-        if *r == 0 {
+        let n = self.pool_refs(f);
+        assert!(n > 0, "frame {f} released more often than referenced");
+        self.set_pool_refs(f, n - 1);
+        if n == 1 {
             self.mapped_elsewhere.remove(&f);
             self.suspects.push(f);
             true
@@ -727,7 +760,8 @@ impl FrameTable {
 
     /// Bytes of bookkeeping.
     pub fn metadata_bytes(&self) -> usize {
-        self.refs.capacity() * 4
+        self.refs.capacity() * 2
+            + crate::stats::hash_table_bytes(self.many.capacity(), 8)
             + self.hash.capacity() * 4
             + self.exposed.capacity() * 8
             + self.free.metadata_bytes()
@@ -888,6 +922,27 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reference_count_past_16_bits_is_kept_whole() {
+        let mut t = FrameTable::new(1 << 20);
+        let (f, g) = (t.alloc(7).unwrap(), t.alloc(8).unwrap());
+        t.incref(g);
+        let n = 70_000;
+        for k in 1..=n {
+            assert_eq!(t.incref(f), k);
+        }
+        assert_eq!((t.refs(f), t.refs(g)), (n, 1));
+        let with_many = t.metadata_bytes();
+        for k in (1..n).rev() {
+            assert_eq!(t.decref(f), Release::Kept);
+            assert_eq!(t.refs(f), k);
+        }
+        assert!(t.many.is_empty() && t.metadata_bytes() < with_many);
+        assert_eq!(t.many.capacity(), 0, "the map's memory given back");
+        assert_eq!(t.decref(f), Release::Free(f));
+        assert_eq!(t.refs.iter().filter(|&&r| r == MANY).count(), 0);
+    }
 
     #[test]
     fn runs_reuse_the_free_end_of_a_fragmented_table() {
