@@ -378,6 +378,12 @@ def _bench_one(
             d = ksm.domain_stats(domain)
             msgs = sum(s[2].get("messages_sent", 0) + s[2].get("messages_received", 0) for s in stats)
             nbytes = sum(s[2].get("bytes_sent", 0) + s[2].get("bytes_received", 0) for s in stats)
+            # Each member's bookkeeping at its peak, per page it tracks (as `ksm bench`'s).
+            meta = [int(s[1]["metadata_peak_bytes"]) / max(1, int(s[1]["tracked_pages"])) for s in stats]
+            res.update(
+                metadata_median_per_page=_median(meta),
+                metadata_worst_per_page=max(meta),
+            )
             res.update(
                 pool_mib=d["pool_bytes"] / MIB,
                 live_mib=d["live_frames"] * ksm.PAGE_SIZE / MIB,
@@ -578,6 +584,8 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         line("  of it live (MiB)", "live_mib", "{:,.1f}")
         line("messages / merged page", "messages_per_merged_page", "{:.3f}")
         line("bytes / merged page", "bytes_per_merged_page", "{:.1f}")
+        line("member metadata (B/page)", "metadata_median_per_page", "{:.1f}")
+        line("  worst member", "metadata_worst_per_page", "{:.1f}")
         print(
             f"  {'contents verified':<24}{'yes' if ours['verified'] else 'NO':>12}"
             f"{('yes' if theirs['verified'] else 'NO') if theirs else '-':>12}",
@@ -613,6 +621,14 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 member <= alone,
                 f"{label}: a settled member's full scan costs no more than inside one process "
                 f"(member/alone = {member / max(1e-9, alone):.2f})",
+            )
+        )
+        worst = ours["metadata_worst_per_page"]
+        targets.append(
+            (
+                worst <= 16,
+                f"{label}: a member's bookkeeping <= 16 bytes per tracked page (worst member {worst:.1f}, "
+                f"median {ours['metadata_median_per_page']:.1f}; kernel: 64 B per rmap_item)",
             )
         )
         compacted = ours["pool_compacted_mib"] / max(1e-9, ours["live_compacted_mib"])

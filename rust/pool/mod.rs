@@ -57,7 +57,8 @@ pub fn same_block(a: FrameId, b: FrameId) -> bool {
 struct Block {
     /// The segment's identity.
     id: u64,
-    refs: Vec<u32>,
+    /// Pages of ours mapping each frame (`MANY`: see `FrameTable::many`).
+    refs: Vec<u16>,
     hash: Vec<u32>,
     /// Pages of ours mapping its frames (Σ refs).
     pages: u64,
@@ -378,34 +379,35 @@ impl FrameTable {
     }
 
     pub fn refs(&self, f: FrameId) -> u32 {
-        if is_domain(f) {
-            return self.domain(f).map_or(0, |(b, i)| b.refs[i]);
+        let slot = if is_domain(f) {
+            self.domain(f).map(|(b, i)| b.refs[i])
+        } else {
+            self.refs.get(f as usize).copied()
+        };
+        match slot {
+            None => 0,
+            Some(MANY) => self.many[&f],
+            Some(r) => u32::from(r),
         }
-        self.pool_refs(f)
     }
 
-    fn pool_refs(&self, f: FrameId) -> u32 {
-        match self.refs[f as usize] {
-            MANY => self.many[&f],
-            r => u32::from(r),
-        }
-    }
-
-    fn set_pool_refs(&mut self, f: FrameId, n: u32) {
-        let was_many = self.refs[f as usize] == MANY;
-        match u16::try_from(n) {
-            Ok(small) if small < MANY => {
-                self.refs[f as usize] = small;
-                if was_many {
-                    self.many.remove(&f);
-                    if self.many.len() * 4 < self.many.capacity() {
-                        self.many.shrink_to(self.many.len() * 2);
-                    }
-                }
-            }
-            _ => {
-                self.refs[f as usize] = MANY;
-                self.many.insert(f, n);
+    /// Set frame `f`'s reference count (of the pool or a segment we hold).
+    fn set_refs(&mut self, f: FrameId, n: u32) {
+        let small = u16::try_from(n).ok().filter(|&r| r < MANY);
+        let slot = if is_domain(f) {
+            let (b, i) = self.domain_mut(f);
+            &mut b.refs[i]
+        } else {
+            &mut self.refs[f as usize]
+        };
+        let was_many = *slot == MANY;
+        *slot = small.unwrap_or(MANY);
+        if small.is_none() {
+            self.many.insert(f, n);
+        } else if was_many {
+            self.many.remove(&f);
+            if self.many.len() * 4 < self.many.capacity() {
+                self.many.shrink_to(self.many.len() * 2);
             }
         }
     }
@@ -420,13 +422,10 @@ impl FrameTable {
     pub fn incref(&mut self, f: FrameId) -> u32 {
         if is_domain(f) {
             self.domain_changes += 1;
-            let (b, i) = self.domain_mut(f);
-            b.refs[i] += 1;
-            b.pages += 1;
-            return b.refs[i];
+            self.domain_mut(f).0.pages += 1;
         }
-        let n = self.pool_refs(f) + 1;
-        self.set_pool_refs(f, n);
+        let n = self.refs(f) + 1;
+        self.set_refs(f, n);
         n
     }
 
@@ -434,20 +433,14 @@ impl FrameTable {
     /// A domain frame is never punched (`Kept`): its segment is immutable and goes
     /// with its last mapping.
     pub fn decref(&mut self, f: FrameId) -> Release {
+        let n = self.refs(f);
+        assert!(n > 0, "frame {f} released more often than referenced");
+        self.set_refs(f, n - 1);
         if is_domain(f) {
             self.domain_changes += 1;
-            let (b, i) = self.domain_mut(f);
-            assert!(
-                b.refs[i] > 0,
-                "frame {f} released more often than referenced"
-            );
-            b.refs[i] -= 1;
-            b.pages -= 1;
+            self.domain_mut(f).0.pages -= 1;
             return Release::Kept;
         }
-        let n = self.pool_refs(f);
-        assert!(n > 0, "frame {f} released more often than referenced");
-        self.set_pool_refs(f, n - 1);
         if n > 1 {
             return Release::Kept;
         }
@@ -477,9 +470,9 @@ impl FrameTable {
             self.decref(f);
             return false;
         }
-        let n = self.pool_refs(f);
+        let n = self.refs(f);
         assert!(n > 0, "frame {f} released more often than referenced");
-        self.set_pool_refs(f, n - 1);
+        self.set_refs(f, n - 1);
         if n == 1 {
             self.mapped_elsewhere.remove(&f);
             self.suspects.push(f);
@@ -771,7 +764,7 @@ impl FrameTable {
             + self
                 .blocks
                 .values()
-                .map(|b| 64 + b.refs.capacity() * 4 + b.hash.capacity() * 4)
+                .map(|b| 64 + b.refs.capacity() * 2 + b.hash.capacity() * 4)
                 .sum::<usize>()
             + self.block_of.len() * 24
     }
@@ -942,6 +935,17 @@ mod tests {
         assert_eq!(t.many.capacity(), 0, "the map's memory given back");
         assert_eq!(t.decref(f), Release::Free(f));
         assert_eq!(t.refs.iter().filter(|&&r| r == MANY).count(), 0);
+        // A domain segment's frame, the same.
+        let d = t.add_segment(77, &[1, 2]).unwrap() + 1;
+        for k in 1..=n {
+            assert_eq!(t.incref(d), k);
+        }
+        assert_eq!((t.refs(d), t.refs(d - 1)), (n, 0));
+        for k in (0..n).rev() {
+            assert_eq!(t.decref(d), Release::Kept);
+            assert_eq!(t.refs(d), k);
+        }
+        assert!(t.many.is_empty());
     }
 
     #[test]

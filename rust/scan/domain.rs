@@ -877,6 +877,18 @@ impl<M: Mem> Core<M> {
             }
             d.decline.extend(stale);
             d.scans += 1;
+            // Tables that filled while the domain settled, and are (nearly) empty
+            // since, give their memory back: a settled member's asks and pages
+            // being published are few, and an empty table kept its size (3-5 bytes
+            // per tracked page in a member of 4 x 64 MiB).
+            if d.wanted.len() * 4 < d.wanted.capacity() {
+                d.wanted.shrink_to(d.wanted.len() * 2);
+            }
+            for set in [&mut d.publishing, &mut d.claimed, &mut d.announced] {
+                if set.len() * 4 < set.capacity() {
+                    set.shrink_to(set.len() * 2);
+                }
+            }
         }
     }
 
