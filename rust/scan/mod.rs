@@ -614,6 +614,9 @@ impl<M: Mem> Core<M> {
                     p.set_state(State::Volatile);
                     self.counters.pages_unshared -= 1;
                 }
+                // Nor is a pair put off to the end of the scan one any more (the end,
+                // which goes by address, may be past where the page lands).
+                p.clear(DEFERRED);
             }
             r.start = to + (start - from);
             self.regions.insert(r.start, r);
