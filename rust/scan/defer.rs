@@ -21,7 +21,7 @@
 #![forbid(unsafe_code)]
 
 use super::visit::Seen;
-use super::{key_of, Core, Mem, Presence};
+use super::{Core, Mem, Presence};
 use crate::region::{State, DEFERRED};
 
 /// A pair run shorter than this many pages is put off to the end of the full scan:
@@ -91,10 +91,7 @@ impl<M: Mem> Core<M> {
             tried += 1;
             // Out of the unstable index until this step puts it back, as at a visit
             // (every path of the step expects that: dropping it to the zero page
-            // counts it out of `rmap_items` only, for one). Its entry goes too: the
-            // step enters it again, and a second entry would hold a slot the scan's
-            // table was not sized for.
-            self.unstable.remove(&key_of(rec.checksum()), addr);
+            // counts it out of `rmap_items` only, for one).
             self.counters.pages_unshared -= 1;
             self.rec_mut(addr).set_state(State::Volatile);
             // Its visit's content step again, with the checksum it took (its bytes are
