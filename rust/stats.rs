@@ -10,6 +10,42 @@
 /// (`Uffd::prepare_anon_vma`).
 pub const VMA_BYTES: u64 = 380;
 
+/// A `std` hash table, as far as giving back memory goes.
+pub trait Table {
+    fn len_and_capacity(&self) -> (usize, usize);
+    fn shrink_to(&mut self, n: usize);
+}
+
+impl<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher> Table
+    for std::collections::HashMap<K, V, S>
+{
+    fn len_and_capacity(&self) -> (usize, usize) {
+        (self.len(), self.capacity())
+    }
+    fn shrink_to(&mut self, n: usize) {
+        std::collections::HashMap::shrink_to(self, n);
+    }
+}
+
+impl<K: Eq + std::hash::Hash, S: std::hash::BuildHasher> Table for std::collections::HashSet<K, S> {
+    fn len_and_capacity(&self) -> (usize, usize) {
+        (self.len(), self.capacity())
+    }
+    fn shrink_to(&mut self, n: usize) {
+        std::collections::HashSet::shrink_to(self, n);
+    }
+}
+
+/// Give back most of a table's memory once it holds a quarter of what it could (so
+/// that a table that emptied costs nothing; halving again before the next shrink
+/// keeps the cost amortized).
+pub fn shrink_if_sparse(t: &mut impl Table) {
+    let (len, capacity) = t.len_and_capacity();
+    if len * 4 < capacity {
+        t.shrink_to(len * 2);
+    }
+}
+
 /// Bytes a `std` hash table (hashbrown) holds for a given `capacity()` with slots of
 /// `slot` bytes: `capacity()` is 7/8 of the buckets allocated (all of them below 8),
 /// and each bucket has a control byte, plus one group (16) of trailing control bytes.

@@ -406,9 +406,7 @@ impl FrameTable {
             self.many.insert(f, n);
         } else if was_many {
             self.many.remove(&f);
-            if self.many.len() * 4 < self.many.capacity() {
-                self.many.shrink_to(self.many.len() * 2);
-            }
+            crate::stats::shrink_if_sparse(&mut self.many);
         }
     }
 

@@ -46,6 +46,7 @@ use super::{key_of, Core, Mem, Target};
 use crate::domain::broker::twin_run_max;
 use crate::pool::{self, FrameId, FrameTable};
 use crate::region::{Region, State};
+use crate::stats::shrink_if_sparse;
 
 /// Most checksums announced per batch (the rest wait for the next visit).
 const ANNOUNCE_MAX: usize = 1 << 16;
@@ -892,13 +893,9 @@ impl<M: Mem> Core<M> {
             // since, give their memory back: a settled member's asks and pages
             // being published are few, and an empty table kept its size (3-5 bytes
             // per tracked page in a member of 4 x 64 MiB).
-            if d.wanted.len() * 4 < d.wanted.capacity() {
-                d.wanted.shrink_to(d.wanted.len() * 2);
-            }
+            shrink_if_sparse(&mut d.wanted);
             for set in [&mut d.publishing, &mut d.claimed, &mut d.announced] {
-                if set.len() * 4 < set.capacity() {
-                    set.shrink_to(set.len() * 2);
-                }
+                shrink_if_sparse(set);
             }
         }
     }

@@ -6,7 +6,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::mem::size_of;
 
 use crate::pool::FrameId;
-use crate::stats::hash_table_bytes;
+use crate::stats::{hash_table_bytes, shrink_if_sparse};
 
 /// The slots of an open-addressed table of `n` slots in linear-probing order from
 /// `start`, wrapping around once.
@@ -50,15 +50,6 @@ type ByKey<V> = HashMap<u32, V, BuildHasherDefault<KeyIsHash>>;
 /// An index key as stored (keys are 32-bit checksums, widened at the interface).
 fn key(h: u64) -> u32 {
     u32::try_from(h).expect("index keys are 32-bit checksums")
-}
-
-/// Give back most of a table's memory once it holds a quarter of what it could (so
-/// that an index that emptied costs nothing; halving again before the next shrink
-/// keeps the cost amortized).
-fn shrink_if_sparse<V>(m: &mut ByKey<V>) {
-    if m.len() * 4 < m.capacity() {
-        m.shrink_to(m.len() * 2);
-    }
 }
 
 /// Bits of a page number in an [`UnstableIndex`] slot: every page below 2^47 with
