@@ -194,6 +194,12 @@ impl PageRec {
         ((self.bits >> SKIPS_SHIFT) & NIBBLE) as u8
     }
 
+    /// Whether smart scan passes this page in the full scan that reaches it now (aged,
+    /// with skips left: `should_skip`).
+    pub fn smart_skip_due(&self) -> bool {
+        self.age() >= 3 && self.skips() > 0
+    }
+
     pub fn set_skips(&mut self, skips: u8) {
         debug_assert!(skips <= MAX_SKIPS);
         let s = u32::from(skips.min(MAX_SKIPS));

@@ -27,7 +27,7 @@ fn hashed_by_visit(p: PageRec, pres: Presence, unchanged: bool, smart: bool) -> 
         State::Volatile | State::Unstable => !(unchanged && p.sum_tracked()),
         State::Stable | State::Inherited | State::Zero => false,
     };
-    p.advised() && pres == Presence::Anon && unmerged && !(smart && p.age() >= 3 && p.skips() > 0)
+    p.advised() && pres == Presence::Anon && unmerged && !(smart && p.smart_skip_due())
 }
 
 /// Fewest pages a batch probes at a time (unless the region ends first).
@@ -133,7 +133,7 @@ impl<M: Mem> Core<M> {
                 .filter(move |p| {
                     p.advised()
                         && matches!(p.state(), State::Volatile | State::Unstable)
-                        && !(smart && p.age() >= 3 && p.skips() > 0)
+                        && !(smart && p.smart_skip_due())
                 })
                 .map(|p| p.checksum())
         });
@@ -517,7 +517,7 @@ impl<M: Mem> Core<M> {
                         || stable.contains(key_of(p.checksum()), |f| frames.hash(f))
                 })
             };
-            if smart && p.age() >= 3 && p.skips() > 0 && !offered() {
+            if smart && p.smart_skip_due() && !offered() {
                 // `should_skip`: skipped.
                 let q = &mut r.pages[idx];
                 q.set_age(q.age().saturating_add(1));
