@@ -58,7 +58,7 @@ struct Block {
     /// The segment's identity.
     id: u64,
     /// Pages of ours mapping each frame (`MANY`: see `FrameTable::many`).
-    refs: Vec<u16>,
+    refs: Vec<u8>,
     hash: Vec<u32>,
     /// Pages of ours mapping its frames (Σ refs).
     pages: u64,
@@ -126,9 +126,9 @@ impl Blocks {
 #[derive(Debug, Default, Clone)]
 pub struct FrameTable {
     /// Each frame's reference count, `MANY` for counts of `MANY` and more (in `many`).
-    refs: Vec<u16>,
+    refs: Vec<u8>,
     /// Reference counts of `MANY` and more (a content `max_page_sharing` lets many
-    /// pages share): 2 bytes per frame instead of 4 for every other.
+    /// pages share, often 256 a frame): 1 byte per frame instead of 4 for every other.
     many: HashMap<FrameId, u32>,
     /// Each frame's index key: a 32-bit checksum (the scanner's `key_of`), widened
     /// to `u64` at the interface.
@@ -166,7 +166,7 @@ pub struct FrameTable {
 }
 
 /// A reference count kept in `FrameTable::many`.
-const MANY: u16 = u16::MAX;
+const MANY: u8 = u8::MAX;
 
 /// What to do with a frame whose last reference went away.
 #[derive(Debug, PartialEq, Eq)]
@@ -393,7 +393,7 @@ impl FrameTable {
 
     /// Set frame `f`'s reference count (of the pool or a segment we hold).
     fn set_refs(&mut self, f: FrameId, n: u32) {
-        let small = u16::try_from(n).ok().filter(|&r| r < MANY);
+        let small = u8::try_from(n).ok().filter(|&r| r < MANY);
         let slot = if is_domain(f) {
             let (b, i) = self.domain_mut(f);
             &mut b.refs[i]
@@ -751,7 +751,7 @@ impl FrameTable {
 
     /// Bytes of bookkeeping.
     pub fn metadata_bytes(&self) -> usize {
-        self.refs.capacity() * 2
+        self.refs.capacity()
             + crate::stats::hash_table_bytes(self.many.capacity(), 8)
             + self.hash.capacity() * 4
             + self.exposed.capacity() * 8
@@ -762,7 +762,7 @@ impl FrameTable {
             + self
                 .blocks
                 .values()
-                .map(|b| 64 + b.refs.capacity() * 2 + b.hash.capacity() * 4)
+                .map(|b| 64 + b.refs.capacity() + b.hash.capacity() * 4)
                 .sum::<usize>()
             + self.block_of.len() * 24
     }
@@ -915,13 +915,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_reference_count_past_16_bits_is_kept_whole() {
+    fn a_reference_count_past_8_bits_is_kept_whole() {
         let mut t = FrameTable::new(1 << 20);
         let (f, g) = (t.alloc(7).unwrap(), t.alloc(8).unwrap());
         t.incref(g);
         let n = 70_000;
         for k in 1..=n {
             assert_eq!(t.incref(f), k);
+            if (254..=256).contains(&k) {
+                // Counts of 255 and more are kept beside the table, whole.
+                assert_eq!(t.many.contains_key(&f), k >= 255, "count {k}");
+                assert_eq!(t.refs(f), k);
+            }
         }
         assert_eq!((t.refs(f), t.refs(g)), (n, 1));
         let with_many = t.metadata_bytes();

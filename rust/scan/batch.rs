@@ -400,6 +400,8 @@ impl<M: Mem> Core<M> {
         self.unstable.reset(0);
         self.cursor = None;
         self.frames.trim();
+        let frames = &self.frames;
+        self.stable.trim(|f| frames.hash(f));
         self.frames.age_segments();
         self.domain_end_scan();
         self.counters.full_scans += 1;
