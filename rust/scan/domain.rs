@@ -38,15 +38,14 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasherDefault;
 
-use super::index::KeyIsHash;
 use super::runs::MIN_TILE;
+use super::sums::{SumSet, Sums};
 use super::{key_of, Core, Mem, Target};
 use crate::domain::broker::twin_run_max;
 use crate::pool::{self, FrameId, FrameTable};
 use crate::region::{Region, State};
-use crate::stats::shrink_if_sparse;
+use crate::stats::{hash_table_bytes, shrink_if_sparse};
 
 /// Most checksums announced per batch (the rest wait for the next visit).
 const ANNOUNCE_MAX: usize = 1 << 16;
@@ -94,16 +93,12 @@ pub struct DomainOut {
     pub asked: Vec<u32>,
 }
 
-/// A set of this process's own content checksums (32 bits of xxh3, already uniform:
-/// hashed by one multiplication, as the indexes' keys are, where the default
-/// hasher's SipHash took a measurable share of a member's scan, which asks for
-/// every unmerged page whether it was announced).
-type Sums = HashSet<u32, BuildHasherDefault<KeyIsHash>>;
-
 /// What the core keeps of its domain.
 #[derive(Debug, Default)]
 pub struct DomainState {
-    announced: Sums,
+    /// Contents announced (until a segment holding them is taken in): one for every
+    /// candidate of a member whose pages nobody else holds, so a sorted vector.
+    announced: SumSet,
     /// Checksums asked for, with the full scan (count) in which they were asked.
     /// (Keys the broker sent: hashed with the default, keyed hasher.)
     wanted: HashMap<u32, u64>,
@@ -144,9 +139,10 @@ impl DomainState {
     /// Bytes of the state's tables (hash sets count a control byte per slot).
     pub(super) fn metadata_bytes(&self) -> usize {
         use std::mem::size_of;
-        let sums = self.announced.capacity() + self.publishing.capacity() + self.claimed.capacity();
-        sums * (size_of::<u32>() + 1)
-            + self.wanted.capacity() * (size_of::<(u32, u64)>() + 1)
+        self.announced.metadata_bytes()
+            + hash_table_bytes(self.publishing.capacity(), size_of::<u32>())
+            + hash_table_bytes(self.claimed.capacity(), size_of::<u32>())
+            + hash_table_bytes(self.wanted.capacity(), size_of::<(u32, u64)>())
             + (self.decline.capacity() + self.announce.capacity() + self.claim.capacity())
                 * size_of::<u32>()
             + self.publish.capacity() * size_of::<Queued>()
@@ -162,7 +158,7 @@ impl DomainState {
     fn forget_published(&mut self, c: u32) {
         self.wanted.remove(&c);
         self.publishing.remove(&c);
-        self.announced.remove(&c);
+        self.announced.remove(c);
         self.claimed.remove(&c);
     }
 
@@ -174,7 +170,7 @@ impl DomainState {
     /// past its budget was hashed at every scan: a third more CPU per full scan after
     /// a random half of 4 × 256 MiB was written).
     pub(super) fn needs_visit(&self, checksum: u32, vma_room: bool) -> bool {
-        (vma_room && !self.announced.contains(&checksum)) || self.wanted.contains_key(&checksum)
+        (vma_room && !self.announced.contains(checksum)) || self.wanted.contains_key(&checksum)
     }
 
     /// Whether a page on frame `f` moves off it in this full scan (see
@@ -622,7 +618,7 @@ impl<M: Mem> Core<M> {
             if let Some(d) = &mut self.domain {
                 // Its contents are candidates to announce again (they are no longer
                 // published): a page moved off it merges again through the domain.
-                d.announced.remove(&(h as u32));
+                d.announced.remove(h as u32);
                 d.claimed.remove(&(h as u32));
                 d.publishing.remove(&(h as u32));
             }
@@ -798,7 +794,7 @@ impl<M: Mem> Core<M> {
     pub(super) fn domain_candidate(&mut self, t: Target, checksum: u32, moving: bool) -> bool {
         let Some(d) = &self.domain else { return false };
         let wanted = d.wanted.contains_key(&checksum);
-        let fresh = !wanted && d.announce.len() < ANNOUNCE_MAX && !d.announced.contains(&checksum);
+        let fresh = !wanted && d.announce.len() < ANNOUNCE_MAX && !d.announced.contains(checksum);
         // (The budget is looked at only for something new to say: a settled scan
         // passes its candidates without counting VMAs.)
         if fresh && !moving && !self.vma_room(1) {
@@ -814,7 +810,7 @@ impl<M: Mem> Core<M> {
             d.announce.push(checksum);
             true
         } else {
-            d.announced.contains(&checksum)
+            d.announced.contains(checksum)
         }
     }
 
@@ -894,9 +890,10 @@ impl<M: Mem> Core<M> {
             // being published are few, and an empty table kept its size (3-5 bytes
             // per tracked page in a member of 4 x 64 MiB).
             shrink_if_sparse(&mut d.wanted);
-            for set in [&mut d.publishing, &mut d.claimed, &mut d.announced] {
+            for set in [&mut d.publishing, &mut d.claimed] {
                 shrink_if_sparse(set);
             }
+            d.announced.fold();
         }
     }
 

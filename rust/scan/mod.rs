@@ -42,6 +42,7 @@ mod mem;
 mod merge;
 mod refs;
 mod runs;
+mod sums;
 mod unmerge;
 mod visit;
 mod window;
