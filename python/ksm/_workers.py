@@ -495,9 +495,13 @@ def _compaction(pool: Pool, domain: str, npages: int, seed: int) -> dict[str, An
         ):
             break
     bad = sum(r[1] for r in pool.ask("verify"))
+    # Each member's bookkeeping once compacted, half of its pages written (its own).
+    meta = [int(s[1]["metadata_peak_bytes"]) / max(1, int(s[1]["tracked_pages"])) for s in pool.ask("stats")]
     first, last = start, seen[-1]
     page = ksm.PAGE_SIZE
     return {
+        "metadata_compacted_median_per_page": _median(meta),
+        "metadata_compacted_worst_per_page": max(meta),
         "written_pages": len(chosen),
         "pool_written_mib": first["pool_bytes"] / MIB,
         "live_written_mib": first["live_frames"] * page / MIB,
@@ -605,7 +609,9 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             f"{ours['written_pages']:,} pages (half); {ours['compaction_scans']} scans later "
             f"{ours['segments_retired']} segments retired, pool {ours['pool_compacted_mib']:,.1f} MiB "
             f"(live {ours['live_compacted_mib']:,.1f}); contents "
-            f"{'verified' if ours['compaction_verified'] else 'WRONG'}",
+            f"{'verified' if ours['compaction_verified'] else 'WRONG'}; a member's bookkeeping "
+            f"{ours['metadata_compacted_median_per_page']:.1f} B/page "
+            f"(worst {ours['metadata_compacted_worst_per_page']:.1f})",
             file=out,
         )
         failed |= not ours["compaction_verified"]
@@ -624,11 +630,13 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
         )
         worst = ours["metadata_worst_per_page"]
+        written = ours["metadata_compacted_worst_per_page"]
         targets.append(
             (
-                worst <= 16,
-                f"{label}: a member's bookkeeping <= 16 bytes per tracked page (worst member {worst:.1f}, "
-                f"median {ours['metadata_median_per_page']:.1f}; kernel: 64 B per rmap_item)",
+                max(worst, written) <= 16,
+                f"{label}: a member's bookkeeping <= 16 bytes per tracked page (settled: worst member "
+                f"{worst:.1f}, median {ours['metadata_median_per_page']:.1f}; half written, compacted: "
+                f"worst {written:.1f}; kernel: 64 B per rmap_item)",
             )
         )
         compacted = ours["pool_compacted_mib"] / max(1e-9, ours["live_compacted_mib"])
