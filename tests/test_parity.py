@@ -573,6 +573,45 @@ def test_max_page_sharing_chains_and_dups(n: int, m: int, expected: tuple[int, i
     ksm.ksmd.max_page_sharing = 256
 
 
+def test_contents_held_in_several_frames_below_max_page_sharing_are_no_chains() -> None:
+    # Copies of real data merge by runs, and a content repeated inside a copy gets a
+    # frame in each run that holds it (docs/design.md, "Extent merging"): several
+    # frames for one content, none of them full. The kernel keeps one page for such
+    # a content and counts no chain (measured on this data: 0 and 0); so does ksm.
+    import hashlib
+    import random
+
+    from ksm import _data
+
+    data = _data.load_stdlib(4 << 20, PAGE).data
+    copies, per = 4, len(data) // PAGE
+    rng = random.Random(1)
+    with ksm.mmap(copies * len(data)) as buf:
+        contents: dict[bytes, int] = {}
+        for c in range(copies):
+            base = c * len(data)
+            buf[base : base + len(data)] = data
+            for i in rng.sample(range(per), per // 100):
+                buf[base + i * PAGE] = (buf[base + i * PAGE] + 1) % 256
+        for p in range(copies * per):
+            digest = hashlib.blake2b(buf[p * PAGE : (p + 1) * PAGE], digest_size=16).digest()
+            contents[digest] = contents.get(digest, 0) + 1
+        # No content has max_page_sharing users: the kernel makes no chain here.
+        assert max(contents.values()) < ksm.ksmd.max_page_sharing
+        shared_contents = sum(1 for n in contents.values() if n > 1)
+        before = ksm.stats()
+        buf.madvise(MERGE)
+        ksm.scan(4)
+        after = ksm.stats()
+        d = delta(before, after, "pages_shared", "stable_node_chains", "stable_node_dups")
+        # Some contents have more than one frame (repeats held in place in runs) ...
+        assert d["pages_shared"] > shared_contents, (d, shared_contents)
+        # ... and none of them is a chain.
+        assert (d["stable_node_chains"], d["stable_node_dups"]) == (0, 0), d
+        check_snapshot(after)
+        buf.madvise(UNMERGE)
+
+
 def test_max_page_sharing_can_change_after_run_2() -> None:
     # docs/kernel-contract.md, "run": after run=2, max_page_sharing (EBUSY a moment earlier) can change.
     with ksm.mmap(4 * PAGE) as m:
