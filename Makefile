@@ -54,7 +54,7 @@ lint: dev ## Lint: rustfmt, clippy (both feature sets, and the fuzz crate), ruff
 	cd fuzz && cargo clippy --release --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
-	$(VENV)/bin/mypy --strict python
+	$(VENV)/bin/mypy --strict python tests benches
 	$(VENV)/bin/python -m mypy.stubtest ksm._ksm --allowlist stubtest-allowlist.txt
 
 .PHONY: test

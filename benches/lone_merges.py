@@ -121,8 +121,8 @@ def main() -> int:
                         kk.write(name, value)
                 except OSError as e:
                     errors.append(f"{name}={value}: {e}")
-            for e in errors:
-                print(f"kernel KSM: {e}", file=sys.stderr)
+            for message in errors:
+                print(f"kernel KSM: {message}", file=sys.stderr)
         with contextlib.suppress(OSError):
             Path(MAX_MAP_COUNT).write_text(f"{saved_map_count}\n")
 

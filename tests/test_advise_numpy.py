@@ -9,7 +9,7 @@ import mmap as stdlib_mmap
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -341,7 +341,7 @@ def test_fallback_where_ksm_is_unavailable() -> None:
 
 
 def test_new_threads_get_the_installed_handler_not_the_context_managers() -> None:
-    names: list[str] = []
+    names: list[str | None] = []
 
     def record() -> None:
         names.append(get_handler_name())
@@ -402,7 +402,7 @@ def test_model_numpy_allocations_keep_their_bytes(ops: list[tuple[str, Any, int]
                 installed = not installed
             elif op == "new":
                 n = b * 1024  # 1 KiB .. 600 KiB of int64s: both sides of min_bytes
-                make = {
+                make: Callable[[int], Any] = {
                     "empty": lambda n: np.zeros(n, np.int64),  # contents of empty are unknown: zero both
                     "zeros": lambda n: np.zeros(n, np.int64),
                     "ones": lambda n: np.ones(n, np.int64),

@@ -30,7 +30,7 @@ def test_every_public_name_has_a_docstring(name: str) -> None:
 def test_help_shows_the_compiled_functions_text(name: str) -> None:
     # These live in the compiled core: their text must be on the runtime object, not
     # only in the type stub.
-    text = pydoc.render_doc(getattr(ksm, name), renderer=pydoc.plaintext)
+    text = pydoc.plain(pydoc.render_doc(getattr(ksm, name)))
     assert len(_doc(getattr(_ksm, name))) > 40, name
     assert _doc(getattr(_ksm, name)).splitlines()[0] in text
 

@@ -451,7 +451,7 @@ def test_mmap_madvise_under_hostile_arguments(option: Any, start: Any, length: A
         )
         if wrong_type or out_of_c_range:
             # Arguments are converted in order: the first bad one decides.
-            kinds = (TypeError,) if wrong_type else ()
+            kinds: tuple[type[Exception], ...] = (TypeError,) if wrong_type else ()
             kinds += (OverflowError, ValueError, OSError) if out_of_c_range else ()
             assert isinstance(exc, kinds), exc
         elif start > REGION:
@@ -888,23 +888,23 @@ def test_functions_without_arguments_refuse_arguments(name: str, args: list[Any]
 @pytest.mark.skipif(not hasattr(ksm, "set_memory_merge"), reason="set_memory_merge not in this build yet")
 @given(value=st.one_of(st.booleans(), st.integers(), st.sampled_from(HUGE), wrong_types))
 def test_set_memory_merge_under_hostile_values(value: Any) -> None:
-    before = ksm.get_memory_merge()  # type: ignore[attr-defined]
+    before = ksm.get_memory_merge()
     tracked = state()
     try:
-        _, exc = attempt(ksm.set_memory_merge, value)  # type: ignore[attr-defined]
+        _, exc = attempt(ksm.set_memory_merge, value)
         if isinstance(value, bool):
             assert exc is None, exc
-            assert ksm.get_memory_merge() is value  # type: ignore[attr-defined]
+            assert ksm.get_memory_merge() is value
         elif exc is None:
             # prctl's rule: any nonzero int enables.
             assert is_int(value), f"accepted {value!r}"
-            assert ksm.get_memory_merge() is bool(value)  # type: ignore[attr-defined]
+            assert ksm.get_memory_merge() is bool(value)
         else:
             assert isinstance(exc, (TypeError, ValueError, OverflowError)), exc
-            assert ksm.get_memory_merge() == before  # type: ignore[attr-defined]
+            assert ksm.get_memory_merge() == before
             assert state() == tracked
     finally:
-        ksm.set_memory_merge(before)  # type: ignore[attr-defined]
+        ksm.set_memory_merge(before)
 
 
 # ---- the riskiest sequences, in a fresh interpreter --------------------------------------------

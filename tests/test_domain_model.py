@@ -89,10 +89,11 @@ class DomainMachine(RuleBasedStateMachine):
 
 TestDomainMachine = DomainMachine.TestCase
 # Each example starts three interpreters: a tenth of the profile's examples.
+_profile = settings()  # the profile's settings
 TestDomainMachine.settings = settings(
-    settings.default,
-    max_examples=max(3, settings.default.max_examples // 10),
-    stateful_step_count=min(25, settings.default.stateful_step_count),
+    _profile,
+    max_examples=max(3, _profile.max_examples // 10),
+    stateful_step_count=min(25, _profile.stateful_step_count),
 )
 if os.environ.get("KSM_HYPOTHESIS_PROFILE", "fast") != "fast":
-    TestDomainMachine.pytestmark = [pytest.mark.timeout(3600)]
+    TestDomainMachine.pytestmark = [pytest.mark.timeout(3600)]  # type: ignore[attr-defined]  # read by pytest

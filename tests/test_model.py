@@ -210,8 +210,8 @@ class KsmMachine(RuleBasedStateMachine):
             t.join(timeout=30)
         assert not any(t.is_alive() for t in threads), "a writer thread is stuck (blocked in a fault?)"
         assert not errors, errors
-        for (rid, page), seq in jobs.items():
-            by_id[rid].model[page * PAGE : (page + 1) * PAGE] = seq[-1]
+        for (rid, page), patterns in jobs.items():
+            by_id[rid].model[page * PAGE : (page + 1) * PAGE] = patterns[-1]
 
     @precondition(has_regions)
     @rule(
@@ -321,9 +321,10 @@ class KsmMachine(RuleBasedStateMachine):
 TestKsmMachine = KsmMachine.TestCase
 # The CI profile runs 4x its default examples here (about 6,000 steps in ~15 s); slow as it is.
 if os.environ.get("KSM_HYPOTHESIS_PROFILE", "fast") == "fast":
-    TestKsmMachine.settings = settings(settings.default, max_examples=4 * settings.default.max_examples)
+    _profile = settings()  # the profile's settings
+    TestKsmMachine.settings = settings(_profile, max_examples=4 * _profile.max_examples)
 else:  # about 100,000 steps: longer than the suite's per-test timeout
-    TestKsmMachine.pytestmark = [pytest.mark.timeout(3600)]
+    TestKsmMachine.pytestmark = [pytest.mark.timeout(3600)]  # type: ignore[attr-defined]  # read by pytest
 
 
 @pytest.fixture(autouse=True, scope="module")
