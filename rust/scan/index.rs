@@ -91,6 +91,9 @@ pub struct UnstableIndex {
     expect: usize,
     /// The keys that may pair in this scan (every key when off).
     pairs: PairFilter,
+    /// Some entry went in whatever `pairs` said (see [`Self::push_unfiltered`]):
+    /// look-ups look under every key.
+    bypassed: bool,
 }
 
 /// The checksum keys that more than one page not merged held when a full scan
@@ -205,6 +208,7 @@ impl UnstableIndex {
             far: Vec::new(),
             expect: 0,
             pairs: PairFilter::default(),
+            bypassed: false,
         }
     }
 
@@ -330,10 +334,21 @@ impl UnstableIndex {
     /// Add `addr` under `key` (after those already there), if the index admits the
     /// key; room must have been reserved (see [`Self::reserve`]).
     pub fn push_reserved(&mut self, h: u64, addr: usize) {
-        let key = key(h);
-        if !self.pairs.admits_key(key) {
-            return;
+        if self.pairs.admits_key(key(h)) {
+            self.enter(key(h), addr);
         }
+    }
+
+    /// Add `addr` under `key` whatever the filter says: a merge domain's candidate
+    /// that the domain has not heard of yet, which the broker may ask for by its
+    /// checksum (found here) once another member announces it too.
+    pub fn push_unfiltered(&mut self, h: u64, addr: usize, key_of: impl Fn(usize) -> Option<u32>) {
+        self.reserve(1, key_of);
+        self.bypassed = true;
+        self.enter(key(h), addr);
+    }
+
+    fn enter(&mut self, key: u32, addr: usize) {
         match self.encode(key, addr) {
             Some(v) => {
                 assert!(
@@ -371,7 +386,7 @@ impl UnstableIndex {
     /// the same 13-bit tag answers too).
     pub fn may_contain(&self, h: &u64) -> bool {
         let key = key(*h);
-        if !self.pairs.admits_key(key) {
+        if !self.bypassed && !self.pairs.admits_key(key) {
             return false;
         }
         self.slots_of(key).next().is_some() || self.far.iter().any(|&(k, _)| k == key)
@@ -381,8 +396,8 @@ impl UnstableIndex {
     /// first (those of the side table after the others).
     pub fn candidates(&self, h: &u64) -> impl Iterator<Item = usize> + '_ {
         let key = key(*h);
-        // No page under a key the index does not admit is in it.
-        let admitted = self.pairs.admits_key(key);
+        // No page under a key the index does not admit is in it (unless let in).
+        let admitted = self.bypassed || self.pairs.admits_key(key);
         self.slots_of(key)
             .take_while(move |_| admitted)
             .map(|(_, v)| self.addr(v))

@@ -2010,6 +2010,43 @@ fn in_a_domain_two_equal_pages_of_one_process_are_published_not_pooled() {
 }
 
 #[test]
+fn announced_contents_stay_out_of_the_unstable_index_unless_they_may_pair_or_are_asked_for() {
+    let n = 4096;
+    let mut c = domain_member(n);
+    c.set_domain_connected(true);
+    assert_eq!(c.take_domain_out().announce.len(), n);
+    // Half a full scan: every page visited is a candidate the domain has heard of,
+    // unique here: it stays out of the index (each took a slot before), but where the
+    // scan's filter lets its key through (a cell another key shares: an eighth to a
+    // quarter of unique keys).
+    c.scan_batch((n / 2) as u64);
+    assert!(
+        c.unstable.len() < n / 2 / 3,
+        "{} of {} in the index",
+        c.unstable.len(),
+        n / 2
+    );
+    c.scan_full(1);
+    // Page 7 written with page 3's bytes: held twice, the next scans find the pair
+    // (and claim the content, as a member does) though both were announced.
+    c.mem.write(BASE + 7 * PG, &page_of(3));
+    c.scan_full(3);
+    let sum3 = page_checksum(&page_of(3));
+    assert_eq!(c.take_domain_out().claim, vec![sum3]);
+    // Asked for an announced content later: its page is found all the same (by the
+    // records) and published.
+    let sum5 = page_checksum(&page_of(5));
+    c.domain_wants(2, &[sum5]);
+    c.scan_full(1);
+    let publish = c.take_domain_out().publish;
+    assert!(
+        publish.iter().any(|p| p.0 == BASE + 5 * PG && p.2 == sum5),
+        "{publish:?}"
+    );
+    c.check_invariants();
+}
+
+#[test]
 fn with_a_broker_contents_held_twice_are_claimed_and_published_when_granted() {
     let mut c = joined(4, false, |i| i % 2);
     c.set_domain_connected(true);

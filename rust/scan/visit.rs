@@ -323,9 +323,20 @@ impl<M: Mem> Core<M> {
         if r.state() == State::Volatile {
             r.set_state(State::Unstable);
             self.counters.pages_unshared += 1;
+            // A candidate the domain has not heard of goes in whatever the scan's
+            // filter says: the broker may ask for it by checksum (see
+            // `begin_unstable_index`).
+            let unheard = self
+                .domain
+                .as_ref()
+                .is_some_and(|d| d.needs_visit(checksum, true));
             let (regions, page) = (&self.regions, self.page);
-            self.unstable
-                .push(hash, t.addr, |a| super::unstable_key(regions, page, a));
+            let key_of = |a| super::unstable_key(regions, page, a);
+            if unheard {
+                self.unstable.push_unfiltered(hash, t.addr, key_of);
+            } else {
+                self.unstable.push(hash, t.addr, key_of);
+            }
         }
         self.domain_candidate(t, checksum, false);
         false
