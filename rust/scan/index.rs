@@ -680,13 +680,24 @@ mod tests {
         assert!(ix.contains(7 + 256, key_of));
     }
 
+    /// A key per frame, spread as checksums are.
+    fn spread_key(f: FrameId) -> u64 {
+        u64::from(f).wrapping_mul(2_654_435_761) & 0xFFFF_FFFF
+    }
+
+    /// An index of frames `0..n`, each under its `spread_key`.
+    fn index_of(n: u32) -> FrameIndex {
+        let mut ix = FrameIndex::default();
+        for f in 0..n {
+            ix.push(spread_key(f), f, spread_key);
+        }
+        ix
+    }
+
     #[test]
     fn room_reserved_for_a_segment_takes_its_frames_without_growing_again() {
-        let key_of = |f: FrameId| u64::from(f).wrapping_mul(2_654_435_761) & 0xFFFF_FFFF;
-        let mut ix = FrameIndex::default();
-        for f in 0..20_000u32 {
-            ix.push(key_of(f), f, key_of);
-        }
+        let key_of = spread_key;
+        let mut ix = index_of(20_000);
         ix.reserve(4096, key_of);
         let slots = ix.slots.len();
         assert!(
@@ -703,11 +714,8 @@ mod tests {
 
     #[test]
     fn a_frame_index_trimmed_after_removals_keeps_its_frames_in_less_memory() {
-        let key_of = |f: FrameId| u64::from(f).wrapping_mul(2_654_435_761) & 0xFFFF_FFFF;
-        let mut ix = FrameIndex::default();
-        for f in 0..40_000u32 {
-            ix.push(key_of(f), f, key_of);
-        }
+        let key_of = spread_key;
+        let mut ix = index_of(40_000);
         // Nothing removed: trimming changes nothing.
         let full = ix.slots.len();
         ix.trim(key_of);
