@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import mmap as stdlib_mmap
+import random
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -42,6 +44,7 @@ from conftest import (
 )
 
 import ksm
+from ksm import _data
 
 MERGE, UNMERGE = ksm.MADV_MERGEABLE, ksm.MADV_UNMERGEABLE
 MADV_DONTNEED = 4
@@ -580,11 +583,6 @@ def test_contents_held_in_several_frames_below_max_page_sharing_are_no_chains() 
     # frame in each run that holds it (docs/design.md, "Extent merging"): several
     # frames for one content, none of them full. The kernel keeps one page for such
     # a content and counts no chain (measured on this data: 0 and 0); so does ksm.
-    import hashlib
-    import random
-
-    from ksm import _data
-
     data = _data.load_stdlib(4 << 20, PAGE).data
     copies, per = 4, len(data) // PAGE
     rng = random.Random(1)

@@ -1662,8 +1662,8 @@ fn contents_nobody_else_holds_stay_announced_once_at_about_4_bytes_each() {
     let mut c = domain_member(n);
     assert_eq!(c.take_domain_out().announce.len(), n);
     // Settled: nothing is said again, and what the member remembers of it is a
-    // sorted vector (a hash set of them took 6 to 11 bytes each, 20 after its
-    // contents had changed).
+    // sorted vector (a hash set of them took 6 to 11 bytes each, and kept the size
+    // it had grown to).
     c.scan_full(2);
     assert!(c.take_domain_out().announce.is_empty(), "announced once");
     let d = c.domain.as_ref().expect("joined").metadata_bytes();
