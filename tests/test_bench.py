@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import ksm
-from ksm import _bench
+from ksm import _bench, _workers
 
 KSYS = Path("/sys/kernel/mm/ksm")
 KERNEL = _bench.kernel_unavailable_reason() is None
@@ -256,3 +256,10 @@ def test_sweep_plans_more_copies_where_the_files_run_out() -> None:
     ]
     (line,) = _sweep.linearity(points)
     assert line.endswith("64 MiB 1.00, 256 MiB 1.00, 1 GiB 2.00"), line
+
+
+def test_a_worker_configuration_says_what_each_worker_held() -> None:
+    mib = 1 << 20
+    assert _workers._label(16, 64.0, 64 * mib) == "16 workers x 64 MiB"
+    # A data set smaller than asked: the workers hold all of it, and say so.
+    assert _workers._label(4, 256.0, 211 * mib) == "4 workers x 256 MiB (211 MiB of data each: all there is)"
