@@ -215,6 +215,8 @@ def test_sweep_prints_a_row_per_size_draws_it_and_restores_knobs(tmp_path: Path)
         (("--sweep", "--only", "identical", "--only", "pairs"), "one workload"),
         (("--sweep", "--only", "workers"), "one workload"),
         (("--plot", "x.png"), "give --sweep too"),
+        (("--workers-data", "dataset"), "give --only workers too"),
+        (("--only", "workers", "--workers-data", "numbers"), "invalid choice"),
     ],
 )
 def test_sweep_bad_arguments(args: tuple[str, ...], message: str) -> None:

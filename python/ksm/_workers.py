@@ -342,13 +342,22 @@ def _settle(read: Any, timeout: float) -> tuple[float, int, bool]:
 
 
 def _bench_one(
-    mode: str, n: int, mib: float, seed: int, pages_to_scan: int, timeout: float, k: Any, extras: bool = True
+    mode: str,
+    n: int,
+    mib: float,
+    seed: int,
+    pages_to_scan: int,
+    timeout: float,
+    k: Any,
+    extras: bool = True,
+    source: str = "stdlib",
 ) -> dict[str, Any]:
     import ksm
 
     domain = f"bench-{_os.getpid()}-{_uuid.uuid4().hex[:6]}"
     specs = [
-        Spec(mode, i, mib, 1.0, seed, domain, daemon=True, pages_to_scan=pages_to_scan) for i in range(n)
+        Spec(mode, i, mib, 1.0, seed, domain, daemon=True, pages_to_scan=pages_to_scan, source=source)
+        for i in range(n)
     ]
     pool = Pool(specs)
     try:
@@ -392,7 +401,7 @@ def _bench_one(
                 bytes_per_merged_page=nbytes / max(1, sharing),
             )
             if extras:
-                res.update(_scan_costs(pool, mib, seed, pages_to_scan, timeout))
+                res.update(_scan_costs(pool, mib, seed, pages_to_scan, timeout, source))
                 left = pool.ask("leavecost", SCAN_COST_ROUNDS)
                 res["domain_scan_ms"] = _median([r[1] for r in left]) * 1e3
                 res["left_scan_ms"] = _median([r[2] for r in left]) * 1e3
@@ -438,7 +447,9 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _scan_costs(pool: Pool, mib: float, seed: int, pages_to_scan: int, timeout: float) -> dict[str, Any]:
+def _scan_costs(
+    pool: Pool, mib: float, seed: int, pages_to_scan: int, timeout: float, source: str
+) -> dict[str, Any]:
     """CPU of a settled member's full scan against the same data merged inside one
     process, and both sides' mappings.
 
@@ -450,7 +461,9 @@ def _scan_costs(pool: Pool, mib: float, seed: int, pages_to_scan: int, timeout: 
     (measured minutes apart, the one-process side alone moved by half between runs).
     Each figure is a median: over rounds for the one process (per copy), over members
     and rounds for a member."""
-    spec = Spec("ksm", 0, mib, 1.0, seed, "", daemon=True, pages_to_scan=pages_to_scan, copies=2)
+    spec = Spec(
+        "ksm", 0, mib, 1.0, seed, "", daemon=True, pages_to_scan=pages_to_scan, copies=2, source=source
+    )
     alone = Pool([spec])
     try:
         alone.ask("advise")
@@ -540,6 +553,7 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     failed = False
     try:
         rounds = int(getattr(args, "rounds", 1))
+        source = str(getattr(args, "workers_data", "stdlib"))
         for n, mib in configs:
             label = f"{n} workers x {mib:g} MiB"
             mine: list[dict[str, Any]] = []
@@ -549,10 +563,16 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             for r in range(rounds):
                 tag = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
                 print(f"workers: {label}: ksm{tag} ...", file=err, flush=True)
-                mine.append(_bench_one("ksm", n, mib, args.seed, 10_000, args.timeout, None, extras=r == 0))
+                mine.append(
+                    _bench_one(
+                        "ksm", n, mib, args.seed, 10_000, args.timeout, None, extras=r == 0, source=source
+                    )
+                )
                 if k is not None:
                     print(f"workers: {label}: kernel{tag} ...", file=err, flush=True)
-                    kernel.append(_bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k))
+                    kernel.append(
+                        _bench_one("kernel", n, mib, args.seed, 10_000, args.timeout, k, source=source)
+                    )
             ours = _medians(mine)
             theirs = _medians(kernel) if kernel else None
             rows.append((_label(n, mib, int(ours["bytes_per_worker"])), ours, theirs))
@@ -562,7 +582,12 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if errors:
                 print("ksm bench: kernel KSM knobs not restored: " + "; ".join(errors), file=err)
                 failed = True
-    print("\nworkers (each loads the same real data, 1% of pages changed per worker; settled =", file=out)
+    data = {"stdlib": "the standard library's files", "dataset": "the dataset workload's files"}
+    what = data.get(str(getattr(args, "workers_data", "stdlib")), "")
+    print(
+        f"\nworkers (each loads the same real data, {what}, 1% of pages changed per worker; settled =",
+        file=out,
+    )
     print("pages_sharing unchanged for 1 s; pages_to_scan 10000, sleep_millisecs 0 on both sides)", file=out)
     print(f"{'':<26}{'ksm':>12}{'kernel':>12}{'ksm/kernel':>12}", file=out)
     targets: list[tuple[bool, str]] = []
