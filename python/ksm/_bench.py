@@ -1165,8 +1165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="stdlib",
         help=(
             "workers: what each worker loads: the standard library's files (default; "
-            "all of them where they hold less than asked, 211 MiB here) or the dataset "
-            "workload's files (site-packages too: enough for 256 MiB a worker)"
+            "all of them where they hold less than asked, as the output then says) or "
+            "the dataset workload's files (site-packages too: more of them)"
         ),
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
