@@ -1,12 +1,11 @@
 //! Content-hash indexes that cost one entry per hash in the common case, in slots
 //! packed tight (they hold an entry per merged frame or unmerged page).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::mem::size_of;
 
+use super::sums::SumSet;
 use crate::pool::FrameId;
-use crate::stats::{hash_table_bytes, shrink_if_sparse};
 
 /// The slots of an open-addressed table of `n` slots in linear-probing order from
 /// `start`, wrapping around once.
@@ -43,9 +42,6 @@ impl Hasher for KeyIsHash {
         self.write_u64(u64::from(n));
     }
 }
-
-/// Maps keyed by the checksum itself (32 bits: half the slot of a `u64` key).
-type ByKey<V> = HashMap<u32, V, BuildHasherDefault<KeyIsHash>>;
 
 /// An index key as stored (keys are 32-bit checksums, widened at the interface).
 fn key(h: u64) -> u32 {
@@ -465,8 +461,8 @@ pub struct FrameIndex {
     slots: Vec<[u8; 5]>,
     len: usize,
     gone: usize,
-    /// Frames per key, for keys with more than one.
-    multi: ByKey<u32>,
+    /// The keys with more than one frame (their frames are counted when asked).
+    multi: SumSet,
 }
 
 impl FrameIndex {
@@ -556,6 +552,7 @@ impl FrameIndex {
         if self.slots.len() > fresh + fresh / 8 {
             self.rebuild(entries, &key_of);
         }
+        self.multi.fold();
     }
 
     /// Add frame `f` under `h` (after those already there); `key_of` gives each
@@ -568,9 +565,8 @@ impl FrameIndex {
             self.rebuild(entries, &key_of);
         }
         let k = key(h);
-        let already = self.get(h, &key_of).count();
-        if already > 0 {
-            *self.multi.entry(k).or_default() = u32::try_from(already + 1).unwrap_or(u32::MAX);
+        if self.get(h, &key_of).next().is_some() {
+            self.multi.insert(k);
         }
         self.place(k, f);
     }
@@ -600,12 +596,8 @@ impl FrameIndex {
         self.set(i, FRAME_GONE, 0);
         self.len -= 1;
         self.gone += 1;
-        if let Some(n) = self.multi.get_mut(&k) {
-            *n -= 1;
-            if *n <= 1 {
-                self.multi.remove(&k);
-                shrink_if_sparse(&mut self.multi);
-            }
+        if self.multi.contains(k) && self.get(h, &key_of).nth(1).is_none() {
+            self.multi.remove(k);
         }
         // Memory back once it holds an eighth of what it could (at once when empty).
         if self.len * 8 < self.slots.len() * FRAME_LOAD_NUM / FRAME_LOAD_DEN || self.len == 0 {
@@ -619,20 +611,21 @@ impl FrameIndex {
         key_of: &'a impl Fn(FrameId) -> u64,
     ) -> impl Iterator<Item = Vec<FrameId>> + 'a {
         self.multi
-            .keys()
-            .map(move |&k| self.get(u64::from(k), key_of).collect())
+            .iter()
+            .map(move |k| self.get(u64::from(k), key_of).collect())
     }
 
     /// Bytes this index holds (its table as allocated, and the map of keys with more
     /// than one frame).
     pub fn metadata_bytes(&self) -> usize {
-        self.slots.capacity() * 5 + hash_table_bytes(self.multi.capacity(), size_of::<(u32, u32)>())
+        self.slots.capacity() * 5 + self.multi.metadata_bytes()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn the_pair_filter_lets_through_keys_held_twice_and_the_index_takes_no_other() {
@@ -758,9 +751,16 @@ mod tests {
         let full = ix.metadata_bytes();
         // 5-byte slots at most 6 entries per 7 slots, grown by an eighth: under 6.7
         // bytes a frame (and the map of keys with two frames each: 50,000 here).
-        let slots = full - hash_table_bytes(ix.multi.capacity(), 8);
+        let slots = full - ix.multi.metadata_bytes();
         assert!(slots <= 100_000 * 67 / 10, "{slots}");
         assert_eq!(ix.groups(&key_of).count(), 50_000);
+        // The keys with two frames, once folded at a full scan's end: 4 bytes each
+        // (a hash map of key and count took 9 to 18).
+        ix.trim(key_of);
+        let multi = ix.multi.metadata_bytes();
+        assert!(multi <= 50_000 * 4 + 50_000 / 2, "{multi}");
+        assert_eq!(ix.groups(&key_of).count(), 50_000);
+        assert!(ix.groups(&key_of).all(|g| g.len() == 2));
         for f in 0..100_000u32 {
             assert!(ix.get(key_of(f), &key_of).any(|g| g == f));
             ix.remove(key_of(f), f, key_of);

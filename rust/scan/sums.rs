@@ -51,14 +51,24 @@ impl SumSet {
         new
     }
 
-    /// Take `c` out; whether it was there.
+    /// Take `c` out; whether it was there. A set emptied holds no memory.
     pub fn remove(&mut self, c: u32) -> bool {
-        if self.added.remove(&c) {
-            return true;
+        let was = self.added.remove(&c) || (self.in_sorted(c) && self.removed.insert(c));
+        if self.added.is_empty() && self.removed.len() == self.sorted.len() {
+            self.clear();
+        } else {
+            self.fold_if_due();
         }
-        let was = self.in_sorted(c) && self.removed.insert(c);
-        self.fold_if_due();
         was
+    }
+
+    /// The checksums, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sorted
+            .iter()
+            .copied()
+            .filter(|c| !self.removed.contains(c))
+            .chain(self.added.iter().copied())
     }
 
     pub fn clear(&mut self) {
