@@ -1,5 +1,6 @@
 //! A set of content checksums kept as one sorted vector: what a merge domain's
-//! member remembers of the contents it announced.
+//! member remembers of the contents it announced, and the stable index's keys with
+//! more than one frame.
 
 use std::collections::HashSet;
 use std::hash::BuildHasherDefault;
