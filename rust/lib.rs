@@ -22,6 +22,8 @@ pub mod region;
 pub mod scan;
 pub mod stats;
 pub mod sys;
+#[cfg(test)]
+mod testing;
 
 pub use daemon::Engine;
 pub use error::{Error, Result};

@@ -127,18 +127,8 @@ impl FreeIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::xorshift as rng;
     use std::collections::BTreeSet;
-
-    /// A small deterministic generator (xorshift).
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut x = seed;
-        move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        }
-    }
 
     fn check(f: &FreeIds, model: &BTreeSet<FrameId>, span: FrameId) {
         assert!(f.iter().eq(model.iter().copied()));

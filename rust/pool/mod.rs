@@ -391,6 +391,14 @@ impl FrameTable {
         }
     }
 
+    /// Take one of frame `f`'s references away; the count it had.
+    fn take_ref(&mut self, f: FrameId) -> u32 {
+        let n = self.refs(f);
+        assert!(n > 0, "frame {f} released more often than referenced");
+        self.set_refs(f, n - 1);
+        n
+    }
+
     /// Set frame `f`'s reference count (of the pool or a segment we hold).
     fn set_refs(&mut self, f: FrameId, n: u32) {
         let small = u8::try_from(n).ok().filter(|&r| r < MANY);
@@ -431,9 +439,7 @@ impl FrameTable {
     /// A domain frame is never punched (`Kept`): its segment is immutable and goes
     /// with its last mapping.
     pub fn decref(&mut self, f: FrameId) -> Release {
-        let n = self.refs(f);
-        assert!(n > 0, "frame {f} released more often than referenced");
-        self.set_refs(f, n - 1);
+        let n = self.take_ref(f);
         if is_domain(f) {
             self.domain_changes += 1;
             self.domain_mut(f).0.pages -= 1;
@@ -468,9 +474,7 @@ impl FrameTable {
             self.decref(f);
             return false;
         }
-        let n = self.refs(f);
-        assert!(n > 0, "frame {f} released more often than referenced");
-        self.set_refs(f, n - 1);
+        let n = self.take_ref(f);
         if n == 1 {
             self.mapped_elsewhere.remove(&f);
             self.suspects.push(f);

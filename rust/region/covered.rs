@@ -362,13 +362,10 @@ mod tests {
         // A 128 MiB copy with one page in two written at random: ~8,192 runs of
         // 16,384 pages.
         let mut c = Covered::default();
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = crate::testing::xorshift(0x9E37_79B9_7F4A_7C15);
         let mut n = 0;
         for i in 0..32768u32 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if x & 1 == 1 {
+            if next() & 1 == 1 {
                 c.insert(i, i);
                 n += 1;
             }
@@ -403,13 +400,7 @@ mod tests {
         for seed in 1..=40u64 {
             let mut c = Covered::default();
             let mut model = BTreeMap::new();
-            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            let mut next = || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
+            let mut next = crate::testing::xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
             let pages = 64 + (seed as u32 % 4) * 300;
             for step in 0..3000 {
                 let r = next();

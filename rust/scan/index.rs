@@ -330,8 +330,9 @@ impl UnstableIndex {
     /// Add `addr` under `key` (after those already there), if the index admits the
     /// key; room must have been reserved (see [`Self::reserve`]).
     pub fn push_reserved(&mut self, h: u64, addr: usize) {
-        if self.pairs.admits_key(key(h)) {
-            self.enter(key(h), addr);
+        let key = key(h);
+        if self.pairs.admits_key(key) {
+            self.enter(key, addr);
         }
     }
 
@@ -496,6 +497,11 @@ impl FrameIndex {
             .map(|(i, f, _)| (i, f))
     }
 
+    /// Slots of a table for `entries` entries.
+    fn slots_for(entries: usize) -> usize {
+        entries * FRAME_LOAD_DEN / FRAME_LOAD_NUM + 1
+    }
+
     /// Rebuild for `entries` entries, each frame's key read with `key_of`.
     fn rebuild(&mut self, entries: usize, key_of: &impl Fn(FrameId) -> u64) {
         let old = std::mem::take(&mut self.slots);
@@ -504,7 +510,7 @@ impl FrameIndex {
         if entries == 0 {
             return;
         }
-        self.slots = vec![[0xFF; 5]; entries * FRAME_LOAD_DEN / FRAME_LOAD_NUM + 1];
+        self.slots = vec![[0xFF; 5]; Self::slots_for(entries)];
         // From the start of a run of full slots: each key's frames keep their order.
         let first = (0..old.len())
             .find(|&i| old[i][..4] == [0xFF; 4])
@@ -548,7 +554,7 @@ impl FrameIndex {
     /// the end of a full scan, when frames have stopped coming and going.
     pub fn trim(&mut self, key_of: impl Fn(FrameId) -> u64) {
         let entries = self.len + self.len / 8;
-        let fresh = entries * FRAME_LOAD_DEN / FRAME_LOAD_NUM + 1;
+        let fresh = Self::slots_for(entries);
         if self.slots.len() > fresh + fresh / 8 {
             self.rebuild(entries, &key_of);
         }
@@ -867,10 +873,6 @@ mod tests {
         // Filled to the entries it was sized for, with removals on the way (pages met
         // in it after they left): rebuilt without them, never grown by half.
         let page = 4096;
-        let keys = |recs: &HashMap<usize, u64>| {
-            let recs = recs.clone();
-            move |a: usize| recs.get(&a).map(|&k| k as u32)
-        };
         let n = 10_000;
         let mut ix = UnstableIndex::new(page);
         ix.reset(n);

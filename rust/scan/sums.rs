@@ -175,14 +175,13 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// A small deterministic generator (xorshift), for sums spread like checksums,
-    /// and some crowded at the ends of the range and repeated.
-    fn sums(n: usize, mut x: u64) -> Vec<u32> {
+    /// Sums spread like checksums (xorshift), and some crowded at the ends of the
+    /// range and repeated.
+    fn sums(n: usize, seed: u64) -> Vec<u32> {
+        let mut next = crate::testing::xorshift(seed);
         (0..n)
             .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = next();
                 match i % 16 {
                     0 => (x % 8) as u32,
                     1 => u32::MAX - (x % 8) as u32,
