@@ -387,8 +387,7 @@ def _bench_one(
             d = ksm.domain_stats(domain)
             msgs = sum(s[2].get("messages_sent", 0) + s[2].get("messages_received", 0) for s in stats)
             nbytes = sum(s[2].get("bytes_sent", 0) + s[2].get("bytes_received", 0) for s in stats)
-            # Each member's bookkeeping at its peak, per page it tracks (as `ksm bench`'s).
-            meta = [int(s[1]["metadata_peak_bytes"]) / max(1, int(s[1]["tracked_pages"])) for s in stats]
+            meta = _bookkeeping(stats)
             res.update(
                 metadata_median_per_page=_median(meta),
                 metadata_worst_per_page=max(meta),
@@ -432,11 +431,17 @@ def _medians(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _label(workers: int, mib: float, held: int) -> str:
+def _bookkeeping(stats: list[tuple[Any, ...]]) -> list[float]:
+    """Each member's bookkeeping at its peak, per page it tracks (as `ksm bench`'s),
+    from the workers' answers to "stats"."""
+    return [int(s[1]["metadata_peak_bytes"]) / max(1, int(s[1]["tracked_pages"])) for s in stats]
+
+
+def _label(workers: int, mib: float, held: int | None = None) -> str:
     """A configuration's name, and what each worker really held where the data set
     had less than asked (the standard library's files: about 211 MiB here)."""
     label = f"{workers} workers x {mib:g} MiB"
-    if held < mib * MIB * 0.99:
+    if held is not None and held < mib * MIB * 0.99:
         label += f" ({held / MIB:,.0f} MiB of data each: all there is)"
     return label
 
@@ -518,7 +523,7 @@ def _compaction(pool: Pool, domain: str, npages: int, seed: int) -> dict[str, An
             break
     bad = sum(r[1] for r in pool.ask("verify"))
     # Each member's bookkeeping once compacted, half of its pages written (its own).
-    meta = [int(s[1]["metadata_peak_bytes"]) / max(1, int(s[1]["tracked_pages"])) for s in pool.ask("stats")]
+    meta = _bookkeeping(pool.ask("stats"))
     first, last = start, seen[-1]
     page = ksm.PAGE_SIZE
     return {
@@ -555,7 +560,7 @@ def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         rounds = int(getattr(args, "rounds", 1))
         source = str(getattr(args, "workers_data", "stdlib"))
         for n, mib in configs:
-            label = f"{n} workers x {mib:g} MiB"
+            label = _label(n, mib)
             mine: list[dict[str, Any]] = []
             kernel: list[dict[str, Any]] = []
             # Both sides in turn, round after round: a machine whose load changes moves
