@@ -1,6 +1,8 @@
 //! Content-hash indexes that cost one entry per hash in the common case, in slots
 //! packed tight (they hold an entry per merged frame or unmerged page).
 
+#![forbid(unsafe_code)]
+
 use std::hash::Hasher;
 use std::mem::size_of;
 

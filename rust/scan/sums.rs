@@ -2,6 +2,8 @@
 //! member remembers of the contents it announced, and the stable index's keys with
 //! more than one frame.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::hash::BuildHasherDefault;
 
